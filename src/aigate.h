@@ -1,0 +1,76 @@
+/*
+ * aigate.h: what the C files of the host share.
+ *
+ * The host is one process, one Lua state and one libevent loop. task.c runs every unit of Lua work as
+ * a coroutine (a task) and resumes it when the operation it waits on completes; http_client.c,
+ * http_server.c and the timers in task.c are the operations. core.c assembles the `aigate.core`
+ * module from the functions declared here; main.c owns start-up and shut-down.
+ */
+#ifndef AIGATE_H
+#define AIGATE_H
+
+#include <lua.h>
+
+#define AIGATE_VERSION "0.1.0"
+
+struct event_base;
+
+/* The loop and the Lua state, set up by main.c before any task runs. */
+extern struct event_base *g_base;
+extern lua_State *g_L;
+
+/*
+ * A pending operation: what a yielded task waits on. Each operation embeds this as its first member
+ * and knows how to cancel itself (free its resources without resuming the task); cancel is called
+ * only at shut-down for tasks that are still waiting.
+ */
+struct pending {
+    void (*cancel)(struct pending *p);
+};
+
+struct task;
+typedef void (*task_done_fn)(struct task *t, int ok, void *ud);
+
+/* Returns the task whose coroutine is L, or raises "attempt to yield outside an aigate task". */
+struct task *task_check(lua_State *L);
+/* The coroutine of a task. */
+lua_State *task_thread(struct task *t);
+/*
+ * Creates a task from the function and nargs arguments on top of L (popped) and queues it to run on
+ * the next loop turn. Pushes the task's handle on L. done (may be NULL) is called when it ends, with
+ * its results (ok) or its error message (!ok) on top of the task's coroutine.
+ */
+struct task *task_spawn(lua_State *L, int nargs, task_done_fn done, void *ud);
+/* Marks t as waiting on p and yields the running coroutine L; use as `return task_yield(L, t, p);`. */
+int task_yield(lua_State *L, struct task *t, struct pending *p);
+/* Resumes a waiting task with the nargs values pushed on its coroutine. Only from loop callbacks. */
+void task_resume(struct task *t, int nargs);
+/* Cancels every pending operation of every task (shut-down). */
+void task_cancel_all(void);
+/* Prints msg on stderr as "aigate: <what>: <msg>". */
+void task_report_error(const char *what, const char *msg);
+
+/* Converts the error value on top of L to a string with a traceback of co (replaces it). */
+void push_traceback(lua_State *L, lua_State *co, int level);
+/* Calls the function below nargs arguments on L in protected mode with a traceback handler. */
+int pcall_traceback(lua_State *L, int nargs, int nresults);
+
+/* Exit status requested by the main task or a signal; the loop stops when set. */
+extern int g_exit_code;
+void host_exit(int code);
+
+/* Module pieces, each in the file named for it. */
+int core_sse_parser(lua_State *L);
+int core_request(lua_State *L);
+int core_listen(lua_State *L);
+void core_register_tasks(lua_State *L);
+int tasks_init(void);
+void tasks_shutdown(void);   /* spawn, wait, sleep, now, time, ... into the table on top */
+
+int http_client_init(void);
+void http_client_shutdown(void);
+void http_server_shutdown(void);
+
+int luaopen_aigate_core(lua_State *L);
+
+#endif

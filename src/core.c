@@ -1,0 +1,24 @@
+/*
+ * core.c: assembles the `aigate.core` Lua module from the primitives of task.c, http_client.c,
+ * http_server.c and sse.c. The module's contract is documented in src/CORE_API.md.
+ */
+#include <lauxlib.h>
+#include <lua.h>
+
+#include "aigate.h"
+
+int luaopen_aigate_core(lua_State *L)
+{
+    static const luaL_Reg funcs[] = {
+        { "request", core_request },
+        { "listen", core_listen },
+        { "sse_parser", core_sse_parser },
+        { NULL, NULL },
+    };
+
+    luaL_newlib(L, funcs);
+    core_register_tasks(L);
+    lua_pushstring(L, AIGATE_VERSION);
+    lua_setfield(L, -2, "version");
+    return 1;
+}

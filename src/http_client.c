@@ -1,0 +1,637 @@
+/*
+ * http_client.c: `core.request`, HTTP requests on libcurl's multi socket interface driven by libevent.
+ *
+ * curl tells us which sockets to watch (socket_cb) and when to call it back (timer_cb); libevent
+ * watches them and calls curl_multi_socket_action. Each request is a `struct transfer`, reachable
+ * from its easy handle through CURLOPT_PRIVATE and owned by the task that waits on it. When curl
+ * reports the transfer done (or one of our own timers, first byte or stall, fires), the result table
+ * is built on the task's coroutine and the task is resumed. Response bodies are collected in a buf,
+ * or, for a 2xx reply with `on_chunk`, handed to that Lua function piece by piece (on the main
+ * thread, protected) so streaming costs no task switches. Easy handles are pooled.
+ */
+#include <ctype.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <curl/curl.h>
+#include <event2/event.h>
+#include <lauxlib.h>
+#include <lua.h>
+
+#include "aigate.h"
+#include "buf.h"
+
+#define DEFAULT_MAX_SIZE (64 * 1024 * 1024)
+#define EASY_POOL_MAX 256
+
+struct transfer {
+    struct pending pending;
+    struct task *task;
+    CURL *easy;
+    struct curl_slist *headers;
+    int body_ref;            /* keeps the request body string alive for CURLOPT_POSTFIELDS */
+    int chunk_ref;           /* on_chunk function or LUA_NOREF */
+    struct buf body;
+    struct buf resp_headers; /* "name\0value\0" pairs of the last response */
+    long status;
+    int got_first_byte;
+    int streaming;           /* 2xx and on_chunk set: body goes to the callback */
+    size_t received;
+    size_t max_size;
+    double first_byte_timeout;
+    double stall_timeout;
+    struct event *first_byte_timer;
+    struct event *stall_timer;
+    char *abort_msg;         /* why we stopped it ourselves */
+    char errbuf[CURL_ERROR_SIZE];
+};
+
+struct sockinfo {
+    struct event *ev;
+};
+
+static CURLM *multi;
+static struct event *multi_timer;
+static CURL *easy_pool[EASY_POOL_MAX];
+static int easy_pool_len;
+
+static void check_multi_info(void);
+
+/* ---- curl <-> libevent glue ------------------------------------------------------------------ */
+
+static void event_cb(evutil_socket_t fd, short kind, void *arg)
+{
+    int action = 0;
+    int running;
+
+    (void)arg;
+    if (kind & EV_READ)
+        action |= CURL_CSELECT_IN;
+    if (kind & EV_WRITE)
+        action |= CURL_CSELECT_OUT;
+    curl_multi_socket_action(multi, fd, action, &running);
+    check_multi_info();
+}
+
+static void timer_cb(evutil_socket_t fd, short kind, void *arg)
+{
+    int running;
+
+    (void)fd;
+    (void)kind;
+    (void)arg;
+    curl_multi_socket_action(multi, CURL_SOCKET_TIMEOUT, 0, &running);
+    check_multi_info();
+}
+
+static int multi_timer_cb(CURLM *m, long timeout_ms, void *userp)
+{
+    struct timeval tv;
+
+    (void)m;
+    (void)userp;
+    if (timeout_ms < 0) {
+        evtimer_del(multi_timer);
+        return 0;
+    }
+    tv.tv_sec = timeout_ms / 1000;
+    tv.tv_usec = (timeout_ms % 1000) * 1000;
+    evtimer_add(multi_timer, &tv);
+    return 0;
+}
+
+static int socket_cb(CURL *easy, curl_socket_t s, int what, void *userp, void *socketp)
+{
+    struct sockinfo *si = socketp;
+    short kind;
+
+    (void)easy;
+    (void)userp;
+    if (what == CURL_POLL_REMOVE) {
+        if (si) {
+            event_free(si->ev);
+            free(si);
+            curl_multi_assign(multi, s, NULL);
+        }
+        return 0;
+    }
+    kind = EV_PERSIST;
+    if (what & CURL_POLL_IN)
+        kind |= EV_READ;
+    if (what & CURL_POLL_OUT)
+        kind |= EV_WRITE;
+    if (si == NULL) {
+        si = malloc(sizeof(*si));
+        if (si == NULL)
+            return -1;
+        si->ev = event_new(g_base, s, kind, event_cb, NULL);
+        curl_multi_assign(multi, s, si);
+    } else {
+        event_del(si->ev);
+        event_assign(si->ev, g_base, s, kind, event_cb, NULL);
+    }
+    event_add(si->ev, NULL);
+    return 0;
+}
+
+/* ---- transfer life cycle --------------------------------------------------------------------- */
+
+static void release_easy(CURL *easy)
+{
+    if (easy_pool_len < EASY_POOL_MAX) {
+        curl_easy_reset(easy);
+        easy_pool[easy_pool_len++] = easy;
+    } else {
+        curl_easy_cleanup(easy);
+    }
+}
+
+static CURL *acquire_easy(void)
+{
+    if (easy_pool_len > 0)
+        return easy_pool[--easy_pool_len];
+    return curl_easy_init();
+}
+
+/* Frees everything the transfer owns; the task is not resumed. */
+static void transfer_free(struct transfer *tr)
+{
+    if (tr->easy) {
+        curl_multi_remove_handle(multi, tr->easy);
+        release_easy(tr->easy);
+    }
+    curl_slist_free_all(tr->headers);
+    luaL_unref(g_L, LUA_REGISTRYINDEX, tr->body_ref);
+    luaL_unref(g_L, LUA_REGISTRYINDEX, tr->chunk_ref);
+    buf_free(&tr->body);
+    buf_free(&tr->resp_headers);
+    if (tr->first_byte_timer)
+        event_free(tr->first_byte_timer);
+    if (tr->stall_timer)
+        event_free(tr->stall_timer);
+    free(tr->abort_msg);
+    free(tr);
+}
+
+static void transfer_cancel(struct pending *p)
+{
+    transfer_free((struct transfer *)p);
+}
+
+/* Pushes the response table {status, headers, body} on L. */
+static void push_response(lua_State *L, struct transfer *tr)
+{
+    const char *p = tr->resp_headers.data;
+    const char *end = p + tr->resp_headers.len;
+
+    lua_createtable(L, 0, 3);
+    lua_pushinteger(L, tr->status);
+    lua_setfield(L, -2, "status");
+    lua_newtable(L);
+    while (p && p < end) {
+        const char *name = p;
+        const char *value = name + strlen(name) + 1;
+        p = value + strlen(value) + 1;
+        lua_getfield(L, -1, name);
+        if (lua_isstring(L, -1)) {
+            lua_pushstring(L, ", ");
+            lua_pushstring(L, value);
+            lua_concat(L, 3);
+        } else {
+            lua_pop(L, 1);
+            lua_pushstring(L, value);
+        }
+        lua_setfield(L, -2, name);
+    }
+    lua_setfield(L, -2, "headers");
+    lua_pushlstring(L, tr->streaming ? "" : tr->body.data ? tr->body.data : "",
+                    tr->streaming ? 0 : tr->body.len);
+    lua_setfield(L, -2, "body");
+}
+
+static const char *error_kind(CURLcode rc)
+{
+    switch (rc) {
+    case CURLE_OPERATION_TIMEDOUT:
+        return "timeout";
+    case CURLE_COULDNT_CONNECT:
+        return "connect";
+    case CURLE_COULDNT_RESOLVE_HOST:
+    case CURLE_COULDNT_RESOLVE_PROXY:
+        return "resolve";
+    case CURLE_SSL_CONNECT_ERROR:
+    case CURLE_PEER_FAILED_VERIFICATION:
+    case CURLE_SSL_CERTPROBLEM:
+    case CURLE_SSL_CIPHER:
+    case CURLE_SSL_CACERT_BADFILE:
+    case CURLE_SSL_ISSUER_ERROR:
+        return "tls";
+    case CURLE_RECV_ERROR:
+    case CURLE_SEND_ERROR:
+    case CURLE_GOT_NOTHING:
+    case CURLE_PARTIAL_FILE:
+    case CURLE_HTTP2:
+    case CURLE_HTTP2_STREAM:
+        return "closed";
+    default:
+        return "error";
+    }
+}
+
+/* Pushes the error string for a failed transfer on L. */
+static void push_error(lua_State *L, struct transfer *tr, CURLcode rc)
+{
+    const char *detail;
+
+    if (tr->abort_msg) {
+        lua_pushstring(L, tr->abort_msg);
+        return;
+    }
+    if (rc == CURLE_WRITE_ERROR && tr->received > tr->max_size) {
+        lua_pushfstring(L, "too_large: response body exceeds %I bytes", (lua_Integer)tr->max_size);
+        return;
+    }
+    detail = tr->errbuf[0] ? tr->errbuf : curl_easy_strerror(rc);
+    lua_pushfstring(L, "%s: %c%s", error_kind(rc), tolower((unsigned char)detail[0]), detail + 1);
+}
+
+/* Ends a transfer: resumes its task with the response, or nil and the error. */
+static void transfer_done(struct transfer *tr, CURLcode rc)
+{
+    struct task *t = tr->task;
+    lua_State *co = task_thread(t);
+    int nret;
+
+    if (rc == CURLE_OK && tr->abort_msg == NULL) {
+        push_response(co, tr);
+        nret = 1;
+    } else {
+        lua_pushnil(co);
+        push_error(co, tr, rc);
+        nret = 2;
+    }
+    transfer_free(tr);
+    task_resume(t, nret);
+}
+
+static void check_multi_info(void)
+{
+    CURLMsg *msg;
+    int left;
+
+    while ((msg = curl_multi_info_read(multi, &left)) != NULL) {
+        struct transfer *tr;
+        if (msg->msg != CURLMSG_DONE)
+            continue;
+        curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&tr);
+        transfer_done(tr, msg->data.result);
+    }
+}
+
+/* Stops a transfer from our side (timers, callback errors) and resumes its task with msg. */
+static void transfer_abort(struct transfer *tr, const char *msg)
+{
+    if (tr->abort_msg == NULL)
+        tr->abort_msg = strdup(msg);
+    transfer_done(tr, CURLE_ABORTED_BY_CALLBACK);
+}
+
+static void arm_timer(struct event *ev, double seconds)
+{
+    struct timeval tv;
+
+    tv.tv_sec = (time_t)seconds;
+    tv.tv_usec = (suseconds_t)((seconds - (double)tv.tv_sec) * 1e6);
+    evtimer_add(ev, &tv);
+}
+
+static void first_byte_timer_cb(evutil_socket_t fd, short kind, void *arg)
+{
+    struct transfer *tr = arg;
+    char msg[96];
+
+    (void)fd;
+    (void)kind;
+    snprintf(msg, sizeof(msg), "timeout: no response within %gs (first byte timeout)", tr->first_byte_timeout);
+    transfer_abort(tr, msg);
+}
+
+static void stall_timer_cb(evutil_socket_t fd, short kind, void *arg)
+{
+    struct transfer *tr = arg;
+    char msg[96];
+
+    (void)fd;
+    (void)kind;
+    snprintf(msg, sizeof(msg), "timeout: stream stalled, no data for %gs (stall timeout)", tr->stall_timeout);
+    transfer_abort(tr, msg);
+}
+
+/* Called on every byte received (headers or body): first byte seen, stall timer restarted. */
+static void note_progress(struct transfer *tr)
+{
+    if (!tr->got_first_byte) {
+        tr->got_first_byte = 1;
+        if (tr->first_byte_timer)
+            evtimer_del(tr->first_byte_timer);
+    }
+    if (tr->stall_timer)
+        arm_timer(tr->stall_timer, tr->stall_timeout);
+}
+
+static size_t header_cb(char *data, size_t size, size_t nitems, void *userdata)
+{
+    struct transfer *tr = userdata;
+    size_t len = size * nitems;
+    const char *colon;
+    size_t name_len;
+    size_t i;
+    const char *value;
+    const char *vend;
+
+    note_progress(tr);
+    if (len >= 5 && memcmp(data, "HTTP/", 5) == 0) {
+        /* A new status line (after 1xx, or a new response): start the header set again. */
+        const char *sp = memchr(data, ' ', len);
+        tr->status = sp ? strtol(sp + 1, NULL, 10) : 0;
+        buf_reset(&tr->resp_headers);
+        return len;
+    }
+    colon = memchr(data, ':', len);
+    if (colon == NULL)
+        return len;
+    name_len = (size_t)(colon - data);
+    value = colon + 1;
+    vend = data + len;
+    while (value < vend && (*value == ' ' || *value == '\t'))
+        value++;
+    while (vend > value && (vend[-1] == '\r' || vend[-1] == '\n' || vend[-1] == ' ' || vend[-1] == '\t'))
+        vend--;
+    for (i = 0; i < name_len; i++)
+        buf_append_char(&tr->resp_headers, (char)tolower((unsigned char)data[i]));
+    buf_append_char(&tr->resp_headers, '\0');
+    buf_append(&tr->resp_headers, value, (size_t)(vend - value));
+    buf_append_char(&tr->resp_headers, '\0');
+    return len;
+}
+
+/* Hands a body piece to on_chunk. Returns 0 to go on, -1 to abort (abort_msg set). */
+static int call_on_chunk(struct transfer *tr, const char *data, size_t len)
+{
+    lua_State *L = g_L;
+    int rc;
+
+    lua_rawgeti(L, LUA_REGISTRYINDEX, tr->chunk_ref);
+    lua_pushlstring(L, data, len);
+    rc = pcall_traceback(L, 1, 1);
+    if (rc != LUA_OK) {
+        const char *err = lua_tostring(L, -1);
+        size_t n = strlen(err) + 16;
+        tr->abort_msg = malloc(n);
+        if (tr->abort_msg)
+            snprintf(tr->abort_msg, n, "aborted: %s", err);
+        lua_pop(L, 1);
+        return -1;
+    }
+    if (lua_isboolean(L, -1) && !lua_toboolean(L, -1)) {
+        tr->abort_msg = strdup("aborted: by callback");
+        lua_pop(L, 1);
+        return -1;
+    }
+    lua_pop(L, 1);
+    return 0;
+}
+
+static size_t write_cb(char *data, size_t size, size_t nmemb, void *userdata)
+{
+    struct transfer *tr = userdata;
+    size_t len = size * nmemb;
+
+    note_progress(tr);
+    if (tr->received == 0 && tr->chunk_ref != LUA_NOREF && tr->status >= 200 && tr->status < 300)
+        tr->streaming = 1;
+    tr->received += len;
+    if (tr->streaming)
+        return call_on_chunk(tr, data, len) == 0 ? len : 0;
+    if (tr->received > tr->max_size)
+        return 0;
+    buf_append(&tr->body, data, len);
+    return len;
+}
+
+/* ---- core.request ---------------------------------------------------------------------------- */
+
+static double opt_seconds(lua_State *L, const char *name)
+{
+    double v;
+
+    lua_getfield(L, 1, name);
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        return 0;
+    }
+    if (!lua_isnumber(L, -1))
+        luaL_error(L, "bad option '%s' to 'request' (number expected, got %s)", name, luaL_typename(L, -1));
+    v = lua_tonumber(L, -1);
+    lua_pop(L, 1);
+    if (!(v > 0))
+        luaL_error(L, "bad option '%s' to 'request' (must be > 0)", name);
+    return v;
+}
+
+/* Raises unless opts.headers is nil or a table of string names and string values. */
+static void check_headers(lua_State *L)
+{
+    lua_getfield(L, 1, "headers");
+    if (!lua_isnil(L, -1)) {
+        if (!lua_istable(L, -1))
+            luaL_error(L, "bad option 'headers' to 'request' (table expected, got %s)", luaL_typename(L, -1));
+        lua_pushnil(L);
+        while (lua_next(L, -2)) {
+            if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TSTRING)
+                luaL_error(L, "bad option 'headers' to 'request' (names and values must be strings)");
+            lua_pop(L, 1);
+        }
+    }
+    lua_pop(L, 1);
+}
+
+/* Reads opts.headers (already checked) into tr->headers. */
+static void collect_headers(lua_State *L, struct transfer *tr)
+{
+    struct buf line;
+
+    lua_getfield(L, 1, "headers");
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+    } else {
+        buf_init(&line);
+        lua_pushnil(L);
+        while (lua_next(L, -2)) {
+            buf_reset(&line);
+            buf_append(&line, lua_tostring(L, -2), lua_rawlen(L, -2));
+            if (lua_rawlen(L, -1) == 0) {
+                buf_append_char(&line, ';'); /* curl's way to send an empty header */
+            } else {
+                buf_append(&line, ": ", 2);
+                buf_append(&line, lua_tostring(L, -1), lua_rawlen(L, -1));
+            }
+            tr->headers = curl_slist_append(tr->headers, line.data);
+            lua_pop(L, 1);
+        }
+        buf_free(&line);
+        lua_pop(L, 1);
+    }
+    /* No "Expect: 100-continue" round trip for large bodies. */
+    tr->headers = curl_slist_append(tr->headers, "Expect:");
+}
+
+int core_request(lua_State *L)
+{
+    struct task *t;
+    struct transfer *tr;
+    const char *url;
+    const char *method;
+    size_t body_len = 0;
+    const char *body = NULL;
+    double connect_timeout;
+    double total_timeout;
+    double first_byte_timeout;
+    double stall_timeout;
+
+    luaL_checktype(L, 1, LUA_TTABLE);
+    t = task_check(L);
+    lua_getfield(L, 1, "url");
+    url = lua_tostring(L, -1);
+    if (url == NULL)
+        return luaL_error(L, "bad option 'url' to 'request' (string expected, got %s)", luaL_typename(L, -1));
+    lua_getfield(L, 1, "body");
+    if (!lua_isnil(L, -1)) {
+        if (lua_type(L, -1) != LUA_TSTRING)
+            return luaL_error(L, "bad option 'body' to 'request' (string expected, got %s)", luaL_typename(L, -1));
+        body = lua_tolstring(L, -1, &body_len);
+    }
+    lua_getfield(L, 1, "method");
+    method = lua_isnil(L, -1) ? (body ? "POST" : "GET") : lua_tostring(L, -1);
+    if (method == NULL)
+        return luaL_error(L, "bad option 'method' to 'request' (string expected)");
+    connect_timeout = opt_seconds(L, "connect_timeout");
+    total_timeout = opt_seconds(L, "timeout");
+    first_byte_timeout = opt_seconds(L, "first_byte_timeout");
+    stall_timeout = opt_seconds(L, "stall_timeout");
+    check_headers(L);
+
+    tr = calloc(1, sizeof(*tr));
+    if (tr == NULL)
+        return luaL_error(L, "out of memory");
+    tr->pending.cancel = transfer_cancel;
+    tr->task = t;
+    tr->body_ref = LUA_NOREF;
+    tr->chunk_ref = LUA_NOREF;
+    buf_init(&tr->body);
+    buf_init(&tr->resp_headers);
+    tr->max_size = DEFAULT_MAX_SIZE;
+    tr->first_byte_timeout = first_byte_timeout;
+    tr->stall_timeout = stall_timeout;
+    lua_getfield(L, 1, "max_size");
+    if (!lua_isnil(L, -1)) {
+        lua_Integer n = lua_tointeger(L, -1);
+        if (n <= 0) {
+            free(tr);
+            return luaL_error(L, "bad option 'max_size' to 'request' (positive integer expected)");
+        }
+        tr->max_size = (size_t)n;
+    }
+    lua_pop(L, 1);
+    lua_getfield(L, 1, "on_chunk");
+    if (!lua_isnil(L, -1)) {
+        if (!lua_isfunction(L, -1)) {
+            free(tr);
+            return luaL_error(L, "bad option 'on_chunk' to 'request' (function expected, got %s)",
+                              luaL_typename(L, -1));
+        }
+        tr->chunk_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    } else {
+        lua_pop(L, 1);
+    }
+    if (body) {
+        lua_getfield(L, 1, "body");
+        tr->body_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    }
+    collect_headers(L, tr);
+
+    tr->easy = acquire_easy();
+    if (tr->easy == NULL) {
+        transfer_free(tr);
+        lua_pushnil(L);
+        lua_pushstring(L, "error: cannot create a curl handle");
+        return 2;
+    }
+    curl_easy_setopt(tr->easy, CURLOPT_URL, url);
+    curl_easy_setopt(tr->easy, CURLOPT_PRIVATE, tr);
+    curl_easy_setopt(tr->easy, CURLOPT_ERRORBUFFER, tr->errbuf);
+    curl_easy_setopt(tr->easy, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(tr->easy, CURLOPT_WRITEFUNCTION, write_cb);
+    curl_easy_setopt(tr->easy, CURLOPT_WRITEDATA, tr);
+    curl_easy_setopt(tr->easy, CURLOPT_HEADERFUNCTION, header_cb);
+    curl_easy_setopt(tr->easy, CURLOPT_HEADERDATA, tr);
+    curl_easy_setopt(tr->easy, CURLOPT_HTTPHEADER, tr->headers);
+    curl_easy_setopt(tr->easy, CURLOPT_USERAGENT, "aigate/" AIGATE_VERSION);
+    curl_easy_setopt(tr->easy, CURLOPT_PROTOCOLS_STR, "http,https");
+    if (body) {
+        curl_easy_setopt(tr->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
+        curl_easy_setopt(tr->easy, CURLOPT_POSTFIELDS, body);
+    }
+    if (strcmp(method, "HEAD") == 0)
+        curl_easy_setopt(tr->easy, CURLOPT_NOBODY, 1L);
+    else if (strcmp(method, body ? "POST" : "GET") != 0)
+        curl_easy_setopt(tr->easy, CURLOPT_CUSTOMREQUEST, method);
+    if (connect_timeout > 0)
+        curl_easy_setopt(tr->easy, CURLOPT_CONNECTTIMEOUT_MS, (long)(connect_timeout * 1000));
+    if (total_timeout > 0)
+        curl_easy_setopt(tr->easy, CURLOPT_TIMEOUT_MS, (long)(total_timeout * 1000));
+    if (tr->first_byte_timeout > 0) {
+        tr->first_byte_timer = evtimer_new(g_base, first_byte_timer_cb, tr);
+        arm_timer(tr->first_byte_timer, tr->first_byte_timeout);
+    }
+    if (tr->stall_timeout > 0)
+        tr->stall_timer = evtimer_new(g_base, stall_timer_cb, tr);
+    if (curl_multi_add_handle(multi, tr->easy) != CURLM_OK) {
+        transfer_free(tr);
+        lua_pushnil(L);
+        lua_pushstring(L, "error: cannot start the transfer");
+        return 2;
+    }
+    lua_settop(L, 0);
+    return task_yield(L, t, &tr->pending);
+}
+
+/* ---- set-up and shut-down -------------------------------------------------------------------- */
+
+int http_client_init(void)
+{
+    if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
+        return -1;
+    multi = curl_multi_init();
+    if (multi == NULL)
+        return -1;
+    multi_timer = evtimer_new(g_base, timer_cb, NULL);
+    curl_multi_setopt(multi, CURLMOPT_SOCKETFUNCTION, socket_cb);
+    curl_multi_setopt(multi, CURLMOPT_TIMERFUNCTION, multi_timer_cb);
+    return 0;
+}
+
+void http_client_shutdown(void)
+{
+    int i;
+
+    /* Transfers still pending were freed by task_cancel_all. */
+    curl_multi_cleanup(multi);
+    multi = NULL;
+    for (i = 0; i < easy_pool_len; i++)
+        curl_easy_cleanup(easy_pool[i]);
+    easy_pool_len = 0;
+    event_free(multi_timer);
+    curl_global_cleanup();
+}

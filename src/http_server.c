@@ -1,0 +1,537 @@
+/*
+ * http_server.c: `core.listen`, an HTTP/1.1 server on libevent's evhttp whose requests are Lua tasks.
+ *
+ * Each request becomes a task running the server's handler with a request table and a response
+ * object (`struct response`, a userdata). The response can be sent whole, streamed in chunks (SSE),
+ * or cut: raw bytes written straight to the socket and the connection dropped, which the mock gateway
+ * uses to simulate a broken upstream. When the client goes away before the reply is finished,
+ * evhttp detaches the request and calls our close callback; we mark the response closed and the
+ * request is freed by the final evhttp_send_reply or evhttp_request_free call, whichever path ends it.
+ * Used by the mock gateway (lua/aigate/mock.lua) and any script that serves HTTP.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/event.h>
+#include <event2/http.h>
+#include <event2/keyvalq_struct.h>
+#include <lauxlib.h>
+#include <lua.h>
+
+#include "aigate.h"
+
+#define SERVER_MT "aigate.server"
+#define RESPONSE_MT "aigate.response"
+#define MAX_BODY (64 * 1024 * 1024)
+
+struct server {
+    struct evhttp *http;
+    int handler_ref;
+    int self_ref;         /* an open server stays alive until closed */
+    int port;
+    struct server *next;  /* all open servers, closed at shut-down */
+    struct server *prev;
+};
+
+struct response {
+    struct evhttp_request *req;      /* NULL once evhttp owns or has freed it */
+    struct evhttp_connection *evcon; /* NULL once the client went away */
+    int started;
+    int finished;
+    int closed;
+};
+
+static struct server *open_servers;
+
+/* ---- response life cycle --------------------------------------------------------------------- */
+
+static void on_close(struct evhttp_connection *evcon, void *arg)
+{
+    struct response *r = arg;
+
+    (void)evcon;
+    r->closed = 1;
+    r->evcon = NULL;
+    if (r->req && evhttp_request_get_connection(r->req) != NULL) {
+        /* Still attached: evhttp frees it with the connection. */
+        r->req = NULL;
+        r->finished = 1;
+    }
+}
+
+static void detach_close_cb(struct response *r)
+{
+    if (r->evcon)
+        evhttp_connection_set_closecb(r->evcon, NULL, NULL);
+}
+
+static void add_headers(lua_State *L, int idx, struct evhttp_request *req)
+{
+    struct evkeyvalq *out = evhttp_request_get_output_headers(req);
+
+    if (lua_isnoneornil(L, idx))
+        return;
+    luaL_checktype(L, idx, LUA_TTABLE);
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        const char *name = lua_tostring(L, -2);
+        const char *value = lua_tostring(L, -1);
+        if (name == NULL || value == NULL || lua_type(L, -2) != LUA_TSTRING)
+            luaL_error(L, "bad header table (names must be strings, values strings or numbers)");
+        evhttp_remove_header(out, name);
+        evhttp_add_header(out, name, value);
+        lua_pop(L, 1);
+    }
+}
+
+/* Ends the response however far it got. Safe to call more than once. */
+static void response_end(struct response *r, int status_if_unstarted)
+{
+    struct evhttp_request *req = r->req;
+
+    if (r->finished || req == NULL) {
+        r->finished = 1;
+        return;
+    }
+    detach_close_cb(r);
+    r->finished = 1;
+    r->req = NULL;
+    if (r->started) {
+        evhttp_send_reply_end(req);
+    } else {
+        struct evbuffer *body = evbuffer_new();
+        evbuffer_add_printf(body, "{\"error\":{\"message\":\"the handler sent no response\"}}\n");
+        evhttp_add_header(evhttp_request_get_output_headers(req), "Content-Type", "application/json");
+        evhttp_send_reply(req, status_if_unstarted, "Internal Server Error", body);
+        evbuffer_free(body);
+    }
+}
+
+static struct response *check_response(lua_State *L)
+{
+    return luaL_checkudata(L, 1, RESPONSE_MT);
+}
+
+static int usable(lua_State *L, struct response *r)
+{
+    if (r->closed || r->req == NULL) {
+        lua_pushnil(L);
+        lua_pushstring(L, "closed");
+        return 0;
+    }
+    return 1;
+}
+
+static int l_respond(lua_State *L)
+{
+    struct response *r = check_response(L);
+    int status = (int)luaL_checkinteger(L, 2);
+    size_t len = 0;
+    const char *body = luaL_optlstring(L, 4, "", &len);
+    struct evbuffer *buf;
+    struct evhttp_request *req;
+
+    if (!usable(L, r))
+        return 2;
+    if (r->started || r->finished)
+        return luaL_error(L, "response already started");
+    add_headers(L, 3, r->req);
+    req = r->req;
+    detach_close_cb(r);
+    r->finished = 1;
+    r->req = NULL;
+    buf = evbuffer_new();
+    evbuffer_add(buf, body, len);
+    evhttp_send_reply(req, status, NULL, buf);
+    evbuffer_free(buf);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int l_start(lua_State *L)
+{
+    struct response *r = check_response(L);
+    int status = (int)luaL_checkinteger(L, 2);
+
+    if (!usable(L, r))
+        return 2;
+    if (r->started || r->finished)
+        return luaL_error(L, "response already started");
+    add_headers(L, 3, r->req);
+    r->started = 1;
+    evhttp_send_reply_start(r->req, status, NULL);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int l_write(lua_State *L)
+{
+    struct response *r = check_response(L);
+    size_t len;
+    const char *data = luaL_checklstring(L, 2, &len);
+    struct evbuffer *buf;
+
+    if (!r->started && !r->closed)
+        return luaL_error(L, "write before start");
+    if (!usable(L, r) || r->finished) {
+        lua_settop(L, 0);
+        lua_pushnil(L);
+        lua_pushstring(L, "closed");
+        return 2;
+    }
+    if (len > 0) {
+        buf = evbuffer_new();
+        evbuffer_add(buf, data, len);
+        evhttp_send_reply_chunk(r->req, buf);
+        evbuffer_free(buf);
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int l_finish(lua_State *L)
+{
+    struct response *r = check_response(L);
+
+    response_end(r, 500);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* Writes raw bytes to the socket and drops the connection without any HTTP framing. */
+static int l_cut(lua_State *L)
+{
+    struct response *r = check_response(L);
+    size_t len = 0;
+    const char *raw = luaL_optlstring(L, 2, "", &len);
+    struct evhttp_connection *evcon = r->evcon;
+    struct bufferevent *bev;
+    evutil_socket_t fd;
+
+    if (!usable(L, r) || evcon == NULL || r->finished)
+        return 2;
+    bev = evhttp_connection_get_bufferevent(evcon);
+    fd = bufferevent_getfd(bev);
+    /* Whatever evhttp still holds (a started reply) goes out first, then our bytes. */
+    while (evbuffer_get_length(bufferevent_get_output(bev)) > 0) {
+        if (evbuffer_write(bufferevent_get_output(bev), fd) <= 0)
+            break;
+    }
+    while (len > 0) {
+        ssize_t n = send(fd, raw, len, MSG_NOSIGNAL);
+        if (n <= 0)
+            break;
+        raw += n;
+        len -= (size_t)n;
+    }
+    shutdown(fd, SHUT_RDWR);
+    detach_close_cb(r);
+    r->finished = 1;
+    r->closed = 1;
+    r->req = NULL;
+    r->evcon = NULL;
+    evhttp_connection_free(evcon); /* frees the request with it */
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int l_response_index(lua_State *L)
+{
+    struct response *r = check_response(L);
+    const char *key = luaL_checkstring(L, 2);
+
+    if (strcmp(key, "closed") == 0) {
+        lua_pushboolean(L, r->closed);
+        return 1;
+    }
+    luaL_getmetatable(L, RESPONSE_MT);
+    lua_getfield(L, -1, "methods");
+    lua_getfield(L, -1, key);
+    return 1;
+}
+
+static int l_response_gc(lua_State *L)
+{
+    struct response *r = check_response(L);
+
+    response_end(r, 500);
+    return 0;
+}
+
+/* ---- request dispatch ------------------------------------------------------------------------ */
+
+/* Pushes the request table for req. */
+static void push_request(lua_State *L, struct evhttp_request *req)
+{
+    static const char *methods[] = { "GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE", "CONNECT", "PATCH" };
+    enum evhttp_cmd_type cmd = evhttp_request_get_command(req);
+    const struct evhttp_uri *uri = evhttp_request_get_evhttp_uri(req);
+    struct evkeyvalq *in = evhttp_request_get_input_headers(req);
+    struct evkeyval *kv;
+    struct evbuffer *body = evhttp_request_get_input_buffer(req);
+    size_t body_len = evbuffer_get_length(body);
+    struct evhttp_connection *evcon = evhttp_request_get_connection(req);
+    const char *method = "GET";
+    char *peer_addr = NULL;
+    ev_uint16_t peer_port = 0;
+    size_t i;
+
+    for (i = 0; i < sizeof(methods) / sizeof(methods[0]); i++) {
+        if (cmd == (enum evhttp_cmd_type)(1 << i))
+            method = methods[i];
+    }
+    lua_createtable(L, 0, 8);
+    lua_pushstring(L, method);
+    lua_setfield(L, -2, "method");
+    lua_pushstring(L, evhttp_request_get_uri(req));
+    lua_setfield(L, -2, "uri");
+    lua_pushstring(L, uri && evhttp_uri_get_path(uri) ? evhttp_uri_get_path(uri) : "/");
+    lua_setfield(L, -2, "path");
+    if (uri && evhttp_uri_get_query(uri)) {
+        lua_pushstring(L, evhttp_uri_get_query(uri));
+        lua_setfield(L, -2, "query");
+    }
+    lua_newtable(L);
+    for (kv = in->tqh_first; kv; kv = kv->next.tqe_next) {
+        luaL_Buffer b;
+        const char *k;
+        luaL_buffinit(L, &b);
+        for (k = kv->key; *k; k++)
+            luaL_addchar(&b, (char)((*k >= 'A' && *k <= 'Z') ? *k + 32 : *k));
+        luaL_pushresult(&b);
+        lua_pushstring(L, kv->value);
+        lua_settable(L, -3);
+    }
+    lua_setfield(L, -2, "headers");
+    lua_pushlstring(L, (const char *)evbuffer_pullup(body, -1), body_len);
+    lua_setfield(L, -2, "body");
+    if (evcon) {
+        evhttp_connection_get_peer(evcon, &peer_addr, &peer_port);
+        lua_pushfstring(L, "%s:%d", peer_addr ? peer_addr : "?", (int)peer_port);
+        lua_setfield(L, -2, "peer");
+    }
+}
+
+static void handler_done(struct task *t, int ok, void *ud)
+{
+    struct response *r = ud;
+
+    if (!ok)
+        task_report_error("handler failed", lua_tostring(task_thread(t), -1));
+    /* The response userdata is an argument of the finished task; it is still alive here. */
+    response_end(r, 500);
+}
+
+static void request_cb(struct evhttp_request *req, void *arg)
+{
+    struct server *s = arg;
+    lua_State *L = g_L;
+    struct response *r;
+    struct evhttp_connection *evcon = evhttp_request_get_connection(req);
+
+    lua_rawgeti(L, LUA_REGISTRYINDEX, s->handler_ref);
+    push_request(L, req);
+    r = lua_newuserdatauv(L, sizeof(*r), 0);
+    memset(r, 0, sizeof(*r));
+    r->req = req;
+    r->evcon = evcon;
+    luaL_setmetatable(L, RESPONSE_MT);
+    if (evcon)
+        evhttp_connection_set_closecb(evcon, on_close, r);
+    /* The task keeps the response userdata alive as its argument until handler_done has run. */
+    task_spawn(L, 2, handler_done, r);
+    lua_pop(L, 1);
+}
+
+/*
+ * Binds a listening socket with a deep accept queue: evhttp's own binding uses a backlog of 128, and
+ * a burst of hundreds of connections would then wait a second for SYN retransmits.
+ * Returns the fd, or -1 with errno set (EINVAL for an unusable host).
+ */
+static evutil_socket_t bind_socket(const char *host, int port)
+{
+    struct addrinfo hints;
+    struct addrinfo *ai = NULL;
+    char service[16];
+    evutil_socket_t fd;
+    int one = 1;
+    int err;
+
+    memset(&hints, 0, sizeof(hints));
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+    snprintf(service, sizeof(service), "%d", port);
+    if (getaddrinfo(host, service, &hints, &ai) != 0 || ai == NULL) {
+        errno = EINVAL;
+        return -1;
+    }
+    fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, ai->ai_protocol);
+    if (fd < 0) {
+        err = errno;
+        freeaddrinfo(ai);
+        errno = err;
+        return -1;
+    }
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (bind(fd, ai->ai_addr, ai->ai_addrlen) != 0 || listen(fd, 4096) != 0) {
+        err = errno;
+        close(fd);
+        freeaddrinfo(ai);
+        errno = err;
+        return -1;
+    }
+    freeaddrinfo(ai);
+    return fd;
+}
+
+/* ---- core.listen ----------------------------------------------------------------------------- */
+
+static void server_close(struct server *s)
+{
+    if (s->http == NULL)
+        return;
+    evhttp_free(s->http);
+    s->http = NULL;
+    luaL_unref(g_L, LUA_REGISTRYINDEX, s->handler_ref);
+    luaL_unref(g_L, LUA_REGISTRYINDEX, s->self_ref);
+    s->handler_ref = LUA_NOREF;
+    s->self_ref = LUA_NOREF;
+    if (s->prev)
+        s->prev->next = s->next;
+    else
+        open_servers = s->next;
+    if (s->next)
+        s->next->prev = s->prev;
+}
+
+static int l_server_close(lua_State *L)
+{
+    server_close(luaL_checkudata(L, 1, SERVER_MT));
+    return 0;
+}
+
+static int l_server_index(lua_State *L)
+{
+    struct server *s = luaL_checkudata(L, 1, SERVER_MT);
+    const char *key = luaL_checkstring(L, 2);
+
+    if (strcmp(key, "port") == 0) {
+        lua_pushinteger(L, s->port);
+        return 1;
+    }
+    if (strcmp(key, "close") == 0) {
+        lua_pushcfunction(L, l_server_close);
+        return 1;
+    }
+    lua_pushnil(L);
+    return 1;
+}
+
+static void register_metatables(lua_State *L)
+{
+    static const luaL_Reg response_methods[] = {
+        { "respond", l_respond },
+        { "start", l_start },
+        { "write", l_write },
+        { "finish", l_finish },
+        { "cut", l_cut },
+        { NULL, NULL },
+    };
+
+    if (luaL_newmetatable(L, RESPONSE_MT)) {
+        luaL_newlib(L, response_methods);
+        lua_setfield(L, -2, "methods");
+        lua_pushcfunction(L, l_response_index);
+        lua_setfield(L, -2, "__index");
+        lua_pushcfunction(L, l_response_gc);
+        lua_setfield(L, -2, "__gc");
+    }
+    lua_pop(L, 1);
+    if (luaL_newmetatable(L, SERVER_MT)) {
+        lua_pushcfunction(L, l_server_index);
+        lua_setfield(L, -2, "__index");
+        lua_pushcfunction(L, l_server_close);
+        lua_setfield(L, -2, "__gc");
+    }
+    lua_pop(L, 1);
+}
+
+int core_listen(lua_State *L)
+{
+    const char *host;
+    lua_Integer port;
+    struct server *s;
+    struct evhttp_bound_socket *bound;
+    struct sockaddr_storage ss;
+    socklen_t sslen = sizeof(ss);
+    evutil_socket_t fd;
+
+    luaL_checktype(L, 1, LUA_TTABLE);
+    register_metatables(L);
+    lua_getfield(L, 1, "host");
+    host = luaL_optstring(L, -1, "127.0.0.1");
+    lua_getfield(L, 1, "port");
+    port = luaL_optinteger(L, -1, 0);
+    if (port < 0 || port > 65535)
+        return luaL_error(L, "bad option 'port' to 'listen' (0..65535 expected)");
+    lua_getfield(L, 1, "handler");
+    if (!lua_isfunction(L, -1))
+        return luaL_error(L, "bad option 'handler' to 'listen' (function expected, got %s)", luaL_typename(L, -1));
+
+    s = lua_newuserdatauv(L, sizeof(*s), 0);
+    memset(s, 0, sizeof(*s));
+    s->handler_ref = LUA_NOREF;
+    s->self_ref = LUA_NOREF;
+    luaL_setmetatable(L, SERVER_MT);
+    s->http = evhttp_new(g_base);
+    if (s->http == NULL)
+        return luaL_error(L, "out of memory");
+    fd = bind_socket(host, (int)port);
+    bound = fd < 0 ? NULL : evhttp_accept_socket_with_handle(s->http, fd);
+    if (bound == NULL) {
+        int err = errno;
+        if (fd >= 0)
+            close(fd);
+        evhttp_free(s->http);
+        s->http = NULL;
+        lua_pushnil(L);
+        lua_pushfstring(L, "listen: cannot listen on %s:%d: %s", host, (int)port,
+                        err == EINVAL ? "not a usable address" : strerror(err));
+        return 2;
+    }
+    if (getsockname(evhttp_bound_socket_get_fd(bound), (struct sockaddr *)&ss, &sslen) == 0) {
+        if (ss.ss_family == AF_INET)
+            s->port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
+        else if (ss.ss_family == AF_INET6)
+            s->port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
+    }
+    evhttp_set_max_body_size(s->http, MAX_BODY);
+    evhttp_set_allowed_methods(s->http, EVHTTP_REQ_GET | EVHTTP_REQ_POST | EVHTTP_REQ_HEAD | EVHTTP_REQ_PUT |
+                                            EVHTTP_REQ_DELETE | EVHTTP_REQ_OPTIONS | EVHTTP_REQ_PATCH);
+    evhttp_set_timeout(s->http, 600);
+    lua_pushvalue(L, -2); /* the handler */
+    s->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_pushvalue(L, -1);
+    s->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    evhttp_set_gencb(s->http, request_cb, s);
+    s->next = open_servers;
+    if (open_servers)
+        open_servers->prev = s;
+    open_servers = s;
+    return 1;
+}
+
+void http_server_shutdown(void)
+{
+    while (open_servers)
+        server_close(open_servers);
+}

@@ -1,0 +1,179 @@
+/*
+ * main.c: start-up and shut-down of the aigate host.
+ *
+ * Sets up the event loop, libcurl and one Lua state with the aigate modules on its path, then runs
+ * the main task: `require("aigate.cli").main(argv)`. The loop runs until that task ends (its result
+ * is the exit status) or a signal stops the process; then every pending operation is cancelled and
+ * everything is freed, so sanitizer builds see no leaks.
+ */
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <event2/event.h>
+#include <lauxlib.h>
+#include <lua.h>
+#include <lualib.h>
+
+#include "aigate.h"
+
+#ifndef AIGATE_DATADIR
+#define AIGATE_DATADIR "/usr/local/share/aigate"
+#endif
+
+int luaopen_cjson(lua_State *L);
+int luaopen_cjson_safe(lua_State *L);
+
+struct event_base *g_base;
+lua_State *g_L;
+
+static int file_exists(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0;
+}
+
+/* Finds the directory holding aigate/init.lua: $AIGATE_LUA_PATH, next to the binary, or installed. */
+static void find_lua_dir(char *out, size_t size)
+{
+    const char *env = getenv("AIGATE_LUA_PATH");
+    char exe[PATH_MAX - 64];
+    char probe[PATH_MAX];
+    ssize_t n;
+
+    if (env && *env) {
+        snprintf(out, size, "%s", env);
+        return;
+    }
+    n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+    if (n > 0) {
+        char *slash;
+        exe[n] = '\0';
+        slash = strrchr(exe, '/');
+        if (slash)
+            *slash = '\0';
+        snprintf(probe, sizeof(probe), "%s/lua/aigate/init.lua", exe);
+        if (file_exists(probe)) {
+            snprintf(out, size, "%s/lua", exe);
+            return;
+        }
+        snprintf(probe, sizeof(probe), "%s/../lua/aigate/init.lua", exe);
+        if (file_exists(probe)) {
+            snprintf(out, size, "%s/../lua", exe);
+            return;
+        }
+    }
+    snprintf(out, size, "%s", AIGATE_DATADIR);
+}
+
+/* package.path: the aigate library first, then the script's own directory. */
+static void set_package_path(lua_State *L)
+{
+    char dir[PATH_MAX];
+
+    find_lua_dir(dir, sizeof(dir));
+    lua_getglobal(L, "package");
+    if (strchr(dir, '?'))
+        lua_pushfstring(L, "%s;./?.lua;./?/init.lua", dir);
+    else
+        lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;./?.lua;./?/init.lua", dir, dir);
+    lua_setfield(L, -2, "path");
+    lua_pop(L, 1);
+}
+
+static void preload(lua_State *L, const char *name, lua_CFunction fn)
+{
+    luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
+    lua_pushcfunction(L, fn);
+    lua_setfield(L, -2, name);
+    lua_pop(L, 1);
+}
+
+static void main_done(struct task *t, int ok, void *ud)
+{
+    lua_State *co = task_thread(t);
+    int code = 0;
+
+    (void)ud;
+    if (!ok) {
+        task_report_error("error", lua_tostring(co, -1));
+        host_exit(1);
+        return;
+    }
+    if (lua_gettop(co) >= 1) {
+        if (lua_isinteger(co, 1))
+            code = (int)lua_tointeger(co, 1);
+        else if (lua_isboolean(co, 1))
+            code = lua_toboolean(co, 1) ? 0 : 1;
+    }
+    host_exit(code);
+}
+
+static const char main_chunk[] =
+    "local argv = ...\n"
+    "return require('aigate.cli').main(argv)\n";
+
+static void raise_fd_limit(void)
+{
+    struct rlimit rl;
+
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+}
+
+int main(int argc, char **argv)
+{
+    lua_State *L;
+    int i;
+    int code;
+
+    signal(SIGPIPE, SIG_IGN);
+    raise_fd_limit();
+    g_base = event_base_new();
+    if (g_base == NULL || tasks_init() != 0 || http_client_init() != 0) {
+        fputs("aigate: cannot initialise the event loop\n", stderr);
+        return 1;
+    }
+    L = luaL_newstate();
+    if (L == NULL) {
+        fputs("aigate: cannot create the Lua state\n", stderr);
+        return 1;
+    }
+    g_L = L;
+    luaL_openlibs(L);
+    preload(L, "cjson", luaopen_cjson);
+    preload(L, "cjson.safe", luaopen_cjson_safe);
+    preload(L, "aigate.core", luaopen_aigate_core);
+    set_package_path(L);
+
+    if (luaL_loadbuffer(L, main_chunk, sizeof(main_chunk) - 1, "=main") != LUA_OK) {
+        fprintf(stderr, "aigate: %s\n", lua_tostring(L, -1));
+        return 1;
+    }
+    lua_createtable(L, argc, 0);
+    for (i = 1; i < argc; i++) {
+        lua_pushstring(L, argv[i]);
+        lua_rawseti(L, -2, i);
+    }
+    task_spawn(L, 1, main_done, NULL);
+    lua_pop(L, 1);
+
+    event_base_dispatch(g_base);
+    code = g_exit_code >= 0 ? g_exit_code : 1;
+
+    fflush(stdout);
+    tasks_shutdown();
+    http_server_shutdown();
+    lua_close(L);
+    g_L = NULL;
+    http_client_shutdown();
+    event_base_free(g_base);
+    return code;
+}

@@ -1,0 +1,576 @@
+/*
+ * task.c: tasks (coroutines driven by the event loop) and the waiting primitives that need no I/O.
+ *
+ * A task is a Lua coroutine plus a C record kept in the handle userdata that `core.spawn` returns;
+ * the coroutine is that userdata's user value, so a finished task's results stay on its stack for as
+ * long as somebody holds the handle. While a task runs or waits, the handle is anchored in the
+ * registry. A primitive that waits starts its operation, records it as the task's `pending` (so it
+ * can be cancelled at shut-down) and yields; the loop callback that completes the operation pushes
+ * the results on the coroutine and calls task_resume. New tasks and wake-ups of waiters go through a
+ * run queue drained from a libevent callback, so no task is ever resumed from inside Lua code.
+ *
+ * Also here: core.sleep, core.wait, core.wait_signal (SIGINT/SIGTERM), clocks, getenv, isatty and
+ * fsync.
+ */
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <event2/event.h>
+#include <lauxlib.h>
+#include <lua.h>
+#include <lualib.h>
+
+#include "aigate.h"
+
+#define TASK_MT "aigate.task"
+
+enum task_state {
+    TASK_QUEUED,
+    TASK_RUNNING,
+    TASK_WAITING,
+    TASK_DONE,
+    TASK_FAILED,
+};
+
+struct task {
+    lua_State *co;
+    int anchor;              /* registry ref to the handle while the task is alive */
+    enum task_state state;
+    int nresume;             /* values pushed on co for the next resume */
+    int waited;              /* somebody collected the outcome */
+    struct pending *pending;
+    struct task *waiters;    /* tasks blocked in core.wait on this one */
+    struct task *next_waiter;
+    struct task *runq_next;
+    struct task *prev;       /* list of live tasks, for shut-down */
+    struct task *next;
+    task_done_fn done;
+    void *done_ud;
+};
+
+static struct task *live_tasks;
+static struct task *runq_head;
+static struct task *runq_tail;
+static struct event *runq_event;
+
+static struct task *signal_waiters;
+static struct event *sigint_event;
+static struct event *sigterm_event;
+
+int g_exit_code = -1;
+
+void host_exit(int code)
+{
+    if (g_exit_code < 0)
+        g_exit_code = code;
+    event_base_loopbreak(g_base);
+}
+
+void task_report_error(const char *what, const char *msg)
+{
+    fprintf(stderr, "aigate: %s: %s\n", what, msg);
+    fflush(stderr);
+}
+
+/* ---- errors and protected calls ------------------------------------------------------------- */
+
+void push_traceback(lua_State *L, lua_State *co, int level)
+{
+    const char *msg = lua_tostring(L, -1);
+
+    if (msg == NULL) {
+        if (luaL_callmeta(L, -1, "__tostring") && lua_type(L, -1) == LUA_TSTRING) {
+            msg = lua_tostring(L, -1);
+            lua_remove(L, -2);
+        } else {
+            msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, -1));
+            lua_remove(L, -2);
+        }
+    }
+    luaL_traceback(L, co, msg, level);
+    lua_remove(L, -2);
+}
+
+static int traceback_handler(lua_State *L)
+{
+    push_traceback(L, L, 1);
+    return 1;
+}
+
+int pcall_traceback(lua_State *L, int nargs, int nresults)
+{
+    int base = lua_gettop(L) - nargs;
+    int rc;
+
+    lua_pushcfunction(L, traceback_handler);
+    lua_insert(L, base);
+    rc = lua_pcall(L, nargs, nresults, base);
+    lua_remove(L, base);
+    return rc;
+}
+
+/* ---- the run queue --------------------------------------------------------------------------- */
+
+static void runq_push(struct task *t, int nargs)
+{
+    t->state = TASK_QUEUED;
+    t->nresume = nargs;
+    t->runq_next = NULL;
+    if (runq_tail)
+        runq_tail->runq_next = t;
+    else
+        runq_head = t;
+    runq_tail = t;
+    event_active(runq_event, EV_TIMEOUT, 0);
+}
+
+static void runq_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct task *batch = runq_head;
+
+    (void)fd;
+    (void)what;
+    (void)arg;
+    /* Run only what is queued now; tasks queued meanwhile run on the next turn, after I/O. */
+    runq_head = NULL;
+    runq_tail = NULL;
+    while (batch) {
+        struct task *t = batch;
+        batch = t->runq_next;
+        t->runq_next = NULL;
+        task_resume(t, t->nresume);
+        if (g_exit_code >= 0) {
+            /* Put the rest back so shut-down sees and frees them. */
+            while (batch) {
+                struct task *rest = batch;
+                batch = rest->runq_next;
+                runq_push(rest, rest->nresume);
+            }
+            return;
+        }
+    }
+}
+
+/* ---- task life cycle ------------------------------------------------------------------------- */
+
+struct task *task_check(lua_State *L)
+{
+    struct task *t = *(struct task **)lua_getextraspace(L);
+
+    if (t == NULL || t->co != L)
+        luaL_error(L, "attempt to yield outside an aigate task (inside a plain coroutine or a callback)");
+    return t;
+}
+
+lua_State *task_thread(struct task *t)
+{
+    return t->co;
+}
+
+static void live_remove(struct task *t)
+{
+    if (t->prev)
+        t->prev->next = t->next;
+    else
+        live_tasks = t->next;
+    if (t->next)
+        t->next->prev = t->prev;
+    t->prev = NULL;
+    t->next = NULL;
+}
+
+struct task *task_spawn(lua_State *L, int nargs, task_done_fn done, void *ud)
+{
+    struct task *t;
+    lua_State *co;
+
+    luaL_checktype(L, -nargs - 1, LUA_TFUNCTION);
+    t = lua_newuserdatauv(L, sizeof(*t), 1);
+    memset(t, 0, sizeof(*t));
+    luaL_setmetatable(L, TASK_MT);
+    co = lua_newthread(L);
+    lua_setiuservalue(L, -2, 1);
+    *(struct task **)lua_getextraspace(co) = t;
+    t->co = co;
+    t->done = done;
+    t->done_ud = ud;
+    lua_pushvalue(L, -1);
+    t->anchor = luaL_ref(L, LUA_REGISTRYINDEX);
+    /* Stack: fn args... handle. Move fn and args to the coroutine, keep the handle. */
+    lua_insert(L, -nargs - 2);
+    lua_xmove(L, co, nargs + 1);
+    t->next = live_tasks;
+    if (live_tasks)
+        live_tasks->prev = t;
+    live_tasks = t;
+    runq_push(t, nargs);
+    return t;
+}
+
+int task_yield(lua_State *L, struct task *t, struct pending *p)
+{
+    t->pending = p;
+    return lua_yield(L, 0);
+}
+
+/* Pushes on `to` a copy of the outcome of finished task t: true, results... or false, err. */
+static int push_outcome(struct task *t, lua_State *to)
+{
+    int n = lua_gettop(t->co);
+    int i;
+
+    luaL_checkstack(to, n + 1, "too many results");
+    lua_pushboolean(to, t->state == TASK_DONE);
+    for (i = 1; i <= n; i++) {
+        lua_pushvalue(t->co, i);
+        lua_xmove(t->co, to, 1);
+    }
+    t->waited = 1;
+    return n + 1;
+}
+
+static void finish(struct task *t, int ok)
+{
+    struct task *w;
+
+    t->state = ok ? TASK_DONE : TASK_FAILED;
+    t->pending = NULL;
+    live_remove(t);
+    if (t->done)
+        t->done(t, ok, t->done_ud);
+    while ((w = t->waiters) != NULL) {
+        t->waiters = w->next_waiter;
+        w->next_waiter = NULL;
+        free(w->pending);
+        w->pending = NULL;
+        runq_push(w, push_outcome(t, w->co));
+    }
+    /* Last: this may let the handle (and t itself) be collected. */
+    luaL_unref(g_L, LUA_REGISTRYINDEX, t->anchor);
+    t->anchor = LUA_NOREF;
+}
+
+void task_resume(struct task *t, int nargs)
+{
+    int nres = 0;
+    int rc;
+
+    t->pending = NULL;
+    t->state = TASK_RUNNING;
+    rc = lua_resume(t->co, NULL, nargs, &nres);
+    if (rc == LUA_YIELD) {
+        if (t->pending == NULL) {
+            /* A bare coroutine.yield() in a task: drop what it yielded and run again next turn. */
+            lua_pop(t->co, nres);
+            runq_push(t, 0);
+        } else {
+            t->state = TASK_WAITING;
+        }
+        return;
+    }
+    if (rc == LUA_OK) {
+        finish(t, 1);
+        return;
+    }
+    /* Error: the coroutine's stack is intact, so the traceback shows where it happened. */
+    push_traceback(t->co, t->co, 0);
+    lua_replace(t->co, 1);
+    lua_settop(t->co, 1);
+    finish(t, 0);
+}
+
+void task_cancel_all(void)
+{
+    struct task *t;
+
+    for (t = live_tasks; t; t = t->next) {
+        if (t->state == TASK_WAITING && t->pending) {
+            struct pending *p = t->pending;
+            t->pending = NULL;
+            p->cancel(p);
+        }
+    }
+}
+
+static int task_gc(lua_State *L)
+{
+    struct task *t = luaL_checkudata(L, 1, TASK_MT);
+
+    if (t->state == TASK_FAILED && !t->waited && t->done == NULL) {
+        lua_State *co = t->co;
+        task_report_error("task failed", lua_tostring(co, 1));
+    }
+    return 0;
+}
+
+/* ---- core.spawn / core.wait ------------------------------------------------------------------ */
+
+static int l_spawn(lua_State *L)
+{
+    int nargs = lua_gettop(L) - 1;
+
+    luaL_checktype(L, 1, LUA_TFUNCTION);
+    task_spawn(L, nargs, NULL, NULL);
+    return 1;
+}
+
+struct wait_op {
+    struct pending pending;
+    struct task *waiter;
+    struct task *target;
+};
+
+static void wait_cancel(struct pending *p)
+{
+    struct wait_op *op = (struct wait_op *)p;
+    struct task **pp = &op->target->waiters;
+
+    while (*pp && *pp != op->waiter)
+        pp = &(*pp)->next_waiter;
+    if (*pp)
+        *pp = op->waiter->next_waiter;
+    free(op);
+}
+
+static int l_wait(lua_State *L)
+{
+    struct task *target = luaL_checkudata(L, 1, TASK_MT);
+    struct task *self;
+    struct wait_op *op;
+
+    if (target->state == TASK_DONE || target->state == TASK_FAILED)
+        return push_outcome(target, L);
+    self = task_check(L);
+    if (self == target)
+        return luaL_error(L, "a task cannot wait for itself");
+    /*
+     * The wait record is freed when the waiter is woken (finish() clears pending before queueing),
+     * so it lives in the waiter's chain only; a small malloc keeps cancel simple.
+     */
+    op = malloc(sizeof(*op));
+    if (op == NULL)
+        return luaL_error(L, "out of memory");
+    op->pending.cancel = wait_cancel;
+    op->waiter = self;
+    op->target = target;
+    self->next_waiter = target->waiters;
+    target->waiters = self;
+    lua_settop(L, 0);
+    return task_yield(L, self, &op->pending);
+}
+
+/* ---- core.sleep ------------------------------------------------------------------------------ */
+
+struct sleep_op {
+    struct pending pending;
+    struct event *ev;
+    struct task *task;
+};
+
+static void sleep_cancel(struct pending *p)
+{
+    struct sleep_op *op = (struct sleep_op *)p;
+    event_free(op->ev);
+    free(op);
+}
+
+static void sleep_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct sleep_op *op = arg;
+    struct task *t = op->task;
+
+    (void)fd;
+    (void)what;
+    event_free(op->ev);
+    free(op);
+    task_resume(t, 0);
+}
+
+static int l_sleep(lua_State *L)
+{
+    double seconds = luaL_checknumber(L, 1);
+    struct task *t = task_check(L);
+    struct sleep_op *op;
+    struct timeval tv;
+
+    if (!(seconds >= 0))
+        return luaL_argerror(L, 1, "seconds must be >= 0");
+    op = malloc(sizeof(*op));
+    if (op == NULL)
+        return luaL_error(L, "out of memory");
+    op->pending.cancel = sleep_cancel;
+    op->task = t;
+    op->ev = evtimer_new(g_base, sleep_cb, op);
+    tv.tv_sec = (time_t)seconds;
+    tv.tv_usec = (suseconds_t)((seconds - (double)tv.tv_sec) * 1e6);
+    evtimer_add(op->ev, &tv);
+    lua_settop(L, 0);
+    return task_yield(L, t, &op->pending);
+}
+
+/* ---- signals --------------------------------------------------------------------------------- */
+
+struct signal_op {
+    struct pending pending;
+    struct task *task;
+};
+
+static void signal_cancel(struct pending *p)
+{
+    struct signal_op *op = (struct signal_op *)p;
+    struct task **pp = &signal_waiters;
+
+    while (*pp && *pp != op->task)
+        pp = &(*pp)->next_waiter;
+    if (*pp)
+        *pp = op->task->next_waiter;
+    free(op);
+}
+
+static void signal_cb(evutil_socket_t sig, short what, void *arg)
+{
+    const char *name = sig == SIGINT ? "INT" : "TERM";
+    struct task *w;
+
+    (void)what;
+    (void)arg;
+    if (signal_waiters == NULL) {
+        host_exit(sig == SIGINT ? 130 : 143);
+        return;
+    }
+    while ((w = signal_waiters) != NULL) {
+        signal_waiters = w->next_waiter;
+        w->next_waiter = NULL;
+        free(w->pending);
+        w->pending = NULL;
+        lua_pushstring(w->co, name);
+        runq_push(w, 1);
+    }
+}
+
+static int l_wait_signal(lua_State *L)
+{
+    struct task *t = task_check(L);
+    struct signal_op *op = malloc(sizeof(*op));
+
+    if (op == NULL)
+        return luaL_error(L, "out of memory");
+    op->pending.cancel = signal_cancel;
+    op->task = t;
+    t->next_waiter = signal_waiters;
+    signal_waiters = t;
+    lua_settop(L, 0);
+    return task_yield(L, t, &op->pending);
+}
+
+/* ---- small system primitives ----------------------------------------------------------------- */
+
+static int l_now(lua_State *L)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    lua_pushnumber(L, (double)ts.tv_sec + (double)ts.tv_nsec / 1e9);
+    return 1;
+}
+
+static int l_time(lua_State *L)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    lua_pushnumber(L, (double)ts.tv_sec + (double)ts.tv_nsec / 1e9);
+    return 1;
+}
+
+static int l_getenv(lua_State *L)
+{
+    const char *v = getenv(luaL_checkstring(L, 1));
+    if (v)
+        lua_pushstring(L, v);
+    else
+        lua_pushnil(L);
+    return 1;
+}
+
+static int l_isatty(lua_State *L)
+{
+    lua_Integer fd = luaL_checkinteger(L, 1);
+    lua_pushboolean(L, isatty((int)fd));
+    return 1;
+}
+
+static int l_fsync(lua_State *L)
+{
+    luaL_Stream *s = luaL_checkudata(L, 1, LUA_FILEHANDLE);
+
+    if (s->closef == NULL)
+        return luaL_argerror(L, 1, "attempt to use a closed file");
+    if (fflush(s->f) != 0 || fsync(fileno(s->f)) != 0) {
+        lua_pushnil(L);
+        lua_pushfstring(L, "fsync: %s", strerror(errno));
+        return 2;
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int l_pid(lua_State *L)
+{
+    lua_pushinteger(L, (lua_Integer)getpid());
+    return 1;
+}
+
+void core_register_tasks(lua_State *L)
+{
+    static const luaL_Reg funcs[] = {
+        { "spawn", l_spawn },
+        { "wait", l_wait },
+        { "sleep", l_sleep },
+        { "wait_signal", l_wait_signal },
+        { "now", l_now },
+        { "time", l_time },
+        { "getenv", l_getenv },
+        { "isatty", l_isatty },
+        { "fsync", l_fsync },
+        { "pid", l_pid },
+        { NULL, NULL },
+    };
+
+    if (luaL_newmetatable(L, TASK_MT)) {
+        lua_pushcfunction(L, task_gc);
+        lua_setfield(L, -2, "__gc");
+        lua_pushstring(L, "aigate task");
+        lua_setfield(L, -2, "__name");
+    }
+    lua_pop(L, 1);
+    luaL_setfuncs(L, funcs, 0);
+}
+
+int tasks_init(void)
+{
+    runq_event = event_new(g_base, -1, 0, runq_cb, NULL);
+    sigint_event = evsignal_new(g_base, SIGINT, signal_cb, NULL);
+    sigterm_event = evsignal_new(g_base, SIGTERM, signal_cb, NULL);
+    if (runq_event == NULL || sigint_event == NULL || sigterm_event == NULL)
+        return -1;
+    evsignal_add(sigint_event, NULL);
+    evsignal_add(sigterm_event, NULL);
+    return 0;
+}
+
+void tasks_shutdown(void)
+{
+    task_cancel_all();
+    live_tasks = NULL;
+    signal_waiters = NULL;
+    event_free(runq_event);
+    event_free(sigint_event);
+    event_free(sigterm_event);
+    runq_event = NULL;
+    runq_head = NULL;
+    runq_tail = NULL;
+}
