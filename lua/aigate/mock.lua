@@ -1,0 +1,788 @@
+-- aigate.mock: a local stand-in for Cloudflare AI Gateway, served from Lua on core.listen.
+-- It answers the gateway's unified endpoint POST /v1/{account}/{gateway}/compat/chat/completions
+-- and the plain OpenAI-compatible POST /v1/chat/completions and POST /chat/completions with
+-- deterministic replies ("echo: " .. the last user message, usage counted in words), SSE streaming,
+-- the gateway's error envelopes and codes, and faults chosen by the model id. Used by `aigate mock`
+-- (cli.lua), by the end-to-end tests (tests/e2e/) and by in-process Lua tests.
+-- API: mock.start{host, port, log, quiet} -> server {host, port, url, close()} | nil, err;
+-- mock.handle(req, res) (the core.listen handler); mock.stats() -> counts; mock.reset().
+--
+-- Gateway rules (gateway path only): no `Authorization: Bearer <x>` and no `cf-aig-authorization:
+-- Bearer <x>` -> 401 code 2009; account `authgw` -> 401 code 2009 unless cf-aig-authorization is
+-- sent; bare `@cf/...` id -> 400 code 2008; id without a provider prefix -> 400 code 2005; unknown
+-- provider prefix -> 400 code 2008; `workers-ai/` + an id not under @cf/ or @hf/, or a Gemini name ->
+-- 400 provider error. Every path: invalid JSON body -> 400 envelope code 2002 (the mock's choice);
+-- no model or no messages -> 400 OpenAI-style; unknown path -> 404 code 2001; not POST -> 405.
+--
+-- Fault models. The ids are `mock/<name>` on every path (`mock` is a known provider prefix here);
+-- any other `mock/...` id, e.g. `mock/echo`, answers normally.
+--   | model id             | non-streaming                          | streaming ("stream": true)           |
+--   |----------------------|----------------------------------------|--------------------------------------|
+--   | mock/fail-500        | 500 OpenAI-style server_error          | same, before any byte                |
+--   | mock/fail-503        | 503 OpenAI-style service_unavailable   | same                                 |
+--   | mock/rate-limit      | 429 `Retry-After: 1`, envelope 2003    | same                                 |
+--   | mock/rate-limit-ms   | 429 `retry-after-ms: 200`, OpenAI-style| same                                 |
+--   | mock/bad-request     | 400 OpenAI-style invalid_request_error | same                                 |
+--   | mock/auth-required   | 401 code 2009 unless cf-aig-authorization is sent, else normal  |
+--   | mock/unknown-gateway | 400 envelope code 2001                 | same                                 |
+--   | mock/slow-<ms>       | normal reply after <ms> milliseconds   | normal stream after <ms> ms          |
+--   | mock/stall           | silent 60 s before any byte, then reply| role chunk + some text, silent 60 s  |
+--   | mock/stall-<ms>      | as mock/stall, silent <ms> ms          | as mock/stall, silent <ms> ms        |
+--   |                      | (a stall ends early once the client has gone away)             |
+--   | mock/cut             | 200, Content-Length of the full body,  | 200 chunked, two SSE events, then    |
+--   |                      | half the body sent, connection closed  | connection closed (no last chunk)    |
+--   | mock/garbage         | 200 with a non-JSON body               | 200, `data: {not json`, [DONE]       |
+--   | mock/empty           | 200 with `{}`                          | 200 with only `data: [DONE]`         |
+--   | mock/no-done         | normal reply                           | normal stream without `data: [DONE]` |
+--   | mock/big-<kb>        | reply content of exactly <kb> KiB (at most 65536)               |
+--
+-- Cache: a non-streaming reply to a request with `cf-aig-cache-ttl` (and without `cf-aig-skip-cache:
+-- true`) is stored under path + body (or cf-aig-cache-key); the same request within ttl seconds gets
+-- the stored body back with `cf-aig-cache-status: HIT` (same id). Everything else is a MISS. The request log (option
+-- `log`) gets one JSON line per request received, with credentials replaced by "Bearer ***".
+
+local core = require "aigate.core"
+local cjson = require "cjson.safe"
+
+local M = {}
+
+local CREATED = 1700000000 -- fixed `created`, so replies are byte-for-byte deterministic
+local STALL_SECONDS = 60
+local WAIT_STEP = 0.05 -- seconds between checks of res.closed while stalling
+local MAX_BIG_KB = 65536
+local MAX_CACHE = 10000 -- cached replies kept; the cache is emptied when full
+local WORDS_PER_PIECE = 2 -- streamed content pieces, for short replies
+local MAX_PIECES = 64 -- long replies are split into at most this many pieces
+local DYNAMIC_PROVIDER = "workers-ai"
+local DYNAMIC_MODEL = "@cf/meta/llama-3.3-70b-instruct-fp8-fast"
+
+-- Provider prefixes the gateway's /compat endpoint knows, plus `dynamic` routes and the mock's own.
+local PROVIDERS = {}
+for name in ([[workers-ai openai anthropic google-ai-studio google-vertex-ai aws-bedrock
+  azure-openai groq mistral cohere deepseek perplexity-ai openrouter grok cerebras huggingface
+  replicate baseten cartesia elevenlabs dynamic mock]]):gmatch("%S+") do
+  PROVIDERS[name] = true
+end
+
+-- Request headers that carry credentials: never written to the log as sent.
+local SECRET_HEADERS = {
+  ["authorization"] = true,
+  ["cf-aig-authorization"] = true,
+  ["proxy-authorization"] = true,
+  ["x-api-key"] = true,
+  ["api-key"] = true,
+  ["x-goog-api-key"] = true,
+}
+
+local ROUTES = {
+  { name = "gateway", pattern = "^/v1/([^/]+)/([^/]+)/compat/chat/completions$", gateway = true },
+  { name = "openai", pattern = "^/v1/chat/completions$" },
+  { name = "openai", pattern = "^/chat/completions$" },
+}
+
+local JSON_MODES = { json_object = true, json_schema = true }
+
+local BIG_TEXT = "the quick brown fox jumps over the lazy dog "
+
+local stats, cache, cache_size, sequence
+
+-- Forgets the counts, the cache and the id sequence (for in-process tests).
+function M.reset()
+  stats = { requests = 0, by_model = {}, by_status = {}, by_route = {}, cache_hits = 0 }
+  cache, cache_size = {}, 0
+  sequence = 0
+end
+M.reset()
+
+-- JSON ------------------------------------------------------------------------------------------
+
+-- cjson 2.1.0 has no empty_array: use a marker string and replace it after encoding.
+local EMPTY_ARRAY = cjson.empty_array or "<aigate-mock:[]>"
+
+-- Encodes a value; "\/" is written as "/" (only cjson's escape of "/" can produce that pair).
+local function encode(value)
+  local text = assert(cjson.encode(value))
+  if not cjson.empty_array then
+    text = text:gsub('"<aigate%-mock:%[%]>"', "[]")
+  end
+  return (text:gsub("\\/", "/"))
+end
+
+local function json_string(s)
+  return encode(s)
+end
+
+local function count_words(s)
+  return select(2, s:gsub("%S+", ""))
+end
+
+-- Text of a message content: a string, or an array of parts whose text parts are joined by " ".
+local function content_text(content)
+  if type(content) == "string" then
+    return content
+  end
+  local texts = {}
+  if type(content) == "table" then
+    for _, part in ipairs(content) do
+      if type(part) == "table" and type(part.text) == "string" then
+        texts[#texts + 1] = part.text
+      end
+    end
+  end
+  return table.concat(texts, " ")
+end
+
+local function last_user_text(messages)
+  for i = #messages, 1, -1 do
+    local m = messages[i]
+    if type(m) == "table" and m.role == "user" then
+      return content_text(m.content)
+    end
+  end
+  return ""
+end
+
+local function prompt_words(messages)
+  local n = 0
+  for _, m in ipairs(messages) do
+    if type(m) == "table" then
+      n = n + count_words(content_text(m.content))
+    end
+  end
+  return n
+end
+
+-- Credentials -----------------------------------------------------------------------------------
+
+-- "bearer" for `Bearer <token>`, "empty" for a Bearer without token, "other" otherwise, nil if absent.
+local function credential_kind(value)
+  if value == nil then
+    return nil
+  end
+  local scheme, token = value:match("^%s*(%S+)%s*(.-)%s*$")
+  if not scheme or scheme:lower() ~= "bearer" then
+    return "other"
+  end
+  if token == "" then
+    return "empty"
+  end
+  return "bearer"
+end
+
+local function redact(value)
+  local scheme = value:match("^%s*(%S+)%s+%S")
+  if scheme then
+    return scheme .. " ***"
+  end
+  return "***"
+end
+
+-- Every credential string in the request (whole values and their token parts), to scrub from the log.
+local function secrets_of(headers)
+  local found = {}
+  for name, value in pairs(headers) do
+    if SECRET_HEADERS[name:lower()] then
+      found[#found + 1] = value
+      found[#found + 1] = value:match("^%s*%S+%s+(.-)%s*$")
+    end
+  end
+  return found
+end
+
+local function scrub(line, secrets)
+  for _, secret in ipairs(secrets) do
+    if #secret >= 4 then
+      for _, form in ipairs({ secret, json_string(secret):sub(2, -2) }) do
+        line = line:gsub(form:gsub("%p", "%%%0"), "***")
+      end
+    end
+  end
+  return line
+end
+
+-- Request log -----------------------------------------------------------------------------------
+
+local function log_request(state, ctx)
+  if not state.log then
+    return
+  end
+  local req = ctx.req
+  local headers, auth = {}, {}
+  for name, value in pairs(req.headers) do
+    local lname = name:lower()
+    if SECRET_HEADERS[lname] then
+      headers[lname] = redact(value)
+      auth[lname] = credential_kind(value)
+    else
+      headers[lname] = value
+    end
+  end
+  local entry = {
+    seq = ctx.seq,
+    time = core.time(),
+    method = req.method,
+    path = req.path,
+    query = req.query,
+    headers = headers,
+    auth = auth,
+    body = ctx.body,
+    raw = ctx.raw,
+  }
+  if ctx.body == nil then
+    entry.body = ctx.raw
+  end
+  local ok, text = pcall(encode, entry)
+  if not ok then -- e.g. a number cjson cannot write back (1e999): keep the raw body only
+    entry.body = ctx.raw
+    text = encode(entry)
+  end
+  local line = scrub(text, secrets_of(req.headers))
+  state.log:write(line, "\n")
+  state.log:flush()
+end
+
+-- Responses -------------------------------------------------------------------------------------
+
+local function note(ctx, status)
+  stats.by_status[status] = (stats.by_status[status] or 0) + 1
+  if not ctx.state.quiet then
+    io.stderr:write(string.format("mock: %s %s %s -> %d\n", ctx.req.method, ctx.req.path,
+      ctx.model or "-", status))
+  end
+end
+
+local function merge(base, extra)
+  local out = {}
+  for k, v in pairs(base) do
+    out[k] = v
+  end
+  for k, v in pairs(extra or {}) do
+    out[k] = v
+  end
+  return out
+end
+
+local function respond(ctx, status, headers, body)
+  note(ctx, status)
+  ctx.res:respond(status, merge(ctx.headers, headers), body)
+end
+
+local function json_response(ctx, status, body, headers)
+  respond(ctx, status, merge({ ["content-type"] = "application/json" }, headers), body)
+end
+
+-- The gateway's own error envelope, byte for byte as observed.
+local function envelope(ctx, status, code, message, headers)
+  local body = string.format(
+    '{"success":false,"result":[],"messages":[],"error":[{"code":%d,"message":%s}]}',
+    code, json_string(message))
+  json_response(ctx, status, body, headers)
+end
+
+-- An error as an OpenAI-compatible provider sends it (passed through by the gateway).
+local function provider_error(ctx, status, kind, code, message, headers, param)
+  local body = encode({
+    error = { message = message, type = kind, param = param or cjson.null, code = code or cjson.null },
+  })
+  json_response(ctx, status, body, headers)
+end
+
+-- Waits up to `seconds`, in small steps, returning early once the client has gone away.
+local function wait_while_open(ctx, seconds)
+  local deadline = core.now() + seconds
+  while not ctx.res.closed and core.now() < deadline do
+    core.sleep(math.min(WAIT_STEP, math.max(0, deadline - core.now())))
+  end
+  return not ctx.res.closed
+end
+
+-- Replies ---------------------------------------------------------------------------------------
+
+local function reply_text(ctx)
+  local text = "echo: " .. last_user_text(ctx.body.messages)
+  local format = ctx.body.response_format
+  if type(format) == "table" and JSON_MODES[format.type] then
+    return encode({ echo = last_user_text(ctx.body.messages) })
+  end
+  return text
+end
+
+local function usage_of(ctx, text)
+  local prompt = prompt_words(ctx.body.messages)
+  local completion = count_words(text)
+  return { prompt_tokens = prompt, completion_tokens = completion, total_tokens = prompt + completion }
+end
+
+local function completion_body(ctx, text)
+  return encode({
+    id = ctx.id,
+    object = "chat.completion",
+    created = CREATED,
+    model = ctx.model,
+    choices = {
+      { index = 0, message = { role = "assistant", content = text }, finish_reason = "stop" },
+    },
+    usage = usage_of(ctx, text),
+  })
+end
+
+-- Splits text into pieces of a few words each; concatenated they give back the text exactly.
+local function split_pieces(text)
+  local per = math.max(WORDS_PER_PIECE, math.ceil(count_words(text) / MAX_PIECES))
+  local pieces, current, n = {}, { text:match("^%s*") }, 0
+  for word in text:gmatch("%S+%s*") do
+    current[#current + 1] = word
+    n = n + 1
+    if n == per then
+      pieces[#pieces + 1] = table.concat(current)
+      current, n = {}, 0
+    end
+  end
+  if n > 0 or #pieces == 0 then
+    pieces[#pieces + 1] = table.concat(current)
+  end
+  return pieces
+end
+
+local function chunk_event(ctx, delta, finish_reason)
+  return "data: " .. encode({
+    id = ctx.id,
+    object = "chat.completion.chunk",
+    created = CREATED,
+    model = ctx.model,
+    choices = { { index = 0, delta = delta, finish_reason = finish_reason or cjson.null } },
+  }) .. "\n\n"
+end
+
+-- The SSE events of a streamed reply: role, content pieces, finish, usage (if asked), [DONE].
+local function stream_events(ctx, text)
+  local events = { chunk_event(ctx, { role = "assistant", content = "" }) }
+  for _, piece in ipairs(split_pieces(text)) do
+    events[#events + 1] = chunk_event(ctx, { content = piece })
+  end
+  events[#events + 1] = chunk_event(ctx, {}, "stop")
+  local options = ctx.body.stream_options
+  if type(options) == "table" and options.include_usage == true then
+    events[#events + 1] = "data: " .. encode({
+      id = ctx.id,
+      object = "chat.completion.chunk",
+      created = CREATED,
+      model = ctx.model,
+      choices = EMPTY_ARRAY,
+      usage = usage_of(ctx, text),
+    }) .. "\n\n"
+  end
+  events[#events + 1] = "data: [DONE]\n\n"
+  return events
+end
+
+local function start_stream(ctx, headers)
+  note(ctx, 200)
+  ctx.res:start(200, merge(ctx.headers, merge({
+    ["content-type"] = "text/event-stream",
+    ["cache-control"] = "no-cache",
+  }, headers)))
+end
+
+-- Sends events one by one, yielding between them; `stall_at` = index before which to go silent.
+local function send_events(ctx, events, stall_at, stall_seconds)
+  for i, event in ipairs(events) do
+    if i == stall_at and not wait_while_open(ctx, stall_seconds) then
+      return
+    end
+    if not ctx.res:write(event) then
+      return
+    end
+    core.sleep(0)
+  end
+  ctx.res:finish()
+end
+
+local function cache_key(ctx)
+  return ctx.req.path .. "\0" .. (ctx.req.headers["cf-aig-cache-key"] or ctx.raw)
+end
+
+-- A complete (non-streaming) reply, through the cache.
+local function complete(ctx, text)
+  local h = ctx.req.headers
+  local ttl = tonumber(h["cf-aig-cache-ttl"])
+  local skip = (h["cf-aig-skip-cache"] or ""):lower() == "true"
+  local key = cache_key(ctx)
+  local entry = cache[key]
+  if ttl and not skip and entry and core.now() - entry.time < ttl then
+    stats.cache_hits = stats.cache_hits + 1
+    return json_response(ctx, 200, entry.body, ctx.gateway and { ["cf-aig-cache-status"] = "HIT" })
+  end
+  local body = completion_body(ctx, text)
+  if ttl and not skip then
+    if cache_size >= MAX_CACHE then
+      cache, cache_size = {}, 0
+    end
+    if not cache[key] then
+      cache_size = cache_size + 1
+    end
+    cache[key] = { body = body, time = core.now() }
+  end
+  json_response(ctx, 200, body)
+end
+
+-- The normal answer. opts: text (instead of the echo), stall (seconds of silence), no_done.
+local function answer(ctx, opts)
+  opts = opts or {}
+  local text = opts.text or reply_text(ctx)
+  if not ctx.stream then
+    if opts.stall and not wait_while_open(ctx, opts.stall) then
+      return
+    end
+    return complete(ctx, text)
+  end
+  local events = stream_events(ctx, text)
+  if opts.no_done then
+    events[#events] = nil
+  end
+  start_stream(ctx)
+  send_events(ctx, events, opts.stall and 3, opts.stall)
+end
+
+local function raw_head(ctx, headers)
+  local all = merge(ctx.headers, headers)
+  local names = {}
+  for name in pairs(all) do
+    names[#names + 1] = name
+  end
+  table.sort(names)
+  local lines = { "HTTP/1.1 200 OK" }
+  for _, name in ipairs(names) do
+    lines[#lines + 1] = name .. ": " .. all[name]
+  end
+  lines[#lines + 1] = "connection: close"
+  return table.concat(lines, "\r\n") .. "\r\n\r\n"
+end
+
+-- A 200 whose body stops short: the connection is closed mid-body.
+local function cut(ctx)
+  note(ctx, 200)
+  local text = reply_text(ctx)
+  if not ctx.stream then
+    local body = completion_body(ctx, text)
+    local head = raw_head(ctx, { ["content-type"] = "application/json", ["content-length"] = tostring(#body) })
+    return ctx.res:cut(head .. body:sub(1, #body // 2))
+  end
+  local events = stream_events(ctx, text)
+  local raw = { raw_head(ctx, { ["content-type"] = "text/event-stream", ["transfer-encoding"] = "chunked" }) }
+  for i = 1, 2 do
+    raw[#raw + 1] = string.format("%x\r\n%s\r\n", #events[i], events[i])
+  end
+  ctx.res:cut(table.concat(raw))
+end
+
+local function garbage(ctx)
+  if not ctx.stream then
+    return respond(ctx, 200, { ["content-type"] = "application/json" },
+      "<html>mock: this is not JSON</html>\n")
+  end
+  start_stream(ctx)
+  send_events(ctx, { "data: {not json\n\n", "data: [DONE]\n\n" })
+end
+
+local function empty(ctx)
+  if not ctx.stream then
+    return json_response(ctx, 200, "{}")
+  end
+  start_stream(ctx)
+  send_events(ctx, { "data: [DONE]\n\n" })
+end
+
+local function big_text(kb)
+  local size = math.min(kb, MAX_BIG_KB) * 1024
+  return BIG_TEXT:rep(size // #BIG_TEXT + 1):sub(1, size)
+end
+
+-- Fault models by name (the part after `mock/`); then names with a numeric parameter.
+local FAULTS = {
+  ["fail-500"] = function(ctx)
+    provider_error(ctx, 500, "server_error", "internal_error", "mock: simulated provider failure")
+  end,
+  ["fail-503"] = function(ctx)
+    provider_error(ctx, 503, "server_error", "service_unavailable",
+      "mock: the provider is overloaded, try again later")
+  end,
+  ["rate-limit"] = function(ctx)
+    envelope(ctx, 429, 2003, "Rate limited", { ["retry-after"] = "1" })
+  end,
+  ["rate-limit-ms"] = function(ctx)
+    provider_error(ctx, 429, "requests", "rate_limit_exceeded",
+      "mock: rate limit reached, retry after 200 ms", { ["retry-after-ms"] = "200" })
+  end,
+  ["bad-request"] = function(ctx)
+    provider_error(ctx, 400, "invalid_request_error", "invalid_value",
+      "mock: the provider rejected this request", nil, "messages")
+  end,
+  ["auth-required"] = function(ctx)
+    if credential_kind(ctx.req.headers["cf-aig-authorization"]) ~= "bearer" then
+      return envelope(ctx, 401, 2009, "Unauthorized")
+    end
+    answer(ctx)
+  end,
+  ["unknown-gateway"] = function(ctx)
+    envelope(ctx, 400, 2001, "Invalid gateway")
+  end,
+  ["stall"] = function(ctx)
+    answer(ctx, { stall = STALL_SECONDS })
+  end,
+  ["no-done"] = function(ctx)
+    answer(ctx, { no_done = true })
+  end,
+  ["cut"] = cut,
+  ["garbage"] = garbage,
+  ["empty"] = empty,
+}
+
+local PARAM_FAULTS = {
+  {
+    pattern = "^slow%-(%d+)$",
+    run = function(ctx, ms)
+      if wait_while_open(ctx, ms / 1000) then
+        answer(ctx)
+      end
+    end,
+  },
+  {
+    pattern = "^stall%-(%d+)$",
+    run = function(ctx, ms)
+      answer(ctx, { stall = ms / 1000 })
+    end,
+  },
+  {
+    pattern = "^big%-(%d+)$",
+    run = function(ctx, kb)
+      answer(ctx, { text = big_text(kb) })
+    end,
+  },
+}
+
+local function fault_of(model)
+  local name = model:match("^mock/(.+)$")
+  if not name then
+    return nil
+  end
+  if FAULTS[name] then
+    return FAULTS[name]
+  end
+  for _, fault in ipairs(PARAM_FAULTS) do
+    local n = name:match(fault.pattern)
+    if n then
+      return function(ctx)
+        fault.run(ctx, tonumber(n))
+      end
+    end
+  end
+  return nil
+end
+
+-- Request checks --------------------------------------------------------------------------------
+
+local function match_route(path)
+  for _, route in ipairs(ROUTES) do
+    local account, gateway = path:match(route.pattern)
+    if account then
+      if not route.gateway then
+        return route
+      end
+      local valid = "^[A-Za-z0-9_%-]+$"
+      if account:match(valid) and gateway:match(valid) then
+        return route, account, gateway
+      end
+    end
+  end
+  return nil
+end
+
+local function authorized(ctx)
+  local h = ctx.req.headers
+  local gateway_auth = credential_kind(h["cf-aig-authorization"]) == "bearer"
+  if ctx.account == "authgw" then
+    return gateway_auth
+  end
+  return gateway_auth or credential_kind(h["authorization"]) == "bearer"
+end
+
+-- Checks a model id as the gateway's /compat endpoint does; returns true, or false after responding.
+local function check_gateway_model(ctx)
+  local model = ctx.model
+  if model:match("^@cf/") then
+    envelope(ctx, 400, 2008, "Invalid provider")
+    return false
+  end
+  local provider, name = model:match("^([^/]+)/(.+)$")
+  if not provider then
+    envelope(ctx, 400, 2005, "Failed to get response from provider")
+    return false
+  end
+  if not PROVIDERS[provider] then
+    envelope(ctx, 400, 2008, "Invalid provider")
+    return false
+  end
+  if provider == "workers-ai" and (not name:match("^@[ch]f/") or name:lower():match("gemini")) then
+    provider_error(ctx, 400, "invalid_request_error", "5007", "No such model " .. name, nil, "model")
+    return false
+  end
+  return true
+end
+
+-- Response headers of a gateway reply: ids, the event id echoed, the model and provider used.
+local function gateway_headers(ctx)
+  local headers = {
+    ["cf-aig-log-id"] = string.format("01MOCKLOG%017d", ctx.seq),
+    ["cf-aig-request-id"] = string.format("mock-request-%d", ctx.seq),
+    ["cf-aig-event-id"] = ctx.req.headers["cf-aig-event-id"],
+  }
+  return headers
+end
+
+local function model_headers(ctx)
+  local provider, name = ctx.model:match("^([^/]+)/(.+)$")
+  if provider == "dynamic" then
+    provider, name = DYNAMIC_PROVIDER, DYNAMIC_MODEL
+  end
+  ctx.headers["cf-aig-step"] = "0"
+  ctx.headers["cf-aig-cache-status"] = "MISS"
+  ctx.headers["cf-aig-provider"] = provider
+  ctx.headers["cf-aig-model"] = name
+end
+
+-- The handler ----------------------------------------------------------------------------------
+
+local function serve(state, req, res)
+  sequence = sequence + 1
+  stats.requests = stats.requests + 1
+  local raw = req.body or ""
+  local body = cjson.decode(raw)
+  local ctx = { state = state, req = req, res = res, seq = sequence, raw = raw, headers = {} }
+  ctx.id = "chatcmpl-mock-" .. sequence
+  if type(body) == "table" then
+    ctx.body = body
+    if type(body.model) == "string" then
+      ctx.model = body.model
+      stats.by_model[body.model] = (stats.by_model[body.model] or 0) + 1
+    end
+    ctx.stream = body.stream == true
+  end
+  log_request(state, ctx)
+
+  local route, account = match_route(req.path or "")
+  local route_name = route and route.name or "none"
+  stats.by_route[route_name] = (stats.by_route[route_name] or 0) + 1
+  if not route then
+    return envelope(ctx, 404, 2001, "Not Found: no route for " .. tostring(req.path))
+  end
+  ctx.gateway, ctx.account = route.gateway, account
+  if route.gateway then
+    ctx.headers = gateway_headers(ctx)
+  else
+    ctx.headers = { ["x-request-id"] = string.format("mock-request-%d", ctx.seq) }
+  end
+  if req.method ~= "POST" then
+    return envelope(ctx, 405, 2001, "Method Not Allowed", { allow = "POST" })
+  end
+  if route.gateway and not authorized(ctx) then
+    return envelope(ctx, 401, 2009, "Unauthorized")
+  end
+  if not ctx.body then
+    return envelope(ctx, 400, 2002, "Invalid request: the body is not a JSON object")
+  end
+  if not ctx.model then
+    return provider_error(ctx, 400, "invalid_request_error", cjson.null,
+      "you must provide a model parameter", nil, "model")
+  end
+  if route.gateway then
+    if not check_gateway_model(ctx) then
+      return
+    end
+    model_headers(ctx)
+  end
+  if type(ctx.body.messages) ~= "table" or next(ctx.body.messages) == nil then
+    return provider_error(ctx, 400, "invalid_request_error", cjson.null,
+      "'messages' is a required property and must be a non-empty array", nil, "messages")
+  end
+  local fault = fault_of(ctx.model)
+  if fault then
+    return fault(ctx)
+  end
+  answer(ctx)
+end
+
+local DEFAULT_STATE = { quiet = true }
+
+-- The request handler, as core.listen calls it (no log, quiet).
+function M.handle(req, res)
+  return serve(DEFAULT_STATE, req, res)
+end
+
+-- Starts the mock. opts: host ("127.0.0.1"), port (0: any free port), log (path of the JSONL
+-- request log, appended to), quiet (no per-request line on stderr). Returns a server with `port`,
+-- `host`, `url` and `close()`, or nil, err.
+function M.start(opts)
+  opts = opts or {}
+  if type(opts) ~= "table" then
+    error("bad argument #1 to 'start' (table expected, got " .. type(opts) .. ")", 2)
+  end
+  local host = opts.host or "127.0.0.1"
+  local port = opts.port or 0
+  if type(host) ~= "string" then
+    error("mock.start: 'host' must be a string", 2)
+  end
+  if type(port) ~= "number" or not math.tointeger(port) then
+    error("mock.start: 'port' must be an integer", 2)
+  end
+  if opts.log ~= nil and type(opts.log) ~= "string" then
+    error("mock.start: 'log' must be a path", 2)
+  end
+  local state = { quiet = opts.quiet and true or false }
+  if opts.log then
+    local file, err = io.open(opts.log, "a")
+    if not file then
+      return nil, "log: " .. tostring(err)
+    end
+    state.log = file
+  end
+  local listener, err = core.listen({
+    host = host,
+    port = math.tointeger(port),
+    handler = function(req, res)
+      return serve(state, req, res)
+    end,
+  })
+  if not listener then
+    if state.log then
+      state.log:close()
+    end
+    return nil, err
+  end
+  local server = { host = host, port = listener.port }
+  server.url = string.format(host:find(":", 1, true) and "http://[%s]:%d" or "http://%s:%d",
+    host, listener.port)
+  function server.close(_)
+    listener:close()
+    if state.log then
+      state.log:close()
+      state.log = nil
+    end
+  end
+  return server
+end
+
+local function copy(t)
+  local out = {}
+  for k, v in pairs(t) do
+    out[k] = type(v) == "table" and copy(v) or v
+  end
+  return out
+end
+
+-- Counts since the module was loaded or reset: requests, by_model, by_status, by_route, cache_hits.
+function M.stats()
+  return copy(stats)
+end
+
+return M

@@ -1,0 +1,103 @@
+# lib.sh: helpers shared by the end-to-end tests (sourced, not run).
+#
+# Each tests/e2e/test_*.sh sources this, runs checks against the real binary ($AIGATE) and the
+# project's own mock gateway on a free loopback port, and ends with `finish`, which prints the file's
+# `N passed, N failed` line that tests/run.sh adds up.
+
+AIGATE=${AIGATE_BIN:-./aigate}
+case "$AIGATE" in /*) ;; *) AIGATE="$PWD/${AIGATE#./}" ;; esac
+PASSED=0
+FAILED=0
+TEST_FILE=$(basename "$0" .sh)
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/aigate-e2e.XXXXXX")
+MOCK_PID=""
+MOCK_URL=""
+MOCK_LOG=""
+trap 'stop_mock; rm -rf "$TMP"' EXIT
+
+ok() {
+    PASSED=$((PASSED + 1))
+    echo "ok - $TEST_FILE: $1"
+}
+
+fail() {
+    FAILED=$((FAILED + 1))
+    echo "not ok - $TEST_FILE: $1: $2"
+}
+
+# check NAME COMMAND...: passes when the command exits 0.
+check() {
+    local name=$1
+    shift
+    if "$@"; then ok "$name"; else fail "$name" "command failed: $*"; fi
+}
+
+# expect_eq NAME ACTUAL EXPECTED
+expect_eq() {
+    if [ "$2" = "$3" ]; then ok "$1"; else fail "$1" "expected [$3], got [$2]"; fi
+}
+
+# expect_match NAME TEXT REGEX (extended grep syntax)
+expect_match() {
+    if printf '%s' "$2" | grep -Eq -- "$3"; then ok "$1"; else fail "$1" "[$2] does not match /$3/"; fi
+}
+
+# expect_no_match NAME TEXT REGEX
+expect_no_match() {
+    if printf '%s' "$2" | grep -Eq -- "$3"; then fail "$1" "[$2] matches /$3/"; else ok "$1"; fi
+}
+
+# start_mock [ARGS...]: starts `aigate mock` on a free port; sets MOCK_URL, MOCK_PID, MOCK_LOG
+# (the mock's JSONL request log).
+start_mock() {
+    local i port
+    stop_mock
+    MOCK_LOG="$TMP/mock-requests.jsonl"
+    : > "$MOCK_LOG"
+    "$AIGATE" mock --listen 127.0.0.1:0 --log "$MOCK_LOG" "$@" > "$TMP/mock.out" 2> "$TMP/mock.err" &
+    MOCK_PID=$!
+    for i in $(seq 1 200); do
+        port=$(sed -n 's/^aigate mock listening on http:\/\/127\.0\.0\.1:\([0-9]*\).*/\1/p' "$TMP/mock.out" | head -n 1)
+        if [ -n "$port" ]; then
+            MOCK_URL="http://127.0.0.1:$port"
+            return 0
+        fi
+        kill -0 "$MOCK_PID" 2>/dev/null || break
+        sleep 0.05
+    done
+    echo "start_mock: the mock did not start:" >&2
+    cat "$TMP/mock.err" >&2
+    return 1
+}
+
+stop_mock() {
+    if [ -n "$MOCK_PID" ]; then
+        kill "$MOCK_PID" 2>/dev/null
+        wait "$MOCK_PID" 2>/dev/null
+        MOCK_PID=""
+    fi
+}
+
+# The environment a real user of the gateway has, pointed at the mock.
+gateway_env() {
+    export CLOUDFLARE_ACCOUNT_ID=acct123
+    export CLOUDFLARE_API_TOKEN=tok-SECRET-123
+    export AIGATE_BASE_URL="$MOCK_URL/v1/acct123/gw1/compat"
+    unset CLOUDFLARE_GATEWAY_ID CLOUDFLARE_AI_GATEWAY_ID
+}
+
+# last_request: the last JSON line the mock logged.
+last_request() {
+    tail -n 1 "$MOCK_LOG"
+}
+
+# json FIELD-EXPR < JSON: evaluates a Lua expression on the decoded value `v` with the binary itself.
+json() {
+    "$AIGATE" run "$(dirname "${BASH_SOURCE[0]}")/json_get.lua" "$1"
+}
+
+finish() {
+    echo "$PASSED passed, $FAILED failed"
+    [ "$FAILED" -eq 0 ]
+    exit $?
+}

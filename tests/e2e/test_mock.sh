@@ -1,0 +1,254 @@
+#!/usr/bin/env bash
+# test_mock.sh: end-to-end tests of `aigate mock` alone, driven with curl: every route, missing auth,
+# the gateway's error codes for bad model ids, echo replies and usage, the cf-aig-* response headers
+# and the cache, SSE streaming ([DONE], the usage chunk), each fault model, and the JSONL request log
+# (valid, and the token never in it). Run from the repository root; helpers come from lib.sh and
+# JSON is read with the binary itself (lib.sh's `json`), so no jq is needed.
+
+. "$(dirname "$0")/lib.sh"
+
+TOKEN="tok-SECRET-4711-do-not-log"
+SENT=0 # requests sent, to compare with the log
+GW="/v1/acct_1/gw-test/compat/chat/completions"
+HELLO='{"model":"workers-ai/@cf/meta/llama-3.1-8b-instruct","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hello there world"}]}'
+
+# post PATH BODY [curl args...]: POSTs BODY; sets STATUS and CURL_RC; body in $TMP/body, headers in $TMP/headers.
+post() {
+    local path=$1 body=$2
+    shift 2
+    : > "$TMP/body"
+    : > "$TMP/headers"
+    SENT=$((SENT + 1))
+    STATUS=$(curl -sS -o "$TMP/body" -D "$TMP/headers" -w '%{http_code}' -X POST \
+        -H 'content-type: application/json' --data-binary "$body" "$MOCK_URL$path" "$@" 2> "$TMP/curl.err")
+    CURL_RC=$?
+}
+# gw BODY [curl args...]: POSTs to the gateway path with the token as Authorization.
+gw() {
+    local body=$1
+    shift
+    post "$GW" "$body" -H "Authorization: Bearer $TOKEN" "$@"
+}
+# chat MODEL [extra JSON fields]: a one-message body for MODEL.
+chat() {
+    printf '{"model":"%s","messages":[{"role":"user","content":"say something nice"}]%s}' "$1" "${2:-}"
+}
+# jb EXPR: a Lua expression on the decoded response body `v`.
+jb() { json "$1" < "$TMP/body" 2>/dev/null; }
+# header NAME: the value of a response header.
+header() { tr -d '\r' < "$TMP/headers" | awk -v n="$1" 'tolower($0) ~ "^" n ":" { sub(/^[^:]*: */, ""); print }'; }
+# The code of a gateway error envelope, or "bad envelope".
+ENVELOPE='v.success == false and next(v.result) == nil and next(v.messages) == nil and ("%d"):format(v.error[1].code) or "bad envelope"'
+code() { jb "$ENVELOPE"; }
+# SSE helpers: the data lines; the chunks as one JSON array (without [DONE]); their joined text.
+sse_data() { tr -d '\r' < "$TMP/body" | sed -n 's/^data: //p'; }
+sse_json() {
+    local lines
+    lines=$(sse_data | grep -v '^\[DONE\]$' | paste -sd, -)
+    printf '[%s]' "$lines"
+}
+SSE_TEXT='(function() local t = {} for _, c in ipairs(v) do local ch = c.choices and c.choices[1] if ch and type(ch.delta.content) == "string" then t[#t + 1] = ch.delta.content end end return table.concat(t) end)()'
+sse() { sse_json | json "$1" 2>/dev/null; }
+count_done() { sse_data | grep -c '^\[DONE\]$'; }
+
+if ! start_mock; then
+    fail "mock starts" "no 'listening on' line from $AIGATE mock"
+    finish
+fi
+ok "mock starts at $MOCK_URL"
+
+# --- routes ---------------------------------------------------------------------------------------
+gw "$HELLO"
+expect_eq "gateway route answers 200" "$STATUS" 200
+expect_eq "gateway route echoes the last user message" "$(jb 'v.choices[1].message.content')" "echo: hello there world"
+post /v1/chat/completions "$HELLO"
+expect_eq "/v1/chat/completions answers 200 without auth" "$STATUS" 200
+post /chat/completions "$HELLO"
+expect_eq "/chat/completions answers 200" "$STATUS" 200
+expect_eq "plain routes echo too" "$(jb 'v.choices[1].message.content')" "echo: hello there world"
+expect_eq "plain routes send no cf-aig headers" "$(header cf-aig-step)" ""
+post /v2/nothing/here "$HELLO"
+expect_eq "unknown path is 404 with the gateway envelope" "$STATUS/$(code)" 404/2001
+post "/v1/acct.1/gw/compat/chat/completions" "$HELLO" -H "Authorization: Bearer $TOKEN"
+expect_eq "account id with a dot is 404" "$STATUS" 404
+STATUS=$(curl -sS -o /dev/null -w '%{http_code}' "$MOCK_URL$GW")
+SENT=$((SENT + 1))
+expect_eq "GET on the gateway route is 405" "$STATUS" 405
+
+# --- auth -----------------------------------------------------------------------------------------
+post "$GW" "$HELLO"
+expect_eq "no credentials is 401" "$STATUS" 401
+expect_eq "401 body is the exact envelope" "$(cat "$TMP/body")" \
+    '{"success":false,"result":[],"messages":[],"error":[{"code":2009,"message":"Unauthorized"}]}'
+post "$GW" "$HELLO" -H "Authorization: Bearer "
+expect_eq "empty bearer token is 401" "$STATUS" 401
+post "$GW" "$HELLO" -H "cf-aig-authorization: Bearer $TOKEN"
+expect_eq "cf-aig-authorization alone is enough" "$STATUS" 200
+post /v1/authgw/gw/compat/chat/completions "$HELLO" -H "Authorization: Bearer $TOKEN"
+expect_eq "authenticated gateway (authgw) refuses plain Authorization" "$STATUS/$(code)" 401/2009
+post /v1/authgw/gw/compat/chat/completions "$HELLO" -H "cf-aig-authorization: Bearer $TOKEN"
+expect_eq "authenticated gateway accepts cf-aig-authorization" "$STATUS" 200
+gw "$(chat mock/auth-required)"
+expect_eq "mock/auth-required without cf-aig-authorization is 401" "$STATUS/$(code)" 401/2009
+gw "$(chat mock/auth-required)" -H "cf-aig-authorization: Bearer $TOKEN"
+expect_eq "mock/auth-required with cf-aig-authorization is 200" "$STATUS" 200
+
+# --- bad model ids and bodies (data-driven) --------------------------------------------------------
+while read -r model want; do
+    gw "$(chat "$model")"
+    expect_eq "model '$model' gives 400 code $want" "$STATUS/$(code)" "400/$want"
+done << 'EOF'
+@cf/meta/llama-3.1-8b-instruct 2008
+llama-3.1-8b-instruct 2005
+no-such-vendor/some-model 2008
+EOF
+gw "$(chat workers-ai/@cf/google/gemini-2.5-flash)"
+expect_eq "an invented @cf gemini id is a 400 from the provider" "$STATUS/$(jb v.error.type)" 400/invalid_request_error
+gw '{"model": "openai/gpt-4o", "messages": ['
+expect_eq "invalid JSON is 400 with an envelope" "$STATUS/$(code)" 400/2002
+gw '{"model":"openai/gpt-4o"}'
+expect_eq "missing messages is an OpenAI-style 400" "$STATUS/$(jb v.error.param)" 400/messages
+gw '{"messages":[{"role":"user","content":"hi"}]}'
+expect_eq "missing model is an OpenAI-style 400" "$STATUS/$(jb v.error.param)" 400/model
+
+# --- echo, usage, headers -------------------------------------------------------------------------
+gw "$HELLO" -H "cf-aig-event-id: trace-42"
+expect_eq "object is chat.completion" "$(jb v.object)" chat.completion
+expect_match "id is chatcmpl-mock-N" "$(jb v.id)" '^chatcmpl-mock-[0-9]+$'
+expect_eq "model is echoed" "$(jb v.model)" workers-ai/@cf/meta/llama-3.1-8b-instruct
+expect_eq "created is a number" "$(jb 'math.type(v.created) ~= nil')" true
+expect_eq "message role and finish_reason" "$(jb 'v.choices[1].message.role .. "/" .. v.choices[1].finish_reason')" assistant/stop
+expect_eq "usage counts words" "$(jb '("%d %d %d"):format(v.usage.prompt_tokens, v.usage.completion_tokens, v.usage.total_tokens)')" "5 4 9"
+expect_eq "cf-aig-cache-status MISS" "$(header cf-aig-cache-status)" MISS
+expect_eq "cf-aig-step 0" "$(header cf-aig-step)" 0
+expect_eq "cf-aig-provider from the model id" "$(header cf-aig-provider)" workers-ai
+expect_eq "cf-aig-model from the model id" "$(header cf-aig-model)" @cf/meta/llama-3.1-8b-instruct
+expect_eq "cf-aig-event-id echoed" "$(header cf-aig-event-id)" trace-42
+expect_match "cf-aig-log-id present" "$(header cf-aig-log-id)" '^[0-9A-Z]{26}$'
+expect_match "cf-aig-request-id present" "$(header cf-aig-request-id)" .
+gw "$(chat dynamic/support)"
+expect_eq "a dynamic route answers with the model it chose" "$(header cf-aig-provider)/$(header cf-aig-model)" \
+    workers-ai/@cf/meta/llama-3.3-70b-instruct-fp8-fast
+gw '{"model":"openai/gpt-4o","messages":[{"role":"user","content":[{"type":"text","text":"part one"},{"type":"text","text":"part two"}]}]}'
+expect_eq "content given as text parts is echoed" "$(jb 'v.choices[1].message.content')" "echo: part one part two"
+gw "$(chat openai/gpt-4o ',"response_format":{"type":"json_object"}')"
+expect_eq "JSON mode replies with a JSON object" "$(jb 'require("cjson").decode(v.choices[1].message.content).echo')" "say something nice"
+
+# --- cache ----------------------------------------------------------------------------------------
+CACHED=$(chat openai/gpt-4o ',"seed":1234')
+gw "$CACHED" -H "cf-aig-cache-ttl: 60"
+FIRST_ID=$(jb v.id)
+expect_eq "first cached request is a MISS" "$(header cf-aig-cache-status)" MISS
+gw "$CACHED" -H "cf-aig-cache-ttl: 60"
+expect_eq "same body with a ttl is a HIT" "$(header cf-aig-cache-status)" HIT
+expect_eq "a HIT returns the stored reply" "$(jb v.id)" "$FIRST_ID"
+gw "$CACHED" -H "cf-aig-cache-ttl: 60" -H "cf-aig-skip-cache: true"
+expect_eq "cf-aig-skip-cache: true is a MISS" "$(header cf-aig-cache-status)" MISS
+gw "$CACHED"
+expect_eq "no ttl is a MISS" "$(header cf-aig-cache-status)" MISS
+
+# --- streaming ------------------------------------------------------------------------------------
+STREAM='{"model":"openai/gpt-4o","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"one two three four five six"}]}'
+gw "$STREAM" -N
+expect_eq "stream answers 200 text/event-stream" "$STATUS/$(header content-type)" 200/text/event-stream
+expect_eq "stream is chunked" "$(header transfer-encoding)" chunked
+expect_eq "stream ends with data: [DONE]" "$(sse_data | tail -n 1)" "[DONE]"
+expect_eq "events are separated by blank lines" "$(tr -d '\r' < "$TMP/body" | awk 'NR % 2 == 0 && $0 != "" { bad = 1 } END { print bad ? "no" : "yes" }')" yes
+expect_eq "first chunk carries the role" "$(sse 'v[1].choices[1].delta.role')" assistant
+expect_eq "every chunk is a chat.completion.chunk" "$(sse '(function() for _, c in ipairs(v) do if c.object ~= "chat.completion.chunk" then return false end end return #v > 0 end)()')" true
+expect_eq "content comes in several pieces" "$(sse '#v >= 6')" true
+expect_eq "pieces join into the echo" "$(sse "$SSE_TEXT")" "echo: one two three four five six"
+expect_eq "the last choice chunk has finish_reason stop" "$(sse 'v[#v - 1].choices[1].finish_reason')" stop
+expect_eq "usage chunk last, with empty choices" "$(sse '("%s %d"):format(next(v[#v].choices) == nil, v[#v].usage.total_tokens)')" "true 13"
+expect_eq "stream has cf-aig headers" "$(header cf-aig-provider)" openai
+gw '{"model":"openai/gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}' -N
+expect_eq "no usage chunk unless asked" "$(sse_data | grep -c usage)" 0
+expect_eq "[DONE] without the usage chunk too" "$(count_done)" 1
+
+# --- faults ---------------------------------------------------------------------------------------
+gw "$(chat mock/fail-500)"
+expect_eq "mock/fail-500 is a 500 provider error" "$STATUS/$(jb v.error.type)" 500/server_error
+gw "$(chat mock/fail-503)"
+expect_eq "mock/fail-503 is a 503" "$STATUS/$(jb v.error.code)" 503/service_unavailable
+gw "$(chat mock/rate-limit)"
+expect_eq "mock/rate-limit is 429 with Retry-After: 1" "$STATUS/$(header retry-after)/$(code)" 429/1/2003
+gw "$(chat mock/rate-limit-ms)"
+expect_eq "mock/rate-limit-ms is 429 with retry-after-ms" "$STATUS/$(header retry-after-ms)" 429/200
+gw "$(chat mock/bad-request)"
+expect_eq "mock/bad-request is an OpenAI-style 400" "$STATUS/$(jb v.error.type)" 400/invalid_request_error
+gw "$(chat mock/unknown-gateway)"
+expect_eq "mock/unknown-gateway is code 2001" "$STATUS/$(code)" 400/2001
+gw "$(chat mock/fail-500 ',"stream":true')"
+expect_eq "a fault answers a streaming request before any event" "$STATUS/$(header content-type)" 500/application/json
+post /v1/chat/completions "$(chat mock/fail-500)"
+expect_eq "fault models work on the plain route too" "$STATUS" 500
+
+START=$(date +%s%N)
+gw "$(chat mock/slow-300)"
+ELAPSED_MS=$((($(date +%s%N) - START) / 1000000))
+expect_eq "mock/slow-300 replies normally" "$STATUS/$(jb 'v.choices[1].message.content')" "200/echo: say something nice"
+check "mock/slow-300 takes at least 300 ms (took $ELAPSED_MS)" test "$ELAPSED_MS" -ge 300
+
+gw "$(chat mock/stall)" --max-time 1
+expect_eq "mock/stall sends nothing (curl times out)" "$CURL_RC/$(wc -c < "$TMP/body")" 28/0
+gw "$(chat mock/stall ',"stream":true')" -N --max-time 1
+expect_eq "mock/stall streaming: curl times out" "$CURL_RC" 28
+expect_eq "mock/stall streaming: the role chunk came first" "$(sse 'v[1].choices[1].delta.role')" assistant
+expect_match "mock/stall streaming: some text came before the silence" "$(sse "$SSE_TEXT")" '^echo: '
+expect_eq "mock/stall streaming: never finished" "$(count_done)" 0
+gw "$(chat mock/stall-200)"
+expect_eq "mock/stall-200 replies after 200 ms" "$STATUS" 200
+
+gw "$(chat mock/cut)"
+expect_eq "mock/cut: curl sees a partial body (exit 18)" "$CURL_RC" 18
+expect_eq "mock/cut: the status line said 200" "$(head -n 1 "$TMP/headers" | tr -d '\r' | cut -d' ' -f2)" 200
+check "mock/cut: less body than Content-Length" test "$(wc -c < "$TMP/body")" -lt "$(header content-length)"
+gw "$(chat mock/cut ',"stream":true')" -N
+check "mock/cut streaming: curl sees the connection drop (rc $CURL_RC)" test "$CURL_RC" -ne 0
+expect_eq "mock/cut streaming: the first events arrived" "$(sse 'v[1].choices[1].delta.role')" assistant
+expect_eq "mock/cut streaming: no [DONE]" "$(count_done)" 0
+
+gw "$(chat mock/garbage)"
+expect_eq "mock/garbage is a 200" "$STATUS" 200
+check "mock/garbage body is not JSON" test -z "$(jb 'true')"
+gw "$(chat mock/empty)"
+expect_eq "mock/empty is a 200 with {}" "$STATUS/$(cat "$TMP/body")" "200/{}"
+gw "$(chat mock/no-done ',"stream":true')" -N
+expect_eq "mock/no-done streams the reply" "$(sse "$SSE_TEXT")" "echo: say something nice"
+expect_eq "mock/no-done has no [DONE]" "$(count_done)" 0
+gw "$(chat mock/big-64)"
+expect_eq "mock/big-64 replies 64 KiB of text" "$(jb '#v.choices[1].message.content')" 65536
+gw "$(chat mock/big-64 ',"stream":true')" -N
+expect_eq "mock/big-64 streams 64 KiB of text" "$(sse "#$SSE_TEXT")" 65536
+
+gw "$HELLO"
+expect_eq "the mock still answers after every fault" "$STATUS" 200
+
+# --- request log ----------------------------------------------------------------------------------
+gw "$HELLO" -H "cf-aig-authorization: Bearer $TOKEN" -H 'cf-aig-metadata: {"user":"u1"}'
+check "the log is not empty" test -s "$MOCK_LOG"
+BAD_LINES=0
+while IFS= read -r line; do
+    [ "$(printf '%s' "$line" | json 'type(v)' 2>/dev/null)" = table ] || BAD_LINES=$((BAD_LINES + 1))
+done < "$MOCK_LOG"
+expect_eq "every log line is a JSON object" "$BAD_LINES" 0
+LAST=$(last_request)
+lastj() { printf '%s' "$LAST" | json "$1" 2>/dev/null; }
+expect_eq "log has method and path" "$(lastj 'v.method .. " " .. v.path')" "POST $GW"
+expect_eq "log has the decoded body" "$(lastj 'v.body.messages[2].content')" "hello there world"
+expect_eq "log has the raw body as sent" "$(lastj v.raw)" "$HELLO"
+expect_eq "log keeps other headers as sent" "$(lastj 'v.headers["cf-aig-metadata"]')" '{"user":"u1"}'
+expect_eq "log redacts authorization" "$(lastj v.headers.authorization)" "Bearer ***"
+expect_eq "log redacts cf-aig-authorization" "$(lastj 'v.headers["cf-aig-authorization"]')" "Bearer ***"
+expect_eq "log says which credentials came" "$(lastj 'v.auth.authorization .. "," .. v.auth["cf-aig-authorization"]')" "bearer,bearer"
+expect_eq "log has a time" "$(lastj 'type(v.time)')" number
+expect_eq "the token never reaches the log" "$(grep -c -F "$TOKEN" "$MOCK_LOG")" 0
+expect_eq "the token's secret part never reaches the log" "$(grep -c -F SECRET-4711 "$MOCK_LOG")" 0
+N_LOGGED=$(wc -l < "$MOCK_LOG")
+N_UNAUTH=$(paste -sd, - < "$MOCK_LOG" | sed 's/^/[/; s/$/]/' |
+    json '(function() local n = 0 for _, r in ipairs(v) do if r.path:find("/compat/", 1, true) and next(r.auth) == nil then n = n + 1 end end return n end)()')
+check "requests without credentials are logged without auth ($N_UNAUTH)" test "${N_UNAUTH:-0}" -ge 1
+expect_eq "one log line per request" "$N_LOGGED" "$SENT"
+
+stop_mock
+finish

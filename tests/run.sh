@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# run.sh: runs every test layer and adds up their results.
+#
+# 1. C unit tests (tests/unit/test_*, built by `make units`);
+# 2. Lua tests of the library (tests/lua/run.lua, run by the aigate binary itself);
+# 3. end-to-end tests of the real binary against `aigate mock` on loopback (tests/e2e/test_*.sh).
+# Each part prints `N passed, N failed` last; a part that dies without that line counts as one failure.
+# Ends with one line `N passed, N failed`; exits non-zero when anything failed.
+# AIGATE_BIN picks the binary (./aigate, or ./aigate-asan for `make asan`).
+
+cd "$(dirname "$0")/.." || exit 2
+export AIGATE_BIN=${AIGATE_BIN:-./aigate}
+export LC_ALL=C
+total_pass=0
+total_fail=0
+
+run_part() {
+    local label=$1
+    shift
+    local out line p f
+    out=$("$@" 2>&1)
+    local rc=$?
+    printf '%s\n' "$out" | grep -v '^ok - ' | grep -v '^[0-9]* passed, [0-9]* failed$'
+    line=$(printf '%s\n' "$out" | grep -E '^[0-9]+ passed, [0-9]+ failed$' | tail -n 1)
+    if [ -z "$line" ]; then
+        echo "not ok - $label: ended without a summary line (exit $rc)"
+        total_fail=$((total_fail + 1))
+        return
+    fi
+    p=${line%% passed*}
+    f=${line#*passed, }
+    f=${f%% failed*}
+    total_pass=$((total_pass + p))
+    total_fail=$((total_fail + f))
+    if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then
+        echo "not ok - $label: exited $rc"
+        total_fail=$((total_fail + 1))
+    fi
+    echo "# $label: $line"
+}
+
+for t in tests/unit/test_*; do
+    case "$t" in *.c) continue ;; esac
+    [ -x "$t" ] && run_part "unit/$(basename "$t")" "$t"
+done
+
+if [ -f tests/lua/run.lua ]; then
+    run_part "lua" "$AIGATE_BIN" run tests/lua/run.lua
+fi
+
+for t in tests/e2e/test_*.sh; do
+    [ -f "$t" ] && run_part "e2e/$(basename "$t" .sh)" bash "$t"
+done
+
+echo "$total_pass passed, $total_fail failed"
+[ "$total_fail" -eq 0 ]
