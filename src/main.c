@@ -147,6 +147,8 @@ int main(int argc, char **argv)
         return 1;
     }
     g_L = L;
+    /* New threads copy the main thread's extra space: NULL there means "not a task". */
+    *(void **)lua_getextraspace(L) = NULL;
     luaL_openlibs(L);
     preload(L, "cjson", luaopen_cjson);
     preload(L, "cjson.safe", luaopen_cjson_safe);

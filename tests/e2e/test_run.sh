@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# test_run.sh: end-to-end tests of `aigate run` (user scripts with the aigate API), the example
+# scripts, 500 requests in flight from one script, and `aigate mock` start/stop.
+. "$(dirname "$0")/lib.sh"
+
+start_mock || { fail "mock starts" "see above"; finish; }
+gateway_env
+
+run() {
+    "$AIGATE" run "$@" > "$TMP/out" 2> "$TMP/err" < /dev/null
+    RC=$?
+    OUT=$(cat "$TMP/out")
+    ERR=$(cat "$TMP/err")
+}
+
+cat > "$TMP/args.lua" <<'EOF2'
+local aigate = require "aigate"
+print(arg[0]:match("args.lua$") and "script name ok", #arg, arg[1], arg[2])
+local r = assert(aigate.chat{model = "openai/gpt-4o", prompt = arg[1]})
+print(r.text, r.status, r.usage.total_tokens > 0, type(r.latency), r.headers["cf-aig-step"])
+return tonumber(arg[2])
+EOF2
+run "$TMP/args.lua" "from a script" 7
+expect_eq "script gets arg and its return value is the exit status" "$RC" 7
+expect_eq "script output" "$OUT" "script name ok	2	from a script	7
+echo: from a script	200	true	number	0"
+
+cat > "$TMP/boom.lua" <<'EOF2'
+local function inner()
+  error("something broke")
+end
+inner()
+EOF2
+run "$TMP/boom.lua"
+expect_eq "script error: exit 1" "$RC" 1
+expect_match "script error: file and line" "$ERR" "boom.lua:2: something broke"
+expect_match "script error: traceback" "$ERR" "stack traceback"
+
+printf 'local x = = 1\n' > "$TMP/syntax.lua"
+run "$TMP/syntax.lua"
+expect_eq "script syntax error: exit 2" "$RC" 2
+expect_match "script syntax error: file and line" "$ERR" "syntax.lua:1:"
+
+run "$TMP/missing.lua"
+expect_eq "missing script: exit 2" "$RC" 2
+expect_match "missing script named" "$ERR" "missing.lua"
+
+cat > "$TMP/tasks.lua" <<'EOF2'
+local aigate = require "aigate"
+local t0 = aigate.now()
+local a = aigate.spawn(function(x) aigate.sleep(0.1) return x * 2 end, 21)
+local b = aigate.spawn(function() aigate.sleep(0.1) error("task failed here") end)
+local ok1, v = aigate.wait(a)
+local ok2, err = aigate.wait(b)
+local elapsed = aigate.now() - t0
+print(ok1, v, ok2, err:match("tasks.lua:%d+: task failed here") ~= nil, elapsed < 0.19)
+EOF2
+run "$TMP/tasks.lua"
+expect_eq "spawn/wait run tasks concurrently, errors come back like pcall" "$OUT" "true	42	false	true	true"
+
+cat > "$TMP/coro.lua" <<'EOF2'
+local aigate = require "aigate"
+local co = coroutine.wrap(function() aigate.sleep(0.01) end)
+local ok, err = pcall(co)
+print(ok, err)
+EOF2
+run "$TMP/coro.lua"
+expect_match "waiting inside a plain coroutine is a clear error" "$OUT" "false.*outside an aigate task"
+
+for s in hello parallel fallback stream template; do
+    run "scripts/$s.lua"
+    expect_eq "example script $s.lua runs green" "$RC" 0
+done
+
+run scripts/in_flight.lua 500 mock/slow-300
+expect_eq "500 requests in flight: exit 0" "$RC" 0
+expect_match "500 requests in flight at once, all ok" "$OUT" "^500 requests, 500 ok, peak 500 in flight"
+in_log=$(grep -c '"mock/slow-300"' "$MOCK_LOG")
+expect_eq "the mock received all 500" "$in_log" 500
+
+# The mock stops cleanly on SIGTERM and SIGINT.
+"$AIGATE" mock --listen 127.0.0.1:0 --quiet > "$TMP/m2.out" 2>&1 &
+pid=$!
+sleep 0.3
+kill -TERM $pid
+wait $pid
+expect_eq "mock stops on SIGTERM with exit 0" "$?" 0
+"$AIGATE" mock --listen 127.0.0.1:notaport > /dev/null 2> "$TMP/err"
+expect_eq "mock with a bad --listen: exit 2" "$?" 2
+port=${MOCK_URL##*:}
+"$AIGATE" mock --listen "127.0.0.1:$port" > /dev/null 2> "$TMP/err"
+expect_eq "mock on a port in use: exit 2" "$?" 2
+expect_match "mock on a port in use: says so" "$(cat "$TMP/err")" "in use"
+
+finish

@@ -1,0 +1,304 @@
+-- test_core.lua: tests of the C primitives (aigate.core) through Lua, on real loopback HTTP:
+-- request options and every kind of failure, the server's whole/streamed/cut responses, the SSE
+-- parser binding, tasks, sleep, wait and the small system helpers.
+local core = require "aigate.core"
+
+local T = {}
+
+-- A server for one case: routes is a table path -> function(req, res).
+local function serve(routes)
+  local srv = assert(core.listen{host = "127.0.0.1", port = 0, handler = function(req, res)
+    local fn = routes[req.path]
+    if fn then return fn(req, res) end
+    res:respond(404, {["Content-Type"] = "text/plain"}, "no route " .. req.path)
+  end})
+  return srv, "http://127.0.0.1:" .. srv.port
+end
+
+local function eq(a, b, what)
+  if a ~= b then error(string.format("%s: expected %q, got %q", what or "value", tostring(b), tostring(a)), 2) end
+end
+
+local function raises(fn, pattern)
+  local ok, err = pcall(fn)
+  assert(not ok, "expected an error")
+  assert(tostring(err):find(pattern), "error '" .. tostring(err) .. "' does not match '" .. pattern .. "'")
+end
+
+T["request: method, headers and body reach the server; reply fields come back"] = function()
+  local seen
+  local srv, base = serve{["/echo"] = function(req, res)
+    seen = req
+    res:respond(201, {["X-Reply"] = "yes", ["Set-Thing"] = "a"}, "got " .. req.body)
+  end}
+  local res = assert(core.request{url = base .. "/echo?q=1", method = "PUT", body = "payload",
+    headers = {["X-Custom"] = "v1", ["Content-Type"] = "text/plain"}})
+  srv:close()
+  eq(res.status, 201, "status")
+  eq(res.body, "got payload", "body")
+  eq(res.headers["x-reply"], "yes", "lowercased response header")
+  eq(seen.method, "PUT", "method")
+  eq(seen.path, "/echo", "path")
+  eq(seen.query, "q=1", "query")
+  eq(seen.headers["x-custom"], "v1", "request header")
+  eq(seen.headers["expect"], nil, "no Expect: 100-continue")
+  assert(seen.peer:match("^127%.0%.0%.1:%d+$"), "peer")
+end
+
+T["request: a non-2xx status is a result, not an error"] = function()
+  local srv, base = serve{}
+  local res, err = core.request{url = base .. "/nothing"}
+  srv:close()
+  assert(res, err)
+  eq(res.status, 404)
+  eq(res.body, "no route /nothing")
+end
+
+T["request: large request and response bodies"] = function()
+  local big = string.rep("0123456789", 200000) -- 2 MB
+  local srv, base = serve{["/big"] = function(req, res) res:respond(200, nil, req.body .. req.body) end}
+  local res = assert(core.request{url = base .. "/big", body = big})
+  srv:close()
+  eq(#res.body, 2 * #big, "size")
+end
+
+T["request: max_size turns an oversize body into too_large"] = function()
+  local srv, base = serve{["/big"] = function(_, res) res:respond(200, nil, string.rep("x", 100000)) end}
+  local res, err = core.request{url = base .. "/big", max_size = 1000}
+  srv:close()
+  eq(res, nil)
+  assert(err:match("^too_large: "), err)
+end
+
+T["request: connection refused is a connect error"] = function()
+  local srv = assert(core.listen{port = 0, handler = function() end})
+  local port = srv.port
+  srv:close()
+  local res, err = core.request{url = "http://127.0.0.1:" .. port .. "/"}
+  eq(res, nil)
+  assert(err:match("^connect: "), err)
+end
+
+T["request: a connection cut mid-body is a closed error"] = function()
+  local srv, base = serve{["/cut"] = function(_, res)
+    res:cut("HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nonly part")
+  end}
+  local res, err = core.request{url = base .. "/cut"}
+  srv:close()
+  eq(res, nil)
+  assert(err:match("^closed: "), err)
+end
+
+T["request: first_byte_timeout fires before any byte"] = function()
+  local srv, base = serve{["/slow"] = function(_, res) core.sleep(0.5) res:respond(200, nil, "late") end}
+  local t0 = core.now()
+  local res, err = core.request{url = base .. "/slow", first_byte_timeout = 0.05}
+  local took = core.now() - t0
+  srv:close()
+  eq(res, nil)
+  assert(err:match("^timeout: .*first byte"), err)
+  assert(took < 0.4, "took " .. took)
+end
+
+T["request: stall_timeout fires when a stream goes silent"] = function()
+  local srv, base = serve{["/stall"] = function(_, res)
+    res:start(200, {["Content-Type"] = "text/event-stream"})
+    res:write("data: one\n\n")
+    for _ = 1, 50 do
+      if res.closed then return end
+      core.sleep(0.02)
+    end
+  end}
+  local chunks = {}
+  local res, err = core.request{url = base .. "/stall", stall_timeout = 0.1,
+    on_chunk = function(c) chunks[#chunks + 1] = c end}
+  srv:close()
+  eq(res, nil)
+  assert(err:match("^timeout: .*stall"), err)
+  eq(table.concat(chunks), "data: one\n\n", "data before the stall")
+end
+
+T["request: total timeout"] = function()
+  local srv, base = serve{["/slow"] = function(_, res) core.sleep(0.5) res:respond(200, nil, "late") end}
+  local res, err = core.request{url = base .. "/slow", timeout = 0.05}
+  srv:close()
+  eq(res, nil)
+  assert(err:match("^timeout: "), err)
+end
+
+T["request: on_chunk streams 2xx bodies and res.body stays empty"] = function()
+  local srv, base = serve{["/s"] = function(_, res)
+    res:start(200, {["Content-Type"] = "text/event-stream"})
+    for i = 1, 5 do res:write("data: " .. i .. "\n\n") core.sleep(0.005) end
+    res:finish()
+  end}
+  local p = core.sse_parser()
+  local got = {}
+  local res = assert(core.request{url = base .. "/s", on_chunk = function(c)
+    for _, ev in ipairs(p:feed(c)) do got[#got + 1] = ev.data end
+  end})
+  srv:close()
+  eq(res.status, 200)
+  eq(res.body, "")
+  eq(table.concat(got, ","), "1,2,3,4,5")
+end
+
+T["request: on_chunk is not used for error statuses"] = function()
+  local srv, base = serve{["/e"] = function(_, res) res:respond(500, nil, "{\"error\":1}") end}
+  local called = false
+  local res = assert(core.request{url = base .. "/e", on_chunk = function() called = true end})
+  srv:close()
+  eq(res.status, 500)
+  eq(res.body, "{\"error\":1}")
+  eq(called, false, "callback called")
+end
+
+T["request: on_chunk errors and false abort the transfer"] = function()
+  local srv, base = serve{["/s"] = function(_, res) res:respond(200, nil, "data") end}
+  local res, err = core.request{url = base .. "/s", on_chunk = function() error("bad chunk") end}
+  eq(res, nil)
+  assert(err:match("^aborted: .*bad chunk"), err)
+  res, err = core.request{url = base .. "/s", on_chunk = function() return false end}
+  srv:close()
+  eq(res, nil)
+  eq(err, "aborted: by callback")
+end
+
+T["request: caller mistakes raise with the option's name"] = function()
+  raises(function() core.request{} end, "'url'")
+  raises(function() core.request{url = "http://x/", timeout = "soon"} end, "'timeout'")
+  raises(function() core.request{url = "http://x/", headers = {["A"] = {}}} end, "headers")
+  raises(function() core.request{url = "http://x/", on_chunk = 3} end, "'on_chunk'")
+  raises(function() core.request{url = "http://x/", max_size = -1} end, "'max_size'")
+end
+
+T["server: a handler error answers 500 and the server goes on"] = function()
+  local srv, base = serve{["/boom"] = function() error("handler exploded") end,
+    ["/ok"] = function(_, res) res:respond(200, nil, "fine") end}
+  local res = assert(core.request{url = base .. "/boom"})
+  eq(res.status, 500)
+  res = assert(core.request{url = base .. "/ok"})
+  srv:close()
+  eq(res.body, "fine")
+end
+
+T["server: a handler that sends nothing answers 500"] = function()
+  local srv, base = serve{["/quiet"] = function() end}
+  local res = assert(core.request{url = base .. "/quiet"})
+  srv:close()
+  eq(res.status, 500)
+end
+
+T["server: res:write reports a client that went away"] = function()
+  local result
+  local done = false
+  local srv, base = serve{["/s"] = function(_, res)
+    res:start(200, {})
+    res:write("data: x\n\n")
+    for _ = 1, 100 do
+      core.sleep(0.01)
+      local ok, err = res:write(": ping\n\n")
+      if not ok then result = err break end
+    end
+    done = true
+  end}
+  core.request{url = base .. "/s", stall_timeout = 0.03, on_chunk = function(c)
+    if c:find("ping") then return false end
+  end}
+  for _ = 1, 100 do
+    if done then break end
+    core.sleep(0.01)
+  end
+  srv:close()
+  eq(result, "closed")
+end
+
+T["server: listen on a port in use returns nil, err"] = function()
+  local a = assert(core.listen{port = 0, handler = function() end})
+  local b, err = core.listen{port = a.port, handler = function() end}
+  a:close()
+  eq(b, nil)
+  assert(err:match("in use"), err)
+end
+
+T["server: bad options raise"] = function()
+  raises(function() core.listen{port = 0} end, "'handler'")
+  raises(function() core.listen{port = 70000, handler = print} end, "'port'")
+end
+
+T["tasks: spawn runs concurrently and wait returns results like pcall"] = function()
+  local t0 = core.now()
+  local hs = {}
+  for i = 1, 20 do hs[i] = core.spawn(function(x) core.sleep(0.05) return x, x * x end, i) end
+  for i = 1, 20 do
+    local ok, a, b = core.wait(hs[i])
+    assert(ok and a == i and b == i * i)
+  end
+  assert(core.now() - t0 < 0.5, "tasks did not overlap")
+  local h = core.spawn(function() error("inside") end)
+  local ok, err = core.wait(h)
+  eq(ok, false)
+  assert(err:match("test_core.lua:%d+: inside"), err)
+  assert(err:match("stack traceback"), "traceback")
+  -- a finished task can be waited on again
+  local ok2, err2 = core.wait(h)
+  eq(ok2, false)
+  eq(err2, err)
+end
+
+T["tasks: several tasks wait on one"] = function()
+  local target = core.spawn(function() core.sleep(0.02) return "v" end)
+  local hs = {}
+  for i = 1, 3 do hs[i] = core.spawn(function() return select(2, core.wait(target)) end) end
+  for i = 1, 3 do
+    local ok, v = core.wait(hs[i])
+    assert(ok and v == "v")
+  end
+end
+
+T["tasks: waiting outside a task raises"] = function()
+  local co = coroutine.wrap(function() return pcall(core.sleep, 0) end)
+  local ok, err = co()
+  eq(ok, false)
+  assert(tostring(err):match("outside an aigate task"), err)
+end
+
+T["sleep: waits about as long as asked"] = function()
+  local t0 = core.now()
+  core.sleep(0.05)
+  local d = core.now() - t0
+  assert(d >= 0.045 and d < 0.5, "slept " .. d)
+  raises(function() core.sleep(-1) end, "seconds")
+end
+
+T["system helpers"] = function()
+  assert(core.time() > 1.6e9, "wall clock")
+  eq(core.getenv("AIGATE_SURELY_UNSET_VAR"), nil)
+  assert(core.getenv("PATH"), "PATH")
+  eq(type(core.isatty(1)), "boolean")
+  local name = os.tmpname()
+  local f = assert(io.open(name, "w"))
+  f:write("x")
+  assert(core.fsync(f))
+  f:close()
+  raises(function() core.fsync(f) end, "closed file")
+  os.remove(name)
+  assert(core.version:match("^%d+%.%d+%.%d+$"))
+end
+
+T["sse: the C parser binding"] = function()
+  local p = core.sse_parser()
+  local evs = p:feed("event: a\nid: 1\ndata: x\r\n")
+  eq(#evs, 0)
+  evs = p:feed("\r\ndata: y")
+  eq(#evs, 1)
+  eq(evs[1].data, "x")
+  eq(evs[1].event, "a")
+  eq(evs[1].id, "1")
+  evs = p:finish()
+  eq(#evs, 1)
+  eq(evs[1].data, "y")
+  eq(evs[1].event, nil)
+end
+
+return T
