@@ -156,38 +156,19 @@ function M.chat(opts)
   return client.send(req, core)
 end
 
--- Tasks, time and environment (aigate.core).
+-- Tasks, time and environment: the C primitives themselves, so that misuse (a wrong argument,
+-- waiting outside a task) is reported at the caller's line.
 
 --- Starts fn(...) in a new task; returns a handle for aigate.wait.
-function M.spawn(fn, ...)
-  if type(fn) ~= "function" then
-    error(string.format("aigate.spawn: expected a function (got %s)", type(fn)), 2)
-  end
-  return core.spawn(fn, ...)
-end
-
+M.spawn = core.spawn
 --- Waits for a task: true, results... or false, err (like pcall).
-function M.wait(handle)
-  return core.wait(handle)
-end
-
+M.wait = core.wait
 --- Pauses the current task for s seconds.
-function M.sleep(s)
-  if type(s) ~= "number" or s < 0 then
-    error(string.format("aigate.sleep: expected a non-negative number of seconds (got %s)", tostring(s)), 2)
-  end
-  return core.sleep(s)
-end
-
+M.sleep = core.sleep
 --- Monotonic seconds (float).
-function M.now()
-  return core.now()
-end
-
+M.now = core.now
 --- Wall-clock seconds since the epoch (float).
-function M.time()
-  return core.time()
-end
+M.time = core.time
 
 --- An environment variable, or nil.
 function M.getenv(name)

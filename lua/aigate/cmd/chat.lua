@@ -1,0 +1,146 @@
+-- cmd/chat.lua: `aigate chat`, one prompt sent through the policy and streamed to stdout.
+local core = require "aigate.core"
+local cli = require "aigate.cli"
+
+local M = {}
+
+M.summary = [[send one prompt and stream the reply (stdin when no prompt or '-')]]
+
+M.help = [[
+Usage: aigate chat [OPTIONS] [PROMPT...]
+
+Sends one prompt and streams the reply to stdout as it arrives. The prompt is the arguments joined
+with spaces, or standard input when there are none or the only one is '-'.
+
+Options:
+  -m, --model ID|NAME      model id (workers-ai/@cf/..., openai/gpt-4o, dynamic/ROUTE) or a named
+                           model from the config; default @cf/meta/llama-3.3-70b-instruct-fp8-fast
+      --provider NAME      send to another OpenAI-compatible provider (openai, groq, ollama, ...)
+  -s, --system TEXT        system message
+      --temperature N      sampling temperature
+      --max-tokens N       limit on reply tokens
+      --top-p N            nucleus sampling
+      --seed N             sampling seed
+      --json               JSON mode (response_format json_object)
+      --no-stream          wait for the whole reply instead of streaming
+  -H, --header 'N: V'      extra request header (repeatable)
+      --cache-ttl SECONDS  cf-aig-cache-ttl
+      --skip-cache         cf-aig-skip-cache: true
+      --cache-key KEY      cf-aig-cache-key
+      --metadata K=V       cf-aig-metadata entry (repeatable, at most 5)
+      --event-id ID        cf-aig-event-id
+      --request-timeout MS cf-aig-request-timeout (gateway-side, until the first byte)
+      --timeout SECONDS    client-side limit on the whole request
+  -v, --verbose            request and response headers on stderr (tokens redacted)
+      --config FILE        config file]]
+
+local CHAT_OPTS = {
+  {"model", "m", "value"}, {"provider", nil, "value"}, {"system", "s", "value"},
+  {"temperature", nil, "value"}, {"max-tokens", nil, "value"}, {"top-p", nil, "value"},
+  {"seed", nil, "value"}, {"json", nil, "flag"}, {"no-stream", nil, "flag"},
+  {"header", "H", "list"}, {"cache-ttl", nil, "value"}, {"skip-cache", nil, "flag"},
+  {"cache-key", nil, "value"}, {"metadata", nil, "list"}, {"event-id", nil, "value"},
+  {"request-timeout", nil, "value"}, {"timeout", nil, "value"}, {"verbose", "v", "flag"},
+  {"config", nil, "value"}, {"help", "h", "flag"},
+}
+
+local function parse_headers(cmd, list)
+  if not list then return nil end
+  local headers = {}
+  for _, h in ipairs(list) do
+    local name, value = h:match("^%s*([^:%s]+)%s*:%s*(.-)%s*$")
+    if not name then cli.usage_error(cmd, "bad header '" .. h .. "': expected 'Name: value'") end
+    headers[name] = value
+  end
+  return headers
+end
+
+local function parse_metadata(cmd, list)
+  if not list then return nil end
+  local md, n = {}, 0
+  for _, kv in ipairs(list) do
+    local k, v = kv:match("^([^=]+)=(.*)$")
+    if not k then cli.usage_error(cmd, "bad metadata '" .. kv .. "': expected KEY=VALUE") end
+    if md[k] == nil then n = n + 1 end
+    -- numbers and booleans keep their type, as the gateway's metadata allows them
+    if v == "true" then v = true elseif v == "false" then v = false
+    elseif tonumber(v) and v:match("^%-?%d+%.?%d*$") then v = tonumber(v) end
+    md[k] = v
+  end
+  if n > 5 then cli.usage_error(cmd, "at most 5 --metadata entries are allowed (got " .. n .. ")") end
+  return md
+end
+
+local function read_prompt(cmd, pos)
+  if #pos > 0 and not (#pos == 1 and pos[1] == "-") then
+    return table.concat(pos, " ")
+  end
+  if #pos == 0 and core.isatty(0) then
+    cli.usage_error(cmd, "no prompt: give it as an argument or on standard input")
+  end
+  local text = io.read("a") or ""
+  if text:match("^%s*$") then cli.usage_error(cmd, "the prompt on standard input is empty") end
+  return text
+end
+
+function M.main(argv)
+  local cmd = "chat"
+  local opts, pos = cli.parse(cmd, CHAT_OPTS, argv, 2)
+  if opts.help then print(M.help) return cli.EXIT_OK end
+  local aigate = require "aigate"
+  local req = {
+    model = opts.model,
+    provider = opts.provider,
+    system = opts.system,
+    temperature = cli.number_opt(cmd, opts, "temperature"),
+    max_tokens = cli.number_opt(cmd, opts, "max_tokens", true),
+    top_p = cli.number_opt(cmd, opts, "top_p"),
+    seed = cli.number_opt(cmd, opts, "seed", true),
+    json = opts.json,
+    headers = parse_headers(cmd, opts.header),
+    cache_ttl = cli.number_opt(cmd, opts, "cache_ttl", true),
+    skip_cache = opts.skip_cache,
+    cache_key = opts.cache_key,
+    metadata = parse_metadata(cmd, opts.metadata),
+    event_id = opts.event_id,
+    request_timeout = cli.number_opt(cmd, opts, "request_timeout", true),
+    timeout = cli.number_opt(cmd, opts, "timeout"),
+  }
+  cli.load_config(cmd, opts.config)
+  req.prompt = read_prompt(cmd, pos)
+  if opts.verbose then
+    req.verbose = function(line) cli.eprint(line) end
+  end
+  local streamed, last = false, ""
+  if not opts.no_stream then
+    req.stream = function(text)
+      if text ~= "" then
+        streamed = true
+        last = text
+        io.stdout:write(text)
+        io.stdout:flush()
+      end
+    end
+  end
+  local res, err, info = aigate.chat(req)
+  if not res then
+    if streamed and not last:match("\n$") then io.stdout:write("\n") io.stdout:flush() end
+    cli.eprint("aigate: ", err)
+    return (info and info.kind == "config") and cli.EXIT_USAGE or cli.EXIT_FAIL
+  end
+  if not streamed then
+    io.stdout:write(res.text or "")
+    last = res.text or ""
+  end
+  if not last:match("\n$") then io.stdout:write("\n") end
+  io.stdout:flush()
+  if opts.verbose then
+    local u = res.usage or {}
+    cli.eprint(string.format("< %s in %.3fs, tokens: %s prompt + %s completion = %s",
+      tostring(res.model), res.latency or 0, tostring(u.prompt_tokens or "?"),
+      tostring(u.completion_tokens or "?"), tostring(u.total_tokens or "?")))
+  end
+  return cli.EXIT_OK
+end
+
+return M
