@@ -68,9 +68,10 @@ bench: deps
 	tests/bench/run.sh
 
 install: aigate
-	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(DATADIR)/aigate
+	install -d $(DESTDIR)$(PREFIX)/bin
 	install -m 755 aigate $(DESTDIR)$(PREFIX)/bin/aigate
-	install -m 644 lua/aigate/*.lua $(DESTDIR)$(DATADIR)/aigate/
+	cd lua && find aigate -name '*.lua' | while read f; do \
+	  install -D -m 644 "$$f" "$(DESTDIR)$(DATADIR)/$$f" || exit 1; done
 
 uninstall:
 	rm -f $(DESTDIR)$(PREFIX)/bin/aigate
