@@ -445,6 +445,8 @@ M.OPTIONS = {
   stall_timeout = T.positive,
   verbose = T.func,
   config = T.config,
+  vars = T.table,
+  template = T.nonempty,
 }
 
 local OPTION_NAMES = {}
@@ -469,8 +471,8 @@ local function check_all(opts)
     end
     checker(k, v)
   end
-  if opts.messages == nil and opts.prompt == nil then
-    error("aigate.chat: option 'messages' or 'prompt' is required", 0)
+  if opts.messages == nil and opts.prompt == nil and opts.template == nil then
+    error("aigate.chat: option 'messages' or 'prompt' is required (or a 'template' giving them)", 0)
   end
 end
 
@@ -680,6 +682,8 @@ function M.prepare(opts, cfg, ctx)
   local mode = opts.system_messages or named.system_messages
   if mode == nil and def.gateway then
     mode = (cfg.gateway or {}).system_messages or def.system_messages
+  elseif mode == nil then
+    mode = def.system_messages
   end
   local body = { model = m.id, messages = M.system_messages(build_messages(opts), mode or "keep") }
   local meta = {

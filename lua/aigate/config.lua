@@ -1,7 +1,8 @@
 -- aigate.config: finding, loading and validating the user's config file.
 --
 -- The config is a Lua file returning a table (gateway settings, named models
--- with their parameters, the default model, extra providers). `load` looks for
+-- with their parameters, the default model, extra providers, and the routing
+-- policy: routes, templates, hooks, prices, breaker and retry settings). `load` looks for
 -- it (explicit path, ./aigate.lua, $XDG_CONFIG_HOME/aigate/config.lua or
 -- ~/.config/aigate/config.lua), runs it, and `validate` checks every key against
 -- the schema below. Errors name the file, the line of the key (found in the file
@@ -9,6 +10,8 @@
 -- Returns `cfg` or `nil, err`; used by the CLI and by aigate.chat.
 
 local provider = require("aigate.provider")
+local route = require("aigate.route")
+local template = require("aigate.template")
 
 local M = {}
 
@@ -46,6 +49,34 @@ end
 function check.table(v)
   if type(v) ~= "table" then
     return nil, "must be a table"
+  end
+  return true
+end
+
+function check.func(v)
+  if type(v) ~= "function" then
+    return nil, "must be a function"
+  end
+  return true
+end
+
+function check.nonnegative(v)
+  if type(v) ~= "number" or v ~= v or v < 0 or v == math.huge then
+    return nil, "must be a number >= 0"
+  end
+  return true
+end
+
+function check.positive(v)
+  if type(v) ~= "number" or v ~= v or v <= 0 or v == math.huge then
+    return nil, "must be a positive number"
+  end
+  return true
+end
+
+function check.count(v)
+  if not check.integer(v) or v < 1 then
+    return nil, "must be a whole number >= 1"
   end
   return true
 end
@@ -147,6 +178,30 @@ M.schema = {
     providers = "providers",
     default_model = check.string,
     source = check.string,
+    routes = "routes",
+    templates = "templates",
+    hooks = "hooks",
+    prices = "prices",
+    breaker = "breaker",
+    retry = "retry",
+  },
+  hooks = {
+    before_request = check.func,
+    after_response = check.func,
+  },
+  price = {
+    input = check.nonnegative,
+    output = check.nonnegative,
+  },
+  breaker = {
+    failures = check.count,
+    window = check.positive,
+    cooldown = check.positive,
+  },
+  retry = {
+    max_attempts = check.count,
+    max_delay = check.nonnegative,
+    max_retry_after = check.nonnegative,
   },
   gateway = {
     account_id = check.account_id,
@@ -191,6 +246,7 @@ M.schema = {
     base_url = check.url,
     token_env = check.env_name,
     headers = check.headers,
+    system_messages = enum("merge", "hoist", "keep"),
   },
 }
 
@@ -259,7 +315,7 @@ end
 
 local function copy(v, depth)
   depth = depth or 0
-  if type(v) ~= "table" or depth > 50 then
+  if type(v) ~= "table" or depth > 50 or route.is_node(v) then
     return v
   end
   local t = {}
@@ -376,6 +432,193 @@ function Validator:providers(v, path)
   end
 end
 
+function Validator:hooks(v, path)
+  if type(v) ~= "table" then
+    return self:fail(path, "must be a table { before_request = function(req, ctx) ... end, after_response = ... }")
+  end
+  self:section(v, M.schema.hooks, path)
+end
+
+function Validator:breaker(v, path)
+  if v == false then
+    return
+  end
+  if type(v) ~= "table" then
+    return self:fail(path, "must be false (no breakers) or a table { failures = n, window = s, cooldown = s }")
+  end
+  self:section(v, M.schema.breaker, path)
+end
+
+function Validator:retry(v, path)
+  if type(v) ~= "table" then
+    return self:fail(path, "must be a table { max_attempts = n, max_delay = s, max_retry_after = s }")
+  end
+  self:section(v, M.schema.retry, path)
+end
+
+function Validator:prices(v, path)
+  if type(v) ~= "table" then
+    return self:fail(path, "must be a table of model = { input = USD per 1M tokens, output = USD per 1M tokens }")
+  end
+  for _, name in ipairs(sorted_keys(v)) do
+    local ppath = { table.unpack(path) }
+    ppath[#ppath + 1] = name
+    if type(v[name]) ~= "table" then
+      self:fail(ppath, "must be a table { input = USD per 1M tokens, output = USD per 1M tokens }")
+    else
+      self:section(v[name], M.schema.price, ppath)
+    end
+  end
+end
+
+function Validator:templates(v, path)
+  if type(v) ~= "table" then
+    return self:fail(path, "must be a table of name = prompt text or { system =, prompt =, messages =, vars = }")
+  end
+  for _, name in ipairs(sorted_keys(v)) do
+    local tpath = { table.unpack(path) }
+    tpath[#tpath + 1] = name
+    if type(name) ~= "string" then
+      self:fail(tpath, "template names must be strings")
+    else
+      for _, p in ipairs(template.check(v[name]) or {}) do
+        self:fail(tpath, p)
+      end
+    end
+  end
+end
+
+-- "file:line" of a key path, for messages about values that carry no location of their own.
+function Validator:where(path)
+  local line = M.find_line(self.text, path)
+  return (self.source or "config") .. (line and (":" .. line) or "")
+end
+
+M.ROUTE_PREFIX = "dynamic/"
+
+function Validator:routes(v, path)
+  if type(v) ~= "table" then
+    return self:fail(path, "must be a table of [\"dynamic/<name>\"] = route")
+  end
+  for _, key in ipairs(sorted_keys(v)) do
+    local rpath = { table.unpack(path) }
+    rpath[#rpath + 1] = key
+    if type(key) ~= "string" or not key:match("^dynamic/[%w_%-%.]+$") then
+      local suggestion = type(key) == "string" and key:match("^[%w_%-%.]+$")
+        and string.format(" (write [\"dynamic/%s\"])", key) or ""
+      self:fail(rpath, "route names are \"dynamic/<name>\" (letters, digits, '-', '_', '.')" .. suggestion)
+    else
+      local saved = route.collect_begin()
+      v[key] = route.compile(v[key], self:where(rpath), string.format("routes[%q]", key))
+      for _, p in ipairs(route.collect_end(saved)) do
+        self.errors[#self.errors + 1] = p
+      end
+    end
+  end
+end
+
+-- Every string a route value refers to, with the location it was written at: calls fn(s, loc).
+local function each_ref(v, loc, fn, depth)
+  depth = depth or 0
+  if depth > 64 or v == nil then
+    return
+  end
+  if type(v) == "string" then
+    return fn(v, loc)
+  end
+  if not route.is_node(v) then
+    return
+  end
+  if v.kind == "target" then
+    if v.id then
+      fn(v.id, v.loc, v)
+    end
+    return
+  end
+  for _, c in ipairs(route.children(v)) do
+    each_ref(c, v.loc, fn, depth + 1)
+  end
+end
+M.each_ref = each_ref
+
+-- Checks the names the routes refer to, and cycles between routes.
+function Validator:route_refs(cfg)
+  local routes, models = cfg.routes or {}, cfg.models or {}
+  local names = {}
+  for k in pairs(models) do
+    names[#names + 1] = k
+  end
+  for k in pairs(routes) do
+    names[#names + 1] = k
+  end
+  table.sort(names, function(a, b)
+    return tostring(a) < tostring(b)
+  end)
+  local edges = {}
+  for _, key in ipairs(sorted_keys(routes)) do
+    edges[key] = {}
+    local top = self:where({ "routes", key })
+    each_ref(routes[key], top, function(s, loc, node)
+      local id = provider.trim(s)
+      if routes[id] ~= nil then
+        edges[key][#edges[key] + 1] = id
+      elseif models[id] == nil and not id:find("/", 1, true) then
+        local near = provider.nearest(id, names)
+        local msg = string.format("'%s' is not a named model or a route, nor a model id with a provider prefix", id)
+        if near then
+          msg = msg .. string.format(" (did you mean '%s'?)", near)
+        end
+        self.errors[#self.errors + 1] = string.format("%s: routes[%q]: %s", loc, key, msg)
+      elseif models[id] == nil and not id:match("^dynamic/") then
+        local p = node and node.params and node.params.provider
+        local ok, err = provider.resolve_model({ model = id, provider = p, cfg = cfg })
+        if not ok then
+          self.errors[#self.errors + 1] = string.format("%s: routes[%q]: %s", loc, key, err)
+        end
+      end
+    end)
+  end
+  -- cycles: depth-first search over route references
+  local state = {}
+  local reported = {}
+  local function visit(key, stack)
+    if state[key] == "done" then
+      return
+    end
+    if state[key] == "active" then
+      local cycle, started = {}, false
+      for _, k in ipairs(stack) do
+        if k == key then
+          started = true
+        end
+        if started then
+          cycle[#cycle + 1] = k
+        end
+      end
+      cycle[#cycle + 1] = key
+      local text = table.concat(cycle, " -> ")
+      if not reported[key] then
+        for _, k in ipairs(cycle) do
+          reported[k] = true
+        end
+        self.errors[#self.errors + 1] = string.format("%s: routes[%q]: cycle: %s", self:where({ "routes", key }),
+          key, text)
+      end
+      return
+    end
+    state[key] = "active"
+    stack[#stack + 1] = key
+    for _, nxt in ipairs(edges[key] or {}) do
+      visit(nxt, stack)
+    end
+    stack[#stack] = nil
+    state[key] = "done"
+  end
+  for _, key in ipairs(sorted_keys(routes)) do
+    visit(key, {})
+  end
+end
+
 -- Checks that cross keys: a model's provider must exist.
 function Validator:cross(cfg)
   for _, name in ipairs(sorted_keys(cfg.models or {})) do
@@ -403,26 +646,39 @@ function M.validate(tbl, source, text)
       f:close()
     end
   end
+  local cfg, errs = M.validate_all(tbl, source, text)
+  if #errs > 0 then
+    return nil, table.concat(errs, "\n")
+  end
+  return cfg
+end
+
+--- Like validate, but always returns the normalized copy and the array of problems (maybe empty).
+function M.validate_all(tbl, source, text)
   local cfg = copy(tbl)
   local v = setmetatable({ source = source, text = text, errors = {} }, Validator)
   v:section(cfg, M.schema.top, {})
-  if #v.errors == 0 then
+  if type(cfg.models) == "table" and (cfg.providers == nil or type(cfg.providers) == "table") then
     v:cross(cfg)
   end
-  if #v.errors > 0 then
-    return nil, table.concat(v.errors, "\n")
+  if type(cfg.routes) == "table" and (cfg.models == nil or type(cfg.models) == "table") then
+    v:route_refs(cfg)
   end
   cfg.gateway = cfg.gateway or {}
   cfg.models = cfg.models or {}
   cfg.providers = cfg.providers or {}
+  cfg.routes = cfg.routes or {}
+  cfg.templates = cfg.templates or {}
   cfg.source = source
-  return cfg
+  return cfg, v.errors
 end
 
 --- An empty config (what you get with no config file).
 function M.default()
   return { gateway = {}, models = {}, providers = {} }
 end
+
+local run_config
 
 local function read_file(path)
   local f, err = io.open(path, "r")
@@ -457,6 +713,27 @@ function M.find(getenv)
   return nil
 end
 
+-- Runs a config chunk and validates its table. Combinator mistakes are collected while the file
+-- runs, so every one of them is reported. Returns cfg (nil when the file fails) and the problems.
+run_config = function(chunk, path, text)
+  local saved = route.collect_begin()
+  local ok, result = pcall(chunk)
+  local problems = route.collect_end(saved)
+  if not ok then
+    problems[#problems + 1] = tostring(result)
+    return nil, problems
+  end
+  if type(result) ~= "table" then
+    problems[#problems + 1] = string.format("%s: the config file must return a table (got %s)", path, type(result))
+    return nil, problems
+  end
+  local cfg, errs = M.validate_all(result, path, text)
+  for _, e in ipairs(errs) do
+    problems[#problems + 1] = e
+  end
+  return cfg, problems
+end
+
 --- Loads and validates a config file. With no path, searches the usual places and
 -- returns the default config when there is none. Returns cfg or nil, err.
 function M.load(path, getenv)
@@ -478,14 +755,123 @@ function M.load(path, getenv)
   if chunk == nil then
     return nil, lerr
   end
-  local ok, result = pcall(chunk)
-  if not ok then
-    return nil, tostring(result)
+  local cfg, problems = run_config(chunk, path, text)
+  if #problems > 0 then
+    return nil, table.concat(problems, "\n")
   end
-  if type(result) ~= "table" then
-    return nil, string.format("%s: the config file must return a table (got %s)", path, type(result))
+  return cfg
+end
+
+--- Loads a config file for `aigate check`: returns the array of every problem (loading, validation
+-- and lint), the array of notes, and the config (nil when the file does not run).
+function M.check_file(path)
+  local text, rerr = read_file(path)
+  if text == nil then
+    return { string.format("cannot read config file: %s", rerr) }, {}
   end
-  return M.validate(result, path, text)
+  local chunk, lerr = load(text, "@" .. path, "t", setmetatable({}, { __index = _G }))
+  if chunk == nil then
+    return { lerr }, {}
+  end
+  local cfg, problems = run_config(chunk, path, text)
+  local notes = {}
+  if cfg then
+    local lint
+    lint, notes = M.lint(cfg)
+    for _, p in ipairs(lint) do
+      problems[#problems + 1] = p
+    end
+  end
+  return problems, notes, cfg
+end
+
+-- Lint -------------------------------------------------------------------------------------------
+
+--- Problems that do not stop a request but that `aigate check` reports: model ids the gateway will
+-- likely refuse (invented Gemini ids on Workers AI, unknown provider prefixes), a default_model that
+-- is neither a named model nor a route nor a model id, cost limits without prices, routes that go to
+-- the gateway's own dynamic routes. Returns an array of "file:line: what: message" lines and an
+-- array of notes (informational).
+function M.lint(cfg)
+  local text
+  if type(cfg.source) == "string" then
+    text = read_file(cfg.source)
+  end
+  local v = setmetatable({ source = cfg.source, text = text, errors = {} }, Validator)
+  local notes = {}
+  local seen = {}
+  local function check_id(id, p, where, label)
+    local key = label .. "\0" .. id
+    if seen[key] then
+      return
+    end
+    seen[key] = true
+    local m, err = provider.resolve_model({ model = id, provider = p, cfg = cfg })
+    if m == nil then
+      v.errors[#v.errors + 1] = string.format("%s: %s: %s", where, label, err)
+      return
+    end
+    for _, w in ipairs(m.warnings) do
+      v.errors[#v.errors + 1] = string.format("%s: %s: %s", where, label, w)
+    end
+  end
+  for _, name in ipairs(sorted_keys(cfg.models or {})) do
+    local entry = cfg.models[name]
+    if type(entry) == "table" and type(entry.model) == "string" then
+      check_id(entry.model, entry.provider, v:where({ "models", name }), "models." .. name)
+    end
+  end
+  local routes = cfg.routes or {}
+  for _, key in ipairs(sorted_keys(routes)) do
+    local label = string.format("routes[%q]", key)
+    M.each_ref(routes[key], v:where({ "routes", key }), function(s, loc, node)
+      local id = provider.trim(s)
+      if routes[id] == nil and (cfg.models or {})[id] == nil then
+        if id:match("^dynamic/") then
+          local near = provider.nearest(id, sorted_keys(routes))
+          if near then
+            v.errors[#v.errors + 1] = string.format("%s: %s: '%s' is not defined here and goes to the gateway; did you mean '%s'?", loc, label, id, near)
+          else
+            notes[#notes + 1] = string.format("%s: %s: '%s' is not defined here: it goes to the gateway's own dynamic route", loc, label, id)
+          end
+        elseif id:find("/", 1, true) then -- ids without a prefix are reported by validate
+          check_id(id, node and node.params and node.params.provider, loc, label)
+        end
+      end
+    end)
+    local function cost_limits(n, depth)
+      if not route.is_node(n) or depth > 64 then
+        return
+      end
+      if n.kind == "limit" and n.cost and next(cfg.prices or {}) == nil then
+        v.errors[#v.errors + 1] = string.format("%s: %s: a cost limit needs prices: add prices = { [\"model id\"] = { input = ..., output = ... } }", n.loc, label)
+      end
+      for _, c in ipairs(route.children(n)) do
+        cost_limits(c, depth + 1)
+      end
+    end
+    cost_limits(routes[key], 0)
+  end
+  local dm = cfg.default_model
+  if type(dm) == "string" and routes[dm] == nil and (cfg.models or {})[dm] == nil then
+    if not dm:find("/", 1, true) and not dm:match("^@cf/") then
+      local names = sorted_keys(cfg.models or {})
+      for _, k in ipairs(sorted_keys(routes)) do
+        names[#names + 1] = k
+      end
+      local near = provider.nearest(dm, names)
+      v.errors[#v.errors + 1] = string.format("%s: default_model: '%s' is not a named model or a route, nor a model id with a provider prefix%s",
+        v:where({ "default_model" }), dm, near and (" (did you mean '" .. near .. "'?)") or "")
+    elseif not dm:match("^dynamic/") then
+      check_id(dm, nil, v:where({ "default_model" }), "default_model")
+    end
+  end
+  for _, name in ipairs(sorted_keys(cfg.prices or {})) do
+    if (cfg.models or {})[name] == nil and not name:find("/", 1, true) then
+      v.errors[#v.errors + 1] = string.format("%s: prices: '%s' is not a named model or a model id", v:where({ "prices", name }), name)
+    end
+  end
+  return v.errors, notes
 end
 
 return M

@@ -5,8 +5,9 @@
 -- `nil, message, info`. The rest are thin wrappers over the C primitives in
 -- aigate.core (tasks, time, environment), the config (`configure`, `config`),
 -- JSON helpers and the warning hook. Caller mistakes raise with the option's
--- name; operational failures return `nil, message, info`. Policy code (routes,
--- fallbacks, batch runs) wraps aigate.chat. Request building lives in
+-- name; operational failures return `nil, message, info`. The routing policy
+-- (routes, fallbacks, breakers, limits, hooks, templates) runs in aigate.policy
+-- with the combinators of aigate.route. Request building lives in
 -- aigate.client, providers in aigate.provider, error explanations in
 -- aigate.errors, config loading in aigate.config.
 
@@ -15,6 +16,10 @@ local client = require("aigate.client")
 local config = require("aigate.config")
 local provider = require("aigate.provider")
 local errors = require("aigate.errors")
+local policy = require("aigate.policy")
+local route = require("aigate.route")
+local template = require("aigate.template")
+local breaker = require("aigate.breaker")
 
 local M = {}
 
@@ -23,6 +28,10 @@ M.json = client.json
 M.provider = provider
 M.errors = errors
 M.config_module = config
+M.route = route
+M.template = template
+M.policy = policy
+M.breaker = breaker
 
 local current_config -- set by configure, or loaded on first use
 
@@ -113,10 +122,9 @@ local function context()
   }
 end
 
--- Validates opts and builds the request. level: the error level of the API
--- function's caller, counted from here (3 when called by an API function).
-local function prepare(opts, level)
-  client.check_options(opts, level - 1)
+-- The config of a call: opts.config (validated once) or the one in use. level: the error level of
+-- the API function's caller, counted from here. Returns cfg or nil, err.
+local function config_of(opts, level)
   local cfg, err = opts.config, nil
   if cfg == nil then
     cfg, err = M.config()
@@ -130,41 +138,65 @@ local function prepare(opts, level)
   else
     cfg = validated[cfg]
   end
+  return cfg, err
+end
+
+local function policy_context()
+  local ctx = context()
+  ctx.redact = client.redactor(known_secrets())
+  return ctx
+end
+
+--- Renders the request the policy would send first (template applied, route resolved to its first
+-- target), without sending it. Returns {method, url, headers (redacted), body (table), body_table,
+-- body_text, model, provider, route, targets} or nil, message, info.
+function M.prepare(opts)
+  client.check_options(opts, 1)
+  local cfg, err = config_of(opts, 3)
   if cfg == nil then
-    return nil, err, { kind = "config" }
+    return nil, err, { kind = "config", attempts = {} }
   end
-  local req, perr, info = client.prepare(opts, cfg, context())
+  local req, perr, info = policy.prepare(opts, cfg, policy_context())
   if req == nil then
     return nil, client.redactor(known_secrets())(perr), info
   end
   return req
 end
 
---- Builds the request aigate.chat would send, without sending it.
--- Returns req ({method, url, headers, body, body_table, model, provider, ...}) or nil, message, info.
-function M.prepare(opts)
-  local req, err, info = prepare(opts, 3)
-  return req, err, info
-end
-
---- Sends one chat completion. Returns result or nil, message, info (see README).
+--- Sends one chat completion through the routing policy (templates, hooks, routes, breakers,
+-- limits). Returns result or nil, message, info (see README).
 function M.chat(opts)
-  local req, err, info = prepare(opts, 3)
-  if req == nil then
-    return nil, err, info
+  client.check_options(opts, 1)
+  local cfg, err = config_of(opts, 3)
+  if cfg == nil then
+    return nil, err, { kind = "config", attempts = {} }
   end
-  return client.send(req, core)
+  return policy.chat(opts, cfg, policy_context())
 end
 
--- Tasks, time and environment: the C primitives themselves, so that misuse (a wrong argument,
--- waiting outside a task) is reported at the caller's line.
+-- Tasks, time and environment: the C primitives, with the argument checks done here so that a
+-- wrong argument is reported under the aigate.* name at the caller's line (C argument errors name
+-- whichever loaded module holds the function first, which depends on hash order).
 
 --- Starts fn(...) in a new task; returns a handle for aigate.wait.
-M.spawn = core.spawn
+function M.spawn(fn, ...)
+  if type(fn) ~= "function" then
+    error(string.format("bad argument #1 to 'aigate.spawn' (function expected, got %s)", type(fn)), 2)
+  end
+  return core.spawn(fn, ...)
+end
 --- Waits for a task: true, results... or false, err (like pcall).
 M.wait = core.wait
 --- Pauses the current task for s seconds.
-M.sleep = core.sleep
+function M.sleep(seconds)
+  if type(seconds) ~= "number" then
+    error(string.format("bad argument #1 to 'aigate.sleep' (number expected, got %s)", type(seconds)), 2)
+  end
+  if seconds < 0 then
+    error("bad argument #1 to 'aigate.sleep' (seconds must be >= 0)", 2)
+  end
+  return core.sleep(seconds)
+end
 --- Monotonic seconds (float).
 M.now = core.now
 --- Wall-clock seconds since the epoch (float).

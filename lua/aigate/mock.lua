@@ -35,6 +35,13 @@
 --   | mock/empty           | 200 with `{}`                          | 200 with only `data: [DONE]`         |
 --   | mock/no-done         | normal reply                           | normal stream without `data: [DONE]` |
 --   | mock/big-<kb>        | reply content of exactly <kb> KiB (at most 65536)               |
+--   | mock/rate-limit-date | 429 with `Retry-After` as an HTTP date (now + 1 s, rounded up)  |
+--   | mock/flaky-<n>       | 503 for the first <n> requests of a key, then normal replies;  |
+--   |                      | the key is the `x-mock-key` header, else the last user message |
+--   | mock/busy-<n>        | 429 with `retry-after-ms: 100` for the first <n> requests of a |
+--   |                      | key (as mock/flaky-<n>), then normal replies                    |
+--   | mock/cut-early       | as mock/cut                            | 200 chunked, the role event only    |
+--   |                      |                                        | (no text), then connection closed   |
 --
 -- Cache: a non-streaming reply to a request with `cf-aig-cache-ttl` (and without `cf-aig-skip-cache:
 -- true`) is stored under path + body (or cf-aig-cache-key); the same request within ttl seconds gets
@@ -84,13 +91,14 @@ local JSON_MODES = { json_object = true, json_schema = true }
 
 local BIG_TEXT = "the quick brown fox jumps over the lazy dog "
 
-local stats, cache, cache_size, sequence
+local stats, cache, cache_size, sequence, flaky
 
--- Forgets the counts, the cache and the id sequence (for in-process tests).
+-- Forgets the counts, the cache, the flaky counters and the id sequence (for in-process tests).
 function M.reset()
   stats = { requests = 0, by_model = {}, by_status = {}, by_route = {}, cache_hits = 0 }
   cache, cache_size = {}, 0
   sequence = 0
+  flaky = {}
 end
 M.reset()
 
@@ -493,6 +501,28 @@ local function empty(ctx)
   send_events(ctx, { "data: [DONE]\n\n" })
 end
 
+-- Like cut, but a stream breaks before any text: only the role event is sent.
+local function cut_early(ctx)
+  if not ctx.stream then
+    return cut(ctx)
+  end
+  note(ctx, 200)
+  local event = chunk_event(ctx, { role = "assistant", content = "" })
+  local raw = raw_head(ctx, { ["content-type"] = "text/event-stream", ["transfer-encoding"] = "chunked" })
+  ctx.res:cut(raw .. string.format("%x\r\n%s\r\n", #event, event))
+end
+
+local DAYS = { "Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat" }
+local MONTHS = { "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec" }
+
+-- An HTTP date (RFC 9110 IMF-fixdate) for epoch seconds t.
+local function http_date(t)
+  local d = os.date("!*t", t)
+  return string.format("%s, %02d %s %04d %02d:%02d:%02d GMT", DAYS[d.wday], d.day, MONTHS[d.month], d.year,
+    d.hour, d.min, d.sec)
+end
+M.http_date = http_date
+
 local function big_text(kb)
   local size = math.min(kb, MAX_BIG_KB) * 1024
   return BIG_TEXT:rep(size // #BIG_TEXT + 1):sub(1, size)
@@ -533,10 +563,26 @@ local FAULTS = {
   ["no-done"] = function(ctx)
     answer(ctx, { no_done = true })
   end,
+  ["rate-limit-date"] = function(ctx)
+    envelope(ctx, 429, 2003, "Rate limited", { ["retry-after"] = http_date(math.ceil(core.time()) + 1) })
+  end,
   ["cut"] = cut,
+  ["cut-early"] = cut_early,
   ["garbage"] = garbage,
   ["empty"] = empty,
 }
+
+-- The key of the flaky/busy counters: the x-mock-key header, else the last user message.
+local function flaky_key(ctx)
+  return ctx.model .. "\0" .. (ctx.req.headers["x-mock-key"] or last_user_text(ctx.body.messages))
+end
+
+-- Counts a request of this key; true while it is one of the first n.
+local function first_requests(ctx, n)
+  local key = flaky_key(ctx)
+  flaky[key] = (flaky[key] or 0) + 1
+  return flaky[key] <= n
+end
 
 local PARAM_FAULTS = {
   {
@@ -551,6 +597,26 @@ local PARAM_FAULTS = {
     pattern = "^stall%-(%d+)$",
     run = function(ctx, ms)
       answer(ctx, { stall = ms / 1000 })
+    end,
+  },
+  {
+    pattern = "^flaky%-(%d+)$",
+    run = function(ctx, n)
+      if first_requests(ctx, n) then
+        return provider_error(ctx, 503, "server_error", "service_unavailable",
+          string.format("mock: flaky failure %d of %d", flaky[flaky_key(ctx)], n))
+      end
+      answer(ctx)
+    end,
+  },
+  {
+    pattern = "^busy%-(%d+)$",
+    run = function(ctx, n)
+      if first_requests(ctx, n) then
+        return provider_error(ctx, 429, "requests", "rate_limit_exceeded",
+          "mock: busy, retry after 100 ms", { ["retry-after-ms"] = "100" })
+      end
+      answer(ctx)
     end,
   },
   {

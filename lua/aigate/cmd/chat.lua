@@ -14,7 +14,10 @@ with spaces, or standard input when there are none or the only one is '-'.
 
 Options:
   -m, --model ID|NAME      model id (workers-ai/@cf/..., openai/gpt-4o, dynamic/ROUTE) or a named
-                           model from the config; default @cf/meta/llama-3.3-70b-instruct-fp8-fast
+                           model from the config; default @cf/meta/llama-3.3-70b-instruct-fp8-fast;
+                           a dynamic/ROUTE defined in the config's routes runs locally
+      --template NAME      a template from the config, or a template file (.lua or text)
+  -p, --param NAME VALUE   a template variable for {{NAME}} (repeatable)
       --provider NAME      send to another OpenAI-compatible provider (openai, groq, ollama, ...)
   -s, --system TEXT        system message
       --temperature N      sampling temperature
@@ -31,7 +34,8 @@ Options:
       --event-id ID        cf-aig-event-id
       --request-timeout MS cf-aig-request-timeout (gateway-side, until the first byte)
       --timeout SECONDS    client-side limit on the whole request
-  -v, --verbose            request and response headers on stderr (tokens redacted)
+  -v, --verbose            request and response headers and the list of attempts on stderr
+                           (tokens redacted)
       --config FILE        config file]]
 
 local CHAT_OPTS = {
@@ -41,8 +45,38 @@ local CHAT_OPTS = {
   {"header", "H", "list"}, {"cache-ttl", nil, "value"}, {"skip-cache", nil, "flag"},
   {"cache-key", nil, "value"}, {"metadata", nil, "list"}, {"event-id", nil, "value"},
   {"request-timeout", nil, "value"}, {"timeout", nil, "value"}, {"verbose", "v", "flag"},
-  {"config", nil, "value"}, {"help", "h", "flag"},
+  {"config", nil, "value"}, {"help", "h", "flag"}, {"template", nil, "value"},
 }
+
+-- Takes `-p NAME VALUE` / `--param NAME VALUE` pairs out of argv (they take two words, which
+-- cli.parse does not do). Returns the vars table (or nil) and the remaining words.
+local function take_params(cmd, argv)
+  local vars, rest = nil, {}
+  local i = 1
+  while i <= #argv do
+    local a = argv[i]
+    if a == "--" then
+      for j = i, #argv do rest[#rest + 1] = argv[j] end
+      break
+    end
+    if a == "-p" or a == "--param" then
+      local name, value = argv[i + 1], argv[i + 2]
+      if name == nil or value == nil then
+        cli.usage_error(cmd, "option '" .. a .. "' needs a name and a value: " .. a .. " NAME VALUE")
+      end
+      if not name:match("^[%a_][%w_]*$") then
+        cli.usage_error(cmd, "bad template variable name '" .. name .. "' (letters, digits and '_')")
+      end
+      vars = vars or {}
+      vars[name] = value
+      i = i + 3
+    else
+      rest[#rest + 1] = a
+      i = i + 1
+    end
+  end
+  return vars, rest
+end
 
 local function parse_headers(cmd, list)
   if not list then return nil end
@@ -85,7 +119,8 @@ end
 
 function M.main(argv)
   local cmd = "chat"
-  local opts, pos = cli.parse(cmd, CHAT_OPTS, argv, 2)
+  local vars, words = take_params(cmd, argv)
+  local opts, pos = cli.parse(cmd, CHAT_OPTS, words, 2)
   if opts.help then print(M.help) return cli.EXIT_OK end
   local aigate = require "aigate"
   local req = {
@@ -105,9 +140,13 @@ function M.main(argv)
     event_id = opts.event_id,
     request_timeout = cli.number_opt(cmd, opts, "request_timeout", true),
     timeout = cli.number_opt(cmd, opts, "timeout"),
+    vars = vars,
+    template = opts.template,
   }
   cli.load_config(cmd, opts.config)
-  req.prompt = read_prompt(cmd, pos)
+  if not (opts.template and #pos == 0) then
+    req.prompt = read_prompt(cmd, pos)
+  end
   if opts.verbose then
     req.verbose = function(line) cli.eprint(line) end
   end
@@ -123,6 +162,11 @@ function M.main(argv)
     end
   end
   local res, err, info = aigate.chat(req)
+  if opts.verbose then
+    for _, line in ipairs(aigate.policy.format_attempts((res or info or {}).attempts)) do
+      cli.eprint(line)
+    end
+  end
   if not res then
     if streamed and not last:match("\n$") then io.stdout:write("\n") io.stdout:flush() end
     cli.eprint("aigate: ", err)
@@ -136,9 +180,11 @@ function M.main(argv)
   io.stdout:flush()
   if opts.verbose then
     local u = res.usage or {}
-    cli.eprint(string.format("< %s in %.3fs, tokens: %s prompt + %s completion = %s",
+    cli.eprint(string.format("< %s in %.3fs, tokens: %s prompt + %s completion = %s%s",
       tostring(res.model), res.latency or 0, tostring(u.prompt_tokens or "?"),
-      tostring(u.completion_tokens or "?"), tostring(u.total_tokens or "?")))
+      tostring(u.completion_tokens or "?"), tostring(u.total_tokens or "?"),
+      res.cost and string.format(", cost $%.6f", res.cost) or ""))
+    cli.eprint(string.format("< route %s answered by step %d", tostring(res.route), res.step or 0))
   end
   return cli.EXIT_OK
 end

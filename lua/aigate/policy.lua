@@ -1,0 +1,803 @@
+-- aigate.policy: runs a request through the routing policy.
+--
+-- `chat(opts, cfg, ctx)` applies the template and variables (aigate.template), the config's
+-- before_request hook, resolves opts.model (or default_model) to a local `dynamic/<name>` route of
+-- cfg.routes or to a single target (a named model or an id, including a `dynamic/<name>` the gateway
+-- serves), runs the route's nodes (aigate.route) with circuit breakers (aigate.breaker) and limits
+-- (aigate.limit), sends each attempt with aigate.client, then runs after_response. Every result and
+-- failure carries the list of attempts. `prepare` renders the first request without sending it.
+-- Time, sleep and randomness go through M.now/M.time/M.sleep/M.random so tests can replace them.
+-- Used by aigate.chat and aigate.prepare (init.lua).
+
+local core = require("aigate.core")
+local client = require("aigate.client")
+local provider = require("aigate.provider")
+local route = require("aigate.route")
+local template = require("aigate.template")
+local breaker = require("aigate.breaker")
+local limit = require("aigate.limit")
+
+local M = {}
+
+M.MAX_DEPTH = 32
+M.RETRY_CAPS = { max_attempts = 10, max_delay = 30, max_retry_after = 60 }
+M.TIMEOUTS = { "timeout", "first_byte_timeout", "stall_timeout", "connect_timeout" }
+
+M.now = function()
+  return core.now()
+end
+M.time = function()
+  return core.time()
+end
+M.sleep = function(s)
+  return core.sleep(s)
+end
+M.random = math.random
+M.core = core -- what client.send uses: request, now, sse_parser
+
+--- Forgets breakers and limits (for tests).
+function M.reset()
+  breaker.reset()
+  limit.reset()
+end
+
+local function failure(msg, info)
+  return { ok = false, msg = msg, info = info or {} }
+end
+
+local function first_line(s)
+  return (tostring(s or ""):match("^[^\n]*"))
+end
+
+local function copy(t)
+  local c = {}
+  for k, v in pairs(t or {}) do
+    c[k] = v
+  end
+  return c
+end
+
+-- Retry-After ------------------------------------------------------------------------------------
+
+local MONTHS = { Jan = 1, Feb = 2, Mar = 3, Apr = 4, May = 5, Jun = 6, Jul = 7, Aug = 8, Sep = 9, Oct = 10, Nov = 11,
+  Dec = 12 }
+
+-- Days since 1970-01-01 of a civil date (proleptic Gregorian).
+local function days_from_civil(y, m, d)
+  y = m <= 2 and y - 1 or y
+  local era = (y >= 0 and y or y - 399) // 400
+  local yoe = y - era * 400
+  local doy = (153 * (m + (m > 2 and -3 or 9)) + 2) // 5 + d - 1
+  local doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+  return era * 146097 + doe - 719468
+end
+
+--- Seconds since the epoch of an HTTP date ("Wed, 21 Oct 2015 07:28:00 GMT"), or nil.
+function M.parse_http_date(s)
+  local d, mon, y, hh, mm, ss = s:match("^%a+,%s*(%d+)[%s%-]+(%a+)[%s%-]+(%d+)%s+(%d+):(%d+):(%d+)%s*GMT$")
+  if d == nil then
+    mon, d, hh, mm, ss, y = s:match("^%a+%s+(%a+)%s+(%d+)%s+(%d+):(%d+):(%d+)%s+(%d+)$") -- asctime
+  end
+  if d == nil or MONTHS[mon] == nil then
+    return nil
+  end
+  y = tonumber(y)
+  if y < 100 then
+    y = y + (y < 70 and 2000 or 1900)
+  end
+  return days_from_civil(y, MONTHS[mon], tonumber(d)) * 86400 + tonumber(hh) * 3600 + tonumber(mm) * 60 + tonumber(ss)
+end
+
+--- Seconds to wait for a Retry-After value (seconds, or an HTTP date measured against `now_wall`).
+function M.retry_after_seconds(v, now_wall)
+  if type(v) == "number" then
+    return math.max(0, v)
+  end
+  if type(v) ~= "string" then
+    return nil
+  end
+  local n = tonumber(v)
+  if n then
+    return math.max(0, n)
+  end
+  local t = M.parse_http_date(provider.trim(v))
+  if t then
+    return math.max(0, t - (now_wall or M.time()))
+  end
+  return nil
+end
+
+--- The delay before try number i+1 (after the i-th failure) by the retry node's schedule, with jitter.
+function M.backoff_delay(node, i, random)
+  local d = node.delay or 0
+  local kinds = {
+    constant = d,
+    linear = d * i,
+    exponential = d * 2 ^ (i - 1),
+  }
+  local delay = kinds[node.backoff or "exponential"]
+  local j = node.jitter or 0
+  if j > 0 then
+    delay = delay * (1 - j + 2 * j * (random or M.random)())
+  end
+  return delay
+end
+
+-- Failure classes ---------------------------------------------------------------------------------
+
+local ON = {
+  transport = function(info)
+    return info.kind == "transport"
+  end,
+  timeout = function(info)
+    return info.kind == "transport" and info.reason == "timeout"
+  end,
+  response = function(info)
+    return info.kind == "response"
+  end,
+  policy = function(info)
+    return info.kind == "policy"
+  end,
+  ["4xx"] = function(info)
+    return info.kind == "http" and type(info.status) == "number" and info.status >= 400 and info.status < 500
+  end,
+  ["5xx"] = function(info)
+    return info.kind == "http" and type(info.status) == "number" and info.status >= 500
+  end,
+}
+
+--- Whether a failure lets a fallback move on (and a retry try again): transport failures and
+-- timeouts, unusable 2xx replies, 408, 429, 5xx, skips by a breaker or a limit, plus what `on` lists.
+-- Never after a truncated reply (text was already delivered).
+function M.retryable(info, on)
+  if info.kind == "truncated" or info.kind == "config" then
+    return false
+  end
+  for _, x in ipairs(on or {}) do
+    if type(x) == "number" then
+      if info.status == x then
+        return true
+      end
+    elseif ON[x] and ON[x](info) then
+      return true
+    end
+  end
+  if info.kind == "transport" or info.kind == "response" then
+    return true
+  end
+  if info.kind == "policy" then
+    return info.moveon == true
+  end
+  local s = info.status
+  return info.kind == "http" and type(s) == "number" and (s == 408 or s == 429 or s >= 500)
+end
+
+-- Failures that count against a breaker: the upstream's fault, not the request's.
+local function breaker_failure(info)
+  if info.kind == "transport" or info.kind == "response" or info.kind == "truncated" then
+    return true
+  end
+  local s = info.status
+  return info.kind == "http" and type(s) == "number" and (s == 408 or s == 429 or s >= 500)
+end
+
+-- Cost ---------------------------------------------------------------------------------------------
+
+--- USD for usage at the configured prices of `name` (as written) or `id` (as sent), or nil.
+-- Prices are USD per million tokens: {input =, output =}.
+function M.cost(cfg, name, id, usage)
+  local prices = cfg.prices or {}
+  local p = (name and prices[name]) or prices[id]
+  if p == nil or type(usage) ~= "table" then
+    return nil
+  end
+  local pin, pout = usage.prompt_tokens, usage.completion_tokens
+  if pin == nil and pout == nil then
+    return nil
+  end
+  return ((pin or 0) * (p.input or 0) + (pout or 0) * (p.output or 0)) / 1e6
+end
+
+-- Running nodes ------------------------------------------------------------------------------------
+
+local EXEC = {}
+local target_cache = setmetatable({}, { __mode = "v" })
+
+-- A plain target node for a string id or named model.
+local DEFAULT = {} -- cache key of the provider's default model (no id)
+local function target_of(id)
+  local node = target_cache[id or DEFAULT]
+  if node == nil then
+    node = setmetatable({ kind = "target", id = id, opts = {}, params = {}, loc = "?" }, route.Node)
+    target_cache[id or DEFAULT] = node
+  end
+  return node
+end
+
+local function run(v, st, depth)
+  if depth > M.MAX_DEPTH then
+    return failure(string.format("route %s: nested deeper than %d steps (a cycle?)", st.name, M.MAX_DEPTH),
+      { kind = "policy", reason = "cycle" })
+  end
+  if type(v) == "string" then
+    local key = provider.trim(v)
+    local r = st.routes[key]
+    if r ~= nil then
+      return run(r, st, depth + 1)
+    end
+    v = target_of(v)
+  elseif v == nil then
+    return failure(string.format("route %s: nothing to run", st.name), { kind = "policy", reason = "empty" })
+  end
+  return EXEC[v.kind](v, st, depth)
+end
+
+local function record(st, fields)
+  fields.step = #st.attempts
+  st.attempts[#st.attempts + 1] = fields
+  return fields
+end
+
+-- Messages with the decorators in force (outer first) and the target's own.
+local function decorate(o, st, node)
+  local prepend, append, mode = {}, {}, nil
+  local layers = {}
+  for _, d in ipairs(st.decor) do
+    layers[#layers + 1] = d
+  end
+  layers[#layers + 1] = node.opts
+  for _, d in ipairs(layers) do
+    for _, m in ipairs(d.prepend or {}) do
+      prepend[#prepend + 1] = m
+    end
+    for _, m in ipairs(d.append or {}) do
+      append[#append + 1] = m
+    end
+    mode = d.system_messages or mode
+  end
+  if mode then
+    o.system_messages = mode
+  end
+  if #prepend == 0 and #append == 0 then
+    return true
+  end
+  if st.vars then
+    local missing, errs = {}, {}
+    prepend = template.render_messages(prepend, st.vars, missing, errs)
+    append = template.render_messages(append, st.vars, missing, errs)
+    if #errs > 0 then
+      return nil, "template: " .. errs[1]
+    end
+    if #missing > 0 then
+      return nil, template.missing_message(missing)
+    end
+  end
+  local msgs = {}
+  for _, m in ipairs(prepend) do
+    msgs[#msgs + 1] = copy(m)
+  end
+  if o.system then
+    msgs[#msgs + 1] = { role = "system", content = o.system }
+    o.system = nil
+  end
+  for _, m in ipairs(o.messages or {}) do
+    msgs[#msgs + 1] = m
+  end
+  if o.prompt then
+    msgs[#msgs + 1] = { role = "user", content = o.prompt }
+    o.prompt = nil
+  end
+  for _, m in ipairs(append) do
+    msgs[#msgs + 1] = copy(m)
+  end
+  o.messages = msgs
+  return true
+end
+
+-- The aigate.chat options of one attempt at a target node.
+local function attempt_opts(st, node)
+  local o = copy(st.req)
+  o.vars, o.template = nil, nil
+  o.model = node.id
+  for k, v in pairs(node.params) do
+    o[k] = v
+  end
+  for _, k in ipairs(M.TIMEOUTS) do
+    if node.opts[k] ~= nil then
+      o[k] = node.opts[k]
+    end
+  end
+  local ok, err = decorate(o, st, node)
+  if not ok then
+    return nil, err
+  end
+  if st.stream then
+    o.stream = function(text)
+      if text ~= "" then
+        st.delivered = true
+      end
+      return st.stream(text)
+    end
+  end
+  return o
+end
+
+local function breaker_key(req)
+  if req.gateway then
+    return req.model
+  end
+  return req.provider .. ":" .. req.model
+end
+
+local function use_breaker(st, node)
+  return st.cfg.breaker ~= false and node.opts.breaker ~= false
+end
+
+function EXEC.target(node, st)
+  local att = record(st, { target = node.id or "(default)", model = node.id, latency = 0 })
+  local o, terr = attempt_opts(st, node)
+  if o == nil then
+    att.error = terr
+    return failure(terr, { kind = "config" })
+  end
+  local okp, req, perr, pinfo = pcall(client.prepare, o, st.cfg, st.context)
+  if not okp then
+    att.error = first_line(req)
+    return failure(string.format("route %s: %s", st.name, tostring(req)), { kind = "config" })
+  end
+  if req == nil then
+    att.error = first_line(perr)
+    return failure(st.redact(perr), pinfo)
+  end
+  att.model = req.model
+  if node.id == nil then
+    att.target = req.model
+  end
+  local key = breaker_key(req)
+  local guarded = use_breaker(st, node)
+  if guarded then
+    local allowed, wait = breaker.allow(key, st.cfg.breaker, M.now())
+    if not allowed then
+      att.error, att.skipped = "circuit breaker open", true
+      return failure(string.format("circuit breaker open for %s after repeated failures; next try in %.1fs",
+        req.model, wait), { kind = "policy", reason = "breaker_open", moveon = true, retry_after = wait })
+    end
+  end
+  if st.verbose then
+    st.verbose(string.format("* attempt %d: %s", att.step, req.model))
+  end
+  local t0 = M.now()
+  local r, msg, info = client.send(req, M.core)
+  att.latency = M.now() - t0
+  if r then
+    att.status = r.status
+    if guarded then
+      breaker.record(key, true, st.cfg.breaker, M.now())
+    end
+    r.usage = r.usage or {}
+    r.cost = M.cost(st.cfg, node.id, req.model, r.usage)
+    att.cost = r.cost
+    return { ok = true, result = r, step = att.step }
+  end
+  info = info or {}
+  if (info.partial ~= nil and info.partial ~= "") or st.delivered then
+    info.cause, info.kind = info.kind, "truncated"
+    msg = "the reply broke off after text was delivered (truncated): " .. tostring(msg)
+  end
+  att.status = info.status
+  att.error = first_line(msg)
+  if guarded and breaker_failure(info) then
+    breaker.record(key, false, st.cfg.breaker, M.now())
+  end
+  return failure(msg, info)
+end
+
+function EXEC.func(node, st, depth)
+  local ok, v = xpcall(node.fn, debug.traceback, st.req, st.ctx)
+  if not ok then
+    return failure(string.format("route %s: the route function failed: %s", st.name, tostring(v)),
+      { kind = "policy", reason = "error" })
+  end
+  if v == nil then
+    return failure(string.format("route %s: the route function at %s returned nothing (return a model id, a "
+      .. "named model or a route)", st.name, node.loc), { kind = "policy", reason = "error" })
+  end
+  local saved = route.collect_begin()
+  local compiled = route.compile(v, node.loc, "route function result")
+  local problems = route.collect_end(saved)
+  if #problems > 0 then
+    return failure(string.format("route %s: the route function returned something invalid: %s", st.name,
+      table.concat(problems, "; ")), { kind = "policy", reason = "error" })
+  end
+  return run(compiled, st, depth + 1)
+end
+
+function EXEC.fallback(node, st, depth)
+  local last
+  for i, t in ipairs(node.targets) do
+    local out = run(t, st, depth + 1)
+    if out.ok then
+      return out
+    end
+    last = out
+    if i < #node.targets and not M.retryable(out.info, node.on) then
+      return out
+    end
+  end
+  return last
+end
+
+function EXEC.retry(node, st, depth)
+  local caps = st.caps
+  local n = math.min(node.attempts, caps.max_attempts)
+  local random = node.rng or M.random
+  local out
+  for i = 1, n do
+    out = run(node.target, st, depth + 1)
+    if out.ok or i == n or out.info.kind == "policy" or not M.retryable(out.info, node.on) then
+      return out
+    end
+    local delay = math.min(M.backoff_delay(node, i, random), node.max_delay or caps.max_delay)
+    local ra = M.retry_after_seconds(out.info.retry_after, M.time())
+    if ra then
+      delay = math.min(ra, node.max_retry_after or caps.max_retry_after)
+    end
+    local last = st.attempts[#st.attempts]
+    if last then
+      last.retry_delay = delay
+    end
+    M.sleep(delay)
+  end
+  return out
+end
+
+local function pick(node)
+  local r = (node.rng or M.random)() * node.total
+  for _, b in ipairs(node.branches) do
+    r = r - b.weight
+    if r < 0 then
+      return b.target
+    end
+  end
+  for i = #node.branches, 1, -1 do
+    if node.branches[i].weight > 0 then
+      return node.branches[i].target
+    end
+  end
+end
+
+function EXEC.split(node, st, depth)
+  return run(pick(node), st, depth + 1)
+end
+
+local function condition(node, st)
+  if type(node.cond) == "function" then
+    local ok, v = xpcall(node.cond, debug.traceback, st.req, st.ctx)
+    if not ok then
+      return nil, failure(string.format("route %s: the condition at %s failed: %s", st.name, node.loc, tostring(v)),
+        { kind = "policy", reason = "error" })
+    end
+    return v and true or false
+  end
+  return route.match(node.cond, st.req)
+end
+
+function EXEC.when(node, st, depth)
+  local v, fail = condition(node, st)
+  if v == nil then
+    return fail
+  end
+  return run(v and node.yes or node.no, st, depth + 1)
+end
+
+function EXEC.limit(node, st, depth)
+  local keyval = node.key and route.lookup(st.req, node.key)
+  keyval = keyval == nil and "" or tostring(keyval)
+  local ok, b = limit.admit(node, keyval, M.now())
+  if not ok then
+    local what = node.count and string.format("%d requests", node.count) or string.format("$%g", node.cost)
+    local who = node.key and string.format(" for %s=%s", node.key, keyval) or ""
+    record(st, { target = route.describe(node.target), error = string.format("limit of %s per %gs reached%s", what,
+      node.per, who), skipped = true, latency = 0 })
+    if node.fallback ~= nil then
+      return run(node.fallback, st, depth + 1)
+    end
+    return failure(string.format("route %s: limit of %s per %gs reached%s; retry in %.2fs", st.name, what, node.per,
+      who, b), { kind = "policy", reason = "limit", moveon = true, retry_after = b })
+  end
+  local out = run(node.target, st, depth + 1)
+  if out.ok and node.cost then
+    limit.spend(node, b, out.result.cost, M.now())
+  end
+  return out
+end
+
+function EXEC.decorate(node, st, depth)
+  st.decor[#st.decor + 1] = node
+  local out = run(node.target, st, depth + 1)
+  st.decor[#st.decor] = nil
+  return out
+end
+
+-- Requests -------------------------------------------------------------------------------------
+
+-- Calls a hook; returns the (possibly replaced) value, or nil, failure.
+local function call_hook(st, name, value)
+  local hooks = st.cfg.hooks or {}
+  local fn = hooks[name]
+  if fn == nil then
+    return value
+  end
+  local ok, a, b = xpcall(fn, debug.traceback, value, st.ctx)
+  if not ok then
+    return nil, failure(string.format("%s hook failed: %s", name, tostring(a)), { kind = "policy", reason = "hook" })
+  end
+  if a == false or (a == nil and b ~= nil) then
+    return nil, failure(b ~= nil and tostring(b) or ("rejected by the " .. name .. " hook"),
+      { kind = "policy", reason = "rejected" })
+  end
+  if type(a) == "table" then
+    return a
+  end
+  return value
+end
+
+-- Sets up the state of one request: template, hook, route. Returns st or nil, failure.
+local function start(opts, cfg, context, dry_run)
+  local o, terr = template.apply(opts, cfg)
+  local st = {
+    cfg = cfg,
+    context = context or {},
+    attempts = {},
+    decor = {},
+    routes = cfg.routes or {},
+    caps = {},
+    stream = opts.stream,
+    verbose = opts.verbose,
+    vars = opts.vars,
+    redact = (context or {}).redact or function(s)
+      return s
+    end,
+  }
+  for k, v in pairs(M.RETRY_CAPS) do
+    st.caps[k] = (cfg.retry or {})[k] or v
+  end
+  st.name = opts.model or cfg.default_model or "(default model)"
+  if o == nil then
+    return nil, failure(terr, { kind = "config" }), st
+  end
+  if o ~= opts then
+    local ok, err = pcall(client.check_options, o, 1)
+    if not ok then
+      error(tostring(err):gsub("^aigate%.chat: ", "aigate.chat: with template '" .. tostring(opts.template) .. "': "), 0)
+    end
+  end
+  st.req = copy(o)
+  st.ctx = {
+    route = st.name,
+    model = st.name,
+    metadata = o.metadata or {},
+    vars = opts.vars or {},
+    attempts = st.attempts,
+    config = cfg,
+    dry_run = dry_run or false,
+    now = M.now,
+  }
+  local req, fail = call_hook(st, "before_request", st.req)
+  if req == nil then
+    return nil, fail, st
+  end
+  if req ~= st.req then
+    local ok, err = pcall(client.check_options, req, 1)
+    if not ok then
+      return nil, failure("before_request hook returned bad options: " .. tostring(err), { kind = "policy", reason = "hook" }), st
+    end
+  end
+  st.req = req
+  st.stream = req.stream
+  st.verbose = req.verbose
+  local name = req.model or cfg.default_model
+  st.name = name or "(default model)"
+  st.ctx.route = st.name
+  st.entry = name or target_of(nil)
+  return st
+end
+
+-- The failure as aigate.chat returns it: nil, message, info (with attempts).
+local function failed(st, out)
+  local info = out.info or {}
+  info.attempts = st.attempts
+  info.kind = info.kind or "policy"
+  info.retry_after = M.retry_after_seconds(info.retry_after, M.time())
+  local msg = out.msg
+  local tried = 0
+  for _, a in ipairs(st.attempts) do
+    if not a.skipped then
+      tried = tried + 1
+    end
+  end
+  if #st.attempts > 1 and info.kind ~= "truncated" then
+    msg = string.format("route %s: %d attempts failed (%d sent); the last: %s", st.name, #st.attempts, tried,
+      tostring(msg))
+  end
+  return nil, msg, info
+end
+
+--- Runs a request through the policy. Returns the result (with attempts, step, route, cost, usage)
+-- or nil, message, info.
+function M.chat(opts, cfg, context)
+  local st, fail = start(opts, cfg, context, false)
+  if st == nil then
+    local stub = { attempts = {}, name = opts.model }
+    return failed(stub, fail)
+  end
+  local out = run(st.entry, st, 0)
+  if not out.ok then
+    return failed(st, out)
+  end
+  local r = out.result
+  r.gateway_step = r.step
+  r.step = out.step
+  r.attempts = st.attempts
+  r.route = st.name
+  r.usage = r.usage or {}
+  local res, hfail = call_hook(st, "after_response", r)
+  if res == nil then
+    return failed(st, hfail)
+  end
+  return res
+end
+
+-- Prepare --------------------------------------------------------------------------------------
+
+-- The first target a route would try (pushing decorators on st.decor), or nil, failure.
+local FIRST = {}
+local function first(v, st, depth)
+  if depth > M.MAX_DEPTH then
+    return nil, failure(string.format("route %s: nested deeper than %d steps (a cycle?)", st.name, M.MAX_DEPTH),
+      { kind = "policy", reason = "cycle" })
+  end
+  if type(v) == "string" then
+    local r = st.routes[provider.trim(v)]
+    if r ~= nil then
+      return first(r, st, depth + 1)
+    end
+    return target_of(v)
+  end
+  return FIRST[v.kind](v, st, depth)
+end
+FIRST.target = function(n)
+  return n
+end
+FIRST.fallback = function(n, st, depth)
+  return first(n.targets[1], st, depth + 1)
+end
+FIRST.retry = function(n, st, depth)
+  return first(n.target, st, depth + 1)
+end
+FIRST.limit = FIRST.retry
+FIRST.split = function(n, st, depth)
+  return first(n.branches[1].target, st, depth + 1)
+end
+FIRST.when = function(n, st, depth)
+  local v, fail = condition(n, st)
+  if v == nil then
+    return nil, fail
+  end
+  return first(v and n.yes or n.no, st, depth + 1)
+end
+FIRST.decorate = function(n, st, depth)
+  st.decor[#st.decor + 1] = n
+  return first(n.target, st, depth + 1)
+end
+FIRST.func = function(n, st, depth)
+  local ok, v = xpcall(n.fn, debug.traceback, st.req, st.ctx)
+  if not ok or v == nil then
+    return nil, failure(string.format("route %s: the route function failed: %s", st.name, tostring(v)),
+      { kind = "policy", reason = "error" })
+  end
+  local saved = route.collect_begin()
+  local compiled = route.compile(v, n.loc, "route function result")
+  local problems = route.collect_end(saved)
+  if #problems > 0 then
+    return nil, failure(table.concat(problems, "; "), { kind = "policy", reason = "error" })
+  end
+  return first(compiled, st, depth + 1)
+end
+
+--- Every target a route value can reach, as written (ids and named models; functions as
+-- "function@file:line"), each once, in order.
+function M.targets(v, routes, out, seen, depth)
+  out, seen, depth = out or {}, seen or {}, depth or 0
+  if depth > M.MAX_DEPTH or v == nil then
+    return out
+  end
+  local function add(s)
+    if not seen[s] then
+      seen[s] = true
+      out[#out + 1] = s
+    end
+  end
+  if type(v) == "string" then
+    local key = provider.trim(v)
+    if routes[key] ~= nil then
+      if not seen["route:" .. key] then
+        seen["route:" .. key] = true
+        M.targets(routes[key], routes, out, seen, depth + 1)
+      end
+    else
+      add(v)
+    end
+  elseif v.kind == "target" then
+    add(v.id or "(default model)")
+  elseif v.kind == "func" then
+    add("function@" .. v.loc)
+  else
+    for _, c in ipairs(route.children(v)) do
+      M.targets(c, routes, out, seen, depth + 1)
+    end
+  end
+  return out
+end
+
+--- The request the policy would send first, not sent: {method, url, headers (redacted), body (table),
+-- body_table, body_text, model, provider, route, targets} or nil, message, info.
+function M.prepare(opts, cfg, context)
+  local st, fail = start(opts, cfg, context, true)
+  if st == nil then
+    return nil, fail.msg, fail.info
+  end
+  local node, ffail = first(st.entry, st, 0)
+  if node == nil then
+    return nil, ffail.msg, ffail.info
+  end
+  local o, terr = attempt_opts(st, node)
+  if o == nil then
+    return nil, terr, { kind = "config" }
+  end
+  local req, err, info = client.prepare(o, cfg, context)
+  if req == nil then
+    return nil, err, info
+  end
+  local headers = {}
+  for k, v in pairs(req.headers) do
+    headers[k] = client.shown_header(k, v, req.redact)
+  end
+  return {
+    method = req.method,
+    url = req.redact(req.url),
+    headers = headers,
+    body = req.body_table,
+    body_table = req.body_table,
+    body_text = req.redact(req.body),
+    model = req.model,
+    provider = req.provider,
+    route = st.name,
+    targets = M.targets(st.entry, st.routes),
+  }
+end
+
+--- Attempt list as lines for people ("attempt 0: id -> HTTP 500 in 0.003s, retry in 0.1s").
+function M.format_attempts(attempts)
+  local lines = {}
+  for _, a in ipairs(attempts or {}) do
+    local what
+    if a.error then
+      what = a.error
+    else
+      what = "HTTP " .. tostring(a.status)
+    end
+    local target = a.target
+    if a.model and a.model ~= a.target then
+      target = target .. " (" .. a.model .. ")"
+    end
+    local line = string.format("* attempt %d: %s -> %s in %.3fs", a.step, target, what, a.latency or 0)
+    if a.retry_delay then
+      line = line .. string.format(", retry in %.3fs", a.retry_delay)
+    end
+    lines[#lines + 1] = line
+  end
+  return lines
+end
+
+return M
