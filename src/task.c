@@ -10,7 +10,7 @@
  * run queue drained from a libevent callback, so no task is ever resumed from inside Lua code.
  *
  * Also here: core.sleep, core.wait, core.wait_signal (SIGINT/SIGTERM), clocks, getenv, isatty and
- * fsync.
+ * fsync, truncate.
  */
 #include <errno.h>
 #include <signal.h>
@@ -518,6 +518,22 @@ static int l_fsync(lua_State *L)
     return 1;
 }
 
+/* core.truncate(path, size): cuts a file to size bytes (drops a torn tail). Pushes true or nil, err. */
+static int l_truncate(lua_State *L)
+{
+    const char *path = luaL_checkstring(L, 1);
+    lua_Integer size = luaL_checkinteger(L, 2);
+
+    luaL_argcheck(L, size >= 0, 2, "size must be >= 0");
+    if (truncate(path, (off_t)size) != 0) {
+        lua_pushnil(L);
+        lua_pushfstring(L, "truncate: %s: %s", path, strerror(errno));
+        return 2;
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
 static int l_pid(lua_State *L)
 {
     lua_pushinteger(L, (lua_Integer)getpid());
@@ -536,6 +552,7 @@ void core_register_tasks(lua_State *L)
         { "getenv", l_getenv },
         { "isatty", l_isatty },
         { "fsync", l_fsync },
+        { "truncate", l_truncate },
         { "pid", l_pid },
         { NULL, NULL },
     };

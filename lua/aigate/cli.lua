@@ -115,7 +115,7 @@ end
 
 -- The commands, in the order help lists them; each is a module aigate.cmd.<name> with fields
 -- `summary`, `help` and `main(argv)` (argv[1] is the command name).
-M.COMMANDS = {"chat", "run", "mock"}
+M.COMMANDS = {"chat", "run", "batch", "mock", "check", "routes"}
 
 local function command(name)
   for _, c in ipairs(M.COMMANDS) do

@@ -1,0 +1,1001 @@
+-- aigate.batch: the engine of `aigate batch`. Runs every line of a JSONL file through aigate.chat (the
+-- whole routing policy) with a pool of worker tasks, writes one OpenAI-batch-shaped result line per
+-- input line as results complete, and keeps the output resumable at every moment: results are
+-- flushed within FLUSH_INTERVAL and fsynced every FSYNC_INTERVAL, a torn last line is cut on
+-- --resume, and ids already in the output are skipped. Also: input parsing of both line forms, the
+-- first pass over a file (ids only, for duplicate detection and the total), --ordered with a bounded
+-- reorder window, --rpm/--tpm pacing, adaptive concurrency on 429, SIGINT handling, progress and the
+-- end summary. Called by cmd/batch.lua as batch.run(opts); the pure pieces (parse_line, id_of,
+-- result lines, scan_output, Histogram) are exported for tests.
+local core = require "aigate.core"
+local jsonl = require "aigate.jsonl"
+
+local M = {}
+
+local cj = require("cjson").new() -- our own instance: its settings touch nobody else
+cj.encode_sparse_array(true)
+cj.encode_number_precision(14)
+local decode, encode = cj.decode, cj.encode
+local null = cj.null
+local concat, format, find, sub, match = table.concat, string.format, string.find, string.sub, string.match
+local floor, huge = math.floor, math.huge
+local running = coroutine.running
+local raw_bodies
+
+M.FLUSH_INTERVAL = 0.01   -- seconds: results reach the file at most this late
+M.FSYNC_INTERVAL = 1.0    -- seconds between fsyncs while results are being written
+M.TTY_PROGRESS = 0.25     -- seconds between redraws of the live progress line
+M.PLAIN_PROGRESS = 10     -- seconds between plain progress lines (stderr not a terminal)
+M.MAX_LINE = 8 * 1024 * 1024
+M.WINDOW_PER_WORKER = 4   -- --ordered: lines in flight or waiting to be written, per worker
+M.RATE_RETRIES = 3        -- times a line that ended in 429 is sent again after the pause
+M.DEFAULT_RETRY_AFTER = 1 -- seconds to pause on a 429 without Retry-After
+M.PARK = 0.02             -- seconds a worker waits before checking admission again
+
+-- ---- input lines --------------------------------------------------------------------------------
+
+-- Chat parameters of an OpenAI request body that aigate.chat takes as options; any other body field
+-- goes to extra_body unchanged.
+M.BODY_OPTIONS = {
+  temperature = true, max_tokens = true, top_p = true, frequency_penalty = true, presence_penalty = true,
+  seed = true, stop = true, response_format = true, tools = true, tool_choice = true,
+}
+-- Body fields a batch does not forward: batch requests are never streamed.
+local BODY_DROPPED = { model = true, messages = true, stream = true, stream_options = true }
+-- Short-form fields refused (functions or whole configs cannot come from a data file).
+local SHORT_REFUSED = { stream = true, verbose = true, config = true }
+
+local function id_text(v)
+  local t = type(v)
+  if t == "string" then
+    if v ~= "" then return v end
+  elseif t == "number" then
+    local i = math.tointeger(v)
+    if i then return format("%d", i) end
+    if v == v and v ~= huge and v ~= -huge then return tostring(v) end
+  end
+  return nil
+end
+
+--- The id of a decoded line: custom_id, else id, else "line-N". Second result: a complaint when the
+-- line has an id field that cannot be used.
+function M.id_of(obj, lineno)
+  local raw = obj.custom_id
+  local field = "custom_id"
+  if raw == nil or raw == null then raw, field = obj.id, "id" end
+  if raw == nil or raw == null then return "line-" .. lineno end
+  local id = id_text(raw)
+  if id == nil then
+    return "line-" .. lineno, format("'%s' must be a non-empty string or a number", field)
+  end
+  return id
+end
+
+-- The id of a raw line without decoding it when the id is the first key (the usual case).
+local function fast_id(line)
+  local id = match(line, '^%s*{%s*"custom_id"%s*:%s*"([^"\\]+)"')
+  if id then return id end
+  if find(line, '"custom_id"', 1, true) then return nil end
+  id = match(line, '^%s*{%s*"id"%s*:%s*"([^"\\]+)"') or match(line, '^%s*{%s*"id"%s*:%s*(%-?%d+)%s*[,}]')
+  if id and #id < 16 then return id end
+  return nil
+end
+
+--- The id the output will carry for a raw input line (what the first pass records).
+function M.line_id(line, lineno)
+  local id = fast_id(line)
+  if id then return id end
+  local ok, obj = pcall(decode, line)
+  if not ok or type(obj) ~= "table" then return "line-" .. lineno end
+  return (M.id_of(obj, lineno))
+end
+
+local function is_blank(line)
+  return find(line, "^%s*$") ~= nil
+end
+M.is_blank = is_blank
+
+-- OpenAI Batch API request line -> aigate.chat options.
+local function from_openai(obj, lineno)
+  if obj.method ~= nil and obj.method ~= "POST" then
+    return nil, "invalid_request", format("line %d: method must be \"POST\" (got %s)", lineno, tostring(obj.method))
+  end
+  local url = obj.url
+  if url ~= nil and (type(url) ~= "string" or not find(url, "/chat/completions$")) then
+    return nil, "invalid_request", format("line %d: url %s is not supported: only /v1/chat/completions",
+      lineno, type(url) == "string" and ("'" .. url .. "'") or tostring(url))
+  end
+  local body = obj.body
+  if type(body) ~= "table" then
+    return nil, "invalid_request", format("line %d: 'body' must be an object (got %s)", lineno,
+      body == null and "null" or type(body))
+  end
+  if type(body.messages) ~= "table" then
+    return nil, "missing_prompt", format("line %d: the body has no 'messages' array", lineno)
+  end
+  local opts = { messages = body.messages }
+  if body.model ~= nil and body.model ~= null then opts.model = body.model end
+  local extra
+  for k, v in pairs(body) do
+    if v == null or BODY_DROPPED[k] then
+      -- nothing
+    elseif M.BODY_OPTIONS[k] then
+      opts[k] = v
+    else
+      extra = extra or {}
+      extra[k] = v
+    end
+  end
+  opts.extra_body = extra
+  return opts
+end
+
+-- Short form {"id", "prompt" | "messages", model, system, vars, template, metadata, params...}.
+local function from_short(obj, lineno)
+  local opts = {}
+  for k, v in pairs(obj) do
+    if k ~= "id" and v ~= null then
+      if SHORT_REFUSED[k] then
+        return nil, "invalid_request", format("line %d: field '%s' is not allowed in a batch line", lineno, k)
+      end
+      opts[k] = v
+    end
+  end
+  return opts
+end
+
+--- One raw input line -> item {id, lineno, opts} or {id, lineno, code, message} (a bad line).
+-- defaults: {model, template} applied when the line names none.
+function M.parse_line(line, lineno, defaults, oversize)
+  if oversize then
+    return { id = "line-" .. lineno, lineno = lineno, code = "line_too_large",
+      message = format("line %d: too large (%d bytes; the limit is %d)", lineno, oversize, defaults.max_line or M.MAX_LINE) }
+  end
+  local ok, obj = pcall(decode, line)
+  if not ok then
+    local why = tostring(obj):gsub("^.-: ", "", 1)
+    return { id = "line-" .. lineno, lineno = lineno, code = "invalid_json",
+      message = format("line %d: not valid JSON (%s)", lineno, why) }
+  end
+  if type(obj) ~= "table" or (obj[1] ~= nil and next(obj, #obj) == nil) then
+    return { id = "line-" .. lineno, lineno = lineno, code = "invalid_line",
+      message = format("line %d: not a JSON object", lineno) }
+  end
+  local id, bad = M.id_of(obj, lineno)
+  local item = { id = id, lineno = lineno }
+  if bad then
+    item.code, item.message = "invalid_line", format("line %d: %s", lineno, bad)
+    return item
+  end
+  local opts, code, msg
+  if obj.custom_id ~= nil or obj.body ~= nil then
+    opts, code, msg = from_openai(obj, lineno)
+  else
+    opts, code, msg = from_short(obj, lineno)
+  end
+  if opts == nil then
+    item.code, item.message = code, msg
+    return item
+  end
+  if opts.model == nil then opts.model = defaults.model end
+  if opts.template == nil then opts.template = defaults.template end
+  if opts.prompt == nil and opts.messages == nil and opts.template == nil then
+    item.code, item.message = "missing_prompt", format("line %d: no 'prompt' or 'messages'", lineno)
+    return item
+  end
+  item.opts = opts
+  return item
+end
+
+-- ---- output lines -------------------------------------------------------------------------------
+
+-- cjson writes "/" as "\\/"; undone so that ids and model names read (and grep) as they are. Safe:
+-- in cjson's output a backslash only starts an escape and "/" never stands alone.
+local function enc(v)
+  local ok, s = pcall(encode, v)
+  if not ok then return (require("aigate.client").json.encode(v)) or "null" end
+  if find(s, "\\/", 1, true) then s = s:gsub("\\/", "/") end
+  return s
+end
+
+local function ms(seconds)
+  if type(seconds) ~= "number" then return nil end
+  return floor(seconds * 1e6 + 0.5) / 1e6
+end
+
+-- The attempts of a result (the policy's list, or one attempt built from the result itself).
+local function attempts_of(res, info, err)
+  local list = (res and res.attempts) or (info and info.attempts)
+  if type(list) == "table" then return list end
+  if res then
+    return { { model = res.model, status = res.status, latency = ms(res.latency), step = res.step } }
+  end
+  return { { model = info and info.model, status = info and info.status, error = err } }
+end
+M.attempts_of = attempts_of
+
+local function run_prefix()
+  local seed = floor(core.time() * 1e6) ~ (core.pid and core.pid() or 0)
+  return format("%08x", seed & 0xffffffff)
+end
+
+-- JSON text of a string, fast when it needs no escaping (model ids, providers, steps).
+local function jstr(v)
+  if type(v) == "string" and not find(v, '[%c"\\]') then return '"' .. v .. '"' end
+  return enc(v)
+end
+
+-- JSON text of a number (integers without ".0").
+local function jnum(v, fmt)
+  local i = math.tointeger(v)
+  if i then return format("%d", i) end
+  if type(v) ~= "number" or v ~= v or v == huge or v == -huge then return enc(v) end
+  return format(fmt or "%.6f", v)
+end
+
+-- The attempts of a success, as JSON: the policy's list, or one attempt made from the result.
+local function attempts_json(res)
+  if type(res.attempts) == "table" then return enc(res.attempts) end
+  return concat({ '[{"model":', jstr(res.model), ',"status":', jnum(res.status or 200), ',"latency":',
+    jnum(res.latency or 0), ',"step":', res.step ~= nil and jstr(res.step) or "0", "}]" })
+end
+
+--- A success line. Keys in a fixed order (id, custom_id, error, response, aigate) so that --resume
+-- can read id and outcome without decoding the body. raw: the reply's bytes when known (written as
+-- they are, so the body reads exactly as the provider sent it), else the decoded body is encoded.
+function M.success_line(req_id, item, res, raw)
+  local body = res.body
+  local request_id = res.request_id or (res.headers and res.headers["x-request-id"])
+    or (type(body) == "table" and body.id) or nil
+  local p = {
+    '{"id":"', req_id, '","custom_id":', jstr(item.id), ',"error":null,"response":{"status_code":',
+    jnum(res.status or 200), ',"request_id":', request_id and jstr(request_id) or "null",
+    ',"body":', raw or (body ~= nil and enc(body)) or "{}",
+    '},"aigate":{"line":', jnum(item.lineno), ',"model":', jstr(res.model),
+  }
+  local n = #p
+  local function add(k, v)
+    p[n + 1], p[n + 2] = k, v
+    n = n + 2
+  end
+  if res.provider ~= nil then add(',"provider":', jstr(res.provider)) end
+  if res.response_model ~= nil then add(',"response_model":', jstr(res.response_model)) end
+  if res.latency ~= nil then add(',"latency":', jnum(res.latency)) end
+  local u = res.usage
+  if type(u) == "table" then
+    add(',"usage":', concat({ '{"prompt_tokens":', jnum(u.prompt_tokens or 0), ',"completion_tokens":',
+      jnum(u.completion_tokens or 0), ',"total_tokens":', jnum(u.total_tokens or 0), "}" }))
+  end
+  if res.step ~= nil then add(',"step":', jstr(res.step)) end
+  if res.route ~= nil then add(',"route":', jstr(res.route)) end
+  if res.cost ~= nil then add(',"cost":', jnum(res.cost, "%.10g")) end
+  if res.cache_status ~= nil then add(',"cache_status":', jstr(res.cache_status)) end
+  if item.retries then add(',"batch_retries":', jnum(item.retries)) end
+  add(',"attempts":', attempts_json(res))
+  p[n + 1] = "}}"
+  return concat(p)
+end
+
+-- The error code of a failed aigate.chat call.
+local function error_code(info)
+  local kind = info and info.kind or "error"
+  if kind == "http" then
+    local s = info.status
+    if s == 429 then return "rate_limit_exceeded" end
+    return "http_" .. tostring(s)
+  end
+  return kind
+end
+M.error_code = error_code
+
+--- An error line: a bad input line (item.code/message) or a failed request (err, info).
+function M.error_line(req_id, item, err, info)
+  local code = item.code or error_code(info)
+  local message = item.message or err or "failed"
+  local response = "null"
+  if info and info.status then
+    local body = info.body
+    if type(body) == "string" then
+      local ok, decoded = pcall(decode, body)
+      body = ok and type(decoded) == "table" and decoded or nil
+    end
+    if type(body) ~= "table" then body = { error = { message = message, code = code } } end
+    response = concat({ '{"status_code":', format("%d", info.status), ',"request_id":null,"body":', enc(body), "}" })
+  end
+  local aig = { line = item.lineno, batch_retries = item.retries }
+  if not item.code then
+    aig.kind = info and info.kind
+    aig.gateway_code = info and info.code
+    aig.attempts = attempts_of(nil, info, message)
+    aig.hint = info and info.hint
+    aig.retry_after = info and info.retry_after
+  end
+  return concat({
+    '{"id":"', req_id, '","custom_id":', enc(item.id), ',"error":{"code":', enc(code), ',"message":', enc(message),
+    '},"response":', response, ',"aigate":', enc(aig), "}",
+  })
+end
+
+-- ---- resume --------------------------------------------------------------------------------------
+
+-- id and outcome of one output line: id, failed (boolean); nil when it is not a result line.
+local function result_of(line)
+  local id, e = match(line, '^{"id":"[^"]*","custom_id":"([^"\\]*)","error":(.)')
+  if id then return id, e ~= "n" end
+  local ok, obj = pcall(decode, line)
+  if not ok or type(obj) ~= "table" then return nil end
+  local cid = id_text(obj.custom_id)
+  if cid == nil then return nil end
+  local failed = obj.error ~= nil and obj.error ~= null
+  if not failed and type(obj.response) == "table" then
+    local s = obj.response.status_code
+    failed = type(s) == "number" and (s < 200 or s > 299)
+  end
+  return cid, failed
+end
+M.result_of = result_of
+
+--- Reads an existing output: returns {done = {id -> "ok"|"failed"}, ok, failed, torn (bytes dropped
+-- at the end), good_end (offset after the last complete line), bad (complete lines not understood)}.
+-- With drop_failed, failed ids are not in done. Nil, err when the file cannot be read.
+function M.scan_output(path)
+  local f, err = io.open(path, "rb")
+  if not f then return nil, err end
+  local r = jsonl.reader(f, huge)
+  local st = { done = {}, ok = 0, failed = 0, torn = 0, good_end = 0, bad = 0 }
+  while true do
+    local line, _, complete, off = r:next()
+    if line == nil then break end
+    if not complete then
+      st.torn = off - st.good_end
+      break
+    end
+    st.good_end = off
+    local id, failed = result_of(line)
+    if id == nil then
+      if not is_blank(line) then st.bad = st.bad + 1 end
+    else
+      local prev = st.done[id]
+      if prev == "failed" then st.failed = st.failed - 1 elseif prev == "ok" then st.ok = st.ok - 1 end
+      st.done[id] = failed and "failed" or "ok"
+      if failed then st.failed = st.failed + 1 else st.ok = st.ok + 1 end
+    end
+  end
+  f:close()
+  return st
+end
+
+--- --retry-failed: rewrites the output without its failed (and torn) lines, atomically (a temporary
+-- file next to it, fsynced, renamed over it). Returns true or nil, err.
+function M.drop_failed(path)
+  local src, err = io.open(path, "rb")
+  if not src then return nil, err end
+  local tmp = path .. ".aigate-tmp"
+  local dst, derr = io.open(tmp, "wb")
+  if not dst then src:close() return nil, derr end
+  local r = jsonl.reader(src, huge)
+  while true do
+    local line, _, complete = r:next()
+    if line == nil or not complete then break end
+    local id, failed = result_of(line)
+    if id and not failed then dst:write(line, "\n") end
+  end
+  src:close()
+  local ok, ferr = core.fsync(dst)
+  dst:close()
+  if not ok then os.remove(tmp) return nil, ferr end
+  local rok, rerr = os.rename(tmp, path)
+  if not rok then os.remove(tmp) return nil, rerr end
+  return true
+end
+
+-- ---- latency histogram (constant memory) ---------------------------------------------------------
+
+local Histogram = {}
+Histogram.__index = Histogram
+local LOG_STEP = math.log(1.02) -- 2% wide buckets
+
+function Histogram.new()
+  return setmetatable({ counts = {}, n = 0, max = 0 }, Histogram)
+end
+
+function Histogram:add(seconds)
+  local v = seconds > 1e-5 and seconds or 1e-5
+  local b = floor(math.log(v) / LOG_STEP)
+  local c = self.counts
+  c[b] = (c[b] or 0) + 1
+  self.n = self.n + 1
+  if v > self.max then self.max = v end
+end
+
+--- The value below which fraction q of the samples lie (upper edge of its bucket), or nil.
+function Histogram:quantile(q)
+  if self.n == 0 then return nil end
+  local keys = {}
+  for k in pairs(self.counts) do keys[#keys + 1] = k end
+  table.sort(keys)
+  local want, seen = q * self.n, 0
+  for _, k in ipairs(keys) do
+    seen = seen + self.counts[k]
+    if seen >= want then
+      return math.min(math.exp((k + 1) * LOG_STEP), self.max)
+    end
+  end
+  return self.max
+end
+M.Histogram = Histogram
+
+-- ---- the run --------------------------------------------------------------------------------------
+
+local function eprint(...)
+  io.stderr:write(...)
+  io.stderr:write("\n")
+  io.stderr:flush()
+end
+
+local function human(n)
+  if n >= 1e9 then return format("%.1fG", n / 1e9) end
+  if n >= 1e6 then return format("%.1fM", n / 1e6) end
+  if n >= 1e4 then return format("%.1fk", n / 1e3) end
+  return format("%d", n)
+end
+
+local function duration(s)
+  if s == nil or s ~= s or s == huge then return "?" end
+  if s < 60 then return format("%ds", floor(s + 0.5)) end
+  if s < 3600 then return format("%dm%02ds", floor(s / 60), floor(s % 60)) end
+  return format("%dh%02dm", floor(s / 3600), floor(s % 3600 / 60))
+end
+
+local function latency_text(s)
+  if s == nil then return "-" end
+  if s < 1 then return format("%.1fms", s * 1000) end
+  return format("%.2fs", s)
+end
+
+-- The first pass over a file: ids only. Returns total (lines to run, blank ones left out), dups
+-- (a list of "id 'x' on lines a and b"), or nil, err.
+local function first_pass(path, max_line, done)
+  local f, err = io.open(path, "rb")
+  if not f then return nil, err end
+  local r = jsonl.reader(f, max_line)
+  local seen, dups, ndup, total, skipped = {}, {}, 0, 0, 0
+  while true do
+    local line, lineno, _, _, oversize = r:next()
+    if line == nil then break end
+    if oversize or not is_blank(line) then
+      local id = oversize and ("line-" .. lineno) or M.line_id(line, lineno)
+      local first = seen[id]
+      if first then
+        ndup = ndup + 1
+        if #dups < 10 then dups[#dups + 1] = format("id '%s' on lines %d and %d", id, first, lineno) end
+      else
+        seen[id] = lineno
+        if done[id] then skipped = skipped + 1 else total = total + 1 end
+      end
+    end
+  end
+  f:close()
+  return total, dups, ndup, skipped
+end
+
+local State = {}
+State.__index = State
+
+-- Writes one result line (in order of completion, or through the reorder buffer).
+function State:emit(item, line, ok)
+  if ok then self.ok = self.ok + 1 else self.failed = self.failed + 1 end
+  if self.ordered then
+    local pend = self.pending
+    pend[item.seq] = line
+    local nxt = self.write_next
+    local out = self.out
+    while pend[nxt] do
+      out:write(pend[nxt], "\n")
+      pend[nxt] = nil
+      nxt = nxt + 1
+    end
+    self.write_next = nxt
+  else
+    self.out:write(line, "\n")
+  end
+  self.dirty = true
+end
+
+function State:next_req_id()
+  self.counter = self.counter + 1
+  return format("batch_req_%s%016x", self.prefix, self.counter)
+end
+
+-- Reads the next line to run (bad lines come back as items with code set). Nil at end of input.
+function State:read_item()
+  local r = self.reader
+  while true do
+    local line, lineno, _, _, oversize = r:next()
+    if line == nil then
+      self.eof = true
+      return nil
+    end
+    if oversize or not is_blank(line) then
+      local item = M.parse_line(line, lineno, self.defaults, oversize)
+      local id = item.id
+      if not self.done[id] then
+        if self.seen then -- stdin: duplicates found as they come
+          local first = self.seen[id]
+          if first then
+            self.input_error = format("duplicate id '%s' on lines %d and %d: stopped taking lines", id, first, lineno)
+            self.stopping = true
+            return nil
+          end
+          self.seen[id] = lineno
+        end
+        self.seq = self.seq + 1
+        item.seq = self.seq
+        item.len = #line
+        return item
+      end
+    end
+  end
+end
+
+-- Waits until a new request may start: below the (adaptive) concurrency limit, past any 429 pause,
+-- inside the --ordered window.
+function State:admit(next_seq)
+  while true do
+    if self.stopping then return false end
+    local now = core.now()
+    local wait
+    if self.pause_until > now then
+      wait = self.pause_until - now
+    elseif self.active >= self.limit then
+      wait = M.PARK
+    elseif self.ordered and next_seq and next_seq >= self.write_next + self.window then
+      wait = M.PARK
+    else
+      return true
+    end
+    core.sleep(wait < M.PARK and wait or M.PARK)
+  end
+end
+
+-- --rpm / --tpm: requests spread evenly over the minute (a "next allowed time" per limit).
+function State:pace(item)
+  local now = core.now()
+  local at = now
+  if self.rpm then
+    local t = self.rpm_next > now and self.rpm_next or now
+    self.rpm_next = t + 60 / self.rpm
+    if t > at then at = t end
+  end
+  if self.tpm then
+    local est = item.token_estimate
+    local t = self.tpm_next > now and self.tpm_next or now
+    self.tpm_next = t + est * 60 / self.tpm
+    if t > at then at = t end
+  end
+  if at > now then core.sleep(at - now) end
+end
+
+local function token_estimate(item, line_len)
+  local mt = item.opts.max_tokens
+  return floor(line_len / 4) + (type(mt) == "number" and mt or 0) + 1
+end
+
+-- Notes a 429 (in the final outcome or any attempt): halves the concurrency limit (once per round of
+-- requests) and pauses new requests for Retry-After.
+function State:saw_429(started, retry_after)
+  local now = core.now()
+  if started >= self.last_decrease then
+    local new = self.limit // 2
+    if new < 1 then new = 1 end
+    self.limit = new
+    if new < self.min_limit then self.min_limit = new end
+    self.last_decrease = now
+    self.since_increase = 0
+    self.throttled = self.throttled + 1
+  end
+  local ra = tonumber(retry_after or "") or M.DEFAULT_RETRY_AFTER
+  if ra > 60 then ra = 60 end
+  if now + ra > self.pause_until then self.pause_until = now + ra end
+end
+
+local function had_429(res, info)
+  local list = (res and res.attempts) or (info and info.attempts)
+  if info and info.status == 429 then return true, info.retry_after end
+  if type(list) == "table" then
+    for _, a in ipairs(list) do
+      if type(a) == "table" and a.status == 429 then return true, a.retry_after end
+    end
+  end
+  return false
+end
+
+function State:record_ok(res)
+  local u = res.usage
+  if u then
+    self.prompt_tokens = self.prompt_tokens + (u.prompt_tokens or 0)
+    self.completion_tokens = self.completion_tokens + (u.completion_tokens or 0)
+    self.total_tokens = self.total_tokens + (u.total_tokens or ((u.prompt_tokens or 0) + (u.completion_tokens or 0)))
+  end
+  if type(res.cost) == "number" then self.cost = self.cost + res.cost end
+  local m = res.model or "?"
+  self.by_model[m] = (self.by_model[m] or 0) + 1
+  local step = tostring(res.step or 0)
+  self.by_step[step] = (self.by_step[step] or 0) + 1
+  if res.latency then self.hist:add(res.latency) end
+end
+
+function State:count_outcome(key)
+  self.outcomes[key] = (self.outcomes[key] or 0) + 1
+end
+
+-- The raw reply body of the last request each batch worker made, so that result lines carry the
+-- provider's bytes (cjson would turn [] into {} and round long floats). Filled by a wrapper around
+-- core.request that batch.run installs for its own run, keyed by the worker's coroutine.
+raw_bodies = setmetatable({}, { __mode = "k" })
+
+local function keep_raw_bodies()
+  local request = core.request
+  if M.wrapped_request == request then return function() end end
+  local function wrapped(opts)
+    local res, err = request(opts)
+    local co = running()
+    if res and opts.on_chunk == nil and raw_bodies[co] ~= nil then raw_bodies[co] = res.body end
+    return res, err
+  end
+  core.request, M.wrapped_request = wrapped, wrapped
+  return function()
+    core.request, M.wrapped_request = request, nil
+  end
+end
+
+-- Runs one item (a line that parsed): the request, 429 handling, the result line.
+function State:run_item(item, chat)
+  local opts = item.opts
+  if self.tpm then item.token_estimate = token_estimate(item, item.len or 0) end
+  while true do
+    self:pace(item)
+    local started = core.now()
+    self.active = self.active + 1
+    local co = running()
+    raw_bodies[co] = false
+    local ok, res, err, info = pcall(chat, opts)
+    self.active = self.active - 1
+    if not ok then
+      -- aigate.chat raised: a caller mistake, i.e. a bad field in this line (or a bug: still one line)
+      local msg = tostring(res):gsub("^aigate%.chat: ", "")
+      item.code, item.message = "invalid_request", format("line %d: %s", item.lineno, msg)
+      self:count_outcome("invalid input")
+      self:emit(item, M.error_line(self:next_req_id(), item), false)
+      return
+    end
+    local raw = raw_bodies[co] or nil
+    raw_bodies[co] = nil
+    local limited, ra = had_429(res, info)
+    if limited then self:saw_429(started, ra) end
+    if res then
+      if not limited and self.limit < self.max_limit then
+        self.since_increase = self.since_increase + 1
+        if self.since_increase >= self.limit then
+          self.limit = self.limit + 1
+          self.since_increase = 0
+        end
+      end
+      if self.tpm and res.usage and res.usage.total_tokens then
+        self.tpm_next = self.tpm_next + (res.usage.total_tokens - item.token_estimate) * 60 / self.tpm
+      end
+      self:record_ok(res)
+      self:count_outcome("ok")
+      if raw and (res.status == nil or res.status < 200 or res.status > 299 or find(raw, "[\r\n]")
+          or sub(raw, 1, 1) ~= "{") then
+        raw = nil -- not the bytes of this reply, or not one line: encode the decoded body instead
+      end
+      self:emit(item, M.success_line(self:next_req_id(), item, res, raw), true)
+      return
+    end
+    if info and info.status == 429 and (item.retries or 0) < self.rate_retries and not self.stopping then
+      item.retries = (item.retries or 0) + 1
+      self.requeued = self.requeued + 1
+      if not self:admit() then
+        -- interrupted while waiting: leave the line for --resume
+        self.unfinished = self.unfinished + 1
+        return
+      end
+    else
+      local code = error_code(info)
+      self:count_outcome(code == "rate_limit_exceeded" and "http 429" or (code:gsub("_", " ")))
+      local m = opts.model or "?"
+      self.failed_by_model[m] = (self.failed_by_model[m] or 0) + 1
+      self:emit(item, M.error_line(self:next_req_id(), item, err, info), false)
+      return
+    end
+  end
+end
+
+-- Dry run of one item: the rendered request instead of sending it.
+function State:dry_item(item, prepare)
+  local ok, req, err, info = pcall(prepare, item.opts)
+  if not ok then
+    item.code, item.message = "invalid_request", format("line %d: %s", item.lineno, (tostring(req):gsub("^aigate%.chat: ", "")))
+    self:emit(item, M.error_line(self:next_req_id(), item), false)
+    return
+  end
+  if not req then
+    self:emit(item, M.error_line(self:next_req_id(), item, err, info), false)
+    return
+  end
+  local client = require "aigate.client"
+  local headers = {}
+  for k, v in pairs(req.headers or {}) do
+    headers[k] = req.redact and client.shown_header(k, v, req.redact) or v
+  end
+  local request = { method = req.method, url = req.url, headers = headers, body = req.body_table }
+  self:count_outcome("rendered")
+  local aig = { line = item.lineno, model = req.model, provider = req.provider, route = req.route,
+    step = req.step, targets = req.targets }
+  self:emit(item, concat({ '{"custom_id":', enc(item.id), ',"error":null,"request":', enc(request),
+    ',"aigate":', enc(aig), "}" }), true)
+end
+
+function State:worker(chat, prepare)
+  while true do
+    if not self:admit(self.seq + 1) then break end
+    local item = self:read_item()
+    if item == nil then break end
+    if item.code then
+      self:count_outcome("invalid input")
+      self:emit(item, M.error_line(self:next_req_id(), item), false)
+    elseif self.dry_run then
+      self:dry_item(item, prepare)
+    else
+      self:run_item(item, chat)
+    end
+  end
+  self.workers_left = self.workers_left - 1
+end
+
+function State:progress_text()
+  local now = core.now()
+  local elapsed = now - self.t0
+  local done = self.ok + self.failed
+  local rate = elapsed > 0 and done / elapsed or 0
+  local parts = {}
+  if self.total then
+    local pct = self.total > 0 and (100 * done / self.total) or 100
+    parts[#parts + 1] = format("batch: %d/%d (%d%%)", done, self.total, floor(pct))
+  else
+    parts[#parts + 1] = format("batch: %d done", done)
+  end
+  parts[#parts + 1] = format("ok %d failed %d", self.ok, self.failed)
+  parts[#parts + 1] = format("%.1f req/s", rate)
+  parts[#parts + 1] = "tokens " .. human(self.total_tokens)
+  parts[#parts + 1] = format("concurrency %d/%d (%d in flight)", self.limit, self.max_limit, self.active)
+  if self.pause_until > now then parts[#parts + 1] = format("paused %.1fs (429)", self.pause_until - now) end
+  if self.total and rate > 0 then
+    parts[#parts + 1] = "ETA " .. duration((self.total - done) / rate)
+  end
+  if self.stopping and not self.eof then parts[#parts + 1] = "stopping" end
+  return concat(parts, " | ")
+end
+
+function State:summary(wall)
+  local lines = {}
+  local done = self.ok + self.failed
+  lines[1] = format("aigate batch: %d lines in %s (%.1f/s): %d ok, %d failed%s%s", done,
+    wall < 60 and format("%.2fs", wall) or duration(wall), wall > 0 and done / wall or 0, self.ok, self.failed,
+    self.skipped > 0 and format(", %d skipped (already in the output)", self.skipped) or "",
+    self.unfinished > 0 and format(", %d not run (interrupted)", self.unfinished) or "")
+  local function sorted(t)
+    local keys = {}
+    for k in pairs(t) do keys[#keys + 1] = k end
+    table.sort(keys, function(a, b)
+      if t[a] ~= t[b] then return t[a] > t[b] end
+      return a < b
+    end)
+    local parts = {}
+    for _, k in ipairs(keys) do parts[#parts + 1] = format("%s %d", k, t[k]) end
+    return concat(parts, ", ")
+  end
+  if next(self.outcomes) then lines[#lines + 1] = "  outcomes: " .. sorted(self.outcomes) end
+  if next(self.by_model) then lines[#lines + 1] = "  models (ok): " .. sorted(self.by_model) end
+  if next(self.failed_by_model) then lines[#lines + 1] = "  models (failed): " .. sorted(self.failed_by_model) end
+  if next(self.by_step) then lines[#lines + 1] = "  route steps (ok): " .. sorted(self.by_step) end
+  lines[#lines + 1] = format("  tokens: %d prompt + %d completion = %d%s", self.prompt_tokens,
+    self.completion_tokens, self.total_tokens, self.cost > 0 and format(", cost $%.6f", self.cost) or "")
+  local h = self.hist
+  lines[#lines + 1] = format("  latency: p50 %s, p95 %s, p99 %s, max %s", latency_text(h:quantile(0.5)),
+    latency_text(h:quantile(0.95)), latency_text(h:quantile(0.99)), latency_text(h.n > 0 and h.max or nil))
+  if self.throttled > 0 or self.requeued > 0 then
+    lines[#lines + 1] = format("  rate limited: concurrency cut %d times (down to %d), %d lines sent again after 429",
+      self.throttled, self.min_limit, self.requeued)
+  end
+  if self.prior_failed > 0 then
+    lines[#lines + 1] = format("  the output still holds %d failed results from earlier runs (--retry-failed re-runs them)",
+      self.prior_failed)
+  end
+  return concat(lines, "\n")
+end
+
+--- Runs a batch. opts: input ("-" stdin), output (nil/"-" stdout), concurrency, model, template, rpm,
+-- tpm, resume, retry_failed, overwrite, dry_run, ordered, quiet, progress_interval, max_line,
+-- rate_retries, window. Returns the exit status (0, 1, 2, 130/143) and prints its own messages.
+function M.run(opts)
+  local aigate = require "aigate"
+  -- Each request makes short-lived garbage only; the generational collector handles that with
+  -- about 20% less CPU per request than the incremental one (measured with tests/bench).
+  collectgarbage("generational")
+  local to_stdout = opts.output == nil or opts.output == "-"
+  local from_stdin = opts.input == "-"
+  local max_line = opts.max_line or M.MAX_LINE
+  local st = setmetatable({
+    ok = 0, failed = 0, active = 0, seq = 0, write_next = 1, pending = {}, counter = 0,
+    limit = opts.concurrency, max_limit = opts.concurrency, min_limit = opts.concurrency,
+    since_increase = 0, last_decrease = -huge, pause_until = -huge, throttled = 0, requeued = 0,
+    rpm = opts.rpm, tpm = opts.tpm, rpm_next = -huge, tpm_next = -huge,
+    ordered = opts.ordered, window = opts.window or (opts.concurrency * M.WINDOW_PER_WORKER),
+    rate_retries = opts.rate_retries or M.RATE_RETRIES, dry_run = opts.dry_run,
+    defaults = { model = opts.model, template = opts.template, max_line = max_line },
+    done = {}, skipped = 0, unfinished = 0, prior_failed = 0,
+    prompt_tokens = 0, completion_tokens = 0, total_tokens = 0, cost = 0,
+    by_model = {}, failed_by_model = {}, by_step = {}, outcomes = {}, hist = Histogram.new(),
+    prefix = run_prefix(),
+  }, State)
+  if st.window < opts.concurrency then st.window = opts.concurrency end
+
+  -- The existing output: refuse to clobber it, or resume from it.
+  local resuming = opts.resume or opts.retry_failed
+  if not to_stdout then
+    local scan = M.scan_output(opts.output)
+    if scan then
+      if not resuming and not opts.overwrite and (scan.good_end > 0 or scan.torn > 0) then
+        eprint("aigate: batch: the output '", opts.output, "' exists and is not empty: --resume continues it, ",
+          "--overwrite starts again")
+        return 2
+      end
+      if resuming then
+        if opts.retry_failed and scan.failed > 0 then
+          local ok, err = M.drop_failed(opts.output)
+          if not ok then
+            eprint("aigate: batch: cannot rewrite '", opts.output, "': ", tostring(err))
+            return 2
+          end
+          for id, v in pairs(scan.done) do
+            if v == "failed" then scan.done[id] = nil end
+          end
+          scan.failed = 0
+        elseif scan.torn > 0 then
+          local ok, err = core.truncate(opts.output, scan.good_end)
+          if not ok then
+            eprint("aigate: batch: cannot drop the torn last line of '", opts.output, "': ", tostring(err))
+            return 2
+          end
+        end
+        if not opts.quiet and scan.torn > 0 then
+          eprint("aigate: batch: dropped a torn last line (", scan.torn, " bytes) from '", opts.output, "'")
+        end
+        if scan.bad > 0 then
+          eprint("aigate: batch: warning: ", scan.bad, " lines of '", opts.output, "' are not results; left as they are")
+        end
+        st.done = scan.done
+        st.prior_failed = scan.failed
+      end
+    end
+  end
+
+  -- The input: a first pass over a file for duplicates and the total.
+  local input
+  if from_stdin then
+    input = io.stdin
+    st.seen = {}
+  else
+    local total, dups, ndup, skipped = first_pass(opts.input, max_line, st.done)
+    if total == nil then
+      eprint("aigate: batch: cannot read the input: ", tostring(dups))
+      return 2
+    end
+    if ndup > 0 then
+      eprint("aigate: batch: ", ndup, " duplicate id", ndup > 1 and "s" or "", " in '", opts.input,
+        "'; nothing was sent:")
+      for _, d in ipairs(dups) do eprint("  ", d) end
+      if ndup > #dups then eprint("  ... and ", ndup - #dups, " more") end
+      return 2
+    end
+    st.total, st.skipped = total, skipped
+    input = assert(io.open(opts.input, "rb"))
+  end
+  st.reader = jsonl.reader(input, max_line, from_stdin)
+
+  local out
+  if to_stdout then
+    out = io.stdout
+  else
+    local err
+    out, err = io.open(opts.output, (resuming and not opts.overwrite) and "ab" or "wb")
+    if not out then
+      eprint("aigate: batch: cannot write '", opts.output, "': ", tostring(err))
+      return 2
+    end
+  end
+  out:setvbuf("full", 1 << 16)
+  st.out = out
+
+  local chat, prepare = aigate.chat, aigate.prepare
+  local unwrap = keep_raw_bodies()
+
+  -- SIGINT: stop taking lines, let in-flight requests finish; a second one aborts (resumable).
+  core.spawn(function()
+    local sig = core.wait_signal()
+    if sig == "TERM" then
+      st.abort = 143
+      return
+    end
+    st.stopping, st.interrupted = true, true
+    eprint("\naigate: batch: interrupted: finishing ", st.active, " requests in flight (Ctrl-C again to abort)")
+    core.wait_signal()
+    st.abort = 130
+  end)
+
+  local tty = core.isatty(2)
+  local every = opts.progress_interval or (tty and M.TTY_PROGRESS or M.PLAIN_PROGRESS)
+  local show_progress = not opts.quiet and every > 0
+  st.t0 = core.now()
+  local n = opts.concurrency
+  st.workers_left = n
+  for _ = 1, n do
+    core.spawn(State.worker, st, chat, prepare)
+  end
+
+  -- The main task: flushes, fsyncs, draws progress, and waits for the workers (or an abort).
+  local last_sync, last_progress = st.t0, st.t0
+  local synced_dirty = false
+  while st.workers_left > 0 and not st.abort do
+    core.sleep(M.FLUSH_INTERVAL)
+    local now = core.now()
+    if st.dirty then
+      out:flush()
+      st.dirty = false
+      synced_dirty = true
+    end
+    if synced_dirty and not to_stdout and now - last_sync >= M.FSYNC_INTERVAL then
+      core.fsync(out)
+      last_sync, synced_dirty = now, false
+    end
+    if show_progress and now - last_progress >= every then
+      last_progress = now
+      if tty then
+        io.stderr:write("\r\27[K", st:progress_text())
+        io.stderr:flush()
+      else
+        eprint(st:progress_text())
+      end
+    end
+  end
+  unwrap()
+  out:flush()
+  if not to_stdout then
+    core.fsync(out)
+    out:close()
+  end
+  if input ~= io.stdin then input:close() end
+  if show_progress and tty then io.stderr:write("\r\27[K") io.stderr:flush() end
+  if st.abort then
+    st.unfinished = st.unfinished + st.active
+  end
+  if not opts.quiet then eprint(st:summary(core.now() - st.t0)) end
+  if st.abort then
+    eprint("aigate: batch: aborted; ", st.active, " requests in flight were dropped: run again with --resume")
+    return st.abort
+  end
+  if st.input_error then
+    eprint("aigate: batch: ", st.input_error, "; fix the input and run again with --resume")
+    return 2
+  end
+  if st.interrupted then
+    if not opts.quiet then eprint("aigate: batch: interrupted: run again with --resume to finish") end
+    return 130
+  end
+  if st.failed > 0 or st.prior_failed > 0 then return 1 end
+  return 0
+end
+
+return M

@@ -1,0 +1,104 @@
+-- aigate.jsonl: reading JSON Lines in bounded memory, for `aigate batch` (its input and, on --resume,
+-- its own output). A reader hands out one line at a time with its number, whether it ended with a
+-- newline (a last line without one may be torn) and the byte offset just after it; a line longer than
+-- max_line is skipped while it is read (never held whole) and reported by its length instead.
+-- API: jsonl.reader(file, max_line, streaming) -> reader; reader:next() -> line, lineno, complete,
+-- end_offset, oversize_len (nil at end of input).
+local M = {}
+
+local BLOCK = 65536
+local find, sub = string.find, string.sub
+
+local Reader = {}
+Reader.__index = Reader
+
+--- A line reader over an open file. max_line: longest line kept, in bytes. streaming: read line by
+-- line as data arrives (stdin, pipes) instead of in 64 KiB blocks; an oversized line is then read
+-- whole before it is dropped.
+function M.reader(file, max_line, streaming)
+  return setmetatable({
+    file = file, max_line = max_line or math.huge, streaming = streaming,
+    buf = "", pos = 1, base = 0, lineno = 0, eof = false,
+  }, Reader)
+end
+
+-- Streaming mode: one read("L") per line (returns as soon as a line is there).
+function Reader:next_streaming()
+  local line = self.file:read("L")
+  if line == nil then return nil end
+  self.lineno = self.lineno + 1
+  self.base = self.base + #line
+  local complete = sub(line, -1) == "\n"
+  if complete then line = sub(line, 1, -2) end
+  if #line > self.max_line then
+    return "", self.lineno, complete, self.base, #line
+  end
+  return line, self.lineno, complete, self.base
+end
+
+-- Drops the rest of an oversized line (already `have` bytes long); returns its full length and
+-- whether it ended with a newline.
+function Reader:skip_rest(have)
+  while true do
+    local chunk = self.file:read(BLOCK)
+    if chunk == nil then
+      self.eof = true
+      self.buf, self.pos = "", 1
+      return have, false
+    end
+    local nl = find(chunk, "\n", 1, true)
+    if nl then
+      self.base = self.base + nl
+      self.buf, self.pos = sub(chunk, nl + 1), 1
+      return have + nl - 1, true
+    end
+    self.base = self.base + #chunk
+    have = have + #chunk
+  end
+end
+
+--- The next line: line (without its newline), lineno, complete, end_offset[, oversize_len]; nil at end.
+function Reader:next()
+  if self.streaming then return self:next_streaming() end
+  while true do
+    local buf, pos = self.buf, self.pos
+    local nl = find(buf, "\n", pos, true)
+    if nl then
+      self.pos = nl + 1
+      self.lineno = self.lineno + 1
+      local off = self.base + nl
+      if nl - pos > self.max_line then
+        return "", self.lineno, true, off, nl - pos
+      end
+      return sub(buf, pos, nl - 1), self.lineno, true, off
+    end
+    local rest = #buf - pos + 1
+    if self.eof then
+      if rest <= 0 then return nil end
+      self.pos = #buf + 1
+      self.lineno = self.lineno + 1
+      local off = self.base + #buf
+      if rest > self.max_line then
+        return "", self.lineno, false, off, rest
+      end
+      return sub(buf, pos), self.lineno, false, off
+    end
+    if rest > self.max_line then
+      -- Too long already: forget what we have and skip to the end of the line.
+      self.base = self.base + #buf
+      local len, complete = self:skip_rest(rest)
+      self.lineno = self.lineno + 1
+      return "", self.lineno, complete, self.base, len
+    end
+    local chunk = self.file:read(BLOCK)
+    if chunk == nil then
+      self.eof = true
+    else
+      self.base = self.base + pos - 1
+      self.buf = (rest > 0 and sub(buf, pos) or "") .. chunk
+      self.pos = 1
+    end
+  end
+end
+
+return M

@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# run.sh: the batch benchmark (not a test). Starts the canned local upstream and sends the same N
+# requests through (a) the plain libcurl multi driver and (b) `aigate batch`, at the same concurrency;
+# then again against an upstream that answers after 50 ms, and once at concurrency 1000 for memory per
+# request in flight. Prints a table: req/s, CPU µs per request and peak RSS of each (getrusage of the
+# child, by ./measure), the ratios, and the targets of issue 4. Loopback only.
+# Knobs: BENCH_N (default 100000), BENCH_C (64), BENCH_DELAY_N (20480), BENCH_DELAY_C (256),
+# BENCH_MEM_C (1000), AIGATE_BIN (./aigate). Run by `make bench` (which builds everything first).
+cd "$(dirname "$0")/../.." || exit 2
+ROOT=$PWD
+BENCH=$ROOT/tests/bench
+AIGATE=${AIGATE_BIN:-./aigate}
+case "$AIGATE" in /*) ;; *) AIGATE="$ROOT/${AIGATE#./}" ;; esac
+N=${BENCH_N:-100000}
+C=${BENCH_C:-64}
+DN=${BENCH_DELAY_N:-20480}
+DC=${BENCH_DELAY_C:-256}
+DELAY_MS=50
+MC=${BENCH_MEM_C:-1000}
+MN=$((MC * 5))
+export LC_ALL=C
+
+for b in canned_upstream libcurl_driver measure; do
+    [ -x "$BENCH/$b" ] || { echo "run.sh: $BENCH/$b is missing: run 'make -C tests/bench'" >&2; exit 2; }
+done
+[ -x "$AIGATE" ] || { echo "run.sh: $AIGATE is missing: run 'make aigate'" >&2; exit 2; }
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/aigate-bench.XXXXXX")
+UP_PID=""
+cleanup() {
+    [ -n "$UP_PID" ] && kill "$UP_PID" 2>/dev/null && wait "$UP_PID" 2>/dev/null
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+# start_upstream DELAY_MS: sets UP_PID and UP_PORT.
+start_upstream() {
+    local i
+    [ -n "$UP_PID" ] && kill "$UP_PID" 2>/dev/null && wait "$UP_PID" 2>/dev/null
+    "$BENCH/canned_upstream" 0 "$1" > "$TMP/upstream.out" &
+    UP_PID=$!
+    for i in $(seq 1 100); do
+        UP_PORT=$(awk '/^listening/ {print $2}' "$TMP/upstream.out")
+        [ -n "$UP_PORT" ] && return 0
+        sleep 0.05
+    done
+    echo "run.sh: the canned upstream did not start" >&2
+    exit 2
+}
+
+# make_input N FILE: N short-form lines.
+make_input() {
+    awk -v n="$1" 'BEGIN { for (i = 1; i <= n; i++) printf "{\"id\":\"r%d\",\"prompt\":\"Say hello.\"}\n", i }' > "$2"
+}
+
+# check_results NAME FILE N: every one of the N results must be a success, else the figures are void.
+check_results() {
+    local got
+    got=$(grep -c '"error":null' "$2")
+    if [ "$got" != "$3" ]; then
+        echo "run.sh: $1: only $got of $3 results succeeded; first failure:" >&2
+        grep -v '"error":null' "$2" | head -n 1 | cut -c 1-400 >&2
+        INVALID=1
+    fi
+}
+INVALID=0
+MODEL=workers-ai/@cf/meta/llama-3.3-70b-instruct-fp8-fast
+
+# Environment for aigate: the gateway URL pointed at the upstream, no user config.
+aigate_env() {
+    export CLOUDFLARE_ACCOUNT_ID=bench CLOUDFLARE_API_TOKEN=bench-token
+    export AIGATE_BASE_URL="http://127.0.0.1:$UP_PORT/v1/bench/gw/compat"
+    URL="$AIGATE_BASE_URL/chat/completions"
+    export XDG_CONFIG_HOME="$TMP/xdg"
+    unset CLOUDFLARE_GATEWAY_ID CLOUDFLARE_AI_GATEWAY_ID
+}
+
+# measure NAME CMD...: runs it under ./measure; sets WALL CPU RSS (seconds, seconds, KiB).
+measure() {
+    local name=$1
+    shift
+    (cd "$TMP" && "$BENCH/measure" "$TMP/$name.rusage" "$@" > "$TMP/$name.out" 2> "$TMP/$name.err")
+    local rc=$?
+    read -r _ WALL _ USER _ SYS _ RSS _ _ < "$TMP/$name.rusage"
+    CPU=$(awk -v u="$USER" -v s="$SYS" 'BEGIN { printf "%.6f", u + s }')
+    if [ "$rc" -ne 0 ]; then
+        echo "run.sh: $name exited $rc:" >&2
+        tail -n 5 "$TMP/$name.err" >&2
+    fi
+}
+
+row() { # label n wall cpu rss
+    awk -v l="$1" -v n="$2" -v w="$3" -v c="$4" -v r="$5" \
+        'BEGIN { printf "| %-34s | %8d | %9.0f | %10.1f | %12.1f |\n", l, n, n / w, c / n * 1e6, r / 1024 }'
+}
+
+aigate_env
+mkdir -p "$TMP/xdg"
+make_input "$N" "$TMP/input.jsonl"
+make_input "$DN" "$TMP/input_delay.jsonl"
+make_input "$MN" "$TMP/input_mem.jsonl"
+make_input 1 "$TMP/input_one.jsonl"
+
+echo "aigate batch benchmark: $(nproc) CPUs, $(uname -sr), $("$AIGATE" --version)"
+echo
+
+# 1. Throughput against the instant upstream.
+start_upstream 0
+aigate_env
+measure curl "$BENCH/libcurl_driver" "$URL" "$N" "$C"
+C_WALL=$WALL C_CPU=$CPU C_RSS=$RSS
+measure aigate "$AIGATE" batch "$TMP/input.jsonl" -o "$TMP/out.jsonl" -j "$C" -m "$MODEL" -q --overwrite
+A_WALL=$WALL A_CPU=$CPU A_RSS=$RSS
+check_results aigate "$TMP/out.jsonl" "$N"
+
+# 2. Against the 50 ms upstream.
+start_upstream "$DELAY_MS"
+aigate_env
+measure curl_delay "$BENCH/libcurl_driver" "$URL" "$DN" "$DC"
+CD_WALL=$WALL CD_CPU=$CPU CD_RSS=$RSS
+measure aigate_delay "$AIGATE" batch "$TMP/input_delay.jsonl" -o "$TMP/out_delay.jsonl" -j "$DC" -m "$MODEL" -q --overwrite
+AD_WALL=$WALL AD_CPU=$CPU AD_RSS=$RSS
+check_results aigate_delay "$TMP/out_delay.jsonl" "$DN"
+
+# 3. Memory per request in flight: peak RSS at concurrency MC (50 ms upstream) minus idle RSS.
+measure aigate_idle "$AIGATE" batch "$TMP/input_one.jsonl" -o "$TMP/out_one.jsonl" -j 1 -m "$MODEL" -q --overwrite
+AI_RSS=$RSS
+measure aigate_mem "$AIGATE" batch "$TMP/input_mem.jsonl" -o "$TMP/out_mem.jsonl" -j "$MC" -m "$MODEL" -q --overwrite
+AM_RSS=$RSS AM_WALL=$WALL
+check_results aigate_mem "$TMP/out_mem.jsonl" "$MN"
+measure curl_idle "$BENCH/libcurl_driver" "$URL" 1 1
+CI_RSS=$RSS
+measure curl_mem "$BENCH/libcurl_driver" "$URL" "$MN" "$MC"
+CM_RSS=$RSS
+
+echo "| run                                | requests |     req/s | CPU µs/req | peak RSS MiB |"
+echo "|------------------------------------|----------|-----------|------------|--------------|"
+row "libcurl driver, c=$C, instant" "$N" "$C_WALL" "$C_CPU" "$C_RSS"
+row "aigate batch, c=$C, instant" "$N" "$A_WALL" "$A_CPU" "$A_RSS"
+row "libcurl driver, c=$DC, ${DELAY_MS} ms" "$DN" "$CD_WALL" "$CD_CPU" "$CD_RSS"
+row "aigate batch, c=$DC, ${DELAY_MS} ms" "$DN" "$AD_WALL" "$AD_CPU" "$AD_RSS"
+echo
+awk -v n="$N" -v c="$C" -v cw="$C_WALL" -v aw="$A_WALL" -v cc="$C_CPU" -v ac="$A_CPU" \
+    -v dn="$DN" -v dc="$DC" -v d="$DELAY_MS" -v cdw="$CD_WALL" -v adw="$AD_WALL" \
+    -v mc="$MC" -v ai="$AI_RSS" -v am="$AM_RSS" -v ci="$CI_RSS" -v cm="$CM_RSS" 'BEGIN {
+    ratio = (n / aw) / (n / cw) * 100
+    extra = (ac - cc) / n * 1e6
+    ideal = dc / (d / 1000)
+    eff_a = (dn / adw) / ideal * 100
+    eff_c = (dn / cdw) / ideal * 100
+    mem_a = (am - ai) / mc
+    mem_c = (cm - ci) / mc
+    printf "| measure                                        | figure      | target   |      |\n"
+    printf "|------------------------------------------------|-------------|----------|------|\n"
+    printf "| aigate req/s vs libcurl, c=%-4d                 | %8.1f %%  | >= 60 %%  | %s |\n", c, ratio, (ratio >= 60) ? "ok  " : "MISS"
+    printf "| aigate CPU per request minus libcurl           | %8.1f µs | <= 15 µs | %s |\n", extra, (extra <= 15) ? "ok  " : "MISS"
+    printf "| aigate vs ideal (%d / %d ms = %d req/s)      | %8.1f %%  | >= 98 %%  | %s |\n", dc, d, ideal, eff_a, (eff_a >= 98) ? "ok  " : "MISS"
+    printf "| libcurl vs ideal, same run                     | %8.1f %%  |          |      |\n", eff_c
+    printf "| aigate KiB per request in flight, c=%-4d       | %8.1f KiB | < 50 KB  | %s |\n", mc, mem_a, (mem_a * 1.024 < 50) ? "ok  " : "MISS"
+    printf "|   (peak %.1f MiB - idle %.1f MiB) / %d          |             |          |      |\n", am / 1024, ai / 1024, mc
+    printf "| libcurl KiB per request in flight, c=%-4d      | %8.1f KiB |          |      |\n", mc, mem_c
+}'
+if [ "$INVALID" -ne 0 ]; then
+    echo
+    echo "INVALID: some aigate requests failed (see above); the aigate figures do not measure real replies."
+    exit 1
+fi

@@ -1,0 +1,268 @@
+#!/usr/bin/env bash
+# test_batch.sh: end-to-end tests of `aigate batch` against `aigate mock`: both input forms, the
+# OpenAI batch output shape, bad lines of each kind, duplicate ids, kill -9 then --resume (every id
+# exactly once), --retry-failed, SIGINT, 429 storms, --ordered, stdin/stdout, --dry-run, exit codes.
+. "$(dirname "$0")/lib.sh"
+
+start_mock || { fail "mock starts" "see above"; finish; }
+gateway_env
+export XDG_CONFIG_HOME="$TMP/xdg"
+cd "$TMP" || exit 1
+
+batch() {
+    "$AIGATE" batch "$@" > "$TMP/out" 2> "$TMP/err"
+    RC=$?
+    OUT=$(cat "$TMP/out")
+    ERR=$(cat "$TMP/err")
+}
+
+# lua EXPR FILE: evaluates a Lua expression over the JSON lines of FILE (`lines`, an array of decoded
+# objects; `raw`, the array of texts) with the binary itself.
+cat > "$TMP/lines.lua" <<'EOF2'
+local cjson = require "cjson.safe"
+local lines, raw = {}, {}
+for l in io.lines(arg[2]) do
+  raw[#raw + 1] = l
+  lines[#lines + 1] = cjson.decode(l) or false
+end
+local fn = assert(load("local lines, raw = ...; " .. arg[1], "=expr", "t", setmetatable({}, {__index = _G})))
+print(tostring(fn(lines, raw)))
+EOF2
+lua_on() { "$AIGATE" run "$TMP/lines.lua" "$1" "$2"; }
+
+# ids_once FILE N: "ok" when FILE holds ids r1..rN exactly once each and every line is whole JSON.
+ids_once() {
+    lua_on '
+      local seen, n = {}, 0
+      for i, v in ipairs(lines) do
+        if not v then return "line " .. i .. " is not JSON: " .. raw[i]:sub(1, 80) end
+        if seen[v.custom_id] then return "duplicate " .. v.custom_id end
+        seen[v.custom_id] = true
+        n = n + 1
+      end
+      for i = 1, '"$2"' do if not seen["r" .. i] then return "missing r" .. i end end
+      return n == '"$2"' and "ok" or ("count " .. n)' "$1"
+}
+
+gen() { # gen N MODEL FILE
+    awk -v n="$1" -v m="$2" 'BEGIN { for (i = 1; i <= n; i++) printf "{\"id\":\"r%d\",\"prompt\":\"p%d\",\"model\":\"%s\"}\n", i, i, m }' > "$3"
+}
+
+# ---- both forms, output shape -------------------------------------------------------------------
+cat > in1.jsonl <<'EOF2'
+{"custom_id": "req-1", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "openai/gpt-4o", "messages": [{"role": "user", "content": "hello openai form"}], "max_tokens": 20, "logprobs": false}}
+{"id": "short-1", "prompt": "hello short form", "model": "openai/gpt-4o", "system": "be brief", "temperature": 0.5}
+{"id": 7, "messages": [{"role": "user", "content": "numeric id"}]}
+{"prompt": "no id here"}
+
+EOF2
+batch in1.jsonl -o out1.jsonl -m openai/gpt-4o-mini -q
+expect_eq "both forms: exit 0" "$RC" 0
+expect_eq "both forms: 4 results (blank line skipped)" "$(wc -l < out1.jsonl | tr -d ' ')" 4
+expect_eq "openai batch output shape" "$(lua_on '
+  for _, v in ipairs(lines) do
+    if type(v.id) ~= "string" or not v.id:match("^batch_req_") then return "id " .. tostring(v.id) end
+    if type(v.custom_id) ~= "string" then return "custom_id" end
+    if v.error ~= require("cjson").null then return "error not null" end
+    local r = v.response
+    if type(r) ~= "table" or r.status_code ~= 200 or type(r.request_id) ~= "string" then return "response" end
+    if r.body.object ~= "chat.completion" or type(r.body.choices[1].message.content) ~= "string" then return "body" end
+    if type(v.aigate) ~= "table" or type(v.aigate.attempts) ~= "table" or type(v.aigate.latency) ~= "number"
+      or type(v.aigate.usage.total_tokens) ~= "number" or type(v.aigate.model) ~= "string" then return "aigate" end
+  end
+  return "ok"' out1.jsonl)" ok
+expect_eq "ids: custom_id, id, numeric id, line number" "$(lua_on '
+  local t = {} for _, v in ipairs(lines) do t[#t + 1] = v.custom_id end table.sort(t) return table.concat(t, ",")' out1.jsonl)" "7,line-4,req-1,short-1"
+expect_eq "openai form: body sent as given" "$(lua_on '
+  for _, v in ipairs(lines) do if v.custom_id == "req-1" then return v.response.body.choices[1].message.content end end' out1.jsonl)" "echo: hello openai form"
+expect_eq "-m is the default model only" "$(lua_on '
+  local m = {} for _, v in ipairs(lines) do m[v.custom_id] = v.aigate.model end return m["7"] .. " " .. m["short-1"]' out1.jsonl)" "openai/gpt-4o-mini openai/gpt-4o"
+expect_match "mock saw max_tokens and logprobs of the openai form" "$(grep 'hello openai form' "$MOCK_LOG")" '"max_tokens":20'
+expect_match "mock saw the system message of the short form" "$(grep 'hello short form' "$MOCK_LOG")" 'be brief'
+
+# ---- bad lines ----------------------------------------------------------------------------------
+{
+    echo '{"id": "good", "prompt": "fine"}'
+    echo 'this is not json'
+    echo '[1, 2, 3]'
+    echo '"a string"'
+    echo '{"id": "noprompt"}'
+    echo '{"id": "badmodel", "prompt": "x", "model": "nonexistent-model"}'
+    echo '{"id": "badtype", "prompt": "x", "temperature": "hot"}'
+    echo '{"id": "unknownfield", "prompt": "x", "temprature": 1}'
+    echo '{"custom_id": "badurl", "method": "POST", "url": "/v1/embeddings", "body": {"model": "openai/gpt-4o", "input": "x"}}'
+    echo '{"custom_id": "badmethod", "method": "GET", "url": "/v1/chat/completions", "body": {"messages": []}}'
+    echo '{"custom_id": "nobody", "method": "POST", "url": "/v1/chat/completions"}'
+    echo '{"id": true, "prompt": "bad id"}'
+    printf '{"id": "huge", "prompt": "%s"}\n' "$(head -c 3000 /dev/zero | tr '\0' 'x')"
+    echo '{"id": "upstream500", "prompt": "x", "model": "mock/fail-500"}'
+    echo '{"id": "good2", "prompt": "fine too"}'
+} > bad.jsonl
+batch bad.jsonl -o bad_out.jsonl -m openai/gpt-4o --max-line 1000 -q
+expect_eq "bad lines: exit 1" "$RC" 1
+expect_eq "bad lines: one result per line" "$(wc -l < bad_out.jsonl | tr -d ' ')" 15
+expect_eq "bad lines: the good ones succeeded" "$(lua_on '
+  local n = 0 for _, v in ipairs(lines) do if v.error == require("cjson").null then n = n + 1 end end return n' bad_out.jsonl)" 2
+bad_case() { # NAME CUSTOM_ID CODE MESSAGE-REGEX
+    local got
+    got=$(lua_on 'for _, v in ipairs(lines) do if v.custom_id == "'"$2"'" then
+        return v.error.code .. " | " .. v.error.message end end return "no result"' bad_out.jsonl)
+    expect_match "bad line: $1" "$got" "^$3 \\| $4"
+}
+bad_case "not JSON" line-2 invalid_json "line 2: not valid JSON"
+bad_case "an array" line-3 invalid_line "line 3: not a JSON object"
+bad_case "a string" line-4 invalid_line "line 4: not a JSON object"
+bad_case "no prompt" noprompt missing_prompt "line 5: no 'prompt' or 'messages'"
+bad_case "unknown model" badmodel config "model id 'nonexistent-model'"
+bad_case "wrong type" badtype invalid_request "line 7: option 'temperature' must be a number"
+bad_case "unknown field" unknownfield invalid_request "line 8: unknown option 'temprature'"
+bad_case "unsupported url" badurl invalid_request "line 9: url '/v1/embeddings' is not supported"
+bad_case "wrong method" badmethod invalid_request "line 10: method must be \"POST\""
+bad_case "no body" nobody invalid_request "line 11: 'body' must be an object"
+bad_case "bad id" line-12 invalid_line "line 12: 'id' must be a non-empty string or a number"
+bad_case "too large" line-13 line_too_large "line 13: too large \\(30[0-9]+ bytes; the limit is 1000\\)"
+bad_case "upstream 500" upstream500 http_500 "HTTP 500"
+expect_eq "upstream 500: response carries status and body" "$(lua_on '
+  for _, v in ipairs(lines) do if v.custom_id == "upstream500" then
+    return string.format("%d %s", v.response.status_code, v.response.body.error.type) end end' bad_out.jsonl)" "500 server_error"
+
+# ---- duplicates, usage errors, exit 2 -------------------------------------------------------------
+printf '{"id":"a","prompt":"1"}\n{"id":"b","prompt":"2"}\n{"id":"a","prompt":"3"}\n{"prompt":"4"}\n{"id":"line-4","prompt":"5"}\n' > dup.jsonl
+before=$(wc -l < "$MOCK_LOG")
+batch dup.jsonl -o dup_out.jsonl
+expect_eq "duplicate ids: exit 2" "$RC" 2
+expect_match "duplicate ids: named with their lines" "$ERR" "id 'a' on lines 1 and 3"
+expect_match "duplicate ids: generated ids count too" "$ERR" "id 'line-4' on lines 4 and 5"
+expect_eq "duplicate ids: nothing sent" "$(wc -l < "$MOCK_LOG")" "$before"
+expect_eq "duplicate ids: no output written" "$(test -s dup_out.jsonl && echo yes || echo no)" no
+batch missing.jsonl
+expect_eq "missing input: exit 2" "$RC" 2
+expect_match "missing input: named" "$ERR" "missing.jsonl"
+batch
+expect_eq "no input: exit 2" "$RC" 2
+batch in1.jsonl -j 0
+expect_eq "bad -j: exit 2" "$RC" 2
+batch in1.jsonl --resume
+expect_eq "--resume needs an output file: exit 2" "$RC" 2
+batch in1.jsonl -o out1.jsonl
+expect_eq "existing output is not clobbered: exit 2" "$RC" 2
+expect_match "existing output: says what to do" "$ERR" "--resume"
+batch --help
+expect_match "help lists the options" "$OUT" "--retry-failed"
+
+# ---- stdin / stdout ---------------------------------------------------------------------------------
+gen 50 openai/gpt-4o in50.jsonl
+"$AIGATE" batch - -j 8 -q < in50.jsonl > stdout.jsonl 2> "$TMP/err"
+expect_eq "stdin to stdout: exit 0" "$?" 0
+expect_eq "stdin to stdout: every id once" "$(ids_once stdout.jsonl 50)" ok
+printf '{"id":"x","prompt":"1"}\n{"id":"x","prompt":"2"}\n' | "$AIGATE" batch - -q > /dev/null 2> "$TMP/err"
+expect_eq "stdin duplicate: exit 2" "$?" 2
+expect_match "stdin duplicate: named" "$(cat "$TMP/err")" "duplicate id 'x' on lines 1 and 2"
+
+# ---- --ordered ------------------------------------------------------------------------------------
+awk 'BEGIN { for (i = 1; i <= 60; i++) printf "{\"id\":\"r%d\",\"prompt\":\"p\",\"model\":\"mock/slow-%d\"}\n", i, (i % 3 == 1) ? 60 : 1 }' > slow.jsonl
+batch slow.jsonl -o unordered.jsonl -j 16 -q
+expect_eq "unordered: completion order differs from input" "$(lua_on '
+  for i, v in ipairs(lines) do if v.custom_id ~= "r" .. i then return "differs" end end return "same"' unordered.jsonl)" differs
+batch slow.jsonl -o ordered.jsonl -j 16 --ordered -q
+expect_eq "--ordered: exit 0" "$RC" 0
+expect_eq "--ordered: input order" "$(lua_on '
+  for i, v in ipairs(lines) do if v.custom_id ~= "r" .. i then return "line " .. i .. " is " .. v.custom_id end end
+  return #lines' ordered.jsonl)" 60
+
+# ---- --dry-run ----------------------------------------------------------------------------------
+before=$(wc -l < "$MOCK_LOG")
+batch in1.jsonl --dry-run -m openai/gpt-4o -q
+expect_eq "dry run: exit 0" "$RC" 0
+expect_eq "dry run: nothing sent" "$(wc -l < "$MOCK_LOG")" "$before"
+printf '%s\n' "$OUT" > dry.jsonl
+expect_eq "dry run: rendered requests, credentials hidden" "$(lua_on '
+  local v = lines[1]
+  return v.request.method .. " " .. tostring(v.request.url:match("/chat/completions$") ~= nil) .. " "
+    .. v.request.headers.authorization .. " " .. v.request.body.model' dry.jsonl)" "POST true Bearer *** openai/gpt-4o"
+expect_no_match "dry run: no secret" "$OUT" "tok-SECRET-123"
+
+# ---- kill -9 at several points, then --resume: every id exactly once ---------------------------------
+gen 300 mock/slow-100 k.jsonl
+for delay in 0.3 0.5 0.7; do
+    "$AIGATE" batch k.jsonl -o k_out.jsonl -j 16 -q --resume 2> /dev/null &
+    pid=$!
+    sleep "$delay"
+    kill -9 "$pid" 2> /dev/null
+    wait "$pid" 2> /dev/null
+done
+partial=$(wc -l < k_out.jsonl | tr -d ' ')
+# simulate a torn last line, as a kill in the middle of a write leaves
+printf '{"id":"batch_req_torn","custom_id":"r29' >> k_out.jsonl
+batch k.jsonl -o k_out.jsonl -j 32 --resume
+expect_eq "resume after kill -9: exit 0" "$RC" 0
+expect_match "resume: the torn line was dropped" "$ERR" "dropped a torn last line"
+expect_match "resume: already-done ids skipped" "$ERR" "skipped \\(already in the output\\)"
+expect_eq "resume after kill -9 x3: every id exactly once" "$(ids_once k_out.jsonl 300)" ok
+if [ "$partial" -gt 0 ] && [ "$partial" -lt 300 ]; then ok "kills landed mid-batch ($partial of 300 done)"; else fail "kills landed mid-batch" "$partial results before resume"; fi
+batch k.jsonl -o k_out.jsonl --resume -q
+expect_eq "resume of a finished batch: exit 0, nothing to do" "$RC:$(wc -l < k_out.jsonl | tr -d ' ')" "0:300"
+
+# ---- --retry-failed -------------------------------------------------------------------------------
+awk 'BEGIN { for (i = 1; i <= 40; i++) printf "{\"id\":\"r%d\",\"prompt\":\"p\",\"model\":\"%s\"}\n", i, (i % 4 == 0) ? "mock/fail-500" : "openai/gpt-4o" }' > rf.jsonl
+batch rf.jsonl -o rf_out.jsonl -j 8 -q
+expect_eq "some failed: exit 1" "$RC" 1
+batch rf.jsonl -o rf_out.jsonl --resume -q
+expect_eq "--resume keeps failed results: exit still 1" "$RC:$(wc -l < rf_out.jsonl | tr -d ' ')" "1:40"
+# now make the failing lines succeed and re-run only them
+sed 's/mock\/fail-500/openai\/gpt-4o/' rf.jsonl > rf2.jsonl
+before=$(wc -l < "$MOCK_LOG")
+batch rf2.jsonl -o rf_out.jsonl --retry-failed
+expect_eq "--retry-failed: exit 0" "$RC" 0
+expect_eq "--retry-failed: only the 10 failed ids were sent" "$(( $(wc -l < "$MOCK_LOG") - before ))" 10
+expect_eq "--retry-failed: every id once, all ok" "$(ids_once rf_out.jsonl 40):$(grep -c '"error":null' rf_out.jsonl)" "ok:40"
+
+# ---- SIGINT -----------------------------------------------------------------------------------------
+gen 200 mock/slow-200 int.jsonl
+"$AIGATE" batch int.jsonl -o int_out.jsonl -j 10 --progress 0 2> "$TMP/int_err" &
+pid=$!
+sleep 0.5
+kill -INT "$pid"
+wait "$pid"
+rc=$?
+expect_eq "SIGINT: exit 130" "$rc" 130
+expect_match "SIGINT: says it finishes in-flight requests" "$(cat "$TMP/int_err")" "finishing [0-9]+ requests in flight"
+n_int=$(wc -l < int_out.jsonl | tr -d ' ')
+if [ "$n_int" -ge 10 ] && [ "$n_int" -lt 200 ]; then ok "SIGINT: in-flight requests finished and written ($n_int)"; else fail "SIGINT: results written" "$n_int"; fi
+batch int.jsonl -o int_out.jsonl -j 50 --resume -q
+expect_eq "SIGINT then --resume: every id once" "$RC:$(ids_once int_out.jsonl 200)" "0:ok"
+
+# ---- 429 storm: the batch slows down, honours Retry-After, the rest succeeds ------------------------------
+awk 'BEGIN { for (i = 1; i <= 30; i++) printf "{\"id\":\"r%d\",\"prompt\":\"p\",\"model\":\"%s\"}\n", i, (i <= 6) ? "mock/rate-limit" : "openai/gpt-4o" }' > rl.jsonl
+start=$(date +%s.%N)
+batch rl.jsonl -o rl_out.jsonl -j 16 --rate-retries 1
+end=$(date +%s.%N)
+expect_eq "429 storm: exit 1 (the rate-limited lines fail in the end)" "$RC" 1
+expect_match "429 storm: concurrency cut" "$ERR" "concurrency cut [0-9]+ times \\(down to [0-9]+\\)"
+expect_match "429 storm: lines sent again" "$ERR" "[1-9][0-9]* lines sent again after 429"
+expect_eq "429 storm: the others succeeded" "$(grep -c '"error":null' rl_out.jsonl)" 24
+# each of them ends in 429 or, once the shared breaker has opened on them, in a breaker error
+expect_eq "429 storm: rate-limited lines say so" "$(grep -c '"code":"rate_limit_exceeded"\|"code":"policy","message":"circuit breaker' rl_out.jsonl)" 6
+slow=$(awk -v s="$start" -v e="$end" 'BEGIN { print (e - s >= 1.0) ? "yes" : "no" }')
+expect_eq "429 storm: Retry-After (1 s) honoured" "$slow" yes
+
+# ---- --rpm --------------------------------------------------------------------------------------------
+gen 5 openai/gpt-4o rpm.jsonl
+start=$(date +%s.%N)
+batch rpm.jsonl -o rpm_out.jsonl -j 5 --rpm 600 -q
+end=$(date +%s.%N)
+expect_eq "--rpm 600: exit 0" "$RC" 0
+slow=$(awk -v s="$start" -v e="$end" 'BEGIN { print (e - s >= 0.4) ? "yes" : "no" }')
+expect_eq "--rpm 600: 5 requests spread over >= 0.4 s" "$slow" yes
+
+# ---- progress and summary -------------------------------------------------------------------------------
+batch slow.jsonl -o prog_out.jsonl -j 4 --progress 0.1
+expect_match "plain progress lines when stderr is not a terminal" "$ERR" "batch: [0-9]+/60 \\([0-9]+%\\) \\| ok [0-9]+ failed 0 \\|"
+expect_match "summary: counts" "$ERR" "aigate batch: 60 lines in [0-9.]+s .*: 60 ok, 0 failed"
+expect_match "summary: by model" "$ERR" "models \\(ok\\): mock/slow-1 40, mock/slow-60 20"
+expect_match "summary: latency percentiles" "$ERR" "latency: p50 [0-9.]+ms, p95 [0-9.]+ms, p99 [0-9.]+ms"
+expect_match "summary: tokens" "$ERR" "tokens: [0-9]+ prompt \\+ [0-9]+ completion = [0-9]+"
+batch in50.jsonl -o quiet_out.jsonl -q
+expect_eq "--quiet: nothing on stderr" "$ERR" ""
+
+finish

@@ -1,0 +1,190 @@
+-- tests/lua/test_batch.lua: the pure pieces of `aigate batch`: input lines of both forms and every
+-- kind of bad line, ids (first pass and second pass agree), result lines and reading them back,
+-- --resume's scan (torn last line), --retry-failed's rewrite, the JSONL reader and the latency
+-- histogram.
+
+local t = require("testlib")
+local batch = require("aigate.batch")
+local jsonl = require("aigate.jsonl")
+local cjson = require("cjson")
+
+local cases = {}
+local DEFAULTS = { model = "openai/gpt-4o-mini" }
+
+local function parse(line, lineno, defaults)
+  return batch.parse_line(line, lineno or 1, defaults or DEFAULTS)
+end
+
+cases.openai_form = function()
+  local item = parse([[{"custom_id":"r1","method":"POST","url":"/v1/chat/completions",
+    "body":{"model":"openai/gpt-4o","messages":[{"role":"user","content":"hi"}],"temperature":0.2,
+    "logprobs":true,"stream":true,"n":2}}]])
+  t.eq(item.id, "r1")
+  t.eq(item.code, nil)
+  t.eq(item.opts.model, "openai/gpt-4o")
+  t.eq(item.opts.temperature, 0.2)
+  t.eq(item.opts.messages[1].content, "hi")
+  t.eq(item.opts.extra_body, { logprobs = true, n = 2 }) -- stream dropped: batch never streams
+  t.eq(item.opts.stream, nil)
+end
+
+cases.short_form = function()
+  local item = parse('{"id":"s","prompt":"p","system":"sys","max_tokens":5,"vars":{"x":1},"metadata":{"k":"v"}}')
+  t.eq(item.id, "s")
+  t.eq(item.opts, { prompt = "p", system = "sys", max_tokens = 5, vars = { x = 1 }, metadata = { k = "v" },
+    model = "openai/gpt-4o-mini" })
+  -- null fields are absent, the default model fills in, a template needs no prompt
+  item = parse('{"vars":{"a":1},"system":null}', 9, { template = "t1" })
+  t.eq(item.id, "line-9")
+  t.eq(item.opts, { vars = { a = 1 }, template = "t1" })
+end
+
+-- Bad lines: {line, code, message fragment}.
+local BAD = {
+  { "nope", "invalid_json", "line 3: not valid JSON" },
+  { "[1,2]", "invalid_line", "line 3: not a JSON object" },
+  { "12", "invalid_line", "line 3: not a JSON object" },
+  { '{"id":"x"}', "missing_prompt", "line 3: no 'prompt' or 'messages'" },
+  { '{"id":false,"prompt":"p"}', "invalid_line", "'id' must be a non-empty string or a number" },
+  { '{"id":"","prompt":"p"}', "invalid_line", "'id' must be a non-empty string" },
+  { '{"custom_id":"c","url":"/v1/embeddings","body":{"messages":[]}}', "invalid_request", "only /v1/chat/completions" },
+  { '{"custom_id":"c","method":"PUT","body":{"messages":[]}}', "invalid_request", 'method must be "POST"' },
+  { '{"custom_id":"c","body":"x"}', "invalid_request", "'body' must be an object (got string)" },
+  { '{"custom_id":"c","body":{"model":"m"}}', "missing_prompt", "no 'messages'" },
+  { '{"id":"c","prompt":"p","config":{}}', "invalid_request", "field 'config' is not allowed" },
+  { '{"id":"c","prompt":"p","stream":true}', "invalid_request", "field 'stream' is not allowed" },
+}
+
+cases.bad_lines = function()
+  for _, c in ipairs(BAD) do
+    local item = parse(c[1], 3)
+    t.eq(item.code, c[2], c[1])
+    t.contains(item.message, c[3], c[1])
+    t.eq(item.opts, nil, c[1])
+  end
+  local big = batch.parse_line("", 4, DEFAULTS, 99999)
+  t.eq(big.code, "line_too_large")
+  t.contains(big.message, "line 4: too large (99999 bytes")
+end
+
+-- The first pass (line_id, fast path or decoded) and the second (parse_line) give the same id.
+cases.ids_agree = function()
+  local lines = {
+    '{"custom_id":"a b","body":{"messages":[]}}', '{"id":"x","custom_id":"y","prompt":"p"}',
+    '{"id":42,"prompt":"p"}', '{"id":42.0,"prompt":"p"}', '{ "id" : "sp" , "prompt":"p"}',
+    '{"prompt":"p","id":"late"}', '{"prompt":"p"}', "junk", '{"id":"esc\\"q","prompt":"p"}',
+    '{"id":true}', '{"id":-7,"prompt":"p"}', '{"id":1.5,"prompt":"p"}',
+  }
+  for i, l in ipairs(lines) do
+    t.eq(batch.line_id(l, i), parse(l, i).id, l)
+  end
+  t.eq(batch.line_id('{"id":42,"prompt":"p"}', 1), "42")
+  t.eq(batch.line_id('{"id":"x","custom_id":"y"}', 1), "y")
+end
+
+cases.result_lines_round_trip = function()
+  local res = { status = 200, model = "openai/gpt-4o", provider = "p", latency = 0.25, step = 1,
+    usage = { prompt_tokens = 3, completion_tokens = 4, total_tokens = 7 }, request_id = "rq",
+    body = { id = "c1", object = "chat.completion", choices = { { message = { content = "hi/there" } } } } }
+  local line = batch.success_line("batch_req_1", { id = "a/b", lineno = 5 }, res)
+  local v = cjson.decode(line)
+  t.eq(v.custom_id, "a/b")
+  t.eq(v.error, cjson.null)
+  t.eq(v.response.status_code, 200)
+  t.eq(v.response.request_id, "rq")
+  t.eq(v.response.body.choices[1].message.content, "hi/there")
+  t.eq(v.aigate.line, 5)
+  t.eq(v.aigate.step, 1)
+  t.eq(v.aigate.usage.total_tokens, 7)
+  t.eq(v.aigate.attempts[1].status, 200) -- built from the result when the policy gives none
+  t.not_contains(line, "\\/")
+  t.eq({ batch.result_of(line) }, { "a/b", false })
+  -- the raw reply is written as it is
+  line = batch.success_line("batch_req_2", { id = "r", lineno = 1 }, res, '{"choices":[],"x":1.25}')
+  t.contains(line, '"body":{"choices":[],"x":1.25}')
+
+  local err = batch.error_line("batch_req_3", { id = "e", lineno = 2 }, "HTTP 500 from the gateway",
+    { kind = "http", status = 500, body = '{"error":{"message":"boom"}}' })
+  v = cjson.decode(err)
+  t.eq(v.error.code, "http_500")
+  t.eq(v.response.status_code, 500)
+  t.eq(v.response.body.error.message, "boom")
+  t.eq({ batch.result_of(err) }, { "e", true })
+  local bad = batch.error_line("batch_req_4", { id = "line-3", lineno = 3, code = "invalid_json", message = "line 3: x" })
+  v = cjson.decode(bad)
+  t.eq(v.response, cjson.null)
+  t.eq(v.error.code, "invalid_json")
+  -- a result line written by something else is read by decoding it
+  t.eq({ batch.result_of('{"custom_id":"o","response":{"status_code":400},"error":null}') }, { "o", true })
+  t.eq(batch.result_of("garbage"), nil)
+end
+
+cases.scan_output_and_torn_line = function()
+  local dir = t.tmpdir()
+  local ok1 = batch.success_line("b1", { id = "a", lineno = 1 }, { status = 200, body = {} })
+  local bad = batch.error_line("b2", { id = "b", lineno = 2, code = "invalid_json", message = "m" })
+  local path = t.write(dir, "out.jsonl", ok1 .. "\n" .. bad .. "\n" .. '{"id":"b3","custom_id":"c","err')
+  local st = batch.scan_output(path)
+  t.eq(st.done, { a = "ok", b = "failed" })
+  t.eq(st.good_end, #ok1 + #bad + 2)
+  t.eq(st.torn, #'{"id":"b3","custom_id":"c","err')
+  t.eq(st.ok, 1)
+  t.eq(st.failed, 1)
+  -- --retry-failed: only the successes stay
+  t.truthy(batch.drop_failed(path))
+  local f = assert(io.open(path))
+  t.eq(f:read("a"), ok1 .. "\n")
+  f:close()
+  t.eq(batch.scan_output(dir .. "/missing.jsonl"), nil)
+end
+
+local function reader_of(text, max, streaming)
+  local dir = t.tmpdir()
+  local f = assert(io.open(t.write(dir, "in.jsonl", text), "rb"))
+  t.defer(function() f:close() end)
+  return jsonl.reader(f, max, streaming)
+end
+
+cases.jsonl_reader = function()
+  for _, streaming in ipairs({ false, true }) do
+    local big = string.rep("x", 200000)
+    local r = reader_of("a\n" .. big .. "\n\nlast", 100000, streaming)
+    t.eq({ r:next() }, { "a", 1, true, 2 })
+    local line, n, complete, off, over = r:next()
+    t.eq({ line, n, complete, off, over }, { "", 2, true, 200003, 200000 })
+    t.eq({ r:next() }, { "", 3, true, 200004 })
+    t.eq({ r:next() }, { "last", 4, false, 200008 })
+    t.eq(r:next(), nil)
+  end
+  -- lines across block boundaries
+  local parts = {}
+  for i = 1, 30000 do parts[i] = string.format('{"id":%d}', i) end
+  local r = reader_of(table.concat(parts, "\n") .. "\n", 1000)
+  local n = 0
+  while true do
+    local line, lineno = r:next()
+    if not line then break end
+    n = n + 1
+    t.eq(line, parts[lineno])
+  end
+  t.eq(n, 30000)
+end
+
+cases.histogram = function()
+  local h = batch.Histogram.new()
+  t.eq(h:quantile(0.5), nil)
+  for i = 1, 1000 do h:add(i / 1000) end
+  local p50, p99 = h:quantile(0.5), h:quantile(0.99)
+  t.truthy(p50 > 0.49 and p50 < 0.52, tostring(p50))
+  t.truthy(p99 > 0.98 and p99 <= 1.0, tostring(p99))
+  t.eq(h:quantile(1), 1.0)
+end
+
+cases.error_codes = function()
+  t.eq(batch.error_code({ kind = "http", status = 429 }), "rate_limit_exceeded")
+  t.eq(batch.error_code({ kind = "http", status = 503 }), "http_503")
+  t.eq(batch.error_code({ kind = "transport" }), "transport")
+  t.eq(batch.error_code(nil), "error")
+end
+
+return cases
