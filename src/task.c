@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -534,6 +535,112 @@ static int l_truncate(lua_State *L)
     return 1;
 }
 
+/* ---- core.read: input from pipes and terminals without blocking the loop ------------------- */
+
+struct read_op {
+    struct pending pending;
+    struct event *ev;
+    struct task *task;
+    size_t max;
+};
+
+/* Reads up to max bytes from fd and pushes the outcome on L: the bytes, nil at end of input, or
+ * nil and an error. Returns the number of values, or 0 when the read would block. */
+static int push_read(lua_State *L, int fd, size_t max)
+{
+    char *data = malloc(max);
+    ssize_t n;
+
+    if (data == NULL)
+        return luaL_error(L, "out of memory");
+    do {
+        n = read(fd, data, max);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        free(data);
+        return 0;
+    }
+    if (n < 0) {
+        int err = errno;
+        free(data);
+        lua_pushnil(L);
+        lua_pushfstring(L, "read: %s", strerror(err));
+        return 2;
+    }
+    if (n == 0)
+        lua_pushnil(L);
+    else
+        lua_pushlstring(L, data, (size_t)n);
+    free(data);
+    return 1;
+}
+
+static void read_cancel(struct pending *p)
+{
+    struct read_op *op = (struct read_op *)p;
+    event_free(op->ev);
+    free(op);
+}
+
+static void read_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct read_op *op = arg;
+    struct task *t = op->task;
+    int nret;
+
+    (void)what;
+    nret = push_read(t->co, (int)fd, op->max);
+    if (nret == 0) {
+        event_add(op->ev, NULL); /* spurious wake-up: wait again */
+        return;
+    }
+    event_free(op->ev);
+    free(op);
+    task_resume(t, nret);
+}
+
+static int l_read(lua_State *L)
+{
+    lua_Integer fd = luaL_checkinteger(L, 1);
+    lua_Integer max = luaL_optinteger(L, 2, 65536);
+    struct stat st;
+    struct task *t;
+    struct read_op *op;
+    int nret;
+
+    luaL_argcheck(L, fd >= 0, 1, "file descriptor expected");
+    luaL_argcheck(L, max > 0, 2, "size must be > 0");
+    if (fstat((int)fd, &st) != 0) {
+        lua_pushnil(L);
+        lua_pushfstring(L, "read: %s", strerror(errno));
+        return 2;
+    }
+    /* Regular files are always "readable": read them at once. */
+    if (S_ISREG(st.st_mode) || S_ISBLK(st.st_mode)) {
+        nret = push_read(L, (int)fd, (size_t)max);
+        if (nret > 0)
+            return nret;
+    }
+    t = task_check(L);
+    op = malloc(sizeof(*op));
+    if (op == NULL)
+        return luaL_error(L, "out of memory");
+    op->pending.cancel = read_cancel;
+    op->task = t;
+    op->max = (size_t)max;
+    op->ev = event_new(g_base, (evutil_socket_t)fd, EV_READ, read_cb, op);
+    if (op->ev == NULL || event_add(op->ev, NULL) != 0) {
+        if (op->ev)
+            event_free(op->ev);
+        free(op);
+        lua_pushnil(L);
+        lua_pushstring(L, "read: cannot watch this file descriptor");
+        return 2;
+    }
+    lua_settop(L, 0);
+    return task_yield(L, t, &op->pending);
+}
+
 static int l_pid(lua_State *L)
 {
     lua_pushinteger(L, (lua_Integer)getpid());
@@ -553,6 +660,7 @@ void core_register_tasks(lua_State *L)
         { "isatty", l_isatty },
         { "fsync", l_fsync },
         { "truncate", l_truncate },
+        { "read", l_read },
         { "pid", l_pid },
         { NULL, NULL },
     };

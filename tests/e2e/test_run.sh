@@ -67,6 +67,25 @@ EOF2
 run "$TMP/coro.lua"
 expect_match "waiting inside a plain coroutine is a clear error" "$OUT" "false.*outside an aigate task"
 
+cat > "$TMP/read.lua" <<'EOF2'
+local core = require "aigate.core"
+local ticks = 0
+local ticker = core.spawn(function() for _ = 1, 6 do core.sleep(0.05) ticks = ticks + 1 end end)
+local got = {}
+while true do
+  local s, err = core.read(0, 3)
+  if not s then assert(not err, err) break end
+  got[#got + 1] = s
+end
+local during = ticks
+core.wait(ticker)
+print(table.concat(got) .. " " .. tostring(during >= 3))
+EOF2
+out=$( (printf 'ab'; sleep 0.3; printf 'cdef') | "$AIGATE" run "$TMP/read.lua")
+expect_eq "core.read waits for a slow pipe without blocking other tasks" "$out" "abcdef true"
+out=$("$AIGATE" run "$TMP/read.lua" < "$TMP/read.lua" | head -c 20)
+expect_eq "core.read reads a regular file" "$out" "local core = require"
+
 for s in hello parallel fallback stream template; do
     run "scripts/$s.lua"
     expect_eq "example script $s.lua runs green" "$RC" 0
