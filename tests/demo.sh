@@ -20,12 +20,28 @@ export CLOUDFLARE_ACCOUNT_ID=demo-account
 export CLOUDFLARE_API_TOKEN=demo-token
 export AIGATE_BASE_URL="$url/v1/demo-account/default/compat"
 echo "# mock gateway at $url (AIGATE_BASE_URL=$AIGATE_BASE_URL)"
-echo
-echo "\$ aigate run scripts/fallback.lua"
-./aigate run scripts/fallback.lua || exit 1
-echo
-echo "\$ aigate chat -m workers-ai/@cf/meta/llama-3.1-8b-instruct 'Say hello through the gateway'"
-./aigate chat -m workers-ai/@cf/meta/llama-3.1-8b-instruct "Say hello through the gateway" || exit 1
-echo
-echo "\$ aigate run scripts/in_flight.lua 500"
-./aigate run scripts/in_flight.lua 500 || exit 1
+
+step() {
+    local a line="\$"
+    for a in "$@"; do
+        case "$a" in *" "*) line="$line '$a'" ;; *) line="$line $a" ;; esac
+    done
+    printf '\n%s\n' "$line"
+    "$@" || exit 1
+}
+
+# A policy with local dynamic/ routes (scripts/routes.lua): checked, listed, then used.
+step ./aigate check --config scripts/routes.lua
+step ./aigate run --config scripts/routes.lua scripts/route_fallback.lua
+step ./aigate chat --config scripts/routes.lua -m dynamic/resilient "Say hello through the gateway"
+
+# A batch of 1000 prompts split A/B between two Workers AI models, 64 in flight.
+input=$(mktemp)
+for i in $(seq 1 1000); do printf '{"id":"q%d","prompt":"Question number %d"}\n' "$i" "$i"; done > "$input"
+results=$(mktemp)
+step ./aigate batch "$input" -o "$results" --overwrite -j 64 -m dynamic/ab --config scripts/routes.lua
+echo "# first result line:"
+head -n 1 "$results" | cut -c 1-200
+rm -f "$input" "$results"
+
+step ./aigate run scripts/in_flight.lua 500
