@@ -219,23 +219,71 @@ local function run_prefix()
   return format("%08x", seed & 0xffffffff)
 end
 
--- JSON text of a string, fast when it needs no escaping (model ids, providers, steps).
+local quote = require("aigate.client").json.quote -- cjson's escaping, "/" left as it is; memoized
+
+-- JSON text of a string (model ids, providers, steps): the same bytes as enc(v).
 local function jstr(v)
-  if type(v) == "string" and not find(v, '[%c"\\]') then return '"' .. v .. '"' end
+  if type(v) == "string" then return quote(v) end
   return enc(v)
 end
+
+-- Text of small integers, made once (statuses, token counts, steps).
+local SMALL_INT = {}
+for i = 0, 1023 do SMALL_INT[i] = format("%d", i) end
 
 -- JSON text of a number (integers without ".0").
 local function jnum(v, fmt)
   local i = math.tointeger(v)
-  if i then return format("%d", i) end
+  if i then return SMALL_INT[i] or format("%d", i) end
   if type(v) ~= "number" or v ~= v or v == huge or v == -huge then return enc(v) end
   return format(fmt or "%.6f", v)
 end
 
+-- enc(list) for an array of flat records (the attempt list): the same bytes as cjson writes (keys in
+-- its traversal order, which is next()'s; numbers as "%.14g"), without a second pass to unescape
+-- "/". Anything else (nested values, odd numbers, not a plain array) goes to enc.
+local function enc_records(list)
+  local n = #list
+  if n == 0 or next(list, n) ~= nil then return enc(list) end
+  local parts = {}
+  for i = 1, n do
+    local rec = list[i]
+    if type(rec) ~= "table" or next(rec) == nil then return enc(list) end
+    local fields, nf = {}, 0
+    for k, v in next, rec do
+      if type(k) ~= "string" then return enc(list) end
+      local tv, text = type(v), nil
+      if tv == "string" then
+        text = quote(v)
+      elseif tv == "number" then
+        if math.type(v) == "integer" then
+          if v <= -1e14 or v >= 1e14 then return enc(list) end
+          text = SMALL_INT[v] or format("%d", v)
+        elseif v ~= v or v == huge or v == -huge then
+          return enc(list)
+        else
+          text = format("%.14g", v)
+        end
+      elseif tv == "boolean" then
+        text = v and "true" or "false"
+      else
+        return enc(list)
+      end
+      nf = nf + 1
+      fields[nf] = quote(k) .. ":" .. text
+    end
+    parts[i] = "{" .. concat(fields, ",", 1, nf) .. "}"
+  end
+  for k in next, list do
+    if math.type(k) ~= "integer" or k < 1 or k > n then return enc(list) end
+  end
+  return "[" .. concat(parts, ",", 1, n) .. "]"
+end
+M.enc_records = enc_records
+
 -- The attempts of a success, as JSON: the policy's list, or one attempt made from the result.
 local function attempts_json(res)
-  if type(res.attempts) == "table" then return enc(res.attempts) end
+  if type(res.attempts) == "table" then return enc_records(res.attempts) end
   return concat({ '[{"model":', jstr(res.model), ',"status":', jnum(res.status or 200), ',"latency":',
     jnum(res.latency or 0), ',"step":', res.step ~= nil and jstr(res.step) or "0", "}]" })
 end
@@ -254,26 +302,23 @@ function M.success_line(req_id, item, res, raw)
     '},"aigate":{"line":', jnum(item.lineno), ',"model":', jstr(res.model),
   }
   local n = #p
-  local function add(k, v)
-    p[n + 1], p[n + 2] = k, v
-    n = n + 2
+  if res.provider ~= nil then p[n + 1], p[n + 2], n = ',"provider":', jstr(res.provider), n + 2 end
+  if res.response_model ~= nil then
+    p[n + 1], p[n + 2], n = ',"response_model":', jstr(res.response_model), n + 2
   end
-  if res.provider ~= nil then add(',"provider":', jstr(res.provider)) end
-  if res.response_model ~= nil then add(',"response_model":', jstr(res.response_model)) end
-  if res.latency ~= nil then add(',"latency":', jnum(res.latency)) end
+  if res.latency ~= nil then p[n + 1], p[n + 2], n = ',"latency":', jnum(res.latency), n + 2 end
   local u = res.usage
   if type(u) == "table" then
-    add(',"usage":', concat({ '{"prompt_tokens":', jnum(u.prompt_tokens or 0), ',"completion_tokens":',
-      jnum(u.completion_tokens or 0), ',"total_tokens":', jnum(u.total_tokens or 0), "}" }))
+    p[n + 1], p[n + 2], n = ',"usage":', '{"prompt_tokens":' .. jnum(u.prompt_tokens or 0) .. ',"completion_tokens":'
+      .. jnum(u.completion_tokens or 0) .. ',"total_tokens":' .. jnum(u.total_tokens or 0) .. "}", n + 2
   end
-  if res.step ~= nil then add(',"step":', jstr(res.step)) end
-  if res.route ~= nil then add(',"route":', jstr(res.route)) end
-  if res.cost ~= nil then add(',"cost":', jnum(res.cost, "%.10g")) end
-  if res.cache_status ~= nil then add(',"cache_status":', jstr(res.cache_status)) end
-  if item.retries then add(',"batch_retries":', jnum(item.retries)) end
-  add(',"attempts":', attempts_json(res))
-  p[n + 1] = "}}"
-  return concat(p)
+  if res.step ~= nil then p[n + 1], p[n + 2], n = ',"step":', jstr(res.step), n + 2 end
+  if res.route ~= nil then p[n + 1], p[n + 2], n = ',"route":', jstr(res.route), n + 2 end
+  if res.cost ~= nil then p[n + 1], p[n + 2], n = ',"cost":', jnum(res.cost, "%.10g"), n + 2 end
+  if res.cache_status ~= nil then p[n + 1], p[n + 2], n = ',"cache_status":', jstr(res.cache_status), n + 2 end
+  if item.retries then p[n + 1], p[n + 2], n = ',"batch_retries":', jnum(item.retries), n + 2 end
+  p[n + 1], p[n + 2], p[n + 3] = ',"attempts":', attempts_json(res), "}}"
+  return concat(p, "", 1, n + 3)
 end
 
 -- The error code of a failed aigate.chat call.
@@ -686,7 +731,8 @@ function State:run_item(item, chat)
       end
       self:record_ok(res)
       self:count_outcome("ok")
-      if raw and (res.status == nil or res.status < 200 or res.status > 299 or find(raw, "[\r\n]")
+      if raw and (res.status == nil or res.status < 200 or res.status > 299 or find(raw, "\n", 1, true)
+          or find(raw, "\r", 1, true)
           or sub(raw, 1, 1) ~= "{") then
         raw = nil -- not the bytes of this reply, or not one line: encode the decoded body instead
       end

@@ -38,7 +38,6 @@ end
 
 --- May a request go to `key` now? Returns true, or false and the seconds until it may.
 function M.allow(key, cfg, now)
-  local s = settings(cfg)
   local b = breakers[key]
   if b == nil or b.state == "closed" then
     return true
@@ -52,6 +51,7 @@ function M.allow(key, cfg, now)
     return true
   end
   -- half open: one probe at a time; a probe lost without a verdict is replaced after a cool-down
+  local s = settings(cfg)
   if b.probe_at and now - b.probe_at < s.cooldown then
     return false, s.cooldown - (now - b.probe_at)
   end
@@ -61,8 +61,12 @@ end
 
 --- Records the outcome of a request to `key` (ok: true for success, false for a counted failure).
 function M.record(key, ok, cfg, now)
+  local b = breakers[key]
+  if ok and (b == nil or b.state ~= "half_open") then
+    return -- a success only matters to a half-open breaker (the usual case ends here)
+  end
   local s = settings(cfg)
-  local b = get(key)
+  b = b or get(key)
   if b.state == "half_open" then
     if ok then
       breakers[key] = nil

@@ -8,7 +8,10 @@
 -- performs it with core.request, plain or streamed (SSE via core.sse_parser),
 -- and returns the result table or `nil, message, info` (explained by
 -- aigate.errors). Also holds the deterministic JSON encoder used for bodies and
--- the token redaction used for every message and verbose line.
+-- the token redaction used for every message and verbose line. What depends only
+-- on the config, the environment, the model and the provider (resolution, URL,
+-- expanded headers, secrets) is worked out once and reused, so a request does
+-- only its own work (see entry_of).
 
 local provider = require("aigate.provider")
 local errors = require("aigate.errors")
@@ -36,38 +39,102 @@ local ESCAPES = {
   ["\t"] = "\\t",
 }
 
+local find, format, concat, sort = string.find, string.format, table.concat, table.sort
+local mtype, tointeger = math.type, math.tointeger
+
+local function escape_char(c)
+  return ESCAPES[c] or format("\\u%04x", c:byte())
+end
+
+-- Strings are escaped by cjson (C: much faster than a Lua pattern over the text), then its "\/" is
+-- turned back into "/". Safe: cjson always escapes "/", so in its output a backslash before a "/" is
+-- always that escape. The bytes are the same as the Lua escaping (checked for every byte value in
+-- tests). Short strings (keys, model ids, roles) are remembered.
+local cjson_string = cjson_ok and require("cjson").new().encode
+local MEMO_MAX, MEMO_LEN = 4096, 64
+local memo, memo_n = {}, 0
+
+-- The plain Lua escaping: the fallback without cjson, and the reference the tests compare with.
+local function escape_lua(s)
+  if not find(s, '[%c"\\]') then
+    return '"' .. s .. '"'
+  end
+  return '"' .. s:gsub('[%c"\\]', escape_char) .. '"'
+end
+json.escape_lua = escape_lua
+
+local function escape_string(s)
+  if cjson_string then
+    local out = cjson_string(s)
+    if find(out, "\\/", 1, true) then
+      out = out:gsub("\\/", "/")
+    end
+    return out
+  end
+  return escape_lua(s)
+end
+
 local function encode_string(s)
-  return '"' .. s:gsub('[%c"\\]', function(c)
-    return ESCAPES[c] or string.format("\\u%04x", c:byte())
-  end) .. '"'
+  local r = memo[s]
+  if r then
+    return r
+  end
+  r = escape_string(s)
+  if #s <= MEMO_LEN then
+    if memo_n >= MEMO_MAX then
+      memo, memo_n = {}, 0
+    end
+    memo[s] = r
+    memo_n = memo_n + 1
+  end
+  return r
+end
+
+--- The JSON text of a string, "/" not escaped (the same bytes as json.encode(s)).
+json.quote = encode_string
+
+-- '"key":' of an object key.
+local keytext, keytext_n = {}, 0
+local function key_text(k)
+  local r = keytext[k]
+  if r == nil then
+    r = encode_string(k) .. ":"
+    if keytext_n >= MEMO_MAX then
+      keytext, keytext_n = {}, 0
+    end
+    keytext[k] = r
+    keytext_n = keytext_n + 1
+  end
+  return r
 end
 
 local function encode_number(n)
-  if math.type(n) == "integer" then
-    return string.format("%d", n)
+  if mtype(n) == "integer" then
+    return format("%d", n)
   end
   if n ~= n or n == math.huge or n == -math.huge then
     return nil, "cannot encode " .. tostring(n) .. " in JSON"
   end
   if n == math.floor(n) and math.abs(n) < 2 ^ 53 then
-    return string.format("%d", math.tointeger(n))
+    return format("%d", tointeger(n))
   end
   for precision = 14, 17 do
-    local s = string.format("%." .. precision .. "g", n)
+    local s = format("%." .. precision .. "g", n)
     if tonumber(s) == n then
       return s
     end
   end
-  return string.format("%.17g", n)
+  return format("%.17g", n)
 end
 
+-- The encoder appends pieces to `out` at index n + 1... and returns the new n (or nil, err).
 local encode_value
 
 local function is_array(t)
   local n = #t
   local count = 0
   for k in pairs(t) do
-    if math.type(k) ~= "integer" or k < 1 or k > n then
+    if mtype(k) ~= "integer" or k < 1 or k > n then
       return false
     end
     count = count + 1
@@ -78,79 +145,193 @@ local function is_array(t)
   return count == n
 end
 
-local function encode_table(t, depth, out)
-  if depth > 100 then
-    return nil, "cannot encode JSON: nesting too deep (a cycle?)"
-  end
-  if is_array(t) then
-    out[#out + 1] = "["
-    for i = 1, #t do
-      if i > 1 then
-        out[#out + 1] = ","
-      end
-      local ok, err = encode_value(t[i], depth + 1, out)
-      if not ok then
-        return nil, err
-      end
-    end
-    out[#out + 1] = "]"
-    return true
-  end
-  local keys = {}
+local function encode_object(t, depth, out, n)
+  local err
+  local keys, nk = {}, 0
   for k in pairs(t) do
     if type(k) ~= "string" then
-      return nil, string.format("cannot encode JSON: table has a %s key (%s)", type(k), tostring(k))
+      return nil, format("cannot encode JSON: table has a %s key (%s)", type(k), tostring(k))
     end
-    keys[#keys + 1] = k
+    nk = nk + 1
+    keys[nk] = k
   end
-  table.sort(keys)
-  out[#out + 1] = "{"
-  for i, k in ipairs(keys) do
-    if i > 1 then
-      out[#out + 1] = ","
-    end
-    out[#out + 1] = encode_string(k)
-    out[#out + 1] = ":"
-    local ok, err = encode_value(t[k], depth + 1, out)
-    if not ok then
+  sort(keys)
+  n = n + 1
+  out[n] = "{"
+  for i = 1, nk do
+    local k = keys[i]
+    n = n + 2
+    out[n - 1], out[n] = i > 1 and "," or "", key_text(k)
+    n, err = encode_value(t[k], depth + 1, out, n)
+    if n == nil then
       return nil, err
     end
   end
-  out[#out + 1] = "}"
-  return true
+  n = n + 1
+  out[n] = "}"
+  return n
 end
 
-encode_value = function(v, depth, out)
+local function encode_table(t, depth, out, n)
+  if depth > 100 then
+    return nil, "cannot encode JSON: nesting too deep (a cycle?)"
+  end
+  local k1 = next(t)
+  if k1 == nil then
+    n = n + 1
+    out[n] = getmetatable(t) == json.array_mt and "[]" or "{}"
+    return n
+  end
+  if type(k1) == "string" then
+    return encode_object(t, depth, out, n)
+  end
+  if not is_array(t) then
+    return encode_object(t, depth, out, n)
+  end
+  local err
+  n = n + 1
+  out[n] = "["
+  for i = 1, #t do
+    if i > 1 then
+      n = n + 1
+      out[n] = ","
+    end
+    n, err = encode_value(t[i], depth + 1, out, n)
+    if n == nil then
+      return nil, err
+    end
+  end
+  n = n + 1
+  out[n] = "]"
+  return n
+end
+
+encode_value = function(v, depth, out, n)
   local tv = type(v)
-  if v == nil or v == json.null then
-    out[#out + 1] = "null"
+  if tv == "string" then
+    n = n + 1
+    out[n] = encode_string(v)
+  elseif tv == "table" then
+    if v == json.null then
+      n = n + 1
+      out[n] = "null"
+      return n
+    end
+    return encode_table(v, depth, out, n)
+  elseif v == nil or v == json.null then
+    n = n + 1
+    out[n] = "null"
   elseif tv == "boolean" then
-    out[#out + 1] = v and "true" or "false"
+    n = n + 1
+    out[n] = v and "true" or "false"
   elseif tv == "number" then
     local s, err = encode_number(v)
     if s == nil then
       return nil, err
     end
-    out[#out + 1] = s
-  elseif tv == "string" then
-    out[#out + 1] = encode_string(v)
-  elseif tv == "table" then
-    return encode_table(v, depth, out)
+    n = n + 1
+    out[n] = s
   else
     return nil, "cannot encode a " .. tv .. " in JSON"
   end
-  return true
+  return n
 end
 
 --- Encodes v as compact JSON, object keys sorted, "/" not escaped. Returns string or nil, err.
 function json.encode(v)
   local out = {}
-  local ok, err = encode_value(v, 0, out)
-  if not ok then
+  local n, err = encode_value(v, 0, out, 0)
+  if n == nil then
     return nil, err
   end
-  return table.concat(out)
+  return concat(out, "", 1, n)
 end
+
+-- The JSON text of a request body: the same bytes as json.encode(body), built with string
+-- concatenation for the usual shape (messages of exactly a string role and a string content), which
+-- on this path costs a fraction of the general encoder. Returns string or nil, err.
+local function value_json(v, depth)
+  local out = {}
+  local n, err = encode_value(v, depth, out, 0)
+  if n == nil then
+    return nil, err
+  end
+  return concat(out, "", 1, n)
+end
+
+-- '{"content":...,"role":...}' of a plain text message, or nil for any other value.
+local function message_json(m)
+  if type(m) ~= "table" then
+    return nil
+  end
+  local role, content = m.role, m.content
+  if type(role) ~= "string" or type(content) ~= "string" then
+    return nil
+  end
+  local k2 = next(m, next(m))
+  if k2 == nil or next(m, k2) ~= nil then
+    return nil -- more fields than role and content
+  end
+  return '{"content":' .. encode_string(content) .. ',"role":' .. encode_string(role) .. "}"
+end
+
+local function messages_json(list)
+  local count = #list
+  if count == 1 and next(list, 1) == nil and next(list) == 1 then
+    local one = message_json(list[1])
+    if one then
+      return "[" .. one .. "]"
+    end
+  elseif count > 1 and is_array(list) then
+    local parts = {}
+    for i = 1, count do
+      local one = message_json(list[i])
+      if one == nil then
+        return value_json(list, 1)
+      end
+      parts[i] = one
+    end
+    return "[" .. concat(parts, ",") .. "]"
+  end
+  return value_json(list, 1)
+end
+
+local function encode_body(body)
+  local keys, nk = {}, 0
+  for k in pairs(body) do
+    if type(k) ~= "string" then
+      return json.encode(body) -- with the general encoder's error
+    end
+    nk = nk + 1
+    keys[nk] = k
+  end
+  local messages, model = body.messages, body.model
+  if nk == 2 and type(messages) == "table" and type(model) == "string" then
+    local mj, err = messages_json(messages)
+    if mj == nil then
+      return nil, err
+    end
+    return '{"messages":' .. mj .. ',"model":' .. encode_string(model) .. "}"
+  end
+  sort(keys)
+  local parts = {}
+  for i = 1, nk do
+    local k = keys[i]
+    local v = body[k]
+    local vj, err
+    if k == "messages" and type(v) == "table" then
+      vj, err = messages_json(v)
+    else
+      vj, err = value_json(v, 1)
+    end
+    if vj == nil then
+      return nil, err
+    end
+    parts[i] = key_text(k) .. vj
+  end
+  return "{" .. concat(parts, ",") .. "}"
+end
+M.encode_body = encode_body
 
 --- Decodes JSON text. Returns the value or nil, err.
 function json.decode(s)
@@ -604,22 +785,85 @@ function M.system_messages(messages, mode)
   return out
 end
 
--- The messages of a request: system, messages, prompt, JSON instruction.
+-- The same rules on the messages of a request being built: `messages` is a fresh array that may be
+-- changed; the message tables in it are the caller's and are shared, not copied, unless changed.
+local function shape_messages(messages, mode)
+  if mode == "keep" then
+    return messages
+  end
+  local out, n = {}, 0
+  if mode == "hoist" then
+    local texts, kept, rest = {}, {}, {}
+    for _, m in ipairs(messages) do
+      local t = m.role == "system" and text_of(m.content)
+      if t then
+        texts[#texts + 1] = t
+      elseif m.role == "system" then
+        kept[#kept + 1] = m
+      else
+        rest[#rest + 1] = m
+      end
+    end
+    if #texts > 0 then
+      n = 1
+      out[1] = { role = "system", content = concat(texts, "\n") }
+    end
+    for _, m in ipairs(kept) do
+      n = n + 1
+      out[n] = m
+    end
+    for _, m in ipairs(rest) do
+      n = n + 1
+      out[n] = m
+    end
+    return out
+  end
+  -- merge
+  local run
+  for _, m in ipairs(messages) do
+    local t = m.role == "system" and text_of(m.content)
+    if t then
+      if run then
+        run.content = run.content .. "\n" .. t
+      else
+        run = { role = "system", content = t }
+        n = n + 1
+        out[n] = run
+      end
+    else
+      run = nil
+      n = n + 1
+      out[n] = m
+    end
+  end
+  return out
+end
+
+-- The messages of a request: system, messages, prompt, JSON instruction (a new array; the
+-- caller's message tables are shared, a changed one is copied).
 local function build_messages(opts)
-  local msgs = {}
-  if opts.system then
-    msgs[#msgs + 1] = { role = "system", content = opts.system }
+  local system, list, prompt = opts.system, opts.messages, opts.prompt
+  local msgs, n = {}, 0
+  if system then
+    n = 1
+    msgs[1] = { role = "system", content = system }
   end
-  for _, m in ipairs(opts.messages or {}) do
-    msgs[#msgs + 1] = copy_message(m)
+  if list then
+    for _, m in ipairs(list) do
+      n = n + 1
+      msgs[n] = m
+    end
   end
-  if opts.prompt then
-    msgs[#msgs + 1] = { role = "user", content = opts.prompt }
+  if prompt then
+    n = n + 1
+    msgs[n] = { role = "user", content = prompt }
   end
   if opts.json then
     local first = msgs[1]
     if first and first.role == "system" and type(first.content) == "string" then
-      first.content = first.content .. "\n" .. M.JSON_INSTRUCTION
+      local c = copy_message(first)
+      c.content = first.content .. "\n" .. M.JSON_INSTRUCTION
+      msgs[1] = c
     else
       table.insert(msgs, 1, { role = "system", content = M.JSON_INSTRUCTION })
     end
@@ -634,9 +878,175 @@ local function sorted_keys(t)
   for k in pairs(t) do
     keys[#keys + 1] = k
   end
-  table.sort(keys)
+  sort(keys)
   return keys
 end
+
+-- What each option adds to a request, for the single pass over the options in prepare.
+local BODY_FIELD, GATEWAY_OPTION = {}, {}
+for _, k in ipairs(M.BODY_FIELDS) do
+  BODY_FIELD[k] = true
+end
+for k in pairs(M.GATEWAY_HEADERS) do
+  GATEWAY_OPTION[k] = true
+end
+local GATEWAY_OPTION_NAMES = sorted_keys(M.GATEWAY_HEADERS)
+
+-- Named-model fields that are not body parameters.
+local NAMED_META = {
+  model = true, provider = true, description = true, headers = true, extra_body = true, system_messages = true,
+}
+
+-- Everything about a request that depends only on the config, the environment, the model and the
+-- provider (model resolution, URL, auth and configured headers expanded, secrets, parameters of the
+-- named model) is worked out once and kept here: cfg -> getenv -> model -> provider -> entry. An
+-- entry records the environment variables it read and is rebuilt when one of them changes. Configs
+-- are treated as read-only once in use (as aigate.chat already does for validated configs).
+local resolved = setmetatable({}, { __mode = "k" })
+local NONE = {} -- the key of a missing model or provider
+M.MAX_RESOLVED = 256 -- entries kept per config and getenv (cleared beyond that)
+
+local function fail(msg, hint, missing)
+  return nil, msg, { kind = "config", hint = hint, missing = missing }
+end
+
+-- Builds the entry of one (cfg, getenv, model, provider). Returns entry or nil, message, info.
+local function build_entry(model, pname, cfg, getenv)
+  local names, values, read = {}, {}, {}
+  local function recording_getenv(name)
+    local v = getenv(name)
+    if not read[name] then
+      read[name] = true
+      names[#names + 1] = name
+      values[#names] = v
+    end
+    return v
+  end
+  local m, err = provider.resolve_model({ model = model, provider = pname, cfg = cfg })
+  if m == nil then
+    return fail(err)
+  end
+  local def = m.def
+  local named = m.named or {}
+  local header_sets = {}
+  if named.headers then
+    header_sets[#header_sets + 1] = { headers = named.headers, source = string.format("models.%s.headers", m.name) }
+  end
+  local target, terr, missing = provider.target(def, cfg, recording_getenv, header_sets)
+  if target == nil then
+    local hint
+    if missing and def.gateway then
+      hint = "or set " .. provider.BASE_URL_ENV .. " to send to another OpenAI-compatible endpoint (e.g. aigate mock)"
+    end
+    local _, msg, info = fail(terr, hint, missing)
+    return nil, msg, info, m.warnings
+  end
+  local mode = named.system_messages
+  if mode == nil and def.gateway then
+    mode = (cfg.gateway or {}).system_messages or def.system_messages
+  elseif mode == nil then
+    mode = def.system_messages
+  end
+  local params = {}
+  for _, k in ipairs(sorted_keys(named)) do
+    if not NAMED_META[k] then
+      params[#params + 1] = k
+      params[#params + 1] = named[k]
+    end
+  end
+  local secrets = {}
+  for _, v in ipairs(target.secrets) do
+    secrets[#secrets + 1] = v
+  end
+  for k, v in pairs(target.headers) do
+    if provider.SENSITIVE[k] then
+      secrets[#secrets + 1] = v:match("^%a+%s+(.+)$") or v
+    end
+  end
+  return {
+    env_names = names,
+    env_values = values,
+    m = m,
+    def = def,
+    target = target,
+    mode = mode,
+    params = params,
+    extra_body = named.extra_body,
+    secrets = secrets,
+    redact = M.redactor(secrets),
+    gateway = def.gateway == true,
+    token_env = def.gateway and ((cfg.gateway or {}).token_env or def.token_env) or def.token_env,
+  }
+end
+
+-- The entry of a request, from the cache when the environment it read is unchanged. Returns entry
+-- or nil, message, info, warnings.
+local function entry_of(model, pname, cfg, getenv)
+  local by_env = resolved[cfg]
+  if by_env == nil then
+    by_env = setmetatable({}, { __mode = "k" })
+    resolved[cfg] = by_env
+  end
+  local cache = by_env[getenv]
+  if cache == nil then
+    cache = { n = 0, models = {} }
+    by_env[getenv] = cache
+  end
+  local by_provider = cache.models[model or NONE]
+  local e = by_provider and by_provider[pname or NONE]
+  if e then
+    local names, values = e.env_names, e.env_values
+    for i = 1, #names do
+      if getenv(names[i]) ~= values[i] then
+        e = nil
+        break
+      end
+    end
+    if e then
+      return e
+    end
+  end
+  local err, info, warnings
+  e, err, info, warnings = build_entry(model, pname, cfg, getenv)
+  if e == nil then
+    return nil, err, info, warnings
+  end
+  if cache.n >= M.MAX_RESOLVED then
+    cache.n, cache.models = 0, {}
+  end
+  by_provider = cache.models[model or NONE]
+  if by_provider == nil then
+    by_provider = {}
+    cache.models[model or NONE] = by_provider
+  end
+  by_provider[pname or NONE] = e
+  cache.n = cache.n + 1
+  return e
+end
+
+-- The static headers of an entry for one accept value and user-agent (made once each).
+local function base_headers(e, stream, version)
+  local key = stream and "stream_headers" or "plain_headers"
+  local h = e[key]
+  if h == nil or e[key .. "_version"] ~= version then
+    h = {
+      ["content-type"] = "application/json",
+      ["accept"] = stream and "text/event-stream" or "application/json",
+      ["user-agent"] = "aigate/" .. (version or "0"),
+    }
+    for k, v in pairs(e.target.headers) do
+      h[k] = v
+    end
+    e[key], e[key .. "_version"] = h, version
+  end
+  local copy = {}
+  for k, v in pairs(h) do
+    copy[k] = v
+  end
+  return copy
+end
+
+local function no_warn() end
 
 --- Builds the request for aigate.chat options without sending it.
 -- cfg: the loaded config; ctx: {getenv = fn, warn = fn(msg), version = "x.y.z"}.
@@ -648,117 +1058,99 @@ function M.prepare(opts, cfg, ctx)
   ctx = ctx or {}
   cfg = cfg or opts.config or {} -- the caller passes opts.config validated
   local getenv = ctx.getenv or os.getenv
-  local warn = ctx.warn or function() end
+  local warn = ctx.warn or no_warn
 
-  local function fail(msg, extra)
-    local info = { kind = "config", hint = extra and extra.hint, missing = extra and extra.missing }
-    return nil, msg, info
+  local e, err, info, warnings = entry_of(opts.model, opts.provider, cfg, getenv)
+  if e == nil then
+    for _, w in ipairs(warnings or {}) do
+      warn(w)
+    end
+    return nil, err, info
   end
-
-  local m, err = provider.resolve_model({ model = opts.model, provider = opts.provider, cfg = cfg })
-  if m == nil then
-    return fail(err)
-  end
+  local m, def, target = e.m, e.def, e.target
   for _, w in ipairs(m.warnings) do
     warn(w)
   end
-  local def = m.def
-  local named = m.named or {}
 
-  local header_sets = {}
-  if named.headers then
-    header_sets[#header_sets + 1] = { headers = named.headers, source = string.format("models.%s.headers", m.name) }
+  -- One pass over the options: body fields, and whether gateway options or headers are set.
+  local stream = opts.stream
+  local body = { model = m.id, messages = shape_messages(build_messages(opts), opts.system_messages or e.mode or "keep") }
+  local params = e.params
+  for i = 1, #params, 2 do
+    body[params[i]] = params[i + 1]
   end
-  local target, terr, missing = provider.target(def, cfg, getenv, header_sets)
-  if target == nil then
-    local hint
-    if missing and def.gateway then
-      hint = "or set " .. provider.BASE_URL_ENV .. " to send to another OpenAI-compatible endpoint (e.g. aigate mock)"
-    end
-    return fail(terr, { hint = hint, missing = missing })
-  end
-
-  -- Body: model, messages, named-model parameters, options, extra_body (named, then opts).
-  local mode = opts.system_messages or named.system_messages
-  if mode == nil and def.gateway then
-    mode = (cfg.gateway or {}).system_messages or def.system_messages
-  elseif mode == nil then
-    mode = def.system_messages
-  end
-  local body = { model = m.id, messages = M.system_messages(build_messages(opts), mode or "keep") }
-  local meta = {
-    model = true, provider = true, description = true, headers = true, extra_body = true, system_messages = true,
-  }
-  for _, k in ipairs(sorted_keys(named)) do
-    if not meta[k] then
-      body[k] = named[k]
-    end
-  end
-  for _, k in ipairs(M.BODY_FIELDS) do
-    if opts[k] ~= nil then
-      body[k] = opts[k]
+  local gateway_opts = false
+  for k, v in pairs(opts) do
+    if BODY_FIELD[k] then
+      body[k] = v
+    elseif GATEWAY_OPTION[k] then
+      gateway_opts = true
     end
   end
   if opts.json and body.response_format == nil then
     body.response_format = { type = "json_object" }
   end
-  if opts.stream then
+  if stream then
     body.stream = true
     body.stream_options = { include_usage = true }
   end
-  for _, extra in ipairs({ named.extra_body or {}, opts.extra_body or {} }) do
-    for k, v in pairs(extra) do
+  if e.extra_body then
+    for k, v in pairs(e.extra_body) do
       body[k] = v
     end
   end
-  if body.stream == true and opts.stream == nil then
+  if opts.extra_body then
+    for k, v in pairs(opts.extra_body) do
+      body[k] = v
+    end
+  end
+  if body.stream == true and stream == nil then
     return fail("extra_body sets \"stream\": use the 'stream' option (a function receiving the text) instead")
   end
-  local text, jerr = json.encode(body)
+  local text, jerr = encode_body(body)
   if text == nil then
     error("aigate.chat: cannot encode the request body: " .. jerr, 0)
   end
 
   -- Headers: content type, auth and configured headers, cf-aig-* options, opts.headers.
-  local headers = {
-    ["content-type"] = "application/json",
-    ["accept"] = opts.stream and "text/event-stream" or "application/json",
-    ["user-agent"] = "aigate/" .. (ctx.version or "0"),
-  }
-  for k, v in pairs(target.headers) do
-    headers[k] = v
-  end
-  for _, opt in ipairs(sorted_keys(M.GATEWAY_HEADERS)) do
-    local v = opts[opt]
-    if v ~= nil then
-      if not def.gateway then
-        warn(string.format("option '%s' only applies to the %s provider; ignored for '%s'", opt, provider.GATEWAY, m.provider))
-      else
-        local spec = M.GATEWAY_HEADERS[opt]
-        local value
-        if opt == "metadata" then
-          value = json.encode(v)
+  local headers = base_headers(e, stream, ctx.version)
+  if gateway_opts then
+    for _, opt in ipairs(GATEWAY_OPTION_NAMES) do
+      local v = opts[opt]
+      if v ~= nil then
+        if not def.gateway then
+          warn(string.format("option '%s' only applies to the %s provider; ignored for '%s'", opt, provider.GATEWAY, m.provider))
         else
-          value = spec[2](v)
-        end
-        if value ~= nil then
-          headers[spec[1]] = value
+          local spec = M.GATEWAY_HEADERS[opt]
+          local value
+          if opt == "metadata" then
+            value = json.encode(v)
+          else
+            value = spec[2](v)
+          end
+          if value ~= nil then
+            headers[spec[1]] = value
+          end
         end
       end
     end
   end
-  for k, v in pairs(opts.headers or {}) do
-    headers[k:lower()] = tostring(v)
-  end
-  -- Credentials in the final headers are secrets too, wherever they came from.
-  local secrets = {}
-  for _, v in ipairs(target.secrets) do
-    secrets[#secrets + 1] = v
-  end
-  for k, v in pairs(headers) do
-    if provider.SENSITIVE[k] then
-      secrets[#secrets + 1] = v:match("^%a+%s+(.+)$") or v
+  local secrets, redact = e.secrets, e.redact
+  if opts.headers then
+    for k, v in pairs(opts.headers) do
+      headers[k:lower()] = tostring(v)
     end
+    -- Credentials in the final headers are secrets too, wherever they came from.
+    secrets = {}
+    for _, v in ipairs(target.secrets) do
+      secrets[#secrets + 1] = v
+    end
+    for k, v in pairs(headers) do
+      if provider.SENSITIVE[k] then
+        secrets[#secrets + 1] = v:match("^%a+%s+(.+)$") or v
+      end
+    end
+    redact = M.redactor(secrets)
   end
 
   return {
@@ -771,10 +1163,10 @@ function M.prepare(opts, cfg, ctx)
     model = m.id,
     model_name = m.name,
     provider = m.provider,
-    gateway = def.gateway == true,
+    gateway = e.gateway,
     auth = target.auth,
-    token_env = def.gateway and ((cfg.gateway or {}).token_env or def.token_env) or def.token_env,
-    stream = opts.stream,
+    token_env = e.token_env,
+    stream = stream,
     verbose = opts.verbose,
     timeouts = {
       timeout = opts.timeout,
@@ -783,7 +1175,7 @@ function M.prepare(opts, cfg, ctx)
       stall_timeout = opts.stall_timeout,
     },
     secrets = secrets,
-    redact = M.redactor(secrets),
+    redact = redact,
   }
 end
 
@@ -822,15 +1214,16 @@ local function emit_response(req, res)
   end
 end
 
+local function num(x)
+  if type(x) ~= "number" then
+    return nil
+  end
+  return tointeger(x) or x
+end
+
 local function usage_of(u)
   if type(u) ~= "table" then
     return nil
-  end
-  local function num(x)
-    if type(x) ~= "number" then
-      return nil
-    end
-    return math.tointeger(x) or x
   end
   return {
     prompt_tokens = num(u.prompt_tokens),

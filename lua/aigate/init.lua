@@ -112,14 +112,26 @@ end
 -- Config tables given as opts.config, validated once each.
 local validated = setmetatable({}, { __mode = "k" })
 
+-- The context handed to the policy and the client: {getenv, warn, version, redact}. One table,
+-- made again only when core.getenv or M.version is replaced (tests do). `redact` reads the secrets
+-- when it is called (only on failures and in prepare), not for every request.
+local cached_context
+
+local function redact(text)
+  return client.redactor(known_secrets())(text)
+end
+
+local function warn(msg)
+  M.warn(msg)
+end
+
 local function context()
-  return {
-    getenv = core.getenv,
-    warn = function(msg)
-      M.warn(msg)
-    end,
-    version = M.version,
-  }
+  local c = cached_context
+  if c == nil or c.getenv ~= core.getenv or c.version ~= M.version then
+    c = { getenv = core.getenv, warn = warn, version = M.version, redact = redact }
+    cached_context = c
+  end
+  return c
 end
 
 -- The config of a call: opts.config (validated once) or the one in use. level: the error level of
@@ -141,11 +153,7 @@ local function config_of(opts, level)
   return cfg, err
 end
 
-local function policy_context()
-  local ctx = context()
-  ctx.redact = client.redactor(known_secrets())
-  return ctx
-end
+local policy_context = context
 
 --- Renders the request the policy would send first (template applied, route resolved to its first
 -- target), without sending it. Returns {method, url, headers (redacted), body (table), body_table,

@@ -200,6 +200,26 @@ end
 
 -- Running nodes ------------------------------------------------------------------------------------
 
+-- The ctx argument of hooks, route functions and conditions, made when first needed (most requests
+-- run no hook and no function): {route, model, metadata, vars, attempts, config, dry_run, now}.
+local function hook_ctx(st)
+  local ctx = st.ctx
+  if ctx == nil then
+    ctx = {
+      route = st.name,
+      model = st.first_name,
+      metadata = st.metadata or {},
+      vars = st.vars or {},
+      attempts = st.attempts,
+      config = st.cfg,
+      dry_run = st.dry_run,
+      now = st.now,
+    }
+    st.ctx = ctx
+  end
+  return ctx
+end
+
 local EXEC = {}
 local target_cache = setmetatable({}, { __mode = "v" })
 
@@ -240,6 +260,10 @@ end
 
 -- Messages with the decorators in force (outer first) and the target's own.
 local function decorate(o, st, node)
+  local nopts = node.opts
+  if #st.decor == 0 and nopts.prepend == nil and nopts.append == nil and nopts.system_messages == nil then
+    return true -- nothing to add (the usual case)
+  end
   local prepend, append, mode = {}, {}, nil
   local layers = {}
   for _, d in ipairs(st.decor) do
@@ -302,9 +326,12 @@ local function attempt_opts(st, node)
   for k, v in pairs(node.params) do
     o[k] = v
   end
-  for _, k in ipairs(M.TIMEOUTS) do
-    if node.opts[k] ~= nil then
-      o[k] = node.opts[k]
+  local nopts = node.opts
+  if next(nopts) ~= nil then
+    for _, k in ipairs(M.TIMEOUTS) do
+      if nopts[k] ~= nil then
+        o[k] = nopts[k]
+      end
     end
   end
   local ok, err = decorate(o, st, node)
@@ -393,7 +420,7 @@ function EXEC.target(node, st)
 end
 
 function EXEC.func(node, st, depth)
-  local ok, v = xpcall(node.fn, debug.traceback, st.req, st.ctx)
+  local ok, v = xpcall(node.fn, debug.traceback, st.req, hook_ctx(st))
   if not ok then
     return failure(string.format("route %s: the route function failed: %s", st.name, tostring(v)),
       { kind = "policy", reason = "error" })
@@ -472,7 +499,7 @@ end
 
 local function condition(node, st)
   if type(node.cond) == "function" then
-    local ok, v = xpcall(node.cond, debug.traceback, st.req, st.ctx)
+    local ok, v = xpcall(node.cond, debug.traceback, st.req, hook_ctx(st))
     if not ok then
       return nil, failure(string.format("route %s: the condition at %s failed: %s", st.name, node.loc, tostring(v)),
         { kind = "policy", reason = "error" })
@@ -523,12 +550,12 @@ end
 
 -- Calls a hook; returns the (possibly replaced) value, or nil, failure.
 local function call_hook(st, name, value)
-  local hooks = st.cfg.hooks or {}
-  local fn = hooks[name]
+  local hooks = st.cfg.hooks
+  local fn = hooks and hooks[name]
   if fn == nil then
     return value
   end
-  local ok, a, b = xpcall(fn, debug.traceback, value, st.ctx)
+  local ok, a, b = xpcall(fn, debug.traceback, value, hook_ctx(st))
   if not ok then
     return nil, failure(string.format("%s hook failed: %s", name, tostring(a)), { kind = "policy", reason = "hook" })
   end
@@ -542,6 +569,24 @@ local function call_hook(st, name, value)
   return value
 end
 
+local function same(s)
+  return s
+end
+
+-- The retry caps of a config (M.RETRY_CAPS under cfg.retry), worked out once per config.
+local caps_of = setmetatable({}, { __mode = "k" })
+local function caps(cfg)
+  local c = caps_of[cfg]
+  if c == nil or c.defaults ~= M.RETRY_CAPS or c.retry ~= cfg.retry then
+    c = { defaults = M.RETRY_CAPS, retry = cfg.retry, caps = {} }
+    for k, v in pairs(M.RETRY_CAPS) do
+      c.caps[k] = (cfg.retry or {})[k] or v
+    end
+    caps_of[cfg] = c
+  end
+  return c.caps
+end
+
 -- Sets up the state of one request: template, hook, route. Returns st or nil, failure.
 local function start(opts, cfg, context, dry_run)
   local o, terr = template.apply(opts, cfg)
@@ -551,18 +596,16 @@ local function start(opts, cfg, context, dry_run)
     attempts = {},
     decor = {},
     routes = cfg.routes or {},
-    caps = {},
+    caps = caps(cfg),
     stream = opts.stream,
     verbose = opts.verbose,
     vars = opts.vars,
-    redact = (context or {}).redact or function(s)
-      return s
-    end,
+    redact = context and context.redact or same,
+    dry_run = dry_run or false,
+    now = M.now,
   }
-  for k, v in pairs(M.RETRY_CAPS) do
-    st.caps[k] = (cfg.retry or {})[k] or v
-  end
   st.name = opts.model or cfg.default_model or "(default model)"
+  st.first_name = st.name
   if o == nil then
     return nil, failure(terr, { kind = "config" }), st
   end
@@ -573,16 +616,7 @@ local function start(opts, cfg, context, dry_run)
     end
   end
   st.req = copy(o)
-  st.ctx = {
-    route = st.name,
-    model = st.name,
-    metadata = o.metadata or {},
-    vars = opts.vars or {},
-    attempts = st.attempts,
-    config = cfg,
-    dry_run = dry_run or false,
-    now = M.now,
-  }
+  st.metadata = o.metadata
   local req, fail = call_hook(st, "before_request", st.req)
   if req == nil then
     return nil, fail, st
@@ -598,7 +632,9 @@ local function start(opts, cfg, context, dry_run)
   st.verbose = req.verbose
   local name = req.model or cfg.default_model
   st.name = name or "(default model)"
-  st.ctx.route = st.name
+  if st.ctx then
+    st.ctx.route = st.name
+  end
   st.entry = name or target_of(nil)
   return st
 end
@@ -691,7 +727,7 @@ FIRST.decorate = function(n, st, depth)
   return first(n.target, st, depth + 1)
 end
 FIRST.func = function(n, st, depth)
-  local ok, v = xpcall(n.fn, debug.traceback, st.req, st.ctx)
+  local ok, v = xpcall(n.fn, debug.traceback, st.req, hook_ctx(st))
   if not ok or v == nil then
     return nil, failure(string.format("route %s: the route function failed: %s", st.name, tostring(v)),
       { kind = "policy", reason = "error" })

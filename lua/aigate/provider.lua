@@ -80,7 +80,14 @@ local AUTH_MODES = { bearer = true, ["cf-aig"] = true }
 
 -- Text helpers -----------------------------------------------------------
 
+-- Bytes that %s matches: space, \t, \n, \v, \f, \r.
+local SPACE = { [32] = true, [9] = true, [10] = true, [11] = true, [12] = true, [13] = true }
+local byte = string.byte
+
 local function trim(s)
+  if not SPACE[byte(s, 1)] and not SPACE[byte(s, -1)] then
+    return s -- nothing to trim (the usual case): no pattern matching
+  end
   return (s:gsub("^%s+", ""):gsub("%s+$", ""))
 end
 M.trim = trim

@@ -187,4 +187,32 @@ cases.error_codes = function()
   t.eq(batch.error_code(nil), "error")
 end
 
+-- A line naming no model, with no -m: no model in the options (the policy picks the default).
+cases.no_model_anywhere = function()
+  local item = parse('{"id":"a","prompt":"p"}', 1, {})
+  t.eq(item.code, nil)
+  t.eq(item.opts, { prompt = "p" })
+end
+
+-- The attempt list is written by hand: the same bytes as cjson (with "/" unescaped) would write.
+cases.attempt_records_match_cjson = function()
+  local cj = cjson.new()
+  cj.encode_sparse_array(true)
+  cj.encode_number_precision(14)
+  local function enc(v)
+    return (cj.encode(v):gsub("\\/", "/"))
+  end
+  local lists = {
+    { { step = 0, status = 200, target = "workers-ai/@cf/a", model = "workers-ai/@cf/a", latency = 0.00066328299999441 } },
+    { { step = 0, status = 500, target = "x", error = "HTTP 500 \"bad\"\n", latency = 0.25, retry_delay = 0.1 },
+      { step = 1, skipped = true, target = "y", error = "circuit breaker open", latency = 0 },
+      { step = 2, status = 200, target = "z", model = "z", latency = 1.5, cost = 1.25e-7 } },
+    { { step = 0, big = 123456789012345 } },
+    { { step = 0, nested = { 1 } } },
+  }
+  for _, list in ipairs(lists) do
+    t.eq(batch.enc_records(list), enc(list), t.show(list))
+  end
+end
+
 return cases

@@ -308,6 +308,71 @@ cases.json_encoder = function()
   t.eq(json.decode("{bad"), nil)
 end
 
+-- Strings are escaped by cjson then "\/" is undone: the same bytes as the plain Lua escaping, for
+-- every byte value, next to "/" and backslashes.
+cases.json_string_escaping_matches_the_lua_escaping = function()
+  for b = 0, 255 do
+    local s = "a" .. string.char(b) .. "/\\/" .. string.char(b)
+    t.eq(json.quote(s), json.escape_lua(s), "byte " .. b)
+    t.eq(json.encode(s), json.escape_lua(s), "byte " .. b)
+  end
+  t.eq(json.quote("x/y\\/z"), '"x/y\\\\/z"')
+end
+
+-- The request-body encoder writes the same bytes as json.encode for every shape it meets.
+cases.request_body_encoder_matches_json_encode = function()
+  local m = "workers-ai/@cf/meta/x"
+  local bodies = {
+    { model = m, messages = { { role = "user", content = "hi" } } },
+    { model = m, messages = { { role = "system", content = "s/\"\n" }, { role = "user", content = "q" } } },
+    { model = m, messages = { { role = "user", content = { { type = "text", text = "t" } } } } },
+    { model = m, messages = { { role = "user", content = "a", name = "n" } } },
+    { model = m, messages = {} },
+    { model = m, messages = setmetatable({}, json.array_mt) },
+    { model = m, messages = { { role = "user", content = "x" } }, temperature = 0.1, max_tokens = 5,
+      stop = { "a", "b" }, stream = true, stream_options = { include_usage = true }, tools = { { type = "f" } } },
+    { model = m, messages = { { role = "user", content = "x" } }, extra = { [1] = 1, y = 2 } },
+    { model = m, messages = { { role = "user", content = "x" } }, bad = 0 / 0 },
+    { model = m, messages = { "not a table" } },
+  }
+  for _, b in ipairs(bodies) do
+    local want, werr = json.encode(b)
+    local got, gerr = client.encode_body(b)
+    t.eq(got, want, t.show(b))
+    t.eq(gerr ~= nil, werr ~= nil, t.show(b))
+  end
+  local req = must({ prompt = "p", system = "s", temperature = 0.25 })
+  t.eq(req.body, json.encode(req.body_table))
+end
+
+-- Model resolution, URL and auth are kept per config and environment, and made again when a
+-- variable they read changes.
+cases.resolved_target_follows_the_environment = function()
+  local env = { CLOUDFLARE_ACCOUNT_ID = "acc1", CLOUDFLARE_API_TOKEN = "tok-one-1" }
+  local getenv = t.env(env)
+  local cfg = {}
+  local function req()
+    return assert(client.prepare({ prompt = "p" }, cfg, { getenv = getenv, version = "0.1.0" }))
+  end
+  local r1 = req()
+  t.eq(r1.url, "https://gateway.ai.cloudflare.com/v1/acc1/default/compat/chat/completions")
+  t.eq(r1.headers.authorization, "Bearer tok-one-1")
+  t.eq(req().headers.authorization, "Bearer tok-one-1")
+  env.CLOUDFLARE_API_TOKEN = "tok-two-2"
+  env.CLOUDFLARE_ACCOUNT_ID = "acc2"
+  local r2 = req()
+  t.eq(r2.url, "https://gateway.ai.cloudflare.com/v1/acc2/default/compat/chat/completions")
+  t.eq(r2.headers.authorization, "Bearer tok-two-2")
+  t.eq(r2.redact("x tok-two-2"), "x ***")
+  env.AIGATE_BASE_URL = "http://127.0.0.1:9/v1"
+  t.eq(req().url, "http://127.0.0.1:9/v1/chat/completions")
+  env.CLOUDFLARE_API_TOKEN = nil
+  env.AIGATE_BASE_URL = nil
+  local r, err = client.prepare({ prompt = "p" }, cfg, { getenv = getenv, version = "0.1.0" })
+  t.eq(r, nil)
+  t.contains(err, "CLOUDFLARE_API_TOKEN")
+end
+
 -- Redaction ---------------------------------------------------------------------------
 
 cases.redactor = function()

@@ -617,4 +617,22 @@ return {
   t.eq(#notes, 0)
 end
 
+-- No model in the request and no default_model in the config: the provider's default model, as a
+-- one-target route (batch without -m takes this path for every line).
+cases.no_model_and_no_default_model_uses_the_provider_default = function()
+  local aigate, cfg = setup()
+  t.eq(cfg.default_model, nil)
+  for _ = 1, 2 do
+    local r, err = aigate.chat({ config = cfg, prompt = "hello" })
+    t.truthy(r, err)
+    t.eq(r.model, "workers-ai/@cf/meta/llama-3.3-70b-instruct-fp8-fast")
+    t.eq(r.route, "(default model)")
+    t.eq(#r.attempts, 1)
+    t.eq(r.attempts[1].target, r.model)
+  end
+  local req = assert(aigate.prepare({ config = cfg, prompt = "p" }))
+  t.eq(req.model, "workers-ai/@cf/meta/llama-3.3-70b-instruct-fp8-fast")
+  t.eq(req.targets, { "(default model)" })
+end
+
 return cases
