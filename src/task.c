@@ -13,6 +13,7 @@
  * fsync, truncate.
  */
 #include <errno.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -575,6 +576,20 @@ static int push_read(lua_State *L, int fd, size_t max)
     return 1;
 }
 
+static int still_readable(int fd)
+{
+    struct pollfd pfd;
+    int rc;
+
+    pfd.fd = fd;
+    pfd.events = POLLIN;
+    pfd.revents = 0;
+    do {
+        rc = poll(&pfd, 1, 0);
+    } while (rc < 0 && errno == EINTR);
+    return rc != 0; /* an error is reported by the read itself */
+}
+
 static void read_cancel(struct pending *p)
 {
     struct read_op *op = (struct read_op *)p;
@@ -589,7 +604,11 @@ static void read_cb(evutil_socket_t fd, short what, void *arg)
     int nret;
 
     (void)what;
-    nret = push_read(t->co, (int)fd, op->max);
+    /*
+     * Several tasks may wait on one descriptor, and all are woken together: the first may take what
+     * arrived. Read only if data (or the end) is still there, so that read() cannot block the loop.
+     */
+    nret = still_readable((int)fd) ? push_read(t->co, (int)fd, op->max) : 0;
     if (nret == 0) {
         event_add(op->ev, NULL); /* spurious wake-up: wait again */
         return;

@@ -931,7 +931,7 @@ function M.run(opts)
   -- The input: a first pass over a file for duplicates and the total.
   local input
   if from_stdin then
-    input = io.stdin
+    input = jsonl.fd_source(0)
     st.seen = {}
   else
     local total, dups, ndup, skipped = first_pass(opts.input, max_line, st.done)
@@ -949,7 +949,7 @@ function M.run(opts)
     st.total, st.skipped = total, skipped
     input = assert(io.open(opts.input, "rb"))
   end
-  st.reader = jsonl.reader(input, max_line, from_stdin)
+  st.reader = jsonl.reader(input, max_line)
 
   local out
   if to_stdout then
@@ -1022,7 +1022,7 @@ function M.run(opts)
     core.fsync(out)
     out:close()
   end
-  if input ~= io.stdin then input:close() end
+  if not from_stdin then input:close() end
   if show_progress and tty then io.stderr:write("\r\27[K") io.stderr:flush() end
   if st.abort then
     st.unfinished = st.unfinished + st.active

@@ -2,8 +2,9 @@
 -- its own output). A reader hands out one line at a time with its number, whether it ended with a
 -- newline (a last line without one may be torn) and the byte offset just after it; a line longer than
 -- max_line is skipped while it is read (never held whole) and reported by its length instead.
--- API: jsonl.reader(file, max_line, streaming) -> reader; reader:next() -> line, lineno, complete,
--- end_offset, oversize_len (nil at end of input).
+-- API: jsonl.reader(file, max_line) -> reader; reader:next() -> line, lineno, complete,
+-- end_offset, oversize_len (nil at end of input). `file` is anything with read(n) returning up to n
+-- bytes (at least one) or nil at the end: a Lua file, or jsonl.fd_source(0) for standard input.
 local M = {}
 
 local BLOCK = 65536
@@ -12,28 +13,26 @@ local find, sub = string.find, string.sub
 local Reader = {}
 Reader.__index = Reader
 
---- A line reader over an open file. max_line: longest line kept, in bytes. streaming: read line by
--- line as data arrives (stdin, pipes) instead of in 64 KiB blocks; an oversized line is then read
--- whole before it is dropped.
-function M.reader(file, max_line, streaming)
+--- A line reader over an open file (or any source with read(n)). max_line: longest line kept, in bytes.
+function M.reader(file, max_line)
   return setmetatable({
-    file = file, max_line = max_line or math.huge, streaming = streaming,
+    file = file, max_line = max_line or math.huge,
     buf = "", pos = 1, base = 0, lineno = 0, eof = false,
   }, Reader)
 end
 
--- Streaming mode: one read("L") per line (returns as soon as a line is there).
-function Reader:next_streaming()
-  local line = self.file:read("L")
-  if line == nil then return nil end
-  self.lineno = self.lineno + 1
-  self.base = self.base + #line
-  local complete = sub(line, -1) == "\n"
-  if complete then line = sub(line, 1, -2) end
-  if #line > self.max_line then
-    return "", self.lineno, complete, self.base, #line
-  end
-  return line, self.lineno, complete, self.base
+--- A source reading a file descriptor with core.read: a pipe or terminal is read as data arrives,
+-- without blocking the event loop (requests in flight go on while a slow producer writes). A read
+-- error raises.
+function M.fd_source(fd)
+  local core = require "aigate.core"
+  return {
+    read = function(_, n)
+      local data, err = core.read(fd, n)
+      if data == nil and err then error("reading standard input: " .. err, 0) end
+      return data
+    end,
+  }
 end
 
 -- Drops the rest of an oversized line (already `have` bytes long); returns its full length and
@@ -59,7 +58,6 @@ end
 
 --- The next line: line (without its newline), lineno, complete, end_offset[, oversize_len]; nil at end.
 function Reader:next()
-  if self.streaming then return self:next_streaming() end
   while true do
     local buf, pos = self.buf, self.pos
     local nl = find(buf, "\n", pos, true)

@@ -159,6 +159,17 @@ printf '{"id":"x","prompt":"1"}\n{"id":"x","prompt":"2"}\n' | "$AIGATE" batch - 
 expect_eq "stdin duplicate: exit 2" "$?" 2
 expect_match "stdin duplicate: named" "$(cat "$TMP/err")" "duplicate id 'x' on lines 1 and 2"
 
+# A slow producer on stdin: results of the lines already read are written while it is still writing.
+( printf '{"id":"early","prompt":"first","model":"openai/gpt-4o"}\n'; sleep 1.2
+  printf '{"id":"late","prompt":"second","model":"openai/gpt-4o"}\n' ) |
+    "$AIGATE" batch - -o slowin.jsonl -q 2> "$TMP/err" &
+bpid=$!
+sleep 0.6
+expect_eq "slow stdin: the first result is out before the next line arrives" "$(grep -c '"custom_id":"early"' slowin.jsonl 2>/dev/null)" 1
+wait $bpid
+expect_eq "slow stdin: exit 0" "$?" 0
+expect_eq "slow stdin: both results" "$(grep -c '"error":null' slowin.jsonl)" 2
+
 # ---- --ordered ------------------------------------------------------------------------------------
 awk 'BEGIN { for (i = 1; i <= 60; i++) printf "{\"id\":\"r%d\",\"prompt\":\"p\",\"model\":\"mock/slow-%d\"}\n", i, (i % 3 == 1) ? 60 : 1 }' > slow.jsonl
 batch slow.jsonl -o unordered.jsonl -j 16 -q

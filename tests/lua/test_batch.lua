@@ -138,17 +138,29 @@ cases.scan_output_and_torn_line = function()
   t.eq(batch.scan_output(dir .. "/missing.jsonl"), nil)
 end
 
-local function reader_of(text, max, streaming)
+local function reader_of(text, max)
   local dir = t.tmpdir()
   local f = assert(io.open(t.write(dir, "in.jsonl", text), "rb"))
   t.defer(function() f:close() end)
-  return jsonl.reader(f, max, streaming)
+  return jsonl.reader(f, max)
+end
+
+-- A source that hands out its text a few bytes at a time, as a pipe read with core.read does.
+local function trickle_of(text, max)
+  local pos = 1
+  return jsonl.reader({ read = function(_, n)
+    if pos > #text then return nil end
+    local take = math.min(n, 1 + (pos * 7919) % 13)
+    local piece = text:sub(pos, pos + take - 1)
+    pos = pos + take
+    return piece
+  end }, max)
 end
 
 cases.jsonl_reader = function()
-  for _, streaming in ipairs({ false, true }) do
-    local big = string.rep("x", 200000)
-    local r = reader_of("a\n" .. big .. "\n\nlast", 100000, streaming)
+  local big = string.rep("x", 200000)
+  local text = "a\n" .. big .. "\n\nlast"
+  for _, r in ipairs({ reader_of(text, 100000), trickle_of(text, 100000) }) do
     t.eq({ r:next() }, { "a", 1, true, 2 })
     local line, n, complete, off, over = r:next()
     t.eq({ line, n, complete, off, over }, { "", 2, true, 200003, 200000 })
