@@ -63,9 +63,9 @@ void host_exit(int code);
 int core_sse_parser(lua_State *L);
 int core_request(lua_State *L);
 int core_listen(lua_State *L);
-void core_register_tasks(lua_State *L);
+void core_register_tasks(lua_State *L); /* spawn, wait, sleep, now, time, ... into the table on top */
 int tasks_init(void);
-void tasks_shutdown(void);   /* spawn, wait, sleep, now, time, ... into the table on top */
+void tasks_shutdown(void);
 
 int http_client_init(void);
 void http_client_shutdown(void);

@@ -23,27 +23,27 @@
 #include "buf.h"
 
 #define DEFAULT_MAX_SIZE (64 * 1024 * 1024)
-#define EASY_POOL_MAX 256
+#define EASY_POOL_MAX    256
 
 struct transfer {
     struct pending pending;
     struct task *task;
     CURL *easy;
     struct curl_slist *headers;
-    int body_ref;            /* keeps the request body string alive for CURLOPT_POSTFIELDS */
-    int chunk_ref;           /* on_chunk function or LUA_NOREF */
+    int body_ref;  /* keeps the request body string alive for CURLOPT_POSTFIELDS */
+    int chunk_ref; /* on_chunk function or LUA_NOREF */
     struct buf body;
     struct buf resp_headers; /* "name\0value\0" pairs of the last response */
     long status;
     int got_first_byte;
-    int streaming;           /* 2xx and on_chunk set: body goes to the callback */
+    int streaming; /* 2xx and on_chunk set: body goes to the callback */
     size_t received;
     size_t max_size;
     double first_byte_timeout;
     double stall_timeout;
     struct event *first_byte_timer;
     struct event *stall_timer;
-    char *abort_msg;         /* why we stopped it ourselves */
+    char *abort_msg; /* why we stopped it ourselves */
     char errbuf[CURL_ERROR_SIZE];
 };
 
@@ -205,8 +205,10 @@ static void push_response(lua_State *L, struct transfer *tr)
         lua_setfield(L, -2, name);
     }
     lua_setfield(L, -2, "headers");
-    lua_pushlstring(L, tr->streaming ? "" : tr->body.data ? tr->body.data : "",
-                    tr->streaming ? 0 : tr->body.len);
+    if (tr->streaming || tr->body.data == NULL)
+        lua_pushliteral(L, ""); /* streamed bodies went to on_chunk */
+    else
+        lua_pushlstring(L, tr->body.data, tr->body.len);
     lua_setfield(L, -2, "body");
 }
 
@@ -313,7 +315,8 @@ static void first_byte_timer_cb(evutil_socket_t fd, short kind, void *arg)
 
     (void)fd;
     (void)kind;
-    snprintf(msg, sizeof(msg), "timeout: no response within %gs (first byte timeout)", tr->first_byte_timeout);
+    snprintf(msg, sizeof(msg), "timeout: no response within %gs (first byte timeout)",
+             tr->first_byte_timeout);
     transfer_abort(tr, msg);
 }
 
@@ -509,7 +512,8 @@ int core_request(lua_State *L)
     lua_getfield(L, 1, "body");
     if (!lua_isnil(L, -1)) {
         if (lua_type(L, -1) != LUA_TSTRING)
-            return luaL_error(L, "bad option 'body' to 'request' (string expected, got %s)", luaL_typename(L, -1));
+            return luaL_error(L, "bad option 'body' to 'request' (string expected, got %s)",
+                              luaL_typename(L, -1));
         body = lua_tolstring(L, -1, &body_len);
     }
     lua_getfield(L, 1, "method");

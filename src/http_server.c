@@ -28,16 +28,16 @@
 
 #include "aigate.h"
 
-#define SERVER_MT "aigate.server"
+#define SERVER_MT   "aigate.server"
 #define RESPONSE_MT "aigate.response"
-#define MAX_BODY (64 * 1024 * 1024)
+#define MAX_BODY    (64 * 1024 * 1024)
 
 struct server {
     struct evhttp *http;
     int handler_ref;
-    int self_ref;         /* an open server stays alive until closed */
+    int self_ref; /* an open server stays alive until closed */
     int port;
-    struct server *next;  /* all open servers, closed at shut-down */
+    struct server *next; /* all open servers, closed at shut-down */
     struct server *prev;
 };
 
@@ -271,7 +271,8 @@ static int l_response_gc(lua_State *L)
 /* Pushes the request table for req. */
 static void push_request(lua_State *L, struct evhttp_request *req)
 {
-    static const char *methods[] = { "GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE", "CONNECT", "PATCH" };
+    static const char *methods[] = { "GET",     "POST",  "HEAD",    "PUT",  "DELETE",
+                                     "OPTIONS", "TRACE", "CONNECT", "PATCH" };
     enum evhttp_cmd_type cmd = evhttp_request_get_command(req);
     const struct evhttp_uri *uri = evhttp_request_get_evhttp_uri(req);
     struct evkeyvalq *in = evhttp_request_get_input_headers(req);
@@ -439,12 +440,8 @@ static int l_server_index(lua_State *L)
 static void register_metatables(lua_State *L)
 {
     static const luaL_Reg response_methods[] = {
-        { "respond", l_respond },
-        { "start", l_start },
-        { "write", l_write },
-        { "finish", l_finish },
-        { "cut", l_cut },
-        { NULL, NULL },
+        { "respond", l_respond }, { "start", l_start }, { "write", l_write },
+        { "finish", l_finish },   { "cut", l_cut },     { NULL, NULL },
     };
 
     if (luaL_newmetatable(L, RESPONSE_MT)) {
@@ -485,7 +482,8 @@ int core_listen(lua_State *L)
         return luaL_error(L, "bad option 'port' to 'listen' (0..65535 expected)");
     lua_getfield(L, 1, "handler");
     if (!lua_isfunction(L, -1))
-        return luaL_error(L, "bad option 'handler' to 'listen' (function expected, got %s)", luaL_typename(L, -1));
+        return luaL_error(L, "bad option 'handler' to 'listen' (function expected, got %s)",
+                          luaL_typename(L, -1));
 
     s = lua_newuserdatauv(L, sizeof(*s), 0);
     memset(s, 0, sizeof(*s));

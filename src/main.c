@@ -114,9 +114,8 @@ static void main_done(struct task *t, int ok, void *ud)
     host_exit(code);
 }
 
-static const char main_chunk[] =
-    "local argv = ...\n"
-    "return require('aigate.cli').main(argv)\n";
+static const char main_chunk[] = "local argv = ...\n"
+                                 "return require('aigate.cli').main(argv)\n";
 
 static void raise_fd_limit(void)
 {

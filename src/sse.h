@@ -26,15 +26,15 @@ struct sse_event {
 typedef void (*sse_emit_fn)(void *ud, const struct sse_event *ev);
 
 struct sse_parser {
-    struct buf line;  /* an incomplete line carried over from the previous chunk */
-    struct buf data;  /* data of the event being assembled, each line followed by '\n' */
+    struct buf line; /* an incomplete line carried over from the previous chunk */
+    struct buf data; /* data of the event being assembled, each line followed by '\n' */
     struct buf event;
     struct buf id;
     int has_data;
     int has_event;
     int has_id;
-    int skip_lf;      /* the previous chunk ended in CR: a leading LF belongs to it */
-    int started;      /* past the optional byte order mark */
+    int skip_lf; /* the previous chunk ended in CR: a leading LF belongs to it */
+    int started; /* past the optional byte order mark */
 };
 
 void sse_init(struct sse_parser *p);

@@ -41,15 +41,15 @@ enum task_state {
 
 struct task {
     lua_State *co;
-    int anchor;              /* registry ref to the handle while the task is alive */
+    int anchor; /* registry ref to the handle while the task is alive */
     enum task_state state;
-    int nresume;             /* values pushed on co for the next resume */
-    int waited;              /* somebody collected the outcome */
+    int nresume; /* values pushed on co for the next resume */
+    int waited;  /* somebody collected the outcome */
     struct pending *pending;
-    struct task *waiters;    /* tasks blocked in core.wait on this one */
+    struct task *waiters; /* tasks blocked in core.wait on this one */
     struct task *next_waiter;
     struct task *runq_next;
-    struct task *prev;       /* list of live tasks, for shut-down */
+    struct task *prev; /* list of live tasks, for shut-down */
     struct task *next;
     task_done_fn done;
     void *done_ud;
@@ -669,18 +669,12 @@ static int l_pid(lua_State *L)
 void core_register_tasks(lua_State *L)
 {
     static const luaL_Reg funcs[] = {
-        { "spawn", l_spawn },
-        { "wait", l_wait },
-        { "sleep", l_sleep },
-        { "wait_signal", l_wait_signal },
-        { "now", l_now },
-        { "time", l_time },
-        { "getenv", l_getenv },
-        { "isatty", l_isatty },
-        { "fsync", l_fsync },
-        { "truncate", l_truncate },
-        { "read", l_read },
-        { "pid", l_pid },
+        { "spawn", l_spawn },   { "wait", l_wait },
+        { "sleep", l_sleep },   { "wait_signal", l_wait_signal },
+        { "now", l_now },       { "time", l_time },
+        { "getenv", l_getenv }, { "isatty", l_isatty },
+        { "fsync", l_fsync },   { "truncate", l_truncate },
+        { "read", l_read },     { "pid", l_pid },
         { NULL, NULL },
     };
 

@@ -14,9 +14,8 @@
 
 #include <curl/curl.h>
 
-static const char request_body[] =
-    "{\"messages\":[{\"content\":\"Say hello.\",\"role\":\"user\"}],"
-    "\"model\":\"@cf/meta/llama-3.3-70b-instruct-fp8-fast\"}";
+static const char request_body[] = "{\"messages\":[{\"content\":\"Say hello.\",\"role\":\"user\"}],"
+                                   "\"model\":\"@cf/meta/llama-3.3-70b-instruct-fp8-fast\"}";
 
 struct slot {
     CURL *easy;

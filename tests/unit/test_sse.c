@@ -60,12 +60,14 @@ static const struct sse_case cases[] = {
     { "only one leading space dropped", "data:  two\n\n", "|| two;", 0 },
     { "blank lines without data dispatch nothing", "\n\n\nid: 1\n\n", "", 0 },
     { "unknown fields and retry ignored", "retry: 10\nfoo: bar\ndata: d\n\n", "||d;", 0 },
-    { "openai chunks and DONE",
-      "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\ndata: [DONE]\n\n",
+    { "openai chunks and DONE", "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\ndata: [DONE]\n\n",
       "||{\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]};||[DONE];", 0 },
     { "unterminated event dropped without finish", "data: a\n\ndata: tail", "||a;", 0 },
     { "unterminated event kept by finish", "data: a\n\ndata: tail", "||a;||tail;", 1 },
-    { "byte order mark skipped", "\xEF\xBB\xBF" "data: bom\n\n", "||bom;", 0 },
+    { "byte order mark skipped",
+      "\xEF\xBB\xBF"
+      "data: bom\n\n",
+      "||bom;", 0 },
     { "mixed line ends", "data: a\r\ndata: b\rdata: c\n\r\n", "||a\nb\nc;", 0 },
     { "empty data line", "data\n\n", "||;", 0 },
 };
