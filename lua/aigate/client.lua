@@ -16,6 +16,7 @@
 local provider = require("aigate.provider")
 local errors = require("aigate.errors")
 
+local util = require("aigate.util")
 local M = {}
 
 -- JSON -------------------------------------------------------------------------
@@ -724,69 +725,12 @@ local function text_of(content)
   return table.concat(parts, "\n")
 end
 
-local function copy_message(m)
-  local c = {}
-  for k, v in pairs(m) do
-    c[k] = v
-  end
-  return c
-end
+local copy_message = util.copy
 
---- Applies a system-message policy to a messages array (returns a new array).
--- merge: each run of consecutive system messages becomes one, texts joined with "\n";
+-- The system-message rules on the messages of a request being built: `messages` is a fresh array
+-- that may be changed; the message tables in it are the caller's and are shared, not copied, unless
+-- changed. merge: each run of consecutive system messages becomes one, texts joined with "\n";
 -- hoist: every system message goes into one leading message; keep: unchanged.
-function M.system_messages(messages, mode)
-  local out = {}
-  if mode == "keep" then
-    for i, m in ipairs(messages) do
-      out[i] = copy_message(m)
-    end
-    return out
-  end
-  if mode == "hoist" then
-    local texts, rest, kept = {}, {}, {}
-    for _, m in ipairs(messages) do
-      local t = m.role == "system" and text_of(m.content)
-      if t then
-        texts[#texts + 1] = t
-      elseif m.role == "system" then
-        kept[#kept + 1] = copy_message(m)
-      else
-        rest[#rest + 1] = copy_message(m)
-      end
-    end
-    if #texts > 0 then
-      out[1] = { role = "system", content = table.concat(texts, "\n") }
-    end
-    for _, m in ipairs(kept) do
-      out[#out + 1] = m
-    end
-    for _, m in ipairs(rest) do
-      out[#out + 1] = m
-    end
-    return out
-  end
-  -- merge
-  local run
-  for _, m in ipairs(messages) do
-    local t = m.role == "system" and text_of(m.content)
-    if t then
-      if run then
-        run.content = run.content .. "\n" .. t
-      else
-        run = { role = "system", content = t }
-        out[#out + 1] = run
-      end
-    else
-      run = nil
-      out[#out + 1] = copy_message(m)
-    end
-  end
-  return out
-end
-
--- The same rules on the messages of a request being built: `messages` is a fresh array that may be
--- changed; the message tables in it are the caller's and are shared, not copied, unless changed.
 local function shape_messages(messages, mode)
   if mode == "keep" then
     return messages
@@ -839,6 +783,16 @@ local function shape_messages(messages, mode)
   return out
 end
 
+--- Applies a system-message policy (see shape_messages) to a messages array; returns a new array of
+-- new message tables.
+function M.system_messages(messages, mode)
+  local copies = {}
+  for i, msg in ipairs(messages) do
+    copies[i] = copy_message(msg)
+  end
+  return shape_messages(copies, mode)
+end
+
 -- The messages of a request: system, messages, prompt, JSON instruction (a new array; the
 -- caller's message tables are shared, a changed one is copied).
 local function build_messages(opts)
@@ -873,14 +827,7 @@ end
 
 -- Request -------------------------------------------------------------------------
 
-local function sorted_keys(t)
-  local keys = {}
-  for k in pairs(t) do
-    keys[#keys + 1] = k
-  end
-  sort(keys)
-  return keys
-end
+local sorted_keys = util.sorted_keys
 
 -- What each option adds to a request, for the single pass over the options in prepare.
 local BODY_FIELD, GATEWAY_OPTION = {}, {}

@@ -13,6 +13,7 @@ local provider = require("aigate.provider")
 local route = require("aigate.route")
 local template = require("aigate.template")
 
+local util = require("aigate.util")
 local M = {}
 
 -- Value checkers: return true, or nil and what the value must be.
@@ -325,16 +326,7 @@ local function copy(v, depth)
   return t
 end
 
-local function sorted_keys(t)
-  local keys = {}
-  for k in pairs(t) do
-    keys[#keys + 1] = k
-  end
-  table.sort(keys, function(a, b)
-    return tostring(a) < tostring(b)
-  end)
-  return keys
-end
+local sorted_keys = util.sorted_keys
 
 local Validator = {}
 Validator.__index = Validator
@@ -680,15 +672,7 @@ end
 
 local run_config
 
-local function read_file(path)
-  local f, err = io.open(path, "r")
-  if f == nil then
-    return nil, err
-  end
-  local text = f:read("a")
-  f:close()
-  return text
-end
+local read_file = util.read_file
 
 --- The config file that `load(nil)` would use, or nil when there is none.
 function M.find(getenv)

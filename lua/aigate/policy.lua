@@ -17,6 +17,7 @@ local template = require("aigate.template")
 local breaker = require("aigate.breaker")
 local limit = require("aigate.limit")
 
+local util = require("aigate.util")
 local M = {}
 
 M.MAX_DEPTH = 32
@@ -49,13 +50,7 @@ local function first_line(s)
   return (tostring(s or ""):match("^[^\n]*"))
 end
 
-local function copy(t)
-  local c = {}
-  for k, v in pairs(t or {}) do
-    c[k] = v
-  end
-  return c
-end
+local copy = util.copy
 
 -- Retry-After ------------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@
 -- `getenv` function passed in, so tests can feed a table. Used by
 -- aigate.client; the CLI uses `names`, `expand` and `resolve_model`.
 
+local util = require("aigate.util")
 local M = {}
 
 M.GATEWAY = "cloudflare-ai-gateway"
@@ -133,14 +134,7 @@ function M.nearest(word, candidates)
   return nil
 end
 
-local function sorted_keys(t)
-  local keys = {}
-  for k in pairs(t) do
-    keys[#keys + 1] = k
-  end
-  table.sort(keys)
-  return keys
-end
+local sorted_keys = util.sorted_keys
 
 -- Providers ----------------------------------------------------------------
 

@@ -11,6 +11,7 @@
 local provider = require("aigate.provider")
 local client = require("aigate.client")
 
+local util = require("aigate.util")
 local M = {}
 
 local Node = { __name = "aigate.route" }
@@ -90,16 +91,7 @@ local function problem(loc, what, msg)
   error(text, 0)
 end
 
-local function sorted_keys(t)
-  local keys = {}
-  for k in pairs(t) do
-    keys[#keys + 1] = k
-  end
-  table.sort(keys, function(a, b)
-    return tostring(a) < tostring(b)
-  end)
-  return keys
-end
+local sorted_keys = util.sorted_keys
 
 local function unknown_option(loc, what, key, valid)
   local names = sorted_keys(valid)
@@ -562,25 +554,12 @@ end
 --- The value at a dotted path ("metadata.user_id", "body.temperature", "vars.lang", "model") in a
 -- request table (aigate.chat options).
 function M.lookup(req, path)
-  local first, rest = path:match("^([^.]+)%.?(.*)$")
-  local v
-  if first == "body" then
-    v = req
-    first, rest = rest:match("^([^.]+)%.?(.*)$")
-    if first == nil then
-      return nil
-    end
-  else
-    v = req
+  -- "body.x" is the option x itself: the request's options are its body fields
+  local rest = path:match("^body%.(.+)$")
+  if path == "body" then
+    return nil
   end
-  v = type(v) == "table" and v[first] or nil
-  for part in (rest or ""):gmatch("[^.]+") do
-    if type(v) ~= "table" then
-      return nil
-    end
-    v = v[part]
-  end
-  return v
+  return util.get_path(req, rest or path)
 end
 
 --- Evaluates a condition table against a request. Returns boolean.

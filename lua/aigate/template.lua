@@ -12,6 +12,7 @@
 local client = require("aigate.client")
 local provider = require("aigate.provider")
 
+local util = require("aigate.util")
 local M = {}
 
 local function text_value(v)
@@ -83,16 +84,7 @@ function M.parse(text)
   return parts
 end
 
-local function lookup(vars, name)
-  local v = vars
-  for part in name:gmatch("[^.]+") do
-    if type(v) ~= "table" then
-      return nil
-    end
-    v = v[part]
-  end
-  return v
-end
+local lookup = util.get_path
 
 --- Renders a template text with vars. Returns the string, or nil, err, missing (an array of names;
 -- `missing` collects into the given table when passed).
@@ -213,12 +205,10 @@ function M.load_file(path)
   if files[path] then
     return files[path]
   end
-  local f, err = io.open(path, "r")
-  if f == nil then
+  local text, err = util.read_file(path)
+  if text == nil then
     return nil, err
   end
-  local text = f:read("a")
-  f:close()
   local def
   if path:match("%.lua$") then
     local chunk, lerr = load(text, "@" .. path, "t", setmetatable({}, { __index = _G }))
@@ -264,13 +254,7 @@ function M.find(name, cfg)
     #names > 0 and ("; templates: " .. table.concat(names, ", ")) or "; no templates are defined in the config")
 end
 
-local function copy(t)
-  local c = {}
-  for k, v in pairs(t) do
-    c[k] = v
-  end
-  return c
-end
+local copy = util.copy
 
 -- Renders every text of a messages array into `out` (new message tables).
 local function render_messages(list, vars, missing, errs)

@@ -1,6 +1,7 @@
 -- cmd/routes.lua: `aigate routes`, the named models and routes of the config and what each resolves to.
 local cli = require "aigate.cli"
 
+local util = require("aigate.util")
 local M = {}
 
 M.summary = [[list the named models and routes and what each resolves to]]
@@ -14,12 +15,7 @@ defined in the config goes to the gateway's own dynamic route.]]
 
 local ROUTES_OPTS = {{"config", nil, "value"}, {"help", "h", "flag"}}
 
-local function sorted_keys(t)
-  local keys = {}
-  for k in pairs(t or {}) do keys[#keys + 1] = k end
-  table.sort(keys)
-  return keys
-end
+local sorted_keys = util.sorted_keys
 
 function M.main(argv)
   local cmd = "routes"
