@@ -266,6 +266,17 @@ expect_eq "--rpm 600: exit 0" "$RC" 0
 slow=$(awk -v s="$start" -v e="$end" 'BEGIN { print (e - s >= 0.4) ? "yes" : "no" }')
 expect_eq "--rpm 600: 5 requests spread over >= 0.4 s" "$slow" yes
 
+# ---- --tpm ----------------------------------------------------------------------------------------------
+# Each line is estimated at about 2000 tokens (its max_tokens); 600000 tokens per minute spaces the
+# five starts about 0.2 s apart.
+awk 'BEGIN { for (i = 1; i <= 5; i++) printf "{\"id\":\"t%d\",\"prompt\":\"p\",\"model\":\"openai/gpt-4o\",\"max_tokens\":2000}\n", i }' > tpm.jsonl
+start=$(date +%s.%N)
+batch tpm.jsonl -o tpm_out.jsonl -j 5 --tpm 600000 -q
+end=$(date +%s.%N)
+expect_eq "--tpm: exit 0" "$RC" 0
+paced=$(awk -v s="$start" -v e="$end" 'BEGIN { print (e - s >= 0.7 && e - s < 5) ? "yes" : "no" }')
+expect_eq "--tpm 600000: five ~2000-token lines spread over >= 0.7 s" "$paced" yes
+
 # ---- progress and summary -------------------------------------------------------------------------------
 batch slow.jsonl -o prog_out.jsonl -j 4 --progress 0.1
 expect_match "plain progress lines when stderr is not a terminal" "$ERR" "batch: [0-9]+/60 \\([0-9]+%\\) \\| ok [0-9]+ failed 0 \\|"
@@ -273,6 +284,16 @@ expect_match "summary: counts" "$ERR" "aigate batch: 60 lines in [0-9.]+s .*: 60
 expect_match "summary: by model" "$ERR" "models \\(ok\\): mock/slow-1 40, mock/slow-60 20"
 expect_match "summary: latency percentiles" "$ERR" "latency: p50 [0-9.]+ms, p95 [0-9.]+ms, p99 [0-9.]+ms"
 expect_match "summary: tokens" "$ERR" "tokens: [0-9]+ prompt \\+ [0-9]+ completion = [0-9]+"
+
+# On a terminal the progress is one line redrawn in place (carriage return, clear to end of line).
+if command -v script > /dev/null 2>&1; then
+    script -qec "$AIGATE batch slow.jsonl -o tty_out.jsonl -j 4 --progress 0.05" /dev/null > tty.txt 2>&1 < /dev/null
+    expect_eq "terminal: exit 0" "$?" 0
+    expect_match "terminal: the live line is redrawn in place" "$(tr '\r' '\n' < tty.txt | grep -c 'batch: [0-9]*/60')" "^([2-9]|[1-9][0-9]+)$"
+    if grep -q $'\r\e\[K' tty.txt; then ok "terminal: carriage return and clear-line codes"; else fail "terminal: carriage return and clear-line codes" "not found"; fi
+else
+    fail "terminal progress" "the 'script' command (util-linux) is needed for this test"
+fi
 batch in50.jsonl -o quiet_out.jsonl -q
 expect_eq "--quiet: nothing on stderr" "$ERR" ""
 
