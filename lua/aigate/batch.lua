@@ -958,7 +958,7 @@ function M.run(opts)
     local err
     out, err = io.open(opts.output, (resuming and not opts.overwrite) and "ab" or "wb")
     if not out then
-      eprint("aigate: batch: cannot write '", opts.output, "': ", tostring(err))
+      eprint("aigate: batch: cannot write the output: ", tostring(err)) -- io.open's message names the file
       return 2
     end
   end
