@@ -19,9 +19,10 @@ HDRS := $(wildcard src/*.h)
 UNIT_TESTS := $(patsubst tests/unit/%.c,tests/unit/%,$(wildcard tests/unit/test_*.c))
 UNIT_LIB := src/sse.c src/buf.c tests/unit/unit.c
 
-DEB_PACKAGES := gcc make pkg-config liblua5.4-dev libcurl4-openssl-dev lua-cjson-dev libevent-dev curl ca-certificates
+DEB_PACKAGES := gcc make pkg-config liblua5.4-dev libcurl4-openssl-dev lua-cjson-dev libevent-dev curl ca-certificates \
+                lua-check
 
-.PHONY: all test asan demo bench deps install uninstall clean units
+.PHONY: all test asan demo bench deps install uninstall clean units lint format
 
 all: aigate
 
@@ -66,6 +67,16 @@ bench: deps
 	$(MAKE) aigate
 	$(MAKE) -C tests/bench
 	tests/bench/run.sh
+
+# luacheck over every Lua file (part of `make test` too), and clang-format's verdict on the C sources.
+lint:
+	luacheck -q lua scripts tests/lua tests/e2e/json_get.lua
+	@if command -v clang-format >/dev/null 2>&1; then \
+	  clang-format --dry-run --Werror src/*.c src/*.h tests/unit/*.c tests/unit/*.h tests/bench/*.c && echo "clang-format: clean"; \
+	else echo "clang-format not installed: C formatting not checked"; fi
+
+format:
+	clang-format -i src/*.c src/*.h tests/unit/*.c tests/unit/*.h tests/bench/*.c
 
 install: aigate
 	install -d $(DESTDIR)$(PREFIX)/bin

@@ -39,6 +39,23 @@ run_part() {
     echo "# $label: $line"
 }
 
+# Lint: luacheck over every Lua file (unused variables, globals, shadowing), as one check.
+lint() {
+    if ! command -v luacheck > /dev/null 2>&1; then
+        echo "not ok - lint: luacheck is not installed (Debian package lua-check; make test installs it)"
+        echo "0 passed, 1 failed"
+        return
+    fi
+    if luacheck -q lua scripts tests/lua tests/e2e/json_get.lua; then
+        echo "ok - lint: luacheck is clean"
+        echo "1 passed, 0 failed"
+    else
+        echo "not ok - lint: luacheck found problems (above)"
+        echo "0 passed, 1 failed"
+    fi
+}
+run_part "lint" lint
+
 for t in tests/unit/test_*; do
     case "$t" in *.c) continue ;; esac
     [ -x "$t" ] && run_part "unit/$(basename "$t")" "$t"

@@ -117,13 +117,13 @@ local function from_openai(obj, lineno)
   if body.model ~= nil and body.model ~= null then opts.model = body.model end
   local extra
   for k, v in pairs(body) do
-    if v == null or BODY_DROPPED[k] then
-      -- nothing
-    elseif M.BODY_OPTIONS[k] then
-      opts[k] = v
-    else
-      extra = extra or {}
-      extra[k] = v
+    if v ~= null and not BODY_DROPPED[k] then
+      if M.BODY_OPTIONS[k] then
+        opts[k] = v
+      else
+        extra = extra or {}
+        extra[k] = v
+      end
     end
   end
   opts.extra_body = extra
@@ -252,7 +252,8 @@ local function enc_records(list)
     local fields, nf = {}, 0
     for k, v in next, rec do
       if type(k) ~= "string" then return enc(list) end
-      local tv, text = type(v), nil
+      local tv = type(v)
+      local text
       if tv == "string" then
         text = quote(v)
       elseif tv == "number" then

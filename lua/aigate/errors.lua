@@ -187,7 +187,7 @@ M.STATUS_HINTS = {
   [413] = function()
     return "the request is too large: send fewer or shorter messages"
   end,
-  [429] = function(req, headers)
+  [429] = function(_, headers)
     local ra = retry_after(headers)
     if ra then
       return string.format("rate limited: retry after %s seconds", ra)

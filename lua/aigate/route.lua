@@ -493,7 +493,6 @@ M.OPERATORS = {
   end,
 }
 local OPERATOR_NAMES = sorted_keys(M.OPERATORS)
-local LOGICAL = { ["$and"] = true, ["$or"] = true, ["$not"] = true }
 
 -- Checks a condition table; returns nil or a message.
 local function check_condition(cond, depth)

@@ -70,7 +70,7 @@ cases.default_warn_once_per_message_and_redacted = function()
   local token = os.getenv("CLOUDFLARE_API_TOKEN")
   local written = {}
   local saved = io.stderr
-  io.stderr = {
+  io.stderr = { -- luacheck: ignore 122 (capturing warnings)
     write = function(_, ...)
       written[#written + 1] = table.concat({ ... })
     end,
@@ -83,7 +83,7 @@ cases.default_warn_once_per_message_and_redacted = function()
       aigate.warn("leak " .. token)
     end
   end)
-  io.stderr = saved
+  io.stderr = saved -- luacheck: ignore 122
   assert(ok, err)
   t.eq(written[1], "aigate: warning: first distinct warning 41\n")
   t.eq(written[2], "aigate: warning: second distinct warning 41\n")

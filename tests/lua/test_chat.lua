@@ -72,6 +72,7 @@ cases.chat_gateway_auth_errors = function()
   local cfg3 = { gateway = { base_url = server.url .. "/v1/acc/gw/compat" } }
   if not os.getenv("CLOUDFLARE_API_TOKEN") then
     r, err, info = aigate.chat({ config = cfg3, model = "workers-ai/@cf/meta/x", prompt = "p" })
+    t.eq(r, nil)
     t.eq(info.code, 2009)
     t.contains(err, "no credentials were sent")
   end

@@ -455,6 +455,7 @@ cases.http_errors = function()
   t.contains(info.hint, "cf-aig")
   res, err, info = client.send(must({ prompt = "p" }), t.fake_core({ status = 429, headers = { ["retry-after"] = "7" },
     body = '{"error":{"message":"slow down","type":"rate_limit"}}' }))
+  t.eq(res, nil)
   t.eq(info.status, 429)
   t.contains(err, "slow down")
   t.contains(err, "retry after 7")

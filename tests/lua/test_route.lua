@@ -560,7 +560,7 @@ cases.combinators_validate_with_file_line_and_option = function()
     { function() local v = route.split({ "a/b" }) return v end, "entry 1 has no weight" },
     { function() local v = route.when({ ["metadata.x"] = { ["$eqq"] = 1 } }, "a/b", "c/d") return v end, "did you mean '$eq'?" },
     { function() local v = route.when("x", "a/b", "c/d") return v end, "the condition must be a function" },
-    { function() local v = route.when(function() return v end, "a/b") end, "needs a route for each outcome" },
+    { function() local r = route.when(function() return true end, "a/b") return r end, "needs a route for each outcome" },
     { function() local v = route.limit({ "a/b", count = 1 }) return v end, "needs 'per'" },
     { function() local v = route.limit({ "a/b", count = 1, cost = 1, per = 1 }) return v end, "exactly one of 'count'" },
     { function() local v = route.limit({ "a/b", count = 1, per = 1, technique = "rolling" }) return v end, "option 'technique'" },

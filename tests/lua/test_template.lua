@@ -69,8 +69,10 @@ cases.templates_from_config_and_files = function()
   t.eq(info.kind, "config")
   t.contains(err, "missing template variables: a, b")
   req, err = aigate.prepare({ config = cfg, template = "gret" })
+  t.eq(req, nil)
   t.contains(err, "unknown template 'gret' (did you mean 'greet'?)")
   req, err = aigate.prepare({ config = cfg, template = dir .. "/none.txt" })
+  t.eq(req, nil)
   t.contains(err, "cannot read template file")
 end
 
