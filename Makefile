@@ -12,7 +12,7 @@ STD      := -std=c99 -D_DEFAULT_SOURCE -D_POSIX_C_SOURCE=200809L
 DEPCFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null || echo -I/usr/include/lua5.4)
 DEPLIBS   = -l:liblua5.4-cjson.a $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -llua5.4 -lcurl -levent) -lm
 ALL_CFLAGS = $(STD) $(WARN) $(CFLAGS) $(DEPCFLAGS) -DAIGATE_DATADIR='"$(DATADIR)"'
-ASAN_FLAGS = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+ASAN_FLAGS = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined -DAIGATE_DEBUG
 
 SRCS := src/main.c src/core.c src/task.c src/http_client.c src/http_server.c src/sse.c src/buf.c
 HDRS := $(wildcard src/*.h)

@@ -13,6 +13,19 @@
 
 #define AIGATE_VERSION "0.1.0"
 
+/*
+ * Stack balance at the C/Lua boundaries: in debug builds (AIGATE_DEBUG, set by `make asan`) a block
+ * between STACK_CHECK_BEGIN(L) and STACK_CHECK_END(L, n) must leave exactly n more values on L.
+ */
+#ifdef AIGATE_DEBUG
+#include <assert.h>
+#define STACK_CHECK_BEGIN(L)      int stack_check_top_ = lua_gettop(L)
+#define STACK_CHECK_END(L, delta) assert(lua_gettop(L) == stack_check_top_ + (delta))
+#else
+#define STACK_CHECK_BEGIN(L)      ((void)0)
+#define STACK_CHECK_END(L, delta) ((void)0)
+#endif
+
 struct event_base;
 
 /* The loop and the Lua state, set up by main.c before any task runs. */

@@ -264,6 +264,7 @@ static void transfer_done(struct transfer *tr, CURLcode rc)
     struct task *t = tr->task;
     lua_State *co = task_thread(t);
     int nret;
+    STACK_CHECK_BEGIN(co);
 
     if (rc == CURLE_OK && tr->abort_msg == NULL) {
         push_response(co, tr);
@@ -273,6 +274,7 @@ static void transfer_done(struct transfer *tr, CURLcode rc)
         push_error(co, tr, rc);
         nret = 2;
     }
+    STACK_CHECK_END(co, nret);
     transfer_free(tr);
     task_resume(t, nret);
 }
@@ -384,6 +386,8 @@ static int call_on_chunk(struct transfer *tr, const char *data, size_t len)
 {
     lua_State *L = g_L;
     int rc;
+    int result = 0;
+    STACK_CHECK_BEGIN(L);
 
     lua_rawgeti(L, LUA_REGISTRYINDEX, tr->chunk_ref);
     lua_pushlstring(L, data, len);
@@ -394,16 +398,14 @@ static int call_on_chunk(struct transfer *tr, const char *data, size_t len)
         tr->abort_msg = malloc(n);
         if (tr->abort_msg)
             snprintf(tr->abort_msg, n, "aborted: %s", err);
-        lua_pop(L, 1);
-        return -1;
-    }
-    if (lua_isboolean(L, -1) && !lua_toboolean(L, -1)) {
+        result = -1;
+    } else if (lua_isboolean(L, -1) && !lua_toboolean(L, -1)) {
         tr->abort_msg = strdup("aborted: by callback");
-        lua_pop(L, 1);
-        return -1;
+        result = -1;
     }
     lua_pop(L, 1);
-    return 0;
+    STACK_CHECK_END(L, 0);
+    return result;
 }
 
 static size_t write_cb(char *data, size_t size, size_t nmemb, void *userdata)

@@ -337,6 +337,7 @@ static void request_cb(struct evhttp_request *req, void *arg)
     lua_State *L = g_L;
     struct response *r;
     struct evhttp_connection *evcon = evhttp_request_get_connection(req);
+    STACK_CHECK_BEGIN(L);
 
     lua_rawgeti(L, LUA_REGISTRYINDEX, s->handler_ref);
     push_request(L, req);
@@ -350,6 +351,7 @@ static void request_cb(struct evhttp_request *req, void *arg)
     /* The task keeps the response userdata alive as its argument until handler_done has run. */
     task_spawn(L, 2, handler_done, r);
     lua_pop(L, 1);
+    STACK_CHECK_END(L, 0);
 }
 
 /*

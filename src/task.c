@@ -225,6 +225,7 @@ static int push_outcome(struct task *t, lua_State *to)
 {
     int n = lua_gettop(t->co);
     int i;
+    STACK_CHECK_BEGIN(to);
 
     luaL_checkstack(to, n + 1, "too many results");
     lua_pushboolean(to, t->state == TASK_DONE);
@@ -233,6 +234,7 @@ static int push_outcome(struct task *t, lua_State *to)
         lua_xmove(t->co, to, 1);
     }
     t->waited = 1;
+    STACK_CHECK_END(to, n + 1);
     return n + 1;
 }
 
