@@ -51,12 +51,17 @@ cases.missing_explicit_file_is_an_error = function()
   t.contains(err, "/nonexistent/aigate-config.lua")
 end
 
-cases.no_file_gives_default = function()
+-- The search tests need a working directory without its own ./aigate.lua (it would be found first).
+local function needs_no_local_config()
   local f = io.open("aigate.lua", "r")
   if f then
     f:close()
     t.skip("./aigate.lua exists in the working directory")
   end
+end
+
+cases.no_file_gives_default = function()
+  needs_no_local_config()
   local dir = t.tmpdir()
   local cfg, err = config.load(nil, t.env({ XDG_CONFIG_HOME = dir, HOME = dir }))
   t.truthy(cfg, err)
@@ -64,11 +69,7 @@ cases.no_file_gives_default = function()
 end
 
 cases.search_order = function()
-  local f = io.open("aigate.lua", "r")
-  if f then
-    f:close()
-    t.skip("./aigate.lua exists in the working directory")
-  end
+  needs_no_local_config()
   local dir = t.tmpdir()
   local xdg = t.write(dir, "xdg/aigate/config.lua", 'return { default_model = "xdg/model" }')
   local home = t.write(dir, "home/.config/aigate/config.lua", 'return { default_model = "home/model" }')
