@@ -400,9 +400,7 @@ end
 
 -- Options --------------------------------------------------------------------------
 
-local function is_int(v)
-  return math.type(v) == "integer" or (type(v) == "number" and math.tointeger(v) ~= nil)
-end
+local is_int = util.is_integer
 
 local function typename(v)
   if math.type(v) == "float" then
@@ -1179,16 +1177,7 @@ local function usage_of(u)
   }
 end
 
-local function snippet(s, n)
-  n = n or 200
-  s = tostring(s or ""):gsub("%s+", " ")
-  s = provider.trim(s)
-  if #s > n then
-    s = s:sub(1, n) .. "..."
-  end
-  return s
-end
-M.snippet = snippet
+local snippet = errors.snippet
 
 -- Fills the result fields common to streamed and plain replies.
 local function new_result(req, res, t0, now)

@@ -34,7 +34,7 @@ function check.number(v)
 end
 
 function check.integer(v)
-  if math.type(v) ~= "integer" and not (type(v) == "number" and math.tointeger(v)) then
+  if not util.is_integer(v) then
     return nil, "must be an integer"
   end
   return true

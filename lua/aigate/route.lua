@@ -118,12 +118,12 @@ function VALUE.nonnegative(v)
   end
 end
 function VALUE.count(v)
-  if math.type(v) ~= "integer" and not (type(v) == "number" and math.tointeger(v)) or v < 1 then
+  if not util.is_integer(v) or v < 1 then
     return "must be a whole number >= 1"
   end
 end
 function VALUE.integer(v)
-  if math.type(v) ~= "integer" and not (type(v) == "number" and math.tointeger(v)) then
+  if not util.is_integer(v) then
     return "must be an integer"
   end
 end

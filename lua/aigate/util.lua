@@ -17,6 +17,11 @@ function M.sorted_keys(t)
   return keys
 end
 
+--- Whether v is a whole number (an integer, or a float with an integral value).
+function M.is_integer(v)
+  return type(v) == "number" and math.tointeger(v) ~= nil
+end
+
 --- A shallow copy of t (nil: an empty table).
 function M.copy(t)
   local c = {}
