@@ -19,8 +19,6 @@ local decode, encode = cj.decode, cj.encode
 local null = cj.null
 local concat, format, find, sub, match = table.concat, string.format, string.find, string.sub, string.match
 local floor, huge = math.floor, math.huge
-local running = coroutine.running
-local raw_bodies
 
 M.FLUSH_INTERVAL = 0.01   -- seconds: results reach the file at most this late
 M.FSYNC_INTERVAL = 1.0    -- seconds between fsyncs while results are being written
@@ -675,26 +673,6 @@ function State:count_outcome(key)
   self.outcomes[key] = (self.outcomes[key] or 0) + 1
 end
 
--- The raw reply body of the last request each batch worker made, so that result lines carry the
--- provider's bytes (cjson would turn [] into {} and round long floats). Filled by a wrapper around
--- core.request that batch.run installs for its own run, keyed by the worker's coroutine.
-raw_bodies = setmetatable({}, { __mode = "k" })
-
-local function keep_raw_bodies()
-  local request = core.request
-  if M.wrapped_request == request then return function() end end
-  local function wrapped(opts)
-    local res, err = request(opts)
-    local co = running()
-    if res and opts.on_chunk == nil and raw_bodies[co] ~= nil then raw_bodies[co] = res.body end
-    return res, err
-  end
-  core.request, M.wrapped_request = wrapped, wrapped
-  return function()
-    core.request, M.wrapped_request = request, nil
-  end
-end
-
 -- Runs one item (a line that parsed): the request, 429 handling, the result line.
 function State:run_item(item, chat)
   local opts = item.opts
@@ -703,8 +681,6 @@ function State:run_item(item, chat)
     self:pace(item)
     local started = core.now()
     self.active = self.active + 1
-    local co = running()
-    raw_bodies[co] = false
     local ok, res, err, info = pcall(chat, opts)
     self.active = self.active - 1
     if not ok then
@@ -715,8 +691,9 @@ function State:run_item(item, chat)
       self:emit(item, M.error_line(self:next_req_id(), item), false)
       return
     end
-    local raw = raw_bodies[co] or nil
-    raw_bodies[co] = nil
+    -- the provider's bytes, so the result line carries them unchanged (cjson would turn [] into {}
+    -- and round long floats)
+    local raw = res and res.raw_body
     local limited, ra = had_429(res, info)
     if limited then self:saw_429(started, ra) end
     if res then
@@ -967,7 +944,6 @@ function M.run(opts)
   st.out = out
 
   local chat, prepare = aigate.chat, aigate.prepare
-  local unwrap = keep_raw_bodies()
 
   -- SIGINT: stop taking lines, let in-flight requests finish; a second one aborts (resumable).
   core.spawn(function()
@@ -1017,7 +993,6 @@ function M.run(opts)
       end
     end
   end
-  unwrap()
   out:flush()
   if not to_stdout then
     core.fsync(out)

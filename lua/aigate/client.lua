@@ -1284,6 +1284,7 @@ local function plain(req, core, ropts, t0)
       "HTTP %d with an unexpected body (%s): %s", res.status, rerr, snippet(res.body)
     ), res)
   end
+  r.raw_body = res.body
   return { result = r }
 end
 

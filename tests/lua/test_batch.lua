@@ -227,4 +227,28 @@ cases.attempt_records_match_cjson = function()
   end
 end
 
+-- A result line carries the reply exactly as the provider sent it: key order, empty arrays and
+-- long floats survive (a decode and re-encode would turn [] into {} and round the float).
+cases.result_line_keeps_the_reply_bytes = function()
+  local core = require("aigate.core")
+  local aigate = require("aigate")
+  local body = '{"z":[],"choices":[{"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],'
+    .. '"n":0.10000000000000000555}'
+  local srv = assert(core.listen({ port = 0, handler = function(_, res)
+    res:respond(200, { ["Content-Type"] = "application/json" }, body)
+  end }))
+  t.defer(function() srv:close() end)
+  local saved = aigate.config()
+  aigate.configure({ gateway = { base_url = "http://127.0.0.1:" .. srv.port .. "/v1/a/g/compat" } })
+  t.defer(function() aigate.configure(saved) end)
+  local dir = t.tmpdir()
+  local input = t.write(dir, "in.jsonl", '{"id":"a","prompt":"p","model":"openai/gpt-4o"}\n')
+  local out = dir .. "/out.jsonl"
+  t.eq(batch.run({ input = input, output = out, concurrency = 1, quiet = true }), 0)
+  local f = assert(io.open(out, "rb"))
+  local line = f:read("a")
+  f:close()
+  t.contains(line, '"body":' .. body .. "}")
+end
+
 return cases
