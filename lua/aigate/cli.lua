@@ -100,15 +100,16 @@ function M.number_opt(cmd, opts, key, integer)
   return n
 end
 
-function M.load_config(cmd, path)
-  local config = require "aigate.config"
+-- Loads the config (path, or the usual search) and makes it the one aigate.chat uses; a bad config
+-- ends the command with exit status 2.
+function M.load_config(path)
   local aigate = require "aigate"
-  local cfg, err = config.load(path)
+  local cfg, err = aigate.load_config(path)
   if not cfg then
     error({config = true, msg = err}, 0)
   end
   aigate.configure(cfg)
-  return cfg, cmd
+  return cfg
 end
 
 -- ---- dispatch ---------------------------------------------------------------------------------

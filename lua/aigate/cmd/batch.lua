@@ -104,7 +104,7 @@ function M.main(argv)
     end
     f:close()
   end
-  cli.load_config(cmd, opts.config)
+  cli.load_config(opts.config)
   return require("aigate.batch").run(run)
 end
 

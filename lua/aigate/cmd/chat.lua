@@ -143,7 +143,7 @@ function M.main(argv)
     vars = vars,
     template = opts.template,
   }
-  cli.load_config(cmd, opts.config)
+  cli.load_config(opts.config)
   if not (opts.template and #pos == 0) then
     req.prompt = read_prompt(cmd, pos)
   end

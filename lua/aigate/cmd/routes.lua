@@ -22,7 +22,7 @@ function M.main(argv)
   local opts, pos = cli.parse(cmd, ROUTES_OPTS, argv, 2)
   if opts.help then print(M.help) return cli.EXIT_OK end
   if #pos > 0 then cli.usage_error(cmd, "unexpected argument '" .. pos[1] .. "'") end
-  local cfg = cli.load_config(cmd, opts.config)
+  local cfg = cli.load_config(opts.config)
   local route = require "aigate.route"
   local policy = require "aigate.policy"
   local provider = require "aigate.provider"

@@ -32,7 +32,7 @@ function M.main(argv)
     cli.eprint("aigate: ", lerr)
     return cli.EXIT_USAGE
   end
-  cli.load_config(cmd, opts.config)
+  cli.load_config(opts.config)
   local script_arg = {[0] = script}
   for i = 2, #pos do script_arg[i - 1] = pos[i] end
   _G.arg = script_arg
