@@ -57,6 +57,8 @@ static CURL *easy_pool[EASY_POOL_MAX];
 static int easy_pool_len;
 
 static void check_multi_info(void);
+static size_t header_cb(char *data, size_t size, size_t nitems, void *userdata);
+static size_t write_cb(char *data, size_t size, size_t nmemb, void *userdata);
 
 /* ---- curl <-> libevent glue ------------------------------------------------------------------ */
 
@@ -137,10 +139,11 @@ static int socket_cb(CURL *easy, curl_socket_t s, int what, void *userp, void *s
 
 /* ---- transfer life cycle --------------------------------------------------------------------- */
 
+/* Pooled handles keep their options: setup_easy sets every option a request depends on, so a handle
+ * needs no curl_easy_reset (which frees and re-parses all of them) between requests. */
 static void release_easy(CURL *easy)
 {
     if (easy_pool_len < EASY_POOL_MAX) {
-        curl_easy_reset(easy);
         easy_pool[easy_pool_len++] = easy;
     } else {
         curl_easy_cleanup(easy);
@@ -149,9 +152,20 @@ static void release_easy(CURL *easy)
 
 static CURL *acquire_easy(void)
 {
+    CURL *easy;
+
     if (easy_pool_len > 0)
         return easy_pool[--easy_pool_len];
-    return curl_easy_init();
+    easy = curl_easy_init();
+    if (easy) {
+        /* The options every request shares, set once per handle. */
+        curl_easy_setopt(easy, CURLOPT_NOSIGNAL, 1L);
+        curl_easy_setopt(easy, CURLOPT_WRITEFUNCTION, write_cb);
+        curl_easy_setopt(easy, CURLOPT_HEADERFUNCTION, header_cb);
+        curl_easy_setopt(easy, CURLOPT_USERAGENT, "aigate/" AIGATE_VERSION);
+        curl_easy_setopt(easy, CURLOPT_PROTOCOLS_STR, "http,https");
+    }
+    return easy;
 }
 
 /* Frees everything the transfer owns; the task is not resumed. */
@@ -574,29 +588,27 @@ int core_request(lua_State *L)
         lua_pushstring(L, "error: cannot create a curl handle");
         return 2;
     }
+    /* Every per-request option is set, to its default when unused: pooled handles are not reset. */
     curl_easy_setopt(tr->easy, CURLOPT_URL, url);
     curl_easy_setopt(tr->easy, CURLOPT_PRIVATE, tr);
     curl_easy_setopt(tr->easy, CURLOPT_ERRORBUFFER, tr->errbuf);
-    curl_easy_setopt(tr->easy, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(tr->easy, CURLOPT_WRITEFUNCTION, write_cb);
     curl_easy_setopt(tr->easy, CURLOPT_WRITEDATA, tr);
-    curl_easy_setopt(tr->easy, CURLOPT_HEADERFUNCTION, header_cb);
     curl_easy_setopt(tr->easy, CURLOPT_HEADERDATA, tr);
     curl_easy_setopt(tr->easy, CURLOPT_HTTPHEADER, tr->headers);
-    curl_easy_setopt(tr->easy, CURLOPT_USERAGENT, "aigate/" AIGATE_VERSION);
-    curl_easy_setopt(tr->easy, CURLOPT_PROTOCOLS_STR, "http,https");
+    curl_easy_setopt(tr->easy, CURLOPT_NOBODY, 0L);
     if (body) {
         curl_easy_setopt(tr->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
         curl_easy_setopt(tr->easy, CURLOPT_POSTFIELDS, body);
+    } else {
+        curl_easy_setopt(tr->easy, CURLOPT_POSTFIELDS, NULL);
+        curl_easy_setopt(tr->easy, CURLOPT_HTTPGET, 1L);
     }
     if (strcmp(method, "HEAD") == 0)
         curl_easy_setopt(tr->easy, CURLOPT_NOBODY, 1L);
-    else if (strcmp(method, body ? "POST" : "GET") != 0)
-        curl_easy_setopt(tr->easy, CURLOPT_CUSTOMREQUEST, method);
-    if (connect_timeout > 0)
-        curl_easy_setopt(tr->easy, CURLOPT_CONNECTTIMEOUT_MS, (long)(connect_timeout * 1000));
-    if (total_timeout > 0)
-        curl_easy_setopt(tr->easy, CURLOPT_TIMEOUT_MS, (long)(total_timeout * 1000));
+    curl_easy_setopt(tr->easy, CURLOPT_CUSTOMREQUEST,
+                     strcmp(method, body ? "POST" : "GET") != 0 && strcmp(method, "HEAD") != 0 ? method : NULL);
+    curl_easy_setopt(tr->easy, CURLOPT_CONNECTTIMEOUT_MS, (long)(connect_timeout * 1000));
+    curl_easy_setopt(tr->easy, CURLOPT_TIMEOUT_MS, (long)(total_timeout * 1000));
     if (tr->first_byte_timeout > 0) {
         tr->first_byte_timer = evtimer_new(g_base, first_byte_timer_cb, tr);
         arm_timer(tr->first_byte_timer, tr->first_byte_timeout);

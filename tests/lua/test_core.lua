@@ -45,6 +45,38 @@ T["request: method, headers and body reach the server; reply fields come back"] 
   assert(seen.peer:match("^127%.0%.0%.1:%d+$"), "peer")
 end
 
+-- Curl handles are pooled and not reset between requests: each request must set every option it
+-- depends on. One task sends these one after another, so they run on the same pooled handle.
+T["request: a pooled handle carries nothing over from the request before"] = function()
+  local seen = {}
+  local srv, base = serve{["/m"] = function(req, res)
+    seen[#seen + 1] = req.method .. " " .. req.body .. " " .. tostring(req.headers["x-one"])
+    res:respond(200, {["Content-Type"] = "text/plain"}, "reply to " .. req.method)
+  end, ["/slow"] = function(_, res)
+    core.sleep(0.3)
+    res:respond(200, nil, "late")
+  end}
+  local steps = {
+    {method = "PUT", body = "b1", headers = {["X-One"] = "1"}, want = "PUT b1 1", reply = "reply to PUT"},
+    {want = "GET  nil", reply = "reply to GET"},
+    {method = "HEAD", want = "HEAD  nil", reply = ""},
+    {body = "b2", want = "POST b2 nil", reply = "reply to POST"},
+    {method = "DELETE", want = "DELETE  nil", reply = "reply to DELETE"},
+    {want = "GET  nil", reply = "reply to GET"},
+  }
+  for i, s in ipairs(steps) do
+    local res = assert(core.request{url = base .. "/m", method = s.method, body = s.body, headers = s.headers,
+      timeout = 0.1})
+    eq(seen[i], s.want, "request " .. i)
+    eq(res.body, s.reply, "reply " .. i)
+  end
+  -- the 0.1 s timeout of the requests before is not kept either
+  local res, err = core.request{url = base .. "/slow"}
+  srv:close()
+  assert(res, err)
+  eq(res.body, "late", "no timeout carried over")
+end
+
 T["request: a non-2xx status is a result, not an error"] = function()
   local srv, base = serve{}
   local res, err = core.request{url = base .. "/nothing"}
