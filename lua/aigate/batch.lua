@@ -280,9 +280,69 @@ local function enc_records(list)
 end
 M.enc_records = enc_records
 
+-- The fields of the policy's attempt records, in the order result lines write them.
+local ATTEMPT_FIELDS = { "step", "target", "model", "status", "latency", "cost", "retry_delay", "error", "skipped" }
+local ATTEMPT_FIELD = {}
+for _, k in ipairs(ATTEMPT_FIELDS) do ATTEMPT_FIELD[k] = '"' .. k .. '":' end
+
+-- JSON of one attempt record with only the policy's fields (strings, finite numbers, booleans), or
+-- nil for anything else (a hook may have added fields: enc_records takes those).
+local function attempt_json(rec)
+  if type(rec) ~= "table" then return nil end
+  for k in next, rec do
+    if not ATTEMPT_FIELD[k] then return nil end
+  end
+  local parts, n = {}, 0
+  for i = 1, #ATTEMPT_FIELDS do
+    local k = ATTEMPT_FIELDS[i]
+    local v = rec[k]
+    if v ~= nil then
+      local tv = type(v)
+      local text
+      if tv == "string" then
+        text = quote(v)
+      elseif tv == "number" then
+        if math.type(v) == "integer" then
+          text = SMALL_INT[v] or format("%d", v)
+        elseif v ~= v or v == huge or v == -huge then
+          return nil
+        else
+          text = format("%.14g", v)
+        end
+      elseif tv == "boolean" then
+        text = v and "true" or "false"
+      else
+        return nil
+      end
+      n = n + 1
+      parts[n] = ATTEMPT_FIELD[k] .. text
+    end
+  end
+  return "{" .. concat(parts, ",", 1, n) .. "}"
+end
+
+-- JSON of the policy's attempt list (fields in a fixed order); enc_records for any other shape.
+local function attempt_list_json(list)
+  local n = #list
+  if n == 1 and next(list, 1) == nil then
+    local one = attempt_json(list[1])
+    if one then return "[" .. one .. "]" end
+    return enc_records(list)
+  end
+  if n == 0 or next(list, n) ~= nil then return enc_records(list) end
+  local parts = {}
+  for i = 1, n do
+    local one = attempt_json(list[i])
+    if one == nil then return enc_records(list) end
+    parts[i] = one
+  end
+  return "[" .. concat(parts, ",", 1, n) .. "]"
+end
+M.attempt_list_json = attempt_list_json
+
 -- The attempts of a success, as JSON: the policy's list, or one attempt made from the result.
 local function attempts_json(res)
-  if type(res.attempts) == "table" then return enc_records(res.attempts) end
+  if type(res.attempts) == "table" then return attempt_list_json(res.attempts) end
   return concat({ '[{"model":', jstr(res.model), ',"status":', jnum(res.status or 200), ',"latency":',
     jnum(res.latency or 0), ',"step":', res.step ~= nil and jstr(res.step) or "0", "}]" })
 end
@@ -673,15 +733,56 @@ function State:count_outcome(key)
   self.outcomes[key] = (self.outcomes[key] or 0) + 1
 end
 
+-- Fields a line may have and still go by its model's lane: its messages, nothing else.
+local LANE_FIELDS = { prompt = true, messages = true, model = true }
+
+-- The lane call of an item: lane, messages JSON; or nil when the line needs aigate.chat.
+function State:lane_of(opts)
+  local lanes = self.lanes
+  if lanes == nil then return nil end
+  local prompt, messages = opts.prompt, opts.messages
+  if (prompt == nil) == (messages == nil) then return nil end
+  for k in next, opts do
+    if not LANE_FIELDS[k] then return nil end
+  end
+  local model = opts.model
+  if model == nil then return nil end
+  local lane = lanes[model]
+  if lane == nil then
+    lane = self.new_lane(model) or false
+    lanes[model] = lane
+  end
+  if not lane then return nil end
+  local mj
+  if prompt ~= nil then
+    if type(prompt) ~= "string" then return nil end
+    mj = '[{"content":' .. quote(prompt) .. ',"role":"user"}]'
+  elseif type(messages) == "table" then
+    mj = lane:messages_json(messages)
+  end
+  if mj == nil then return nil end
+  return lane, mj
+end
+
+local function lane_chat(lane, mj)
+  return lane:chat(mj)
+end
+
 -- Runs one item (a line that parsed): the request, 429 handling, the result line.
 function State:run_item(item, chat)
   local opts = item.opts
   if self.tpm then item.token_estimate = token_estimate(item, item.len or 0) end
+  local lane, mj = self:lane_of(opts)
   while true do
     self:pace(item)
     local started = core.now()
     self.active = self.active + 1
-    local ok, res, err, info = pcall(chat, opts)
+    local ok, res, err, info
+    if lane then
+      ok, res, err, info = pcall(lane_chat, lane, mj)
+    else
+      ok, res, err, info = pcall(chat, opts)
+    end
     self.active = self.active - 1
     if not ok then
       -- aigate.chat raised: a caller mistake, i.e. a bad field in this line (or a bug: still one line)
@@ -944,6 +1045,9 @@ function M.run(opts)
   st.out = out
 
   local chat, prepare = aigate.chat, aigate.prepare
+  if opts.lanes ~= false then
+    st.lanes, st.new_lane = {}, aigate.lane
+  end
 
   -- SIGINT: stop taking lines, let in-flight requests finish; a second one aborts (resumable).
   core.spawn(function()

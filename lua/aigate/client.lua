@@ -297,6 +297,27 @@ local function messages_json(list)
   return value_json(list, 1)
 end
 
+--- The JSON text of a messages array as request bodies carry it. plain_only: nil unless every
+-- message is a plain text message ({role, content} strings) in a proper array.
+function M.messages_json(list, plain_only)
+  if not plain_only then
+    return messages_json(list)
+  end
+  local count = #list
+  if count == 0 or not is_array(list) then
+    return nil
+  end
+  local parts = {}
+  for i = 1, count do
+    local one = message_json(list[i])
+    if one == nil then
+      return nil
+    end
+    parts[i] = one
+  end
+  return "[" .. concat(parts, ",") .. "]"
+end
+
 local function encode_body(body)
   local keys, nk = {}, 0
   for k in pairs(body) do
@@ -1179,23 +1200,30 @@ end
 
 local snippet = errors.snippet
 
--- Fills the result fields common to streamed and plain replies.
+local RH = M.RESPONSE_HEADERS
+
+-- Fills the result fields common to streamed and plain replies (one field per M.RESPONSE_HEADERS).
 local function new_result(req, res, t0, now)
-  local r = {
+  local h = res.headers or {}
+  local step = h[RH.step]
+  if step ~= nil then
+    step = tonumber(step) or step
+  end
+  return {
     model = req.model,
     provider = req.provider,
     status = res.status,
-    headers = res.headers or {},
+    headers = h,
     latency = now() - t0,
     url = req.url,
+    cache_status = h[RH.cache_status],
+    log_id = h[RH.log_id],
+    request_id = h[RH.request_id],
+    event_id = h[RH.event_id],
+    step = step,
+    cf_model = h[RH.cf_model],
+    cf_provider = h[RH.cf_provider],
   }
-  for field, header in pairs(M.RESPONSE_HEADERS) do
-    r[field] = r.headers[header]
-  end
-  if r.step ~= nil then
-    r.step = tonumber(r.step) or r.step
-  end
-  return r
 end
 
 -- A "response" outcome: a 2xx reply that is not what we expected.

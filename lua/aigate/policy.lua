@@ -355,22 +355,9 @@ local function use_breaker(st, node)
   return st.cfg.breaker ~= false and node.opts.breaker ~= false
 end
 
-function EXEC.target(node, st)
-  local att = record(st, { target = node.id or "(default)", model = node.id, latency = 0 })
-  local o, terr = attempt_opts(st, node)
-  if o == nil then
-    att.error = terr
-    return failure(terr, { kind = "config" })
-  end
-  local okp, req, perr, pinfo = pcall(client.prepare, o, st.cfg, st.context)
-  if not okp then
-    att.error = first_line(req)
-    return failure(string.format("route %s: %s", st.name, tostring(req)), { kind = "config" })
-  end
-  if req == nil then
-    att.error = first_line(perr)
-    return failure(st.redact(perr), pinfo)
-  end
+-- The send half of a target attempt (breaker, request, bookkeeping), shared by EXEC.target and
+-- lanes: att is the attempt record, req the built request.
+local function send_target(st, node, att, req)
   att.model = req.model
   if node.id == nil then
     att.target = req.model
@@ -412,6 +399,25 @@ function EXEC.target(node, st)
     breaker.record(key, false, st.cfg.breaker, M.now())
   end
   return failure(msg, info)
+end
+
+function EXEC.target(node, st)
+  local att = record(st, { target = node.id or "(default)", model = node.id, latency = 0 })
+  local o, terr = attempt_opts(st, node)
+  if o == nil then
+    att.error = terr
+    return failure(terr, { kind = "config" })
+  end
+  local okp, req, perr, pinfo = pcall(client.prepare, o, st.cfg, st.context)
+  if not okp then
+    att.error = first_line(req)
+    return failure(string.format("route %s: %s", st.name, tostring(req)), { kind = "config" })
+  end
+  if req == nil then
+    att.error = first_line(perr)
+    return failure(st.redact(perr), pinfo)
+  end
+  return send_target(st, node, att, req)
 end
 
 function EXEC.func(node, st, depth)
@@ -654,15 +660,9 @@ local function failed(st, out)
   return nil, msg, info
 end
 
---- Runs a request through the policy. Returns the result (with attempts, step, route, cost, usage)
--- or nil, message, info.
-function M.chat(opts, cfg, context)
-  local st, fail = start(opts, cfg, context, false)
-  if st == nil then
-    local stub = { attempts = {}, name = opts.model }
-    return failed(stub, fail)
-  end
-  local out = run(st.entry, st, 0)
+-- The outcome of a run as aigate.chat returns it: the result (with step, attempts, route, usage,
+-- after the after_response hook) or nil, message, info.
+local function finish(st, out)
   if not out.ok then
     return failed(st, out)
   end
@@ -677,6 +677,94 @@ function M.chat(opts, cfg, context)
     return failed(st, hfail)
   end
   return res
+end
+
+--- Runs a request through the policy. Returns the result (with attempts, step, route, cost, usage)
+-- or nil, message, info.
+function M.chat(opts, cfg, context)
+  local st, fail = start(opts, cfg, context, false)
+  if st == nil then
+    local stub = { attempts = {}, name = opts.model }
+    return failed(stub, fail)
+  end
+  return finish(st, run(st.entry, st, 0))
+end
+
+-- Lanes ----------------------------------------------------------------------------------------
+
+-- A lane is the policy of one model worked out once for many requests that differ only in their
+-- messages (batch lines): when the model is a plain target (not a route), no hook or template is
+-- configured, and the request body is the messages plus fixed fields, each request is the prepared
+-- request with a new body, then the same send and bookkeeping as M.chat (breaker, attempts, cost,
+-- failures). Requests with anything else (system messages, parameters, options) take M.chat.
+local Lane = {}
+Lane.__index = Lane
+
+local SENTINEL = { { role = "user", content = "\1aigate-lane\1" } }
+local SENTINEL2 = { { role = "user", content = "a" }, { role = "assistant", content = "b" }, { role = "user", content = "c" } }
+
+--- The lane of model under cfg, or nil, why (then M.chat is the way).
+function M.lane(model, cfg, context)
+  if type(model) ~= "string" then
+    return nil, "no model"
+  end
+  local hooks = cfg.hooks
+  if hooks and (hooks.before_request or hooks.after_response) then
+    return nil, "hooks"
+  end
+  if (cfg.routes or {})[provider.trim(model)] ~= nil then
+    return nil, "a route"
+  end
+  local ok, req = pcall(client.prepare, { model = model, messages = SENTINEL }, cfg, context)
+  if not ok or req == nil then
+    return nil, "cannot prepare"
+  end
+  local mj = client.messages_json(SENTINEL)
+  local at = string.find(req.body, mj, 1, true)
+  if at == nil or string.find(req.body, mj, at + 1, true) then
+    return nil, "body"
+  end
+  local prefix, suffix = string.sub(req.body, 1, at - 1), string.sub(req.body, at + #mj)
+  local ok2, req2 = pcall(client.prepare, { model = model, messages = SENTINEL2 }, cfg, context)
+  if not ok2 or req2 == nil or req2.body ~= prefix .. client.messages_json(SENTINEL2) .. suffix then
+    return nil, "body"
+  end
+  req.body, req.body_table = nil, nil
+  local keys = {}
+  for k in pairs(req) do
+    keys[#keys + 1] = k
+  end
+  return setmetatable({
+    cfg = cfg, context = context or {}, name = model, node = target_of(model), req = req, keys = keys,
+    prefix = prefix, suffix = suffix, redact = context and context.redact or same,
+  }, Lane)
+end
+
+--- The messages JSON of a lane request for a list of plain messages (no system message), or nil
+-- when the list needs M.chat.
+function Lane.messages_json(_, list)
+  for i = 1, #list do
+    local m = list[i]
+    if type(m) ~= "table" or m.role == "system" then
+      return nil
+    end
+  end
+  return client.messages_json(list, true)
+end
+
+--- Sends one request with messages (JSON text from Lane:messages_json): the same outcome as
+-- aigate.chat{model = model, messages = ...}.
+function Lane:chat(messages_json)
+  local st = { cfg = self.cfg, context = self.context, attempts = {}, name = self.name, redact = self.redact }
+  local att = record(st, { target = self.name, model = self.name, latency = 0 })
+  local base, req = self.req, {}
+  local keys = self.keys
+  for i = 1, #keys do
+    local k = keys[i]
+    req[k] = base[k]
+  end
+  req.body = self.prefix .. messages_json .. self.suffix
+  return finish(st, send_target(st, self.node, att, req))
 end
 
 -- Prepare --------------------------------------------------------------------------------------

@@ -251,4 +251,129 @@ cases.result_line_keeps_the_reply_bytes = function()
   t.contains(line, '"body":' .. body .. "}")
 end
 
+-- Lanes (lines that differ only in their messages, sent with their model's policy worked out once)
+-- give the same results and send the same bytes as aigate.chat does for every line: successes,
+-- upstream errors, 429s retried, bodies that are not completions. Lines with anything more (a
+-- system message, a parameter, a route, hooks) take aigate.chat.
+local function lane_server(seen)
+  local core = require("aigate.core")
+  local ok_body = '{"id":"c1","object":"chat.completion","model":"m-up","choices":[{"index":0,'
+    .. '"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],'
+    .. '"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}'
+  return assert(core.listen({ port = 0, handler = function(req, res)
+    local hs = {}
+    for k, v in pairs(req.headers) do
+      if k ~= "host" and k ~= "content-length" then hs[#hs + 1] = k .. "=" .. v end
+    end
+    table.sort(hs)
+    seen[#seen + 1] = req.method .. " " .. req.uri .. " " .. table.concat(hs, ";") .. " " .. req.body
+    local b = req.body
+    if b:find("please fail", 1, true) then
+      res:respond(500, { ["Content-Type"] = "application/json" }, '{"error":{"message":"upstream broke"}}')
+    elseif b:find("please limit", 1, true) then
+      res:respond(429, { ["Content-Type"] = "application/json", ["Retry-After"] = "0" }, '{"error":"slow down"}')
+    elseif b:find("please garble", 1, true) then
+      res:respond(200, { ["Content-Type"] = "application/json" }, "not json")
+    elseif b:find("please drop choices", 1, true) then
+      res:respond(200, { ["Content-Type"] = "application/json" }, '{"id":"x"}')
+    else
+      res:respond(200, { ["Content-Type"] = "application/json", ["cf-aig-log-id"] = "log-1" }, ok_body)
+    end
+  end }))
+end
+
+local LANE_INPUT = table.concat({
+  '{"id":"a","prompt":"hello"}',
+  '{"id":"b","prompt":"please fail"}',
+  '{"id":"c","prompt":"please limit"}',
+  '{"id":"d","prompt":"please garble"}',
+  '{"id":"e","prompt":"please drop choices"}',
+  '{"id":"f","messages":[{"role":"user","content":"u1"},{"role":"assistant","content":"a1"},{"role":"user","content":"u2 \\u00e9 / \\"q\\""}]}',
+  '{"custom_id":"g","method":"POST","url":"/v1/chat/completions","body":{"messages":[{"role":"user","content":"openai form"}]}}',
+  '{"id":"h","prompt":"with a system","system":"be brief"}',
+  '{"id":"i","prompt":"with a parameter","temperature":0.5}',
+  '{"id":"j","messages":[{"role":"system","content":"s"},{"role":"user","content":"u"}]}',
+  '{"id":"k","prompt":"routed","model":"dynamic/fast"}',
+  '{"id":"l","prompt":"another model","model":"openai/gpt-4o"}',
+}, "\n") .. "\n"
+
+-- The results of a batch run, decoded, by id, without what differs from run to run.
+local function lane_results(path)
+  local out = {}
+  for line in io.lines(path) do
+    local v = cjson.decode(line)
+    v.id = nil
+    v.aigate.latency = nil
+    for _, a in ipairs(v.aigate.attempts or {}) do a.latency = nil end
+    out[v.custom_id] = v
+  end
+  return out
+end
+
+local function run_lanes(cfg, lanes)
+  local aigate = require("aigate")
+  local seen = {}
+  local srv = lane_server(seen)
+  require("aigate.breaker").reset()
+  local saved = aigate.config()
+  cfg.gateway = { base_url = "http://127.0.0.1:" .. srv.port .. "/v1/a/g/compat" }
+  aigate.configure(cfg)
+  local real_lane, used = aigate.lane, 0
+  aigate.lane = function(model)
+    local l, why = real_lane(model)
+    if l then
+      local chat = l.chat
+      l.chat = function(self, mj)
+        used = used + 1
+        return chat(self, mj)
+      end
+    end
+    return l, why
+  end
+  local dir = t.tmpdir()
+  local input = t.write(dir, "in.jsonl", LANE_INPUT)
+  local out = dir .. "/out.jsonl"
+  local rc = batch.run({ input = input, output = out, concurrency = 3, quiet = true, model = "openai/gpt-4o-mini",
+    lanes = lanes, rate_retries = 1 })
+  aigate.lane = real_lane
+  aigate.configure(saved)
+  srv:close()
+  table.sort(seen)
+  return rc, lane_results(out), seen, used
+end
+
+cases.lanes_match_the_general_path = function()
+  local route = require("aigate.route")
+  -- breakers that open only after many failures, so that results do not depend on the order
+  local routes = { ["dynamic/fast"] = route.fallback({ "openai/gpt-4o-mini", "openai/gpt-4o" }) }
+  local breaker = { failures = 100, window = 30, cooldown = 15 }
+  local rc1, general, sent1, used1 = run_lanes({ routes = routes, breaker = breaker }, false)
+  local rc2, laned, sent2, used2 = run_lanes({ routes = routes, breaker = breaker }, nil)
+  require("aigate.breaker").reset()
+  t.eq(used1, 0)
+  t.eq(used2, 9) -- a, b, c twice (429, then once more), d, e, f, g, l; not h, i, j, k
+  t.eq(rc1, 1)
+  t.eq(rc2, 1)
+  t.eq(laned, general)
+  t.eq(sent2, sent1) -- the same requests, byte for byte
+  t.eq(laned.a.error, cjson.null)
+  t.eq(laned.a.aigate.usage.total_tokens, 5)
+  t.eq(laned.b.error.code, "http_500")
+  t.eq(laned.c.error.code, "rate_limit_exceeded")
+  t.truthy(laned.d.error ~= cjson.null and laned.e.error ~= cjson.null)
+end
+
+cases.lanes_are_refused_for_routes_and_hooks = function()
+  local aigate = require("aigate")
+  local saved = aigate.config()
+  t.defer(function() aigate.configure(saved) end)
+  local gw = { base_url = "http://127.0.0.1:9/v1/a/g/compat" }
+  aigate.configure({ gateway = gw, routes = { ["dynamic/fast"] = require("aigate.route").fallback({ "openai/gpt-4o-mini" }) } })
+  t.eq(select(2, aigate.lane("dynamic/fast")), "a route")
+  t.truthy(aigate.lane("openai/gpt-4o-mini"))
+  aigate.configure({ gateway = gw, hooks = { before_request = function(r) return r end } })
+  t.eq(select(2, aigate.lane("openai/gpt-4o-mini")), "hooks")
+  t.eq(select(2, aigate.lane(nil)), "no model")
+end
+
 return cases
