@@ -92,7 +92,16 @@ int main(int argc, char **argv)
         rl.rlim_cur = rl.rlim_max;
         setrlimit(RLIMIT_NOFILE, &rl);
     }
-    base = event_base_new();
+    {
+        /* Precise timers (timerfd): the delay is what was asked for, not rounded up to the next
+         * millisecond by epoll_wait's timeout. */
+        struct event_config *cfg = event_config_new();
+        if (cfg == NULL)
+            return 1;
+        event_config_set_flag(cfg, EVENT_BASE_FLAG_PRECISE_TIMER);
+        base = event_base_new_with_config(cfg);
+        event_config_free(cfg);
+    }
     http = evhttp_new(base);
     if (base == NULL || http == NULL)
         return 1;
