@@ -22,7 +22,7 @@ UNIT_LIB := src/sse.c src/buf.c tests/unit/unit.c
 DEB_PACKAGES := gcc make pkg-config liblua5.4-dev libcurl4-openssl-dev lua-cjson-dev libevent-dev curl ca-certificates \
                 lua-check
 
-.PHONY: all test asan demo bench deps install uninstall clean units lint format
+.PHONY: all test asan demo bench bench-instructions deps install uninstall clean units lint format
 
 all: aigate
 
@@ -67,6 +67,13 @@ bench: deps
 	$(MAKE) aigate
 	$(MAKE) -C tests/bench
 	tests/bench/run.sh
+
+# Instructions per request (callgrind): figures that do not move between runs, for judging a change.
+bench-instructions: deps
+	$(MAKE) aigate
+	$(MAKE) -C tests/bench
+	$(MAKE) deps DEB_PACKAGES=valgrind
+	tests/bench/instructions.sh
 
 # luacheck over every Lua file (part of `make test` too), and clang-format's verdict on the C sources.
 lint:

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# instructions.sh: user-space instructions per request, counted by valgrind's callgrind, for the
+# libcurl driver, the C host alone (tests/bench/core_loop.lua), the least a Lua batch loop can do
+# (tests/bench/lean_loop.lua) and `aigate batch` (lines that go by their model's lane, and lines with a
+# system message, which take the general aigate.chat path).
+# Unlike CPU time these counts do not move between runs, so they show what a change costs or saves.
+# Each figure is the difference between a run of N1 and of N2 requests, divided by N2 - N1, so
+# start-up costs cancel out. Kernel time (the sockets) is not counted. Needs valgrind.
+# Knobs: BENCH_I_N1 (1000), BENCH_I_N2 (5000), BENCH_I_C (64), AIGATE_BIN (./aigate).
+cd "$(dirname "$0")/../.." || exit 2
+ROOT=$PWD
+BENCH=$ROOT/tests/bench
+AIGATE=${AIGATE_BIN:-./aigate}
+case "$AIGATE" in /*) ;; *) AIGATE="$ROOT/${AIGATE#./}" ;; esac
+N1=${BENCH_I_N1:-1000}
+N2=${BENCH_I_N2:-5000}
+C=${BENCH_I_C:-64}
+export LC_ALL=C
+
+command -v valgrind > /dev/null || { echo "instructions.sh: needs valgrind (apt-get install valgrind)" >&2; exit 2; }
+for b in canned_upstream libcurl_driver; do
+    [ -x "$BENCH/$b" ] || { echo "instructions.sh: $BENCH/$b is missing: run 'make -C tests/bench'" >&2; exit 2; }
+done
+[ -x "$AIGATE" ] || { echo "instructions.sh: $AIGATE is missing: run 'make aigate'" >&2; exit 2; }
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/aigate-bench-i.XXXXXX")
+UP_PID=""
+cleanup() {
+    [ -n "$UP_PID" ] && kill "$UP_PID" 2>/dev/null && wait "$UP_PID" 2>/dev/null
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+"$BENCH/canned_upstream" 0 > "$TMP/upstream.out" &
+UP_PID=$!
+for _ in $(seq 1 100); do
+    PORT=$(awk '/^listening/ {print $2}' "$TMP/upstream.out")
+    [ -n "$PORT" ] && break
+    sleep 0.05
+done
+[ -n "$PORT" ] || { echo "instructions.sh: the canned upstream did not start" >&2; exit 2; }
+export CLOUDFLARE_ACCOUNT_ID=bench CLOUDFLARE_API_TOKEN=bench-token
+export AIGATE_BASE_URL="http://127.0.0.1:$PORT/v1/bench/gw/compat"
+export XDG_CONFIG_HOME="$TMP/xdg"
+unset CLOUDFLARE_GATEWAY_ID CLOUDFLARE_AI_GATEWAY_ID
+URL="$AIGATE_BASE_URL/chat/completions"
+MODEL=workers-ai/@cf/meta/llama-3.3-70b-instruct-fp8-fast
+
+for n in "$N1" "$N2"; do
+    awk -v n="$n" 'BEGIN { for (i = 1; i <= n; i++) printf "{\"id\":\"r%d\",\"prompt\":\"Say hello.\"}\n", i }' > "$TMP/lane$n.jsonl"
+    awk -v n="$n" 'BEGIN { for (i = 1; i <= n; i++) printf "{\"id\":\"r%d\",\"prompt\":\"Say hello.\",\"system\":\"Be brief.\"}\n", i }' > "$TMP/general$n.jsonl"
+done
+
+# count CMD...: instructions of one run (the program's exit status must be 0).
+count() {
+    local out
+    out=$(valgrind --tool=callgrind --callgrind-out-file=/dev/null "$@" 2>&1 > /dev/null)
+    local rc=$?
+    if [ "$rc" -ne 0 ]; then
+        echo "instructions.sh: '$*' failed ($rc):" >&2
+        echo "$out" | tail -n 5 >&2
+        exit 1
+    fi
+    echo "$out" | awk '/Collected :/ {print $4}'
+}
+
+# per_request LABEL CMD-WITH-@N: prints one table row.
+per_request() {
+    local label=$1
+    shift
+    local a b
+    a=$(count $(echo "$@" | sed "s/@N/$N1/g"))
+    b=$(count $(echo "$@" | sed "s/@N/$N2/g"))
+    awk -v l="$label" -v a="$a" -v b="$b" -v n=$((N2 - N1)) 'BEGIN { printf "| %-46s | %9.0f |\n", l, (b - a) / n }'
+}
+
+echo "instructions per request (callgrind, user space), $C in flight, $N2 - $N1 requests"
+echo
+echo "| run                                            | instr/req |"
+echo "|------------------------------------------------|-----------|"
+per_request "libcurl driver" "$BENCH/libcurl_driver" "$URL" @N "$C"
+per_request "aigate, C host alone (core_loop.lua)" "$AIGATE" run "$BENCH/core_loop.lua" "$URL" @N "$C"
+per_request "aigate, a bare Lua batch loop (lean_loop.lua)" "$AIGATE" run "$BENCH/lean_loop.lua" "$URL" "$TMP/lane@N.jsonl" "$TMP/lean.jsonl" "$C"
+per_request "aigate batch, lines by their model's lane" "$AIGATE" batch "$TMP/lane@N.jsonl" -o "$TMP/out.jsonl" -j "$C" -m "$MODEL" -q --overwrite
+per_request "aigate batch, lines through aigate.chat" "$AIGATE" batch "$TMP/general@N.jsonl" -o "$TMP/out.jsonl" -j "$C" -m "$MODEL" -q --overwrite
