@@ -1,6 +1,6 @@
 /*
  * core.c: assembles the `aigate.core` Lua module from the primitives of task.c, http_client.c,
- * http_server.c and sse.c. The module's contract is documented in src/CORE_API.md.
+ * http_server.c, lane.c and sse.c. The module's contract is documented in src/CORE_API.md.
  */
 #include <lauxlib.h>
 #include <lua.h>
@@ -13,9 +13,11 @@ int luaopen_aigate_core(lua_State *L)
         { "request", core_request },
         { "listen", core_listen },
         { "sse_parser", core_sse_parser },
+        { "lane", core_lane },
         { NULL, NULL },
     };
 
+    core_register_lane(L);
     luaL_newlib(L, funcs);
     core_register_tasks(L);
     lua_pushstring(L, AIGATE_VERSION);

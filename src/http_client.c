@@ -10,6 +10,7 @@
  * thread, protected) so streaming costs no task switches. Easy handles are pooled.
  */
 #include <ctype.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,12 +22,14 @@
 
 #include "aigate.h"
 #include "buf.h"
+#include "http.h"
 
-#define DEFAULT_MAX_SIZE (64 * 1024 * 1024)
+#define DEFAULT_MAX_SIZE HTTP_DEFAULT_MAX_SIZE
 #define EASY_POOL_MAX    256
 
 struct transfer {
     struct pending pending;
+    struct xfer xfer; /* CURLOPT_PRIVATE */
     struct task *task;
     CURL *easy;
     struct curl_slist *headers;
@@ -193,15 +196,11 @@ static void transfer_cancel(struct pending *p)
     transfer_free((struct transfer *)p);
 }
 
-/* Pushes the response table {status, headers, body} on L. */
-static void push_response(lua_State *L, struct transfer *tr)
+void http_push_headers(lua_State *L, const struct buf *hdrs)
 {
-    const char *p = tr->resp_headers.data;
-    const char *end = p + tr->resp_headers.len;
+    const char *p = hdrs->data;
+    const char *end = p + hdrs->len;
 
-    lua_createtable(L, 0, 3);
-    lua_pushinteger(L, tr->status);
-    lua_setfield(L, -2, "status");
     lua_newtable(L);
     while (p && p < end) {
         const char *name = p;
@@ -218,6 +217,15 @@ static void push_response(lua_State *L, struct transfer *tr)
         }
         lua_setfield(L, -2, name);
     }
+}
+
+/* Pushes the response table {status, headers, body} on L. */
+static void push_response(lua_State *L, struct transfer *tr)
+{
+    lua_createtable(L, 0, 3);
+    lua_pushinteger(L, tr->status);
+    lua_setfield(L, -2, "status");
+    http_push_headers(L, &tr->resp_headers);
     lua_setfield(L, -2, "headers");
     if (tr->streaming || tr->body.data == NULL)
         lua_pushliteral(L, ""); /* streamed bodies went to on_chunk */
@@ -255,21 +263,26 @@ static const char *error_kind(CURLcode rc)
     }
 }
 
-/* Pushes the error string for a failed transfer on L. */
-static void push_error(lua_State *L, struct transfer *tr, CURLcode rc)
+void http_push_error(lua_State *L, CURLcode rc, const char *errbuf, size_t received, size_t max_size)
 {
     const char *detail;
 
+    if (rc == CURLE_WRITE_ERROR && received > max_size) {
+        lua_pushfstring(L, "too_large: response body exceeds %I bytes", (lua_Integer)max_size);
+        return;
+    }
+    detail = errbuf[0] ? errbuf : curl_easy_strerror(rc);
+    lua_pushfstring(L, "%s: %c%s", error_kind(rc), tolower((unsigned char)detail[0]), detail + 1);
+}
+
+/* Pushes the error string for a failed transfer on L. */
+static void push_error(lua_State *L, struct transfer *tr, CURLcode rc)
+{
     if (tr->abort_msg) {
         lua_pushstring(L, tr->abort_msg);
         return;
     }
-    if (rc == CURLE_WRITE_ERROR && tr->received > tr->max_size) {
-        lua_pushfstring(L, "too_large: response body exceeds %I bytes", (lua_Integer)tr->max_size);
-        return;
-    }
-    detail = tr->errbuf[0] ? tr->errbuf : curl_easy_strerror(rc);
-    lua_pushfstring(L, "%s: %c%s", error_kind(rc), tolower((unsigned char)detail[0]), detail + 1);
+    http_push_error(L, rc, tr->errbuf, tr->received, tr->max_size);
 }
 
 /* Ends a transfer: resumes its task with the response, or nil and the error. */
@@ -293,18 +306,33 @@ static void transfer_done(struct transfer *tr, CURLcode rc)
     task_resume(t, nret);
 }
 
+static void transfer_xfer_done(struct xfer *x, CURLcode rc)
+{
+    transfer_done((struct transfer *)(void *)((char *)x - offsetof(struct transfer, xfer)), rc);
+}
+
 static void check_multi_info(void)
 {
     CURLMsg *msg;
     int left;
 
     while ((msg = curl_multi_info_read(multi, &left)) != NULL) {
-        struct transfer *tr;
+        struct xfer *x;
         if (msg->msg != CURLMSG_DONE)
             continue;
-        curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&tr);
-        transfer_done(tr, msg->data.result);
+        curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&x);
+        x->done(x, msg->data.result);
     }
+}
+
+int http_client_add(CURL *easy)
+{
+    return curl_multi_add_handle(multi, easy) == CURLM_OK ? 0 : -1;
+}
+
+void http_client_remove(CURL *easy)
+{
+    curl_multi_remove_handle(multi, easy);
 }
 
 /* Stops a transfer from our side (timers, callback errors) and resumes its task with msg. */
@@ -359,27 +387,24 @@ static void note_progress(struct transfer *tr)
         arm_timer(tr->stall_timer, tr->stall_timeout);
 }
 
-static size_t header_cb(char *data, size_t size, size_t nitems, void *userdata)
+void http_header_line(struct buf *hdrs, long *status, const char *data, size_t len)
 {
-    struct transfer *tr = userdata;
-    size_t len = size * nitems;
     const char *colon;
     size_t name_len;
     size_t i;
     const char *value;
     const char *vend;
 
-    note_progress(tr);
     if (len >= 5 && memcmp(data, "HTTP/", 5) == 0) {
         /* A new status line (after 1xx, or a new response): start the header set again. */
         const char *sp = memchr(data, ' ', len);
-        tr->status = sp ? strtol(sp + 1, NULL, 10) : 0;
-        buf_reset(&tr->resp_headers);
-        return len;
+        *status = sp ? strtol(sp + 1, NULL, 10) : 0;
+        buf_reset(hdrs);
+        return;
     }
     colon = memchr(data, ':', len);
     if (colon == NULL)
-        return len;
+        return;
     name_len = (size_t)(colon - data);
     value = colon + 1;
     vend = data + len;
@@ -387,11 +412,22 @@ static size_t header_cb(char *data, size_t size, size_t nitems, void *userdata)
         value++;
     while (vend > value && (vend[-1] == '\r' || vend[-1] == '\n' || vend[-1] == ' ' || vend[-1] == '\t'))
         vend--;
+    buf_reserve(hdrs, name_len + (size_t)(vend - value) + 2);
     for (i = 0; i < name_len; i++)
-        buf_append_char(&tr->resp_headers, (char)tolower((unsigned char)data[i]));
-    buf_append_char(&tr->resp_headers, '\0');
-    buf_append(&tr->resp_headers, value, (size_t)(vend - value));
-    buf_append_char(&tr->resp_headers, '\0');
+        hdrs->data[hdrs->len++] = (char)tolower((unsigned char)data[i]);
+    hdrs->data[hdrs->len++] = '\0';
+    memcpy(hdrs->data + hdrs->len, value, (size_t)(vend - value));
+    hdrs->len += (size_t)(vend - value);
+    hdrs->data[hdrs->len++] = '\0';
+}
+
+static size_t header_cb(char *data, size_t size, size_t nitems, void *userdata)
+{
+    struct transfer *tr = userdata;
+    size_t len = size * nitems;
+
+    note_progress(tr);
+    http_header_line(&tr->resp_headers, &tr->status, data, len);
     return len;
 }
 
@@ -546,6 +582,7 @@ int core_request(lua_State *L)
     if (tr == NULL)
         return luaL_error(L, "out of memory");
     tr->pending.cancel = transfer_cancel;
+    tr->xfer.done = transfer_xfer_done;
     tr->task = t;
     tr->body_ref = LUA_NOREF;
     tr->chunk_ref = LUA_NOREF;
@@ -590,7 +627,7 @@ int core_request(lua_State *L)
     }
     /* Every per-request option is set, to its default when unused: pooled handles are not reset. */
     curl_easy_setopt(tr->easy, CURLOPT_URL, url);
-    curl_easy_setopt(tr->easy, CURLOPT_PRIVATE, tr);
+    curl_easy_setopt(tr->easy, CURLOPT_PRIVATE, &tr->xfer);
     curl_easy_setopt(tr->easy, CURLOPT_ERRORBUFFER, tr->errbuf);
     curl_easy_setopt(tr->easy, CURLOPT_WRITEDATA, tr);
     curl_easy_setopt(tr->easy, CURLOPT_HEADERDATA, tr);
@@ -606,7 +643,8 @@ int core_request(lua_State *L)
     if (strcmp(method, "HEAD") == 0)
         curl_easy_setopt(tr->easy, CURLOPT_NOBODY, 1L);
     curl_easy_setopt(tr->easy, CURLOPT_CUSTOMREQUEST,
-                     strcmp(method, body ? "POST" : "GET") != 0 && strcmp(method, "HEAD") != 0 ? method : NULL);
+                     strcmp(method, body ? "POST" : "GET") != 0 && strcmp(method, "HEAD") != 0 ? method
+                                                                                               : NULL);
     curl_easy_setopt(tr->easy, CURLOPT_CONNECTTIMEOUT_MS, (long)(connect_timeout * 1000));
     curl_easy_setopt(tr->easy, CURLOPT_TIMEOUT_MS, (long)(total_timeout * 1000));
     if (tr->first_byte_timeout > 0) {

@@ -9,6 +9,7 @@
 -- result lines, scan_output, Histogram) are exported for tests.
 local core = require "aigate.core"
 local jsonl = require "aigate.jsonl"
+local breaker = require "aigate.breaker"
 
 local M = {}
 
@@ -611,9 +612,28 @@ function State:next_req_id()
   return format("batch_req_%s%016x", self.prefix, self.counter)
 end
 
--- Reads the next line to run (bad lines come back as items with code set). Nil at end of input.
+-- Whether to run the line with this id: true; false when the output has it already; nil when a
+-- duplicate on stdin stops the batch.
+function State:take(id, lineno)
+  if self.done[id] then return false end
+  if self.seen then -- stdin: duplicates found as they come
+    local first = self.seen[id]
+    if first then
+      self.input_error = format("duplicate id '%s' on lines %d and %d: stopped taking lines", id, first, lineno)
+      self.stopping = true
+      return nil
+    end
+    self.seen[id] = lineno
+  end
+  self.seq = self.seq + 1
+  return true
+end
+
+-- Reads the next line to run: an item (bad lines come back with code set), or nil, line, lineno
+-- for a line staged on the engine (to be sent at once with run_engine). Nil at end of input.
 function State:read_item()
   local r = self.reader
+  local engine = self.engine
   while true do
     local line, lineno, _, _, oversize = r:next()
     if line == nil then
@@ -621,22 +641,20 @@ function State:read_item()
       return nil
     end
     if oversize or not is_blank(line) then
-      local item = M.parse_line(line, lineno, self.defaults, oversize)
-      local id = item.id
-      if not self.done[id] then
-        if self.seen then -- stdin: duplicates found as they come
-          local first = self.seen[id]
-          if first then
-            self.input_error = format("duplicate id '%s' on lines %d and %d: stopped taking lines", id, first, lineno)
-            self.stopping = true
-            return nil
-          end
-          self.seen[id] = lineno
+      local id = engine and not oversize and engine:stage(line, lineno)
+      if id then
+        local take = self:take(id, lineno)
+        if take then return nil, line, lineno end
+        if take == nil then return nil end
+      else
+        local item = M.parse_line(line, lineno, self.defaults, oversize)
+        local take = self:take(item.id, lineno)
+        if take then
+          item.seq = self.seq
+          item.len = #line
+          return item
         end
-        self.seq = self.seq + 1
-        item.seq = self.seq
-        item.len = #line
-        return item
+        if take == nil then return nil end
       end
     end
   end
@@ -768,22 +786,82 @@ local function lane_chat(lane, mj)
   return lane:chat(mj)
 end
 
+local function lane_replay(lane, mj, pre)
+  return lane:replay(mj, pre.latency, pre.res, pre.err)
+end
+
+-- The item of a line the engine took (a short-form line: it parses).
+function State:engine_item(line, lineno)
+  local item = M.parse_line(line, lineno, self.defaults)
+  item.seq = self.seq
+  item.len = #line
+  return item
+end
+
+-- Sends the line staged on the engine. A success comes back as its result line, written here with
+-- run_item's and record_ok's bookkeeping; any other outcome (an error reply, a reply the engine
+-- does not write itself, a transport failure) goes through run_item and the lane's general path
+-- with the reply the engine got. A breaker that is not closed decides per request (probes,
+-- skips): then the line takes the lane's general path from the start.
+function State:run_engine(line, lineno, chat)
+  local key = self.engine_key
+  if key and not breaker.closed(key) then
+    return self:run_item(self:engine_item(line, lineno), chat)
+  end
+  local started = core.now()
+  self.active = self.active + 1
+  local ok, a, b, c, d, e = self.engine:send()
+  self.active = self.active - 1
+  if not ok then
+    local item = self:engine_item(line, lineno)
+    item.pre = { latency = a, res = b and { status = b, headers = c, body = d } or nil, err = e, started = started }
+    return self:run_item(item, chat)
+  end
+  -- a: the result line after its id, b: latency, c, d, e: prompt, completion, total tokens
+  self:emit(nil, '{"id":"' .. self:next_req_id() .. '"' .. a, true)
+  if self.limit < self.max_limit then
+    self.since_increase = self.since_increase + 1
+    if self.since_increase >= self.limit then
+      self.limit = self.limit + 1
+      self.since_increase = 0
+    end
+  end
+  local p, q = c or 0, d or 0
+  self.prompt_tokens = self.prompt_tokens + p
+  self.completion_tokens = self.completion_tokens + q
+  self.total_tokens = self.total_tokens + (e or (p + q))
+  local m = self.engine_model
+  self.by_model[m] = (self.by_model[m] or 0) + 1
+  self.by_step["0"] = (self.by_step["0"] or 0) + 1
+  self.hist:add(b)
+  self:count_outcome("ok")
+end
+
 -- Runs one item (a line that parsed): the request, 429 handling, the result line.
 function State:run_item(item, chat)
   local opts = item.opts
   if self.tpm then item.token_estimate = token_estimate(item, item.len or 0) end
   local lane, mj = self:lane_of(opts)
+  local pre = item.pre
+  item.pre = nil
+  assert(pre == nil or lane, "a line the engine sent has no lane")
   while true do
-    self:pace(item)
-    local started = core.now()
-    self.active = self.active + 1
-    local ok, res, err, info
-    if lane then
-      ok, res, err, info = pcall(lane_chat, lane, mj)
+    local started, ok, res, err, info
+    if pre then -- sent by the engine: its reply, through the lane's general path
+      started = pre.started
+      ok, res, err, info = pcall(lane_replay, lane, mj, pre)
+      pre = nil
     else
-      ok, res, err, info = pcall(chat, opts)
+      self:pace(item)
+      started = core.now()
+      self.active = self.active + 1
+      if lane then
+        ok, res, err, info = pcall(lane_chat, lane, mj)
+      else
+        ok, res, err, info = pcall(chat, opts)
+      end
+      self.active = self.active - 1
     end
-    self.active = self.active - 1
     if not ok then
       -- aigate.chat raised: a caller mistake, i.e. a bad field in this line (or a bug: still one line)
       local msg = tostring(res):gsub("^aigate%.chat: ", "")
@@ -865,9 +943,11 @@ end
 function State:worker(chat, prepare)
   while true do
     if not self:admit(self.seq + 1) then break end
-    local item = self:read_item()
-    if item == nil then break end
-    if item.code then
+    local item, line, lineno = self:read_item()
+    if item == nil and line == nil then break end
+    if line then
+      self:run_engine(line, lineno, chat)
+    elseif item.code then
       self:count_outcome("invalid input")
       self:emit(item, M.error_line(self:next_req_id(), item), false)
     elseif self.dry_run then
@@ -1047,6 +1127,26 @@ function M.run(opts)
   local chat, prepare = aigate.chat, aigate.prepare
   if opts.lanes ~= false then
     st.lanes, st.new_lane = {}, aigate.lane
+  end
+  -- The engine (core.lane): short-form lines of the default model sent, and their successes
+  -- written, in C, when that model's lane is a fixed body around the messages. Not with
+  -- --ordered, --rpm/--tpm, --dry-run or a default template, which need each line in Lua.
+  if st.lanes and opts.engine ~= false and opts.model and not opts.template and not opts.dry_run
+      and not opts.ordered and not opts.rpm and not opts.tpm then
+    local lane = aigate.lane(opts.model)
+    st.lanes[opts.model] = lane or false
+    local spec = lane and lane:engine_spec()
+    if spec then
+      st.engine = core.lane({
+        url = spec.url, headers = spec.headers, prefix = spec.prefix, suffix = spec.suffix, model = opts.model,
+        model_part = ',"model":' .. jstr(spec.model)
+          .. (spec.provider ~= nil and (',"provider":' .. jstr(spec.provider)) or ""),
+        route_part = ',"step":0,"route":' .. jstr(spec.name),
+        attempt_part = ',"attempts":[{"step":0,"target":' .. quote(spec.name) .. ',"model":' .. quote(spec.model)
+          .. ',"status":',
+      })
+      st.engine_key, st.engine_model = spec.breaker_key, spec.model
+    end
   end
 
   -- SIGINT: stop taking lines, let in-flight requests finish; a second one aborts (resumable).

@@ -93,6 +93,12 @@ function M.record(key, ok, cfg, now)
   end
 end
 
+--- Is the breaker of `key` closed (allow() true with no effect, a success recorded changes nothing)?
+function M.closed(key)
+  local b = breakers[key]
+  return b == nil or b.state == "closed"
+end
+
 --- The state of `key`: "closed", "open" or "half_open", and the recent failure count.
 function M.state(key)
   local b = breakers[key]

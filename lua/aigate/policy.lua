@@ -356,15 +356,16 @@ local function use_breaker(st, node)
 end
 
 -- The send half of a target attempt (breaker, request, bookkeeping), shared by EXEC.target and
--- lanes: att is the attempt record, req the built request.
-local function send_target(st, node, att, req)
+-- lanes: att is the attempt record, req the built request. pre: a request the batch engine already
+-- sent ({latency, res | err}, admitted by a closed breaker): its reply is taken instead of sending.
+local function send_target(st, node, att, req, pre)
   att.model = req.model
   if node.id == nil then
     att.target = req.model
   end
   local key = breaker_key(req)
   local guarded = use_breaker(st, node)
-  if guarded then
+  if guarded and not pre then
     local allowed, wait = breaker.allow(key, st.cfg.breaker, M.now())
     if not allowed then
       att.error, att.skipped = "circuit breaker open", true
@@ -376,8 +377,17 @@ local function send_target(st, node, att, req)
     st.verbose(string.format("* attempt %d: %s", att.step, req.model))
   end
   local t0 = M.now()
-  local r, msg, info = client.send(req, M.core)
-  att.latency = M.now() - t0
+  local r, msg, info
+  if pre then
+    r, msg, info = client.send(req, pre.core)
+    att.latency = pre.latency
+    if r then
+      r.latency = pre.latency
+    end
+  else
+    r, msg, info = client.send(req, M.core)
+    att.latency = M.now() - t0
+  end
   if r then
     att.status = r.status
     if guarded then
@@ -753,8 +763,8 @@ function Lane.messages_json(_, list)
 end
 
 --- Sends one request with messages (JSON text from Lane:messages_json): the same outcome as
--- aigate.chat{model = model, messages = ...}.
-function Lane:chat(messages_json)
+-- aigate.chat{model = model, messages = ...}. pre: see Lane:replay.
+function Lane:chat(messages_json, pre)
   local st = { cfg = self.cfg, context = self.context, attempts = {}, name = self.name, redact = self.redact }
   local att = record(st, { target = self.name, model = self.name, latency = 0 })
   local base, req = self.req, {}
@@ -764,7 +774,48 @@ function Lane:chat(messages_json)
     req[k] = base[k]
   end
   req.body = self.prefix .. messages_json .. self.suffix
-  return finish(st, send_target(st, self.node, att, req))
+  return finish(st, send_target(st, self.node, att, req, pre))
+end
+
+--- The outcome of a request the batch engine (core.lane) sent for this lane and did not finish
+-- itself: the reply (res: status, headers, body) or the transport error, after latency seconds.
+-- Runs exactly what Lane:chat runs after its request, so the result is the same.
+function Lane:replay(messages_json, latency, res, err)
+  local real = M.core
+  local pre = {
+    latency = latency,
+    core = {
+      now = real.now,
+      sse_parser = real.sse_parser,
+      request = function()
+        return res, err
+      end,
+    },
+  }
+  return self:chat(messages_json, pre)
+end
+
+--- What the batch engine needs to send this lane's requests itself, or nil when a request needs
+-- more than a fixed body around its messages (timeouts, prices, a non-POST request).
+-- {url, headers, prefix, suffix, model, provider, breaker_key (nil: no breaker)}.
+function Lane:engine_spec()
+  local req = self.req
+  if req.method ~= "POST" or req.stream or req.verbose then
+    return nil
+  end
+  for _, v in pairs(req.timeouts or {}) do
+    if v ~= nil then
+      return nil
+    end
+  end
+  if M.cost(self.cfg, self.name, req.model, { prompt_tokens = 1, completion_tokens = 1 }) ~= nil then
+    return nil
+  end
+  local guarded = self.cfg.breaker ~= false and self.node.opts.breaker ~= false
+  return {
+    url = req.url, headers = req.headers, prefix = self.prefix, suffix = self.suffix, name = self.name,
+    model = req.model, provider = req.provider, breaker_key = guarded and breaker_key(req) or nil,
+  }
 end
 
 -- Prepare --------------------------------------------------------------------------------------

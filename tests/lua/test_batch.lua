@@ -252,14 +252,50 @@ cases.result_line_keeps_the_reply_bytes = function()
 end
 
 -- Lanes (lines that differ only in their messages, sent with their model's policy worked out once)
--- give the same results and send the same bytes as aigate.chat does for every line: successes,
--- upstream errors, 429s retried, bodies that are not completions. Lines with anything more (a
--- system message, a parameter, a route, hooks) take aigate.chat.
+-- and the engine (core.lane: short-form lines of the default model sent, and usual successes
+-- written, in C) give the same results and send the same bytes as aigate.chat does for every line.
+-- One input runs three ways (aigate.chat only, lanes, lanes and engine) against a server whose
+-- reply depends on the prompt: usual completions, every reply the engine leaves to Lua (errors,
+-- 429s retried, bodies that are not completions or that it cannot write as they are), odd headers,
+-- and lines the engine or the lanes do not take.
+local OK_BODY = '{"id":"c1","object":"chat.completion","model":"m-up","choices":[{"index":0,'
+  .. '"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],'
+  .. '"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}'
+local CHOICES = '"choices":[{"message":{"role":"assistant","content":"x"}}]'
+local REPLIES = {
+  plain = { 200, {}, OK_BODY },
+  created = { 201, { ["cf-aig-request-id"] = "req \"7\"\t/", ["cf-aig-cache-status"] = "HIT" }, OK_BODY },
+  xreq = { 200, { ["x-request-id"] = "x-1" }, OK_BODY },
+  no_usage = { 200, {}, '{"id":"c2",' .. CHOICES .. '}' },
+  usage_array = { 200, {}, '{' .. CHOICES .. ',"usage":[1,2]}' },
+  usage_partial = { 200, {}, '{' .. CHOICES .. ',"usage":{"prompt_tokens":4,"completion_tokens":"x","other":[{}]}}' },
+  usage_float = { 200, {}, '{' .. CHOICES .. ',"usage":{"prompt_tokens":4.5,"total_tokens":1e2}}' },
+  usage_negative = { 200, {}, '{' .. CHOICES .. ',"usage":{"prompt_tokens":-4,"total_tokens":0}}' },
+  id_escaped = { 200, {}, '{"id":"c\\u00e9",' .. CHOICES .. '}' },
+  id_number = { 200, {}, '{"id":12,' .. CHOICES .. '}' },
+  id_null = { 200, {}, '{"id":null,"model":7,' .. CHOICES .. '}' },
+  model_escaped = { 200, {}, '{"model":"m\\/x",' .. CHOICES .. '}' },
+  spaced = { 200, {}, '{ "id" : "s1" , ' .. CHOICES .. ' , "usage" : { "total_tokens" : 3 } }' },
+  trailing_space = { 200, {}, OK_BODY .. "  " },
+  leading_space = { 200, {}, " " .. OK_BODY },
+  two_lines = { 200, {}, '{"id":"t",\n' .. CHOICES .. '}' },
+  error_and_choices = { 200, {}, '{"error":{"message":"e"},' .. CHOICES .. '}' },
+  error_null = { 200, {}, '{"error":null,' .. CHOICES .. '}' },
+  success_false = { 200, {}, '{"success":false,' .. CHOICES .. '}' },
+  choices_empty = { 200, {}, '{"choices":[]}' },
+  choices_object = { 200, {}, '{"choices":{"1":{}}}' },
+  choices_strings = { 200, {}, '{"choices":["a"]}' },
+  deep = { 200, {}, '{' .. CHOICES .. ',"x":' .. string.rep("[", 950) .. string.rep("]", 950) .. '}' },
+  bad_json = { 200, {}, '{' .. CHOICES .. ',}' },
+  not_json = { 200, {}, "not json" },
+  empty = { 200, {}, "" },
+  fail = { 500, {}, '{"error":{"message":"upstream broke"}}' },
+  limit = { 429, { ["Retry-After"] = "0" }, '{"error":"slow down"}' },
+  teapot = { 418, {}, "short and stout" },
+}
+
 local function lane_server(seen)
   local core = require("aigate.core")
-  local ok_body = '{"id":"c1","object":"chat.completion","model":"m-up","choices":[{"index":0,'
-    .. '"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],'
-    .. '"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}'
   return assert(core.listen({ port = 0, handler = function(req, res)
     local hs = {}
     for k, v in pairs(req.headers) do
@@ -267,35 +303,42 @@ local function lane_server(seen)
     end
     table.sort(hs)
     seen[#seen + 1] = req.method .. " " .. req.uri .. " " .. table.concat(hs, ";") .. " " .. req.body
-    local b = req.body
-    if b:find("please fail", 1, true) then
-      res:respond(500, { ["Content-Type"] = "application/json" }, '{"error":{"message":"upstream broke"}}')
-    elseif b:find("please limit", 1, true) then
-      res:respond(429, { ["Content-Type"] = "application/json", ["Retry-After"] = "0" }, '{"error":"slow down"}')
-    elseif b:find("please garble", 1, true) then
-      res:respond(200, { ["Content-Type"] = "application/json" }, "not json")
-    elseif b:find("please drop choices", 1, true) then
-      res:respond(200, { ["Content-Type"] = "application/json" }, '{"id":"x"}')
-    else
-      res:respond(200, { ["Content-Type"] = "application/json", ["cf-aig-log-id"] = "log-1" }, ok_body)
-    end
+    local name = req.body:match('"content":"([%w_]+)"') or "plain"
+    local reply = REPLIES[name] or REPLIES.plain
+    local headers = { ["Content-Type"] = "application/json" }
+    for k, v in pairs(reply[2]) do headers[k] = v end
+    res:respond(reply[1], headers, reply[3])
   end }))
 end
 
-local LANE_INPUT = table.concat({
-  '{"id":"a","prompt":"hello"}',
-  '{"id":"b","prompt":"please fail"}',
-  '{"id":"c","prompt":"please limit"}',
-  '{"id":"d","prompt":"please garble"}',
-  '{"id":"e","prompt":"please drop choices"}',
-  '{"id":"f","messages":[{"role":"user","content":"u1"},{"role":"assistant","content":"a1"},{"role":"user","content":"u2 \\u00e9 / \\"q\\""}]}',
-  '{"custom_id":"g","method":"POST","url":"/v1/chat/completions","body":{"messages":[{"role":"user","content":"openai form"}]}}',
-  '{"id":"h","prompt":"with a system","system":"be brief"}',
-  '{"id":"i","prompt":"with a parameter","temperature":0.5}',
-  '{"id":"j","messages":[{"role":"system","content":"s"},{"role":"user","content":"u"}]}',
-  '{"id":"k","prompt":"routed","model":"dynamic/fast"}',
-  '{"id":"l","prompt":"another model","model":"openai/gpt-4o"}',
-}, "\n") .. "\n"
+local function lane_input()
+  local lines = {}
+  for name in pairs(REPLIES) do
+    lines[#lines + 1] = string.format('{"id":"%s","prompt":"%s"}', name, name)
+  end
+  table.sort(lines)
+  for _, l in ipairs({
+    '{ "prompt" : "plain" , "id" : 7 }', -- a number id, other order, spaces
+    '{"id":"m1","prompt":"plain","model":"openai/gpt-4o-mini"}', -- the default model named
+    '{"id":"e1","prompt":"pl\\u0061in"}', -- escapes: Lua decodes
+    '{"id":"e\\u0032","prompt":"plain"}',
+    '{"id":"u1","prompt":"plain caf\xc3\xa9 / done"}',
+    '{"id":"d1","prompt":"plain","prompt":"fail"}', -- a repeated key: Lua decides
+    '{"id":"f","messages":[{"role":"user","content":"u1"},{"role":"assistant","content":"a1"},'
+      .. '{"role":"user","content":"u2 \\u00e9 / \\"q\\""}]}',
+    '{"custom_id":"g","method":"POST","url":"/v1/chat/completions","body":{"messages":[{"role":"user","content":"openai form"}]}}',
+    '{"id":"h","prompt":"with a system","system":"be brief"}',
+    '{"id":"i","prompt":"with a parameter","temperature":0.5}',
+    '{"id":"j","messages":[{"role":"system","content":"s"},{"role":"user","content":"u"}]}',
+    '{"id":"k","prompt":"routed","model":"dynamic/fast"}',
+    '{"id":"l","prompt":"another model","model":"openai/gpt-4o"}',
+    '{"id":"bad","prompt":3}',
+    '{"prompt":"plain"}', -- no id: line-N
+  }) do
+    lines[#lines + 1] = l
+  end
+  return table.concat(lines, "\n") .. "\n"
+end
 
 -- The results of a batch run, decoded, by id, without what differs from run to run.
 local function lane_results(path)
@@ -303,64 +346,91 @@ local function lane_results(path)
   for line in io.lines(path) do
     local v = cjson.decode(line)
     v.id = nil
-    v.aigate.latency = nil
-    for _, a in ipairs(v.aigate.attempts or {}) do a.latency = nil end
+    if v.aigate then
+      v.aigate.latency = nil
+      for _, a in ipairs(v.aigate.attempts or {}) do a.latency = nil end
+    end
     out[v.custom_id] = v
   end
   return out
 end
 
-local function run_lanes(cfg, lanes)
+-- Runs the input one way: mode "chat", "lanes" or "engine". Returns the exit status, the results,
+-- the requests the server saw (sorted), lane calls, engine sends and the results the engine wrote.
+local function run_lanes(mode)
   local aigate = require("aigate")
+  local core = require("aigate.core")
   local seen = {}
   local srv = lane_server(seen)
   require("aigate.breaker").reset()
   local saved = aigate.config()
-  cfg.gateway = { base_url = "http://127.0.0.1:" .. srv.port .. "/v1/a/g/compat" }
-  aigate.configure(cfg)
-  local real_lane, used = aigate.lane, 0
+  aigate.configure({
+    gateway = { base_url = "http://127.0.0.1:" .. srv.port .. "/v1/a/g/compat" },
+    routes = { ["dynamic/fast"] = require("aigate.route").fallback({ "openai/gpt-4o-mini", "openai/gpt-4o" }) },
+    -- breakers that open only after many failures, so that results do not depend on the order
+    breaker = { failures = 1000, window = 30, cooldown = 15 },
+  })
+  local real_lane, real_engine, lane_calls, sends, written = aigate.lane, core.lane, 0, 0, 0
   aigate.lane = function(model)
     local l, why = real_lane(model)
     if l then
       local chat = l.chat
-      l.chat = function(self, mj)
-        used = used + 1
-        return chat(self, mj)
+      l.chat = function(self, mj, pre)
+        lane_calls = lane_calls + 1
+        return chat(self, mj, pre)
       end
     end
     return l, why
   end
+  core.lane = function(spec)
+    local e = real_engine(spec)
+    return {
+      stage = function(_, ...) return e:stage(...) end,
+      send = function()
+        sends = sends + 1
+        local ok, a, b, c, d, f = e:send()
+        if ok then written = written + 1 end
+        return ok, a, b, c, d, f
+      end,
+    }
+  end
   local dir = t.tmpdir()
-  local input = t.write(dir, "in.jsonl", LANE_INPUT)
+  local input = t.write(dir, "in.jsonl", lane_input())
   local out = dir .. "/out.jsonl"
-  local rc = batch.run({ input = input, output = out, concurrency = 3, quiet = true, model = "openai/gpt-4o-mini",
-    lanes = lanes, rate_retries = 1 })
-  aigate.lane = real_lane
+  local ok, rc = pcall(batch.run, { input = input, output = out, concurrency = 3, quiet = true,
+    model = "openai/gpt-4o-mini", lanes = mode ~= "chat", engine = mode == "engine", rate_retries = 1 })
+  aigate.lane, core.lane = real_lane, real_engine
   aigate.configure(saved)
   srv:close()
+  require("aigate.breaker").reset()
+  assert(ok, rc)
   table.sort(seen)
-  return rc, lane_results(out), seen, used
+  return rc, lane_results(out), seen, lane_calls, sends, written
 end
 
-cases.lanes_match_the_general_path = function()
-  local route = require("aigate.route")
-  -- breakers that open only after many failures, so that results do not depend on the order
-  local routes = { ["dynamic/fast"] = route.fallback({ "openai/gpt-4o-mini", "openai/gpt-4o" }) }
-  local breaker = { failures = 100, window = 30, cooldown = 15 }
-  local rc1, general, sent1, used1 = run_lanes({ routes = routes, breaker = breaker }, false)
-  local rc2, laned, sent2, used2 = run_lanes({ routes = routes, breaker = breaker }, nil)
-  require("aigate.breaker").reset()
-  t.eq(used1, 0)
-  t.eq(used2, 9) -- a, b, c twice (429, then once more), d, e, f, g, l; not h, i, j, k
-  t.eq(rc1, 1)
-  t.eq(rc2, 1)
+cases.lanes_and_the_engine_match_the_general_path = function()
+  local rc1, general, sent1, calls1, sends1 = run_lanes("chat")
+  local rc2, laned, sent2, calls2, sends2 = run_lanes("lanes")
+  local rc3, engined, sent3, calls3, sends3, written3 = run_lanes("engine")
+  t.eq({ calls1, sends1, sends2 }, { 0, 0, 0 })
+  t.truthy(calls2 > 30, "lanes used: " .. calls2)
+  t.eq(sends3, 32) -- every short-form line of the default model without escapes (429: retried by the lane)
+  t.eq(written3, 13) -- the replies the engine writes itself
+  t.eq(calls3, calls2 - 13) -- the lanes ran the rest: replies from the engine, other lines
+  t.eq({ rc1, rc2, rc3 }, { 1, 1, 1 })
   t.eq(laned, general)
+  t.eq(engined, general)
   t.eq(sent2, sent1) -- the same requests, byte for byte
-  t.eq(laned.a.error, cjson.null)
-  t.eq(laned.a.aigate.usage.total_tokens, 5)
-  t.eq(laned.b.error.code, "http_500")
-  t.eq(laned.c.error.code, "rate_limit_exceeded")
-  t.truthy(laned.d.error ~= cjson.null and laned.e.error ~= cjson.null)
+  t.eq(sent3, sent1)
+  t.eq(engined.plain.error, cjson.null)
+  t.eq(engined.plain.aigate.usage.total_tokens, 5)
+  t.eq(engined.created.response.request_id, 'req "7"\t/')
+  t.eq(engined.created.aigate.cache_status, "HIT")
+  t.eq(engined.fail.error.code, "http_500")
+  t.eq(engined.limit.error.code, "rate_limit_exceeded")
+  t.eq(engined.limit.aigate.batch_retries, 1)
+  t.eq(engined["7"].error, cjson.null)
+  t.eq(engined.bad.error.code, "invalid_request")
 end
 
 cases.lanes_are_refused_for_routes_and_hooks = function()

@@ -1,0 +1,1052 @@
+/*
+ * lane.c: `core.lane(spec)`, the batch engine's fast path for lines whose request is a fixed body
+ * with one prompt in it (see CORE_API.md).
+ *
+ * The policy stays in Lua: aigate.batch asks the policy for a model's lane, and only when the lane
+ * is a plain target with nothing per line but the prompt does it make an engine here with the
+ * prepared request (URL, headers, the body around the messages) and the fixed parts of a result
+ * line. For each line, `stage` reads the line with a strict JSON scanner and accepts only the short
+ * form {"id", "prompt"[, "model"]} with nothing to unescape; `send` posts it on the shared curl
+ * multi handle and yields. When the reply is a 2xx chat completion of the usual shape (valid JSON,
+ * choices, integer usage, nothing to re-escape), the task gets the result line built here; for
+ * anything else it gets the reply (or the transport error) and Lua runs it through the general
+ * path, so every unusual case is decided by the same code as aigate.chat.
+ */
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <curl/curl.h>
+#include <lauxlib.h>
+#include <lua.h>
+
+#include "aigate.h"
+#include "buf.h"
+#include "http.h"
+
+#define LANE_MT      "aigate.lane"
+#define SCAN_DEPTH   900 /* deeper replies go to Lua (cjson's own limit is 1000) */
+#define MAX_INT_TEXT 15  /* integers longer than this go to Lua (exact in a double) */
+
+#define APPEND_LIT(b, s) buf_append((b), (s), sizeof(s) - 1)
+
+struct lane;
+
+struct slot {
+    struct pending pending; /* the task's wait */
+    struct xfer xfer;       /* CURLOPT_PRIVATE */
+    struct lane *lane;
+    struct task *task;
+    CURL *easy;
+    struct buf body;    /* the request body */
+    struct buf reply;   /* the response body */
+    struct buf headers; /* "name\0value\0" of the response */
+    struct buf id_json; /* the line's id as the result line writes it */
+    long status;
+    size_t received;
+    lua_Integer lineno;
+    double t0;
+    struct slot *next; /* free list */
+    char errbuf[CURL_ERROR_SIZE];
+};
+
+struct lane {
+    char *url;
+    char *model; /* the id a line's "model" field may repeat */
+    struct curl_slist *headers;
+    struct buf prefix, suffix;                       /* the request body around the messages */
+    struct buf model_part, route_part, attempt_part; /* fixed pieces of a result line */
+    struct slot *free;
+    struct slot *staged;
+    int inflight; /* slots sent and not done: while > 0 the lane keeps itself alive (self_ref) */
+    int self_ref;
+};
+
+/* ---- a strict JSON scanner ------------------------------------------------------------------- */
+
+/* A string or number token: where its text is, and what it needs. */
+struct token {
+    const char *start; /* the string with its quotes, or the number */
+    size_t len;
+    int escaped;   /* a string with a backslash or a DEL byte (its text is not the JSON we would write) */
+    int is_int;    /* a number without fraction or exponent */
+    int is_string; /* a string (else a number, or nothing) */
+};
+
+struct scan {
+    const char *p;
+    const char *end;
+    int depth;
+};
+
+static void skip_ws(struct scan *s)
+{
+    while (s->p < s->end && (*s->p == ' ' || *s->p == '\t' || *s->p == '\n' || *s->p == '\r'))
+        s->p++;
+}
+
+static int hexval(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+/* A string at s->p (a '"'). 0, or -1 when invalid or not handled here (a \u escape of a surrogate). */
+static int scan_string(struct scan *s, struct token *tok)
+{
+    const char *p = s->p + 1;
+
+    tok->start = s->p;
+    tok->escaped = 0;
+    tok->is_string = 1;
+    tok->is_int = 0;
+    while (p < s->end) {
+        unsigned char c = (unsigned char)*p;
+        if (c == '"') {
+            s->p = p + 1;
+            tok->len = (size_t)(s->p - tok->start);
+            return 0;
+        }
+        if (c < 0x20)
+            return -1;
+        if (c == 0x7f) {
+            tok->escaped = 1;
+        } else if (c == '\\') {
+            tok->escaped = 1;
+            if (p + 1 >= s->end)
+                return -1;
+            c = (unsigned char)p[1];
+            if (c == 'u') {
+                int i;
+                int v = 0;
+                if (p + 6 > s->end)
+                    return -1;
+                for (i = 2; i < 6; i++) {
+                    int h = hexval(p[i]);
+                    if (h < 0)
+                        return -1;
+                    v = v * 16 + h;
+                }
+                if (v >= 0xd800 && v <= 0xdfff)
+                    return -1;
+                p += 6;
+                continue;
+            }
+            if (strchr("\"\\/bfnrt", (int)c) == NULL || c == '\0')
+                return -1;
+            p += 2;
+            continue;
+        }
+        p++;
+    }
+    return -1;
+}
+
+static int scan_number(struct scan *s, struct token *tok)
+{
+    const char *p = s->p;
+
+    tok->start = p;
+    tok->is_string = 0;
+    tok->escaped = 0;
+    tok->is_int = 1;
+    if (p < s->end && *p == '-')
+        p++;
+    if (p >= s->end)
+        return -1;
+    if (*p == '0') {
+        p++;
+    } else if (*p >= '1' && *p <= '9') {
+        while (p < s->end && *p >= '0' && *p <= '9')
+            p++;
+    } else {
+        return -1;
+    }
+    if (p < s->end && *p == '.') {
+        tok->is_int = 0;
+        p++;
+        if (p >= s->end || *p < '0' || *p > '9')
+            return -1;
+        while (p < s->end && *p >= '0' && *p <= '9')
+            p++;
+    }
+    if (p < s->end && (*p == 'e' || *p == 'E')) {
+        tok->is_int = 0;
+        p++;
+        if (p < s->end && (*p == '+' || *p == '-'))
+            p++;
+        if (p >= s->end || *p < '0' || *p > '9')
+            return -1;
+        while (p < s->end && *p >= '0' && *p <= '9')
+            p++;
+    }
+    tok->len = (size_t)(p - tok->start);
+    s->p = p;
+    return 0;
+}
+
+static int scan_literal(struct scan *s, const char *word)
+{
+    size_t n = strlen(word);
+
+    if ((size_t)(s->end - s->p) < n || memcmp(s->p, word, n) != 0)
+        return -1;
+    s->p += n;
+    return 0;
+}
+
+/* Any value at s->p (whitespace skipped before, not after). tok (may be NULL) gets a string or
+ * number token; *kind gets its first character ('{', '[', '"', 'n', 't', 'f' or '0' for numbers). */
+static int scan_value(struct scan *s, struct token *tok, char *kind);
+
+static int scan_container(struct scan *s, char open)
+{
+    char close = open == '{' ? '}' : ']';
+    struct token key;
+    char k;
+
+    if (++s->depth > SCAN_DEPTH)
+        return -1;
+    s->p++;
+    skip_ws(s);
+    if (s->p < s->end && *s->p == close) {
+        s->p++;
+        s->depth--;
+        return 0;
+    }
+    for (;;) {
+        if (open == '{') {
+            if (s->p >= s->end || *s->p != '"' || scan_string(s, &key) != 0)
+                return -1;
+            skip_ws(s);
+            if (s->p >= s->end || *s->p != ':')
+                return -1;
+            s->p++;
+            skip_ws(s);
+        }
+        if (scan_value(s, NULL, &k) != 0)
+            return -1;
+        skip_ws(s);
+        if (s->p >= s->end)
+            return -1;
+        if (*s->p == ',') {
+            s->p++;
+            skip_ws(s);
+            continue;
+        }
+        if (*s->p != close)
+            return -1;
+        s->p++;
+        s->depth--;
+        return 0;
+    }
+}
+
+static int scan_value(struct scan *s, struct token *tok, char *kind)
+{
+    struct token local;
+
+    if (tok == NULL)
+        tok = &local;
+    tok->is_string = 0;
+    tok->start = NULL;
+    if (s->p >= s->end)
+        return -1;
+    *kind = *s->p;
+    switch (*s->p) {
+    case '{':
+    case '[':
+        return scan_container(s, *s->p);
+    case '"':
+        return scan_string(s, tok);
+    case 'n':
+        return scan_literal(s, "null");
+    case 't':
+        return scan_literal(s, "true");
+    case 'f':
+        return scan_literal(s, "false");
+    default:
+        *kind = '0';
+        return scan_number(s, tok);
+    }
+}
+
+/* The text of an object key known to have no escapes equals name. */
+static int key_is(const struct token *key, const char *name)
+{
+    size_t n = strlen(name);
+    return key->len == n + 2 && memcmp(key->start + 1, name, n) == 0;
+}
+
+/* ---- input lines ----------------------------------------------------------------------------- */
+
+/* The short form {"id": "x" | 12, "prompt": "...", "model": "<the lane's>"}, nothing else, no
+ * escapes. Fills id (its text: a string's content or the integer's digits) and prompt (with quotes). */
+static int parse_line(const struct lane *ln, const char *line, size_t len, struct token *id,
+                      struct token *prompt)
+{
+    struct scan s = { line, line + len, 0 };
+    struct token key;
+    struct token val;
+    int have_id = 0;
+    int have_prompt = 0;
+    int have_model = 0;
+    char kind;
+
+    skip_ws(&s);
+    if (s.p >= s.end || *s.p != '{')
+        return -1;
+    s.p++;
+    for (;;) {
+        skip_ws(&s);
+        if (s.p >= s.end || *s.p != '"' || scan_string(&s, &key) != 0 || key.escaped)
+            return -1;
+        skip_ws(&s);
+        if (s.p >= s.end || *s.p != ':')
+            return -1;
+        s.p++;
+        skip_ws(&s);
+        if (scan_value(&s, &val, &kind) != 0)
+            return -1;
+        if (key_is(&key, "id")) {
+            if (have_id++)
+                return -1;
+            if (val.is_string) {
+                if (val.escaped || val.len == 2)
+                    return -1;
+            } else if (kind != '0' || !val.is_int || val.len > MAX_INT_TEXT ||
+                       (val.len == 2 && val.start[0] == '-' && val.start[1] == '0')) {
+                return -1;
+            }
+            *id = val;
+        } else if (key_is(&key, "prompt")) {
+            if (have_prompt++ || !val.is_string || val.escaped)
+                return -1;
+            *prompt = val;
+        } else if (key_is(&key, "model")) {
+            if (have_model++ || !val.is_string || val.escaped || val.len != strlen(ln->model) + 2 ||
+                memcmp(val.start + 1, ln->model, val.len - 2) != 0)
+                return -1;
+        } else {
+            return -1;
+        }
+        skip_ws(&s);
+        if (s.p < s.end && *s.p == ',') {
+            s.p++;
+            continue;
+        }
+        if (s.p >= s.end || *s.p != '}')
+            return -1;
+        s.p++;
+        break;
+    }
+    skip_ws(&s);
+    return (s.p == s.end && have_id && have_prompt) ? 0 : -1;
+}
+
+/* ---- replies --------------------------------------------------------------------------------- */
+
+struct reply {
+    struct token id, model;
+    int has_id, has_model;
+    int id_kind, model_kind; /* first character of the value */
+    long long usage[3];      /* prompt, completion, total */
+    int has_usage[3];
+    int choices_ok;
+    int bad; /* an error object, success false, or a shape left to Lua */
+};
+
+static const char *const USAGE_KEYS[3] = { "prompt_tokens", "completion_tokens", "total_tokens" };
+
+static int scan_usage(struct scan *s, struct reply *r)
+{
+    struct token key;
+    struct token val;
+    char kind;
+    int i;
+
+    if (++s->depth > SCAN_DEPTH)
+        return -1;
+    s->p++;
+    skip_ws(s);
+    if (s->p < s->end && *s->p == '}') {
+        s->p++;
+        s->depth--;
+        return 0;
+    }
+    for (;;) {
+        if (s->p >= s->end || *s->p != '"' || scan_string(s, &key) != 0)
+            return -1;
+        skip_ws(s);
+        if (s->p >= s->end || *s->p != ':')
+            return -1;
+        s->p++;
+        skip_ws(s);
+        if (scan_value(s, &val, &kind) != 0)
+            return -1;
+        if (key.escaped) {
+            r->bad = 1; /* a key that may decode to one of ours */
+        } else {
+            for (i = 0; i < 3; i++) {
+                if (!key_is(&key, USAGE_KEYS[i]))
+                    continue;
+                if (r->has_usage[i])
+                    r->bad = 1; /* repeated: the decoder keeps the last, leave it to Lua */
+                if (kind == '0') {
+                    char text[MAX_INT_TEXT + 1];
+                    if (!val.is_int || val.len > MAX_INT_TEXT) {
+                        r->bad = 1; /* a float or a huge count: Lua writes it */
+                    } else {
+                        memcpy(text, val.start, val.len);
+                        text[val.len] = '\0';
+                        r->usage[i] = strtoll(text, NULL, 10);
+                        r->has_usage[i] = 1;
+                    }
+                }
+            }
+        }
+        skip_ws(s);
+        if (s->p >= s->end)
+            return -1;
+        if (*s->p == ',') {
+            s->p++;
+            skip_ws(s);
+            continue;
+        }
+        if (*s->p != '}')
+            return -1;
+        s->p++;
+        s->depth--;
+        return 0;
+    }
+}
+
+/* The first element of choices must be an object or an array (a table once decoded). */
+static int scan_choices(struct scan *s, struct reply *r)
+{
+    char kind;
+
+    if (++s->depth > SCAN_DEPTH)
+        return -1;
+    s->p++;
+    skip_ws(s);
+    if (s->p < s->end && *s->p == ']') {
+        s->p++;
+        s->depth--;
+        return 0;
+    }
+    if (s->p < s->end && (*s->p == '{' || *s->p == '['))
+        r->choices_ok = 1;
+    for (;;) {
+        if (scan_value(s, NULL, &kind) != 0)
+            return -1;
+        skip_ws(s);
+        if (s->p >= s->end)
+            return -1;
+        if (*s->p == ',') {
+            s->p++;
+            skip_ws(s);
+            continue;
+        }
+        if (*s->p != ']')
+            return -1;
+        s->p++;
+        s->depth--;
+        return 0;
+    }
+}
+
+/* Scans a reply body. 0 when it is a completion this file can write (r filled), -1 otherwise. */
+static int scan_reply(const char *body, size_t len, struct reply *r)
+{
+    struct scan s = { body, body + len, 1 };
+    struct token key;
+    struct token val;
+    char kind;
+    int seen_choices = 0, seen_usage = 0;
+
+    memset(r, 0, sizeof(*r));
+    /* The result line carries the reply's bytes: one line, an object from its first byte. */
+    if (len == 0 || body[0] != '{' || memchr(body, '\n', len) || memchr(body, '\r', len))
+        return -1;
+    s.p++;
+    skip_ws(&s);
+    if (s.p < s.end && *s.p == '}')
+        return -1; /* no choices */
+    for (;;) {
+        if (s.p >= s.end || *s.p != '"' || scan_string(&s, &key) != 0 || key.escaped)
+            return -1;
+        skip_ws(&s);
+        if (s.p >= s.end || *s.p != ':')
+            return -1;
+        s.p++;
+        skip_ws(&s);
+        if (s.p >= s.end)
+            return -1;
+        if (key_is(&key, "usage")) {
+            if (seen_usage++)
+                return -1;
+            if (*s.p == '{') {
+                if (scan_usage(&s, r) != 0)
+                    return -1;
+            } else if (scan_value(&s, NULL, &kind) != 0) {
+                return -1; /* any other value: no usage */
+            }
+        } else if (key_is(&key, "choices")) {
+            if (seen_choices++)
+                return -1;
+            if (*s.p == '[') {
+                if (scan_choices(&s, r) != 0)
+                    return -1;
+            } else if (scan_value(&s, NULL, &kind) != 0) {
+                return -1;
+            }
+        } else {
+            if (scan_value(&s, &val, &kind) != 0)
+                return -1;
+            if (key_is(&key, "id")) {
+                if (r->has_id++)
+                    return -1;
+                r->id = val;
+                r->id_kind = kind;
+            } else if (key_is(&key, "model")) {
+                if (r->has_model++)
+                    return -1;
+                r->model = val;
+                r->model_kind = kind;
+            } else if (key_is(&key, "error")) {
+                if (kind != 'n')
+                    r->bad = 1;
+            } else if (key_is(&key, "success")) {
+                if (kind == 'f')
+                    r->bad = 1;
+            }
+        }
+        skip_ws(&s);
+        if (s.p >= s.end)
+            return -1;
+        if (*s.p == ',') {
+            s.p++;
+            skip_ws(&s);
+            continue;
+        }
+        if (*s.p != '}')
+            return -1;
+        s.p++;
+        break;
+    }
+    if (s.p != s.end || r->bad || !r->choices_ok)
+        return -1;
+    /* id and model are written as the decoder would give them back: plain strings only. */
+    if (r->has_id && r->id_kind != 'n' && r->id_kind != 'f' && !(r->id.is_string && !r->id.escaped))
+        return -1;
+    if (r->has_model && r->model.is_string && r->model.escaped)
+        return -1;
+    return 0;
+}
+
+/* ---- result lines ---------------------------------------------------------------------------- */
+
+/* A JSON string of bytes, escaped as aigate's encoder does: '"', '\\', control bytes and DEL. */
+static void append_quoted(struct buf *b, const char *s, size_t len)
+{
+    static const char hex[] = "0123456789abcdef";
+    size_t i;
+
+    buf_append_char(b, '"');
+    for (i = 0; i < len; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c == '"' || c == '\\') {
+            buf_append_char(b, '\\');
+            buf_append_char(b, (char)c);
+        } else if (c == '\n') {
+            APPEND_LIT(b, "\\n");
+        } else if (c == '\r') {
+            APPEND_LIT(b, "\\r");
+        } else if (c == '\t') {
+            APPEND_LIT(b, "\\t");
+        } else if (c == '\b') {
+            APPEND_LIT(b, "\\b");
+        } else if (c == '\f') {
+            APPEND_LIT(b, "\\f");
+        } else if (c < 0x20 || c == 0x7f) {
+            char u[6] = { '\\', 'u', '0', '0', hex[c >> 4], hex[c & 15] };
+            buf_append(b, u, 6);
+        } else {
+            buf_append_char(b, (char)c);
+        }
+    }
+    buf_append_char(b, '"');
+}
+
+/* The value of response header name (lowercase), repeated ones joined with ", "; 0 if absent. */
+static int header_value(const struct buf *hdrs, const char *name, struct buf *out)
+{
+    const char *p = hdrs->data;
+    const char *end = p + hdrs->len;
+    int found = 0;
+
+    while (p && p < end) {
+        const char *n = p;
+        const char *v = n + strlen(n) + 1;
+        p = v + strlen(v) + 1;
+        if (strcmp(n, name) == 0) {
+            if (found++)
+                APPEND_LIT(out, ", ");
+            buf_append(out, v, strlen(v));
+        }
+    }
+    return found;
+}
+
+static void append_int(struct buf *b, long long v)
+{
+    char tmp[24];
+    char *p = tmp + sizeof(tmp);
+    unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+
+    do {
+        *--p = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (v < 0)
+        *--p = '-';
+    buf_append(b, p, (size_t)(tmp + sizeof(tmp) - p));
+}
+
+/* A latency as the result line writes it: whole seconds as integers, else fmt ("%.6f", "%.14g"). */
+static void append_seconds(struct buf *b, double v, const char *fmt)
+{
+    char tmp[64];
+    int n;
+
+    if (v == (double)(long long)v) {
+        append_int(b, (long long)v);
+        return;
+    }
+    n = snprintf(tmp, sizeof(tmp), fmt, v);
+    if (n > 0)
+        buf_append(b, tmp, (size_t)n < sizeof(tmp) ? (size_t)n : sizeof(tmp) - 1);
+}
+
+/* The result line of a success after its '{"id":"..."' (what Lua's success_line writes). */
+static void build_line(struct buf *b, const struct lane *ln, const struct slot *sl, const struct reply *r,
+                       double latency)
+{
+    struct buf hv;
+    int i;
+
+    buf_init(&hv);
+    APPEND_LIT(b, ",\"custom_id\":");
+    buf_append(b, sl->id_json.data, sl->id_json.len);
+    APPEND_LIT(b, ",\"error\":null,\"response\":{\"status_code\":");
+    append_int(b, sl->status);
+    APPEND_LIT(b, ",\"request_id\":");
+    if (header_value(&sl->headers, "cf-aig-request-id", &hv) ||
+        header_value(&sl->headers, "x-request-id", &hv))
+        append_quoted(b, hv.data, hv.len);
+    else if (r->has_id && r->id.is_string)
+        buf_append(b, r->id.start, r->id.len);
+    else
+        APPEND_LIT(b, "null");
+    APPEND_LIT(b, ",\"body\":");
+    buf_append(b, sl->reply.data, sl->reply.len);
+    APPEND_LIT(b, "},\"aigate\":{\"line\":");
+    append_int(b, (long long)sl->lineno);
+    buf_append(b, ln->model_part.data, ln->model_part.len);
+    if (r->has_model && r->model.is_string) {
+        APPEND_LIT(b, ",\"response_model\":");
+        buf_append(b, r->model.start, r->model.len);
+    }
+    APPEND_LIT(b, ",\"latency\":");
+    append_seconds(b, latency, "%.6f");
+    APPEND_LIT(b, ",\"usage\":{");
+    for (i = 0; i < 3; i++) {
+        if (i)
+            buf_append_char(b, ',');
+        buf_append_char(b, '"');
+        buf_append(b, USAGE_KEYS[i], strlen(USAGE_KEYS[i]));
+        APPEND_LIT(b, "\":");
+        append_int(b, r->has_usage[i] ? r->usage[i] : 0);
+    }
+    buf_append_char(b, '}');
+    buf_append(b, ln->route_part.data, ln->route_part.len);
+    buf_reset(&hv);
+    if (header_value(&sl->headers, "cf-aig-cache-status", &hv)) {
+        APPEND_LIT(b, ",\"cache_status\":");
+        append_quoted(b, hv.data, hv.len);
+    }
+    buf_append(b, ln->attempt_part.data, ln->attempt_part.len);
+    append_int(b, sl->status);
+    APPEND_LIT(b, ",\"latency\":");
+    append_seconds(b, latency, "%.14g");
+    APPEND_LIT(b, "}]}}");
+    buf_free(&hv);
+}
+
+/* ---- transfers ------------------------------------------------------------------------------- */
+
+static double now_seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static size_t slot_write(char *data, size_t size, size_t nmemb, void *userdata)
+{
+    struct slot *sl = userdata;
+    size_t len = size * nmemb;
+
+    sl->received += len;
+    if (sl->received > HTTP_DEFAULT_MAX_SIZE)
+        return 0;
+    buf_append(&sl->reply, data, len);
+    return len;
+}
+
+static size_t slot_header(char *data, size_t size, size_t nitems, void *userdata)
+{
+    struct slot *sl = userdata;
+    size_t len = size * nitems;
+
+    http_header_line(&sl->headers, &sl->status, data, len);
+    return len;
+}
+
+static void slot_release(struct slot *sl)
+{
+    sl->task = NULL;
+    sl->next = sl->lane->free;
+    sl->lane->free = sl;
+}
+
+/* A sent slot is done or cancelled: back to the free list; the lane may be collected again once
+ * nothing is in flight. */
+static void slot_finished(struct slot *sl)
+{
+    struct lane *ln = sl->lane;
+
+    slot_release(sl);
+    if (--ln->inflight == 0) {
+        luaL_unref(g_L, LUA_REGISTRYINDEX, ln->self_ref);
+        ln->self_ref = LUA_NOREF;
+    }
+}
+
+static void slot_cancel(struct pending *p)
+{
+    struct slot *sl = (struct slot *)p;
+
+    http_client_remove(sl->easy);
+    slot_finished(sl);
+}
+
+/* Resumes the task: true, line, latency, prompt, completion, total for a success written here;
+ * false, latency, status, headers, body for any other reply; false, latency, nil, nil, nil, err
+ * for a transport failure. */
+static void slot_done(struct xfer *x, CURLcode rc)
+{
+    struct slot *sl = (struct slot *)(void *)((char *)x - offsetof(struct slot, xfer));
+    struct task *t = sl->task;
+    lua_State *co = task_thread(t);
+    double latency = now_seconds() - sl->t0;
+    struct reply r;
+    STACK_CHECK_BEGIN(co);
+
+    http_client_remove(sl->easy);
+    if (rc == CURLE_OK && sl->status >= 200 && sl->status <= 299 &&
+        scan_reply(sl->reply.data ? sl->reply.data : "", sl->reply.len, &r) == 0) {
+        struct buf line;
+        int i;
+        buf_init(&line);
+        build_line(&line, sl->lane, sl, &r, latency);
+        lua_pushboolean(co, 1);
+        lua_pushlstring(co, line.data, line.len);
+        buf_free(&line);
+        lua_pushnumber(co, latency);
+        for (i = 0; i < 3; i++) {
+            if (r.has_usage[i])
+                lua_pushinteger(co, (lua_Integer)r.usage[i]);
+            else
+                lua_pushnil(co);
+        }
+    } else {
+        lua_pushboolean(co, 0);
+        lua_pushnumber(co, latency);
+        if (rc == CURLE_OK) {
+            lua_pushinteger(co, sl->status);
+            http_push_headers(co, &sl->headers);
+            lua_pushlstring(co, sl->reply.data ? sl->reply.data : "", sl->reply.len);
+            lua_pushnil(co);
+        } else {
+            lua_pushnil(co);
+            lua_pushnil(co);
+            lua_pushnil(co);
+            http_push_error(co, rc, sl->errbuf, sl->received, HTTP_DEFAULT_MAX_SIZE);
+        }
+    }
+    STACK_CHECK_END(co, 6);
+    slot_finished(sl);
+    task_resume(t, 6);
+}
+
+static struct slot *slot_new(struct lane *ln)
+{
+    struct slot *sl = calloc(1, sizeof(*sl));
+
+    if (sl == NULL)
+        return NULL;
+    sl->easy = curl_easy_init();
+    if (sl->easy == NULL) {
+        free(sl);
+        return NULL;
+    }
+    sl->lane = ln;
+    sl->pending.cancel = slot_cancel;
+    sl->xfer.done = slot_done;
+    buf_init(&sl->body);
+    buf_init(&sl->reply);
+    buf_init(&sl->headers);
+    buf_init(&sl->id_json);
+    curl_easy_setopt(sl->easy, CURLOPT_URL, ln->url);
+    curl_easy_setopt(sl->easy, CURLOPT_HTTPHEADER, ln->headers);
+    curl_easy_setopt(sl->easy, CURLOPT_USERAGENT, "aigate/" AIGATE_VERSION);
+    curl_easy_setopt(sl->easy, CURLOPT_PROTOCOLS_STR, "http,https");
+    curl_easy_setopt(sl->easy, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(sl->easy, CURLOPT_PRIVATE, &sl->xfer);
+    curl_easy_setopt(sl->easy, CURLOPT_ERRORBUFFER, sl->errbuf);
+    curl_easy_setopt(sl->easy, CURLOPT_WRITEFUNCTION, slot_write);
+    curl_easy_setopt(sl->easy, CURLOPT_WRITEDATA, sl);
+    curl_easy_setopt(sl->easy, CURLOPT_HEADERFUNCTION, slot_header);
+    curl_easy_setopt(sl->easy, CURLOPT_HEADERDATA, sl);
+    return sl;
+}
+
+static void slot_free(struct slot *sl)
+{
+    curl_easy_cleanup(sl->easy);
+    buf_free(&sl->body);
+    buf_free(&sl->reply);
+    buf_free(&sl->headers);
+    buf_free(&sl->id_json);
+    free(sl);
+}
+
+/* ---- the Lua object -------------------------------------------------------------------------- */
+
+static struct lane *check_lane(lua_State *L)
+{
+    struct lane *ln = luaL_checkudata(L, 1, LANE_MT);
+    if (ln->url == NULL)
+        luaL_error(L, "attempt to use a closed lane");
+    return ln;
+}
+
+/* lane:stage(line, lineno) -> the line's id, or nil when the line is not for this lane. */
+static int lane_stage(lua_State *L)
+{
+    struct lane *ln = check_lane(L);
+    size_t len;
+    const char *line = luaL_checklstring(L, 2, &len);
+    lua_Integer lineno = luaL_checkinteger(L, 3);
+    struct token id = { 0 };
+    struct token prompt = { 0 };
+    struct slot *sl;
+
+    if (parse_line(ln, line, len, &id, &prompt) != 0) {
+        lua_pushnil(L);
+        return 1;
+    }
+    sl = ln->staged;
+    if (sl == NULL) {
+        sl = ln->free;
+        if (sl)
+            ln->free = sl->next;
+        else
+            sl = slot_new(ln);
+        if (sl == NULL)
+            return luaL_error(L, "out of memory");
+        ln->staged = sl;
+    }
+    buf_reset(&sl->body);
+    buf_append(&sl->body, ln->prefix.data, ln->prefix.len);
+    APPEND_LIT(&sl->body, "[{\"content\":");
+    buf_append(&sl->body, prompt.start, prompt.len);
+    APPEND_LIT(&sl->body, ",\"role\":\"user\"}]");
+    buf_append(&sl->body, ln->suffix.data, ln->suffix.len);
+    sl->lineno = lineno;
+    buf_reset(&sl->id_json);
+    if (id.is_string) {
+        buf_append(&sl->id_json, id.start, id.len);
+        lua_pushlstring(L, id.start + 1, id.len - 2);
+    } else {
+        buf_append_char(&sl->id_json, '"');
+        buf_append(&sl->id_json, id.start, id.len);
+        buf_append_char(&sl->id_json, '"');
+        lua_pushlstring(L, id.start, id.len);
+    }
+    return 1;
+}
+
+/* lane:send() yields: sends the line staged last (see slot_done for what comes back). */
+static int lane_send(lua_State *L)
+{
+    struct lane *ln = check_lane(L);
+    struct task *t = task_check(L);
+    struct slot *sl = ln->staged;
+
+    if (sl == NULL)
+        return luaL_error(L, "lane:send: no line staged");
+    ln->staged = NULL;
+    buf_reset(&sl->reply);
+    buf_reset(&sl->headers);
+    sl->status = 0;
+    sl->received = 0;
+    sl->errbuf[0] = '\0';
+    sl->task = t;
+    curl_easy_setopt(sl->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)sl->body.len);
+    curl_easy_setopt(sl->easy, CURLOPT_POSTFIELDS, sl->body.data);
+    sl->t0 = now_seconds();
+    if (http_client_add(sl->easy) != 0) {
+        slot_release(sl);
+        lua_pushboolean(L, 0);
+        lua_pushnumber(L, 0);
+        lua_pushnil(L);
+        lua_pushnil(L);
+        lua_pushnil(L);
+        lua_pushstring(L, "error: cannot start the transfer");
+        return 6;
+    }
+    if (ln->inflight++ == 0) {
+        lua_pushvalue(L, 1);
+        ln->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    }
+    lua_settop(L, 0);
+    return task_yield(L, t, &sl->pending);
+}
+
+static int lane_gc(lua_State *L)
+{
+    struct lane *ln = luaL_checkudata(L, 1, LANE_MT);
+    struct slot *sl;
+
+    /* Every field is freed whatever was set: a lane whose construction failed is collected too. */
+    if (ln->staged)
+        slot_free(ln->staged);
+    while ((sl = ln->free) != NULL) {
+        ln->free = sl->next;
+        slot_free(sl);
+    }
+    curl_slist_free_all(ln->headers);
+    free(ln->url);
+    free(ln->model);
+    buf_free(&ln->prefix);
+    buf_free(&ln->suffix);
+    buf_free(&ln->model_part);
+    buf_free(&ln->route_part);
+    buf_free(&ln->attempt_part);
+    memset(ln, 0, sizeof(*ln));
+    return 0;
+}
+
+static void field_buf(lua_State *L, const char *name, struct buf *b)
+{
+    size_t len;
+    const char *s;
+
+    lua_getfield(L, 1, name);
+    s = lua_tolstring(L, -1, &len);
+    if (s == NULL || lua_type(L, -1) != LUA_TSTRING)
+        luaL_error(L, "bad field '%s' to 'lane' (string expected, got %s)", name, luaL_typename(L, -1));
+    buf_append(b, s, len);
+    lua_pop(L, 1);
+}
+
+static char *field_string(lua_State *L, const char *name)
+{
+    struct buf b;
+    char *s;
+
+    buf_init(&b);
+    field_buf(L, name, &b);
+    s = strndup(b.data ? b.data : "", b.len);
+    buf_free(&b);
+    if (s == NULL)
+        luaL_error(L, "out of memory");
+    return s;
+}
+
+/* core.lane{url, headers, prefix, suffix, model, model_part, route_part, attempt_part} -> lane. */
+int core_lane(lua_State *L)
+{
+    struct lane *ln;
+    struct buf line;
+
+    luaL_checktype(L, 1, LUA_TTABLE);
+    ln = lua_newuserdatauv(L, sizeof(*ln), 0);
+    memset(ln, 0, sizeof(*ln));
+    ln->self_ref = LUA_NOREF;
+    buf_init(&ln->prefix);
+    buf_init(&ln->suffix);
+    buf_init(&ln->model_part);
+    buf_init(&ln->route_part);
+    buf_init(&ln->attempt_part);
+    luaL_setmetatable(L, LANE_MT);
+    ln->url = field_string(L, "url");
+    ln->model = field_string(L, "model");
+    field_buf(L, "prefix", &ln->prefix);
+    field_buf(L, "suffix", &ln->suffix);
+    field_buf(L, "model_part", &ln->model_part);
+    field_buf(L, "route_part", &ln->route_part);
+    field_buf(L, "attempt_part", &ln->attempt_part);
+    lua_getfield(L, 1, "headers");
+    if (!lua_istable(L, -1))
+        return luaL_error(L, "bad field 'headers' to 'lane' (table expected, got %s)", luaL_typename(L, -1));
+    buf_init(&line);
+    lua_pushnil(L);
+    while (lua_next(L, -2)) {
+        if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TSTRING) {
+            buf_free(&line);
+            return luaL_error(L, "bad field 'headers' to 'lane' (names and values must be strings)");
+        }
+        buf_reset(&line);
+        buf_append(&line, lua_tostring(L, -2), lua_rawlen(L, -2));
+        if (lua_rawlen(L, -1) == 0) {
+            buf_append_char(&line, ';');
+        } else {
+            APPEND_LIT(&line, ": ");
+            buf_append(&line, lua_tostring(L, -1), lua_rawlen(L, -1));
+        }
+        ln->headers = curl_slist_append(ln->headers, line.data);
+        lua_pop(L, 1);
+    }
+    buf_free(&line);
+    lua_pop(L, 1);
+    ln->headers = curl_slist_append(ln->headers, "Expect:");
+    return 1;
+}
+
+void core_register_lane(lua_State *L)
+{
+    static const luaL_Reg methods[] = {
+        { "stage", lane_stage },
+        { "send", lane_send },
+        { NULL, NULL },
+    };
+
+    if (luaL_newmetatable(L, LANE_MT)) {
+        luaL_newlib(L, methods);
+        lua_setfield(L, -2, "__index");
+        lua_pushcfunction(L, lane_gc);
+        lua_setfield(L, -2, "__gc");
+    }
+    lua_pop(L, 1);
+}
