@@ -12,6 +12,7 @@
  * anything else it gets the reply (or the transport error) and Lua runs it through the general
  * path, so every unusual case is decided by the same code as aigate.chat.
  */
+#include <errno.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -21,6 +22,7 @@
 #include <curl/curl.h>
 #include <lauxlib.h>
 #include <lua.h>
+#include <lualib.h>
 
 #include "aigate.h"
 #include "buf.h"
@@ -48,6 +50,8 @@ struct slot {
     size_t received;
     lua_Integer lineno;
     double t0;
+    int working;       /* sent by lane:work: its end goes on to the next line */
+    struct buf source; /* lane:work: the input line, for Lua when the reply is not written here */
     struct slot *next; /* free list */
     char errbuf[CURL_ERROR_SIZE];
 };
@@ -62,6 +66,23 @@ struct lane {
     struct slot *staged;
     int inflight; /* slots sent and not done: while > 0 the lane keeps itself alive (self_ref) */
     int self_ref;
+    /* lane:attach: working through an input file */
+    FILE *in;
+    struct buf inbuf;
+    size_t inpos;
+    int in_eof;
+    lua_Integer lineno;
+    size_t max_line;
+    FILE *out; /* the output, a Lua file handle kept alive by out_ref */
+    int out_ref;
+    int done_ref;         /* the ids already in the output (a table), or LUA_NOREF */
+    int go;               /* lane:set_go: may a worker go on to its next line without Lua */
+    struct buf id_prefix; /* "batch_req_<run prefix>" */
+    unsigned long long counter;
+    lua_Integer ok, tokens[3]; /* since the last drain */
+    double *lat;
+    size_t nlat, caplat;
+    struct buf outline;
 };
 
 /* ---- a strict JSON scanner ------------------------------------------------------------------- */
@@ -752,6 +773,8 @@ static void slot_cancel(struct pending *p)
 /* Resumes the task: true, line, latency, prompt, completion, total for a success written here;
  * false, latency, status, headers, body for any other reply; false, latency, nil, nil, nil, err
  * for a transport failure. */
+static void work_done(struct slot *sl, CURLcode rc, double latency);
+
 static void slot_done(struct xfer *x, CURLcode rc)
 {
     struct slot *sl = (struct slot *)(void *)((char *)x - offsetof(struct slot, xfer));
@@ -762,6 +785,10 @@ static void slot_done(struct xfer *x, CURLcode rc)
     STACK_CHECK_BEGIN(co);
 
     http_client_remove(sl->easy);
+    if (sl->working) {
+        work_done(sl, rc, latency);
+        return;
+    }
     if (rc == CURLE_OK && sl->status >= 200 && sl->status <= 299 &&
         scan_reply(sl->reply.data ? sl->reply.data : "", sl->reply.len, &r) == 0) {
         struct buf line;
@@ -816,6 +843,7 @@ static struct slot *slot_new(struct lane *ln)
     buf_init(&sl->reply);
     buf_init(&sl->headers);
     buf_init(&sl->id_json);
+    buf_init(&sl->source);
     curl_easy_setopt(sl->easy, CURLOPT_URL, ln->url);
     curl_easy_setopt(sl->easy, CURLOPT_HTTPHEADER, ln->headers);
     curl_easy_setopt(sl->easy, CURLOPT_USERAGENT, "aigate/" AIGATE_VERSION);
@@ -837,7 +865,277 @@ static void slot_free(struct slot *sl)
     buf_free(&sl->reply);
     buf_free(&sl->headers);
     buf_free(&sl->id_json);
+    buf_free(&sl->source);
     free(sl);
+}
+
+/* ---- working through an input file ----------------------------------------------------------- */
+
+#define READ_BLOCK 65536
+
+/* The next line of the input: 1 (line, len; or oversize > 0 with the length of a line longer than
+ * max_line, which is skipped, never held), 0 at the end, -1 on a read error. */
+static int read_line(struct lane *ln, const char **line, size_t *len, size_t *oversize)
+{
+    size_t skipped = 0;
+
+    *oversize = 0;
+    for (;;) {
+        char *base = ln->inbuf.data + ln->inpos;
+        size_t avail = ln->inbuf.len - ln->inpos;
+        char *nl = avail ? memchr(base, '\n', avail) : NULL;
+        size_t n;
+
+        if (nl) {
+            n = (size_t)(nl - base);
+            ln->inpos += n + 1;
+            ln->lineno++;
+            if (skipped || n > ln->max_line) {
+                *oversize = skipped + n;
+                *len = 0;
+                *line = "";
+                return 1;
+            }
+            *line = base;
+            *len = n;
+            return 1;
+        }
+        if (ln->in_eof) {
+            if (avail == 0 && skipped == 0)
+                return 0;
+            ln->inpos += avail;
+            ln->lineno++;
+            if (skipped || avail > ln->max_line) {
+                *oversize = skipped + avail;
+                *len = 0;
+                *line = "";
+                return 1;
+            }
+            *line = base;
+            *len = avail;
+            return 1;
+        }
+        if (avail > ln->max_line) {
+            /* Too long already: forget it and count the rest up to its newline. */
+            skipped += avail;
+            ln->inbuf.len = 0;
+            ln->inpos = 0;
+            avail = 0;
+        } else if (ln->inpos > 0) {
+            memmove(ln->inbuf.data, base, avail);
+            ln->inbuf.len = avail;
+            ln->inpos = 0;
+        }
+        buf_reserve(&ln->inbuf, READ_BLOCK);
+        n = fread(ln->inbuf.data + ln->inbuf.len, 1, READ_BLOCK, ln->in);
+        ln->inbuf.len += n;
+        if (n == 0) {
+            if (ferror(ln->in))
+                return -1;
+            ln->in_eof = 1;
+        }
+    }
+}
+
+static int is_blank(const char *s, size_t len)
+{
+    size_t i;
+
+    for (i = 0; i < len; i++)
+        if (s[i] != ' ' && s[i] != '\t' && s[i] != '\r' && s[i] != '\n' && s[i] != '\f' && s[i] != '\v')
+            return 0;
+    return 1;
+}
+
+static void append_hex16(struct buf *b, unsigned long long v)
+{
+    static const char hex[] = "0123456789abcdef";
+    char tmp[16];
+    int i;
+
+    for (i = 15; i >= 0; i--) {
+        tmp[i] = hex[v & 15];
+        v >>= 4;
+    }
+    buf_append(b, tmp, 16);
+}
+
+/* Fills the slot's request from a parsed line (the body, the id, the line number). */
+static void slot_fill(struct lane *ln, struct slot *sl, const struct token *id, const struct token *prompt,
+                      lua_Integer lineno)
+{
+    buf_reset(&sl->body);
+    buf_append(&sl->body, ln->prefix.data, ln->prefix.len);
+    APPEND_LIT(&sl->body, "[{\"content\":");
+    buf_append(&sl->body, prompt->start, prompt->len);
+    APPEND_LIT(&sl->body, ",\"role\":\"user\"}]");
+    buf_append(&sl->body, ln->suffix.data, ln->suffix.len);
+    sl->lineno = lineno;
+    buf_reset(&sl->id_json);
+    if (id->is_string) {
+        buf_append(&sl->id_json, id->start, id->len);
+    } else {
+        buf_append_char(&sl->id_json, '"');
+        buf_append(&sl->id_json, id->start, id->len);
+        buf_append_char(&sl->id_json, '"');
+    }
+}
+
+/* Starts the slot's request; 0, or -1 when curl refused it. */
+static int slot_start(struct slot *sl)
+{
+    buf_reset(&sl->reply);
+    buf_reset(&sl->headers);
+    sl->status = 0;
+    sl->received = 0;
+    sl->errbuf[0] = '\0';
+    curl_easy_setopt(sl->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)sl->body.len);
+    curl_easy_setopt(sl->easy, CURLOPT_POSTFIELDS, sl->body.data);
+    sl->t0 = now_seconds();
+    return http_client_add(sl->easy);
+}
+
+/* Is id one of the results already in the output? */
+static int already_done(struct lane *ln, lua_State *co, const struct token *id)
+{
+    int done;
+
+    if (ln->done_ref == LUA_NOREF)
+        return 0;
+    lua_rawgeti(co, LUA_REGISTRYINDEX, ln->done_ref);
+    if (id->is_string)
+        lua_pushlstring(co, id->start + 1, id->len - 2);
+    else
+        lua_pushlstring(co, id->start, id->len);
+    lua_rawget(co, -2);
+    done = lua_toboolean(co, -1);
+    lua_pop(co, 2);
+    return done;
+}
+
+/* Takes input lines for the slot until one is sent (returns -1: in flight) or Lua is needed: then
+ * pushes on co nil (end of input), "error", message (a read error) or "line", line, lineno[,
+ * oversize] (a line for Lua: not for the engine, or the engine held) and returns their count. */
+static int work_step(struct lane *ln, struct slot *sl, lua_State *co)
+{
+    for (;;) {
+        const char *line;
+        size_t len;
+        size_t oversize;
+        struct token id = { 0 };
+        struct token prompt = { 0 };
+        int rc = read_line(ln, &line, &len, &oversize);
+
+        if (rc == 0) {
+            lua_pushnil(co);
+            return 1;
+        }
+        if (rc < 0) {
+            lua_pushliteral(co, "error");
+            lua_pushstring(co, strerror(errno));
+            return 2;
+        }
+        if (oversize) {
+            lua_pushliteral(co, "line");
+            lua_pushliteral(co, "");
+            lua_pushinteger(co, ln->lineno);
+            lua_pushinteger(co, (lua_Integer)oversize);
+            return 4;
+        }
+        if (is_blank(line, len))
+            continue;
+        if (!ln->go || parse_line(ln, line, len, &id, &prompt) != 0) {
+            lua_pushliteral(co, "line");
+            lua_pushlstring(co, line, len);
+            lua_pushinteger(co, ln->lineno);
+            return 3;
+        }
+        if (already_done(ln, co, &id))
+            continue;
+        slot_fill(ln, sl, &id, &prompt, ln->lineno);
+        buf_reset(&sl->source);
+        buf_append(&sl->source, line, len);
+        if (slot_start(sl) != 0) {
+            lua_pushliteral(co, "reply");
+            lua_pushlstring(co, line, len);
+            lua_pushinteger(co, sl->lineno);
+            lua_pushnumber(co, 0);
+            lua_pushnil(co);
+            lua_pushnil(co);
+            lua_pushnil(co);
+            lua_pushliteral(co, "error: cannot start the transfer");
+            return 8;
+        }
+        return -1;
+    }
+}
+
+/* A request sent by lane:work ended. A success written here goes on to the next line without Lua;
+ * anything else resumes the task with "reply", line, lineno, latency, status, headers, body (or
+ * nil, nil, nil, err for a transport failure). */
+static void work_done(struct slot *sl, CURLcode rc, double latency)
+{
+    struct lane *ln = sl->lane;
+    struct task *t = sl->task;
+    lua_State *co = task_thread(t);
+    struct reply r;
+    int nret;
+    STACK_CHECK_BEGIN(co);
+
+    if (rc == CURLE_OK && sl->status >= 200 && sl->status <= 299 && ln->out &&
+        scan_reply(sl->reply.data ? sl->reply.data : "", sl->reply.len, &r) == 0) {
+        int i;
+        buf_reset(&ln->outline);
+        APPEND_LIT(&ln->outline, "{\"id\":\"");
+        buf_append(&ln->outline, ln->id_prefix.data, ln->id_prefix.len);
+        append_hex16(&ln->outline, ++ln->counter);
+        buf_append_char(&ln->outline, '"');
+        build_line(&ln->outline, ln, sl, &r, latency);
+        buf_append_char(&ln->outline, '\n');
+        fwrite(ln->outline.data, 1, ln->outline.len, ln->out);
+        ln->ok++;
+        for (i = 0; i < 2; i++)
+            ln->tokens[i] += r.has_usage[i] ? (lua_Integer)r.usage[i] : 0;
+        ln->tokens[2] +=
+            r.has_usage[2]
+                ? (lua_Integer)r.usage[2]
+                : (lua_Integer)((r.has_usage[0] ? r.usage[0] : 0) + (r.has_usage[1] ? r.usage[1] : 0));
+        if (ln->nlat == ln->caplat) {
+            size_t cap = ln->caplat ? ln->caplat * 2 : 256;
+            double *p = realloc(ln->lat, cap * sizeof(*p));
+            if (p == NULL) {
+                fputs("aigate: out of memory\n", stderr);
+                abort();
+            }
+            ln->lat = p;
+            ln->caplat = cap;
+        }
+        ln->lat[ln->nlat++] = latency;
+        nret = work_step(ln, sl, co);
+        if (nret < 0)
+            return; /* the next line is in flight on the same slot and task */
+    } else {
+        lua_pushliteral(co, "reply");
+        lua_pushlstring(co, sl->source.data ? sl->source.data : "", sl->source.len);
+        lua_pushinteger(co, sl->lineno);
+        lua_pushnumber(co, latency);
+        if (rc == CURLE_OK) {
+            lua_pushinteger(co, sl->status);
+            http_push_headers(co, &sl->headers);
+            lua_pushlstring(co, sl->reply.data ? sl->reply.data : "", sl->reply.len);
+            lua_pushnil(co);
+        } else {
+            lua_pushnil(co);
+            lua_pushnil(co);
+            lua_pushnil(co);
+            http_push_error(co, rc, sl->errbuf, sl->received, HTTP_DEFAULT_MAX_SIZE);
+        }
+        nret = 8;
+    }
+    STACK_CHECK_END(co, nret);
+    sl->working = 0;
+    slot_finished(sl);
+    task_resume(t, nret);
 }
 
 /* ---- the Lua object -------------------------------------------------------------------------- */
@@ -933,6 +1231,144 @@ static int lane_send(lua_State *L)
     return task_yield(L, t, &sl->pending);
 }
 
+static void field_buf_at(lua_State *L, int idx, const char *name, struct buf *b);
+
+static void detach(lua_State *L, struct lane *ln)
+{
+    if (ln->in)
+        fclose(ln->in);
+    ln->in = NULL;
+    ln->out = NULL;
+    luaL_unref(L, LUA_REGISTRYINDEX, ln->out_ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, ln->done_ref);
+    ln->out_ref = ln->done_ref = LUA_NOREF;
+}
+
+/* lane:attach{input = path, output = file, max_line = n, done = table|nil, id_prefix = s}
+ * -> true or nil, err. */
+static int lane_attach(lua_State *L)
+{
+    struct lane *ln = check_lane(L);
+    luaL_Stream *out;
+    const char *path;
+
+    luaL_checktype(L, 2, LUA_TTABLE);
+    lua_getfield(L, 2, "output");
+    out = luaL_checkudata(L, -1, LUA_FILEHANDLE);
+    if (out->closef == NULL)
+        return luaL_error(L, "lane:attach: the output is closed");
+    detach(L, ln);
+    ln->out = out->f;
+    ln->out_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_getfield(L, 2, "done");
+    if (lua_istable(L, -1))
+        ln->done_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    else
+        lua_pop(L, 1);
+    lua_getfield(L, 2, "max_line");
+    ln->max_line = (size_t)luaL_checkinteger(L, -1);
+    lua_pop(L, 1);
+    buf_reset(&ln->id_prefix);
+    field_buf_at(L, 2, "id_prefix", &ln->id_prefix);
+    lua_getfield(L, 2, "input");
+    path = luaL_checkstring(L, -1);
+    ln->in = fopen(path, "rb");
+    if (ln->in == NULL) {
+        lua_pushnil(L);
+        lua_pushfstring(L, "%s: %s", path, strerror(errno));
+        return 2;
+    }
+    lua_pop(L, 1);
+    buf_reset(&ln->inbuf);
+    ln->inpos = 0;
+    ln->in_eof = 0;
+    ln->lineno = 0;
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int lane_detach(lua_State *L)
+{
+    detach(L, check_lane(L));
+    return 0;
+}
+
+/* lane:work() yields while lines go by the engine; see work_step and work_done for what comes back. */
+static int lane_work(lua_State *L)
+{
+    struct lane *ln = check_lane(L);
+    struct task *t = task_check(L);
+    struct slot *sl;
+    int nret;
+
+    if (ln->in == NULL)
+        return luaL_error(L, "lane:work: no input attached");
+    sl = ln->free;
+    if (sl)
+        ln->free = sl->next;
+    else
+        sl = slot_new(ln);
+    if (sl == NULL)
+        return luaL_error(L, "out of memory");
+    sl->task = t;
+    sl->working = 1;
+    lua_settop(L, 1);
+    nret = work_step(ln, sl, L);
+    if (nret >= 0) {
+        sl->working = 0;
+        slot_release(sl);
+        return nret;
+    }
+    if (ln->inflight++ == 0) {
+        lua_pushvalue(L, 1);
+        ln->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    }
+    lua_settop(L, 0);
+    return task_yield(L, t, &sl->pending);
+}
+
+static int lane_set_go(lua_State *L)
+{
+    check_lane(L)->go = lua_toboolean(L, 2);
+    return 0;
+}
+
+/* lane:next_id() -> the next result id ("batch_req_" run prefix, 16 hex digits). */
+static int lane_next_id(lua_State *L)
+{
+    struct lane *ln = check_lane(L);
+    struct buf b;
+
+    buf_init(&b);
+    buf_append(&b, ln->id_prefix.data, ln->id_prefix.len);
+    append_hex16(&b, ++ln->counter);
+    lua_pushlstring(L, b.data, b.len);
+    buf_free(&b);
+    return 1;
+}
+
+/* lane:drain() -> ok, prompt, completion, total tokens, {latencies} of the results written here
+ * since the last drain. */
+static int lane_drain(lua_State *L)
+{
+    struct lane *ln = check_lane(L);
+    size_t i;
+
+    lua_pushinteger(L, ln->ok);
+    lua_pushinteger(L, ln->tokens[0]);
+    lua_pushinteger(L, ln->tokens[1]);
+    lua_pushinteger(L, ln->tokens[2]);
+    lua_createtable(L, (int)ln->nlat, 0);
+    for (i = 0; i < ln->nlat; i++) {
+        lua_pushnumber(L, ln->lat[i]);
+        lua_rawseti(L, -2, (lua_Integer)i + 1);
+    }
+    ln->ok = 0;
+    ln->tokens[0] = ln->tokens[1] = ln->tokens[2] = 0;
+    ln->nlat = 0;
+    return 5;
+}
+
 static int lane_gc(lua_State *L)
 {
     struct lane *ln = luaL_checkudata(L, 1, LANE_MT);
@@ -945,6 +1381,7 @@ static int lane_gc(lua_State *L)
         ln->free = sl->next;
         slot_free(sl);
     }
+    detach(L, ln);
     curl_slist_free_all(ln->headers);
     free(ln->url);
     free(ln->model);
@@ -953,21 +1390,30 @@ static int lane_gc(lua_State *L)
     buf_free(&ln->model_part);
     buf_free(&ln->route_part);
     buf_free(&ln->attempt_part);
+    buf_free(&ln->id_prefix);
+    buf_free(&ln->inbuf);
+    buf_free(&ln->outline);
+    free(ln->lat);
     memset(ln, 0, sizeof(*ln));
     return 0;
 }
 
-static void field_buf(lua_State *L, const char *name, struct buf *b)
+static void field_buf_at(lua_State *L, int idx, const char *name, struct buf *b)
 {
     size_t len;
     const char *s;
 
-    lua_getfield(L, 1, name);
+    lua_getfield(L, idx, name);
     s = lua_tolstring(L, -1, &len);
     if (s == NULL || lua_type(L, -1) != LUA_TSTRING)
         luaL_error(L, "bad field '%s' to 'lane' (string expected, got %s)", name, luaL_typename(L, -1));
     buf_append(b, s, len);
     lua_pop(L, 1);
+}
+
+static void field_buf(lua_State *L, const char *name, struct buf *b)
+{
+    field_buf_at(L, 1, name, b);
 }
 
 static char *field_string(lua_State *L, const char *name)
@@ -994,6 +1440,11 @@ int core_lane(lua_State *L)
     ln = lua_newuserdatauv(L, sizeof(*ln), 0);
     memset(ln, 0, sizeof(*ln));
     ln->self_ref = LUA_NOREF;
+    ln->out_ref = LUA_NOREF;
+    ln->done_ref = LUA_NOREF;
+    buf_init(&ln->inbuf);
+    buf_init(&ln->id_prefix);
+    buf_init(&ln->outline);
     buf_init(&ln->prefix);
     buf_init(&ln->suffix);
     buf_init(&ln->model_part);
@@ -1037,9 +1488,9 @@ int core_lane(lua_State *L)
 void core_register_lane(lua_State *L)
 {
     static const luaL_Reg methods[] = {
-        { "stage", lane_stage },
-        { "send", lane_send },
-        { NULL, NULL },
+        { "stage", lane_stage },     { "send", lane_send },   { "attach", lane_attach },
+        { "detach", lane_detach },   { "work", lane_work },   { "set_go", lane_set_go },
+        { "next_id", lane_next_id }, { "drain", lane_drain }, { NULL, NULL },
     };
 
     if (luaL_newmetatable(L, LANE_MT)) {

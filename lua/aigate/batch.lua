@@ -608,8 +608,36 @@ function State:emit(item, line, ok)
 end
 
 function State:next_req_id()
+  if self.engine_work then return self.engine_work:next_id() end -- one counter with the engine's lines
   self.counter = self.counter + 1
   return format("batch_req_%s%016x", self.prefix, self.counter)
+end
+
+-- May the engine's workers go from line to line without Lua? Only while nothing needs a decision
+-- per line: not stopping, full concurrency, no 429 pause, the model's breaker closed.
+function State:engine_ok()
+  if self.stopping or self.limit < self.max_limit or self.pause_until > core.now() then return false end
+  local key = self.engine_key
+  return key == nil or breaker.closed(key)
+end
+
+-- Counts the results the engine wrote since the last call (as run_item and record_ok would).
+function State:sync_engine()
+  local e = self.engine_work
+  if e == nil then return end
+  local n, p, c, t, lats = e:drain()
+  if n == 0 then return end
+  self.ok = self.ok + n
+  self.dirty = true
+  self.prompt_tokens = self.prompt_tokens + p
+  self.completion_tokens = self.completion_tokens + c
+  self.total_tokens = self.total_tokens + t
+  local m = self.engine_model
+  self.by_model[m] = (self.by_model[m] or 0) + n
+  self.by_step["0"] = (self.by_step["0"] or 0) + n
+  self.outcomes.ok = (self.outcomes.ok or 0) + n
+  local hist = self.hist
+  for i = 1, #lats do hist:add(lats[i]) end
 end
 
 -- Whether to run the line with this id: true; false when the output has it already; nil when a
@@ -940,20 +968,67 @@ function State:dry_item(item, prepare)
     ',"aigate":', enc(aig), "}" }), true)
 end
 
-function State:worker(chat, prepare)
-  while true do
-    if not self:admit(self.seq + 1) then break end
-    local item, line, lineno = self:read_item()
-    if item == nil and line == nil then break end
-    if line then
-      self:run_engine(line, lineno, chat)
-    elseif item.code then
-      self:count_outcome("invalid input")
-      self:emit(item, M.error_line(self:next_req_id(), item), false)
-    elseif self.dry_run then
-      self:dry_item(item, prepare)
-    else
+-- Runs one parsed item: an error result for a bad line, the rendered request (--dry-run), or the request.
+function State:run_parsed(item, chat, prepare)
+  if item.code then
+    self:count_outcome("invalid input")
+    self:emit(item, M.error_line(self:next_req_id(), item), false)
+  elseif self.dry_run then
+    self:dry_item(item, prepare)
+  else
+    self:run_item(item, chat)
+  end
+end
+
+-- A worker over an input file the engine reads (engine:work): lines go from one to the next in C
+-- while each reply is a success it writes; what needs Lua comes back here: a line the engine does
+-- not take (or any line while it is held), or the reply of a line it sent and did not write.
+function State:engine_worker(chat, prepare)
+  local engine = self.engine_work
+  while self:admit(self.seq + 1) do
+    engine:set_go(self:engine_ok())
+    self.active = self.active + 1
+    local kind, a, b, c, d, e, f, g = engine:work()
+    self.active = self.active - 1
+    if kind == nil then
+      self.eof = true
+      break
+    elseif kind == "error" then
+      self.input_error = "cannot read the input: " .. tostring(a)
+      self.stopping = true
+      break
+    elseif kind == "reply" then -- a: line, b: lineno, c: latency, d: status, e: headers, f: body, g: err
+      self.seq = self.seq + 1
+      local item = self:engine_item(a, b)
+      item.pre = { latency = c, res = d and { status = d, headers = e, body = f } or nil, err = g,
+        started = core.now() - c }
       self:run_item(item, chat)
+    else -- "line": a: line, b: lineno, c: length when too long
+      local item = M.parse_line(a, b, self.defaults, c)
+      local take = self:take(item.id, b)
+      if take == nil then break end
+      if take then
+        item.seq = self.seq
+        item.len = #a
+        self:run_parsed(item, chat, prepare)
+      end
+    end
+  end
+end
+
+function State:worker(chat, prepare)
+  if self.engine_work then
+    self:engine_worker(chat, prepare)
+  else
+    while true do
+      if not self:admit(self.seq + 1) then break end
+      local item, line, lineno = self:read_item()
+      if item == nil and line == nil then break end
+      if line then
+        self:run_engine(line, lineno, chat)
+      else
+        self:run_parsed(item, chat, prepare)
+      end
     end
   end
   self.workers_left = self.workers_left - 1
@@ -1146,6 +1221,17 @@ function M.run(opts)
           .. ',"status":',
       })
       st.engine_key, st.engine_model = spec.breaker_key, spec.model
+      if not from_stdin and opts.engine ~= "stage" then -- the engine reads the file itself
+        local ok, err = st.engine:attach({ input = opts.input, output = out, max_line = max_line,
+          done = next(st.done) and st.done or nil, id_prefix = "batch_req_" .. st.prefix })
+        if not ok then
+          eprint("aigate: batch: cannot read the input: ", tostring(err))
+          return 2
+        end
+        st.engine_work = st.engine
+        input:close()
+        input = nil
+      end
     end
   end
 
@@ -1157,6 +1243,7 @@ function M.run(opts)
       return
     end
     st.stopping, st.interrupted = true, true
+    if st.engine then st.engine:set_go(false) end
     eprint("\naigate: batch: interrupted: finishing ", st.active, " requests in flight (Ctrl-C again to abort)")
     core.wait_signal()
     st.abort = 130
@@ -1177,6 +1264,7 @@ function M.run(opts)
   local synced_dirty = false
   while st.workers_left > 0 and not st.abort do
     core.sleep(M.FLUSH_INTERVAL)
+    st:sync_engine()
     local now = core.now()
     if st.dirty then
       out:flush()
@@ -1197,12 +1285,14 @@ function M.run(opts)
       end
     end
   end
+  st:sync_engine()
+  if st.engine_work then st.engine_work:detach() end
   out:flush()
   if not to_stdout then
     core.fsync(out)
     out:close()
   end
-  if not from_stdin then input:close() end
+  if input and not from_stdin then input:close() end
   if show_progress and tty then io.stderr:write("\r\27[K") io.stderr:flush() end
   if st.abort then
     st.unfinished = st.unfinished + st.active

@@ -243,6 +243,58 @@ if [ "$n_int" -ge 10 ] && [ "$n_int" -lt 200 ]; then ok "SIGINT: in-flight reque
 batch int.jsonl -o int_out.jsonl -j 50 --resume -q
 expect_eq "SIGINT then --resume: every id once" "$RC:$(ids_once int_out.jsonl 200)" "0:ok"
 
+# ---- the engine: short-form lines of the default model (-m) are sent, and written, from C ------------
+# The same guarantees with the engine reading the file itself: kill -9 then --resume, SIGINT, bad
+# lines mixed in, standard input (the engine sends lines Lua reads).
+awk 'BEGIN { for (i = 1; i <= 300; i++) printf "{\"id\":\"r%d\",\"prompt\":\"p%d\"}\n", i, i }' > ke.jsonl
+for delay in 0.3 0.5 0.7; do
+    "$AIGATE" batch ke.jsonl -o ke_out.jsonl -m mock/slow-100 -j 16 -q --resume 2> /dev/null &
+    pid=$!
+    sleep "$delay"
+    kill -9 "$pid" 2> /dev/null
+    wait "$pid" 2> /dev/null
+done
+partial=$(wc -l < ke_out.jsonl | tr -d ' ')
+printf '{"id":"batch_req_torn","custom_id":"r29' >> ke_out.jsonl
+batch ke.jsonl -o ke_out.jsonl -m mock/slow-100 -j 32 --resume
+expect_eq "engine: resume after kill -9: exit 0, torn line dropped" "$RC:$(grep -c 'dropped a torn last line' "$TMP/err")" "0:1"
+expect_eq "engine: resume after kill -9 x3: every id exactly once" "$(ids_once ke_out.jsonl 300)" ok
+if [ "$partial" -gt 0 ] && [ "$partial" -lt 300 ]; then ok "engine: kills landed mid-batch ($partial of 300 done)"; else fail "engine: kills landed mid-batch" "$partial results before resume"; fi
+expect_eq "engine: result ids are unique" "$(grep -o '"id":"batch_req_[0-9a-f]*"' ke_out.jsonl | sort | uniq -d | wc -l | tr -d ' ')" 0
+expect_match "engine: summary counts the engine's results" "$ERR" "lines in [0-9.]+s .*: [0-9]+ ok, 0 failed"
+
+awk 'BEGIN { for (i = 1; i <= 200; i++) printf "{\"id\":\"r%d\",\"prompt\":\"p%d\"}\n", i, i }' > inte.jsonl
+"$AIGATE" batch inte.jsonl -o inte_out.jsonl -m mock/slow-200 -j 10 --progress 0 2> "$TMP/int_err" &
+pid=$!
+sleep 0.5
+kill -INT "$pid"
+wait "$pid"
+expect_eq "engine: SIGINT: exit 130" "$?" 130
+n_int=$(wc -l < inte_out.jsonl | tr -d ' ')
+if [ "$n_int" -ge 10 ] && [ "$n_int" -lt 200 ]; then ok "engine: SIGINT: in-flight requests finished ($n_int)"; else fail "engine: SIGINT: results written" "$n_int"; fi
+batch inte.jsonl -o inte_out.jsonl -m mock/slow-200 -j 50 --resume -q
+expect_eq "engine: SIGINT then --resume: every id once" "$RC:$(ids_once inte_out.jsonl 200)" "0:ok"
+
+{
+    echo '{"id":"r1","prompt":"plain"}'
+    echo 'not json'
+    echo '{"id":"r2","prompt":"with a system","system":"s"}'
+    echo ''
+    echo '{"id":"r3","prompt":"p","model":"mock/fail-500"}'
+    echo '{"id":"r4","prompt":"p\u00e9"}'
+    echo '{"id":"r5","prompt":"p"}'
+} > mixe.jsonl
+batch mixe.jsonl -o mixe_out.jsonl -m openai/gpt-4o -q
+expect_eq "engine: mixed lines: exit 1" "$RC" 1
+expect_eq "engine: mixed lines: results" "$(lua_on '
+  local out = {}
+  for _, v in ipairs(lines) do out[#out + 1] = v.custom_id .. "=" .. (v.error == require("cjson").null and "ok" or v.error.code) end
+  table.sort(out)
+  return table.concat(out, " ")' mixe_out.jsonl)" "line-2=invalid_json r1=ok r2=ok r3=http_500 r4=ok r5=ok"
+
+"$AIGATE" batch - -m openai/gpt-4o -j 8 -q < ke.jsonl > stdin_e.jsonl 2> "$TMP/err"
+expect_eq "engine: stdin to stdout: exit 0, every id once" "$?:$(ids_once stdin_e.jsonl 300)" "0:ok"
+
 # ---- 429 storm: the batch slows down, honours Retry-After, the rest succeeds ------------------------------
 awk 'BEGIN { for (i = 1; i <= 30; i++) printf "{\"id\":\"r%d\",\"prompt\":\"p\",\"model\":\"%s\"}\n", i, (i <= 6) ? "mock/rate-limit" : "openai/gpt-4o" }' > rl.jsonl
 start=$(date +%s.%N)

@@ -355,7 +355,8 @@ local function lane_results(path)
   return out
 end
 
--- Runs the input one way: mode "chat", "lanes" or "engine". Returns the exit status, the results,
+-- Runs the input one way: mode "chat", "lanes", "engine" (it reads the file: engine:work) or
+-- "stage" (Lua reads, the engine sends: engine:stage/send, as for standard input). Returns the exit status, the results,
 -- the requests the server saw (sorted), lane calls, engine sends and the results the engine wrote.
 local function run_lanes(mode)
   local aigate = require("aigate")
@@ -384,21 +385,29 @@ local function run_lanes(mode)
   end
   core.lane = function(spec)
     local e = real_engine(spec)
-    return {
-      stage = function(_, ...) return e:stage(...) end,
+    return setmetatable({
       send = function()
         sends = sends + 1
         local ok, a, b, c, d, f = e:send()
         if ok then written = written + 1 end
         return ok, a, b, c, d, f
       end,
-    }
+      drain = function()
+        local n, p, c, tt, lats = e:drain()
+        written = written + n
+        return n, p, c, tt, lats
+      end,
+    }, { __index = function(_, k)
+      return function(_, ...) return e[k](e, ...) end
+    end })
   end
   local dir = t.tmpdir()
   local input = t.write(dir, "in.jsonl", lane_input())
   local out = dir .. "/out.jsonl"
+  local engine = false
+  if mode == "engine" then engine = nil elseif mode == "stage" then engine = "stage" end
   local ok, rc = pcall(batch.run, { input = input, output = out, concurrency = 3, quiet = true,
-    model = "openai/gpt-4o-mini", lanes = mode ~= "chat", engine = mode == "engine", rate_retries = 1 })
+    model = "openai/gpt-4o-mini", lanes = mode ~= "chat", engine = engine, rate_retries = 1 })
   aigate.lane, core.lane = real_lane, real_engine
   aigate.configure(saved)
   srv:close()
@@ -411,17 +420,24 @@ end
 cases.lanes_and_the_engine_match_the_general_path = function()
   local rc1, general, sent1, calls1, sends1 = run_lanes("chat")
   local rc2, laned, sent2, calls2, sends2 = run_lanes("lanes")
-  local rc3, engined, sent3, calls3, sends3, written3 = run_lanes("engine")
+  local rc3, engined, sent3, calls3, _, written3 = run_lanes("engine")
+  local rc4, staged, sent4, calls4, sends4, written4 = run_lanes("stage")
   t.eq({ calls1, sends1, sends2 }, { 0, 0, 0 })
   t.truthy(calls2 > 30, "lanes used: " .. calls2)
-  t.eq(sends3, 32) -- every short-form line of the default model without escapes (429: retried by the lane)
-  t.eq(written3, 13) -- the replies the engine writes itself
-  t.eq(calls3, calls2 - 13) -- the lanes ran the rest: replies from the engine, other lines
-  t.eq({ rc1, rc2, rc3 }, { 1, 1, 1 })
+  t.eq(sends4, 32) -- every short-form line of the default model without escapes (429: retried by the lane)
+  t.eq(written4, 13) -- the replies the engine writes itself
+  t.eq(calls4, calls2 - 13) -- the lanes ran the rest
+  -- reading the file itself, the engine holds its workers while the 429 has lowered the concurrency:
+  -- lines then go by the lanes; each line is the engine's or a lane's, never both
+  t.truthy(written3 > 0 and written3 <= 13, "written by the engine: " .. written3)
+  t.eq(calls3 + written3, calls2)
+  t.eq({ rc1, rc2, rc3, rc4 }, { 1, 1, 1, 1 })
   t.eq(laned, general)
   t.eq(engined, general)
+  t.eq(staged, general)
   t.eq(sent2, sent1) -- the same requests, byte for byte
   t.eq(sent3, sent1)
+  t.eq(sent4, sent1)
   t.eq(engined.plain.error, cjson.null)
   t.eq(engined.plain.aigate.usage.total_tokens, 5)
   t.eq(engined.created.response.request_id, 'req "7"\t/')
