@@ -21,6 +21,8 @@ struct xfer {
     void (*done)(struct xfer *x, CURLcode rc);
 };
 
+/* Sets the socket callbacks every easy handle on the shared multi handle must have. */
+void http_easy_sockets(CURL *easy);
 /* Starts an easy handle on the shared multi handle; 0 or -1. */
 int http_client_add(CURL *easy);
 /* Takes it off again (before reuse or when cancelled). */

@@ -14,6 +14,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <curl/curl.h>
 #include <event2/event.h>
@@ -50,9 +52,49 @@ struct transfer {
     char errbuf[CURL_ERROR_SIZE];
 };
 
+/* A socket curl asked us to watch. Sockets curl opens for connections (open_socket_cb) stay
+ * registered with libevent while idle in curl's connection pool (curl says CURL_POLL_REMOVE when a
+ * transfer ends and asks again when the next one takes the connection, usually at once): that
+ * saves an epoll_ctl DEL and ADD per request. An idle socket that becomes ready is dropped then;
+ * close_socket_cb drops it before curl closes it, so no registration outlives its socket. */
 struct sockinfo {
     struct event *ev;
+    curl_socket_t fd;
+    short kind;
+    int idle;  /* curl said CURL_POLL_REMOVE; still registered */
+    int owned; /* opened by open_socket_cb: closed through close_socket_cb */
 };
+
+static struct sockinfo **socks; /* by file descriptor */
+static size_t nsocks;
+static unsigned char *owned_fds; /* by file descriptor: opened by open_socket_cb */
+static size_t nowned;
+
+/* Makes table (of n elements of size each) hold index i. 0 or -1. */
+static int grow(void **table, size_t *n, size_t size, size_t i)
+{
+    size_t cap = *n ? *n : 64;
+    void *p;
+
+    if (i < *n)
+        return 0;
+    while (cap <= i)
+        cap *= 2;
+    p = realloc(*table, cap * size);
+    if (p == NULL)
+        return -1;
+    memset((char *)p + *n * size, 0, (cap - *n) * size);
+    *table = p;
+    *n = cap;
+    return 0;
+}
+
+static void drop_socket(struct sockinfo *si)
+{
+    socks[si->fd] = NULL;
+    event_free(si->ev);
+    free(si);
+}
 
 static CURLM *multi;
 static struct event *multi_timer;
@@ -67,10 +109,14 @@ static size_t write_cb(char *data, size_t size, size_t nmemb, void *userdata);
 
 static void event_cb(evutil_socket_t fd, short kind, void *arg)
 {
+    struct sockinfo *si = arg;
     int action = 0;
     int running;
 
-    (void)arg;
+    if (si->idle) {
+        drop_socket(si); /* an idle pooled connection became ready (closed by the peer): curl will see */
+        return;
+    }
     if (kind & EV_READ)
         action |= CURL_CSELECT_IN;
     if (kind & EV_WRITE)
@@ -113,11 +159,14 @@ static int socket_cb(CURL *easy, curl_socket_t s, int what, void *userp, void *s
 
     (void)easy;
     (void)userp;
+    if (si == NULL && (size_t)s < nsocks)
+        si = socks[s];
     if (what == CURL_POLL_REMOVE) {
         if (si) {
-            event_free(si->ev);
-            free(si);
-            curl_multi_assign(multi, s, NULL);
+            if (si->owned)
+                si->idle = 1; /* kept: the connection goes back to curl's pool */
+            else
+                drop_socket(si);
         }
         return 0;
     }
@@ -127,17 +176,59 @@ static int socket_cb(CURL *easy, curl_socket_t s, int what, void *userp, void *s
     if (what & CURL_POLL_OUT)
         kind |= EV_WRITE;
     if (si == NULL) {
+        if (grow((void **)&socks, &nsocks, sizeof(*socks), (size_t)s) != 0)
+            return -1;
         si = malloc(sizeof(*si));
         if (si == NULL)
             return -1;
-        si->ev = event_new(g_base, s, kind, event_cb, NULL);
-        curl_multi_assign(multi, s, si);
-    } else {
+        si->fd = s;
+        si->kind = kind;
+        si->owned = (size_t)s < nowned && owned_fds[s];
+        si->ev = event_new(g_base, s, kind, event_cb, si);
+        socks[s] = si;
+        event_add(si->ev, NULL);
+    } else if (si->kind != kind) {
         event_del(si->ev);
-        event_assign(si->ev, g_base, s, kind, event_cb, NULL);
+        event_assign(si->ev, g_base, s, kind, event_cb, si);
+        si->kind = kind;
+        event_add(si->ev, NULL);
     }
-    event_add(si->ev, NULL);
+    si->idle = 0;
+    curl_multi_assign(multi, s, si);
     return 0;
+}
+
+static curl_socket_t open_socket_cb(void *clientp, curlsocktype purpose, struct curl_sockaddr *addr)
+{
+    curl_socket_t s;
+
+    (void)clientp;
+    (void)purpose;
+    s = socket(addr->family, addr->socktype, addr->protocol);
+    if (s == CURL_SOCKET_BAD)
+        return s;
+    if (grow((void **)&owned_fds, &nowned, 1, (size_t)s) != 0) {
+        close(s);
+        return CURL_SOCKET_BAD;
+    }
+    owned_fds[s] = 1;
+    return s;
+}
+
+static int close_socket_cb(void *clientp, curl_socket_t s)
+{
+    (void)clientp;
+    if ((size_t)s < nsocks && socks[s])
+        drop_socket(socks[s]);
+    if ((size_t)s < nowned)
+        owned_fds[s] = 0;
+    return close(s);
+}
+
+void http_easy_sockets(CURL *easy)
+{
+    curl_easy_setopt(easy, CURLOPT_OPENSOCKETFUNCTION, open_socket_cb);
+    curl_easy_setopt(easy, CURLOPT_CLOSESOCKETFUNCTION, close_socket_cb);
 }
 
 /* ---- transfer life cycle --------------------------------------------------------------------- */
@@ -167,6 +258,7 @@ static CURL *acquire_easy(void)
         curl_easy_setopt(easy, CURLOPT_HEADERFUNCTION, header_cb);
         curl_easy_setopt(easy, CURLOPT_USERAGENT, "aigate/" AIGATE_VERSION);
         curl_easy_setopt(easy, CURLOPT_PROTOCOLS_STR, "http,https");
+        http_easy_sockets(easy);
     }
     return easy;
 }
@@ -683,11 +775,20 @@ void http_client_shutdown(void)
     int i;
 
     /* Transfers still pending were freed by task_cancel_all. */
-    curl_multi_cleanup(multi);
+    curl_multi_cleanup(multi); /* closes the pooled connections (close_socket_cb) */
     multi = NULL;
     for (i = 0; i < easy_pool_len; i++)
         curl_easy_cleanup(easy_pool[i]);
     easy_pool_len = 0;
+    for (i = 0; (size_t)i < nsocks; i++)
+        if (socks[i])
+            drop_socket(socks[i]);
+    free(socks);
+    socks = NULL;
+    nsocks = 0;
+    free(owned_fds);
+    owned_fds = NULL;
+    nowned = 0;
     event_free(multi_timer);
     curl_global_cleanup();
 }

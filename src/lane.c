@@ -846,7 +846,6 @@ static struct slot *slot_new(struct lane *ln)
     buf_init(&sl->source);
     curl_easy_setopt(sl->easy, CURLOPT_URL, ln->url);
     curl_easy_setopt(sl->easy, CURLOPT_HTTPHEADER, ln->headers);
-    curl_easy_setopt(sl->easy, CURLOPT_USERAGENT, "aigate/" AIGATE_VERSION);
     curl_easy_setopt(sl->easy, CURLOPT_PROTOCOLS_STR, "http,https");
     curl_easy_setopt(sl->easy, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(sl->easy, CURLOPT_PRIVATE, &sl->xfer);
@@ -855,6 +854,7 @@ static struct slot *slot_new(struct lane *ln)
     curl_easy_setopt(sl->easy, CURLOPT_WRITEDATA, sl);
     curl_easy_setopt(sl->easy, CURLOPT_HEADERFUNCTION, slot_header);
     curl_easy_setopt(sl->easy, CURLOPT_HEADERDATA, sl);
+    http_easy_sockets(sl->easy);
     return sl;
 }
 
