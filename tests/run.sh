@@ -11,6 +11,14 @@
 cd "$(dirname "$0")/.." || exit 2
 export AIGATE_BIN=${AIGATE_BIN:-./aigate}
 export LC_ALL=C
+# The suite sets up every account, gateway and endpoint it uses: none may come from the caller's
+# environment (an AIGATE_BASE_URL left set would send the tests' requests elsewhere).
+unset AIGATE_BASE_URL CLOUDFLARE_ACCOUNT_ID CLOUDFLARE_API_TOKEN CLOUDFLARE_GATEWAY_ID CLOUDFLARE_AI_GATEWAY_ID \
+    OPENAI_API_KEY
+# ... nor may the caller's own config file (~/.config/aigate/config.lua).
+XDG_CONFIG_HOME=$(mktemp -d "${TMPDIR:-/tmp}/aigate-test-xdg.XXXXXX") || exit 2
+export XDG_CONFIG_HOME
+trap 'rm -rf "$XDG_CONFIG_HOME"' EXIT
 total_pass=0
 total_fail=0
 
