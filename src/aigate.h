@@ -77,6 +77,7 @@ int core_sse_parser(lua_State *L);
 int core_request(lua_State *L);
 int core_listen(lua_State *L);
 int core_lane(lua_State *L);
+int core_scan_ids(lua_State *L);
 void core_register_lane(lua_State *L);
 void core_register_tasks(lua_State *L); /* spawn, wait, sleep, now, time, ... into the table on top */
 int tasks_init(void);

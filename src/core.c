@@ -10,11 +10,8 @@
 int luaopen_aigate_core(lua_State *L)
 {
     static const luaL_Reg funcs[] = {
-        { "request", core_request },
-        { "listen", core_listen },
-        { "sse_parser", core_sse_parser },
-        { "lane", core_lane },
-        { NULL, NULL },
+        { "request", core_request }, { "listen", core_listen },     { "sse_parser", core_sse_parser },
+        { "lane", core_lane },       { "scan_ids", core_scan_ids }, { NULL, NULL },
     };
 
     core_register_lane(L);

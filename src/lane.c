@@ -36,6 +36,16 @@
 
 struct lane;
 
+/* Lines of a file, read in blocks; a line longer than max_line is skipped, never held. */
+struct reader {
+    FILE *in;
+    struct buf buf;
+    size_t pos;
+    int eof;
+    lua_Integer lineno;
+    size_t max_line;
+};
+
 struct slot {
     struct pending pending; /* the task's wait */
     struct xfer xfer;       /* CURLOPT_PRIVATE */
@@ -67,12 +77,7 @@ struct lane {
     int inflight; /* slots sent and not done: while > 0 the lane keeps itself alive (self_ref) */
     int self_ref;
     /* lane:attach: working through an input file */
-    FILE *in;
-    struct buf inbuf;
-    size_t inpos;
-    int in_eof;
-    lua_Integer lineno;
-    size_t max_line;
+    struct reader rd;
     FILE *out; /* the output, a Lua file handle kept alive by out_ref */
     int out_ref;
     int done_ref;         /* the ids already in the output (a table), or LUA_NOREF */
@@ -875,22 +880,22 @@ static void slot_free(struct slot *sl)
 
 /* The next line of the input: 1 (line, len; or oversize > 0 with the length of a line longer than
  * max_line, which is skipped, never held), 0 at the end, -1 on a read error. */
-static int read_line(struct lane *ln, const char **line, size_t *len, size_t *oversize)
+static int read_line(struct reader *rd, const char **line, size_t *len, size_t *oversize)
 {
     size_t skipped = 0;
 
     *oversize = 0;
     for (;;) {
-        char *base = ln->inbuf.data + ln->inpos;
-        size_t avail = ln->inbuf.len - ln->inpos;
+        char *base = rd->buf.data + rd->pos;
+        size_t avail = rd->buf.len - rd->pos;
         char *nl = avail ? memchr(base, '\n', avail) : NULL;
         size_t n;
 
         if (nl) {
             n = (size_t)(nl - base);
-            ln->inpos += n + 1;
-            ln->lineno++;
-            if (skipped || n > ln->max_line) {
+            rd->pos += n + 1;
+            rd->lineno++;
+            if (skipped || n > rd->max_line) {
                 *oversize = skipped + n;
                 *len = 0;
                 *line = "";
@@ -900,12 +905,12 @@ static int read_line(struct lane *ln, const char **line, size_t *len, size_t *ov
             *len = n;
             return 1;
         }
-        if (ln->in_eof) {
+        if (rd->eof) {
             if (avail == 0 && skipped == 0)
                 return 0;
-            ln->inpos += avail;
-            ln->lineno++;
-            if (skipped || avail > ln->max_line) {
+            rd->pos += avail;
+            rd->lineno++;
+            if (skipped || avail > rd->max_line) {
                 *oversize = skipped + avail;
                 *len = 0;
                 *line = "";
@@ -915,24 +920,24 @@ static int read_line(struct lane *ln, const char **line, size_t *len, size_t *ov
             *len = avail;
             return 1;
         }
-        if (avail > ln->max_line) {
+        if (avail > rd->max_line) {
             /* Too long already: forget it and count the rest up to its newline. */
             skipped += avail;
-            ln->inbuf.len = 0;
-            ln->inpos = 0;
+            rd->buf.len = 0;
+            rd->pos = 0;
             avail = 0;
-        } else if (ln->inpos > 0) {
-            memmove(ln->inbuf.data, base, avail);
-            ln->inbuf.len = avail;
-            ln->inpos = 0;
+        } else if (rd->pos > 0) {
+            memmove(rd->buf.data, base, avail);
+            rd->buf.len = avail;
+            rd->pos = 0;
         }
-        buf_reserve(&ln->inbuf, READ_BLOCK);
-        n = fread(ln->inbuf.data + ln->inbuf.len, 1, READ_BLOCK, ln->in);
-        ln->inbuf.len += n;
+        buf_reserve(&rd->buf, READ_BLOCK);
+        n = fread(rd->buf.data + rd->buf.len, 1, READ_BLOCK, rd->in);
+        rd->buf.len += n;
         if (n == 0) {
-            if (ferror(ln->in))
+            if (ferror(rd->in))
                 return -1;
-            ln->in_eof = 1;
+            rd->eof = 1;
         }
     }
 }
@@ -1024,7 +1029,7 @@ static int work_step(struct lane *ln, struct slot *sl, lua_State *co)
         size_t oversize;
         struct token id = { 0 };
         struct token prompt = { 0 };
-        int rc = read_line(ln, &line, &len, &oversize);
+        int rc = read_line(&ln->rd, &line, &len, &oversize);
 
         if (rc == 0) {
             lua_pushnil(co);
@@ -1038,7 +1043,7 @@ static int work_step(struct lane *ln, struct slot *sl, lua_State *co)
         if (oversize) {
             lua_pushliteral(co, "line");
             lua_pushliteral(co, "");
-            lua_pushinteger(co, ln->lineno);
+            lua_pushinteger(co, ln->rd.lineno);
             lua_pushinteger(co, (lua_Integer)oversize);
             return 4;
         }
@@ -1047,12 +1052,12 @@ static int work_step(struct lane *ln, struct slot *sl, lua_State *co)
         if (!ln->go || parse_line(ln, line, len, &id, &prompt) != 0) {
             lua_pushliteral(co, "line");
             lua_pushlstring(co, line, len);
-            lua_pushinteger(co, ln->lineno);
+            lua_pushinteger(co, ln->rd.lineno);
             return 3;
         }
         if (already_done(ln, co, &id))
             continue;
-        slot_fill(ln, sl, &id, &prompt, ln->lineno);
+        slot_fill(ln, sl, &id, &prompt, ln->rd.lineno);
         buf_reset(&sl->source);
         buf_append(&sl->source, line, len);
         if (slot_start(sl) != 0) {
@@ -1136,6 +1141,263 @@ static void work_done(struct slot *sl, CURLcode rc, double latency)
     sl->working = 0;
     slot_finished(sl);
     task_resume(t, nret);
+}
+
+/* ---- the first pass over an input file: ids, duplicates, the total ---------------------------- */
+
+/* The id of a line when this scanner can tell it for sure: the "custom_id", else the "id", of a
+ * JSON object, a string with nothing to unescape or an integer; "line-N" when it has neither.
+ * Returns 1 with the id in out, 0 when Lua must decide (anything else, including invalid JSON). */
+static int fast_line_id(const char *line, size_t len, lua_Integer lineno, struct buf *out)
+{
+    struct scan s = { line, line + len, 0 };
+    struct token key;
+    struct token val;
+    struct token ids[2]; /* custom_id, id */
+    char kinds[2] = { 0, 0 };
+    char kind;
+    int i;
+
+    skip_ws(&s);
+    if (s.p >= s.end || *s.p != '{')
+        return 0;
+    s.p++;
+    skip_ws(&s);
+    if (s.p < s.end && *s.p == '}') {
+        s.p++;
+    } else {
+        for (;;) {
+            if (s.p >= s.end || *s.p != '"' || scan_string(&s, &key) != 0 || key.escaped)
+                return 0;
+            skip_ws(&s);
+            if (s.p >= s.end || *s.p != ':')
+                return 0;
+            s.p++;
+            skip_ws(&s);
+            if (scan_value(&s, &val, &kind) != 0)
+                return 0;
+            i = key_is(&key, "custom_id") ? 0 : key_is(&key, "id") ? 1 : -1;
+            if (i >= 0) {
+                if (kinds[i])
+                    return 0; /* repeated */
+                kinds[i] = kind;
+                ids[i] = val;
+            }
+            skip_ws(&s);
+            if (s.p < s.end && *s.p == ',') {
+                s.p++;
+                skip_ws(&s);
+                continue;
+            }
+            if (s.p >= s.end || *s.p != '}')
+                return 0;
+            s.p++;
+            break;
+        }
+    }
+    skip_ws(&s);
+    if (s.p != s.end)
+        return 0;
+    buf_reset(out);
+    for (i = 0; i < 2; i++) {
+        const struct token *v = &ids[i];
+        if (kinds[i] == 0 || kinds[i] == 'n')
+            continue; /* absent or null: the next field */
+        if (kinds[i] == '"' && !v->escaped && v->len > 2) {
+            buf_append(out, v->start + 1, v->len - 2);
+            return 1;
+        }
+        if (kinds[i] == '0' && v->is_int && v->len <= MAX_INT_TEXT &&
+            !(v->len == 2 && v->start[0] == '-' && v->start[1] == '0')) {
+            buf_append(out, v->start, v->len);
+            return 1;
+        }
+        return 0;
+    }
+    APPEND_LIT(out, "line-");
+    append_int(out, (long long)lineno);
+    return 1;
+}
+
+/* A set of ids with the line each was first seen on (open addressing, FNV-1a). */
+struct identry {
+    char *key;
+    size_t len;
+    unsigned long long hash;
+    lua_Integer lineno;
+};
+
+struct idset {
+    struct identry *e;
+    size_t cap;
+    size_t n;
+};
+
+static unsigned long long id_hash(const char *s, size_t len)
+{
+    unsigned long long h = 1469598103934665603ULL;
+    size_t i;
+
+    for (i = 0; i < len; i++) {
+        h ^= (unsigned char)s[i];
+        h *= 1099511628211ULL;
+    }
+    return h;
+}
+
+/* Adds id; returns 0 when new, or the line it was first seen on. -1 when out of memory. */
+static lua_Integer idset_add(struct idset *set, const char *id, size_t len, lua_Integer lineno)
+{
+    unsigned long long h = id_hash(id, len);
+    size_t i;
+
+    if ((set->n + 1) * 2 > set->cap) {
+        size_t cap = set->cap ? set->cap * 2 : 1024;
+        struct identry *e = calloc(cap, sizeof(*e));
+        if (e == NULL)
+            return -1;
+        for (i = 0; i < set->cap; i++) {
+            if (set->e[i].key) {
+                size_t j = (size_t)(set->e[i].hash & (cap - 1));
+                while (e[j].key)
+                    j = (j + 1) & (cap - 1);
+                e[j] = set->e[i];
+            }
+        }
+        free(set->e);
+        set->e = e;
+        set->cap = cap;
+    }
+    i = (size_t)(h & (set->cap - 1));
+    while (set->e[i].key) {
+        if (set->e[i].hash == h && set->e[i].len == len && memcmp(set->e[i].key, id, len) == 0)
+            return set->e[i].lineno;
+        i = (i + 1) & (set->cap - 1);
+    }
+    set->e[i].key = malloc(len + 1);
+    if (set->e[i].key == NULL)
+        return -1;
+    memcpy(set->e[i].key, id, len);
+    set->e[i].key[len] = '\0';
+    set->e[i].len = len;
+    set->e[i].hash = h;
+    set->e[i].lineno = lineno;
+    set->n++;
+    return 0;
+}
+
+static void idset_free(struct idset *set)
+{
+    size_t i;
+
+    for (i = 0; i < set->cap; i++)
+        free(set->e[i].key);
+    free(set->e);
+}
+
+/* core.scan_ids(path, max_line, done, line_id) -> total, skipped, ndup, dups; or nil, err.
+ * The first pass of `aigate batch` over a file: every line's id (by fast_line_id, else by calling
+ * line_id(line, lineno) in Lua), total = lines to run (first occurrences not in done), skipped =
+ * first occurrences in done, ndup duplicates, dups the first ten as "id 'x' on lines a and b". */
+int core_scan_ids(lua_State *L)
+{
+    struct reader rd;
+    struct idset set = { NULL, 0, 0 };
+    struct buf id;
+    const char *path = luaL_checkstring(L, 1);
+    lua_Integer total = 0, skipped = 0, ndup = 0;
+    int has_done;
+    int rc;
+
+    rd.max_line = (size_t)luaL_checkinteger(L, 2);
+    has_done = lua_istable(L, 3);
+    luaL_checktype(L, 4, LUA_TFUNCTION);
+    lua_settop(L, 4);
+    lua_newtable(L); /* 5: dups */
+    rd.in = fopen(path, "rb");
+    if (rd.in == NULL) {
+        lua_pushnil(L);
+        lua_pushfstring(L, "%s: %s", path, strerror(errno));
+        return 2;
+    }
+    buf_init(&rd.buf);
+    rd.pos = 0;
+    rd.eof = 0;
+    rd.lineno = 0;
+    buf_init(&id);
+    for (;;) {
+        const char *line;
+        size_t len;
+        size_t oversize;
+        lua_Integer first;
+
+        rc = read_line(&rd, &line, &len, &oversize);
+        if (rc <= 0)
+            break;
+        if (oversize) {
+            buf_reset(&id);
+            APPEND_LIT(&id, "line-");
+            append_int(&id, (long long)rd.lineno);
+        } else if (is_blank(line, len)) {
+            continue;
+        } else if (!fast_line_id(line, len, rd.lineno, &id)) {
+            size_t n;
+            const char *s;
+            lua_pushvalue(L, 4);
+            lua_pushlstring(L, line, len);
+            lua_pushinteger(L, rd.lineno);
+            if (lua_pcall(L, 2, 1, 0) != LUA_OK) {
+                rc = -3;
+                break;
+            }
+            s = lua_tolstring(L, -1, &n);
+            buf_reset(&id);
+            buf_append(&id, s ? s : "", s ? n : 0);
+            lua_pop(L, 1);
+        }
+        first = idset_add(&set, id.data ? id.data : "", id.len, rd.lineno);
+        if (first < 0) {
+            rc = -2;
+            break;
+        }
+        if (first > 0) {
+            ndup++;
+            if (ndup <= 10) {
+                lua_pushfstring(L, "id '%s' on lines %I and %I", id.data, first, rd.lineno);
+                lua_rawseti(L, 5, (lua_Integer)ndup);
+            }
+            continue;
+        }
+        if (has_done) {
+            lua_pushlstring(L, id.data ? id.data : "", id.len);
+            if (lua_rawget(L, 3) != LUA_TNIL && lua_toboolean(L, -1))
+                skipped++;
+            else
+                total++;
+            lua_pop(L, 1);
+        } else {
+            total++;
+        }
+    }
+    fclose(rd.in);
+    buf_free(&rd.buf);
+    buf_free(&id);
+    idset_free(&set);
+    if (rc == -3) {
+        lua_pushnil(L);
+        lua_insert(L, -2); /* nil, the error of line_id */
+        return 2;
+    }
+    if (rc < 0) {
+        lua_pushnil(L);
+        lua_pushstring(L, rc == -2 ? "out of memory" : strerror(errno));
+        return 2;
+    }
+    lua_pushinteger(L, total);
+    lua_pushinteger(L, skipped);
+    lua_pushinteger(L, ndup);
+    lua_pushvalue(L, 5);
+    return 4;
 }
 
 /* ---- the Lua object -------------------------------------------------------------------------- */
@@ -1235,13 +1497,38 @@ static void field_buf_at(lua_State *L, int idx, const char *name, struct buf *b)
 
 static void detach(lua_State *L, struct lane *ln)
 {
-    if (ln->in)
-        fclose(ln->in);
-    ln->in = NULL;
+    if (ln->rd.in)
+        fclose(ln->rd.in);
+    ln->rd.in = NULL;
     ln->out = NULL;
     luaL_unref(L, LUA_REGISTRYINDEX, ln->out_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, ln->done_ref);
     ln->out_ref = ln->done_ref = LUA_NOREF;
+}
+
+/* A larger buffer for an output file than glibc's default of one block (4 KiB: Lua's setvbuf
+ * cannot pass a size glibc keeps): a 700-byte result line then costs a fraction of a write call.
+ * The buffer must outlive the stream, which Lua closes later, so buffers are never freed; a
+ * process runs few batches (tests run several), and past OUT_BUFFERS streams keep glibc's. */
+#define OUT_BUFFER  (256 * 1024)
+#define OUT_BUFFERS 32
+static char *out_buffers[OUT_BUFFERS];
+static int n_out_buffers;
+
+static void give_buffer(FILE *f)
+{
+    char *b;
+
+    if (f == stdout || n_out_buffers == OUT_BUFFERS)
+        return;
+    b = malloc(OUT_BUFFER);
+    if (b == NULL)
+        return;
+    if (setvbuf(f, b, _IOFBF, OUT_BUFFER) != 0) {
+        free(b);
+        return;
+    }
+    out_buffers[n_out_buffers++] = b;
 }
 
 /* lane:attach{input = path, output = file, max_line = n, done = table|nil, id_prefix = s}
@@ -1260,29 +1547,30 @@ static int lane_attach(lua_State *L)
     detach(L, ln);
     ln->out = out->f;
     ln->out_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    give_buffer(ln->out);
     lua_getfield(L, 2, "done");
     if (lua_istable(L, -1))
         ln->done_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     else
         lua_pop(L, 1);
     lua_getfield(L, 2, "max_line");
-    ln->max_line = (size_t)luaL_checkinteger(L, -1);
+    ln->rd.max_line = (size_t)luaL_checkinteger(L, -1);
     lua_pop(L, 1);
     buf_reset(&ln->id_prefix);
     field_buf_at(L, 2, "id_prefix", &ln->id_prefix);
     lua_getfield(L, 2, "input");
     path = luaL_checkstring(L, -1);
-    ln->in = fopen(path, "rb");
-    if (ln->in == NULL) {
+    ln->rd.in = fopen(path, "rb");
+    if (ln->rd.in == NULL) {
         lua_pushnil(L);
         lua_pushfstring(L, "%s: %s", path, strerror(errno));
         return 2;
     }
     lua_pop(L, 1);
-    buf_reset(&ln->inbuf);
-    ln->inpos = 0;
-    ln->in_eof = 0;
-    ln->lineno = 0;
+    buf_reset(&ln->rd.buf);
+    ln->rd.pos = 0;
+    ln->rd.eof = 0;
+    ln->rd.lineno = 0;
     lua_pushboolean(L, 1);
     return 1;
 }
@@ -1301,7 +1589,7 @@ static int lane_work(lua_State *L)
     struct slot *sl;
     int nret;
 
-    if (ln->in == NULL)
+    if (ln->rd.in == NULL)
         return luaL_error(L, "lane:work: no input attached");
     sl = ln->free;
     if (sl)
@@ -1391,7 +1679,7 @@ static int lane_gc(lua_State *L)
     buf_free(&ln->route_part);
     buf_free(&ln->attempt_part);
     buf_free(&ln->id_prefix);
-    buf_free(&ln->inbuf);
+    buf_free(&ln->rd.buf);
     buf_free(&ln->outline);
     free(ln->lat);
     memset(ln, 0, sizeof(*ln));
@@ -1442,7 +1730,7 @@ int core_lane(lua_State *L)
     ln->self_ref = LUA_NOREF;
     ln->out_ref = LUA_NOREF;
     ln->done_ref = LUA_NOREF;
-    buf_init(&ln->inbuf);
+    buf_init(&ln->rd.buf);
     buf_init(&ln->id_prefix);
     buf_init(&ln->outline);
     buf_init(&ln->prefix);

@@ -558,29 +558,13 @@ local function latency_text(s)
   return format("%.2fs", s)
 end
 
--- The first pass over a file: ids only. Returns total (lines to run, blank ones left out), dups
--- (a list of "id 'x' on lines a and b"), or nil, err.
+-- The first pass over a file: ids only (core.scan_ids reads the lines in C and asks M.line_id for
+-- the ids it cannot tell itself). Returns total (lines to run, blank ones left out), dups (a list of
+-- "id 'x' on lines a and b", the first ten), their count, and the lines skipped because done; or
+-- nil, err.
 local function first_pass(path, max_line, done)
-  local f, err = io.open(path, "rb")
-  if not f then return nil, err end
-  local r = jsonl.reader(f, max_line)
-  local seen, dups, ndup, total, skipped = {}, {}, 0, 0, 0
-  while true do
-    local line, lineno, _, _, oversize = r:next()
-    if line == nil then break end
-    if oversize or not is_blank(line) then
-      local id = oversize and ("line-" .. lineno) or M.line_id(line, lineno)
-      local first = seen[id]
-      if first then
-        ndup = ndup + 1
-        if #dups < 10 then dups[#dups + 1] = format("id '%s' on lines %d and %d", id, first, lineno) end
-      else
-        seen[id] = lineno
-        if done[id] then skipped = skipped + 1 else total = total + 1 end
-      end
-    end
-  end
-  f:close()
+  local total, skipped, ndup, dups = core.scan_ids(path, max_line, next(done) and done or nil, M.line_id)
+  if total == nil then return nil, skipped end
   return total, dups, ndup, skipped
 end
 
