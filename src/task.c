@@ -13,7 +13,9 @@
  * fsync, truncate.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -507,19 +509,150 @@ static int l_isatty(lua_State *L)
     return 1;
 }
 
+/* core.fsync: inside a task the fsync runs on a short-lived thread, so that the event loop goes on
+ * while the disk catches up (an fsync takes tens of milliseconds here, time in which hundreds of
+ * replies would otherwise wait); the task waits for it. The thread fsyncs a duplicate of the
+ * descriptor (the file may be closed meanwhile) and reports through a pipe the loop watches. */
+struct fsync_op {
+    struct pending pending;
+    struct task *task; /* NULL once cancelled: freed when its thread reports */
+    int fd;
+    int err;
+};
+
+static int fsync_pipe[2] = { -1, -1 };
+static struct event *fsync_event;
+static int fsync_outstanding;
+
+static void *fsync_thread(void *arg)
+{
+    struct fsync_op *op = arg;
+    ssize_t n;
+
+    op->err = fsync(op->fd) == 0 ? 0 : errno;
+    close(op->fd);
+    do
+        n = write(fsync_pipe[1], &op, sizeof(op));
+    while (n < 0 && errno == EINTR);
+    return NULL;
+}
+
+static void fsync_finish(struct fsync_op *op)
+{
+    struct task *t = op->task;
+    lua_State *co;
+    int nret = 1;
+
+    fsync_outstanding--;
+    if (t == NULL) {
+        free(op);
+        return;
+    }
+    co = task_thread(t);
+    if (op->err == 0) {
+        lua_pushboolean(co, 1);
+    } else {
+        lua_pushnil(co);
+        lua_pushfstring(co, "fsync: %s", strerror(op->err));
+        nret = 2;
+    }
+    free(op);
+    task_resume(t, nret);
+}
+
+static void fsync_done_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct fsync_op *op;
+
+    (void)what;
+    (void)arg;
+    while (read(fd, &op, sizeof(op)) == (ssize_t)sizeof(op))
+        fsync_finish(op);
+}
+
+static void fsync_cancel(struct pending *p)
+{
+    ((struct fsync_op *)p)->task = NULL;
+}
+
+static int fsync_setup(void)
+{
+    if (fsync_event)
+        return 0;
+    if (pipe(fsync_pipe) != 0)
+        return -1;
+    fcntl(fsync_pipe[0], F_SETFL, fcntl(fsync_pipe[0], F_GETFL) | O_NONBLOCK);
+    fcntl(fsync_pipe[0], F_SETFD, FD_CLOEXEC);
+    fcntl(fsync_pipe[1], F_SETFD, FD_CLOEXEC);
+    fsync_event = event_new(g_base, fsync_pipe[0], EV_READ | EV_PERSIST, fsync_done_cb, NULL);
+    if (fsync_event == NULL || event_add(fsync_event, NULL) != 0)
+        return -1;
+    return 0;
+}
+
+/* Waits for the fsyncs still running (at shutdown: their results are on disk before we exit). */
+static void fsync_drain(void)
+{
+    struct fsync_op *op;
+
+    while (fsync_outstanding > 0) {
+        struct pollfd pfd = { fsync_pipe[0], POLLIN, 0 };
+        if (poll(&pfd, 1, -1) < 0 && errno != EINTR)
+            break;
+        while (read(fsync_pipe[0], &op, sizeof(op)) == (ssize_t)sizeof(op))
+            fsync_finish(op);
+    }
+    if (fsync_event)
+        event_free(fsync_event);
+    fsync_event = NULL;
+    if (fsync_pipe[0] >= 0) {
+        close(fsync_pipe[0]);
+        close(fsync_pipe[1]);
+    }
+    fsync_pipe[0] = fsync_pipe[1] = -1;
+}
+
 static int l_fsync(lua_State *L)
 {
     luaL_Stream *s = luaL_checkudata(L, 1, LUA_FILEHANDLE);
+    struct task *t = *(struct task **)lua_getextraspace(L);
+    struct fsync_op *op;
+    pthread_t th;
+    pthread_attr_t attr;
+    int started = 0;
 
     if (s->closef == NULL)
         return luaL_argerror(L, 1, "attempt to use a closed file");
-    if (fflush(s->f) != 0 || fsync(fileno(s->f)) != 0) {
-        lua_pushnil(L);
-        lua_pushfstring(L, "fsync: %s", strerror(errno));
-        return 2;
+    if (fflush(s->f) != 0)
+        goto fail;
+    if (t != NULL && t->co == L && fsync_setup() == 0 && (op = malloc(sizeof(*op))) != NULL) {
+        op->pending.cancel = fsync_cancel;
+        op->task = t;
+        op->err = 0;
+        op->fd = dup(fileno(s->f));
+        if (op->fd >= 0 && pthread_attr_init(&attr) == 0) {
+            pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+            started = pthread_create(&th, &attr, fsync_thread, op) == 0;
+            pthread_attr_destroy(&attr);
+        }
+        if (started) {
+            fsync_outstanding++;
+            lua_settop(L, 0);
+            return task_yield(L, t, &op->pending);
+        }
+        if (op->fd >= 0)
+            close(op->fd);
+        free(op);
     }
+    /* Outside a task (or without a thread): here and now. */
+    if (fsync(fileno(s->f)) != 0)
+        goto fail;
     lua_pushboolean(L, 1);
     return 1;
+fail:
+    lua_pushnil(L);
+    lua_pushfstring(L, "fsync: %s", strerror(errno));
+    return 2;
 }
 
 /* core.truncate(path, size): cuts a file to size bytes (drops a torn tail). Pushes true or nil, err. */
@@ -705,6 +838,7 @@ int tasks_init(void)
 void tasks_shutdown(void)
 {
     task_cancel_all();
+    fsync_drain();
     live_tasks = NULL;
     signal_waiters = NULL;
     event_free(runq_event);

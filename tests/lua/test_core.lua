@@ -303,6 +303,34 @@ T["sleep: waits about as long as asked"] = function()
   raises(function() core.sleep(-1) end, "seconds")
 end
 
+-- core.fsync in a task runs off the event loop: other tasks go on while it waits, and what was
+-- written is in the file when it returns (also when the file is closed just after).
+T["fsync: the loop goes on meanwhile; the data is there after"] = function()
+  local name = os.tmpname()
+  local f = assert(io.open(name, "w"))
+  local ticks, done = 0, false
+  local ticker = core.spawn(function()
+    while not done do
+      ticks = ticks + 1
+      core.sleep(0)
+    end
+  end)
+  for i = 1, 5 do
+    f:write(string.rep("line " .. i .. "\n", 1000))
+    local ok, err = core.fsync(f)
+    assert(ok, err)
+  end
+  done = true
+  core.wait(ticker)
+  f:close()
+  local g = assert(io.open(name, "rb"))
+  local text = g:read("a")
+  g:close()
+  os.remove(name)
+  eq(#text, 5 * 1000 * 7, "bytes on disk")
+  assert(ticks >= 1, "the other task ran while fsync waited")
+end
+
 T["system helpers"] = function()
   assert(core.time() > 1.6e9, "wall clock")
   eq(core.getenv("AIGATE_SURELY_UNSET_VAR"), nil)
