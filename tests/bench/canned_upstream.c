@@ -11,7 +11,12 @@
 #include <string.h>
 #include <sys/resource.h>
 
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+
 #include <event2/buffer.h>
+#include <event2/bufferevent.h>
 #include <event2/event.h>
 #include <event2/http.h>
 #include <event2/keyvalq_struct.h>
@@ -52,11 +57,24 @@ static void delayed_cb(evutil_socket_t fd, short what, void *arg)
     free(p);
 }
 
+/* TCP_NODELAY on the request's connection, as servers in front of real APIs set it: a reply goes
+ * out at once, never held back by Nagle's algorithm until the client's delayed ACK. */
+static void no_delay(struct evhttp_request *req)
+{
+    struct evhttp_connection *conn = evhttp_request_get_connection(req);
+    struct bufferevent *bev = conn ? evhttp_connection_get_bufferevent(conn) : NULL;
+    int one = 1;
+
+    if (bev)
+        setsockopt(bufferevent_getfd(bev), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+}
+
 static void request_cb(struct evhttp_request *req, void *arg)
 {
     struct pending_reply *p;
 
     (void)arg;
+    no_delay(req);
     if (!delayed) {
         send_reply(req);
         return;

@@ -118,8 +118,11 @@ start_upstream "$DELAY_MS"
 aigate_env
 measure curl_delay "$BENCH/libcurl_driver" "$URL" "$DN" "$DC"
 CD_WALL=$WALL CD_CPU=$CPU CD_RSS=$RSS
-measure aigate_delay "$AIGATE" batch "$TMP/input_delay.jsonl" -o "$TMP/out_delay.jsonl" -j "$DC" -m "$MODEL" -q --overwrite
+measure aigate_delay "$AIGATE" batch "$TMP/input_delay.jsonl" -o "$TMP/out_delay.jsonl" -j "$DC" -m "$MODEL" --progress 0 --overwrite
 AD_WALL=$WALL AD_CPU=$CPU AD_RSS=$RSS
+# Each program's own timer too (first request to last reply: process start and exit left out).
+CD_OWN=$(awk '/^requests/ {print $6}' "$TMP/curl_delay.out")
+AD_OWN=$(awk '/^aigate batch: [0-9]+ lines in/ {s = $6; sub(/s$/, "", s); print s}' "$TMP/aigate_delay.err")
 check_results aigate_delay "$TMP/out_delay.jsonl" "$DN"
 
 # 3. Memory per request in flight: peak RSS at concurrency MC (50 ms upstream) minus idle RSS.
@@ -142,7 +145,7 @@ row "aigate batch, c=$DC, ${DELAY_MS} ms" "$DN" "$AD_WALL" "$AD_CPU" "$AD_RSS"
 echo
 awk -v n="$N" -v c="$C" -v cw="$C_WALL" -v aw="$A_WALL" -v cc="$C_CPU" -v ac="$A_CPU" \
     -v dn="$DN" -v dc="$DC" -v d="$DELAY_MS" -v cdw="$CD_WALL" -v adw="$AD_WALL" \
-    -v mc="$MC" -v ai="$AI_RSS" -v am="$AM_RSS" -v ci="$CI_RSS" -v cm="$CM_RSS" 'BEGIN {
+    -v mc="$MC" -v ai="$AI_RSS" -v am="$AM_RSS" -v ci="$CI_RSS" -v cm="$CM_RSS" -v ado="${AD_OWN:-0}" -v cdo="${CD_OWN:-0}" 'BEGIN {
     ratio = (n / aw) / (n / cw) * 100
     extra = (ac - cc) / n * 1e6
     ideal = dc / (d / 1000)
@@ -156,6 +159,8 @@ awk -v n="$N" -v c="$C" -v cw="$C_WALL" -v aw="$A_WALL" -v cc="$C_CPU" -v ac="$A
     printf "| aigate CPU per request minus libcurl           | %8.1f µs | <= 15 µs | %s |\n", extra, (extra <= 15) ? "ok  " : "MISS"
     printf "| aigate vs ideal (%d / %d ms = %d req/s)      | %8.1f %%  | >= 98 %%  | %s |\n", dc, d, ideal, eff_a, (eff_a >= 98) ? "ok  " : "MISS"
     printf "| libcurl vs ideal, same run                     | %8.1f %%  |          |      |\n", eff_c
+    if (ado > 0 && cdo > 0)
+        printf "|   own timers (start and exit left out): aigate %5.1f %%, libcurl %5.1f %% |\n", (dn / ado) / ideal * 100, (dn / cdo) / ideal * 100
     printf "| aigate KiB per request in flight, c=%-4d       | %8.1f KiB | < 50 KB  | %s |\n", mc, mem_a, (mem_a * 1.024 < 50) ? "ok  " : "MISS"
     printf "|   (peak %.1f MiB - idle %.1f MiB) / %d          |             |          |      |\n", am / 1024, ai / 1024, mc
     printf "| libcurl KiB per request in flight, c=%-4d      | %8.1f KiB |          |      |\n", mc, mem_c
