@@ -232,11 +232,17 @@ static int scan_literal(struct scan *s, const char *word)
  * number token; *kind gets its first character ('{', '[', '"', 'n', 't', 'f' or '0' for numbers). */
 static int scan_value(struct scan *s, struct token *tok, char *kind);
 
-static int scan_container(struct scan *s, char open)
+/* The members of the object at s->p (a '{'): member(ctx, s, key) is called at each value, which it
+ * must scan (with scan_value or its own scanner). 0, or -1 when invalid or refused by member. */
+typedef int (*member_fn)(void *ctx, struct scan *s, const struct token *key);
+/* The elements of the array at s->p (a '['): element(ctx, s, index) scans each. */
+typedef int (*element_fn)(void *ctx, struct scan *s, int index);
+
+static int scan_items(struct scan *s, member_fn member, element_fn element, void *ctx)
 {
-    char close = open == '{' ? '}' : ']';
+    char close = member ? '}' : ']';
     struct token key;
-    char k;
+    int index = 0;
 
     if (++s->depth > SCAN_DEPTH)
         return -1;
@@ -248,7 +254,7 @@ static int scan_container(struct scan *s, char open)
         return 0;
     }
     for (;;) {
-        if (open == '{') {
+        if (member) {
             if (s->p >= s->end || *s->p != '"' || scan_string(s, &key) != 0)
                 return -1;
             skip_ws(s);
@@ -256,9 +262,11 @@ static int scan_container(struct scan *s, char open)
                 return -1;
             s->p++;
             skip_ws(s);
-        }
-        if (scan_value(s, NULL, &k) != 0)
+            if (s->p >= s->end || member(ctx, s, &key) != 0)
+                return -1;
+        } else if (s->p >= s->end || element(ctx, s, index++) != 0) {
             return -1;
+        }
         skip_ws(s);
         if (s->p >= s->end)
             return -1;
@@ -275,6 +283,24 @@ static int scan_container(struct scan *s, char open)
     }
 }
 
+static int skip_member(void *ctx, struct scan *s, const struct token *key)
+{
+    char kind;
+
+    (void)ctx;
+    (void)key;
+    return scan_value(s, NULL, &kind);
+}
+
+static int skip_element(void *ctx, struct scan *s, int index)
+{
+    char kind;
+
+    (void)ctx;
+    (void)index;
+    return scan_value(s, NULL, &kind);
+}
+
 static int scan_value(struct scan *s, struct token *tok, char *kind)
 {
     struct token local;
@@ -288,8 +314,9 @@ static int scan_value(struct scan *s, struct token *tok, char *kind)
     *kind = *s->p;
     switch (*s->p) {
     case '{':
+        return scan_items(s, skip_member, NULL, NULL);
     case '[':
-        return scan_container(s, *s->p);
+        return scan_items(s, NULL, skip_element, NULL);
     case '"':
         return scan_string(s, tok);
     case 'n':
@@ -311,70 +338,75 @@ static int key_is(const struct token *key, const char *name)
     return key->len == n + 2 && memcmp(key->start + 1, name, n) == 0;
 }
 
+/* A whole text that is one JSON object (whitespace around it allowed), its members by member. */
+static int scan_whole_object(const char *text, size_t len, member_fn member, void *ctx)
+{
+    struct scan s = { text, text + len, 0 };
+
+    skip_ws(&s);
+    if (s.p >= s.end || *s.p != '{' || scan_items(&s, member, NULL, ctx) != 0)
+        return -1;
+    skip_ws(&s);
+    return s.p == s.end ? 0 : -1;
+}
+
+/* An integer id as the decoder gives it back: no fraction, exponent or "-0", exact in a double. */
+static int plain_int(const struct token *v, char kind)
+{
+    return kind == '0' && v->is_int && v->len <= MAX_INT_TEXT &&
+           !(v->len == 2 && v->start[0] == '-' && v->start[1] == '0');
+}
+
 /* ---- input lines ----------------------------------------------------------------------------- */
+
+struct short_line {
+    const struct lane *ln;
+    struct token id, prompt;
+    int have_id, have_prompt, have_model;
+};
+
+static int short_member(void *ctx, struct scan *s, const struct token *key)
+{
+    struct short_line *sl = ctx;
+    struct token val;
+    char kind;
+
+    if (key->escaped || scan_value(s, &val, &kind) != 0)
+        return -1;
+    if (key_is(key, "id")) {
+        if (sl->have_id++)
+            return -1;
+        if (val.is_string ? (val.escaped || val.len == 2) : !plain_int(&val, kind))
+            return -1;
+        sl->id = val;
+    } else if (key_is(key, "prompt")) {
+        if (sl->have_prompt++ || !val.is_string || val.escaped)
+            return -1;
+        sl->prompt = val;
+    } else if (key_is(key, "model")) {
+        if (sl->have_model++ || !val.is_string || val.escaped || val.len != strlen(sl->ln->model) + 2 ||
+            memcmp(val.start + 1, sl->ln->model, val.len - 2) != 0)
+            return -1;
+    } else {
+        return -1;
+    }
+    return 0;
+}
 
 /* The short form {"id": "x" | 12, "prompt": "...", "model": "<the lane's>"}, nothing else, no
  * escapes. Fills id (its text: a string's content or the integer's digits) and prompt (with quotes). */
 static int parse_line(const struct lane *ln, const char *line, size_t len, struct token *id,
                       struct token *prompt)
 {
-    struct scan s = { line, line + len, 0 };
-    struct token key;
-    struct token val;
-    int have_id = 0;
-    int have_prompt = 0;
-    int have_model = 0;
-    char kind;
+    struct short_line sl;
 
-    skip_ws(&s);
-    if (s.p >= s.end || *s.p != '{')
+    memset(&sl, 0, sizeof(sl));
+    sl.ln = ln;
+    if (scan_whole_object(line, len, short_member, &sl) != 0 || !sl.have_id || !sl.have_prompt)
         return -1;
-    s.p++;
-    for (;;) {
-        skip_ws(&s);
-        if (s.p >= s.end || *s.p != '"' || scan_string(&s, &key) != 0 || key.escaped)
-            return -1;
-        skip_ws(&s);
-        if (s.p >= s.end || *s.p != ':')
-            return -1;
-        s.p++;
-        skip_ws(&s);
-        if (scan_value(&s, &val, &kind) != 0)
-            return -1;
-        if (key_is(&key, "id")) {
-            if (have_id++)
-                return -1;
-            if (val.is_string) {
-                if (val.escaped || val.len == 2)
-                    return -1;
-            } else if (kind != '0' || !val.is_int || val.len > MAX_INT_TEXT ||
-                       (val.len == 2 && val.start[0] == '-' && val.start[1] == '0')) {
-                return -1;
-            }
-            *id = val;
-        } else if (key_is(&key, "prompt")) {
-            if (have_prompt++ || !val.is_string || val.escaped)
-                return -1;
-            *prompt = val;
-        } else if (key_is(&key, "model")) {
-            if (have_model++ || !val.is_string || val.escaped || val.len != strlen(ln->model) + 2 ||
-                memcmp(val.start + 1, ln->model, val.len - 2) != 0)
-                return -1;
-        } else {
-            return -1;
-        }
-        skip_ws(&s);
-        if (s.p < s.end && *s.p == ',') {
-            s.p++;
-            continue;
-        }
-        if (s.p >= s.end || *s.p != '}')
-            return -1;
-        s.p++;
-        break;
-    }
-    skip_ws(&s);
-    return (s.p == s.end && have_id && have_prompt) ? 0 : -1;
+    *id = sl.id;
+    *prompt = sl.prompt;
+    return 0;
 }
 
 /* ---- replies --------------------------------------------------------------------------------- */
@@ -385,190 +417,111 @@ struct reply {
     int id_kind, model_kind; /* first character of the value */
     long long usage[3];      /* prompt, completion, total */
     int has_usage[3];
+    int seen_usage, seen_choices;
     int choices_ok;
     int bad; /* an error object, success false, or a shape left to Lua */
 };
 
 static const char *const USAGE_KEYS[3] = { "prompt_tokens", "completion_tokens", "total_tokens" };
 
-static int scan_usage(struct scan *s, struct reply *r)
+static int usage_member(void *ctx, struct scan *s, const struct token *key)
 {
-    struct token key;
+    struct reply *r = ctx;
     struct token val;
     char kind;
     int i;
 
-    if (++s->depth > SCAN_DEPTH)
+    if (scan_value(s, &val, &kind) != 0)
         return -1;
-    s->p++;
-    skip_ws(s);
-    if (s->p < s->end && *s->p == '}') {
-        s->p++;
-        s->depth--;
+    if (key->escaped) {
+        r->bad = 1; /* a key that may decode to one of ours */
         return 0;
     }
-    for (;;) {
-        if (s->p >= s->end || *s->p != '"' || scan_string(s, &key) != 0)
-            return -1;
-        skip_ws(s);
-        if (s->p >= s->end || *s->p != ':')
-            return -1;
-        s->p++;
-        skip_ws(s);
-        if (scan_value(s, &val, &kind) != 0)
-            return -1;
-        if (key.escaped) {
-            r->bad = 1; /* a key that may decode to one of ours */
-        } else {
-            for (i = 0; i < 3; i++) {
-                if (!key_is(&key, USAGE_KEYS[i]))
-                    continue;
-                if (r->has_usage[i])
-                    r->bad = 1; /* repeated: the decoder keeps the last, leave it to Lua */
-                if (kind == '0') {
-                    char text[MAX_INT_TEXT + 1];
-                    if (!val.is_int || val.len > MAX_INT_TEXT) {
-                        r->bad = 1; /* a float or a huge count: Lua writes it */
-                    } else {
-                        memcpy(text, val.start, val.len);
-                        text[val.len] = '\0';
-                        r->usage[i] = strtoll(text, NULL, 10);
-                        r->has_usage[i] = 1;
-                    }
-                }
+    for (i = 0; i < 3; i++) {
+        if (!key_is(key, USAGE_KEYS[i]))
+            continue;
+        if (r->has_usage[i])
+            r->bad = 1; /* repeated: the decoder keeps the last, leave it to Lua */
+        if (kind == '0') {
+            char text[MAX_INT_TEXT + 1];
+            if (!val.is_int || val.len > MAX_INT_TEXT) {
+                r->bad = 1; /* a float or a huge count: Lua writes it */
+            } else {
+                memcpy(text, val.start, val.len);
+                text[val.len] = '\0';
+                r->usage[i] = strtoll(text, NULL, 10);
+                r->has_usage[i] = 1;
             }
         }
-        skip_ws(s);
-        if (s->p >= s->end)
-            return -1;
-        if (*s->p == ',') {
-            s->p++;
-            skip_ws(s);
-            continue;
-        }
-        if (*s->p != '}')
-            return -1;
-        s->p++;
-        s->depth--;
-        return 0;
     }
+    return 0;
 }
 
 /* The first element of choices must be an object or an array (a table once decoded). */
-static int scan_choices(struct scan *s, struct reply *r)
+static int choice_element(void *ctx, struct scan *s, int index)
 {
+    struct reply *r = ctx;
     char kind;
 
-    if (++s->depth > SCAN_DEPTH)
-        return -1;
-    s->p++;
-    skip_ws(s);
-    if (s->p < s->end && *s->p == ']') {
-        s->p++;
-        s->depth--;
-        return 0;
-    }
-    if (s->p < s->end && (*s->p == '{' || *s->p == '['))
+    if (index == 0 && (*s->p == '{' || *s->p == '['))
         r->choices_ok = 1;
-    for (;;) {
-        if (scan_value(s, NULL, &kind) != 0)
+    return scan_value(s, NULL, &kind);
+}
+
+static int reply_member(void *ctx, struct scan *s, const struct token *key)
+{
+    struct reply *r = ctx;
+    struct token val;
+    char kind;
+
+    if (key->escaped)
+        return -1;
+    if (key_is(key, "usage")) {
+        if (r->seen_usage++)
             return -1;
-        skip_ws(s);
-        if (s->p >= s->end)
-            return -1;
-        if (*s->p == ',') {
-            s->p++;
-            skip_ws(s);
-            continue;
-        }
-        if (*s->p != ']')
-            return -1;
-        s->p++;
-        s->depth--;
-        return 0;
+        if (*s->p == '{')
+            return scan_items(s, usage_member, NULL, r);
+        return scan_value(s, NULL, &kind); /* any other value: no usage */
     }
+    if (key_is(key, "choices")) {
+        if (r->seen_choices++)
+            return -1;
+        if (*s->p == '[')
+            return scan_items(s, NULL, choice_element, r);
+        return scan_value(s, NULL, &kind);
+    }
+    if (scan_value(s, &val, &kind) != 0)
+        return -1;
+    if (key_is(key, "id")) {
+        if (r->has_id++)
+            return -1;
+        r->id = val;
+        r->id_kind = kind;
+    } else if (key_is(key, "model")) {
+        if (r->has_model++)
+            return -1;
+        r->model = val;
+        r->model_kind = kind;
+    } else if (key_is(key, "error")) {
+        if (kind != 'n')
+            r->bad = 1;
+    } else if (key_is(key, "success")) {
+        if (kind == 'f')
+            r->bad = 1;
+    }
+    return 0;
 }
 
 /* Scans a reply body. 0 when it is a completion this file can write (r filled), -1 otherwise. */
 static int scan_reply(const char *body, size_t len, struct reply *r)
 {
-    struct scan s = { body, body + len, 1 };
-    struct token key;
-    struct token val;
-    char kind;
-    int seen_choices = 0, seen_usage = 0;
-
     memset(r, 0, sizeof(*r));
-    /* The result line carries the reply's bytes: one line, an object from its first byte. */
-    if (len == 0 || body[0] != '{' || memchr(body, '\n', len) || memchr(body, '\r', len))
+    /* The result line carries the reply's bytes: one line, an object from its first byte to its
+     * last. */
+    if (len == 0 || body[0] != '{' || body[len - 1] != '}' || memchr(body, '\n', len) ||
+        memchr(body, '\r', len))
         return -1;
-    s.p++;
-    skip_ws(&s);
-    if (s.p < s.end && *s.p == '}')
-        return -1; /* no choices */
-    for (;;) {
-        if (s.p >= s.end || *s.p != '"' || scan_string(&s, &key) != 0 || key.escaped)
-            return -1;
-        skip_ws(&s);
-        if (s.p >= s.end || *s.p != ':')
-            return -1;
-        s.p++;
-        skip_ws(&s);
-        if (s.p >= s.end)
-            return -1;
-        if (key_is(&key, "usage")) {
-            if (seen_usage++)
-                return -1;
-            if (*s.p == '{') {
-                if (scan_usage(&s, r) != 0)
-                    return -1;
-            } else if (scan_value(&s, NULL, &kind) != 0) {
-                return -1; /* any other value: no usage */
-            }
-        } else if (key_is(&key, "choices")) {
-            if (seen_choices++)
-                return -1;
-            if (*s.p == '[') {
-                if (scan_choices(&s, r) != 0)
-                    return -1;
-            } else if (scan_value(&s, NULL, &kind) != 0) {
-                return -1;
-            }
-        } else {
-            if (scan_value(&s, &val, &kind) != 0)
-                return -1;
-            if (key_is(&key, "id")) {
-                if (r->has_id++)
-                    return -1;
-                r->id = val;
-                r->id_kind = kind;
-            } else if (key_is(&key, "model")) {
-                if (r->has_model++)
-                    return -1;
-                r->model = val;
-                r->model_kind = kind;
-            } else if (key_is(&key, "error")) {
-                if (kind != 'n')
-                    r->bad = 1;
-            } else if (key_is(&key, "success")) {
-                if (kind == 'f')
-                    r->bad = 1;
-            }
-        }
-        skip_ws(&s);
-        if (s.p >= s.end)
-            return -1;
-        if (*s.p == ',') {
-            s.p++;
-            skip_ws(&s);
-            continue;
-        }
-        if (*s.p != '}')
-            return -1;
-        s.p++;
-        break;
-    }
-    if (s.p != s.end || r->bad || !r->choices_ok)
+    if (scan_whole_object(body, len, reply_member, r) != 0 || r->bad || !r->choices_ok)
         return -1;
     /* id and model are written as the decoder would give them back: plain strings only. */
     if (r->has_id && r->id_kind != 'n' && r->id_kind != 'f' && !(r->id.is_string && !r->id.escaped))
@@ -780,6 +733,23 @@ static void slot_cancel(struct pending *p)
  * for a transport failure. */
 static void work_done(struct slot *sl, CURLcode rc, double latency);
 
+/* Pushes the outcome of a request the engine does not finish itself: status, headers, body, nil
+ * for a reply; nil, nil, nil, err for a transport failure (err as core.request gives it). */
+static void push_outcome(lua_State *co, struct slot *sl, CURLcode rc)
+{
+    if (rc == CURLE_OK) {
+        lua_pushinteger(co, sl->status);
+        http_push_headers(co, &sl->headers);
+        lua_pushlstring(co, sl->reply.data ? sl->reply.data : "", sl->reply.len);
+        lua_pushnil(co);
+    } else {
+        lua_pushnil(co);
+        lua_pushnil(co);
+        lua_pushnil(co);
+        http_push_error(co, rc, sl->errbuf, sl->received, HTTP_DEFAULT_MAX_SIZE);
+    }
+}
+
 static void slot_done(struct xfer *x, CURLcode rc)
 {
     struct slot *sl = (struct slot *)(void *)((char *)x - offsetof(struct slot, xfer));
@@ -813,17 +783,7 @@ static void slot_done(struct xfer *x, CURLcode rc)
     } else {
         lua_pushboolean(co, 0);
         lua_pushnumber(co, latency);
-        if (rc == CURLE_OK) {
-            lua_pushinteger(co, sl->status);
-            http_push_headers(co, &sl->headers);
-            lua_pushlstring(co, sl->reply.data ? sl->reply.data : "", sl->reply.len);
-            lua_pushnil(co);
-        } else {
-            lua_pushnil(co);
-            lua_pushnil(co);
-            lua_pushnil(co);
-            http_push_error(co, rc, sl->errbuf, sl->received, HTTP_DEFAULT_MAX_SIZE);
-        }
+        push_outcome(co, sl, rc);
     }
     STACK_CHECK_END(co, 6);
     slot_finished(sl);
@@ -1124,17 +1084,7 @@ static void work_done(struct slot *sl, CURLcode rc, double latency)
         lua_pushlstring(co, sl->source.data ? sl->source.data : "", sl->source.len);
         lua_pushinteger(co, sl->lineno);
         lua_pushnumber(co, latency);
-        if (rc == CURLE_OK) {
-            lua_pushinteger(co, sl->status);
-            http_push_headers(co, &sl->headers);
-            lua_pushlstring(co, sl->reply.data ? sl->reply.data : "", sl->reply.len);
-            lua_pushnil(co);
-        } else {
-            lua_pushnil(co);
-            lua_pushnil(co);
-            lua_pushnil(co);
-            http_push_error(co, rc, sl->errbuf, sl->received, HTTP_DEFAULT_MAX_SIZE);
-        }
+        push_outcome(co, sl, rc);
         nret = 8;
     }
     STACK_CHECK_END(co, nret);
@@ -1145,70 +1095,52 @@ static void work_done(struct slot *sl, CURLcode rc, double latency)
 
 /* ---- the first pass over an input file: ids, duplicates, the total ---------------------------- */
 
+/* The custom_id and id fields of a line (first character of each value, 0 when absent). */
+struct line_ids {
+    struct token ids[2];
+    char kinds[2];
+};
+
+static int id_member(void *ctx, struct scan *s, const struct token *key)
+{
+    struct line_ids *li = ctx;
+    struct token val;
+    char kind;
+    int i;
+
+    if (key->escaped || scan_value(s, &val, &kind) != 0)
+        return -1;
+    i = key_is(key, "custom_id") ? 0 : key_is(key, "id") ? 1 : -1;
+    if (i >= 0) {
+        if (li->kinds[i])
+            return -1; /* repeated */
+        li->kinds[i] = kind;
+        li->ids[i] = val;
+    }
+    return 0;
+}
+
 /* The id of a line when this scanner can tell it for sure: the "custom_id", else the "id", of a
  * JSON object, a string with nothing to unescape or an integer; "line-N" when it has neither.
  * Returns 1 with the id in out, 0 when Lua must decide (anything else, including invalid JSON). */
 static int fast_line_id(const char *line, size_t len, lua_Integer lineno, struct buf *out)
 {
-    struct scan s = { line, line + len, 0 };
-    struct token key;
-    struct token val;
-    struct token ids[2]; /* custom_id, id */
-    char kinds[2] = { 0, 0 };
-    char kind;
+    struct line_ids li;
     int i;
 
-    skip_ws(&s);
-    if (s.p >= s.end || *s.p != '{')
-        return 0;
-    s.p++;
-    skip_ws(&s);
-    if (s.p < s.end && *s.p == '}') {
-        s.p++;
-    } else {
-        for (;;) {
-            if (s.p >= s.end || *s.p != '"' || scan_string(&s, &key) != 0 || key.escaped)
-                return 0;
-            skip_ws(&s);
-            if (s.p >= s.end || *s.p != ':')
-                return 0;
-            s.p++;
-            skip_ws(&s);
-            if (scan_value(&s, &val, &kind) != 0)
-                return 0;
-            i = key_is(&key, "custom_id") ? 0 : key_is(&key, "id") ? 1 : -1;
-            if (i >= 0) {
-                if (kinds[i])
-                    return 0; /* repeated */
-                kinds[i] = kind;
-                ids[i] = val;
-            }
-            skip_ws(&s);
-            if (s.p < s.end && *s.p == ',') {
-                s.p++;
-                skip_ws(&s);
-                continue;
-            }
-            if (s.p >= s.end || *s.p != '}')
-                return 0;
-            s.p++;
-            break;
-        }
-    }
-    skip_ws(&s);
-    if (s.p != s.end)
+    memset(&li, 0, sizeof(li));
+    if (scan_whole_object(line, len, id_member, &li) != 0)
         return 0;
     buf_reset(out);
     for (i = 0; i < 2; i++) {
-        const struct token *v = &ids[i];
-        if (kinds[i] == 0 || kinds[i] == 'n')
+        const struct token *v = &li.ids[i];
+        if (li.kinds[i] == 0 || li.kinds[i] == 'n')
             continue; /* absent or null: the next field */
-        if (kinds[i] == '"' && !v->escaped && v->len > 2) {
+        if (li.kinds[i] == '"' && !v->escaped && v->len > 2) {
             buf_append(out, v->start + 1, v->len - 2);
             return 1;
         }
-        if (kinds[i] == '0' && v->is_int && v->len <= MAX_INT_TEXT &&
-            !(v->len == 2 && v->start[0] == '-' && v->start[1] == '0')) {
+        if (plain_int(v, li.kinds[i])) {
             buf_append(out, v->start, v->len);
             return 1;
         }

@@ -238,6 +238,21 @@ local function jnum(v, fmt)
   return format(fmt or "%.6f", v)
 end
 
+-- JSON of a flat value as cjson writes it (strings without "\/", integers below 1e14 as digits, other
+-- finite numbers as "%.14g", booleans), or nil for anything else.
+local function flat_json(v)
+  local tv = type(v)
+  if tv == "string" then return quote(v) end
+  if tv == "boolean" then return v and "true" or "false" end
+  if tv ~= "number" then return nil end
+  if math.type(v) == "integer" then
+    if v <= -1e14 or v >= 1e14 then return nil end
+    return SMALL_INT[v] or format("%d", v)
+  end
+  if v ~= v or v == huge or v == -huge then return nil end
+  return format("%.14g", v)
+end
+
 -- enc(list) for an array of flat records (the attempt list): the same bytes as cjson writes (keys in
 -- its traversal order, which is next()'s; numbers as "%.14g"), without a second pass to unescape
 -- "/". Anything else (nested values, odd numbers, not a plain array) goes to enc.
@@ -250,25 +265,8 @@ local function enc_records(list)
     if type(rec) ~= "table" or next(rec) == nil then return enc(list) end
     local fields, nf = {}, 0
     for k, v in next, rec do
-      if type(k) ~= "string" then return enc(list) end
-      local tv = type(v)
-      local text
-      if tv == "string" then
-        text = quote(v)
-      elseif tv == "number" then
-        if math.type(v) == "integer" then
-          if v <= -1e14 or v >= 1e14 then return enc(list) end
-          text = SMALL_INT[v] or format("%d", v)
-        elseif v ~= v or v == huge or v == -huge then
-          return enc(list)
-        else
-          text = format("%.14g", v)
-        end
-      elseif tv == "boolean" then
-        text = v and "true" or "false"
-      else
-        return enc(list)
-      end
+      local text = type(k) == "string" and flat_json(v)
+      if not text then return enc(list) end
       nf = nf + 1
       fields[nf] = quote(k) .. ":" .. text
     end
@@ -298,23 +296,8 @@ local function attempt_json(rec)
     local k = ATTEMPT_FIELDS[i]
     local v = rec[k]
     if v ~= nil then
-      local tv = type(v)
-      local text
-      if tv == "string" then
-        text = quote(v)
-      elseif tv == "number" then
-        if math.type(v) == "integer" then
-          text = SMALL_INT[v] or format("%d", v)
-        elseif v ~= v or v == huge or v == -huge then
-          return nil
-        else
-          text = format("%.14g", v)
-        end
-      elseif tv == "boolean" then
-        text = v and "true" or "false"
-      else
-        return nil
-      end
+      local text = flat_json(v)
+      if text == nil then return nil end
       n = n + 1
       parts[n] = ATTEMPT_FIELD[k] .. text
     end
@@ -733,6 +716,17 @@ function State:saw_429(started, retry_after)
   if now + ra > self.pause_until then self.pause_until = now + ra end
 end
 
+-- A success without a 429: after a window of them the concurrency limit grows back by one.
+function State:grow_limit()
+  if self.limit < self.max_limit then
+    self.since_increase = self.since_increase + 1
+    if self.since_increase >= self.limit then
+      self.limit = self.limit + 1
+      self.since_increase = 0
+    end
+  end
+end
+
 local function had_429(res, info)
   local list = (res and res.attempts) or (info and info.attempts)
   if info and info.status == 429 then return true, info.retry_after end
@@ -831,13 +825,7 @@ function State:run_engine(line, lineno, chat)
   end
   -- a: the result line after its id, b: latency, c, d, e: prompt, completion, total tokens
   self:emit(nil, '{"id":"' .. self:next_req_id() .. '"' .. a, true)
-  if self.limit < self.max_limit then
-    self.since_increase = self.since_increase + 1
-    if self.since_increase >= self.limit then
-      self.limit = self.limit + 1
-      self.since_increase = 0
-    end
-  end
+  self:grow_limit()
   local p, q = c or 0, d or 0
   self.prompt_tokens = self.prompt_tokens + p
   self.completion_tokens = self.completion_tokens + q
@@ -888,13 +876,7 @@ function State:run_item(item, chat)
     local limited, ra = had_429(res, info)
     if limited then self:saw_429(started, ra) end
     if res then
-      if not limited and self.limit < self.max_limit then
-        self.since_increase = self.since_increase + 1
-        if self.since_increase >= self.limit then
-          self.limit = self.limit + 1
-          self.since_increase = 0
-        end
-      end
+      if not limited then self:grow_limit() end
       if self.tpm and res.usage and res.usage.total_tokens then
         self.tpm_next = self.tpm_next + (res.usage.total_tokens - item.token_estimate) * 60 / self.tpm
       end

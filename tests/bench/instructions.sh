@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # instructions.sh: user-space instructions per request, counted by valgrind's callgrind, for the
 # libcurl driver, the C host alone (tests/bench/core_loop.lua), the least a Lua batch loop can do
-# (tests/bench/lean_loop.lua) and `aigate batch` (lines that go by their model's lane, and lines with a
-# system message, which take the general aigate.chat path).
+# (tests/bench/lean_loop.lua) and `aigate batch` on three kinds of line: short-form lines (the C
+# engine), lines with a messages array (the model's lane, in Lua) and lines with a system message
+# (the general aigate.chat path).
 # Unlike CPU time these counts do not move between runs, so they show what a change costs or saves.
 # Each figure is the difference between a run of N1 and of N2 requests, divided by N2 - N1, so
 # start-up costs cancel out. Kernel time (the sockets) is not counted. Needs valgrind.
@@ -48,6 +49,7 @@ MODEL=workers-ai/@cf/meta/llama-3.3-70b-instruct-fp8-fast
 
 for n in "$N1" "$N2"; do
     awk -v n="$n" 'BEGIN { for (i = 1; i <= n; i++) printf "{\"id\":\"r%d\",\"prompt\":\"Say hello.\"}\n", i }' > "$TMP/lane$n.jsonl"
+    awk -v n="$n" 'BEGIN { for (i = 1; i <= n; i++) printf "{\"id\":\"r%d\",\"messages\":[{\"role\":\"user\",\"content\":\"Say hello.\"}]}\n", i }' > "$TMP/messages$n.jsonl"
     awk -v n="$n" 'BEGIN { for (i = 1; i <= n; i++) printf "{\"id\":\"r%d\",\"prompt\":\"Say hello.\",\"system\":\"Be brief.\"}\n", i }' > "$TMP/general$n.jsonl"
 done
 
@@ -69,8 +71,8 @@ per_request() {
     local label=$1
     shift
     local a b
-    a=$(count $(echo "$@" | sed "s/@N/$N1/g"))
-    b=$(count $(echo "$@" | sed "s/@N/$N2/g"))
+    a=$(count $(echo "$@" | sed "s/@N/$N1/g")) || exit 1
+    b=$(count $(echo "$@" | sed "s/@N/$N2/g")) || exit 1
     awk -v l="$label" -v a="$a" -v b="$b" -v n=$((N2 - N1)) 'BEGIN { printf "| %-46s | %9.0f |\n", l, (b - a) / n }'
 }
 
@@ -81,5 +83,6 @@ echo "|------------------------------------------------|-----------|"
 per_request "libcurl driver" "$BENCH/libcurl_driver" "$URL" @N "$C"
 per_request "aigate, C host alone (core_loop.lua)" "$AIGATE" run "$BENCH/core_loop.lua" "$URL" @N "$C"
 per_request "aigate, a bare Lua batch loop (lean_loop.lua)" "$AIGATE" run "$BENCH/lean_loop.lua" "$URL" "$TMP/lane@N.jsonl" "$TMP/lean.jsonl" "$C"
-per_request "aigate batch, lines by their model's lane" "$AIGATE" batch "$TMP/lane@N.jsonl" -o "$TMP/out.jsonl" -j "$C" -m "$MODEL" -q --overwrite
+per_request "aigate batch, short-form lines (the engine)" "$AIGATE" batch "$TMP/lane@N.jsonl" -o "$TMP/out.jsonl" -j "$C" -m "$MODEL" -q --overwrite
+per_request "aigate batch, messages lines (the model's lane)" "$AIGATE" batch "$TMP/messages@N.jsonl" -o "$TMP/out.jsonl" -j "$C" -m "$MODEL" -q --overwrite
 per_request "aigate batch, lines through aigate.chat" "$AIGATE" batch "$TMP/general@N.jsonl" -o "$TMP/out.jsonl" -j "$C" -m "$MODEL" -q --overwrite

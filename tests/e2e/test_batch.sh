@@ -194,14 +194,20 @@ expect_eq "dry run: rendered requests, credentials hidden" "$(lua_on '
 expect_no_match "dry run: no secret" "$OUT" "tok-SECRET-123"
 
 # ---- kill -9 at several points, then --resume: every id exactly once ---------------------------------
+# kill_three_times ARGS...: runs `aigate batch ARGS... --resume` three times, each killed with -9
+# after 0.3, 0.5 and 0.7 s.
+kill_three_times() {
+    local delay pid
+    for delay in 0.3 0.5 0.7; do
+        "$AIGATE" batch "$@" -q --resume 2> /dev/null &
+        pid=$!
+        sleep "$delay"
+        kill -9 "$pid" 2> /dev/null
+        wait "$pid" 2> /dev/null
+    done
+}
 gen 300 mock/slow-100 k.jsonl
-for delay in 0.3 0.5 0.7; do
-    "$AIGATE" batch k.jsonl -o k_out.jsonl -j 16 -q --resume 2> /dev/null &
-    pid=$!
-    sleep "$delay"
-    kill -9 "$pid" 2> /dev/null
-    wait "$pid" 2> /dev/null
-done
+kill_three_times k.jsonl -o k_out.jsonl -j 16
 partial=$(wc -l < k_out.jsonl | tr -d ' ')
 # simulate a torn last line, as a kill in the middle of a write leaves
 printf '{"id":"batch_req_torn","custom_id":"r29' >> k_out.jsonl
@@ -247,13 +253,7 @@ expect_eq "SIGINT then --resume: every id once" "$RC:$(ids_once int_out.jsonl 20
 # The same guarantees with the engine reading the file itself: kill -9 then --resume, SIGINT, bad
 # lines mixed in, standard input (the engine sends lines Lua reads).
 awk 'BEGIN { for (i = 1; i <= 300; i++) printf "{\"id\":\"r%d\",\"prompt\":\"p%d\"}\n", i, i }' > ke.jsonl
-for delay in 0.3 0.5 0.7; do
-    "$AIGATE" batch ke.jsonl -o ke_out.jsonl -m mock/slow-100 -j 16 -q --resume 2> /dev/null &
-    pid=$!
-    sleep "$delay"
-    kill -9 "$pid" 2> /dev/null
-    wait "$pid" 2> /dev/null
-done
+kill_three_times ke.jsonl -o ke_out.jsonl -m mock/slow-100 -j 16
 partial=$(wc -l < ke_out.jsonl | tr -d ' ')
 printf '{"id":"batch_req_torn","custom_id":"r29' >> ke_out.jsonl
 batch ke.jsonl -o ke_out.jsonl -m mock/slow-100 -j 32 --resume
