@@ -4,8 +4,8 @@
 # then again against an upstream that answers after 50 ms, and once at concurrency 1000 for memory per
 # request in flight. Prints a table: req/s, CPU µs per request and peak RSS of each (getrusage of the
 # child, by ./measure), the ratios, and the targets of issue 4. Loopback only.
-# Knobs: BENCH_N (default 100000), BENCH_C (64), BENCH_DELAY_N (20480), BENCH_DELAY_C (256),
-# BENCH_MEM_C (1000), AIGATE_BIN (./aigate). Run by `make bench` (which builds everything first).
+# Knobs: BENCH_N (default 100000), BENCH_C (64), BENCH_REPEAT (3: runs of the first pair, medians
+# kept), BENCH_DELAY_N (20480), BENCH_DELAY_C (256), BENCH_MEM_C (1000), AIGATE_BIN (./aigate). Run by `make bench` (which builds everything first).
 cd "$(dirname "$0")/../.." || exit 2
 ROOT=$PWD
 BENCH=$ROOT/tests/bench
@@ -17,6 +17,7 @@ DN=${BENCH_DELAY_N:-20480}
 DC=${BENCH_DELAY_C:-256}
 DELAY_MS=50
 MC=${BENCH_MEM_C:-1000}
+REPEAT=${BENCH_REPEAT:-3}
 MN=$((MC * 5))
 export LC_ALL=C
 
@@ -104,14 +105,24 @@ make_input 1 "$TMP/input_one.jsonl"
 echo "aigate batch benchmark: $(nproc) CPUs, $(uname -sr), $("$AIGATE" --version)"
 echo
 
-# 1. Throughput against the instant upstream.
+# median V1 V2 ...: the middle value (the lower middle for an even count).
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+
+# 1. Throughput against the instant upstream: driver and aigate in turn, REPEAT times each, the median
+# of each figure kept (CPU time on a shared 2-core machine moves by tens of percent from minute to
+# minute; alternating the two keeps them under the same conditions).
 start_upstream 0
 aigate_env
-measure curl "$BENCH/libcurl_driver" "$URL" "$N" "$C"
-C_WALL=$WALL C_CPU=$CPU C_RSS=$RSS
-measure aigate "$AIGATE" batch "$TMP/input.jsonl" -o "$TMP/out.jsonl" -j "$C" -m "$MODEL" -q --overwrite
-A_WALL=$WALL A_CPU=$CPU A_RSS=$RSS
-check_results aigate "$TMP/out.jsonl" "$N"
+CW=() CC=() CR=() AW=() AC=() AR=()
+for _ in $(seq 1 "$REPEAT"); do
+    measure curl "$BENCH/libcurl_driver" "$URL" "$N" "$C"
+    CW+=("$WALL") CC+=("$CPU") CR+=("$RSS")
+    measure aigate "$AIGATE" batch "$TMP/input.jsonl" -o "$TMP/out.jsonl" -j "$C" -m "$MODEL" -q --overwrite
+    AW+=("$WALL") AC+=("$CPU") AR+=("$RSS")
+    check_results aigate "$TMP/out.jsonl" "$N"
+done
+C_WALL=$(median "${CW[@]}") C_CPU=$(median "${CC[@]}") C_RSS=$(median "${CR[@]}")
+A_WALL=$(median "${AW[@]}") A_CPU=$(median "${AC[@]}") A_RSS=$(median "${AR[@]}")
 
 # 2. Against the 50 ms upstream.
 start_upstream "$DELAY_MS"
