@@ -73,13 +73,13 @@ per_request() {
     local a b
     a=$(count $(echo "$@" | sed "s/@N/$N1/g")) || exit 1
     b=$(count $(echo "$@" | sed "s/@N/$N2/g")) || exit 1
-    awk -v l="$label" -v a="$a" -v b="$b" -v n=$((N2 - N1)) 'BEGIN { printf "| %-46s | %9.0f |\n", l, (b - a) / n }'
+    awk -v l="$label" -v a="$a" -v b="$b" -v n=$((N2 - N1)) 'BEGIN { printf "| %-47s | %9.0f |\n", l, (b - a) / n }'
 }
 
 echo "instructions per request (callgrind, user space), $C in flight, $N2 - $N1 requests"
 echo
-echo "| run                                            | instr/req |"
-echo "|------------------------------------------------|-----------|"
+echo "| run                                             | instr/req |"
+echo "|-------------------------------------------------|-----------|"
 per_request "libcurl driver" "$BENCH/libcurl_driver" "$URL" @N "$C"
 per_request "aigate, C host alone (core_loop.lua)" "$AIGATE" run "$BENCH/core_loop.lua" "$URL" @N "$C"
 per_request "aigate, a bare Lua batch loop (lean_loop.lua)" "$AIGATE" run "$BENCH/lean_loop.lua" "$URL" "$TMP/lane@N.jsonl" "$TMP/lean.jsonl" "$C"
