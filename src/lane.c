@@ -834,6 +834,27 @@ static void slot_free(struct slot *sl)
     free(sl);
 }
 
+/* A slot for a new request: a free one, else a new one (NULL when out of memory). */
+static struct slot *slot_take(struct lane *ln)
+{
+    struct slot *sl = ln->free;
+
+    if (sl) {
+        ln->free = sl->next;
+        return sl;
+    }
+    return slot_new(ln);
+}
+
+/* A request is in flight: while any is, the lane (at index 1 of L) keeps itself alive. */
+static void lane_hold(lua_State *L, struct lane *ln)
+{
+    if (ln->inflight++ == 0) {
+        lua_pushvalue(L, 1);
+        ln->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    }
+}
+
 /* ---- working through an input file ----------------------------------------------------------- */
 
 #define READ_BLOCK 65536
@@ -1357,34 +1378,15 @@ static int lane_stage(lua_State *L)
         lua_pushnil(L);
         return 1;
     }
-    sl = ln->staged;
-    if (sl == NULL) {
-        sl = ln->free;
-        if (sl)
-            ln->free = sl->next;
-        else
-            sl = slot_new(ln);
-        if (sl == NULL)
-            return luaL_error(L, "out of memory");
-        ln->staged = sl;
-    }
-    buf_reset(&sl->body);
-    buf_append(&sl->body, ln->prefix.data, ln->prefix.len);
-    APPEND_LIT(&sl->body, "[{\"content\":");
-    buf_append(&sl->body, prompt.start, prompt.len);
-    APPEND_LIT(&sl->body, ",\"role\":\"user\"}]");
-    buf_append(&sl->body, ln->suffix.data, ln->suffix.len);
-    sl->lineno = lineno;
-    buf_reset(&sl->id_json);
-    if (id.is_string) {
-        buf_append(&sl->id_json, id.start, id.len);
+    sl = ln->staged ? ln->staged : slot_take(ln);
+    if (sl == NULL)
+        return luaL_error(L, "out of memory");
+    ln->staged = sl;
+    slot_fill(ln, sl, &id, &prompt, lineno);
+    if (id.is_string)
         lua_pushlstring(L, id.start + 1, id.len - 2);
-    } else {
-        buf_append_char(&sl->id_json, '"');
-        buf_append(&sl->id_json, id.start, id.len);
-        buf_append_char(&sl->id_json, '"');
+    else
         lua_pushlstring(L, id.start, id.len);
-    }
     return 1;
 }
 
@@ -1398,16 +1400,8 @@ static int lane_send(lua_State *L)
     if (sl == NULL)
         return luaL_error(L, "lane:send: no line staged");
     ln->staged = NULL;
-    buf_reset(&sl->reply);
-    buf_reset(&sl->headers);
-    sl->status = 0;
-    sl->received = 0;
-    sl->errbuf[0] = '\0';
     sl->task = t;
-    curl_easy_setopt(sl->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)sl->body.len);
-    curl_easy_setopt(sl->easy, CURLOPT_POSTFIELDS, sl->body.data);
-    sl->t0 = now_seconds();
-    if (http_client_add(sl->easy) != 0) {
+    if (slot_start(sl) != 0) {
         slot_release(sl);
         lua_pushboolean(L, 0);
         lua_pushnumber(L, 0);
@@ -1417,10 +1411,7 @@ static int lane_send(lua_State *L)
         lua_pushstring(L, "error: cannot start the transfer");
         return 6;
     }
-    if (ln->inflight++ == 0) {
-        lua_pushvalue(L, 1);
-        ln->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    }
+    lane_hold(L, ln);
     lua_settop(L, 0);
     return task_yield(L, t, &sl->pending);
 }
@@ -1523,11 +1514,7 @@ static int lane_work(lua_State *L)
 
     if (ln->rd.in == NULL)
         return luaL_error(L, "lane:work: no input attached");
-    sl = ln->free;
-    if (sl)
-        ln->free = sl->next;
-    else
-        sl = slot_new(ln);
+    sl = slot_take(ln);
     if (sl == NULL)
         return luaL_error(L, "out of memory");
     sl->task = t;
@@ -1539,10 +1526,7 @@ static int lane_work(lua_State *L)
         slot_release(sl);
         return nret;
     }
-    if (ln->inflight++ == 0) {
-        lua_pushvalue(L, 1);
-        ln->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    }
+    lane_hold(L, ln);
     lua_settop(L, 0);
     return task_yield(L, t, &sl->pending);
 }
