@@ -135,6 +135,10 @@ static int scan_string(struct scan *s, struct token *tok)
     tok->is_int = 0;
     while (p < s->end) {
         unsigned char c = (unsigned char)*p;
+        if (c > '\\' && c != 0x7f) {
+            p++; /* the usual byte: letters, most punctuation, UTF-8 */
+            continue;
+        }
         if (c == '"') {
             s->p = p + 1;
             tok->len = (size_t)(s->p - tok->start);
