@@ -294,6 +294,8 @@ expect_eq "engine: mixed lines: results" "$(lua_on '
 
 "$AIGATE" batch - -m openai/gpt-4o -j 8 -q < ke.jsonl > stdin_e.jsonl 2> "$TMP/err"
 expect_eq "engine: stdin to stdout: exit 0, every id once" "$?:$(ids_once stdin_e.jsonl 300)" "0:ok"
+"$AIGATE" batch ke.jsonl -m openai/gpt-4o -j 8 -q > file_e.jsonl 2> "$TMP/err"
+expect_eq "engine: a file to stdout: exit 0, every id once" "$?:$(ids_once file_e.jsonl 300)" "0:ok"
 
 # ---- 429 storm: the batch slows down, honours Retry-After, the rest succeeds ------------------------------
 awk 'BEGIN { for (i = 1; i <= 30; i++) printf "{\"id\":\"r%d\",\"prompt\":\"p\",\"model\":\"%s\"}\n", i, (i <= 6) ? "mock/rate-limit" : "openai/gpt-4o" }' > rl.jsonl
