@@ -1233,12 +1233,20 @@ function M.run(opts)
     st:sync_engine()
     local now = core.now()
     if st.dirty then
-      out:flush()
+      local ok, err = out:flush()
+      if not ok then -- a full disk, a closed pipe: stop, as results could not be kept
+        st.output_error, st.abort = tostring(err), 2
+        break
+      end
       st.dirty = false
       synced_dirty = true
     end
     if synced_dirty and not to_stdout and now - last_sync >= M.FSYNC_INTERVAL then
-      core.fsync(out)
+      local ok, err = core.fsync(out)
+      if not ok then
+        st.output_error, st.abort = tostring(err), 2
+        break
+      end
       last_sync, synced_dirty = now, false
     end
     if show_progress and now - last_progress >= every then
@@ -1253,17 +1261,24 @@ function M.run(opts)
   end
   st:sync_engine()
   if st.engine_work then st.engine_work:detach() end
-  out:flush()
+  local done_ok, done_err = out:flush()
+  if done_ok and not to_stdout then done_ok, done_err = core.fsync(out) end
   if not to_stdout then
-    core.fsync(out)
-    out:close()
+    local closed, cerr = out:close()
+    if done_ok and not closed then done_ok, done_err = closed, cerr end
   end
+  if not done_ok and not st.output_error then st.output_error, st.abort = tostring(done_err), 2 end
   if input and not from_stdin then input:close() end
   if show_progress and tty then io.stderr:write("\r\27[K") io.stderr:flush() end
   if st.abort then
     st.unfinished = st.unfinished + st.active
   end
   if not opts.quiet then eprint(st:summary(core.now() - st.t0)) end
+  if st.output_error then
+    eprint("aigate: batch: cannot write the output: ", st.output_error, "; the results written before it are kept:",
+      " fix the problem and run again with --resume")
+    return 2
+  end
   if st.abort then
     eprint("aigate: batch: aborted; ", st.active, " requests in flight were dropped: run again with --resume")
     return st.abort

@@ -297,6 +297,17 @@ expect_eq "engine: stdin to stdout: exit 0, every id once" "$?:$(ids_once stdin_
 "$AIGATE" batch ke.jsonl -m openai/gpt-4o -j 8 -q > file_e.jsonl 2> "$TMP/err"
 expect_eq "engine: a file to stdout: exit 0, every id once" "$?:$(ids_once file_e.jsonl 300)" "0:ok"
 
+# ---- an output that cannot be written (a full disk) stops the batch with exit 2, engine or not -------
+for how in engine lanes; do
+    if [ "$how" = engine ]; then
+        "$AIGATE" batch ke.jsonl -m openai/gpt-4o -j 8 -q > /dev/full 2> "$TMP/err"
+    else
+        "$AIGATE" batch in50.jsonl -j 8 -q > /dev/full 2> "$TMP/err"
+    fi
+    expect_eq "output not writable ($how): exit 2" "$?" 2
+    expect_match "output not writable ($how): says so" "$(cat "$TMP/err")" "cannot write the output: No space left on device.*--resume"
+done
+
 # ---- 429 storm: the batch slows down, honours Retry-After, the rest succeeds ------------------------------
 awk 'BEGIN { for (i = 1; i <= 30; i++) printf "{\"id\":\"r%d\",\"prompt\":\"p\",\"model\":\"%s\"}\n", i, (i <= 6) ? "mock/rate-limit" : "openai/gpt-4o" }' > rl.jsonl
 start=$(date +%s.%N)
