@@ -462,4 +462,38 @@ cases.lanes_are_refused_for_routes_and_hooks = function()
   t.eq(select(2, aigate.lane(nil)), "no model")
 end
 
+-- The first pass in C (core.scan_ids): ids as batch.line_id gives them (custom_id first; escapes,
+-- invalid JSON and other shapes decided by line_id itself), blank lines left out, oversize lines as
+-- line-N, duplicates named with both lines, ids already done counted apart.
+cases.first_pass_in_c = function()
+  local core = require("aigate.core")
+  local lines = {
+    '{"id":"a","prompt":"x"}',
+    '   ',
+    '{"custom_id":"b","id":"zz"}',
+    '{"id":"a"}',
+    '{"id":"c\\u0041"}',
+    'not json',
+    '{"id": 12}',
+    '{"x":1}',
+    '{"id":"' .. string.rep("y", 100) .. '"}',
+    '{"id":"cA"}',
+    '{"custom_id":null,"id":-7}',
+  }
+  local dir = t.tmpdir()
+  local path = t.write(dir, "ids.jsonl", table.concat(lines, "\n"))
+  local total, skipped, ndup, dups = core.scan_ids(path, 64, { b = "ok" }, batch.line_id)
+  t.eq({ total, skipped, ndup }, { 7, 1, 2 })
+  t.eq(dups, { "id 'a' on lines 1 and 4", "id 'cA' on lines 5 and 10" })
+  -- each id is the one line_id gives
+  for i, l in ipairs(lines) do
+    if i ~= 2 and i ~= 9 then
+      local one = t.write(dir, "one.jsonl", string.rep("\n", i - 1) .. l .. "\n")
+      local n1, _, _, _ = core.scan_ids(one, 64, { [batch.line_id(l, i)] = "ok" }, batch.line_id)
+      t.eq(n1, 0, "line " .. i .. " has id " .. batch.line_id(l, i))
+    end
+  end
+  t.eq(select(2, core.scan_ids(dir .. "/missing.jsonl", 64, nil, batch.line_id)):match("No such file") ~= nil, true)
+end
+
 return cases
