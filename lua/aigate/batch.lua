@@ -1090,41 +1090,44 @@ function M.run(opts)
 
   -- The existing output: refuse to clobber it, or resume from it.
   local resuming = opts.resume or opts.retry_failed
-  if not to_stdout then
+  if not to_stdout and not resuming then
+    -- Only whether it is empty matters: no need to read what --overwrite replaces (it may be large).
+    local f = io.open(opts.output, "rb")
+    local size = f and f:seek("end") or 0
+    if f then f:close() end
+    if size > 0 and not opts.overwrite then
+      eprint("aigate: batch: the output '", opts.output, "' exists and is not empty: --resume continues it, ",
+        "--overwrite starts again")
+      return 2
+    end
+  elseif not to_stdout then
     local scan = M.scan_output(opts.output)
     if scan then
-      if not resuming and not opts.overwrite and (scan.good_end > 0 or scan.torn > 0) then
-        eprint("aigate: batch: the output '", opts.output, "' exists and is not empty: --resume continues it, ",
-          "--overwrite starts again")
-        return 2
+      if opts.retry_failed and scan.failed > 0 then
+        local ok, err = M.drop_failed(opts.output)
+        if not ok then
+          eprint("aigate: batch: cannot rewrite '", opts.output, "': ", tostring(err))
+          return 2
+        end
+        for id, v in pairs(scan.done) do
+          if v == "failed" then scan.done[id] = nil end
+        end
+        scan.failed = 0
+      elseif scan.torn > 0 then
+        local ok, err = core.truncate(opts.output, scan.good_end)
+        if not ok then
+          eprint("aigate: batch: cannot drop the torn last line of '", opts.output, "': ", tostring(err))
+          return 2
+        end
       end
-      if resuming then
-        if opts.retry_failed and scan.failed > 0 then
-          local ok, err = M.drop_failed(opts.output)
-          if not ok then
-            eprint("aigate: batch: cannot rewrite '", opts.output, "': ", tostring(err))
-            return 2
-          end
-          for id, v in pairs(scan.done) do
-            if v == "failed" then scan.done[id] = nil end
-          end
-          scan.failed = 0
-        elseif scan.torn > 0 then
-          local ok, err = core.truncate(opts.output, scan.good_end)
-          if not ok then
-            eprint("aigate: batch: cannot drop the torn last line of '", opts.output, "': ", tostring(err))
-            return 2
-          end
-        end
-        if not opts.quiet and scan.torn > 0 then
-          eprint("aigate: batch: dropped a torn last line (", scan.torn, " bytes) from '", opts.output, "'")
-        end
-        if scan.bad > 0 then
-          eprint("aigate: batch: warning: ", scan.bad, " lines of '", opts.output, "' are not results; left as they are")
-        end
-        st.done = scan.done
-        st.prior_failed = scan.failed
+      if not opts.quiet and scan.torn > 0 then
+        eprint("aigate: batch: dropped a torn last line (", scan.torn, " bytes) from '", opts.output, "'")
       end
+      if scan.bad > 0 then
+        eprint("aigate: batch: warning: ", scan.bad, " lines of '", opts.output, "' are not results; left as they are")
+      end
+      st.done = scan.done
+      st.prior_failed = scan.failed
     end
   end
 
