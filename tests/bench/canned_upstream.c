@@ -3,8 +3,10 @@
  * with the same small chat.completion JSON, optionally after a fixed delay, so that a client's cost per
  * request can be measured without a real model behind it.
  *
- * Usage: canned_upstream PORT [DELAY_MS]   (PORT 0: any free port). Prints "listening PORT" on stdout
- * once it accepts connections, then serves until killed. Used by tests/bench/run.sh.
+ * Usage: canned_upstream PORT [DELAY_MS [LOG]]   (PORT 0: any free port). Prints "listening PORT" on
+ * stdout once it accepts connections, then serves until killed. With LOG, the first request received
+ * (method, URI, headers but Host, body) is written to that file, for checking that two clients send
+ * the same request. Used by tests/bench/run.sh.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,6 +22,7 @@
 #include <event2/event.h>
 #include <event2/http.h>
 #include <event2/keyvalq_struct.h>
+#include <event2/util.h>
 
 static const char reply_body[] =
     "{\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion\",\"created\":1700000000,"
@@ -30,6 +33,7 @@ static const char reply_body[] =
 static struct event_base *base;
 static struct timeval delay;
 static int delayed;
+static const char *log_path; /* NULL once the first request is logged */
 
 struct pending_reply {
     struct evhttp_request *req;
@@ -69,12 +73,41 @@ static void no_delay(struct evhttp_request *req)
         setsockopt(bufferevent_getfd(bev), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 }
 
+/* Writes the first request to log_path: "METHOD URI", the headers in the order received (Host left
+ * out: its port differs), a blank line and the body. */
+static void log_request(struct evhttp_request *req)
+{
+    struct evkeyvalq *headers = evhttp_request_get_input_headers(req);
+    struct evbuffer *body = evhttp_request_get_input_buffer(req);
+    struct evkeyval *h;
+    FILE *f = fopen(log_path, "w");
+    size_t n;
+    char *data;
+
+    log_path = NULL;
+    if (f == NULL)
+        return;
+    fprintf(f, "%s %s\n", evhttp_request_get_command(req) == EVHTTP_REQ_POST ? "POST" : "OTHER",
+            evhttp_request_get_uri(req));
+    for (h = headers->tqh_first; h; h = h->next.tqe_next)
+        if (evutil_ascii_strcasecmp(h->key, "Host") != 0)
+            fprintf(f, "%s: %s\n", h->key, h->value);
+    fputc('\n', f);
+    n = evbuffer_get_length(body);
+    data = (char *)evbuffer_pullup(body, (ev_ssize_t)n);
+    if (data)
+        fwrite(data, 1, n, f);
+    fclose(f);
+}
+
 static void request_cb(struct evhttp_request *req, void *arg)
 {
     struct pending_reply *p;
 
     (void)arg;
     no_delay(req);
+    if (log_path)
+        log_request(req);
     if (!delayed) {
         send_reply(req);
         return;
@@ -98,11 +131,12 @@ int main(int argc, char **argv)
     long delay_ms;
 
     if (argc < 2) {
-        fprintf(stderr, "usage: canned_upstream PORT [DELAY_MS]\n");
+        fprintf(stderr, "usage: canned_upstream PORT [DELAY_MS [LOG]]\n");
         return 2;
     }
     port = atoi(argv[1]);
     delay_ms = argc > 2 ? atol(argv[2]) : 0;
+    log_path = argc > 3 ? argv[3] : NULL;
     delayed = delay_ms > 0;
     delay.tv_sec = delay_ms / 1000;
     delay.tv_usec = (delay_ms % 1000) * 1000;

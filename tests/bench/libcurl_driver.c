@@ -14,8 +14,14 @@
 
 #include <curl/curl.h>
 
+#ifndef AIGATE_UA
+#define AIGATE_UA "aigate/0.1.0"
+#endif
+
+/* The same request aigate batch sends for the benchmark's line (run.sh checks that the two are the
+ * same bytes, the Host port aside): its body and headers, so that both do the same work per request. */
 static const char request_body[] = "{\"messages\":[{\"content\":\"Say hello.\",\"role\":\"user\"}],"
-                                   "\"model\":\"@cf/meta/llama-3.3-70b-instruct-fp8-fast\"}";
+                                   "\"model\":\"workers-ai/@cf/meta/llama-3.3-70b-instruct-fp8-fast\"}";
 
 struct slot {
     CURL *easy;
@@ -74,8 +80,10 @@ int main(int argc, char **argv)
     }
     curl_global_init(CURL_GLOBAL_DEFAULT);
     multi = curl_multi_init();
-    headers = curl_slist_append(headers, "Content-Type: application/json");
-    headers = curl_slist_append(headers, "Authorization: Bearer bench-token");
+    headers = curl_slist_append(headers, "content-type: application/json");
+    headers = curl_slist_append(headers, "accept: application/json");
+    headers = curl_slist_append(headers, "authorization: Bearer bench-token");
+    headers = curl_slist_append(headers, "user-agent: " AIGATE_UA);
     headers = curl_slist_append(headers, "Expect:");
     slots = calloc((size_t)conc, sizeof(*slots));
     t0 = now();

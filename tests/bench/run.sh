@@ -35,10 +35,10 @@ cleanup() {
 trap cleanup EXIT
 
 # start_upstream DELAY_MS: sets UP_PID and UP_PORT.
-start_upstream() {
+start_upstream() { # DELAY_MS [LOG]
     local i
     [ -n "$UP_PID" ] && kill "$UP_PID" 2>/dev/null && wait "$UP_PID" 2>/dev/null
-    "$BENCH/canned_upstream" 0 "$1" > "$TMP/upstream.out" &
+    "$BENCH/canned_upstream" 0 "$1" ${2:+"$2"} > "$TMP/upstream.out" &
     UP_PID=$!
     for i in $(seq 1 100); do
         UP_PORT=$(awk '/^listening/ {print $2}' "$TMP/upstream.out")
@@ -103,6 +103,25 @@ make_input "$MN" "$TMP/input_mem.jsonl"
 make_input 1 "$TMP/input_one.jsonl"
 
 echo "aigate batch benchmark: $(nproc) CPUs, $(uname -sr), $("$AIGATE" --version)"
+
+# 0. The same requests: the first request of each client, as the upstream received it, must match
+# (method, URI, headers, body; the Host port aside), or the comparison below would be of other work.
+start_upstream 0 "$TMP/request_curl.txt"
+aigate_env
+"$BENCH/libcurl_driver" "$URL" 1 1 > /dev/null
+start_upstream 0 "$TMP/request_aigate.txt"
+aigate_env
+"$AIGATE" batch "$TMP/input_one.jsonl" -o "$TMP/out_check.jsonl" -j 1 -m "$MODEL" -q --overwrite
+if cmp -s "$TMP/request_curl.txt" "$TMP/request_aigate.txt"; then
+    echo "The driver and aigate send the same request:"
+    sed 's/^/    /' "$TMP/request_aigate.txt"
+    echo
+    echo
+else
+    echo "run.sh: the driver and aigate send different requests:" >&2
+    diff "$TMP/request_curl.txt" "$TMP/request_aigate.txt" >&2
+    INVALID=1
+fi
 echo
 
 # median V1 V2 ...: the middle value (the lower middle for an even count).
