@@ -105,21 +105,35 @@ make_input 1 "$TMP/input_one.jsonl"
 echo "aigate batch benchmark: $(nproc) CPUs, $(uname -sr), $("$AIGATE" --version)"
 
 # 0. The same requests: the first request of each client, as the upstream received it, must match
-# (method, URI, headers, body; the Host port aside), or the comparison below would be of other work.
+# (method, URI, headers in any order, body; the Host port aside), or the comparison below would be
+# of other work.
 start_upstream 0 "$TMP/request_curl.txt"
 aigate_env
 "$BENCH/libcurl_driver" "$URL" 1 1 > /dev/null
 start_upstream 0 "$TMP/request_aigate.txt"
 aigate_env
 "$AIGATE" batch "$TMP/input_one.jsonl" -o "$TMP/out_check.jsonl" -j 1 -m "$MODEL" -q --overwrite
-if cmp -s "$TMP/request_curl.txt" "$TMP/request_aigate.txt"; then
-    echo "The driver and aigate send the same request:"
-    sed 's/^/    /' "$TMP/request_aigate.txt"
+# normal_request FILE: the request line, the headers sorted (their order carries no meaning), the body.
+normal_request() {
+    awk 'NR == 1 { print; next } !body && $0 == "" { body = 1; n = asorted(); next }
+        !body { h[++nh] = $0; next } { print }
+        function asorted(   i, j, t) {
+            for (i = 2; i <= nh; i++) for (j = i; j > 1 && h[j - 1] > h[j]; j--) { t = h[j]; h[j] = h[j - 1]; h[j - 1] = t }
+            for (i = 1; i <= nh; i++) print h[i]
+            print ""
+            return nh
+        }' "$1"
+}
+normal_request "$TMP/request_curl.txt" > "$TMP/request_curl.norm"
+normal_request "$TMP/request_aigate.txt" > "$TMP/request_aigate.norm"
+if cmp -s "$TMP/request_curl.norm" "$TMP/request_aigate.norm"; then
+    echo "The driver and aigate send the same request (headers sorted):"
+    sed 's/^/    /' "$TMP/request_aigate.norm"
     echo
     echo
 else
     echo "run.sh: the driver and aigate send different requests:" >&2
-    diff "$TMP/request_curl.txt" "$TMP/request_aigate.txt" >&2
+    diff "$TMP/request_curl.norm" "$TMP/request_aigate.norm" >&2
     INVALID=1
 fi
 echo
