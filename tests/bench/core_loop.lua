@@ -6,8 +6,9 @@ local core = require "aigate.core"
 local url, n, conc = arg[1], tonumber(arg[2]), tonumber(arg[3])
 local opts = {
   url = url,
-  body = '{"messages":[{"content":"Say hello.","role":"user"}],"model":"@cf/meta/llama-3.3-70b-instruct-fp8-fast"}',
-  headers = { ["content-type"] = "application/json", authorization = "Bearer bench-token" },
+  body = '{"messages":[{"content":"Say hello.","role":"user"}],"model":"workers-ai/@cf/meta/llama-3.3-70b-instruct-fp8-fast"}',
+  headers = { ["content-type"] = "application/json", accept = "application/json",
+    authorization = "Bearer bench-token", ["user-agent"] = "aigate/" .. core.version },
 }
 local left = n
 local tasks = {}

@@ -10,10 +10,11 @@ local quote = require("aigate.client").json.quote
 local url, input, output, conc = arg[1], arg[2], arg[3], tonumber(arg[4])
 local opts = {
   url = url,
-  headers = { ["content-type"] = "application/json", authorization = "Bearer bench-token" },
+  headers = { ["content-type"] = "application/json", accept = "application/json",
+    authorization = "Bearer bench-token", ["user-agent"] = "aigate/" .. core.version },
 }
 local prefix = '{"messages":[{"content":'
-local suffix = ',"role":"user"}],"model":"@cf/meta/llama-3.3-70b-instruct-fp8-fast"}'
+local suffix = ',"role":"user"}],"model":"workers-ai/@cf/meta/llama-3.3-70b-instruct-fp8-fast"}'
 local reader = jsonl.reader(assert(io.open(input, "rb")), 1 << 20)
 local out = assert(io.open(output, "wb"))
 out:setvbuf("full", 1 << 16)
