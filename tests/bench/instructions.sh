@@ -9,43 +9,16 @@
 # start-up costs cancel out. Kernel time (the sockets) is not counted. Needs valgrind.
 # Knobs: BENCH_I_N1 (1000), BENCH_I_N2 (5000), BENCH_I_C (64), AIGATE_BIN (./aigate).
 cd "$(dirname "$0")/../.." || exit 2
-ROOT=$PWD
-BENCH=$ROOT/tests/bench
-AIGATE=${AIGATE_BIN:-./aigate}
-case "$AIGATE" in /*) ;; *) AIGATE="$ROOT/${AIGATE#./}" ;; esac
+NAME=instructions.sh
+. tests/bench/lib.sh
 N1=${BENCH_I_N1:-1000}
 N2=${BENCH_I_N2:-5000}
 C=${BENCH_I_C:-64}
-export LC_ALL=C
 
 command -v valgrind > /dev/null || { echo "instructions.sh: needs valgrind (apt-get install valgrind)" >&2; exit 2; }
-for b in canned_upstream libcurl_driver; do
-    [ -x "$BENCH/$b" ] || { echo "instructions.sh: $BENCH/$b is missing: run 'make -C tests/bench'" >&2; exit 2; }
-done
-[ -x "$AIGATE" ] || { echo "instructions.sh: $AIGATE is missing: run 'make aigate'" >&2; exit 2; }
-
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/aigate-bench-i.XXXXXX")
-UP_PID=""
-cleanup() {
-    [ -n "$UP_PID" ] && kill "$UP_PID" 2>/dev/null && wait "$UP_PID" 2>/dev/null
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-
-"$BENCH/canned_upstream" 0 > "$TMP/upstream.out" &
-UP_PID=$!
-for _ in $(seq 1 100); do
-    PORT=$(awk '/^listening/ {print $2}' "$TMP/upstream.out")
-    [ -n "$PORT" ] && break
-    sleep 0.05
-done
-[ -n "$PORT" ] || { echo "instructions.sh: the canned upstream did not start" >&2; exit 2; }
-export CLOUDFLARE_ACCOUNT_ID=bench CLOUDFLARE_API_TOKEN=bench-token
-export AIGATE_BASE_URL="http://127.0.0.1:$PORT/v1/bench/gw/compat"
-export XDG_CONFIG_HOME="$TMP/xdg"
-unset CLOUDFLARE_GATEWAY_ID CLOUDFLARE_AI_GATEWAY_ID
-URL="$AIGATE_BASE_URL/chat/completions"
-MODEL=workers-ai/@cf/meta/llama-3.3-70b-instruct-fp8-fast
+require_bins canned_upstream libcurl_driver
+start_upstream 0
+aigate_env
 
 for n in "$N1" "$N2"; do
     awk -v n="$n" 'BEGIN { for (i = 1; i <= n; i++) printf "{\"id\":\"r%d\",\"prompt\":\"Say hello.\"}\n", i }' > "$TMP/lane$n.jsonl"

@@ -7,10 +7,8 @@
 # Knobs: BENCH_N (default 100000), BENCH_C (64), BENCH_REPEAT (3: runs of the first pair, medians
 # kept), BENCH_DELAY_N (20480), BENCH_DELAY_C (256), BENCH_MEM_C (1000), AIGATE_BIN (./aigate). Run by `make bench` (which builds everything first).
 cd "$(dirname "$0")/../.." || exit 2
-ROOT=$PWD
-BENCH=$ROOT/tests/bench
-AIGATE=${AIGATE_BIN:-./aigate}
-case "$AIGATE" in /*) ;; *) AIGATE="$ROOT/${AIGATE#./}" ;; esac
+NAME=run.sh
+. tests/bench/lib.sh
 N=${BENCH_N:-100000}
 C=${BENCH_C:-64}
 DN=${BENCH_DELAY_N:-20480}
@@ -19,35 +17,7 @@ DELAY_MS=50
 MC=${BENCH_MEM_C:-1000}
 REPEAT=${BENCH_REPEAT:-3}
 MN=$((MC * 5))
-export LC_ALL=C
-
-for b in canned_upstream libcurl_driver measure; do
-    [ -x "$BENCH/$b" ] || { echo "run.sh: $BENCH/$b is missing: run 'make -C tests/bench'" >&2; exit 2; }
-done
-[ -x "$AIGATE" ] || { echo "run.sh: $AIGATE is missing: run 'make aigate'" >&2; exit 2; }
-
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/aigate-bench.XXXXXX")
-UP_PID=""
-cleanup() {
-    [ -n "$UP_PID" ] && kill "$UP_PID" 2>/dev/null && wait "$UP_PID" 2>/dev/null
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-
-# start_upstream DELAY_MS: sets UP_PID and UP_PORT.
-start_upstream() { # DELAY_MS [LOG]
-    local i
-    [ -n "$UP_PID" ] && kill "$UP_PID" 2>/dev/null && wait "$UP_PID" 2>/dev/null
-    "$BENCH/canned_upstream" 0 "$1" ${2:+"$2"} > "$TMP/upstream.out" &
-    UP_PID=$!
-    for i in $(seq 1 100); do
-        UP_PORT=$(awk '/^listening/ {print $2}' "$TMP/upstream.out")
-        [ -n "$UP_PORT" ] && return 0
-        sleep 0.05
-    done
-    echo "run.sh: the canned upstream did not start" >&2
-    exit 2
-}
+require_bins canned_upstream libcurl_driver measure
 
 # make_input N FILE: N short-form lines.
 make_input() {
@@ -65,16 +35,6 @@ check_results() {
     fi
 }
 INVALID=0
-MODEL=workers-ai/@cf/meta/llama-3.3-70b-instruct-fp8-fast
-
-# Environment for aigate: the gateway URL pointed at the upstream, no user config.
-aigate_env() {
-    export CLOUDFLARE_ACCOUNT_ID=bench CLOUDFLARE_API_TOKEN=bench-token
-    export AIGATE_BASE_URL="http://127.0.0.1:$UP_PORT/v1/bench/gw/compat"
-    URL="$AIGATE_BASE_URL/chat/completions"
-    export XDG_CONFIG_HOME="$TMP/xdg"
-    unset CLOUDFLARE_GATEWAY_ID CLOUDFLARE_AI_GATEWAY_ID
-}
 
 # measure NAME CMD...: runs it under ./measure; sets WALL CPU RSS (seconds, seconds, KiB).
 measure() {
