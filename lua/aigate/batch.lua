@@ -596,13 +596,8 @@ function State:sync_engine()
   if n == 0 then return end
   self.ok = self.ok + n
   self.dirty = true
-  self.prompt_tokens = self.prompt_tokens + p
-  self.completion_tokens = self.completion_tokens + c
-  self.total_tokens = self.total_tokens + t
-  local m = self.engine_model
-  self.by_model[m] = (self.by_model[m] or 0) + n
-  self.by_step["0"] = (self.by_step["0"] or 0) + n
-  self.outcomes.ok = (self.outcomes.ok or 0) + n
+  self:add_ok(n, self.engine_model, "0", p, c, t)
+  self:count_outcome("ok", n)
   local hist = self.hist
   for i = 1, #lats do hist:add(lats[i]) end
 end
@@ -738,23 +733,25 @@ local function had_429(res, info)
   return false
 end
 
+-- Adds n successes of model at route step `step` (a string) and their tokens to the summary.
+function State:add_ok(n, model, step, prompt, completion, total)
+  self.prompt_tokens = self.prompt_tokens + prompt
+  self.completion_tokens = self.completion_tokens + completion
+  self.total_tokens = self.total_tokens + total
+  self.by_model[model] = (self.by_model[model] or 0) + n
+  self.by_step[step] = (self.by_step[step] or 0) + n
+end
+
 function State:record_ok(res)
-  local u = res.usage
-  if u then
-    self.prompt_tokens = self.prompt_tokens + (u.prompt_tokens or 0)
-    self.completion_tokens = self.completion_tokens + (u.completion_tokens or 0)
-    self.total_tokens = self.total_tokens + (u.total_tokens or ((u.prompt_tokens or 0) + (u.completion_tokens or 0)))
-  end
+  local u = res.usage or {}
+  local p, c = u.prompt_tokens or 0, u.completion_tokens or 0
+  self:add_ok(1, res.model or "?", tostring(res.step or 0), p, c, u.total_tokens or (p + c))
   if type(res.cost) == "number" then self.cost = self.cost + res.cost end
-  local m = res.model or "?"
-  self.by_model[m] = (self.by_model[m] or 0) + 1
-  local step = tostring(res.step or 0)
-  self.by_step[step] = (self.by_step[step] or 0) + 1
   if res.latency then self.hist:add(res.latency) end
 end
 
-function State:count_outcome(key)
-  self.outcomes[key] = (self.outcomes[key] or 0) + 1
+function State:count_outcome(key, n)
+  self.outcomes[key] = (self.outcomes[key] or 0) + (n or 1)
 end
 
 -- Fields a line may have and still go by its model's lane: its messages, nothing else.
@@ -827,12 +824,7 @@ function State:run_engine(line, lineno, chat)
   self:emit(nil, '{"id":"' .. self:next_req_id() .. '"' .. a, true)
   self:grow_limit()
   local p, q = c or 0, d or 0
-  self.prompt_tokens = self.prompt_tokens + p
-  self.completion_tokens = self.completion_tokens + q
-  self.total_tokens = self.total_tokens + (e or (p + q))
-  local m = self.engine_model
-  self.by_model[m] = (self.by_model[m] or 0) + 1
-  self.by_step["0"] = (self.by_step["0"] or 0) + 1
+  self:add_ok(1, self.engine_model, "0", p, q, e or (p + q))
   self.hist:add(b)
   self:count_outcome("ok")
 end

@@ -376,7 +376,6 @@ local function send_target(st, node, att, req, pre)
   if st.verbose then
     st.verbose(string.format("* attempt %d: %s", att.step, req.model))
   end
-  local t0 = M.now()
   local r, msg, info
   if pre then
     r, msg, info = client.send(req, pre.core)
@@ -385,6 +384,7 @@ local function send_target(st, node, att, req, pre)
       r.latency = pre.latency
     end
   else
+    local t0 = M.now()
     r, msg, info = client.send(req, M.core)
     att.latency = M.now() - t0
   end
