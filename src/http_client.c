@@ -523,8 +523,9 @@ static size_t header_cb(char *data, size_t size, size_t nitems, void *userdata)
     return len;
 }
 
-/* Hands a body piece to on_chunk. Returns 0 to go on, -1 to abort (abort_msg set). */
-static int call_on_chunk(struct transfer *tr, const char *data, size_t len)
+/* Hands a body piece to on_chunk (the first one with the reply's {status, headers}). Returns 0 to go
+ * on, -1 to abort (abort_msg set). */
+static int call_on_chunk(struct transfer *tr, const char *data, size_t len, int first)
 {
     lua_State *L = g_L;
     int rc;
@@ -533,7 +534,15 @@ static int call_on_chunk(struct transfer *tr, const char *data, size_t len)
 
     lua_rawgeti(L, LUA_REGISTRYINDEX, tr->chunk_ref);
     lua_pushlstring(L, data, len);
-    rc = pcall_traceback(L, 1, 1);
+    if (first) {
+        /* the first piece also carries the reply's head, so it can be shown before the body */
+        lua_createtable(L, 0, 2);
+        lua_pushinteger(L, tr->status);
+        lua_setfield(L, -2, "status");
+        http_push_headers(L, &tr->resp_headers);
+        lua_setfield(L, -2, "headers");
+    }
+    rc = pcall_traceback(L, first ? 2 : 1, 1);
     if (rc != LUA_OK) {
         const char *err = lua_tostring(L, -1);
         size_t n = strlen(err) + 16;
@@ -554,13 +563,16 @@ static size_t write_cb(char *data, size_t size, size_t nmemb, void *userdata)
 {
     struct transfer *tr = userdata;
     size_t len = size * nmemb;
+    int first = 0;
 
     note_progress(tr);
-    if (tr->received == 0 && tr->chunk_ref != LUA_NOREF && tr->status >= 200 && tr->status < 300)
+    if (tr->received == 0 && tr->chunk_ref != LUA_NOREF && tr->status >= 200 && tr->status < 300) {
         tr->streaming = 1;
+        first = 1;
+    }
     tr->received += len;
     if (tr->streaming)
-        return call_on_chunk(tr, data, len) == 0 ? len : 0;
+        return call_on_chunk(tr, data, len, first) == 0 ? len : 0;
     if (tr->received > tr->max_size)
         return 0;
     buf_append(&tr->body, data, len);

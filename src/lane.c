@@ -73,6 +73,7 @@ struct lane {
     struct curl_slist *headers;
     struct buf prefix, suffix;                       /* the request body around the messages */
     struct buf model_part, route_part, attempt_part; /* fixed pieces of a result line */
+    struct buf request_id_headers;                   /* "name\0name\0...": where a reply's id is, in order */
     struct slot *free;
     struct slot *staged;
     int inflight; /* slots sent and not done: while > 0 the lane keeps itself alive (self_ref) */
@@ -620,6 +621,22 @@ static void append_seconds(struct buf *b, double v, const char *fmt)
         buf_append(b, tmp, (size_t)n < sizeof(tmp) ? (size_t)n : sizeof(tmp) - 1);
 }
 
+/* The reply's request id into out: the first of the headers the lane was given (Lua's
+ * errors.REQUEST_ID_HEADERS) that the reply has with a value. Returns 1 when found. */
+static int request_id(const struct lane *ln, const struct slot *sl, struct buf *out)
+{
+    const char *p = ln->request_id_headers.data;
+    const char *end = p + ln->request_id_headers.len;
+
+    while (p && p < end) {
+        buf_reset(out);
+        if (header_value(&sl->headers, p, out) && out->len > 0)
+            return 1;
+        p += strlen(p) + 1;
+    }
+    return 0;
+}
+
 /* The result line of a success after its '{"id":"..."' (what Lua's success_line writes). */
 static void build_line(struct buf *b, const struct lane *ln, const struct slot *sl, const struct reply *r,
                        double latency)
@@ -633,11 +650,8 @@ static void build_line(struct buf *b, const struct lane *ln, const struct slot *
     APPEND_LIT(b, ",\"error\":null,\"response\":{\"status_code\":");
     append_int(b, sl->status);
     APPEND_LIT(b, ",\"request_id\":");
-    if (header_value(&sl->headers, "cf-aig-request-id", &hv) ||
-        header_value(&sl->headers, "x-request-id", &hv))
+    if (request_id(ln, sl, &hv))
         append_quoted(b, hv.data, hv.len);
-    else if (r->has_id && r->id.is_string)
-        buf_append(b, r->id.start, r->id.len);
     else
         APPEND_LIT(b, "null");
     APPEND_LIT(b, ",\"body\":");
@@ -651,16 +665,24 @@ static void build_line(struct buf *b, const struct lane *ln, const struct slot *
     }
     APPEND_LIT(b, ",\"latency\":");
     append_seconds(b, latency, "%.6f");
-    APPEND_LIT(b, ",\"usage\":{");
-    for (i = 0; i < 3; i++) {
-        if (i)
-            buf_append_char(b, ',');
-        buf_append_char(b, '"');
-        buf_append(b, USAGE_KEYS[i], strlen(USAGE_KEYS[i]));
-        APPEND_LIT(b, "\":");
-        append_int(b, r->has_usage[i] ? r->usage[i] : 0);
+    /* counts the reply did not give are null, and no usage at all is null (as Lua's usage_json) */
+    if (r->has_usage[0] || r->has_usage[1] || r->has_usage[2]) {
+        APPEND_LIT(b, ",\"usage\":{");
+        for (i = 0; i < 3; i++) {
+            if (i)
+                buf_append_char(b, ',');
+            buf_append_char(b, '"');
+            buf_append(b, USAGE_KEYS[i], strlen(USAGE_KEYS[i]));
+            APPEND_LIT(b, "\":");
+            if (r->has_usage[i])
+                append_int(b, r->usage[i]);
+            else
+                APPEND_LIT(b, "null");
+        }
+        buf_append_char(b, '}');
+    } else {
+        APPEND_LIT(b, ",\"usage\":null");
     }
-    buf_append_char(b, '}');
     buf_append(b, ln->route_part.data, ln->route_part.len);
     buf_reset(&hv);
     if (header_value(&sl->headers, "cf-aig-cache-status", &hv)) {
@@ -1598,6 +1620,7 @@ static int lane_gc(lua_State *L)
     buf_free(&ln->model_part);
     buf_free(&ln->route_part);
     buf_free(&ln->attempt_part);
+    buf_free(&ln->request_id_headers);
     buf_free(&ln->id_prefix);
     buf_free(&ln->rd.buf);
     buf_free(&ln->outline);
@@ -1638,7 +1661,8 @@ static char *field_string(lua_State *L, const char *name)
     return s;
 }
 
-/* core.lane{url, headers, prefix, suffix, model, model_part, route_part, attempt_part} -> lane. */
+/* core.lane{url, headers, prefix, suffix, model, model_part, route_part, attempt_part,
+ * request_id_headers} -> lane. */
 int core_lane(lua_State *L)
 {
     struct lane *ln;
@@ -1658,6 +1682,7 @@ int core_lane(lua_State *L)
     buf_init(&ln->model_part);
     buf_init(&ln->route_part);
     buf_init(&ln->attempt_part);
+    buf_init(&ln->request_id_headers);
     luaL_setmetatable(L, LANE_MT);
     ln->url = field_string(L, "url");
     ln->model = field_string(L, "model");
@@ -1666,6 +1691,18 @@ int core_lane(lua_State *L)
     field_buf(L, "model_part", &ln->model_part);
     field_buf(L, "route_part", &ln->route_part);
     field_buf(L, "attempt_part", &ln->attempt_part);
+    lua_getfield(L, 1, "request_id_headers");
+    if (!lua_isnil(L, -1)) {
+        lua_Integer i;
+        luaL_checktype(L, -1, LUA_TTABLE);
+        for (i = 1; lua_rawgeti(L, -1, i) == LUA_TSTRING; i++) {
+            buf_append(&ln->request_id_headers, lua_tostring(L, -1), lua_rawlen(L, -1));
+            buf_append_char(&ln->request_id_headers, '\0');
+            lua_pop(L, 1);
+        }
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
     lua_getfield(L, 1, "headers");
     if (!lua_istable(L, -1))
         return luaL_error(L, "bad field 'headers' to 'lane' (table expected, got %s)", luaL_typename(L, -1));

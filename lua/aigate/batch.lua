@@ -10,6 +10,8 @@
 local core = require "aigate.core"
 local jsonl = require "aigate.jsonl"
 local breaker = require "aigate.breaker"
+local throttle = require "aigate.throttle"
+local policy = require "aigate.policy"
 
 local M = {}
 
@@ -27,9 +29,8 @@ M.TTY_PROGRESS = 0.25     -- seconds between redraws of the live progress line
 M.PLAIN_PROGRESS = 10     -- seconds between plain progress lines (stderr not a terminal)
 M.MAX_LINE = 8 * 1024 * 1024
 M.WINDOW_PER_WORKER = 4   -- --ordered: lines in flight or waiting to be written, per worker
-M.RATE_RETRIES = 3        -- times a line that ended in 429 is sent again after the pause
-M.DEFAULT_RETRY_AFTER = 1 -- seconds to pause on a 429 without Retry-After
 M.PARK = 0.02             -- seconds a worker waits before checking admission again
+M.PARKED_PER_WORKER = 1   -- lines that may wait on a rate-limited upstream, per request in flight
 
 -- ---- input lines --------------------------------------------------------------------------------
 
@@ -331,13 +332,46 @@ local function attempts_json(res)
     jnum(res.latency or 0), ',"step":', res.step ~= nil and jstr(res.step) or "0", "}]" })
 end
 
+-- The reply's bytes when they can stand in a result line as they are: one line holding one JSON
+-- object (decoded first unless the caller already did), else nil (the decoded body is encoded).
+local function one_line_json(raw, decoded)
+  if type(raw) ~= "string" or sub(raw, 1, 1) ~= "{" or find(raw, "\n", 1, true) or find(raw, "\r", 1, true) then
+    return nil
+  end
+  if not decoded then
+    local ok, v = pcall(decode, raw)
+    if not ok or type(v) ~= "table" then return nil end
+  end
+  return raw
+end
+M.one_line_json = one_line_json
+
+-- The bytes of a successful reply for its result line (the plain path decoded them already).
+local function success_raw(res)
+  local st = res.status
+  if st ~= nil and (st < 200 or st > 299) then return nil end
+  return one_line_json(res.raw_body, true)
+end
+
+local request_id_of = require("aigate.client").request_id
+
+-- JSON of a usage table as the reply gave it: null for a count it did not give, null for no usage.
+local function usage_json(u)
+  if type(u) ~= "table" or (u.prompt_tokens == nil and u.completion_tokens == nil and u.total_tokens == nil) then
+    return "null"
+  end
+  local function n(v) return v == nil and "null" or jnum(v) end
+  return '{"prompt_tokens":' .. n(u.prompt_tokens) .. ',"completion_tokens":' .. n(u.completion_tokens)
+    .. ',"total_tokens":' .. n(u.total_tokens) .. "}"
+end
+
 --- A success line. Keys in a fixed order (id, custom_id, error, response, aigate) so that --resume
 -- can read id and outcome without decoding the body. raw: the reply's bytes when known (written as
 -- they are, so the body reads exactly as the provider sent it), else the decoded body is encoded.
+-- response.request_id: the reply's request id header (client.request_id), else null.
 function M.success_line(req_id, item, res, raw)
   local body = res.body
-  local request_id = res.request_id or (res.headers and res.headers["x-request-id"])
-    or (type(body) == "table" and body.id) or nil
+  local request_id = request_id_of(res.headers)
   local p = {
     '{"id":"', req_id, '","custom_id":', jstr(item.id), ',"error":null,"response":{"status_code":',
     jnum(res.status or 200), ',"request_id":', request_id and jstr(request_id) or "null",
@@ -350,11 +384,7 @@ function M.success_line(req_id, item, res, raw)
     p[n + 1], p[n + 2], n = ',"response_model":', jstr(res.response_model), n + 2
   end
   if res.latency ~= nil then p[n + 1], p[n + 2], n = ',"latency":', jnum(res.latency), n + 2 end
-  local u = res.usage
-  if type(u) == "table" then
-    p[n + 1], p[n + 2], n = ',"usage":', '{"prompt_tokens":' .. jnum(u.prompt_tokens or 0) .. ',"completion_tokens":'
-      .. jnum(u.completion_tokens or 0) .. ',"total_tokens":' .. jnum(u.total_tokens or 0) .. "}", n + 2
-  end
+  p[n + 1], p[n + 2], n = ',"usage":', usage_json(res.usage), n + 2
   if res.step ~= nil then p[n + 1], p[n + 2], n = ',"step":', jstr(res.step), n + 2 end
   if res.route ~= nil then p[n + 1], p[n + 2], n = ',"route":', jstr(res.route), n + 2 end
   if res.cost ~= nil then p[n + 1], p[n + 2], n = ',"cost":', jnum(res.cost, "%.10g"), n + 2 end
@@ -376,21 +406,28 @@ local function error_code(info)
 end
 M.error_code = error_code
 
---- An error line: a bad input line (item.code/message) or a failed request (err, info).
+--- An error line: a bad input line (item.code/message) or a failed request (err, info). As in
+-- OpenAI's batch output, a request that got an HTTP reply has "error": null and the reply in
+-- "response" (status_code, request_id, the body byte for byte when it is one line of JSON); "error"
+-- is for failures without an HTTP reply (and for bad lines). aigate.error keeps aigate's own code
+-- and message either way.
 function M.error_line(req_id, item, err, info)
   local code = item.code or error_code(info)
   local message = item.message or err or "failed"
   local response = "null"
-  if info and info.status then
-    local body = info.body
-    if type(body) == "string" then
-      local ok, decoded = pcall(decode, body)
-      body = ok and type(decoded) == "table" and decoded or nil
-    end
-    if type(body) ~= "table" then body = { error = { message = message, code = code } } end
-    response = concat({ '{"status_code":', format("%d", info.status), ',"request_id":null,"body":', enc(body), "}" })
-  end
+  local http = not item.code and info and type(info.status) == "number" and info.kind == "http"
   local aig = { line = item.lineno, batch_retries = item.retries }
+  if http then
+    local body = one_line_json(info.body)
+    if body == nil then
+      local ok, decoded = pcall(decode, info.body or "")
+      body = enc(ok and type(decoded) == "table" and decoded or { error = { message = message, code = code } })
+    end
+    local rid = info.request_id
+    response = concat({ '{"status_code":', format("%d", info.status), ',"request_id":', rid and jstr(rid) or "null",
+      ',"body":', body, "}" })
+    aig.error = { code = code, message = message }
+  end
   if not item.code then
     aig.kind = info and info.kind
     aig.gateway_code = info and info.code
@@ -398,9 +435,10 @@ function M.error_line(req_id, item, err, info)
     aig.hint = info and info.hint
     aig.retry_after = info and info.retry_after
   end
+  local error_json = http and "null" or concat({ '{"code":', enc(code), ',"message":', enc(message), "}" })
   return concat({
-    '{"id":"', req_id, '","custom_id":', enc(item.id), ',"error":{"code":', enc(code), ',"message":', enc(message),
-    '},"response":', response, ',"aigate":', enc(aig), "}",
+    '{"id":"', req_id, '","custom_id":', enc(item.id), ',"error":', error_json, ',"response":', response,
+    ',"aigate":', enc(aig), "}",
   })
 end
 
@@ -409,7 +447,11 @@ end
 -- id and outcome of one output line: id, failed (boolean); nil when it is not a result line.
 local function result_of(line)
   local id, e = match(line, '^{"id":"[^"]*","custom_id":"([^"\\]*)","error":(.)')
-  if id then return id, e ~= "n" end
+  if id and e ~= "n" then return id, true end
+  if id then -- "error": null: the reply's status decides (an HTTP error reply has no "error")
+    local status = match(line, '^{"id":"[^"]*","custom_id":"[^"\\]*","error":null,"response":{"status_code":(%d+)')
+    if status then return id, status < "200" or status > "299" or #status ~= 3 end
+  end
   local ok, obj = pcall(decode, line)
   if not ok or type(obj) ~= "table" then return nil end
   local cid = id_text(obj.custom_id)
@@ -581,9 +623,11 @@ function State:next_req_id()
 end
 
 -- May the engine's workers go from line to line without Lua? Only while nothing needs a decision
--- per line: not stopping, full concurrency, no 429 pause, the model's breaker closed.
+-- per line: not stopping, the model's upstream not throttled (no 429 pause or cut limit), its
+-- breaker closed.
 function State:engine_ok()
-  if self.stopping or self.limit < self.max_limit or self.pause_until > core.now() then return false end
+  if self.stopping then return false end
+  if not throttle.clear(self.engine_upstream) then return false end
   local key = self.engine_key
   return key == nil or breaker.closed(key)
 end
@@ -594,6 +638,9 @@ function State:sync_engine()
   if e == nil then return end
   local n, p, c, t, lats = e:drain()
   if n == 0 then return end
+  if self.engine_key then -- the breaker weighs failures against every success, the engine's too
+    breaker.record(self.engine_key, true, self.breaker_cfg, core.now(), n)
+  end
   self.ok = self.ok + n
   self.dirty = true
   self:add_ok(n, self.engine_model, "0", p, c, t)
@@ -650,23 +697,17 @@ function State:read_item()
   end
 end
 
--- Waits until a new request may start: below the (adaptive) concurrency limit, past any 429 pause,
+-- Waits until a new line may start: fewer than -j lines in progress that are not waiting on a
+-- rate-limited upstream (aigate.throttle: such lines leave their place to lines of other models),
 -- inside the --ordered window.
 function State:admit(next_seq)
   while true do
     if self.stopping then return false end
-    local now = core.now()
-    local wait
-    if self.pause_until > now then
-      wait = self.pause_until - now
-    elseif self.active >= self.limit then
-      wait = M.PARK
-    elseif self.ordered and next_seq and next_seq >= self.write_next + self.window then
-      wait = M.PARK
-    else
+    if self.active - throttle.waiting < self.max_limit
+        and not (self.ordered and next_seq and next_seq >= self.write_next + self.window) then
       return true
     end
-    core.sleep(wait < M.PARK and wait or M.PARK)
+    core.sleep(M.PARK)
   end
 end
 
@@ -691,46 +732,6 @@ end
 local function token_estimate(item, line_len)
   local mt = item.opts.max_tokens
   return floor(line_len / 4) + (type(mt) == "number" and mt or 0) + 1
-end
-
--- Notes a 429 (in the final outcome or any attempt): halves the concurrency limit (once per round of
--- requests) and pauses new requests for Retry-After.
-function State:saw_429(started, retry_after)
-  local now = core.now()
-  if started >= self.last_decrease then
-    local new = self.limit // 2
-    if new < 1 then new = 1 end
-    self.limit = new
-    if new < self.min_limit then self.min_limit = new end
-    self.last_decrease = now
-    self.since_increase = 0
-    self.throttled = self.throttled + 1
-  end
-  local ra = tonumber(retry_after or "") or M.DEFAULT_RETRY_AFTER
-  if ra > 60 then ra = 60 end
-  if now + ra > self.pause_until then self.pause_until = now + ra end
-end
-
--- A success without a 429: after a window of them the concurrency limit grows back by one.
-function State:grow_limit()
-  if self.limit < self.max_limit then
-    self.since_increase = self.since_increase + 1
-    if self.since_increase >= self.limit then
-      self.limit = self.limit + 1
-      self.since_increase = 0
-    end
-  end
-end
-
-local function had_429(res, info)
-  local list = (res and res.attempts) or (info and info.attempts)
-  if info and info.status == 429 then return true, info.retry_after end
-  if type(list) == "table" then
-    for _, a in ipairs(list) do
-      if type(a) == "table" and a.status == 429 then return true, a.retry_after end
-    end
-  end
-  return false
 end
 
 -- Adds n successes of model at route step `step` (a string) and their tokens to the summary.
@@ -790,7 +791,7 @@ local function lane_chat(lane, mj)
 end
 
 local function lane_replay(lane, mj, pre)
-  return lane:replay(mj, pre.latency, pre.res, pre.err)
+  return lane:replay(mj, pre.latency, pre.res, pre.err, pre.started)
 end
 
 -- The item of a line the engine took (a short-form line: it parses).
@@ -822,14 +823,27 @@ function State:run_engine(line, lineno, chat)
   end
   -- a: the result line after its id, b: latency, c, d, e: prompt, completion, total tokens
   self:emit(nil, '{"id":"' .. self:next_req_id() .. '"' .. a, true)
-  self:grow_limit()
+  if self.engine_key then breaker.record(self.engine_key, true, self.breaker_cfg, core.now()) end
   local p, q = c or 0, d or 0
   self:add_ok(1, self.engine_model, "0", p, q, e or (p + q))
   self.hist:add(b)
   self:count_outcome("ok")
 end
 
--- Runs one item (a line that parsed): the request, 429 handling, the result line.
+-- Whether a line that got a 429 (after the policy's own retries) goes back into the queue: while
+-- its time budget lasts (policy retry settings), retries are on, and --rate-retries allows.
+function State:requeue(item, info)
+  if info == nil or info.status ~= 429 or self.stopping then return false end
+  local rs = self.retry_settings
+  local wait = type(info.retry_after) == "number" and info.retry_after or 0
+  if rs.retries <= 0 or core.now() - item.t_start + wait >= rs.budget then return false end
+  if self.rate_retries and (item.retries or 0) >= self.rate_retries then return false end
+  item.retries = (item.retries or 0) + 1
+  self.requeued = self.requeued + 1
+  return true
+end
+
+-- Runs one item (a line that parsed): the request (and every retry), the result line.
 function State:run_item(item, chat)
   local opts = item.opts
   if self.tpm then item.token_estimate = token_estimate(item, item.len or 0) end
@@ -837,60 +851,51 @@ function State:run_item(item, chat)
   local pre = item.pre
   item.pre = nil
   assert(pre == nil or lane, "a line the engine sent has no lane")
+  item.t_start = pre and pre.started or core.now()
+  self.active = self.active + 1
   while true do
-    local started, ok, res, err, info
+    local ok, res, err, info
     if pre then -- sent by the engine: its reply, through the lane's general path
-      started = pre.started
       ok, res, err, info = pcall(lane_replay, lane, mj, pre)
       pre = nil
     else
       self:pace(item)
-      started = core.now()
-      self.active = self.active + 1
       if lane then
         ok, res, err, info = pcall(lane_chat, lane, mj)
       else
         ok, res, err, info = pcall(chat, opts)
       end
-      self.active = self.active - 1
     end
     if not ok then
       -- aigate.chat raised: a caller mistake, i.e. a bad field in this line (or a bug: still one line)
+      self.active = self.active - 1
       local msg = tostring(res):gsub("^aigate%.chat: ", "")
       item.code, item.message = "invalid_request", format("line %d: %s", item.lineno, msg)
       self:count_outcome("invalid input")
       self:emit(item, M.error_line(self:next_req_id(), item), false)
       return
     end
-    -- the provider's bytes, so the result line carries them unchanged (cjson would turn [] into {}
-    -- and round long floats)
-    local raw = res and res.raw_body
-    local limited, ra = had_429(res, info)
-    if limited then self:saw_429(started, ra) end
     if res then
-      if not limited then self:grow_limit() end
+      self.active = self.active - 1
       if self.tpm and res.usage and res.usage.total_tokens then
         self.tpm_next = self.tpm_next + (res.usage.total_tokens - item.token_estimate) * 60 / self.tpm
       end
+      res.latency = core.now() - item.t_start -- the whole line: its route, every retry, every requeue
       self:record_ok(res)
       self:count_outcome("ok")
-      if raw and (res.status == nil or res.status < 200 or res.status > 299 or find(raw, "\n", 1, true)
-          or find(raw, "\r", 1, true)
-          or sub(raw, 1, 1) ~= "{") then
-        raw = nil -- not the bytes of this reply, or not one line: encode the decoded body instead
-      end
-      self:emit(item, M.success_line(self:next_req_id(), item, res, raw), true)
+      -- the provider's bytes, so the result line carries them unchanged (cjson would turn [] into {}
+      -- and round long floats)
+      self:emit(item, M.success_line(self:next_req_id(), item, res, success_raw(res)), true)
       return
     end
-    if info and info.status == 429 and (item.retries or 0) < self.rate_retries and not self.stopping then
-      item.retries = (item.retries or 0) + 1
-      self.requeued = self.requeued + 1
-      if not self:admit() then
-        -- interrupted while waiting: leave the line for --resume
-        self.unfinished = self.unfinished + 1
-        return
-      end
-    else
+    if self.interrupted and (info.kind == "interrupted" or policy.default_retryable(info, err)) then
+      -- Ctrl-C stopped its retries: no result, so --resume runs it again
+      self.active = self.active - 1
+      self.unfinished = self.unfinished + 1
+      return
+    end
+    if not self:requeue(item, info) then
+      self.active = self.active - 1
       local code = error_code(info)
       self:count_outcome(code == "rate_limit_exceeded" and "http 429" or (code:gsub("_", " ")))
       local m = opts.model or "?"
@@ -1007,8 +1012,14 @@ function State:progress_text()
   parts[#parts + 1] = format("ok %d failed %d", self.ok, self.failed)
   parts[#parts + 1] = format("%.1f req/s", rate)
   parts[#parts + 1] = "tokens " .. human(self.total_tokens)
-  parts[#parts + 1] = format("concurrency %d/%d (%d in flight)", self.limit, self.max_limit, self.active)
-  if self.pause_until > now then parts[#parts + 1] = format("paused %.1fs (429)", self.pause_until - now) end
+  parts[#parts + 1] = format("%d in flight", self.active - throttle.waiting)
+  for key, th in pairs(throttle.throttled()) do
+    if th.paused > 0 then
+      parts[#parts + 1] = format("%s paused %.1fs (429)", key, th.paused)
+    elseif th.limit then
+      parts[#parts + 1] = format("%s limited to %d (429)", key, th.limit)
+    end
+  end
   if self.total and rate > 0 then
     parts[#parts + 1] = "ETA " .. duration((self.total - done) / rate)
   end
@@ -1043,9 +1054,9 @@ function State:summary(wall)
   local h = self.hist
   lines[#lines + 1] = format("  latency: p50 %s, p95 %s, p99 %s, max %s", latency_text(h:quantile(0.5)),
     latency_text(h:quantile(0.95)), latency_text(h:quantile(0.99)), latency_text(h.n > 0 and h.max or nil))
-  if self.throttled > 0 or self.requeued > 0 then
-    lines[#lines + 1] = format("  rate limited: concurrency cut %d times (down to %d), %d lines sent again after 429",
-      self.throttled, self.min_limit, self.requeued)
+  if throttle.cuts > 0 or self.requeued > 0 then
+    lines[#lines + 1] = format("  rate limited: concurrency cut %d times (down to %d), %d lines queued again after 429",
+      throttle.cuts, throttle.lowest or self.max_limit, self.requeued)
   end
   if self.prior_failed > 0 then
     lines[#lines + 1] = format("  the output still holds %d failed results from earlier runs (--retry-failed re-runs them)",
@@ -1065,13 +1076,16 @@ function M.run(opts)
   local to_stdout = opts.output == nil or opts.output == "-"
   local from_stdin = opts.input == "-"
   local max_line = opts.max_line or M.MAX_LINE
+  -- Batch retries: more tries than a single chat, bounded by the time a line may take (policy's
+  -- "batch" profile; the config and --retries still win). Rate limits are waited out per upstream.
+  policy.set_retry_profile("batch")
+  throttle.start_limit = opts.concurrency
   local st = setmetatable({
     ok = 0, failed = 0, active = 0, seq = 0, write_next = 1, pending = {}, counter = 0,
-    limit = opts.concurrency, max_limit = opts.concurrency, min_limit = opts.concurrency,
-    since_increase = 0, last_decrease = -huge, pause_until = -huge, throttled = 0, requeued = 0,
+    max_limit = opts.concurrency, requeued = 0,
     rpm = opts.rpm, tpm = opts.tpm, rpm_next = -huge, tpm_next = -huge,
     ordered = opts.ordered, window = opts.window or (opts.concurrency * M.WINDOW_PER_WORKER),
-    rate_retries = opts.rate_retries or M.RATE_RETRIES, dry_run = opts.dry_run,
+    rate_retries = opts.rate_retries, dry_run = opts.dry_run,
     defaults = { model = opts.model, template = opts.template, max_line = max_line },
     done = {}, skipped = 0, unfinished = 0, prior_failed = 0,
     prompt_tokens = 0, completion_tokens = 0, total_tokens = 0, cost = 0,
@@ -1161,6 +1175,9 @@ function M.run(opts)
   st.out = out
 
   local chat, prepare = aigate.chat, aigate.prepare
+  local cfg = aigate.config() or {}
+  st.breaker_cfg = cfg.breaker
+  st.retry_settings = policy.retry_settings(cfg)
   if opts.lanes ~= false then
     st.lanes, st.new_lane = {}, aigate.lane
   end
@@ -1175,13 +1192,14 @@ function M.run(opts)
     if spec then
       st.engine = core.lane({
         url = spec.url, headers = spec.headers, prefix = spec.prefix, suffix = spec.suffix, model = opts.model,
+        request_id_headers = spec.request_id_headers,
         model_part = ',"model":' .. jstr(spec.model)
           .. (spec.provider ~= nil and (',"provider":' .. jstr(spec.provider)) or ""),
         route_part = ',"step":0,"route":' .. jstr(spec.name),
         attempt_part = ',"attempts":[{"step":0,"target":' .. quote(spec.name) .. ',"model":' .. quote(spec.model)
           .. ',"status":',
       })
-      st.engine_key, st.engine_model = spec.breaker_key, spec.model
+      st.engine_key, st.engine_model, st.engine_upstream = spec.breaker_key, spec.model, spec.upstream
       if not from_stdin and opts.engine ~= "stage" then -- the engine reads the file itself
         local ok, err = st.engine:attach({ input = opts.input, output = out, max_line = max_line,
           done = next(st.done) and st.done or nil, id_prefix = "batch_req_" .. st.prefix })
@@ -1204,6 +1222,7 @@ function M.run(opts)
       return
     end
     st.stopping, st.interrupted = true, true
+    throttle.stop() -- lines waiting on a rate limit or a backoff send nothing more
     if st.engine then st.engine:set_go(false) end
     eprint("\naigate: batch: interrupted: finishing ", st.active, " requests in flight (Ctrl-C again to abort)")
     core.wait_signal()
@@ -1214,7 +1233,9 @@ function M.run(opts)
   local every = opts.progress_interval or (tty and M.TTY_PROGRESS or M.PLAIN_PROGRESS)
   local show_progress = not opts.quiet and every > 0
   st.t0 = core.now()
-  local n = opts.concurrency
+  -- Up to -j lines in flight, plus room for lines waiting on a rate-limited upstream, so that the
+  -- lines of other models go on meanwhile (State:admit).
+  local n = opts.concurrency * (1 + M.PARKED_PER_WORKER)
   st.workers_left = n
   for _ = 1, n do
     core.spawn(State.worker, st, chat, prepare)

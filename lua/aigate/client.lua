@@ -1158,6 +1158,11 @@ M.RESPONSE_HEADERS = {
   cf_provider = "cf-aig-provider",
 }
 
+-- The upstream's id of a request, from its response headers (the batch output's
+-- response.request_id): one rule, kept in aigate.errors, which explains failures with it too.
+M.REQUEST_ID_HEADERS = errors.REQUEST_ID_HEADERS
+M.request_id = errors.request_id
+
 local function emit_request(req)
   local v = req.verbose
   if v == nil then
@@ -1316,13 +1321,60 @@ local function plain(req, core, ropts, t0)
   return { result = r }
 end
 
+-- Streamed tool calls: each delta carries pieces of calls by index (id, type and name in the first
+-- piece, the arguments split over several); joined here into the shape a plain reply has.
+local function add_tool_call_deltas(calls, deltas)
+  for _, d in ipairs(deltas) do
+    if type(d) == "table" then
+      local i = math.tointeger(d.index) or #calls.order
+      local call = calls.by_index[i]
+      if call == nil then
+        call = { type = "function", ["function"] = { name = "", arguments = "" }, args = {} }
+        calls.by_index[i] = call
+        calls.order[#calls.order + 1] = i
+      end
+      if type(d.id) == "string" then
+        call.id = d.id
+      end
+      if type(d.type) == "string" then
+        call.type = d.type
+      end
+      local f = d["function"]
+      if type(f) == "table" then
+        if type(f.name) == "string" then
+          call["function"].name = call["function"].name .. f.name
+        end
+        if type(f.arguments) == "string" then
+          call.args[#call.args + 1] = f.arguments
+        end
+      end
+    end
+  end
+end
+
+local function tool_calls_of(calls)
+  if #calls.order == 0 then
+    return nil
+  end
+  table.sort(calls.order)
+  local list = {}
+  for _, i in ipairs(calls.order) do
+    local c = calls.by_index[i]
+    c["function"].arguments = table.concat(c.args)
+    c.args = nil
+    list[#list + 1] = c
+  end
+  return list
+end
+
 -- Streamed request: parses SSE in on_chunk, passes text deltas to req.stream.
 local function streamed(req, core, ropts, t0)
   local parser = core.sse_parser()
   local parts = {}
   local raw, raw_len = {}, 0
   local state = { events = 0, done = false }
-  local usage, finish, rmodel, cb_err, stream_err, last
+  local calls = { by_index = {}, order = {} }
+  local usage, finish, rmodel, cb_err, stream_err, last, refusal, head_shown
   local function handle(ev)
     local data = ev.data
     if data == nil or data == "" then
@@ -1358,6 +1410,12 @@ local function streamed(req, core, ropts, t0)
         finish = c.finish_reason
       end
       local delta = type(c.delta) == "table" and c.delta or {}
+      if type(delta.tool_calls) == "table" then
+        add_tool_call_deltas(calls, delta.tool_calls)
+      end
+      if type(delta.refusal) == "string" and delta.refusal ~= "" then
+        refusal = (refusal or "") .. delta.refusal
+      end
       local text = delta.content
       if type(text) == "string" and text ~= "" then
         parts[#parts + 1] = text
@@ -1378,7 +1436,11 @@ local function streamed(req, core, ropts, t0)
     end
     return true
   end
-  ropts.on_chunk = function(chunk)
+  ropts.on_chunk = function(chunk, head)
+    if head and not head_shown then
+      head_shown = true -- -v shows the reply's head before the text it streams
+      emit_response(req, head)
+    end
     if state.events == 0 and raw_len < 65536 then
       raw[#raw + 1] = chunk
       raw_len = raw_len + #chunk
@@ -1393,7 +1455,9 @@ local function streamed(req, core, ropts, t0)
     return { transport = err, partial = table.concat(parts) }
   end
   if res ~= nil then
-    emit_response(req, res)
+    if not head_shown then
+      emit_response(req, res)
+    end
     if res.status < 200 or res.status > 299 then
       return { res = res }
     end
@@ -1410,15 +1474,25 @@ local function streamed(req, core, ropts, t0)
     local msg, info = errors.explain(status, res and res.headers or {}, json.encode(stream_err) or "", req)
     info.kind = "response"
     info.partial = partial
+    if state.events == 1 then -- the whole reply is an error envelope: the provider's own answer
+      return { message = msg, info = info }
+    end
     return { message = "error in the middle of the stream: " .. msg, info = info }
   elseif stream_err ~= nil then
     return { message = stream_err, info = { kind = "response", status = status, partial = partial } }
   end
   local r = new_result(req, res, t0, core.now)
   if state.events == 0 then
-    -- Not an event stream: some servers ignore "stream"; accept a plain completion.
+    -- Not an event stream: some servers ignore "stream"; accept a plain completion, or read the
+    -- error envelope a 2xx reply may carry.
     local text = table.concat(raw)
     local body = json.decode(text)
+    if embedded_error(body) then
+      local msg, info = errors.explain(res.status, res.headers, text, req)
+      info.kind = "response"
+      info.partial = ""
+      return { message = msg, info = info }
+    end
     if body == nil or not read_completion(r, body) then
       return response_error(req, string.format(
         "HTTP %d: expected an event stream but got %s", res.status,
@@ -1430,7 +1504,16 @@ local function streamed(req, core, ropts, t0)
     end
     return { result = r }
   end
+  r.tool_calls = tool_calls_of(calls)
+  if partial == "" and r.tool_calls == nil and refusal == nil then
+    -- [DONE] (or a clean end) with nothing in between: as unusable as an empty plain reply
+    return response_error(req, string.format("HTTP %d: the stream ended without any text, tool call or refusal",
+      status), { status = status, body = "" }, { partial = "" })
+  end
   r.text = partial
+  r.refusal = refusal
+  r.message = { role = "assistant", content = r.tool_calls and partial == "" and json.null or partial,
+    tool_calls = r.tool_calls, refusal = refusal }
   r.usage = usage
   r.finish_reason = finish
   r.response_model = rmodel

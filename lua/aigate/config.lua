@@ -82,6 +82,20 @@ function check.count(v)
   return true
 end
 
+function check.whole(v)
+  if not check.integer(v) or v < 0 then
+    return nil, "must be a whole number >= 0"
+  end
+  return true
+end
+
+function check.fraction(v)
+  if type(v) ~= "number" or v ~= v or v <= 0 or v > 1 then
+    return nil, "must be a number above 0 and at most 1"
+  end
+  return true
+end
+
 function check.string_or_table(v)
   if type(v) ~= "string" and type(v) ~= "table" then
     return nil, "must be a string or a table"
@@ -196,10 +210,17 @@ M.schema = {
   },
   breaker = {
     failures = check.count,
+    failure_rate = check.fraction,
+    min_requests = check.count,
     window = check.positive,
     cooldown = check.positive,
   },
   retry = {
+    retries = check.whole,
+    budget = check.positive,
+    delay = check.nonnegative,
+    max_backoff = check.nonnegative,
+    rate_limits = enum("count", "wait"),
     max_attempts = check.count,
     max_delay = check.nonnegative,
     max_retry_after = check.nonnegative,
@@ -436,14 +457,16 @@ function Validator:breaker(v, path)
     return
   end
   if type(v) ~= "table" then
-    return self:fail(path, "must be false (no breakers) or a table { failures = n, window = s, cooldown = s }")
+    return self:fail(path, "must be false (no breakers) or a table { failure_rate = r, min_requests = n, failures = n, "
+      .. "window = s, cooldown = s }")
   end
   self:section(v, M.schema.breaker, path)
 end
 
 function Validator:retry(v, path)
   if type(v) ~= "table" then
-    return self:fail(path, "must be a table { max_attempts = n, max_delay = s, max_retry_after = s }")
+    return self:fail(path, "must be a table { retries = n, budget = s, delay = s, max_backoff = s, max_attempts = n, "
+      .. "max_delay = s, max_retry_after = s }")
   end
   self:section(v, M.schema.retry, path)
 end

@@ -164,6 +164,24 @@ local function retry_after(headers)
   return nil
 end
 
+-- Response headers that carry the upstream's id of a request, in the order they are preferred. The
+-- batch engine is handed the same list.
+M.REQUEST_ID_HEADERS = { "x-request-id", "cf-aig-request-id", "cf-aig-log-id", "request-id" }
+
+--- The upstream's request id from response headers (see M.REQUEST_ID_HEADERS), or nil.
+function M.request_id(headers)
+  if type(headers) ~= "table" then
+    return nil
+  end
+  for _, name in ipairs(M.REQUEST_ID_HEADERS) do
+    local v = headers[name]
+    if type(v) == "string" and v ~= "" then
+      return v
+    end
+  end
+  return nil
+end
+
 -- Fixes by HTTP status, when the code gave none.
 M.STATUS_HINTS = {
   [400] = function(req)
@@ -255,6 +273,7 @@ function M.explain(status, headers, body, req)
     body = body,
     hint = hint,
     retry_after = retry_after(headers),
+    request_id = M.request_id(headers),
   }
   return msg, info
 end

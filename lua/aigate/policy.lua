@@ -16,12 +16,26 @@ local route = require("aigate.route")
 local template = require("aigate.template")
 local breaker = require("aigate.breaker")
 local limit = require("aigate.limit")
+local throttle = require("aigate.throttle")
 
 local util = require("aigate.util")
 local M = {}
 
 M.MAX_DEPTH = 32
 M.RETRY_CAPS = { max_attempts = 10, max_delay = 30, max_retry_after = 60 }
+-- Default retries, for every target that no route.retry governs and no fallback follows: `retries`
+-- tries again after a transient failure (transport errors, timeouts before the first byte, 5xx,
+-- unusable 2xx replies; never 408, which falls back instead), with exponential backoff from `delay`
+-- up to `max_backoff` and full jitter; a breaker waiting for its probe is waited out without
+-- counting against `retries`, and so are rate limits (429) when `rate_limits` is "wait" (with
+-- "count" a 429 uses up a retry, as in the SDKs); no retry starts once `budget` seconds have passed
+-- since the request began. A Retry-After (or retry-after-ms) replaces the backoff, up to
+-- max_retry_after. `chat` and `run` retry like the SDKs (twice, 429s included); `batch` uses the
+-- "batch" profile: more tries, rate limits waited out, bounded by the time a line may take.
+M.RETRY_DEFAULTS = { retries = 2, budget = 60, delay = 0.5, max_backoff = 8, rate_limits = "count" }
+M.RETRY_PROFILES = { batch = { retries = 8, budget = 600, rate_limits = "wait" } }
+local retry_profile, retry_overrides = nil, nil
+local retry_generation = 0
 M.TIMEOUTS = { "timeout", "first_byte_timeout", "stall_timeout", "connect_timeout" }
 
 M.now = function()
@@ -36,10 +50,27 @@ end
 M.random = math.random
 M.core = core -- what client.send uses: request, now, sse_parser
 
---- Forgets breakers and limits (for tests).
+--- Forgets breakers, limits and throttles (for tests).
 function M.reset()
   breaker.reset()
   limit.reset()
+  throttle.reset()
+end
+
+--- Chooses the default retry settings of a kind of work (nil or "batch"); config and overrides
+-- still win.
+function M.set_retry_profile(name)
+  if name ~= nil and M.RETRY_PROFILES[name] == nil then
+    error("unknown retry profile '" .. tostring(name) .. "'", 2)
+  end
+  retry_profile = name
+  retry_generation = retry_generation + 1
+end
+
+--- Retry settings that win over the config (command-line flags): {retries = n, budget = s, ...}.
+function M.set_retry_overrides(t)
+  retry_overrides = t
+  retry_generation = retry_generation + 1
 end
 
 local function failure(msg, info)
@@ -145,7 +176,7 @@ local ON = {
 -- timeouts, unusable 2xx replies, 408, 429, 5xx, skips by a breaker or a limit, plus what `on` lists.
 -- Never after a truncated reply (text was already delivered).
 function M.retryable(info, on)
-  if info.kind == "truncated" or info.kind == "config" then
+  if info.kind == "truncated" or info.kind == "config" or info.kind == "interrupted" then
     return false
   end
   for _, x in ipairs(on or {}) do
@@ -167,13 +198,40 @@ function M.retryable(info, on)
   return info.kind == "http" and type(s) == "number" and (s == 408 or s == 429 or s >= 500)
 end
 
--- Failures that count against a breaker: the upstream's fault, not the request's.
+-- Failures that count against a breaker: the upstream's fault, not the request's. A 429 is not
+-- one: a rate-limited upstream is up, and asks to be sent less (aigate.throttle does that).
 local function breaker_failure(info)
   if info.kind == "transport" or info.kind == "response" or info.kind == "truncated" then
     return true
   end
   local s = info.status
-  return info.kind == "http" and type(s) == "number" and (s == 408 or s == 429 or s >= 500)
+  return info.kind == "http" and type(s) == "number" and (s == 408 or s >= 500)
+end
+
+-- Timeouts after which trying again cannot repeat a long wait for nothing: nothing had arrived.
+local function before_first_byte(msg)
+  msg = tostring(msg or "")
+  return msg:find("first byte timeout", 1, true) ~= nil or msg:find("Connection timed out", 1, true) ~= nil
+    or msg:find("Resolving timed out", 1, true) ~= nil or msg:find(" with 0 bytes received", 1, true) ~= nil
+end
+
+--- Whether the default retries try a target again after this failure: transport errors, timeouts
+-- before the first byte, unusable 2xx replies, 429, 5xx, and a breaker waiting for its probe. Not
+-- 408 (the generation outran the gateway's limit: the same target fails the same way), not a
+-- truncated stream, not what the request itself got wrong.
+function M.default_retryable(info, msg)
+  local kind = info.kind
+  if kind == "transport" then
+    return info.reason ~= "timeout" or before_first_byte(msg)
+  elseif kind == "response" then
+    return true
+  elseif kind == "http" then
+    local s = info.status
+    return type(s) == "number" and (s == 429 or s >= 500)
+  elseif kind == "policy" then
+    return info.reason == "breaker_open"
+  end
+  return false
 end
 
 -- Cost ---------------------------------------------------------------------------------------------
@@ -373,27 +431,36 @@ local function send_target(st, node, att, req, pre)
         req.model, wait), { kind = "policy", reason = "breaker_open", moveon = true, retry_after = wait })
     end
   end
-  if st.verbose then
-    st.verbose(string.format("* attempt %d: %s", att.step, req.model))
-  end
   local r, msg, info
   if pre then
     r, msg, info = client.send(req, pre.core)
     att.latency = pre.latency
     if r then
       r.latency = pre.latency
+    elseif info and info.status == 429 then -- sent by the engine: a 429 still slows the upstream
+      throttle.note(key, pre.started or M.now(), 429, M.retry_after_seconds(info.retry_after, M.time()))
     end
   else
+    if not throttle.acquire(key) then
+      att.error, att.skipped = "interrupted", true
+      return failure("interrupted: no new request is sent", { kind = "interrupted" })
+    end
+    if st.verbose then
+      st.verbose(string.format("* attempt %d: %s", att.step, req.model))
+    end
     local t0 = M.now()
     r, msg, info = client.send(req, M.core)
     att.latency = M.now() - t0
+    if info and info.status == 429 then
+      throttle.rate_limited(key, t0, M.retry_after_seconds(info.retry_after, M.time()))
+    end
+    throttle.done(key, r ~= nil)
   end
   if r then
     att.status = r.status
     if guarded then
       breaker.record(key, true, st.cfg.breaker, M.now())
     end
-    r.usage = r.usage or {}
     r.cost = M.cost(st.cfg, node.id, req.model, r.usage)
     att.cost = r.cost
     return { ok = true, result = r, step = att.step }
@@ -405,10 +472,58 @@ local function send_target(st, node, att, req, pre)
   end
   att.status = info.status
   att.error = first_line(msg)
+  if info.retry_after ~= nil then
+    att.retry_after = M.retry_after_seconds(info.retry_after, M.time())
+  end
   if guarded and breaker_failure(info) then
     breaker.record(key, false, st.cfg.breaker, M.now())
   end
   return failure(msg, info)
+end
+
+-- The default retries around one target's tries (see M.RETRY_DEFAULTS): send(i) makes try i and
+-- returns its outcome. Only where no route.retry governs the target and no fallback follows it.
+local function with_retries(st, send)
+  local out = send(1)
+  if out.ok or st.explicit > 0 or st.has_next then
+    return out
+  end
+  local rs = st.retry
+  local counted, n = 0, 0
+  while not out.ok do
+    local info = out.info
+    if rs.retries <= 0 or not M.default_retryable(info, out.msg) or throttle.stopped() then
+      return out
+    end
+    local waiting = info.reason == "breaker_open" or (info.status == 429 and rs.rate_limits == "wait")
+    if not waiting then
+      counted = counted + 1
+      if counted > rs.retries then
+        return out
+      end
+    end
+    n = n + 1
+    local delay
+    local ra = M.retry_after_seconds(info.retry_after, M.time())
+    if ra and ra > 0 then -- (a Retry-After of 0 would be a busy loop: the backoff is used instead)
+      delay = math.min(ra, st.caps.max_retry_after)
+      if info.reason == "breaker_open" then
+        delay = delay + 0.005 -- past the end of the cool-down, whatever the timer's rounding
+      end
+    else
+      delay = M.random() * math.min(rs.max_backoff, rs.delay * 2 ^ (n - 1))
+    end
+    if M.now() + delay - st.t_start > rs.budget then
+      return out
+    end
+    local last = st.attempts[#st.attempts]
+    if last then
+      last.retry_delay = delay
+    end
+    M.sleep(delay)
+    out = send(n + 1)
+  end
+  return out
 end
 
 function EXEC.target(node, st)
@@ -427,7 +542,12 @@ function EXEC.target(node, st)
     att.error = first_line(perr)
     return failure(st.redact(perr), pinfo)
   end
-  return send_target(st, node, att, req)
+  return with_retries(st, function(i)
+    if i > 1 then
+      att = record(st, { target = node.id or "(default)", model = node.id, latency = 0 })
+    end
+    return send_target(st, node, att, req)
+  end)
 end
 
 function EXEC.func(node, st, depth)
@@ -452,13 +572,17 @@ end
 
 function EXEC.fallback(node, st, depth)
   local last
+  local outer = st.has_next
+  local n = #node.targets
   for i, t in ipairs(node.targets) do
+    st.has_next = outer or i < n -- a target with another after it moves on instead of retrying
     local out = run(t, st, depth + 1)
+    st.has_next = outer
     if out.ok then
       return out
     end
     last = out
-    if i < #node.targets and not M.retryable(out.info, node.on) then
+    if i < n and not M.retryable(out.info, node.on) then
       return out
     end
   end
@@ -471,8 +595,10 @@ function EXEC.retry(node, st, depth)
   local random = node.rng or M.random
   local out
   for i = 1, n do
+    st.explicit = st.explicit + 1 -- the node's own retries govern its targets
     out = run(node.target, st, depth + 1)
-    if out.ok or i == n or out.info.kind == "policy" or not M.retryable(out.info, node.on) then
+    st.explicit = st.explicit - 1
+    if out.ok or i == n or out.info.kind == "policy" or not M.retryable(out.info, node.on) or throttle.stopped() then
       return out
     end
     local delay = math.min(M.backoff_delay(node, i, random), node.max_delay or caps.max_delay)
@@ -584,30 +710,58 @@ local function same(s)
   return s
 end
 
--- The retry caps of a config (M.RETRY_CAPS under cfg.retry), worked out once per config.
+-- The retry caps of a config (M.RETRY_CAPS under cfg.retry) and its default retry settings
+-- (M.RETRY_DEFAULTS, under the profile's, under cfg.retry, under the overrides), worked out once per
+-- config and setting.
 local caps_of = setmetatable({}, { __mode = "k" })
 local function caps(cfg)
   local c = caps_of[cfg]
-  if c == nil or c.defaults ~= M.RETRY_CAPS or c.retry ~= cfg.retry then
-    c = { defaults = M.RETRY_CAPS, retry = cfg.retry, caps = {} }
+  if c == nil or c.defaults ~= M.RETRY_CAPS or c.retry ~= cfg.retry or c.generation ~= retry_generation
+      or c.retry_defaults ~= M.RETRY_DEFAULTS then
+    c = { defaults = M.RETRY_CAPS, retry = cfg.retry, generation = retry_generation, retry_defaults = M.RETRY_DEFAULTS,
+      caps = {}, settings = {} }
+    local given = cfg.retry or {}
     for k, v in pairs(M.RETRY_CAPS) do
-      c.caps[k] = (cfg.retry or {})[k] or v
+      c.caps[k] = given[k] or v
+    end
+    local profile = retry_profile and M.RETRY_PROFILES[retry_profile] or {}
+    for k, v in pairs(M.RETRY_DEFAULTS) do
+      local o = retry_overrides and retry_overrides[k]
+      if o == nil then
+        o = given[k]
+      end
+      if o == nil then
+        o = profile[k]
+      end
+      c.settings[k] = o == nil and v or o
     end
     caps_of[cfg] = c
   end
-  return c.caps
+  return c.caps, c.settings
+end
+
+--- The default retry settings in force for cfg (M.RETRY_DEFAULTS as the profile, the config and
+-- the overrides make them): {retries, budget, delay, max_backoff}.
+function M.retry_settings(cfg)
+  local _, rs = caps(cfg or {})
+  return rs
 end
 
 -- Sets up the state of one request: template, hook, route. Returns st or nil, failure.
 local function start(opts, cfg, context, dry_run)
   local o, terr = template.apply(opts, cfg)
+  local cps, rs = caps(cfg)
   local st = {
     cfg = cfg,
     context = context or {},
     attempts = {},
     decor = {},
     routes = cfg.routes or {},
-    caps = caps(cfg),
+    caps = cps,
+    retry = rs,
+    explicit = 0,
+    has_next = false,
+    t_start = M.now(),
     stream = opts.stream,
     verbose = opts.verbose,
     vars = opts.vars,
@@ -664,8 +818,8 @@ local function failed(st, out)
     end
   end
   if #st.attempts > 1 and info.kind ~= "truncated" then
-    msg = string.format("route %s: %d attempts failed (%d sent); the last: %s", st.name, #st.attempts, tried,
-      tostring(msg))
+    msg = string.format("%s%s: %d attempts failed (%d sent); the last: %s", st.routes and st.routes[st.name] and "route "
+      or "", st.name, #st.attempts, tried, tostring(msg))
   end
   return nil, msg, info
 end
@@ -681,7 +835,10 @@ local function finish(st, out)
   r.step = out.step
   r.attempts = st.attempts
   r.route = st.name
-  r.usage = r.usage or {}
+  r.usage = r.usage or {} -- an empty table when the reply had none (batch output writes null)
+  if #st.attempts > 1 then
+    r.latency = M.now() - st.t_start -- the whole route, every try; each attempt keeps its own
+  end
   local res, hfail = call_hook(st, "after_response", r)
   if res == nil then
     return failed(st, hfail)
@@ -765,8 +922,9 @@ end
 --- Sends one request with messages (JSON text from Lane:messages_json): the same outcome as
 -- aigate.chat{model = model, messages = ...}. pre: see Lane:replay.
 function Lane:chat(messages_json, pre)
-  local st = { cfg = self.cfg, context = self.context, attempts = {}, name = self.name, redact = self.redact }
-  local att = record(st, { target = self.name, model = self.name, latency = 0 })
+  local cps, rs = caps(self.cfg)
+  local st = { cfg = self.cfg, context = self.context, attempts = {}, name = self.name, redact = self.redact,
+    caps = cps, retry = rs, explicit = 0, has_next = false, t_start = pre and pre.started or M.now() }
   local base, req = self.req, {}
   local keys = self.keys
   for i = 1, #keys do
@@ -774,16 +932,21 @@ function Lane:chat(messages_json, pre)
     req[k] = base[k]
   end
   req.body = self.prefix .. messages_json .. self.suffix
-  return finish(st, send_target(st, self.node, att, req, pre))
+  local node = self.node
+  return finish(st, with_retries(st, function(i)
+    local att = record(st, { target = self.name, model = self.name, latency = 0 })
+    return send_target(st, node, att, req, i == 1 and pre or nil)
+  end))
 end
 
 --- The outcome of a request the batch engine (core.lane) sent for this lane and did not finish
 -- itself: the reply (res: status, headers, body) or the transport error, after latency seconds.
 -- Runs exactly what Lane:chat runs after its request, so the result is the same.
-function Lane:replay(messages_json, latency, res, err)
+function Lane:replay(messages_json, latency, res, err, started)
   local real = M.core
   local pre = {
     latency = latency,
+    started = started,
     core = {
       now = real.now,
       sse_parser = real.sse_parser,
@@ -812,9 +975,11 @@ function Lane:engine_spec()
     return nil
   end
   local guarded = self.cfg.breaker ~= false and self.node.opts.breaker ~= false
+  local key = breaker_key(req)
   return {
     url = req.url, headers = req.headers, prefix = self.prefix, suffix = self.suffix, name = self.name,
-    model = req.model, provider = req.provider, breaker_key = guarded and breaker_key(req) or nil,
+    model = req.model, provider = req.provider, breaker_key = guarded and key or nil, upstream = key,
+    request_id_headers = client.REQUEST_ID_HEADERS,
   }
 end
 

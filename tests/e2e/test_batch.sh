@@ -98,15 +98,18 @@ expect_match "mock saw the system message of the short form" "$(grep 'hello shor
     echo '{"id": "upstream500", "prompt": "x", "model": "mock/fail-500"}'
     echo '{"id": "good2", "prompt": "fine too"}'
 } > bad.jsonl
-batch bad.jsonl -o bad_out.jsonl -m openai/gpt-4o --max-line 1000 -q
+echo 'return { retry = { retries = 1, delay = 0.01 } }' > quick_retry.lua # the 500 is retried once, quickly
+batch bad.jsonl -o bad_out.jsonl -m openai/gpt-4o --max-line 1000 -q --config quick_retry.lua
 expect_eq "bad lines: exit 1" "$RC" 1
 expect_eq "bad lines: one result per line" "$(wc -l < bad_out.jsonl | tr -d ' ')" 15
 expect_eq "bad lines: the good ones succeeded" "$(lua_on '
-  local n = 0 for _, v in ipairs(lines) do if v.error == require("cjson").null then n = n + 1 end end return n' bad_out.jsonl)" 2
-bad_case() { # NAME CUSTOM_ID CODE MESSAGE-REGEX
+  local n = 0 for _, v in ipairs(lines) do
+    if type(v.response) == "table" and v.response.status_code == 200 then n = n + 1 end end return n' bad_out.jsonl)" 2
+bad_case() { # NAME CUSTOM_ID CODE MESSAGE-REGEX (an HTTP error reply: "error" null, aigate.error has the code)
     local got
     got=$(lua_on 'for _, v in ipairs(lines) do if v.custom_id == "'"$2"'" then
-        return v.error.code .. " | " .. v.error.message end end return "no result"' bad_out.jsonl)
+        local e = v.error ~= require("cjson").null and v.error or v.aigate.error
+        return e.code .. " | " .. e.message end end return "no result"' bad_out.jsonl)
     expect_match "bad line: $1" "$got" "^$3 \\| $4"
 }
 bad_case "not JSON" line-2 invalid_json "line 2: not valid JSON"
@@ -121,7 +124,10 @@ bad_case "wrong method" badmethod invalid_request "line 10: method must be \"POS
 bad_case "no body" nobody invalid_request "line 11: 'body' must be an object"
 bad_case "bad id" line-12 invalid_line "line 12: 'id' must be a non-empty string or a number"
 bad_case "too large" line-13 line_too_large "line 13: too large \\(30[0-9]+ bytes; the limit is 1000\\)"
-bad_case "upstream 500" upstream500 http_500 "HTTP 500"
+bad_case "upstream 500" upstream500 http_500 ".*HTTP 500"
+expect_eq "upstream 500: an HTTP reply, so \"error\" is null (as in OpenAI's batch output)" "$(lua_on '
+  for _, v in ipairs(lines) do if v.custom_id == "upstream500" then
+    return tostring(v.error == require("cjson").null) .. " " .. #v.aigate.attempts end end' bad_out.jsonl)" "true 2"
 expect_eq "upstream 500: response carries status and body" "$(lua_on '
   for _, v in ipairs(lines) do if v.custom_id == "upstream500" then
     return string.format("%d %s", v.response.status_code, v.response.body.error.type) end end' bad_out.jsonl)" "500 server_error"
@@ -222,9 +228,9 @@ expect_eq "resume of a finished batch: exit 0, nothing to do" "$RC:$(wc -l < k_o
 
 # ---- --retry-failed -------------------------------------------------------------------------------
 awk 'BEGIN { for (i = 1; i <= 40; i++) printf "{\"id\":\"r%d\",\"prompt\":\"p\",\"model\":\"%s\"}\n", i, (i % 4 == 0) ? "mock/fail-500" : "openai/gpt-4o" }' > rf.jsonl
-batch rf.jsonl -o rf_out.jsonl -j 8 -q
+batch rf.jsonl -o rf_out.jsonl -j 8 -q --config quick_retry.lua
 expect_eq "some failed: exit 1" "$RC" 1
-batch rf.jsonl -o rf_out.jsonl --resume -q
+batch rf.jsonl -o rf_out.jsonl --resume -q --config quick_retry.lua
 expect_eq "--resume keeps failed results: exit still 1" "$RC:$(wc -l < rf_out.jsonl | tr -d ' ')" "1:40"
 # now make the failing lines succeed and re-run only them
 sed 's/mock\/fail-500/openai\/gpt-4o/' rf.jsonl > rf2.jsonl
@@ -232,7 +238,7 @@ before=$(wc -l < "$MOCK_LOG")
 batch rf2.jsonl -o rf_out.jsonl --retry-failed
 expect_eq "--retry-failed: exit 0" "$RC" 0
 expect_eq "--retry-failed: only the 10 failed ids were sent" "$(( $(wc -l < "$MOCK_LOG") - before ))" 10
-expect_eq "--retry-failed: every id once, all ok" "$(ids_once rf_out.jsonl 40):$(grep -c '"error":null' rf_out.jsonl)" "ok:40"
+expect_eq "--retry-failed: every id once, all ok" "$(ids_once rf_out.jsonl 40):$(grep -c '"status_code":200' rf_out.jsonl)" "ok:40"
 
 # ---- SIGINT -----------------------------------------------------------------------------------------
 gen 200 mock/slow-200 int.jsonl
@@ -284,11 +290,14 @@ expect_eq "engine: SIGINT then --resume: every id once" "$RC:$(ids_once inte_out
     echo '{"id":"r4","prompt":"p\u00e9"}'
     echo '{"id":"r5","prompt":"p"}'
 } > mixe.jsonl
-batch mixe.jsonl -o mixe_out.jsonl -m openai/gpt-4o -q
+batch mixe.jsonl -o mixe_out.jsonl -m openai/gpt-4o -q --config quick_retry.lua
 expect_eq "engine: mixed lines: exit 1" "$RC" 1
 expect_eq "engine: mixed lines: results" "$(lua_on '
   local out = {}
-  for _, v in ipairs(lines) do out[#out + 1] = v.custom_id .. "=" .. (v.error == require("cjson").null and "ok" or v.error.code) end
+  for _, v in ipairs(lines) do
+    local e = v.error ~= require("cjson").null and v.error or v.aigate.error
+    out[#out + 1] = v.custom_id .. "=" .. (e and e.code or "ok")
+  end
   table.sort(out)
   return table.concat(out, " ")' mixe_out.jsonl)" "line-2=invalid_json r1=ok r2=ok r3=http_500 r4=ok r5=ok"
 
@@ -310,15 +319,19 @@ done
 
 # ---- 429 storm: the batch slows down, honours Retry-After, the rest succeeds ------------------------------
 awk 'BEGIN { for (i = 1; i <= 30; i++) printf "{\"id\":\"r%d\",\"prompt\":\"p\",\"model\":\"%s\"}\n", i, (i <= 6) ? "mock/rate-limit" : "openai/gpt-4o" }' > rl.jsonl
+echo 'return { retry = { budget = 2 } }' > short_budget.lua # a line may take 2 s, then its 429 is final
 start=$(date +%s.%N)
-batch rl.jsonl -o rl_out.jsonl -j 16 --rate-retries 1
+batch rl.jsonl -o rl_out.jsonl -j 16 --config short_budget.lua
 end=$(date +%s.%N)
-expect_eq "429 storm: exit 1 (the rate-limited lines fail in the end)" "$RC" 1
+expect_eq "429 storm: exit 1 (the rate-limited lines fail once their budget is spent)" "$RC" 1
 expect_match "429 storm: concurrency cut" "$ERR" "concurrency cut [0-9]+ times \\(down to [0-9]+\\)"
-expect_match "429 storm: lines sent again" "$ERR" "[1-9][0-9]* lines sent again after 429"
-expect_eq "429 storm: the others succeeded" "$(grep -c '"error":null' rl_out.jsonl)" 24
-# each of them ends in 429 or, once the shared breaker has opened on them, in a breaker error
-expect_eq "429 storm: rate-limited lines say so" "$(grep -c '"code":"rate_limit_exceeded"\|"code":"policy","message":"circuit breaker' rl_out.jsonl)" 6
+expect_match "429 storm: lines queued again" "$ERR" "[1-9][0-9]* lines queued again after 429"
+expect_eq "429 storm: the others succeeded" "$(grep -c '"status_code":200' rl_out.jsonl)" 24
+# a rate limit never opens a breaker: each of them ends in its own 429, after waiting it out
+expect_eq "429 storm: rate-limited lines say so" "$(grep -c '"code":"rate_limit_exceeded"' rl_out.jsonl)" 6
+expect_eq "429 storm: and retried within the budget" "$(lua_on '
+  local n = 0 for _, v in ipairs(lines) do if v.aigate.error and #v.aigate.attempts >= 2 then n = n + 1 end end
+  return n' rl_out.jsonl)" 6
 slow=$(awk -v s="$start" -v e="$end" 'BEGIN { print (e - s >= 1.0) ? "yes" : "no" }')
 expect_eq "429 storm: Retry-After (1 s) honoured" "$slow" yes
 

@@ -84,7 +84,8 @@ end
 
 cases.result_lines_round_trip = function()
   local res = { status = 200, model = "openai/gpt-4o", provider = "p", latency = 0.25, step = 1,
-    usage = { prompt_tokens = 3, completion_tokens = 4, total_tokens = 7 }, request_id = "rq",
+    usage = { prompt_tokens = 3, completion_tokens = 4, total_tokens = 7 }, request_id = "cf-rq",
+    headers = { ["x-request-id"] = "rq", ["cf-aig-request-id"] = "cf-rq" },
     body = { id = "c1", object = "chat.completion", choices = { { message = { content = "hi/there" } } } } }
   local line = batch.success_line("batch_req_1", { id = "a/b", lineno = 5 }, res)
   local v = cjson.decode(line)
@@ -102,14 +103,38 @@ cases.result_lines_round_trip = function()
   -- the raw reply is written as it is
   line = batch.success_line("batch_req_2", { id = "r", lineno = 1 }, res, '{"choices":[],"x":1.25}')
   t.contains(line, '"body":{"choices":[],"x":1.25}')
+  -- the request id comes from the headers only (never the completion's own id); usage the reply
+  -- did not give is null, not zero
+  res.headers = { ["cf-aig-log-id"] = "log-1" }
+  res.usage = { prompt_tokens = 3 }
+  v = cjson.decode(batch.success_line("batch_req_5", { id = "r", lineno = 1 }, res))
+  t.eq(v.response.request_id, "log-1")
+  t.eq(v.aigate.usage, { prompt_tokens = 3, completion_tokens = cjson.null, total_tokens = cjson.null })
+  res.headers, res.usage = nil, {}
+  v = cjson.decode(batch.success_line("batch_req_6", { id = "r", lineno = 1 }, res))
+  t.eq(v.response.request_id, cjson.null)
+  t.eq(v.aigate.usage, cjson.null)
 
+  -- an HTTP error reply: as OpenAI's batch output has it, "error" is null and the reply (its body
+  -- byte for byte) is in "response"; aigate.error keeps aigate's code
+  local body = '{"error":{"message":"boom","x":[]},"n":1.50}'
   local err = batch.error_line("batch_req_3", { id = "e", lineno = 2 }, "HTTP 500 from the gateway",
-    { kind = "http", status = 500, body = '{"error":{"message":"boom"}}' })
+    { kind = "http", status = 500, body = body, request_id = "req-9" })
   v = cjson.decode(err)
-  t.eq(v.error.code, "http_500")
+  t.eq(v.error, cjson.null)
+  t.eq(v.aigate.error.code, "http_500")
   t.eq(v.response.status_code, 500)
-  t.eq(v.response.body.error.message, "boom")
+  t.eq(v.response.request_id, "req-9")
+  t.contains(err, '"body":' .. body .. "}")
   t.eq({ batch.result_of(err) }, { "e", true })
+  -- a body that is not JSON is wrapped; a failure without a reply has "error" and no response
+  v = cjson.decode(batch.error_line("b", { id = "h", lineno = 2 }, "HTTP 502", { kind = "http", status = 502,
+    body = "<html>bad gateway</html>" }))
+  t.eq(v.response.body.error.code, "http_502")
+  v = cjson.decode(batch.error_line("b", { id = "t", lineno = 2 }, "request failed: connect: refused",
+    { kind = "transport", reason = "connect" }))
+  t.eq(v.error.code, "transport")
+  t.eq(v.response, cjson.null)
   local bad = batch.error_line("batch_req_4", { id = "line-3", lineno = 3, code = "invalid_json", message = "line 3: x" })
   v = cjson.decode(bad)
   t.eq(v.response, cjson.null)
@@ -290,7 +315,7 @@ local REPLIES = {
   not_json = { 200, {}, "not json" },
   empty = { 200, {}, "" },
   fail = { 500, {}, '{"error":{"message":"upstream broke"}}' },
-  limit = { 429, { ["Retry-After"] = "0" }, '{"error":"slow down"}' },
+  limit = { 429, { ["Retry-After"] = "1" }, '{"error":"slow down"}' },
   teapot = { 418, {}, "short and stout" },
 }
 
@@ -370,7 +395,15 @@ local function run_lanes(mode)
     routes = { ["dynamic/fast"] = require("aigate.route").fallback({ "openai/gpt-4o-mini", "openai/gpt-4o" }) },
     -- breakers that open only after many failures, so that results do not depend on the order
     breaker = { failures = 1000, window = 30, cooldown = 15 },
+    -- one retry, at once: every mode sends the same requests (a 429 asks for a wait longer than the
+    -- budget: it fails without one)
+    retry = { retries = 1, delay = 0, budget = 0.5 },
   })
+  -- the 429 cuts the upstream's concurrency but pauses nothing: which lines come before the pause
+  -- would depend on the mode's order
+  local throttle = require("aigate.throttle")
+  local max_pause = throttle.MAX_PAUSE
+  throttle.MAX_PAUSE = 0
   local real_lane, real_engine, lane_calls, sends, written = aigate.lane, core.lane, 0, 0, 0
   aigate.lane = function(model)
     local l, why = real_lane(model)
@@ -411,7 +444,9 @@ local function run_lanes(mode)
   aigate.lane, core.lane = real_lane, real_engine
   aigate.configure(saved)
   srv:close()
-  require("aigate.breaker").reset()
+  require("aigate.policy").reset()
+  require("aigate.policy").set_retry_profile(nil)
+  throttle.MAX_PAUSE = max_pause
   assert(ok, rc)
   table.sort(seen)
   return rc, lane_results(out), seen, lane_calls, sends, written
@@ -442,9 +477,12 @@ cases.lanes_and_the_engine_match_the_general_path = function()
   t.eq(engined.plain.aigate.usage.total_tokens, 5)
   t.eq(engined.created.response.request_id, 'req "7"\t/')
   t.eq(engined.created.aigate.cache_status, "HIT")
-  t.eq(engined.fail.error.code, "http_500")
-  t.eq(engined.limit.error.code, "rate_limit_exceeded")
-  t.eq(engined.limit.aigate.batch_retries, 1)
+  t.eq(engined.fail.error, cjson.null)
+  t.eq(engined.fail.response.status_code, 500)
+  t.eq(engined.fail.aigate.error.code, "http_500")
+  t.eq(#engined.fail.aigate.attempts, 2, "retried once")
+  t.eq(engined.limit.aigate.error.code, "rate_limit_exceeded")
+  t.eq(engined.limit.aigate.batch_retries, nil) -- its Retry-After is past the budget: no requeue
   t.eq(engined["7"].error, cjson.null)
   t.eq(engined.bad.error.code, "invalid_request")
 end

@@ -100,6 +100,7 @@ end
 cases.fallback_all_fail_reports_every_attempt = function()
   local aigate, cfg = setup()
   cfg.routes["dynamic/x"] = route.fallback({ "mock/fail-500", "mock/rate-limit" })
+  cfg.retry = { retries = 0 }
   local r, err, info = chat(aigate, cfg, "dynamic/x")
   t.eq(r, nil)
   t.contains(err, "2 attempts failed")
@@ -375,7 +376,7 @@ end
 -- Breaker ----------------------------------------------------------------------------------------
 
 cases.breaker_opens_skips_and_closes = function()
-  local aigate, cfg = setup({ breaker = { failures = 2, window = 5, cooldown = 0.2 } })
+  local aigate, cfg = setup({ breaker = { failures = 2, min_requests = 2, window = 5, cooldown = 0.2 } })
   local hdr = { ["x-mock-key"] = "breaker-" .. tostring(core.now()) }
   cfg.routes["dynamic/b"] = route.fallback({ "mock/flaky-2", "mock/spare" })
   local r = assert(chat(aigate, cfg, "dynamic/b", "x", { headers = hdr }))
@@ -387,8 +388,10 @@ cases.breaker_opens_skips_and_closes = function()
   r = assert(chat(aigate, cfg, "dynamic/b", "x", { headers = hdr }))
   t.eq(statuses(r.attempts), "skip,200")
   t.eq(r.attempts[1].error, "circuit breaker open")
-  -- a single target fails at once while open
+  -- a single target without retries fails at once while open
+  policy.set_retry_overrides({ retries = 0 })
   local r1, err1, info1 = chat(aigate, cfg, "mock/flaky-2", "x", { headers = hdr })
+  policy.set_retry_overrides(nil)
   t.eq(r1, nil)
   t.eq(info1.reason, "breaker_open")
   t.contains(err1, "circuit breaker open")
@@ -399,8 +402,71 @@ cases.breaker_opens_skips_and_closes = function()
   t.eq(aigate.breaker.state("mock/flaky-2"), "closed")
 end
 
+-- While open, a target with nothing after it waits for the probe (default retries) instead of failing.
+cases.breaker_open_single_target_waits_for_the_probe = function()
+  local aigate, cfg = setup({ breaker = { failures = 2, min_requests = 2, window = 5, cooldown = 0.2 } })
+  local hdr = { ["x-mock-key"] = "probe-" .. tostring(core.now()) }
+  cfg.routes["dynamic/b"] = route.fallback({ "mock/flaky-2", "mock/spare" })
+  for _ = 1, 2 do
+    assert(chat(aigate, cfg, "dynamic/b", "x", { headers = hdr }))
+  end
+  t.eq(aigate.breaker.state("mock/flaky-2"), "open")
+  local t0 = core.now()
+  local r, err = chat(aigate, cfg, "mock/flaky-2", "x", { headers = hdr })
+  t.truthy(r, err)
+  t.eq(statuses(r.attempts), "skip,200")
+  t.truthy(core.now() - t0 >= 0.15, "waited for the cool-down")
+  t.eq(aigate.breaker.state("mock/flaky-2"), "closed")
+end
+
+-- A breaker opens on a failure rate over a minimum of requests: occasional failures never open it,
+-- and 429s (a rate limit, not an outage) do not count.
+cases.breaker_rate_not_count = function()
+  local breaker = require("aigate.breaker")
+  breaker.reset()
+  local cfg = { failures = 5, failure_rate = 0.5, min_requests = 10, window = 30, cooldown = 15 }
+  -- 64 failures at the same instant (a hiccup seen by everything in flight) after a healthy window
+  for _ = 1, 200 do
+    breaker.record("k", true, cfg, 100.0)
+  end
+  for _ = 1, 64 do
+    breaker.record("k", false, cfg, 100.5)
+  end
+  t.eq(breaker.state("k"), "closed", "64 of 264 is below the rate")
+  -- 10 % failures, for a long time: never open
+  for i = 1, 3000 do
+    breaker.record("r", i % 10 ~= 0, cfg, 200 + i / 100)
+  end
+  t.eq(breaker.state("r"), "closed")
+  -- an outage: opens once the minimum is reached
+  for i = 1, 9 do
+    breaker.record("o", false, cfg, 300 + i / 100)
+    t.eq(breaker.state("o"), "closed", "below min_requests after " .. i)
+  end
+  breaker.record("o", false, cfg, 300.2)
+  t.eq(breaker.state("o"), "open")
+  -- the window forgets: old failures age out
+  for _ = 1, 9 do
+    breaker.record("w", false, cfg, 400)
+  end
+  breaker.record("w", false, cfg, 440)
+  t.eq(breaker.state("w"), "closed", "the first nine left the window")
+  breaker.reset()
+end
+
+cases.breaker_ignores_rate_limits = function()
+  local aigate, cfg = setup({ breaker = { failures = 1, min_requests = 1, window = 5, cooldown = 5 },
+    retry = { retries = 0 } })
+  for _ = 1, 3 do
+    local _, _, info = chat(aigate, cfg, "mock/rate-limit-ms")
+    t.eq(info.status, 429)
+  end
+  t.eq(aigate.breaker.state("mock/rate-limit-ms"), "closed")
+end
+
 cases.breaker_reopens_after_failed_probe_and_can_be_off = function()
-  local aigate, cfg = setup({ breaker = { failures = 1, window = 5, cooldown = 0.1 } })
+  local aigate, cfg = setup({ breaker = { failures = 1, min_requests = 1, window = 5, cooldown = 0.1 },
+    retry = { retries = 0 } })
   t.eq(chat(aigate, cfg, "mock/fail-500"), nil)
   t.eq(aigate.breaker.state("mock/fail-500"), "open")
   core.sleep(0.12)
@@ -411,7 +477,7 @@ cases.breaker_reopens_after_failed_probe_and_can_be_off = function()
   t.eq(chat(aigate, cfg, "mock/bad-request"), nil)
   t.eq(aigate.breaker.state("mock/bad-request"), "closed")
   -- breakers off
-  local aigate2, cfg2 = setup({ breaker = false })
+  local aigate2, cfg2 = setup({ breaker = false, retry = { retries = 0 } })
   for _ = 1, 6 do
     local _, _, i2 = chat(aigate2, cfg2, "mock/fail-503")
     t.eq(i2.status, 503)
