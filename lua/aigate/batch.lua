@@ -1180,6 +1180,9 @@ function M.run(opts)
         route_part = ',"step":0,"route":' .. jstr(spec.name),
         attempt_part = ',"attempts":[{"step":0,"target":' .. quote(spec.name) .. ',"model":' .. quote(spec.model)
           .. ',"status":',
+        timeout = spec.timeouts.timeout, connect_timeout = spec.timeouts.connect_timeout,
+        first_byte_timeout = spec.timeouts.first_byte_timeout, stall_timeout = spec.timeouts.stall_timeout,
+        ca_file = spec.ca_file, ca_path = spec.ca_path,
       })
       st.engine_key, st.engine_model = spec.breaker_key, spec.model
       if not from_stdin and opts.engine ~= "stage" then -- the engine reads the file itself

@@ -796,17 +796,13 @@ function Lane:replay(messages_json, latency, res, err)
 end
 
 --- What the batch engine needs to send this lane's requests itself, or nil when a request needs
--- more than a fixed body around its messages (timeouts, prices, a non-POST request).
--- {url, headers, prefix, suffix, model, provider, breaker_key (nil: no breaker)}.
+-- more than a fixed body around its messages (prices, a non-POST request).
+-- {url, headers, prefix, suffix, model, provider, breaker_key (nil: no breaker), timeouts (the
+-- request's, as core.request takes them), ca_file, ca_path}.
 function Lane:engine_spec()
   local req = self.req
   if req.method ~= "POST" or req.stream or req.verbose then
     return nil
-  end
-  for _, v in pairs(req.timeouts or {}) do
-    if v ~= nil then
-      return nil
-    end
   end
   if M.cost(self.cfg, self.name, req.model, { prompt_tokens = 1, completion_tokens = 1 }) ~= nil then
     return nil
@@ -815,6 +811,7 @@ function Lane:engine_spec()
   return {
     url = req.url, headers = req.headers, prefix = self.prefix, suffix = self.suffix, name = self.name,
     model = req.model, provider = req.provider, breaker_key = guarded and breaker_key(req) or nil,
+    timeouts = req.timeouts or {}, ca_file = req.ca_file, ca_path = req.ca_path,
   }
 end
 
@@ -911,7 +908,7 @@ function M.targets(v, routes, out, seen, depth)
 end
 
 --- The request the policy would send first, not sent: {method, url, headers (redacted), body (table),
--- body_table, body_text, model, provider, route, targets} or nil, message, info.
+-- body_table, body_text, model, provider, route, targets, timeouts} or nil, message, info.
 function M.prepare(opts, cfg, context)
   local st, fail = start(opts, cfg, context, true)
   if st == nil then
@@ -944,6 +941,7 @@ function M.prepare(opts, cfg, context)
     provider = req.provider,
     route = st.name,
     targets = M.targets(st.entry, st.routes),
+    timeouts = req.timeouts,
   }
 end
 

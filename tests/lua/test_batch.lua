@@ -257,7 +257,8 @@ end
 -- One input runs three ways (aigate.chat only, lanes, lanes and engine) against a server whose
 -- reply depends on the prompt: usual completions, every reply the engine leaves to Lua (errors,
 -- 429s retried, bodies that are not completions or that it cannot write as they are), odd headers,
--- and lines the engine or the lanes do not take.
+-- replies cut by the configured first-byte and stall timeouts (and a slow one under them), and lines
+-- the engine or the lanes do not take.
 local OK_BODY = '{"id":"c1","object":"chat.completion","model":"m-up","choices":[{"index":0,'
   .. '"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],'
   .. '"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}'
@@ -292,7 +293,11 @@ local REPLIES = {
   fail = { 500, {}, '{"error":{"message":"upstream broke"}}' },
   limit = { 429, { ["Retry-After"] = "0" }, '{"error":"slow down"}' },
   teapot = { 418, {}, "short and stout" },
+  slow_start = { 200, {}, OK_BODY, before = 1.5 }, -- cut by first_byte_timeout
+  stalled = { 200, {}, OK_BODY, stall = 1.5 }, -- cut by stall_timeout
+  slow_ok = { 200, {}, OK_BODY, before = 0.1 },
 }
+local LANE_TIMEOUTS = { first_byte_timeout = 0.5, stall_timeout = 0.5 }
 
 local function lane_server(seen)
   local core = require("aigate.core")
@@ -307,6 +312,23 @@ local function lane_server(seen)
     local reply = REPLIES[name] or REPLIES.plain
     local headers = { ["Content-Type"] = "application/json" }
     for k, v in pairs(reply[2]) do headers[k] = v end
+    local function wait(seconds) -- false when the client went away meanwhile
+      for _ = 1, seconds / 0.05 do
+        if res.closed then return false end
+        core.sleep(0.05)
+      end
+      return not res.closed
+    end
+    if reply.before and not wait(reply.before) then return end
+    if reply.stall then
+      res:start(reply[1], headers)
+      res:write(reply[3]:sub(1, 10))
+      if wait(reply.stall) then
+        res:write(reply[3]:sub(11))
+        res:finish()
+      end
+      return
+    end
     res:respond(reply[1], headers, reply[3])
   end }))
 end
@@ -344,7 +366,7 @@ end
 local function lane_results(path)
   local out = {}
   for line in io.lines(path) do
-    local v = cjson.decode(line)
+    local v = cjson.decode((line:gsub("127%.0%.0%.1:%d+", "127.0.0.1:PORT"))) -- each run has its server
     v.id = nil
     if v.aigate then
       v.aigate.latency = nil
@@ -370,6 +392,7 @@ local function run_lanes(mode)
     routes = { ["dynamic/fast"] = require("aigate.route").fallback({ "openai/gpt-4o-mini", "openai/gpt-4o" }) },
     -- breakers that open only after many failures, so that results do not depend on the order
     breaker = { failures = 1000, window = 30, cooldown = 15 },
+    timeouts = LANE_TIMEOUTS,
   })
   local real_lane, real_engine, lane_calls, sends, written = aigate.lane, core.lane, 0, 0, 0
   aigate.lane = function(model)
@@ -424,12 +447,12 @@ cases.lanes_and_the_engine_match_the_general_path = function()
   local rc4, staged, sent4, calls4, sends4, written4 = run_lanes("stage")
   t.eq({ calls1, sends1, sends2 }, { 0, 0, 0 })
   t.truthy(calls2 > 30, "lanes used: " .. calls2)
-  t.eq(sends4, 32) -- every short-form line of the default model without escapes (429: retried by the lane)
-  t.eq(written4, 13) -- the replies the engine writes itself
-  t.eq(calls4, calls2 - 13) -- the lanes ran the rest
+  t.eq(sends4, 35) -- every short-form line of the default model without escapes (429: retried by the lane)
+  t.eq(written4, 14) -- the replies the engine writes itself
+  t.eq(calls4, calls2 - 14) -- the lanes ran the rest
   -- reading the file itself, the engine holds its workers while the 429 has lowered the concurrency:
   -- lines then go by the lanes; each line is the engine's or a lane's, never both
-  t.truthy(written3 > 0 and written3 <= 13, "written by the engine: " .. written3)
+  t.truthy(written3 > 0 and written3 <= 14, "written by the engine: " .. written3)
   t.eq(calls3 + written3, calls2)
   t.eq({ rc1, rc2, rc3, rc4 }, { 1, 1, 1, 1 })
   t.eq(laned, general)
@@ -447,6 +470,12 @@ cases.lanes_and_the_engine_match_the_general_path = function()
   t.eq(engined.limit.aigate.batch_retries, 1)
   t.eq(engined["7"].error, cjson.null)
   t.eq(engined.bad.error.code, "invalid_request")
+  -- the configured timeouts cut the slow replies on every path, with the same error
+  t.eq(engined.slow_start.error.code, "transport")
+  t.contains(engined.slow_start.error.message, "no response within 0.5s (first byte timeout)")
+  t.eq(engined.stalled.error.code, "transport")
+  t.contains(engined.stalled.error.message, "stream stalled, no data for 0.5s (stall timeout)")
+  t.eq(engined.slow_ok.error, cjson.null)
 end
 
 cases.lanes_are_refused_for_routes_and_hooks = function()
