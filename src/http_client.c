@@ -363,7 +363,11 @@ void http_push_error(lua_State *L, CURLcode rc, const char *errbuf, size_t recei
         return;
     }
     detail = errbuf[0] ? errbuf : curl_easy_strerror(rc);
-    lua_pushfstring(L, "%s: %c%s", error_kind(rc), tolower((unsigned char)detail[0]), detail + 1);
+    /* "Could not connect" reads "could not connect"; an acronym ("SSL certificate problem") stays. */
+    if (detail[0] && isupper((unsigned char)detail[1]))
+        lua_pushfstring(L, "%s: %s", error_kind(rc), detail);
+    else
+        lua_pushfstring(L, "%s: %c%s", error_kind(rc), tolower((unsigned char)detail[0]), detail + 1);
 }
 
 /* Pushes the error string for a failed transfer on L. */
