@@ -297,6 +297,40 @@ expect_eq "engine: stdin to stdout: exit 0, every id once" "$?:$(ids_once stdin_
 "$AIGATE" batch ke.jsonl -m openai/gpt-4o -j 8 -q > file_e.jsonl 2> "$TMP/err"
 expect_eq "engine: a file to stdout: exit 0, every id once" "$?:$(ids_once file_e.jsonl 300)" "0:ok"
 
+# ---- timeouts from the config cut a stalled upstream: through the engine (-m, short-form lines) and
+# through the lanes (messages lines), with the same error, long before the mock would answer ---------
+cat > stall_cfg.lua << 'EOF2'
+return { timeouts = { first_byte_timeout = 0.3 } }
+EOF2
+cat > total_cfg.lua << 'EOF2'
+return { timeouts = { timeout = 0.3 } }
+EOF2
+{
+    for i in 1 2 3 4; do printf '{"id":"s%d","prompt":"p%d"}\n' "$i" "$i"; done
+    for i in 5 6; do printf '{"id":"s%d","messages":[{"role":"user","content":"m%d"}]}\n' "$i" "$i"; done
+} > stall.jsonl
+timeout_codes() { # the error code and the kind of timeout of each result
+    lua_on '
+      local out = {}
+      for _, v in ipairs(lines) do
+        local m = v.error ~= require("cjson").null and v.error.message or ""
+        out[#out + 1] = v.custom_id .. "=" .. (v.error == require("cjson").null and "ok" or v.error.code)
+          .. (m:find("(first byte timeout)", 1, true) and "/first_byte" or "")
+          .. (m:find("timeout: operation timed out", 1, true) and "/total" or "")
+      end
+      table.sort(out)
+      return table.concat(out, " ")' "$1"
+}
+start=$(date +%s%N)
+batch stall.jsonl -o stall_out.jsonl -m mock/stall-5000 -j 6 --config stall_cfg.lua -q
+took=$(( ($(date +%s%N) - start) / 1000000 ))
+expect_eq "config first_byte_timeout: every line cut, engine and lanes alike" "$RC:$(timeout_codes stall_out.jsonl)" \
+    "1:s1=transport/first_byte s2=transport/first_byte s3=transport/first_byte s4=transport/first_byte s5=transport/first_byte s6=transport/first_byte"
+if [ "$took" -lt 3000 ]; then ok "config first_byte_timeout: cut in time (${took} ms)"; else fail "config first_byte_timeout: cut in time" "${took} ms"; fi
+batch stall.jsonl -o stall_out2.jsonl -m mock/stall-5000 -j 6 --config total_cfg.lua -q
+expect_eq "config timeout: every line cut" "$RC:$(timeout_codes stall_out2.jsonl)" \
+    "1:s1=transport/total s2=transport/total s3=transport/total s4=transport/total s5=transport/total s6=transport/total"
+
 # ---- an output that cannot be written (a full disk) stops the batch with exit 2, engine or not -------
 for how in engine lanes; do
     if [ "$how" = engine ]; then
