@@ -1091,9 +1091,10 @@ static int work_step(struct lane *ln, struct slot *sl, lua_State *co)
     }
 }
 
-/* A request sent by lane:work ended. A success written here goes on to the next line without Lua;
- * anything else resumes the task with "reply", line, lineno, latency, status, headers, body (or
- * nil, nil, nil, err for a transport failure). */
+/* A request sent by lane:work ended. A success written here goes on to the next line without Lua
+ * while the lane may go on (lane:set_go), else resumes the task with "held"; anything else resumes
+ * it with "reply", line, lineno, latency, status, headers, body (or nil, nil, nil, err for a
+ * transport failure). */
 static void work_done(struct slot *sl, CURLcode rc, double latency)
 {
     struct lane *ln = sl->lane;
@@ -1132,9 +1133,15 @@ static void work_done(struct slot *sl, CURLcode rc, double latency)
             ln->caplat = cap;
         }
         ln->lat[ln->nlat++] = latency;
-        nret = work_step(ln, sl, co);
-        if (nret < 0)
-            return; /* the next line is in flight on the same slot and task */
+        if (!ln->go) {
+            /* Held meanwhile (Ctrl-C, a 429, a breaker): Lua decides before another line is taken. */
+            lua_pushliteral(co, "held");
+            nret = 1;
+        } else {
+            nret = work_step(ln, sl, co);
+            if (nret < 0)
+                return; /* the next line is in flight on the same slot and task */
+        }
     } else {
         lua_pushliteral(co, "reply");
         lua_pushlstring(co, sl->source.data ? sl->source.data : "", sl->source.len);

@@ -275,6 +275,44 @@ if [ "$n_int" -ge 10 ] && [ "$n_int" -lt 200 ]; then ok "engine: SIGINT: in-flig
 batch inte.jsonl -o inte_out.jsonl -m mock/slow-200 -j 50 --resume -q
 expect_eq "engine: SIGINT then --resume: every id once" "$RC:$(ids_once inte_out.jsonl 200)" "0:ok"
 
+# ---- after Ctrl-C no new request leaves: those in flight at the signal finish, nothing is sent after it
+# (the mock logs each request as it arrives, with the time), and --resume finishes every id once.
+# Through the engine (-m, short-form lines) and through Lua (lines naming their model).
+awk 'BEGIN { for (i = 1; i <= 200; i++) printf "{\"id\":\"r%d\",\"prompt\":\"p%d\"}\n", i, i }' > sig_e.jsonl
+gen 200 mock/slow-300 sig_l.jsonl
+sigint_sends_nothing_more() { # LABEL INPUT ARGS...
+    local label=$1 input=$2
+    shift 2
+    local out="sig_out_$label.jsonl" pid rc at n_at n_after late i
+    : > "$MOCK_LOG"
+    "$AIGATE" batch "$input" -o "$out" -j 10 --progress 0 "$@" 2> "$TMP/sig_err" &
+    pid=$!
+    # two rounds of 10 requests sent, then into the middle of the third round's 300 ms
+    for i in $(seq 1 200); do
+        [ "$(wc -l < "$MOCK_LOG")" -ge 21 ] && break
+        sleep 0.02
+    done
+    sleep 0.12
+    at=$(date +%s.%N)
+    kill -INT "$pid"
+    n_at=$(wc -l < "$MOCK_LOG" | tr -d ' ')
+    wait "$pid"
+    rc=$?
+    n_after=$(wc -l < "$MOCK_LOG" | tr -d ' ')
+    late=$("$AIGATE" run "$TMP/lines.lua" '
+      local n = 0
+      for _, v in ipairs(lines) do if v.time > '"$at"' + 0.02 then n = n + 1 end end
+      return n' "$MOCK_LOG")
+    expect_eq "$label: SIGINT: exit 130" "$rc" 130
+    expect_eq "$label: SIGINT: no request sent after the signal (requests logged at it: $n_at)" \
+        "late $late, $((n_after - n_at)) more" "late 0, 0 more"
+    expect_eq "$label: SIGINT: every request sent has its result" "$(wc -l < "$out" | tr -d ' ')" "$n_after"
+    batch "$input" -o "$out" -j 50 --resume -q "$@"
+    expect_eq "$label: SIGINT then --resume: every id once" "$RC:$(ids_once "$out" 200)" "0:ok"
+}
+sigint_sends_nothing_more engine sig_e.jsonl -m mock/slow-300
+sigint_sends_nothing_more lua sig_l.jsonl
+
 {
     echo '{"id":"r1","prompt":"plain"}'
     echo 'not json'
