@@ -20,6 +20,7 @@ UNIT_TESTS := $(patsubst tests/unit/%.c,tests/unit/%,$(wildcard tests/unit/test_
 UNIT_LIB := src/sse.c src/buf.c tests/unit/unit.c
 
 DEB_PACKAGES := gcc make pkg-config liblua5.4-dev libcurl4-openssl-dev lua-cjson-dev libevent-dev curl ca-certificates \
+                openssl \
                 lua-check
 
 .PHONY: all test asan demo bench bench-instructions deps install uninstall clean units lint format

@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <curl/curl.h>
@@ -40,14 +41,11 @@ struct transfer {
     struct buf body;
     struct buf resp_headers; /* "name\0value\0" pairs of the last response */
     long status;
-    int got_first_byte;
     int streaming; /* 2xx and on_chunk set: body goes to the callback */
+    int custom_ca; /* ca_file or ca_path set: the handle goes back to the defaults after */
     size_t received;
     size_t max_size;
-    double first_byte_timeout;
-    double stall_timeout;
-    struct event *first_byte_timer;
-    struct event *stall_timer;
+    struct http_timers timers;
     char *abort_msg; /* why we stopped it ourselves */
     char errbuf[CURL_ERROR_SIZE];
 };
@@ -100,6 +98,8 @@ static CURLM *multi;
 static struct event *multi_timer;
 static CURL *easy_pool[EASY_POOL_MAX];
 static int easy_pool_len;
+static char *default_ca_file; /* curl's own CA settings, for handles that had others */
+static char *default_ca_path;
 
 static void check_multi_info(void);
 static size_t header_cb(char *data, size_t size, size_t nitems, void *userdata);
@@ -268,6 +268,8 @@ static void transfer_free(struct transfer *tr)
 {
     if (tr->easy) {
         curl_multi_remove_handle(multi, tr->easy);
+        if (tr->custom_ca)
+            http_easy_ca(tr->easy, NULL, NULL);
         release_easy(tr->easy);
     }
     curl_slist_free_all(tr->headers);
@@ -275,10 +277,7 @@ static void transfer_free(struct transfer *tr)
     luaL_unref(g_L, LUA_REGISTRYINDEX, tr->chunk_ref);
     buf_free(&tr->body);
     buf_free(&tr->resp_headers);
-    if (tr->first_byte_timer)
-        event_free(tr->first_byte_timer);
-    if (tr->stall_timer)
-        event_free(tr->stall_timer);
+    http_timers_free(&tr->timers);
     free(tr->abort_msg);
     free(tr);
 }
@@ -364,7 +363,11 @@ void http_push_error(lua_State *L, CURLcode rc, const char *errbuf, size_t recei
         return;
     }
     detail = errbuf[0] ? errbuf : curl_easy_strerror(rc);
-    lua_pushfstring(L, "%s: %c%s", error_kind(rc), tolower((unsigned char)detail[0]), detail + 1);
+    /* "Could not connect" reads "could not connect"; an acronym ("SSL certificate problem") stays. */
+    if (detail[0] && isupper((unsigned char)detail[1]))
+        lua_pushfstring(L, "%s: %s", error_kind(rc), detail);
+    else
+        lua_pushfstring(L, "%s: %c%s", error_kind(rc), tolower((unsigned char)detail[0]), detail + 1);
 }
 
 /* Pushes the error string for a failed transfer on L. */
@@ -435,6 +438,21 @@ static void transfer_abort(struct transfer *tr, const char *msg)
     transfer_done(tr, CURLE_ABORTED_BY_CALLBACK);
 }
 
+static void transfer_expired(struct http_timers *tm, const char *msg)
+{
+    transfer_abort((struct transfer *)(void *)((char *)tm - offsetof(struct transfer, timers)), msg);
+}
+
+/* ---- timeouts and CA certificates, for every kind of transfer -------------------------------- */
+
+static double monotonic_now(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
 static void arm_timer(struct event *ev, double seconds)
 {
     struct timeval tv;
@@ -446,37 +464,149 @@ static void arm_timer(struct event *ev, double seconds)
 
 static void first_byte_timer_cb(evutil_socket_t fd, short kind, void *arg)
 {
-    struct transfer *tr = arg;
+    struct http_timers *tm = arg;
     char msg[96];
 
     (void)fd;
     (void)kind;
     snprintf(msg, sizeof(msg), "timeout: no response within %gs (first byte timeout)",
-             tr->first_byte_timeout);
-    transfer_abort(tr, msg);
+             tm->first_byte_timeout);
+    tm->expired(tm, msg);
 }
 
+/* The stall timer is armed once, at the first byte; a byte only notes the time (re-arming a libevent
+ * timer for every piece received would cost a heap update each). When the timer fires after bytes
+ * came, it waits again for what is left of the limit since the last one. */
 static void stall_timer_cb(evutil_socket_t fd, short kind, void *arg)
 {
-    struct transfer *tr = arg;
+    struct http_timers *tm = arg;
+    double quiet = monotonic_now() - tm->last_progress;
     char msg[96];
 
     (void)fd;
     (void)kind;
-    snprintf(msg, sizeof(msg), "timeout: stream stalled, no data for %gs (stall timeout)", tr->stall_timeout);
-    transfer_abort(tr, msg);
+    if (quiet < tm->stall_timeout) {
+        arm_timer(tm->stall_timer, tm->stall_timeout - quiet);
+        return;
+    }
+    snprintf(msg, sizeof(msg), "timeout: stream stalled, no data for %gs (stall timeout)", tm->stall_timeout);
+    tm->expired(tm, msg);
 }
 
-/* Called on every byte received (headers or body): first byte seen, stall timer restarted. */
-static void note_progress(struct transfer *tr)
+void http_timers_init(struct http_timers *tm, const struct http_timeouts *to,
+                      void (*expired)(struct http_timers *tm, const char *msg))
 {
-    if (!tr->got_first_byte) {
-        tr->got_first_byte = 1;
-        if (tr->first_byte_timer)
-            evtimer_del(tr->first_byte_timer);
+    memset(tm, 0, sizeof(*tm));
+    tm->first_byte_timeout = to->first_byte;
+    tm->stall_timeout = to->stall;
+    tm->expired = expired;
+}
+
+int http_timers_start(struct http_timers *tm)
+{
+    tm->got_first_byte = 0;
+    if (tm->first_byte_timeout > 0) {
+        if (tm->first_byte_timer == NULL)
+            tm->first_byte_timer = evtimer_new(g_base, first_byte_timer_cb, tm);
+        if (tm->first_byte_timer == NULL)
+            return -1;
+        arm_timer(tm->first_byte_timer, tm->first_byte_timeout);
     }
-    if (tr->stall_timer)
-        arm_timer(tr->stall_timer, tr->stall_timeout);
+    if (tm->stall_timeout > 0 && tm->stall_timer == NULL) {
+        tm->stall_timer = evtimer_new(g_base, stall_timer_cb, tm);
+        if (tm->stall_timer == NULL)
+            return -1;
+    }
+    return 0;
+}
+
+void http_timers_progress(struct http_timers *tm)
+{
+    if (tm->stall_timer)
+        tm->last_progress = monotonic_now();
+    if (tm->got_first_byte)
+        return;
+    tm->got_first_byte = 1;
+    if (tm->first_byte_timer)
+        evtimer_del(tm->first_byte_timer);
+    if (tm->stall_timer)
+        arm_timer(tm->stall_timer, tm->stall_timeout);
+}
+
+void http_timers_stop(struct http_timers *tm)
+{
+    if (tm->first_byte_timer)
+        evtimer_del(tm->first_byte_timer);
+    if (tm->stall_timer)
+        evtimer_del(tm->stall_timer);
+}
+
+void http_timers_free(struct http_timers *tm)
+{
+    if (tm->first_byte_timer)
+        event_free(tm->first_byte_timer);
+    if (tm->stall_timer)
+        event_free(tm->stall_timer);
+    tm->first_byte_timer = NULL;
+    tm->stall_timer = NULL;
+}
+
+static double read_seconds(lua_State *L, int idx, const char *name, const char *kind, const char *fn)
+{
+    double v;
+
+    lua_getfield(L, idx, name);
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        return 0;
+    }
+    if (!lua_isnumber(L, -1))
+        luaL_error(L, "bad %s '%s' to '%s' (number expected, got %s)", kind, name, fn, luaL_typename(L, -1));
+    v = lua_tonumber(L, -1);
+    lua_pop(L, 1);
+    if (!(v > 0))
+        luaL_error(L, "bad %s '%s' to '%s' (must be > 0)", kind, name, fn);
+    return v;
+}
+
+void http_read_timeouts(lua_State *L, int idx, const char *kind, const char *fn, struct http_timeouts *to)
+{
+    to->connect = read_seconds(L, idx, "connect_timeout", kind, fn);
+    to->total = read_seconds(L, idx, "timeout", kind, fn);
+    to->first_byte = read_seconds(L, idx, "first_byte_timeout", kind, fn);
+    to->stall = read_seconds(L, idx, "stall_timeout", kind, fn);
+}
+
+void http_easy_timeouts(CURL *easy, const struct http_timeouts *to)
+{
+    curl_easy_setopt(easy, CURLOPT_CONNECTTIMEOUT_MS, (long)(to->connect * 1000));
+    curl_easy_setopt(easy, CURLOPT_TIMEOUT_MS, (long)(to->total * 1000));
+}
+
+/* The string field name of the table at idx (NULL when nil; the table keeps it alive). */
+static const char *read_string(lua_State *L, int idx, const char *name, const char *kind, const char *fn)
+{
+    const char *v;
+
+    lua_getfield(L, idx, name);
+    if (!lua_isnil(L, -1) && lua_type(L, -1) != LUA_TSTRING)
+        luaL_error(L, "bad %s '%s' to '%s' (string expected, got %s)", kind, name, fn, luaL_typename(L, -1));
+    v = lua_tostring(L, -1);
+    lua_pop(L, 1);
+    return v;
+}
+
+void http_read_ca(lua_State *L, int idx, const char *kind, const char *fn, const char **ca_file,
+                  const char **ca_path)
+{
+    *ca_file = read_string(L, idx, "ca_file", kind, fn);
+    *ca_path = read_string(L, idx, "ca_path", kind, fn);
+}
+
+void http_easy_ca(CURL *easy, const char *ca_file, const char *ca_path)
+{
+    curl_easy_setopt(easy, CURLOPT_CAINFO, ca_file ? ca_file : default_ca_file);
+    curl_easy_setopt(easy, CURLOPT_CAPATH, ca_path ? ca_path : default_ca_path);
 }
 
 void http_header_line(struct buf *hdrs, long *status, const char *data, size_t len)
@@ -518,7 +648,7 @@ static size_t header_cb(char *data, size_t size, size_t nitems, void *userdata)
     struct transfer *tr = userdata;
     size_t len = size * nitems;
 
-    note_progress(tr);
+    http_timers_progress(&tr->timers);
     http_header_line(&tr->resp_headers, &tr->status, data, len);
     return len;
 }
@@ -565,7 +695,7 @@ static size_t write_cb(char *data, size_t size, size_t nmemb, void *userdata)
     size_t len = size * nmemb;
     int first = 0;
 
-    note_progress(tr);
+    http_timers_progress(&tr->timers);
     if (tr->received == 0 && tr->chunk_ref != LUA_NOREF && tr->status >= 200 && tr->status < 300) {
         tr->streaming = 1;
         first = 1;
@@ -580,24 +710,6 @@ static size_t write_cb(char *data, size_t size, size_t nmemb, void *userdata)
 }
 
 /* ---- core.request ---------------------------------------------------------------------------- */
-
-static double opt_seconds(lua_State *L, const char *name)
-{
-    double v;
-
-    lua_getfield(L, 1, name);
-    if (lua_isnil(L, -1)) {
-        lua_pop(L, 1);
-        return 0;
-    }
-    if (!lua_isnumber(L, -1))
-        luaL_error(L, "bad option '%s' to 'request' (number expected, got %s)", name, luaL_typename(L, -1));
-    v = lua_tonumber(L, -1);
-    lua_pop(L, 1);
-    if (!(v > 0))
-        luaL_error(L, "bad option '%s' to 'request' (must be > 0)", name);
-    return v;
-}
 
 /* Raises unless opts.headers is nil or a table of string names and string values. */
 static void check_headers(lua_State *L)
@@ -654,10 +766,9 @@ int core_request(lua_State *L)
     const char *method;
     size_t body_len = 0;
     const char *body = NULL;
-    double connect_timeout;
-    double total_timeout;
-    double first_byte_timeout;
-    double stall_timeout;
+    struct http_timeouts timeouts;
+    const char *ca_file;
+    const char *ca_path;
 
     luaL_checktype(L, 1, LUA_TTABLE);
     t = task_check(L);
@@ -676,10 +787,8 @@ int core_request(lua_State *L)
     method = lua_isnil(L, -1) ? (body ? "POST" : "GET") : lua_tostring(L, -1);
     if (method == NULL)
         return luaL_error(L, "bad option 'method' to 'request' (string expected)");
-    connect_timeout = opt_seconds(L, "connect_timeout");
-    total_timeout = opt_seconds(L, "timeout");
-    first_byte_timeout = opt_seconds(L, "first_byte_timeout");
-    stall_timeout = opt_seconds(L, "stall_timeout");
+    http_read_timeouts(L, 1, "option", "request", &timeouts);
+    http_read_ca(L, 1, "option", "request", &ca_file, &ca_path);
     check_headers(L);
 
     tr = calloc(1, sizeof(*tr));
@@ -693,8 +802,7 @@ int core_request(lua_State *L)
     buf_init(&tr->body);
     buf_init(&tr->resp_headers);
     tr->max_size = DEFAULT_MAX_SIZE;
-    tr->first_byte_timeout = first_byte_timeout;
-    tr->stall_timeout = stall_timeout;
+    http_timers_init(&tr->timers, &timeouts, transfer_expired);
     lua_getfield(L, 1, "max_size");
     if (!lua_isnil(L, -1)) {
         lua_Integer n = lua_tointeger(L, -1);
@@ -749,15 +857,12 @@ int core_request(lua_State *L)
     curl_easy_setopt(tr->easy, CURLOPT_CUSTOMREQUEST,
                      strcmp(method, body ? "POST" : "GET") != 0 && strcmp(method, "HEAD") != 0 ? method
                                                                                                : NULL);
-    curl_easy_setopt(tr->easy, CURLOPT_CONNECTTIMEOUT_MS, (long)(connect_timeout * 1000));
-    curl_easy_setopt(tr->easy, CURLOPT_TIMEOUT_MS, (long)(total_timeout * 1000));
-    if (tr->first_byte_timeout > 0) {
-        tr->first_byte_timer = evtimer_new(g_base, first_byte_timer_cb, tr);
-        arm_timer(tr->first_byte_timer, tr->first_byte_timeout);
+    http_easy_timeouts(tr->easy, &timeouts);
+    if (ca_file || ca_path) {
+        tr->custom_ca = 1;
+        http_easy_ca(tr->easy, ca_file, ca_path);
     }
-    if (tr->stall_timeout > 0)
-        tr->stall_timer = evtimer_new(g_base, stall_timer_cb, tr);
-    if (curl_multi_add_handle(multi, tr->easy) != CURLM_OK) {
+    if (http_timers_start(&tr->timers) != 0 || curl_multi_add_handle(multi, tr->easy) != CURLM_OK) {
         transfer_free(tr);
         lua_pushnil(L);
         lua_pushstring(L, "error: cannot start the transfer");
@@ -769,9 +874,29 @@ int core_request(lua_State *L)
 
 /* ---- set-up and shut-down -------------------------------------------------------------------- */
 
+/* Keeps curl's default CA file and directory (CURLINFO_CAINFO/CAPATH of a new handle): a handle
+ * that was given others gets these back before it is pooled. 0 or -1. */
+static int keep_default_ca(void)
+{
+    CURL *easy = curl_easy_init();
+    char *file = NULL;
+    char *path = NULL;
+
+    if (easy == NULL)
+        return -1;
+    curl_easy_getinfo(easy, CURLINFO_CAINFO, &file);
+    curl_easy_getinfo(easy, CURLINFO_CAPATH, &path);
+    default_ca_file = file ? strdup(file) : NULL;
+    default_ca_path = path ? strdup(path) : NULL;
+    curl_easy_cleanup(easy);
+    return (file && default_ca_file == NULL) || (path && default_ca_path == NULL) ? -1 : 0;
+}
+
 int http_client_init(void)
 {
     if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
+        return -1;
+    if (keep_default_ca() != 0)
         return -1;
     multi = curl_multi_init();
     if (multi == NULL)
@@ -802,5 +927,9 @@ void http_client_shutdown(void)
     owned_fds = NULL;
     nowned = 0;
     event_free(multi_timer);
+    free(default_ca_file);
+    free(default_ca_path);
+    default_ca_file = NULL;
+    default_ca_path = NULL;
     curl_global_cleanup();
 }

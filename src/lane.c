@@ -64,6 +64,8 @@ struct slot {
     int working;       /* sent by lane:work: its end goes on to the next line */
     struct buf source; /* lane:work: the input line, for Lua when the reply is not written here */
     struct slot *next; /* free list */
+    struct http_timers timers;
+    char abort_msg[128]; /* a timer's error, when one ended the request */
     char errbuf[CURL_ERROR_SIZE];
 };
 
@@ -71,6 +73,8 @@ struct lane {
     char *url;
     char *model; /* the id a line's "model" field may repeat */
     struct curl_slist *headers;
+    struct http_timeouts timeouts;
+    char *ca_file, *ca_path;                         /* NULL: curl's defaults */
     struct buf prefix, suffix;                       /* the request body around the messages */
     struct buf model_part, route_part, attempt_part; /* fixed pieces of a result line */
     struct buf request_id_headers;                   /* "name\0name\0...": where a reply's id is, in order */
@@ -711,6 +715,7 @@ static size_t slot_write(char *data, size_t size, size_t nmemb, void *userdata)
     struct slot *sl = userdata;
     size_t len = size * nmemb;
 
+    http_timers_progress(&sl->timers);
     sl->received += len;
     if (sl->received > HTTP_DEFAULT_MAX_SIZE)
         return 0;
@@ -723,6 +728,7 @@ static size_t slot_header(char *data, size_t size, size_t nitems, void *userdata
     struct slot *sl = userdata;
     size_t len = size * nitems;
 
+    http_timers_progress(&sl->timers);
     http_header_line(&sl->headers, &sl->status, data, len);
     return len;
 }
@@ -752,6 +758,7 @@ static void slot_cancel(struct pending *p)
     struct slot *sl = (struct slot *)p;
 
     http_client_remove(sl->easy);
+    http_timers_stop(&sl->timers);
     slot_finished(sl);
 }
 
@@ -773,7 +780,10 @@ static void push_outcome(lua_State *co, struct slot *sl, CURLcode rc)
         lua_pushnil(co);
         lua_pushnil(co);
         lua_pushnil(co);
-        http_push_error(co, rc, sl->errbuf, sl->received, HTTP_DEFAULT_MAX_SIZE);
+        if (sl->abort_msg[0])
+            lua_pushstring(co, sl->abort_msg);
+        else
+            http_push_error(co, rc, sl->errbuf, sl->received, HTTP_DEFAULT_MAX_SIZE);
     }
 }
 
@@ -787,6 +797,7 @@ static void slot_done(struct xfer *x, CURLcode rc)
     STACK_CHECK_BEGIN(co);
 
     http_client_remove(sl->easy);
+    http_timers_stop(&sl->timers);
     if (sl->working) {
         work_done(sl, rc, latency);
         return;
@@ -815,6 +826,15 @@ static void slot_done(struct xfer *x, CURLcode rc)
     STACK_CHECK_END(co, 6);
     slot_finished(sl);
     task_resume(t, 6);
+}
+
+/* A first byte or stall timer fired: the request ends with its error. */
+static void slot_expired(struct http_timers *tm, const char *msg)
+{
+    struct slot *sl = (struct slot *)(void *)((char *)tm - offsetof(struct slot, timers));
+
+    snprintf(sl->abort_msg, sizeof(sl->abort_msg), "%s", msg);
+    slot_done(&sl->xfer, CURLE_ABORTED_BY_CALLBACK);
 }
 
 static struct slot *slot_new(struct lane *ln)
@@ -847,11 +867,16 @@ static struct slot *slot_new(struct lane *ln)
     curl_easy_setopt(sl->easy, CURLOPT_HEADERFUNCTION, slot_header);
     curl_easy_setopt(sl->easy, CURLOPT_HEADERDATA, sl);
     http_easy_sockets(sl->easy);
+    http_easy_timeouts(sl->easy, &ln->timeouts);
+    if (ln->ca_file || ln->ca_path)
+        http_easy_ca(sl->easy, ln->ca_file, ln->ca_path);
+    http_timers_init(&sl->timers, &ln->timeouts, slot_expired);
     return sl;
 }
 
 static void slot_free(struct slot *sl)
 {
+    http_timers_free(&sl->timers);
     curl_easy_cleanup(sl->easy);
     buf_free(&sl->body);
     buf_free(&sl->reply);
@@ -1002,10 +1027,15 @@ static int slot_start(struct slot *sl)
     sl->status = 0;
     sl->received = 0;
     sl->errbuf[0] = '\0';
+    sl->abort_msg[0] = '\0';
     curl_easy_setopt(sl->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)sl->body.len);
     curl_easy_setopt(sl->easy, CURLOPT_POSTFIELDS, sl->body.data);
     sl->t0 = now_seconds();
-    return http_client_add(sl->easy);
+    if (http_timers_start(&sl->timers) != 0 || http_client_add(sl->easy) != 0) {
+        http_timers_stop(&sl->timers);
+        return -1;
+    }
+    return 0;
 }
 
 /* Is id one of the results already in the output? */
@@ -1083,9 +1113,10 @@ static int work_step(struct lane *ln, struct slot *sl, lua_State *co)
     }
 }
 
-/* A request sent by lane:work ended. A success written here goes on to the next line without Lua;
- * anything else resumes the task with "reply", line, lineno, latency, status, headers, body (or
- * nil, nil, nil, err for a transport failure). */
+/* A request sent by lane:work ended. A success written here goes on to the next line without Lua
+ * while the lane may go on (lane:set_go), else resumes the task with "held"; anything else resumes
+ * it with "reply", line, lineno, latency, status, headers, body (or nil, nil, nil, err for a
+ * transport failure). */
 static void work_done(struct slot *sl, CURLcode rc, double latency)
 {
     struct lane *ln = sl->lane;
@@ -1124,9 +1155,15 @@ static void work_done(struct slot *sl, CURLcode rc, double latency)
             ln->caplat = cap;
         }
         ln->lat[ln->nlat++] = latency;
-        nret = work_step(ln, sl, co);
-        if (nret < 0)
-            return; /* the next line is in flight on the same slot and task */
+        if (!ln->go) {
+            /* Held meanwhile (Ctrl-C, a 429, a breaker): Lua decides before another line is taken. */
+            lua_pushliteral(co, "held");
+            nret = 1;
+        } else {
+            nret = work_step(ln, sl, co);
+            if (nret < 0)
+                return; /* the next line is in flight on the same slot and task */
+        }
     } else {
         lua_pushliteral(co, "reply");
         lua_pushlstring(co, sl->source.data ? sl->source.data : "", sl->source.len);
@@ -1615,6 +1652,8 @@ static int lane_gc(lua_State *L)
     curl_slist_free_all(ln->headers);
     free(ln->url);
     free(ln->model);
+    free(ln->ca_file);
+    free(ln->ca_path);
     buf_free(&ln->prefix);
     buf_free(&ln->suffix);
     buf_free(&ln->model_part);
@@ -1661,12 +1700,27 @@ static char *field_string(lua_State *L, const char *name)
     return s;
 }
 
-/* core.lane{url, headers, prefix, suffix, model, model_part, route_part, attempt_part,
- * request_id_headers} -> lane. */
+/* A copy of s, or NULL for NULL; raises when out of memory. */
+static char *copy_or_null(lua_State *L, const char *s)
+{
+    char *c;
+
+    if (s == NULL)
+        return NULL;
+    c = strdup(s);
+    if (c == NULL)
+        luaL_error(L, "out of memory");
+    return c;
+}
+
+/* core.lane{url, headers, prefix, suffix, model, model_part, route_part, attempt_part[, timeouts,
+ * ca_file, ca_path, request_id_headers]} -> lane. */
 int core_lane(lua_State *L)
 {
     struct lane *ln;
     struct buf line;
+    const char *ca_file;
+    const char *ca_path;
 
     luaL_checktype(L, 1, LUA_TTABLE);
     ln = lua_newuserdatauv(L, sizeof(*ln), 0);
@@ -1703,6 +1757,10 @@ int core_lane(lua_State *L)
         lua_pop(L, 1);
     }
     lua_pop(L, 1);
+    http_read_timeouts(L, 1, "field", "lane", &ln->timeouts);
+    http_read_ca(L, 1, "field", "lane", &ca_file, &ca_path);
+    ln->ca_file = copy_or_null(L, ca_file);
+    ln->ca_path = copy_or_null(L, ca_path);
     lua_getfield(L, 1, "headers");
     if (!lua_istable(L, -1))
         return luaL_error(L, "bad field 'headers' to 'lane' (table expected, got %s)", luaL_typename(L, -1));

@@ -438,24 +438,35 @@ static void signal_cancel(struct pending *p)
     free(op);
 }
 
+/* The waiters run at once, not on the next turn, and signal events come before any other event of
+ * the same loop turn (priority 0, see tasks_init): what a waiter decides (`aigate batch` stops the
+ * engine's workers) holds before any reply that came in with the signal is handled. */
 static void signal_cb(evutil_socket_t sig, short what, void *arg)
 {
     const char *name = sig == SIGINT ? "INT" : "TERM";
+    struct task *list = signal_waiters;
     struct task *w;
 
     (void)what;
     (void)arg;
-    if (signal_waiters == NULL) {
+    if (list == NULL) {
         host_exit(sig == SIGINT ? 130 : 143);
         return;
     }
-    while ((w = signal_waiters) != NULL) {
-        signal_waiters = w->next_waiter;
+    signal_waiters = NULL; /* a waiter may wait again while the others are resumed */
+    while ((w = list) != NULL) {
+        list = w->next_waiter;
         w->next_waiter = NULL;
+        if (g_exit_code >= 0) {
+            /* Shutting down: it stays waiting, and the shut-down cancels it. */
+            w->next_waiter = signal_waiters;
+            signal_waiters = w;
+            continue;
+        }
         free(w->pending);
         w->pending = NULL;
         lua_pushstring(w->co, name);
-        runq_push(w, 1);
+        task_resume(w, 1);
     }
 }
 
@@ -825,11 +836,16 @@ void core_register_tasks(lua_State *L)
 
 int tasks_init(void)
 {
+    /* Two priorities: signals 0, everything else the default, 1. */
+    if (event_base_priority_init(g_base, 2) != 0)
+        return -1;
     runq_event = event_new(g_base, -1, 0, runq_cb, NULL);
     sigint_event = evsignal_new(g_base, SIGINT, signal_cb, NULL);
     sigterm_event = evsignal_new(g_base, SIGTERM, signal_cb, NULL);
     if (runq_event == NULL || sigint_event == NULL || sigterm_event == NULL)
         return -1;
+    event_priority_set(sigint_event, 0);
+    event_priority_set(sigterm_event, 0);
     evsignal_add(sigint_event, NULL);
     evsignal_add(sigterm_event, NULL);
     return 0;

@@ -945,7 +945,9 @@ end
 
 -- A worker over an input file the engine reads (engine:work): lines go from one to the next in C
 -- while each reply is a success it writes; what needs Lua comes back here: a line the engine does
--- not take (or any line while it is held), or the reply of a line it sent and did not write.
+-- not take (or any line while it is held), the reply of a line it sent and did not write, or
+-- "held" after a success once the engine was held (Ctrl-C, a 429, a breaker): then admit and
+-- engine_ok decide before the next line is taken, so none is sent after Ctrl-C.
 function State:engine_worker(chat, prepare)
   local engine = self.engine_work
   while self:admit(self.seq + 1) do
@@ -966,7 +968,7 @@ function State:engine_worker(chat, prepare)
       item.pre = { latency = c, res = d and { status = d, headers = e, body = f } or nil, err = g,
         started = core.now() - c }
       self:run_item(item, chat)
-    else -- "line": a: line, b: lineno, c: length when too long
+    elseif kind == "line" then -- a: line, b: lineno, c: length when too long
       local item = M.parse_line(a, b, self.defaults, c)
       local take = self:take(item.id, b)
       if take == nil then break end
@@ -987,6 +989,8 @@ function State:worker(chat, prepare)
       if not self:admit(self.seq + 1) then break end
       local item, line, lineno = self:read_item()
       if item == nil and line == nil then break end
+      -- Ctrl-C while the line was read (standard input waits): it is not sent, --resume runs it
+      if self.stopping then break end
       if line then
         self:run_engine(line, lineno, chat)
       else
@@ -1198,6 +1202,9 @@ function M.run(opts)
         route_part = ',"step":0,"route":' .. jstr(spec.name),
         attempt_part = ',"attempts":[{"step":0,"target":' .. quote(spec.name) .. ',"model":' .. quote(spec.model)
           .. ',"status":',
+        timeout = spec.timeouts.timeout, connect_timeout = spec.timeouts.connect_timeout,
+        first_byte_timeout = spec.timeouts.first_byte_timeout, stall_timeout = spec.timeouts.stall_timeout,
+        ca_file = spec.ca_file, ca_path = spec.ca_path,
       })
       st.engine_key, st.engine_model, st.engine_upstream = spec.breaker_key, spec.model, spec.upstream
       if not from_stdin and opts.engine ~= "stage" then -- the engine reads the file itself

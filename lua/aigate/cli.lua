@@ -100,6 +100,19 @@ function M.number_opt(cmd, opts, key, integer)
   return n
 end
 
+-- --cacert FILE: the file of CA certificates every request verifies servers with, over the config's
+-- tls and the environment. A file that cannot be read is a usage error.
+function M.use_cacert(cmd, path)
+  if path == nil then return end
+  local kind, err = require("aigate.util").file_kind(path)
+  if kind == nil then
+    M.usage_error(cmd, "option '--cacert': cannot read " .. tostring(err))
+  elseif kind ~= "file" then
+    M.usage_error(cmd, "option '--cacert': '" .. path .. "' is a directory, not a file of CA certificates")
+  end
+  require("aigate").use_cacert(path)
+end
+
 -- Loads the config (path, or the usual search) and makes it the one aigate.chat uses; a bad config
 -- ends the command with exit status 2.
 function M.load_config(path)

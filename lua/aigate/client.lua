@@ -19,6 +19,17 @@ local errors = require("aigate.errors")
 local util = require("aigate.util")
 local M = {}
 
+-- The limits every request has unless the config's `timeouts` or the request's own options (a
+-- route target's too) set others, in seconds: connecting, silence between bytes once the reply has
+-- started, and the whole request (above the ~700 s after which Cloudflare's gateway gives up on a
+-- generation and answers 408). No limit before the first byte: a reply may take that long to start.
+M.DEFAULT_TIMEOUTS = { connect_timeout = 10, stall_timeout = 120, timeout = 900 }
+M.TIMEOUT_NAMES = { "timeout", "connect_timeout", "first_byte_timeout", "stall_timeout" }
+
+-- The environment variables that name CA certificates, as curl reads them: CURL_CA_BUNDLE (a file),
+-- else SSL_CERT_FILE (a file) and SSL_CERT_DIR (a directory).
+M.CA_ENV = { bundle = "CURL_CA_BUNDLE", file = "SSL_CERT_FILE", dir = "SSL_CERT_DIR" }
+
 -- JSON -------------------------------------------------------------------------
 
 local cjson_ok, cjson = pcall(require, "cjson.safe")
@@ -876,6 +887,42 @@ local function fail(msg, hint, missing)
   return nil, msg, { kind = "config", hint = hint, missing = missing }
 end
 
+-- The limits of a request under cfg before its own options: cfg.timeouts over the defaults.
+local function base_timeouts(cfg)
+  local set = cfg.timeouts or {}
+  local t = {}
+  for _, k in ipairs(M.TIMEOUT_NAMES) do
+    local v = set[k]
+    if v == nil then
+      v = M.DEFAULT_TIMEOUTS[k]
+    end
+    t[k] = v
+  end
+  return t
+end
+
+local function nonempty(s)
+  if s == "" then
+    return nil
+  end
+  return s
+end
+
+-- The CA certificates of a request under cfg before --cacert: the config's tls section when it names
+-- any, else the environment as curl reads it (CA_ENV), else nil, nil (the system's, curl's default).
+-- Returns ca_file, ca_path.
+local function ca_of(cfg, getenv)
+  local tls = cfg.tls or {}
+  if tls.ca_file ~= nil or tls.ca_path ~= nil then
+    return tls.ca_file, tls.ca_path
+  end
+  local bundle = nonempty(getenv(M.CA_ENV.bundle))
+  if bundle then
+    return bundle, nil
+  end
+  return nonempty(getenv(M.CA_ENV.file)), nonempty(getenv(M.CA_ENV.dir))
+end
+
 -- Builds the entry of one (cfg, getenv, model, provider). Returns entry or nil, message, info.
 local function build_entry(model, pname, cfg, getenv)
   local names, values, read = {}, {}, {}
@@ -929,7 +976,11 @@ local function build_entry(model, pname, cfg, getenv)
       secrets[#secrets + 1] = v:match("^%a+%s+(.+)$") or v
     end
   end
+  local ca_file, ca_path = ca_of(cfg, recording_getenv)
   return {
+    timeouts = base_timeouts(cfg),
+    ca_file = ca_file,
+    ca_path = ca_path,
     env_names = names,
     env_values = values,
     m = m,
@@ -1016,9 +1067,11 @@ local function no_warn() end
 
 --- Builds the request for aigate.chat options without sending it.
 -- cfg: the loaded config; ctx: {getenv = fn, warn = fn(msg), version = "x.y.z"}.
+-- ctx.cacert: a file of CA certificates over the config's and the environment's (--cacert).
 -- Raises on caller mistakes. Returns req or nil, message, info (kind "config").
 -- req: {url, method, headers, body (JSON text), body_table, model, provider, gateway,
---       stream (function or nil), timeouts, verbose, redact, secrets, auth}
+--       stream (function or nil), timeouts (each one set: the request's, else the config's, else
+--       DEFAULT_TIMEOUTS), ca_file, ca_path, verbose, redact, secrets, auth}
 function M.prepare(opts, cfg, ctx)
   M.check_options(opts, 1)
   ctx = ctx or {}
@@ -1118,6 +1171,11 @@ function M.prepare(opts, cfg, ctx)
     end
     redact = M.redactor(secrets)
   end
+  local base = e.timeouts
+  local ca_file, ca_path = e.ca_file, e.ca_path
+  if ctx.cacert then
+    ca_file, ca_path = ctx.cacert, nil
+  end
 
   return {
     method = "POST",
@@ -1135,11 +1193,13 @@ function M.prepare(opts, cfg, ctx)
     stream = stream,
     verbose = opts.verbose,
     timeouts = {
-      timeout = opts.timeout,
-      connect_timeout = opts.connect_timeout,
-      first_byte_timeout = opts.first_byte_timeout,
-      stall_timeout = opts.stall_timeout,
+      timeout = opts.timeout or base.timeout,
+      connect_timeout = opts.connect_timeout or base.connect_timeout,
+      first_byte_timeout = opts.first_byte_timeout or base.first_byte_timeout,
+      stall_timeout = opts.stall_timeout or base.stall_timeout,
     },
+    ca_file = ca_file,
+    ca_path = ca_path,
     secrets = secrets,
     redact = redact,
   }
@@ -1531,6 +1591,8 @@ function M.send(req, core)
     method = req.method,
     headers = req.headers,
     body = req.body,
+    ca_file = req.ca_file,
+    ca_path = req.ca_path,
   }
   for k, v in pairs(req.timeouts or {}) do
     ropts[k] = v

@@ -157,6 +157,36 @@ function check.account_id(v)
   return true
 end
 
+local file_kind = util.file_kind
+
+function check.ca_file(v)
+  if type(v) ~= "string" or v == "" then
+    return nil, "must be the path of a file of CA certificates (PEM)"
+  end
+  local kind, err = file_kind(v)
+  if kind == nil then
+    return nil, string.format("cannot read the CA file: %s", err)
+  end
+  if kind ~= "file" then
+    return nil, string.format("'%s' is a directory: ca_file is a file of CA certificates (use ca_path for a directory)", v)
+  end
+  return true
+end
+
+function check.ca_path(v)
+  if type(v) ~= "string" or v == "" then
+    return nil, "must be the path of a directory of CA certificates"
+  end
+  local kind, err = file_kind(v)
+  if kind == nil then
+    return nil, string.format("cannot read the CA directory: %s", err)
+  end
+  if kind ~= "directory" then
+    return nil, string.format("'%s' is not a directory: ca_path is a directory of CA certificates (use ca_file for a file)", v)
+  end
+  return true
+end
+
 function check.gateway_id(v)
   local ok, err = check.account_id(v)
   if not ok then
@@ -199,6 +229,18 @@ M.schema = {
     prices = "prices",
     breaker = "breaker",
     retry = "retry",
+    timeouts = "timeouts",
+    tls = "tls",
+  },
+  timeouts = {
+    timeout = check.positive,
+    connect_timeout = check.positive,
+    first_byte_timeout = check.positive,
+    stall_timeout = check.positive,
+  },
+  tls = {
+    ca_file = check.ca_file,
+    ca_path = check.ca_path,
   },
   hooks = {
     before_request = check.func,
@@ -469,6 +511,20 @@ function Validator:retry(v, path)
       .. "max_delay = s, max_retry_after = s }")
   end
   self:section(v, M.schema.retry, path)
+end
+
+function Validator:timeouts(v, path)
+  if type(v) ~= "table" then
+    return self:fail(path, "must be a table { timeout = s, connect_timeout = s, first_byte_timeout = s, stall_timeout = s }")
+  end
+  self:section(v, M.schema.timeouts, path)
+end
+
+function Validator:tls(v, path)
+  if type(v) ~= "table" then
+    return self:fail(path, "must be a table { ca_file = \"file.pem\", ca_path = \"directory\" }")
+  end
+  self:section(v, M.schema.tls, path)
 end
 
 function Validator:prices(v, path)

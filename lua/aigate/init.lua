@@ -34,6 +34,7 @@ M.policy = policy
 M.breaker = breaker
 
 local current_config -- set by configure, or loaded on first use
+local cacert -- set by use_cacert (the --cacert option)
 
 -- Secrets known at start: every token variable of every provider, redacted in warnings.
 local function known_secrets()
@@ -91,6 +92,16 @@ function M.configure(cfg)
   current_config = ok
 end
 
+--- Makes path the file of CA certificates that every request verifies servers with, over the
+-- config's `tls` and the environment (what --cacert does); nil goes back to those. The file is read
+-- when a request is sent: one that cannot be read fails the request with a "tls" error.
+function M.use_cacert(path)
+  if path ~= nil and (type(path) ~= "string" or path == "") then
+    error(string.format("aigate.use_cacert: expected a file name or nil (got %s)", type(path)), 2)
+  end
+  cacert = path
+end
+
 --- Loads a config file (nil: the usual search). Returns cfg or nil, err.
 function M.load_config(path)
   return config.load(path, core.getenv)
@@ -112,8 +123,8 @@ end
 -- Config tables given as opts.config, validated once each.
 local validated = setmetatable({}, { __mode = "k" })
 
--- The context handed to the policy and the client: {getenv, warn, version, redact}. One table,
--- made again only when core.getenv or M.version is replaced (tests do). `redact` reads the secrets
+-- The context handed to the policy and the client: {getenv, warn, version, redact, cacert}. One
+-- table, made again only when core.getenv, M.version or the CA file is replaced (tests do). `redact` reads the secrets
 -- when it is called (only on failures and in prepare), not for every request.
 local cached_context
 
@@ -127,8 +138,8 @@ end
 
 local function context()
   local c = cached_context
-  if c == nil or c.getenv ~= core.getenv or c.version ~= M.version then
-    c = { getenv = core.getenv, warn = warn, version = M.version, redact = redact }
+  if c == nil or c.getenv ~= core.getenv or c.version ~= M.version or c.cacert ~= cacert then
+    c = { getenv = core.getenv, warn = warn, version = M.version, redact = redact, cacert = cacert }
     cached_context = c
   end
   return c

@@ -959,17 +959,13 @@ function Lane:replay(messages_json, latency, res, err, started)
 end
 
 --- What the batch engine needs to send this lane's requests itself, or nil when a request needs
--- more than a fixed body around its messages (timeouts, prices, a non-POST request).
--- {url, headers, prefix, suffix, model, provider, breaker_key (nil: no breaker)}.
+-- more than a fixed body around its messages (prices, a non-POST request).
+-- {url, headers, prefix, suffix, model, provider, breaker_key (nil: no breaker), timeouts (the
+-- request's, as core.request takes them), ca_file, ca_path}.
 function Lane:engine_spec()
   local req = self.req
   if req.method ~= "POST" or req.stream or req.verbose then
     return nil
-  end
-  for _, v in pairs(req.timeouts or {}) do
-    if v ~= nil then
-      return nil
-    end
   end
   if M.cost(self.cfg, self.name, req.model, { prompt_tokens = 1, completion_tokens = 1 }) ~= nil then
     return nil
@@ -980,6 +976,7 @@ function Lane:engine_spec()
     url = req.url, headers = req.headers, prefix = self.prefix, suffix = self.suffix, name = self.name,
     model = req.model, provider = req.provider, breaker_key = guarded and key or nil, upstream = key,
     request_id_headers = client.REQUEST_ID_HEADERS,
+    timeouts = req.timeouts or {}, ca_file = req.ca_file, ca_path = req.ca_path,
   }
 end
 
@@ -1076,7 +1073,7 @@ function M.targets(v, routes, out, seen, depth)
 end
 
 --- The request the policy would send first, not sent: {method, url, headers (redacted), body (table),
--- body_table, body_text, model, provider, route, targets} or nil, message, info.
+-- body_table, body_text, model, provider, route, targets, timeouts} or nil, message, info.
 function M.prepare(opts, cfg, context)
   local st, fail = start(opts, cfg, context, true)
   if st == nil then
@@ -1109,6 +1106,7 @@ function M.prepare(opts, cfg, context)
     provider = req.provider,
     route = st.name,
     targets = M.targets(st.entry, st.routes),
+    timeouts = req.timeouts,
   }
 end
 

@@ -43,6 +43,17 @@ function M.get_path(t, path)
   return v
 end
 
+--- What is at path: "file" or "directory"; nil and the system's message when it cannot be opened.
+function M.file_kind(path)
+  local f, err = io.open(path, "rb")
+  if f == nil then
+    return nil, err
+  end
+  local _, _, code = f:read(0)
+  f:close()
+  return code == 21 and "directory" or "file" -- EISDIR
+end
+
 --- The whole text of a file, or nil and the error.
 function M.read_file(path)
   local f, err = io.open(path, "r")

@@ -281,6 +281,44 @@ if [ "$n_int" -ge 10 ] && [ "$n_int" -lt 200 ]; then ok "engine: SIGINT: in-flig
 batch inte.jsonl -o inte_out.jsonl -m mock/slow-200 -j 50 --resume -q
 expect_eq "engine: SIGINT then --resume: every id once" "$RC:$(ids_once inte_out.jsonl 200)" "0:ok"
 
+# ---- after Ctrl-C no new request leaves: those in flight at the signal finish, nothing is sent after it
+# (the mock logs each request as it arrives, with the time), and --resume finishes every id once.
+# Through the engine (-m, short-form lines) and through Lua (lines naming their model).
+awk 'BEGIN { for (i = 1; i <= 200; i++) printf "{\"id\":\"r%d\",\"prompt\":\"p%d\"}\n", i, i }' > sig_e.jsonl
+gen 200 mock/slow-300 sig_l.jsonl
+sigint_sends_nothing_more() { # LABEL INPUT ARGS...
+    local label=$1 input=$2
+    shift 2
+    local out="sig_out_$label.jsonl" pid rc at n_at n_after late i
+    : > "$MOCK_LOG"
+    "$AIGATE" batch "$input" -o "$out" -j 10 --progress 0 "$@" 2> "$TMP/sig_err" &
+    pid=$!
+    # two rounds of 10 requests sent, then into the middle of the third round's 300 ms
+    for i in $(seq 1 200); do
+        [ "$(wc -l < "$MOCK_LOG")" -ge 21 ] && break
+        sleep 0.02
+    done
+    sleep 0.12
+    at=$(date +%s.%N)
+    kill -INT "$pid"
+    n_at=$(wc -l < "$MOCK_LOG" | tr -d ' ')
+    wait "$pid"
+    rc=$?
+    n_after=$(wc -l < "$MOCK_LOG" | tr -d ' ')
+    late=$("$AIGATE" run "$TMP/lines.lua" '
+      local n = 0
+      for _, v in ipairs(lines) do if v.time > '"$at"' + 0.02 then n = n + 1 end end
+      return n' "$MOCK_LOG")
+    expect_eq "$label: SIGINT: exit 130" "$rc" 130
+    expect_eq "$label: SIGINT: no request sent after the signal (requests logged at it: $n_at)" \
+        "late $late, $((n_after - n_at)) more" "late 0, 0 more"
+    expect_eq "$label: SIGINT: every request sent has its result" "$(wc -l < "$out" | tr -d ' ')" "$n_after"
+    batch "$input" -o "$out" -j 50 --resume -q "$@"
+    expect_eq "$label: SIGINT then --resume: every id once" "$RC:$(ids_once "$out" 200)" "0:ok"
+}
+sigint_sends_nothing_more engine sig_e.jsonl -m mock/slow-300
+sigint_sends_nothing_more lua sig_l.jsonl
+
 {
     echo '{"id":"r1","prompt":"plain"}'
     echo 'not json'
@@ -305,6 +343,40 @@ expect_eq "engine: mixed lines: results" "$(lua_on '
 expect_eq "engine: stdin to stdout: exit 0, every id once" "$?:$(ids_once stdin_e.jsonl 300)" "0:ok"
 "$AIGATE" batch ke.jsonl -m openai/gpt-4o -j 8 -q > file_e.jsonl 2> "$TMP/err"
 expect_eq "engine: a file to stdout: exit 0, every id once" "$?:$(ids_once file_e.jsonl 300)" "0:ok"
+
+# ---- timeouts from the config cut a stalled upstream: through the engine (-m, short-form lines) and
+# through the lanes (messages lines), with the same error, long before the mock would answer ---------
+cat > stall_cfg.lua << 'EOF2'
+return { timeouts = { first_byte_timeout = 0.3 } }
+EOF2
+cat > total_cfg.lua << 'EOF2'
+return { timeouts = { timeout = 0.3 } }
+EOF2
+{
+    for i in 1 2 3 4; do printf '{"id":"s%d","prompt":"p%d"}\n' "$i" "$i"; done
+    for i in 5 6; do printf '{"id":"s%d","messages":[{"role":"user","content":"m%d"}]}\n' "$i" "$i"; done
+} > stall.jsonl
+timeout_codes() { # the error code and the kind of timeout of each result
+    lua_on '
+      local out = {}
+      for _, v in ipairs(lines) do
+        local m = v.error ~= require("cjson").null and v.error.message or ""
+        out[#out + 1] = v.custom_id .. "=" .. (v.error == require("cjson").null and "ok" or v.error.code)
+          .. (m:find("(first byte timeout)", 1, true) and "/first_byte" or "")
+          .. (m:find("timeout: operation timed out", 1, true) and "/total" or "")
+      end
+      table.sort(out)
+      return table.concat(out, " ")' "$1"
+}
+start=$(date +%s%N)
+batch stall.jsonl -o stall_out.jsonl -m mock/stall-5000 -j 6 --config stall_cfg.lua -q
+took=$(( ($(date +%s%N) - start) / 1000000 ))
+expect_eq "config first_byte_timeout: every line cut, engine and lanes alike" "$RC:$(timeout_codes stall_out.jsonl)" \
+    "1:s1=transport/first_byte s2=transport/first_byte s3=transport/first_byte s4=transport/first_byte s5=transport/first_byte s6=transport/first_byte"
+if [ "$took" -lt 3000 ]; then ok "config first_byte_timeout: cut in time (${took} ms)"; else fail "config first_byte_timeout: cut in time" "${took} ms"; fi
+batch stall.jsonl -o stall_out2.jsonl -m mock/stall-5000 -j 6 --config total_cfg.lua -q
+expect_eq "config timeout: every line cut" "$RC:$(timeout_codes stall_out2.jsonl)" \
+    "1:s1=transport/total s2=transport/total s3=transport/total s4=transport/total s5=transport/total s6=transport/total"
 
 # ---- an output that cannot be written (a full disk) stops the batch with exit 2, engine or not -------
 for how in engine lanes; do

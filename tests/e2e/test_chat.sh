@@ -224,6 +224,20 @@ chat --timeout 0.5 -m mock/stall hi
 expect_eq "stalled stream with --timeout: exit 1" "$RC" 1
 expect_match "stalled stream: timeout reported" "$ERR" "timeout|timed out"
 
+# the config's timeouts: a stall_timeout cuts a stream gone silent; --timeout wins over the config's
+printf 'return { timeouts = { stall_timeout = 0.3 } }\n' > "$TMP/stall_cfg.lua"
+start=$(date +%s%N)
+chat --config "$TMP/stall_cfg.lua" -m mock/stall-5000 hi
+took=$(( ($(date +%s%N) - start) / 1000000 ))
+expect_match "config stall_timeout cuts a silent stream" "$RC:$ERR" "^1:.*stream stalled, no data for 0.3s \(stall timeout\)"
+if [ "$took" -lt 3000 ]; then ok "config stall_timeout: in time (${took} ms)"; else fail "config stall_timeout: in time" "${took} ms"; fi
+printf 'return { timeouts = { timeout = 100, first_byte_timeout = 100 } }\n' > "$TMP/long_cfg.lua"
+start=$(date +%s%N)
+chat --config "$TMP/long_cfg.lua" --timeout 0.3 --no-stream -m mock/stall-5000 hi
+took=$(( ($(date +%s%N) - start) / 1000000 ))
+expect_match "--timeout wins over the config's timeouts" "$RC:$ERR" "^1:.*timeout: operation timed out after"
+if [ "$took" -lt 3000 ]; then ok "--timeout: in time (${took} ms)"; else fail "--timeout: in time" "${took} ms"; fi
+
 chat -m mock/no-done "no done marker"
 expect_eq "stream without [DONE] is fine" "$OUT" "echo: no done marker"
 

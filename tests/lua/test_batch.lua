@@ -282,7 +282,8 @@ end
 -- One input runs three ways (aigate.chat only, lanes, lanes and engine) against a server whose
 -- reply depends on the prompt: usual completions, every reply the engine leaves to Lua (errors,
 -- 429s retried, bodies that are not completions or that it cannot write as they are), odd headers,
--- and lines the engine or the lanes do not take.
+-- replies cut by the configured first-byte and stall timeouts (and a slow one under them), and lines
+-- the engine or the lanes do not take.
 local OK_BODY = '{"id":"c1","object":"chat.completion","model":"m-up","choices":[{"index":0,'
   .. '"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],'
   .. '"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}'
@@ -315,9 +316,13 @@ local REPLIES = {
   not_json = { 200, {}, "not json" },
   empty = { 200, {}, "" },
   fail = { 500, {}, '{"error":{"message":"upstream broke"}}' },
-  limit = { 429, { ["Retry-After"] = "1" }, '{"error":"slow down"}' },
+  limit = { 429, { ["Retry-After"] = "10" }, '{"error":"slow down"}' },
   teapot = { 418, {}, "short and stout" },
+  slow_start = { 200, {}, OK_BODY, before = 1.5 }, -- cut by first_byte_timeout
+  stalled = { 200, {}, OK_BODY, stall = 1.5 }, -- cut by stall_timeout
+  slow_ok = { 200, {}, OK_BODY, before = 0.1 },
 }
+local LANE_TIMEOUTS = { first_byte_timeout = 0.5, stall_timeout = 0.5 }
 
 local function lane_server(seen)
   local core = require("aigate.core")
@@ -332,6 +337,23 @@ local function lane_server(seen)
     local reply = REPLIES[name] or REPLIES.plain
     local headers = { ["Content-Type"] = "application/json" }
     for k, v in pairs(reply[2]) do headers[k] = v end
+    local function wait(seconds) -- false when the client went away meanwhile
+      for _ = 1, seconds / 0.05 do
+        if res.closed then return false end
+        core.sleep(0.05)
+      end
+      return not res.closed
+    end
+    if reply.before and not wait(reply.before) then return end
+    if reply.stall then
+      res:start(reply[1], headers)
+      res:write(reply[3]:sub(1, 10))
+      if wait(reply.stall) then
+        res:write(reply[3]:sub(11))
+        res:finish()
+      end
+      return
+    end
     res:respond(reply[1], headers, reply[3])
   end }))
 end
@@ -369,7 +391,7 @@ end
 local function lane_results(path)
   local out = {}
   for line in io.lines(path) do
-    local v = cjson.decode(line)
+    local v = cjson.decode((line:gsub("127%.0%.0%.1:%d+", "127.0.0.1:PORT"))) -- each run has its server
     v.id = nil
     if v.aigate then
       v.aigate.latency = nil
@@ -397,7 +419,8 @@ local function run_lanes(mode)
     breaker = { failures = 1000, window = 30, cooldown = 15 },
     -- one retry, at once: every mode sends the same requests (a 429 asks for a wait longer than the
     -- budget: it fails without one)
-    retry = { retries = 1, delay = 0, budget = 0.5 },
+    retry = { retries = 1, delay = 0, budget = 5 },
+    timeouts = LANE_TIMEOUTS,
   })
   -- the 429 cuts the upstream's concurrency but pauses nothing: which lines come before the pause
   -- would depend on the mode's order
@@ -459,12 +482,12 @@ cases.lanes_and_the_engine_match_the_general_path = function()
   local rc4, staged, sent4, calls4, sends4, written4 = run_lanes("stage")
   t.eq({ calls1, sends1, sends2 }, { 0, 0, 0 })
   t.truthy(calls2 > 30, "lanes used: " .. calls2)
-  t.eq(sends4, 32) -- every short-form line of the default model without escapes (429: retried by the lane)
-  t.eq(written4, 13) -- the replies the engine writes itself
-  t.eq(calls4, calls2 - 13) -- the lanes ran the rest
+  t.eq(sends4, 35) -- every short-form line of the default model without escapes (429: retried by the lane)
+  t.eq(written4, 14) -- the replies the engine writes itself
+  t.eq(calls4, calls2 - 14) -- the lanes ran the rest
   -- reading the file itself, the engine holds its workers while the 429 has lowered the concurrency:
   -- lines then go by the lanes; each line is the engine's or a lane's, never both
-  t.truthy(written3 > 0 and written3 <= 13, "written by the engine: " .. written3)
+  t.truthy(written3 > 0 and written3 <= 14, "written by the engine: " .. written3)
   t.eq(calls3 + written3, calls2)
   t.eq({ rc1, rc2, rc3, rc4 }, { 1, 1, 1, 1 })
   t.eq(laned, general)
@@ -485,6 +508,12 @@ cases.lanes_and_the_engine_match_the_general_path = function()
   t.eq(engined.limit.aigate.batch_retries, nil) -- its Retry-After is past the budget: no requeue
   t.eq(engined["7"].error, cjson.null)
   t.eq(engined.bad.error.code, "invalid_request")
+  -- the configured timeouts cut the slow replies on every path, with the same error
+  t.eq(engined.slow_start.error.code, "transport")
+  t.contains(engined.slow_start.error.message, "no response within 0.5s (first byte timeout)")
+  t.eq(engined.stalled.error.code, "transport")
+  t.contains(engined.stalled.error.message, "stream stalled, no data for 0.5s (stall timeout)")
+  t.eq(engined.slow_ok.error, cjson.null)
 end
 
 cases.lanes_are_refused_for_routes_and_hooks = function()

@@ -385,6 +385,64 @@ cases.redactor = function()
   t.eq(client.shown_header("x-note", "has abcd inside", r), "has *** inside")
 end
 
+-- Timeouts: every request has the defaults; the config's timeouts replace them, and the request's
+-- own options (a route target's too) win over both.
+cases.timeouts_default_config_and_options = function()
+  local D = client.DEFAULT_TIMEOUTS
+  t.eq(D, { connect_timeout = 10, stall_timeout = 120, timeout = 900 })
+  t.eq(must({ prompt = "hi" }).timeouts, { connect_timeout = 10, stall_timeout = 120, timeout = 900 })
+  local cfg = { timeouts = { timeout = 60, first_byte_timeout = 20 } }
+  t.eq(must({ prompt = "hi" }, cfg).timeouts,
+    { connect_timeout = 10, stall_timeout = 120, timeout = 60, first_byte_timeout = 20 })
+  t.eq(must({ prompt = "hi", timeout = 5, stall_timeout = 2, connect_timeout = 1 }, cfg).timeouts,
+    { connect_timeout = 1, stall_timeout = 2, timeout = 5, first_byte_timeout = 20 })
+  -- through the policy: a route target's timeouts over the config's
+  local policy = require("aigate.policy")
+  local route = require("aigate.route")
+  local pcfg = assert(require("aigate.config").validate({ timeouts = { stall_timeout = 30 },
+    routes = { ["dynamic/r"] = route.fallback({ { "openai/gpt-4o", first_byte_timeout = 3 } }) } }, "c.lua"))
+  local req = assert(policy.prepare({ model = "dynamic/r", prompt = "p" }, pcfg, { getenv = t.env(ENV) }))
+  t.eq(req.timeouts, { connect_timeout = 10, stall_timeout = 30, timeout = 900, first_byte_timeout = 3 })
+  -- and core.request gets them
+  local core = t.fake_core({ status = 200, body = '{"choices":[{"message":{"content":"x"}}]}' })
+  client.send(must({ prompt = "hi" }, cfg), core)
+  local sent = core.requests[1]
+  t.eq({ sent.timeout, sent.connect_timeout, sent.first_byte_timeout, sent.stall_timeout }, { 60, 10, 20, 120 })
+end
+
+-- CA certificates: --cacert (ctx.cacert), else the config's tls, else CURL_CA_BUNDLE, else
+-- SSL_CERT_FILE and SSL_CERT_DIR, else none (curl's default, the system's).
+cases.ca_certificates_precedence = function()
+  local function ca(env_extra, cfg, cacert)
+    local env = {}
+    for k, v in pairs(ENV) do env[k] = v end
+    for k, v in pairs(env_extra) do env[k] = v end
+    local req = assert(client.prepare({ prompt = "hi" }, cfg or {}, { getenv = t.env(env), cacert = cacert }))
+    return { req.ca_file or "-", req.ca_path or "-" }
+  end
+  t.eq(ca({}), { "-", "-" })
+  t.eq(ca({ SSL_CERT_FILE = "/e/file.pem" }), { "/e/file.pem", "-" })
+  t.eq(ca({ SSL_CERT_DIR = "/e/dir" }), { "-", "/e/dir" })
+  t.eq(ca({ SSL_CERT_FILE = "/e/file.pem", SSL_CERT_DIR = "/e/dir" }), { "/e/file.pem", "/e/dir" })
+  t.eq(ca({ CURL_CA_BUNDLE = "/e/bundle.pem", SSL_CERT_FILE = "/e/file.pem", SSL_CERT_DIR = "/e/dir" }),
+    { "/e/bundle.pem", "-" })
+  t.eq(ca({ CURL_CA_BUNDLE = "", SSL_CERT_FILE = "/e/file.pem" }), { "/e/file.pem", "-" }, "empty is unset")
+  local cfg = { tls = { ca_path = "/c/dir" } }
+  t.eq(ca({ CURL_CA_BUNDLE = "/e/bundle.pem" }, cfg), { "-", "/c/dir" }, "the config over the environment")
+  t.eq(ca({ CURL_CA_BUNDLE = "/e/bundle.pem" }, { tls = { ca_file = "/c/f.pem" } }), { "/c/f.pem", "-" })
+  t.eq(ca({ CURL_CA_BUNDLE = "/e/bundle.pem" }, cfg, "/o/cacert.pem"), { "/o/cacert.pem", "-" }, "--cacert over all")
+  -- a changed variable is seen by the next request (the resolved entry is cached per environment)
+  local env = { CLOUDFLARE_ACCOUNT_ID = "acc", CLOUDFLARE_API_TOKEN = TOKEN, SSL_CERT_FILE = "/one.pem" }
+  local getenv = function(k) return env[k] end
+  t.eq(client.prepare({ prompt = "hi" }, {}, { getenv = getenv }).ca_file, "/one.pem")
+  env.SSL_CERT_FILE = "/two.pem"
+  t.eq(client.prepare({ prompt = "hi" }, {}, { getenv = getenv }).ca_file, "/two.pem")
+  -- core.request gets them
+  local core = t.fake_core({ status = 200, body = '{"choices":[{"message":{"content":"x"}}]}' })
+  client.send(assert(client.prepare({ prompt = "hi" }, cfg, { getenv = t.env(ENV), cacert = "/o/c.pem" })), core)
+  t.eq({ core.requests[1].ca_file, core.requests[1].ca_path }, { "/o/c.pem", nil })
+end
+
 -- Sending (scripted core) -----------------------------------------------------------------
 
 local COMPLETION = '{"id":"c1","model":"llama-echo","choices":[{"index":0,"message":{"role":"assistant",'

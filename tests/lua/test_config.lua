@@ -156,6 +156,39 @@ cases.bad_values = function()
   end
 end
 
+-- timeouts and tls: every value checked; a CA file or directory must exist and be of its kind, and the
+-- message names the key (with the file and line when there is a file).
+cases.timeouts_and_tls = function()
+  local dir = t.tmpdir()
+  local pem = t.write(dir, "ca.pem", "-----BEGIN CERTIFICATE-----\n")
+  local cfg, err = config.validate({ timeouts = { timeout = 30, connect_timeout = 2, first_byte_timeout = 5,
+    stall_timeout = 1.5 }, tls = { ca_file = pem, ca_path = dir } }, "cfg.lua")
+  t.truthy(cfg, err)
+  t.eq(cfg.timeouts.stall_timeout, 1.5)
+  t.eq(cfg.tls, { ca_file = pem, ca_path = dir })
+  local rows = {
+    { { timeouts = { timeout = 0 } }, "timeouts.timeout: must be a positive number" },
+    { { timeouts = { stall_timeout = "1" } }, "timeouts.stall_timeout: must be a positive number" },
+    { { timeouts = { stall_timout = 1 } }, "timeouts.stall_timout: unknown key; did you mean 'stall_timeout'?" },
+    { { timeouts = 30 }, "timeouts: must be a table" },
+    { { tls = { ca_file = dir .. "/missing.pem" } }, "tls.ca_file: cannot read the CA file: " .. dir .. "/missing.pem: No such file" },
+    { { tls = { ca_file = dir } }, "tls.ca_file: '" .. dir .. "' is a directory" },
+    { { tls = { ca_file = 1 } }, "tls.ca_file: must be the path of a file" },
+    { { tls = { ca_path = pem } }, "tls.ca_path: '" .. pem .. "' is not a directory" },
+    { { tls = { ca_path = dir .. "/nowhere" } }, "tls.ca_path: cannot read the CA directory" },
+    { { tls = { insecure = true } }, "tls.insecure: unknown key" },
+  }
+  for _, r in ipairs(rows) do
+    local c, e = config.validate(r[1], "cfg.lua")
+    t.eq(c, nil, r[2])
+    t.contains(e, "cfg.lua: " .. r[2])
+  end
+  local path = t.write(dir, "aigate.lua", "return {\n  tls = {\n    ca_file = '/nonexistent/ca.pem',\n  },\n}\n")
+  cfg, err = config.load(path)
+  t.eq(cfg, nil)
+  t.contains(err, path .. ":3: tls.ca_file: cannot read the CA file: /nonexistent/ca.pem")
+end
+
 cases.all_problems_reported = function()
   local cfg, err = config.validate({ gateway = { auth = "x", gateway_id = "a.b" }, default_model = 1 }, "c.lua")
   t.eq(cfg, nil)

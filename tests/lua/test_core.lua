@@ -158,6 +158,86 @@ T["request: total timeout"] = function()
   assert(err:match("^timeout: "), err)
 end
 
+-- The stall timer waits for silence, not for the whole body: bytes spaced closer than the limit
+-- keep a slow reply alive well past it.
+T["request: stall_timeout restarts with every byte"] = function()
+  local srv, base = serve{["/drip"] = function(_, res)
+    res:start(200, {["Content-Type"] = "text/plain"})
+    for i = 1, 8 do
+      res:write(tostring(i))
+      core.sleep(0.04)
+    end
+    res:finish()
+  end}
+  local res, err = core.request{url = base .. "/drip", stall_timeout = 0.15}
+  srv:close()
+  assert(res, err)
+  eq(res.body, "12345678")
+end
+
+-- The batch engine (core.lane) applies the same four limits as core.request and fails with the same
+-- error texts: one request each way against the same slow or stalling server.
+local function lane_send(base, path, limits)
+  local spec = {url = base .. path, headers = {}, prefix = '{"messages":', suffix = "}", model = "m",
+    model_part = "", route_part = "", attempt_part = ""}
+  for k, v in pairs(limits) do spec[k] = v end
+  local engine = core.lane(spec)
+  eq(engine:stage('{"id":"a","prompt":"p"}', 1), "a", "staged")
+  local ok, latency, status, _, body, err = engine:send()
+  eq(ok, false, "not a completion")
+  return status, body, err, latency
+end
+
+T["lane: the engine's timeouts match core.request's"] = function()
+  local srv, base = serve{
+    ["/slow"] = function(_, res) core.sleep(0.5) res:respond(200, nil, "late") end,
+    ["/stall"] = function(_, res)
+      res:start(200, {["Content-Type"] = "application/json"})
+      res:write("{")
+      for _ = 1, 25 do
+        if res.closed then return end
+        core.sleep(0.02)
+      end
+      res:write("}")
+      res:finish()
+    end,
+    ["/drip"] = function(_, res)
+      res:start(200, {["Content-Type"] = "application/json"})
+      for _ = 1, 8 do
+        res:write(" ")
+        core.sleep(0.04)
+      end
+      res:finish()
+    end,
+  }
+  local cases = {
+    {"/slow", {first_byte_timeout = 0.05}, "^timeout: no response within 0%.05s %(first byte timeout%)$"},
+    {"/stall", {stall_timeout = 0.1}, "^timeout: stream stalled, no data for 0%.1s %(stall timeout%)$"},
+    {"/slow", {timeout = 0.05}, "^timeout: "},
+    {"/stall", {first_byte_timeout = 0.1, stall_timeout = 0.1, timeout = 5, connect_timeout = 5},
+      "^timeout: stream stalled"},
+  }
+  for _, c in ipairs(cases) do
+    local opts = {url = base .. c[1], method = "POST", body = "{}"}
+    for k, v in pairs(c[2]) do opts[k] = v end
+    local res, rerr = core.request(opts)
+    eq(res, nil, c[1] .. " by core.request")
+    local status, _, err, latency = lane_send(base, c[1], c[2])
+    eq(status, nil, c[1] .. " status by the engine")
+    assert(err and err:match(c[3]), c[1] .. ": " .. tostring(err))
+    if not rerr:match("^timeout: .*after %d+ milliseconds") then -- curl's text names the time taken
+      eq(err, rerr, c[1] .. ": the same error text")
+    end
+    assert(latency < 0.45, c[1] .. " took " .. latency)
+  end
+  -- bytes closer together than the stall limit keep the reply alive
+  local status, body, err = lane_send(base, "/drip", {stall_timeout = 0.15, first_byte_timeout = 0.15})
+  eq(err, nil, "drip error")
+  eq(status, 200, "drip status")
+  eq(body, "        ", "drip body")
+  srv:close()
+end
+
 T["request: on_chunk streams 2xx bodies and res.body stays empty"] = function()
   local srv, base = serve{["/s"] = function(_, res)
     res:start(200, {["Content-Type"] = "text/event-stream"})
@@ -202,6 +282,15 @@ T["request: caller mistakes raise with the option's name"] = function()
   raises(function() core.request{url = "http://x/", headers = {["A"] = {}}} end, "headers")
   raises(function() core.request{url = "http://x/", on_chunk = 3} end, "'on_chunk'")
   raises(function() core.request{url = "http://x/", max_size = -1} end, "'max_size'")
+  raises(function() core.request{url = "http://x/", ca_file = 3} end, "'ca_file'")
+  raises(function() core.request{url = "http://x/", ca_path = {}} end, "'ca_path'")
+  local spec = {url = "http://x/", headers = {}, prefix = "", suffix = "", model = "m", model_part = "",
+    route_part = "", attempt_part = ""}
+  for _, bad in ipairs({{"stall_timeout", 0}, {"timeout", "soon"}, {"ca_file", false}}) do
+    spec[bad[1]] = bad[2]
+    raises(function() core.lane(spec) end, "bad field '" .. bad[1] .. "' to 'lane'")
+    spec[bad[1]] = nil
+  end
 end
 
 T["server: a handler error answers 500 and the server goes on"] = function()

@@ -40,6 +40,8 @@ Options:
       --rate-retries N     times a line that ended in 429 is sent again after the pause (default 3)
       --progress SECONDS   progress every SECONDS (default: live on a terminal, else every 10 s; 0: none)
   -q, --quiet              no progress and no summary
+      --cacert FILE        CA certificates to verify the server with (over the config's tls,
+                           CURL_CA_BUNDLE, SSL_CERT_FILE and SSL_CERT_DIR)
       --config FILE        config file
 
 SIGINT stops taking lines and waits for the requests in flight (a second SIGINT drops them); the
@@ -52,7 +54,7 @@ local BATCH_OPTS = {
   {"resume", nil, "flag"}, {"retry-failed", nil, "flag"}, {"overwrite", nil, "flag"},
   {"ordered", nil, "flag"}, {"dry-run", nil, "flag"}, {"max-line", nil, "value"},
   {"rate-retries", nil, "value"}, {"progress", nil, "value"}, {"quiet", "q", "flag"},
-  {"config", nil, "value"}, {"help", "h", "flag"},
+  {"config", nil, "value"}, {"help", "h", "flag"}, {"cacert", nil, "value"},
 }
 
 local function positive(cmd, opts, key, integer, allow_zero)
@@ -104,6 +106,7 @@ function M.main(argv)
     end
     f:close()
   end
+  cli.use_cacert(cmd, opts.cacert)
   cli.load_config(opts.config)
   return require("aigate.batch").run(run)
 end

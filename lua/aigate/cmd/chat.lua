@@ -36,6 +36,8 @@ Options:
       --timeout SECONDS    client-side limit on the whole request
   -v, --verbose            request and response headers and the list of attempts on stderr
                            (tokens redacted)
+      --cacert FILE        CA certificates to verify the server with (over the config's tls,
+                           CURL_CA_BUNDLE, SSL_CERT_FILE and SSL_CERT_DIR)
       --config FILE        config file]]
 
 local CHAT_OPTS = {
@@ -45,7 +47,7 @@ local CHAT_OPTS = {
   {"header", "H", "list"}, {"cache-ttl", nil, "value"}, {"skip-cache", nil, "flag"},
   {"cache-key", nil, "value"}, {"metadata", nil, "list"}, {"event-id", nil, "value"},
   {"request-timeout", nil, "value"}, {"timeout", nil, "value"}, {"verbose", "v", "flag"},
-  {"config", nil, "value"}, {"help", "h", "flag"}, {"template", nil, "value"},
+  {"config", nil, "value"}, {"help", "h", "flag"}, {"template", nil, "value"}, {"cacert", nil, "value"},
 }
 
 -- Takes `-p NAME VALUE` / `--param NAME VALUE` pairs out of argv (they take two words, which
@@ -143,6 +145,7 @@ function M.main(argv)
     vars = vars,
     template = opts.template,
   }
+  cli.use_cacert(cmd, opts.cacert)
   cli.load_config(opts.config)
   if not (opts.template and #pos == 0) then
     req.prompt = read_prompt(cmd, pos)

@@ -6,14 +6,15 @@ local M = {}
 M.summary = [[run a Lua script with the aigate API (require "aigate")]]
 
 M.help = [[
-Usage: aigate run [--config FILE] SCRIPT.lua [ARGS...]
+Usage: aigate run [--config FILE] [--cacert FILE] SCRIPT.lua [ARGS...]
 
 Runs a Lua script inside an aigate task with the whole API (local aigate = require "aigate") and the
 global table `arg` (arg[0] the script, arg[1]... its arguments). The script's return value is the exit
 status: a number, or true/nil for 0 and false for 1. A Lua error prints file:line and a traceback and
-exits 1.]]
+exits 1. --cacert FILE: CA certificates to verify servers with (over the config's tls and the
+environment).]]
 
-local RUN_OPTS = {{"config", nil, "value"}, {"help", "h", "flag"}}
+local RUN_OPTS = {{"config", nil, "value"}, {"help", "h", "flag"}, {"cacert", nil, "value"}}
 
 function M.main(argv)
   local cmd = "run"
@@ -32,6 +33,7 @@ function M.main(argv)
     cli.eprint("aigate: ", lerr)
     return cli.EXIT_USAGE
   end
+  cli.use_cacert(cmd, opts.cacert)
   cli.load_config(opts.config)
   local script_arg = {[0] = script}
   for i = 2, #pos do script_arg[i - 1] = pos[i] end
