@@ -443,6 +443,9 @@ local function range(name, v, lo, hi, unit)
   end
 end
 
+-- The gateway's bounds on cf-aig-cache-ttl (seconds); `aigate chat --cache-ttl` checks them too.
+M.CACHE_TTL_MIN, M.CACHE_TTL_MAX = 60, 2592000
+
 local T = {}
 function T.string(name, v)
   if type(v) ~= "string" then
@@ -511,7 +514,7 @@ function T.cache_ttl(name, v)
   if not is_int(v) then
     bad(name, "an integer number of seconds", v)
   end
-  range(name, v, 60, 2592000, " seconds")
+  range(name, v, M.CACHE_TTL_MIN, M.CACHE_TTL_MAX, " seconds")
 end
 function T.request_timeout(name, v)
   if not is_int(v) or v <= 0 then

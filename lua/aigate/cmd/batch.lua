@@ -55,14 +55,15 @@ local BATCH_OPTS = {
   {"config", nil, "value"}, {"help", "h", "flag"},
 }
 
-local function positive(cmd, opts, key, integer, allow_zero)
-  local n = cli.number_opt(cmd, opts, key, integer)
-  if n ~= nil and (n < 0 or (n == 0 and not allow_zero)) then
-    cli.usage_error(cmd, "option '--" .. key:gsub("_", "-") .. "' must be " ..
-      (allow_zero and "0 or more" or "greater than 0") .. ", got '" .. opts[key] .. "'")
-  end
-  return n
-end
+-- The ranges of the numeric options (see cli.number_opt).
+local NUMBER_RULES = {
+  concurrency = { integer = true, min = 1, max = 100000 },
+  rpm = { above = 0 },
+  tpm = { above = 0 },
+  max_line = { integer = true, min = 1, unit = "bytes" },
+  rate_retries = { integer = true, min = 0 },
+  progress = { min = 0, unit = "seconds" },
+}
 
 function M.main(argv)
   local cmd = "batch"
@@ -70,25 +71,25 @@ function M.main(argv)
   if opts.help then print(M.help) return cli.EXIT_OK end
   if #pos == 0 then cli.usage_error(cmd, "no input file given (use '-' for standard input)") end
   if #pos > 1 then cli.usage_error(cmd, "one input file only (got '" .. pos[1] .. "' and '" .. pos[2] .. "')") end
+  local n = function(key) return cli.number_opt(cmd, opts, key, NUMBER_RULES[key]) end
   local run = {
     input = pos[1],
     output = opts.output,
-    concurrency = positive(cmd, opts, "concurrency", true) or 16,
+    concurrency = n("concurrency") or 16,
     model = opts.model,
     template = opts.template,
-    rpm = positive(cmd, opts, "rpm"),
-    tpm = positive(cmd, opts, "tpm"),
+    rpm = n("rpm"),
+    tpm = n("tpm"),
     resume = opts.resume,
     retry_failed = opts.retry_failed,
     overwrite = opts.overwrite,
     ordered = opts.ordered,
     dry_run = opts.dry_run,
-    max_line = positive(cmd, opts, "max_line", true),
-    rate_retries = positive(cmd, opts, "rate_retries", true, true),
-    progress_interval = positive(cmd, opts, "progress", false, true),
+    max_line = n("max_line"),
+    rate_retries = n("rate_retries"),
+    progress_interval = n("progress"),
     quiet = opts.quiet,
   }
-  if run.concurrency > 100000 then cli.usage_error(cmd, "option '--concurrency' is too large (at most 100000)") end
   local to_stdout = run.output == nil or run.output == "-"
   if (run.resume or run.retry_failed) and to_stdout then
     cli.usage_error(cmd, "--resume and --retry-failed need an output file (-o FILE)")

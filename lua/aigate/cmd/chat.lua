@@ -1,6 +1,7 @@
 -- cmd/chat.lua: `aigate chat`, one prompt sent through the policy and streamed to stdout.
 local core = require "aigate.core"
 local cli = require "aigate.cli"
+local client = require "aigate.client"
 
 local M = {}
 
@@ -47,6 +48,32 @@ local CHAT_OPTS = {
   {"request-timeout", nil, "value"}, {"timeout", nil, "value"}, {"verbose", "v", "flag"},
   {"config", nil, "value"}, {"help", "h", "flag"}, {"template", nil, "value"},
 }
+
+-- The ranges of the numeric options (see cli.number_opt). Temperature has no upper bound here:
+-- providers differ (OpenAI takes up to 2, Workers AI up to 5).
+local NUMBER_RULES = {
+  temperature = { min = 0 },
+  max_tokens = { integer = true, min = 1 },
+  top_p = { min = 0, max = 1 },
+  seed = { integer = true },
+  cache_ttl = { integer = true, min = client.CACHE_TTL_MIN, max = client.CACHE_TTL_MAX, unit = "seconds" },
+  request_timeout = { integer = true, min = 1, unit = "ms" },
+  timeout = { above = 0, unit = "seconds" },
+}
+
+-- Holds the request to aigate.chat's own checks before anything is read or sent, so that a value
+-- the library refuses is a usage error naming the command-line option, not a traceback.
+local function check_request(cmd, req)
+  for key, value in pairs(req) do
+    local ok, err = pcall(client.OPTIONS[key], key, value)
+    if not ok then
+      err = tostring(err):gsub("^aigate%.chat: ", ""):gsub("option '([%w_]+)'", function(k)
+        return "option '--" .. k:gsub("_", "-") .. "'"
+      end)
+      cli.usage_error(cmd, err)
+    end
+  end
+end
 
 -- Takes `-p NAME VALUE` / `--param NAME VALUE` pairs out of argv (they take two words, which
 -- cli.parse does not do). Returns the vars table (or nil) and the remaining words.
@@ -107,7 +134,9 @@ end
 
 local function read_prompt(cmd, pos)
   if #pos > 0 and not (#pos == 1 and pos[1] == "-") then
-    return table.concat(pos, " ")
+    local text = table.concat(pos, " ")
+    if text:match("^%s*$") then cli.usage_error(cmd, "the prompt is empty") end
+    return text
   end
   if #pos == 0 and core.isatty(0) then
     cli.usage_error(cmd, "no prompt: give it as an argument or on standard input")
@@ -123,26 +152,28 @@ function M.main(argv)
   local opts, pos = cli.parse(cmd, CHAT_OPTS, words, 2)
   if opts.help then print(M.help) return cli.EXIT_OK end
   local aigate = require "aigate"
+  local n = function(key) return cli.number_opt(cmd, opts, key, NUMBER_RULES[key]) end
   local req = {
     model = opts.model,
     provider = opts.provider,
     system = opts.system,
-    temperature = cli.number_opt(cmd, opts, "temperature"),
-    max_tokens = cli.number_opt(cmd, opts, "max_tokens", true),
-    top_p = cli.number_opt(cmd, opts, "top_p"),
-    seed = cli.number_opt(cmd, opts, "seed", true),
+    temperature = n("temperature"),
+    max_tokens = n("max_tokens"),
+    top_p = n("top_p"),
+    seed = n("seed"),
     json = opts.json,
     headers = parse_headers(cmd, opts.header),
-    cache_ttl = cli.number_opt(cmd, opts, "cache_ttl", true),
+    cache_ttl = n("cache_ttl"),
     skip_cache = opts.skip_cache,
     cache_key = opts.cache_key,
     metadata = parse_metadata(cmd, opts.metadata),
     event_id = opts.event_id,
-    request_timeout = cli.number_opt(cmd, opts, "request_timeout", true),
-    timeout = cli.number_opt(cmd, opts, "timeout"),
+    request_timeout = n("request_timeout"),
+    timeout = n("timeout"),
     vars = vars,
     template = opts.template,
   }
+  check_request(cmd, req)
   cli.load_config(opts.config)
   if not (opts.template and #pos == 0) then
     req.prompt = read_prompt(cmd, pos)
