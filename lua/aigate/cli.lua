@@ -138,6 +138,17 @@ function M.number_opt(cmd, opts, key, rule)
   return n
 end
 
+-- The --retries option of chat, run and batch: retries after the first try (0 turns them off),
+-- handed to the policy. Validated by the command before it does anything else; applied (apply_retries)
+-- once the config is loaded.
+M.RETRIES_RULE = { integer = true, min = 0 }
+
+function M.apply_retries(n)
+  if n == nil then return end
+  local policy = require "aigate.policy"
+  if policy.set_retry_overrides then policy.set_retry_overrides{ retries = n } end
+end
+
 -- Loads the config (path, or the usual search) and makes it the one aigate.chat uses; a bad config
 -- ends the command with exit status 2.
 function M.load_config(path)

@@ -66,6 +66,9 @@ done <<'EOF'
 '--seed' needs a whole number, got '4.2'	chat --seed 4.2 hi
 '--request-timeout' must be at least 1 ms, got '0'	chat --request-timeout 0 hi
 '--request-timeout' needs a whole number	chat --request-timeout 1.5 hi
+'--retries' must be at least 0, got '-1'	chat --retries -1 hi
+'--retries' needs a whole number, got 'two'	chat --retries two hi
+'--retries' needs a whole number, got '1.5'	chat --retries 1.5 hi
 the prompt is empty	chat ''
 '--concurrency' must be between 1 and 100000, got '0'	batch -j 0 in.jsonl
 '--concurrency' must be between 1 and 100000, got '100001'	batch --concurrency 100001 in.jsonl
@@ -77,10 +80,14 @@ the prompt is empty	chat ''
 '--rate-retries' must be at least 0, got '-1'	batch --rate-retries -1 in.jsonl
 '--progress' must be at least 0 seconds, got '-1'	batch --progress -1 in.jsonl
 '--progress' needs a number, got 'often'	batch --progress often in.jsonl
+'--retries' must be at least 0, got '-2'	batch --retries -2 in.jsonl
+'--retries' needs a whole number, got 'x'	batch --retries x in.jsonl
 '--output' needs a value, got an empty string	batch -o '' in.jsonl
 '--model' needs a value, got an empty string	batch -m '' in.jsonl
 '--template' needs a value, got an empty string	batch --template '' in.jsonl
 '--config' needs a value, got an empty string	batch --config '' in.jsonl
+'--retries' must be at least 0, got '-1'	run --retries -1 ok.lua
+'--retries' needs a whole number, got '0.5'	run --retries 0.5 ok.lua
 '--config' needs a value, got an empty string	run --config '' ok.lua
 '--listen' needs a value, got an empty string	mock --listen ''
 '--log' needs a value, got an empty string	mock --log ''
@@ -91,14 +98,17 @@ EOF
 # The values at each bound are accepted (and sent as given).
 cd "$OLDPWD" || exit 1
 "$AIGATE" chat --cache-ttl 60 --timeout 5 --temperature 0 --top-p 1 --max-tokens 1 --seed -3 \
-    --request-timeout 1 hi > "$TMP/out" 2> "$TMP/err" < /dev/null
+    --request-timeout 1 --retries 0 hi > "$TMP/out" 2> "$TMP/err" < /dev/null
 expect_eq "values at the bounds: exit 0" "$?" 0
 expect_eq "values at the bounds: sent as given" \
     "$(last_request | json 'string.format("%s %g %g %g %g", v.headers["cf-aig-cache-ttl"], v.body.temperature, v.body.top_p, v.body.max_tokens, v.body.seed)')" \
     "60 0 1 1 -3"
-"$AIGATE" chat --cache-ttl 2592000 --temperature 1.5e0 hi > "$TMP/out" 2> "$TMP/err" < /dev/null
+"$AIGATE" chat --cache-ttl 2592000 --temperature 1.5e0 --retries 3 hi > "$TMP/out" 2> "$TMP/err" < /dev/null
 expect_eq "upper bound of --cache-ttl and an exponent: exit 0" "$?" 0
-"$AIGATE" batch "$TMP/in.jsonl" -o "$TMP/out.jsonl" -j 100000 --rpm 6000 --progress 0 --rate-retries 0 -q \
+"$AIGATE" batch "$TMP/in.jsonl" -o "$TMP/out.jsonl" -j 100000 --rpm 6000 --progress 0 --rate-retries 0 --retries 0 -q \
     > "$TMP/out" 2> "$TMP/err" < /dev/null
 expect_eq "batch: values at the bounds: exit 0" "$?" 0
+"$AIGATE" run --retries 0 "$TMP/ok.lua" > "$TMP/out" 2> "$TMP/err" < /dev/null
+expect_eq "run --retries 0: exit 0" "$?" 0
+
 finish

@@ -38,6 +38,7 @@ Options:
       --dry-run            write the rendered requests instead of sending them
       --max-line BYTES     longer input lines are errors (default 8 MiB)
       --rate-retries N     times a line that ended in 429 is sent again after the pause (default 3)
+      --retries N          tries a failed request again up to N times (0: never)
       --progress SECONDS   progress every SECONDS (default: live on a terminal, else every 10 s; 0: none)
   -q, --quiet              no progress and no summary
       --config FILE        config file
@@ -52,7 +53,7 @@ local BATCH_OPTS = {
   {"resume", nil, "flag"}, {"retry-failed", nil, "flag"}, {"overwrite", nil, "flag"},
   {"ordered", nil, "flag"}, {"dry-run", nil, "flag"}, {"max-line", nil, "value"},
   {"rate-retries", nil, "value"}, {"progress", nil, "value"}, {"quiet", "q", "flag"},
-  {"config", nil, "value"}, {"help", "h", "flag"},
+  {"config", nil, "value"}, {"help", "h", "flag"}, {"retries", nil, "value"},
 }
 
 -- The ranges of the numeric options (see cli.number_opt).
@@ -63,6 +64,7 @@ local NUMBER_RULES = {
   max_line = { integer = true, min = 1, unit = "bytes" },
   rate_retries = { integer = true, min = 0 },
   progress = { min = 0, unit = "seconds" },
+  retries = cli.RETRIES_RULE,
 }
 
 function M.main(argv)
@@ -90,6 +92,7 @@ function M.main(argv)
     progress_interval = n("progress"),
     quiet = opts.quiet,
   }
+  local retries = n("retries")
   local to_stdout = run.output == nil or run.output == "-"
   if (run.resume or run.retry_failed) and to_stdout then
     cli.usage_error(cmd, "--resume and --retry-failed need an output file (-o FILE)")
@@ -106,6 +109,7 @@ function M.main(argv)
     f:close()
   end
   cli.load_config(opts.config)
+  cli.apply_retries(retries)
   return require("aigate.batch").run(run)
 end
 

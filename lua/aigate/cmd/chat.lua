@@ -35,6 +35,7 @@ Options:
       --event-id ID        cf-aig-event-id
       --request-timeout MS cf-aig-request-timeout (gateway-side, until the first byte)
       --timeout SECONDS    client-side limit on the whole request
+      --retries N          tries a failed request again up to N times (0: never)
   -v, --verbose            request and response headers and the list of attempts on stderr
                            (tokens redacted)
       --config FILE        config file]]
@@ -47,6 +48,7 @@ local CHAT_OPTS = {
   {"cache-key", nil, "value"}, {"metadata", nil, "list"}, {"event-id", nil, "value"},
   {"request-timeout", nil, "value"}, {"timeout", nil, "value"}, {"verbose", "v", "flag"},
   {"config", nil, "value"}, {"help", "h", "flag"}, {"template", nil, "value"},
+  {"retries", nil, "value"},
 }
 
 -- The ranges of the numeric options (see cli.number_opt). Temperature has no upper bound here:
@@ -59,6 +61,7 @@ local NUMBER_RULES = {
   cache_ttl = { integer = true, min = client.CACHE_TTL_MIN, max = client.CACHE_TTL_MAX, unit = "seconds" },
   request_timeout = { integer = true, min = 1, unit = "ms" },
   timeout = { above = 0, unit = "seconds" },
+  retries = cli.RETRIES_RULE,
 }
 
 -- Holds the request to aigate.chat's own checks before anything is read or sent, so that a value
@@ -173,8 +176,10 @@ function M.main(argv)
     vars = vars,
     template = opts.template,
   }
+  local retries = n("retries")
   check_request(cmd, req)
   cli.load_config(opts.config)
+  cli.apply_retries(retries)
   if not (opts.template and #pos == 0) then
     req.prompt = read_prompt(cmd, pos)
   end
