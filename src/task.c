@@ -612,6 +612,18 @@ static void fsync_drain(void)
     fsync_pipe[0] = fsync_pipe[1] = -1;
 }
 
+/* Whether fsync means anything for fd: true for regular files and block devices. Terminals,
+ * /dev/null, pipes and sockets hold nothing to flush to a disk (fsync fails on them with EINVAL),
+ * so writing results there is not an error. */
+static int has_disk_data(int fd)
+{
+    struct stat st;
+
+    if (fstat(fd, &st) != 0)
+        return 1; /* let fsync report what is wrong */
+    return S_ISREG(st.st_mode) || S_ISBLK(st.st_mode);
+}
+
 static int l_fsync(lua_State *L)
 {
     luaL_Stream *s = luaL_checkudata(L, 1, LUA_FILEHANDLE);
@@ -625,6 +637,10 @@ static int l_fsync(lua_State *L)
         return luaL_argerror(L, 1, "attempt to use a closed file");
     if (fflush(s->f) != 0)
         goto fail;
+    if (!has_disk_data(fileno(s->f))) {
+        lua_pushboolean(L, 1);
+        return 1;
+    }
     if (t != NULL && t->co == L && fsync_setup() == 0 && (op = malloc(sizeof(*op))) != NULL) {
         op->pending.cancel = fsync_cancel;
         op->task = t;

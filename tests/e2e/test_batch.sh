@@ -308,6 +308,16 @@ for how in engine lanes; do
     expect_match "output not writable ($how): says so" "$(cat "$TMP/err")" "cannot write the output: No space left on device.*--resume"
 done
 
+# ---- -o a character device or a pipe: written, not fsynced (nothing to sync there) ----------------------
+batch in50.jsonl -o /dev/null -j 8 -q
+expect_eq "-o /dev/null: exit 0" "$RC:$ERR" "0:"
+batch ke.jsonl -m openai/gpt-4o -o /dev/null -j 8 -q
+expect_eq "-o /dev/null (engine): exit 0" "$RC:$ERR" "0:"
+"$AIGATE" batch in50.jsonl -o /dev/stdout -j 8 -q 2> "$TMP/err" | cat > piped.jsonl
+expect_eq "-o /dev/stdout into a pipe: exit 0, every id once" "${PIPESTATUS[0]}:$(ids_once piped.jsonl 50)" "0:ok"
+batch in50.jsonl -o /dev/full -j 8 -q
+expect_eq "-o /dev/full: a failed write is still exit 2" "$RC" 2
+
 # ---- 429 storm: the batch slows down, honours Retry-After, the rest succeeds ------------------------------
 awk 'BEGIN { for (i = 1; i <= 30; i++) printf "{\"id\":\"r%d\",\"prompt\":\"p\",\"model\":\"%s\"}\n", i, (i <= 6) ? "mock/rate-limit" : "openai/gpt-4o" }' > rl.jsonl
 start=$(date +%s.%N)

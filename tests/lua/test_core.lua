@@ -331,6 +331,29 @@ T["fsync: the loop goes on meanwhile; the data is there after"] = function()
   assert(ticks >= 1, "the other task ran while fsync waited")
 end
 
+-- Results may go to /dev/null, a pipe or a socket: fsync has nothing to do there and is no error
+-- (fsync(2) itself fails with EINVAL on them). In a task and outside one.
+T["fsync: a character device or a pipe is flushed, not an error"] = function()
+  local null = assert(io.open("/dev/null", "w"))
+  null:write("x")
+  local ok, err = core.fsync(null)
+  eq(ok, true, "fsync of /dev/null in a task: " .. tostring(err))
+  null:close()
+  local pipe = assert(io.popen("cat > /dev/null", "w"))
+  pipe:write("through a pipe\n")
+  ok, err = core.fsync(pipe)
+  eq(ok, true, "fsync of a pipe in a task: " .. tostring(err))
+  pipe:close()
+  local outside = coroutine.wrap(function()
+    local h = assert(io.open("/dev/null", "w"))
+    local r, e = core.fsync(h)
+    h:close()
+    return r, e
+  end)
+  ok, err = outside()
+  eq(ok, true, "fsync of /dev/null outside a task: " .. tostring(err))
+end
+
 T["system helpers"] = function()
   assert(core.time() > 1.6e9, "wall clock")
   eq(core.getenv("AIGATE_SURELY_UNSET_VAR"), nil)
