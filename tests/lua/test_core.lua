@@ -109,6 +109,18 @@ T["request: connection refused is a connect error"] = function()
   local res, err = core.request{url = "http://127.0.0.1:" .. port .. "/"}
   eq(res, nil)
   assert(err:match("^connect: "), err)
+  -- curl's text follows the reason word as curl wrote it ("Failed to connect ..."), not lowercased
+  assert(err:match("^connect: %u"), err)
+end
+
+T["request: a TLS failure keeps curl's text as it is"] = function()
+  local srv = assert(core.listen{port = 0, handler = function(_, res) res:respond(200, nil, "plain") end})
+  local res, err = core.request{url = "https://127.0.0.1:" .. srv.port .. "/"}
+  srv:close()
+  eq(res, nil)
+  assert(err:match("^tls: "), err)
+  -- e.g. "tls: OpenSSL/3.0.13: error:...", never "tls: openSSL/..." or "tls: sSL certificate problem"
+  assert(not err:match("^tls: openSSL") and not err:match("^tls: sSL"), err)
 end
 
 T["request: a connection cut mid-body is a closed error"] = function()
