@@ -11,7 +11,10 @@ M.help = [[
 Usage: aigate chat [OPTIONS] [PROMPT...]
 
 Sends one prompt and streams the reply to stdout as it arrives. The prompt is the arguments joined
-with spaces, or standard input when there are none or the only one is '-'.
+with spaces, or standard input when there are none or the only one is '-'. With both (input piped
+or redirected, and arguments), the prompt is the input, a blank line, then the arguments:
+  git diff | aigate chat "Review this change"
+(give '< /dev/null' to send the arguments alone from a script whose input is not a terminal).
 
 Options:
   -m, --model ID|NAME      model id (workers-ai/@cf/..., openai/gpt-4o, dynamic/ROUTE) or a named
@@ -135,16 +138,23 @@ local function parse_metadata(cmd, list)
   return md
 end
 
+-- The prompt: the arguments joined with spaces; standard input when there are none (or only '-');
+-- both when input is piped and arguments are given: the input (its trailing blank lines and spaces
+-- dropped), a blank line, then the arguments, as in `git diff | aigate chat "Review this"`.
 local function read_prompt(cmd, pos)
+  local args
   if #pos > 0 and not (#pos == 1 and pos[1] == "-") then
-    local text = table.concat(pos, " ")
-    if text:match("^%s*$") then cli.usage_error(cmd, "the prompt is empty") end
-    return text
-  end
-  if #pos == 0 and core.isatty(0) then
+    args = table.concat(pos, " ")
+    if args:match("^%s*$") then cli.usage_error(cmd, "the prompt is empty") end
+    if core.isatty(0) then return args end
+  elseif core.isatty(0) then
     cli.usage_error(cmd, "no prompt: give it as an argument or on standard input")
   end
   local text = io.read("a") or ""
+  if args then
+    if text:match("^%s*$") then return args end
+    return text:gsub("%s+$", "") .. "\n\n" .. args
+  end
   if text:match("^%s*$") then cli.usage_error(cmd, "the prompt on standard input is empty") end
   return text
 end
