@@ -1040,6 +1040,9 @@ function M.prepare(opts, cfg, ctx)
   for _, w in ipairs(m.warnings) do
     warn(w)
   end
+  for _, w in ipairs(target.warnings or {}) do
+    warn(w)
+  end
 
   -- One pass over the options: body fields, and whether gateway options or headers are set.
   local stream = opts.stream
@@ -1126,6 +1129,7 @@ function M.prepare(opts, cfg, ctx)
     method = "POST",
     url = target.url,
     base_url = target.base_url,
+    base_url_source = target.base_url_source,
     headers = headers,
     body = text,
     body_table = body,

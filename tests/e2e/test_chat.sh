@@ -127,6 +127,22 @@ expect_eq "2009 exits 1" "$RC" 1
 expect_match "2009 explained" "$ERR" "2009"
 expect_match "2009 suggests cf-aig-authorization" "$ERR" "cf-aig"
 
+# The mock's /compat path with no token at all: the 401's hint says why nothing was sent (the base
+# URL is overridden, so the token is optional for aigate) and what to set, without contradicting itself.
+CLOUDFLARE_API_TOKEN='' chat "no token"
+expect_eq "no token, 401: exit 1" "$RC" 1
+expect_match "no token, 401: the hint names the override and the variable" "$ERR" \
+    "hint: no credentials were sent: the base URL comes from AIGATE_BASE_URL, so CLOUDFLARE_API_TOKEN is sent only when it is set, and this server wants it: set CLOUDFLARE_API_TOKEN"
+expect_no_match "no token, 401: no 'optional only when overridden'" "$ERR" "optional only"
+
+# A base URL that already ends in /chat/completions: a warning before sending, and a 404 hint.
+AIGATE_BASE_URL="$AIGATE_BASE_URL/chat/completions" chat "doubled"
+expect_eq "base URL with /chat/completions: exit 1" "$RC" 1
+expect_match "base URL with /chat/completions: warned before sending" "$ERR" \
+    "warning: the base URL '.*/compat/chat/completions' \\(from AIGATE_BASE_URL\\) already ends in /chat/completions"
+expect_match "base URL with /chat/completions: the 404 says so" "$ERR" \
+    "hint: the base URL '.*/compat/chat/completions' already ends in /chat/completions, which aigate appends itself: drop that suffix from AIGATE_BASE_URL"
+
 # ---- other providers -----------------------------------------------------------------------------
 
 cat > "$TMP/prov.lua" <<EOF
