@@ -992,28 +992,57 @@ function State:worker(chat, prepare)
   self.workers_left = self.workers_left - 1
 end
 
-function State:progress_text()
+-- The progress line: its parts joined with " | ". With `width` (the terminal's columns) the line
+-- fits in width - 1 columns, so the terminal never wraps it (a wrapped line cannot be redrawn in
+-- place): the least important parts go first (concurrency, tokens, rate, ETA, a pause, stopping),
+-- and what still does not fit is cut.
+function State:progress_text(width)
   local now = core.now()
   local elapsed = now - self.t0
   local done = self.ok + self.failed
   local rate = elapsed > 0 and done / elapsed or 0
-  local parts = {}
+  local parts = {} -- {text, rank}: a higher rank is dropped sooner
+  local function add(rank, text) parts[#parts + 1] = { text, rank } end
   if self.total then
     local pct = self.total > 0 and (100 * done / self.total) or 100
-    parts[#parts + 1] = format("batch: %d/%d (%d%%)", done, self.total, floor(pct))
+    add(1, format("batch: %d/%d (%d%%)", done, self.total, floor(pct)))
   else
-    parts[#parts + 1] = format("batch: %d done", done)
+    add(1, format("batch: %d done", done))
   end
-  parts[#parts + 1] = format("ok %d failed %d", self.ok, self.failed)
-  parts[#parts + 1] = format("%.1f req/s", rate)
-  parts[#parts + 1] = "tokens " .. human(self.total_tokens)
-  parts[#parts + 1] = format("concurrency %d/%d (%d in flight)", self.limit, self.max_limit, self.active)
-  if self.pause_until > now then parts[#parts + 1] = format("paused %.1fs (429)", self.pause_until - now) end
+  add(2, format("ok %d failed %d", self.ok, self.failed))
+  add(6, format("%.1f req/s", rate))
+  add(7, "tokens " .. human(self.total_tokens))
+  add(8, format("concurrency %d/%d (%d in flight)", self.limit, self.max_limit, self.active))
+  if self.pause_until > now then add(4, format("paused %.1fs (429)", self.pause_until - now)) end
   if self.total and rate > 0 then
-    parts[#parts + 1] = "ETA " .. duration((self.total - done) / rate)
+    add(5, "ETA " .. duration((self.total - done) / rate))
   end
-  if self.stopping and not self.eof then parts[#parts + 1] = "stopping" end
-  return concat(parts, " | ")
+  if self.stopping and not self.eof then add(3, "stopping") end
+  local function joined()
+    local texts = {}
+    for i, p in ipairs(parts) do texts[i] = p[1] end
+    return concat(texts, " | ")
+  end
+  local text = joined()
+  if width == nil then return text end
+  local room = math.max(width - 1, 1)
+  while #text > room and #parts > 1 do
+    local worst = 1
+    for i, p in ipairs(parts) do
+      if p[2] > parts[worst][2] then worst = i end
+    end
+    table.remove(parts, worst)
+    text = joined()
+  end
+  return text:sub(1, room)
+end
+
+-- The live progress line's width: the terminal's, else $COLUMNS, else 80.
+local function progress_width()
+  local cols = core.term_width(2)
+  if cols then return cols end
+  cols = math.tointeger(tonumber(core.getenv("COLUMNS") or ""))
+  return (cols and cols > 0) and cols or 80
 end
 
 function State:summary(wall)
@@ -1247,7 +1276,7 @@ function M.run(opts)
     if show_progress and now - last_progress >= every then
       last_progress = now
       if tty then
-        io.stderr:write("\r\27[K", st:progress_text())
+        io.stderr:write("\r\27[K", st:progress_text(progress_width()))
         io.stderr:flush()
       else
         eprint(st:progress_text())
