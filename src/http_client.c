@@ -363,11 +363,8 @@ void http_push_error(lua_State *L, CURLcode rc, const char *errbuf, size_t recei
         return;
     }
     detail = errbuf[0] ? errbuf : curl_easy_strerror(rc);
-    /* "Could not connect" reads "could not connect"; an acronym ("SSL certificate problem") stays. */
-    if (detail[0] && isupper((unsigned char)detail[1]))
-        lua_pushfstring(L, "%s: %s", error_kind(rc), detail);
-    else
-        lua_pushfstring(L, "%s: %c%s", error_kind(rc), tolower((unsigned char)detail[0]), detail + 1);
+    /* curl's text as it is ("tls: SSL certificate problem: ..."): its first word may be a name. */
+    lua_pushfstring(L, "%s: %s", error_kind(rc), detail);
 }
 
 /* Pushes the error string for a failed transfer on L. */

@@ -38,7 +38,9 @@ static int file_exists(const char *path)
     return stat(path, &st) == 0;
 }
 
-/* Finds the directory holding aigate/init.lua: $AIGATE_LUA_PATH, next to the binary, or installed. */
+/* Finds the directory holding aigate/init.lua: $AIGATE_LUA_PATH; next to the binary (a build tree);
+ * ../share/aigate from the binary's directory (an install, wherever it was put); else the data
+ * directory compiled in. */
 static void find_lua_dir(char *out, size_t size)
 {
     const char *env = getenv("AIGATE_LUA_PATH");
@@ -65,6 +67,15 @@ static void find_lua_dir(char *out, size_t size)
         snprintf(probe, sizeof(probe), "%s/../lua/aigate/init.lua", exe);
         if (file_exists(probe)) {
             snprintf(out, size, "%s/../lua", exe);
+            return;
+        }
+        /* Installed: PREFIX/bin/aigate finds PREFIX/share/aigate, whatever PREFIX it was built for. */
+        slash = strrchr(exe, '/');
+        if (slash)
+            *slash = '\0';
+        snprintf(probe, sizeof(probe), "%s/share/aigate/aigate/init.lua", exe);
+        if (slash && file_exists(probe)) {
+            snprintf(out, size, "%s/share/aigate", exe);
             return;
         }
     }

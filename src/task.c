@@ -9,8 +9,8 @@
  * the results on the coroutine and calls task_resume. New tasks and wake-ups of waiters go through a
  * run queue drained from a libevent callback, so no task is ever resumed from inside Lua code.
  *
- * Also here: core.sleep, core.wait, core.wait_signal (SIGINT/SIGTERM), clocks, getenv, isatty and
- * fsync, truncate.
+ * Also here: core.sleep, core.wait, core.wait_signal (SIGINT/SIGTERM), clocks, getenv, isatty,
+ * term_width, fsync, truncate.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -20,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -520,6 +521,20 @@ static int l_isatty(lua_State *L)
     return 1;
 }
 
+/* core.term_width(fd): the terminal's width in columns, or nil when fd is not a terminal or the
+ * terminal does not know its size (a pseudo-terminal nobody sized reports 0). Pushes one value. */
+static int l_term_width(lua_State *L)
+{
+    lua_Integer fd = luaL_checkinteger(L, 1);
+    struct winsize ws;
+
+    if (isatty((int)fd) && ioctl((int)fd, TIOCGWINSZ, &ws) == 0 && ws.ws_col > 0)
+        lua_pushinteger(L, ws.ws_col);
+    else
+        lua_pushnil(L);
+    return 1;
+}
+
 /* core.fsync: inside a task the fsync runs on a short-lived thread, so that the event loop goes on
  * while the disk catches up (an fsync takes tens of milliseconds here, time in which hundreds of
  * replies would otherwise wait); the task waits for it. The thread fsyncs a duplicate of the
@@ -623,6 +638,18 @@ static void fsync_drain(void)
     fsync_pipe[0] = fsync_pipe[1] = -1;
 }
 
+/* Whether fsync means anything for fd: true for regular files and block devices. Terminals,
+ * /dev/null, pipes and sockets hold nothing to flush to a disk (fsync fails on them with EINVAL),
+ * so writing results there is not an error. */
+static int has_disk_data(int fd)
+{
+    struct stat st;
+
+    if (fstat(fd, &st) != 0)
+        return 1; /* let fsync report what is wrong */
+    return S_ISREG(st.st_mode) || S_ISBLK(st.st_mode);
+}
+
 static int l_fsync(lua_State *L)
 {
     luaL_Stream *s = luaL_checkudata(L, 1, LUA_FILEHANDLE);
@@ -636,6 +663,10 @@ static int l_fsync(lua_State *L)
         return luaL_argerror(L, 1, "attempt to use a closed file");
     if (fflush(s->f) != 0)
         goto fail;
+    if (!has_disk_data(fileno(s->f))) {
+        lua_pushboolean(L, 1);
+        return 1;
+    }
     if (t != NULL && t->co == L && fsync_setup() == 0 && (op = malloc(sizeof(*op))) != NULL) {
         op->pending.cancel = fsync_cancel;
         op->task = t;
@@ -815,12 +846,19 @@ static int l_pid(lua_State *L)
 void core_register_tasks(lua_State *L)
 {
     static const luaL_Reg funcs[] = {
-        { "spawn", l_spawn },   { "wait", l_wait },
-        { "sleep", l_sleep },   { "wait_signal", l_wait_signal },
-        { "now", l_now },       { "time", l_time },
-        { "getenv", l_getenv }, { "isatty", l_isatty },
-        { "fsync", l_fsync },   { "truncate", l_truncate },
-        { "read", l_read },     { "pid", l_pid },
+        { "spawn", l_spawn },
+        { "wait", l_wait },
+        { "sleep", l_sleep },
+        { "wait_signal", l_wait_signal },
+        { "now", l_now },
+        { "time", l_time },
+        { "getenv", l_getenv },
+        { "isatty", l_isatty },
+        { "fsync", l_fsync },
+        { "truncate", l_truncate },
+        { "read", l_read },
+        { "pid", l_pid },
+        { "term_width", l_term_width },
         { NULL, NULL },
     };
 

@@ -33,7 +33,7 @@ step() {
 # A policy with local dynamic/ routes (scripts/routes.lua): checked, listed, then used.
 step ./aigate check --config scripts/routes.lua
 step ./aigate run --config scripts/routes.lua scripts/route_fallback.lua
-step ./aigate chat --config scripts/routes.lua -m dynamic/resilient "Say hello through the gateway"
+step ./aigate chat --config scripts/routes.lua -m dynamic/resilient "Say hello through the gateway" < /dev/null
 
 # A batch of 1000 prompts split A/B between two Workers AI models, 64 in flight.
 input=$(mktemp)

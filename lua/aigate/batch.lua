@@ -1001,34 +1001,63 @@ function State:worker(chat, prepare)
   self.workers_left = self.workers_left - 1
 end
 
-function State:progress_text()
+-- The progress line: its parts joined with " | ". With `width` (the terminal's columns) the line
+-- fits in width - 1 columns, so the terminal never wraps it (a wrapped line cannot be redrawn in
+-- place): the least important parts go first (concurrency, tokens, rate, ETA, a pause, stopping),
+-- and what still does not fit is cut.
+function State:progress_text(width)
   local now = core.now()
   local elapsed = now - self.t0
   local done = self.ok + self.failed
   local rate = elapsed > 0 and done / elapsed or 0
-  local parts = {}
+  local parts = {} -- {text, rank}: a higher rank is dropped sooner
+  local function add(rank, text) parts[#parts + 1] = { text, rank } end
   if self.total then
     local pct = self.total > 0 and (100 * done / self.total) or 100
-    parts[#parts + 1] = format("batch: %d/%d (%d%%)", done, self.total, floor(pct))
+    add(1, format("batch: %d/%d (%d%%)", done, self.total, floor(pct)))
   else
-    parts[#parts + 1] = format("batch: %d done", done)
+    add(1, format("batch: %d done", done))
   end
-  parts[#parts + 1] = format("ok %d failed %d", self.ok, self.failed)
-  parts[#parts + 1] = format("%.1f req/s", rate)
-  parts[#parts + 1] = "tokens " .. human(self.total_tokens)
-  parts[#parts + 1] = format("%d in flight", self.active - throttle.waiting)
+  add(2, format("ok %d failed %d", self.ok, self.failed))
+  add(6, format("%.1f req/s", rate))
+  add(7, "tokens " .. human(self.total_tokens))
+  add(8, format("%d in flight", self.active - throttle.waiting))
   for key, th in pairs(throttle.throttled()) do
     if th.paused > 0 then
-      parts[#parts + 1] = format("%s paused %.1fs (429)", key, th.paused)
+      add(4, format("%s paused %.1fs (429)", key, th.paused))
     elseif th.limit then
-      parts[#parts + 1] = format("%s limited to %d (429)", key, th.limit)
+      add(9, format("%s limited to %d (429)", key, th.limit))
     end
   end
   if self.total and rate > 0 then
-    parts[#parts + 1] = "ETA " .. duration((self.total - done) / rate)
+    add(5, "ETA " .. duration((self.total - done) / rate))
   end
-  if self.stopping and not self.eof then parts[#parts + 1] = "stopping" end
-  return concat(parts, " | ")
+  if self.stopping and not self.eof then add(3, "stopping") end
+  local function joined()
+    local texts = {}
+    for i, p in ipairs(parts) do texts[i] = p[1] end
+    return concat(texts, " | ")
+  end
+  local text = joined()
+  if width == nil then return text end
+  local room = math.max(width - 1, 1)
+  while #text > room and #parts > 1 do
+    local worst = 1
+    for i, p in ipairs(parts) do
+      if p[2] > parts[worst][2] then worst = i end
+    end
+    table.remove(parts, worst)
+    text = joined()
+  end
+  return text:sub(1, room)
+end
+
+-- The live progress line's width: the terminal's, else $COLUMNS, else 80.
+local function progress_width()
+  local cols = core.term_width(2)
+  if cols then return cols end
+  cols = math.tointeger(tonumber(core.getenv("COLUMNS") or ""))
+  return (cols and cols > 0) and cols or 80
 end
 
 function State:summary(wall)
@@ -1072,7 +1101,7 @@ end
 --- Runs a batch. opts: input ("-" stdin), output (nil/"-" stdout), concurrency, model, template, rpm,
 -- tpm, resume, retry_failed, overwrite, dry_run, ordered, quiet, progress_interval, max_line,
 -- rate_retries, window. Returns the exit status (0, 1, 2, 130/143) and prints its own messages.
-function M.run(opts)
+local function run(opts)
   local aigate = require "aigate"
   -- Each request makes short-lived garbage only; the generational collector handles that with
   -- about 20% less CPU per request than the incremental one (measured with tests/bench).
@@ -1082,7 +1111,6 @@ function M.run(opts)
   local max_line = opts.max_line or M.MAX_LINE
   -- Batch retries: more tries than a single chat, bounded by the time a line may take (policy's
   -- "batch" profile; the config and --retries still win). Rate limits are waited out per upstream.
-  policy.set_retry_profile("batch")
   throttle.start_limit = opts.concurrency
   local st = setmetatable({
     ok = 0, failed = 0, active = 0, seq = 0, write_next = 1, pending = {}, counter = 0,
@@ -1275,7 +1303,7 @@ function M.run(opts)
     if show_progress and now - last_progress >= every then
       last_progress = now
       if tty then
-        io.stderr:write("\r\27[K", st:progress_text())
+        io.stderr:write("\r\27[K", st:progress_text(progress_width()))
         io.stderr:flush()
       else
         eprint(st:progress_text())
@@ -1316,6 +1344,17 @@ function M.run(opts)
   end
   if st.failed > 0 or st.prior_failed > 0 then return 1 end
   return 0
+end
+
+-- The batch's retry profile is in force while it runs (and the previous one after: tests run
+-- batches in the same process as other things).
+function M.run(opts)
+  local previous = policy.retry_profile()
+  policy.set_retry_profile("batch")
+  local ok, rc = pcall(run, opts)
+  policy.set_retry_profile(previous)
+  if not ok then error(rc, 0) end
+  return rc
 end
 
 return M

@@ -75,6 +75,7 @@ function M.parse(cmd, specs, argv, first, stop_at_positional)
           value = argv[i]
           if value == nil then M.usage_error(cmd, "option '--" .. spec[1] .. "' needs a value") end
         end
+        if value == "" then M.usage_error(cmd, "option '--" .. spec[1] .. "' needs a value, got an empty string") end
         if spec[3] == "list" then
           opts[key] = opts[key] or {}
           table.insert(opts[key], value)
@@ -88,15 +89,52 @@ function M.parse(cmd, specs, argv, first, stop_at_positional)
   return opts, pos
 end
 
-function M.number_opt(cmd, opts, key, integer)
+-- Whether s is a plain decimal number: digits with an optional sign, point and exponent (no hex,
+-- no "inf" or "nan", no spaces).
+local function decimal(s)
+  local mantissa, exponent = s:gsub("^[+-]", "", 1):match("^([%d.]+)(.*)$")
+  return mantissa ~= nil and mantissa:find("%d") ~= nil and not mantissa:find("%..*%.")
+    and (exponent == "" or exponent:match("^[eE][+-]?%d+$") ~= nil)
+end
+
+local function bound_text(v)
+  return math.type(v) == "float" and string.format("%g", v) or tostring(v)
+end
+
+-- number_opt(cmd, opts, key, rule) -> the number given for option `key`, or nil when it is unset.
+-- rule: true for a whole number, or a table {integer = bool, min = n, max = n, above = n (strictly
+-- greater than), unit = "seconds"}. A value that is not a finite decimal number, or out of the
+-- range, is a usage error naming the option and quoting the value as given.
+function M.number_opt(cmd, opts, key, rule)
   local v = opts[key]
   if v == nil then return nil end
-  local n = tonumber(v)
-  if not n or (integer and math.type(n) ~= "integer" and n ~= math.floor(n)) then
-    M.usage_error(cmd, "option '--" .. key:gsub("_", "-") .. "' needs a " .. (integer and "whole number" or "number") ..
+  if type(rule) ~= "table" then rule = { integer = rule and true or nil } end
+  local name = "--" .. key:gsub("_", "-")
+  local n = decimal(v) and tonumber(v) or nil
+  if n == nil or (rule.integer and n ~= math.floor(n)) then
+    M.usage_error(cmd, "option '" .. name .. "' needs a " .. (rule.integer and "whole number" or "number") ..
       ", got '" .. v .. "'")
   end
-  if integer then n = math.tointeger(n) end
+  local unit = rule.unit and (" " .. rule.unit) or ""
+  local function out_of_range(what)
+    M.usage_error(cmd, "option '" .. name .. "' must be " .. what .. ", got '" .. v .. "'")
+  end
+  if n == math.huge or n == -math.huge then
+    out_of_range("a finite number")
+  elseif rule.min and rule.max and (n < rule.min or n > rule.max) then
+    out_of_range("between " .. bound_text(rule.min) .. " and " .. bound_text(rule.max) .. unit)
+  elseif rule.min and n < rule.min then
+    out_of_range("at least " .. bound_text(rule.min) .. unit)
+  elseif rule.max and n > rule.max then
+    out_of_range("at most " .. bound_text(rule.max) .. unit)
+  elseif rule.above and n <= rule.above then
+    out_of_range("greater than " .. bound_text(rule.above) .. unit)
+  end
+  if rule.integer then
+    local i = math.tointeger(n)
+    if i == nil then out_of_range("a whole number that fits in 64 bits") end
+    return i
+  end
   return n
 end
 
@@ -111,6 +149,17 @@ function M.use_cacert(cmd, path)
     M.usage_error(cmd, "option '--cacert': '" .. path .. "' is a directory, not a file of CA certificates")
   end
   require("aigate").use_cacert(path)
+end
+
+-- The --retries option of chat, run and batch: retries after the first try (0 turns them off),
+-- handed to the policy. Validated by the command before it does anything else; applied (apply_retries)
+-- once the config is loaded.
+M.RETRIES_RULE = { integer = true, min = 0 }
+
+function M.apply_retries(n)
+  if n == nil then return end
+  local policy = require "aigate.policy"
+  policy.set_retry_overrides({ retries = n })
 end
 
 -- Loads the config (path, or the usual search) and makes it the one aigate.chat uses; a bad config

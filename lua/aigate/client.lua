@@ -454,6 +454,9 @@ local function range(name, v, lo, hi, unit)
   end
 end
 
+-- The gateway's bounds on cf-aig-cache-ttl (seconds); `aigate chat --cache-ttl` checks them too.
+M.CACHE_TTL_MIN, M.CACHE_TTL_MAX = 60, 2592000
+
 local T = {}
 function T.string(name, v)
   if type(v) ~= "string" then
@@ -522,7 +525,7 @@ function T.cache_ttl(name, v)
   if not is_int(v) then
     bad(name, "an integer number of seconds", v)
   end
-  range(name, v, 60, 2592000, " seconds")
+  range(name, v, M.CACHE_TTL_MIN, M.CACHE_TTL_MAX, " seconds")
 end
 function T.request_timeout(name, v)
   if not is_int(v) or v <= 0 then
@@ -1090,6 +1093,9 @@ function M.prepare(opts, cfg, ctx)
   for _, w in ipairs(m.warnings) do
     warn(w)
   end
+  for _, w in ipairs(target.warnings or {}) do
+    warn(w)
+  end
 
   -- One pass over the options: body fields, and whether gateway options or headers are set.
   local stream = opts.stream
@@ -1181,6 +1187,7 @@ function M.prepare(opts, cfg, ctx)
     method = "POST",
     url = target.url,
     base_url = target.base_url,
+    base_url_source = target.base_url_source,
     headers = headers,
     body = text,
     body_table = body,

@@ -90,8 +90,28 @@ local function no_credentials(req)
 end
 
 local function missing_credentials_hint(req)
-  return string.format("no credentials were sent: set %s (it is optional only when the base URL is overridden)",
-    req.token_env or "CLOUDFLARE_API_TOKEN")
+  if req.gateway == false and req.token_env == nil then
+    return string.format("no credentials were sent, and the server wants some: give provider '%s' a token_env "
+      .. "in the config", tostring(req.provider))
+  end
+  local var = req.token_env or "CLOUDFLARE_API_TOKEN"
+  if req.gateway and req.base_url_source then
+    -- With the gateway URL replaced the token is sent only when set; this server wants one.
+    return string.format("no credentials were sent: the base URL comes from %s, so %s is sent only when it is "
+      .. "set, and this server wants it: set %s", req.base_url_source, var, var)
+  end
+  return string.format("no credentials were sent: set %s", var)
+end
+
+-- True when the request's URL has /chat/completions twice: a base URL given with the suffix aigate
+-- appends itself.
+local function doubled_path(req)
+  return type(req.url) == "string" and req.url:match("/chat/completions/chat/completions$") ~= nil
+end
+
+local function doubled_path_hint(req)
+  return string.format("the base URL '%s' already ends in /chat/completions, which aigate appends itself: "
+    .. "drop that suffix from %s", tostring(req.base_url), req.base_url_source or "the base URL")
 end
 
 M.GATEWAY_HINTS = {
@@ -222,7 +242,8 @@ M.STATUS_HINTS[504] = M.STATUS_HINTS[408]
 M.STATUS_HINTS[524] = M.STATUS_HINTS[408]
 
 --- Explains a non-2xx reply (or an error object in a 2xx one).
--- req: the prepared request ({gateway, model, provider, auth, token_env, url}), may be {}.
+-- req: the prepared request ({gateway, model, provider, auth, token_env, url, base_url,
+-- base_url_source}), may be {}.
 -- Returns message, info.
 function M.explain(status, headers, body, req)
   req = req or {}
@@ -250,7 +271,9 @@ function M.explain(status, headers, body, req)
   end
   local hint
   local by_code = e.code and M.GATEWAY_HINTS[e.code]
-  if by_code and req.gateway ~= false then
+  if (status == 404 or status == 405) and doubled_path(req) then
+    hint = doubled_path_hint(req)
+  elseif by_code and req.gateway ~= false then
     hint = by_code(req, headers)
   end
   if hint == nil and M.STATUS_HINTS[status] then

@@ -67,6 +67,11 @@ function M.set_retry_profile(name)
   retry_generation = retry_generation + 1
 end
 
+--- The retry profile in force (nil: chat's defaults).
+function M.retry_profile()
+  return retry_profile
+end
+
 --- Retry settings that win over the config (command-line flags): {retries = n, budget = s, ...}.
 function M.set_retry_overrides(t)
   retry_overrides = t

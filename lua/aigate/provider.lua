@@ -408,7 +408,8 @@ end
 --- Builds where and how a request for provider `def` is sent.
 -- cfg: the loaded config; header_sets: array of {headers = table, source = text} to
 -- expand after the provider's own. Returns
--- {base_url, url, headers (lowercased names), secrets (array of strings), auth}
+-- {base_url, base_url_source (what set the URL, when it is not the gateway's own), url, headers
+-- (lowercased names), secrets (array of strings), auth, warnings (array of messages)}
 -- or nil, err, missing (the list of missing variables, when that is the reason).
 function M.target(def, cfg, getenv, header_sets)
   cfg = cfg or {}
@@ -419,6 +420,7 @@ function M.target(def, cfg, getenv, header_sets)
   local errs = {}
   local sets = {}
   local base_url, auth
+  local base_url_source -- where an overridden gateway base URL came from, for hints and warnings
 
   local function secret(v)
     if v and v ~= "" then
@@ -449,6 +451,7 @@ function M.target(def, cfg, getenv, header_sets)
         errs[#errs + 1] = err
       end
       base_url = override
+      base_url_source = override_src
     else
       local account, asrc = nonempty_env(getenv, M.ACCOUNT_ENV), M.ACCOUNT_ENV
       if account == nil and gw.account_id then
@@ -521,6 +524,7 @@ function M.target(def, cfg, getenv, header_sets)
       src = ""
     end
     base_url = expand_into(src, getenv, missing, purpose)
+    base_url_source = string.format("provider '%s'", def.name)
     for var in src:gmatch("%${([%w_]+)}") do
       local v = nonempty_env(getenv, var)
       if v and var == M.ACCOUNT_ENV then
@@ -577,12 +581,20 @@ function M.target(def, cfg, getenv, header_sets)
     return nil, table.concat(errs, "\n")
   end
   base_url = base_url:gsub("/+$", "")
+  local warnings = {}
+  if base_url:match("/chat/completions$") then
+    warnings[1] = string.format("the base URL '%s'%s already ends in /chat/completions, which aigate appends "
+      .. "itself: requests go to '%s/chat/completions'; drop the suffix", base_url,
+      base_url_source and (" (from " .. base_url_source .. ")") or "", base_url)
+  end
   return {
     base_url = base_url,
+    base_url_source = base_url_source,
     url = base_url .. "/chat/completions",
     headers = headers,
     secrets = secrets,
     auth = auth,
+    warnings = warnings,
   }
 end
 

@@ -389,6 +389,16 @@ for how in engine lanes; do
     expect_match "output not writable ($how): says so" "$(cat "$TMP/err")" "cannot write the output: No space left on device.*--resume"
 done
 
+# ---- -o a character device or a pipe: written, not fsynced (nothing to sync there) ----------------------
+batch in50.jsonl -o /dev/null -j 8 -q
+expect_eq "-o /dev/null: exit 0" "$RC:$ERR" "0:"
+batch ke.jsonl -m openai/gpt-4o -o /dev/null -j 8 -q
+expect_eq "-o /dev/null (engine): exit 0" "$RC:$ERR" "0:"
+"$AIGATE" batch in50.jsonl -o /dev/stdout -j 8 -q 2> "$TMP/err" | cat > piped.jsonl
+expect_eq "-o /dev/stdout into a pipe: exit 0, every id once" "${PIPESTATUS[0]}:$(ids_once piped.jsonl 50)" "0:ok"
+batch in50.jsonl -o /dev/full -j 8 -q
+expect_eq "-o /dev/full: a failed write is still exit 2" "$RC" 2
+
 # ---- 429 storm: the batch slows down, honours Retry-After, the rest succeeds ------------------------------
 awk 'BEGIN { for (i = 1; i <= 30; i++) printf "{\"id\":\"r%d\",\"prompt\":\"p\",\"model\":\"%s\"}\n", i, (i <= 6) ? "mock/rate-limit" : "openai/gpt-4o" }' > rl.jsonl
 echo 'return { retry = { budget = 2 } }' > short_budget.lua # a line may take 2 s, then its 429 is final
@@ -437,10 +447,27 @@ expect_match "summary: tokens" "$ERR" "tokens: [0-9]+ prompt \\+ [0-9]+ completi
 
 # On a terminal the progress is one line redrawn in place (carriage return, clear to end of line).
 if command -v script > /dev/null 2>&1; then
-    script -qec "$AIGATE batch slow.jsonl -o tty_out.jsonl -j 4 --progress 0.05" /dev/null > tty.txt 2>&1 < /dev/null
+    (unset COLUMNS; script -qec "$AIGATE batch slow.jsonl -o tty_out.jsonl -j 4 --progress 0.05" /dev/null > tty.txt 2>&1 < /dev/null)
     expect_eq "terminal: exit 0" "$?" 0
     expect_match "terminal: the live line is redrawn in place" "$(tr '\r' '\n' < tty.txt | grep -c 'batch: [0-9]*/60')" "^([2-9]|[1-9][0-9]+)$"
     if grep -q $'\r\e\[K' tty.txt; then ok "terminal: carriage return and clear-line codes"; else fail "terminal: carriage return and clear-line codes" "not found"; fi
+    # The live line never wraps (a wrapped line leaves stale rows behind): it fits in the terminal's
+    # width - 1, from the terminal itself (stty cols), else $COLUMNS, else 80 (a pty nobody sized
+    # reports 0 columns, as here where script's input is not a terminal).
+    widest() { sed $'s/\r\e\\[K/\\\n/g' "$1" | tr '\r' '\n' | grep '^batch: ' | awk '{ if (length($0) > m) m = length($0) } END { print m + 0 }'; }
+    expect_match "terminal, 80 columns by default: the line fits in 79" "$(widest tty.txt)" "^([1-9]|[1-7][0-9])$"
+    for cols in 60 24; do
+        (unset COLUMNS; script -qec "stty cols $cols; $AIGATE batch slow.jsonl -o tty_$cols.jsonl -j 4 --progress 0.05" /dev/null > "tty_$cols.txt" 2>&1 < /dev/null)
+        w=$(widest "tty_$cols.txt")
+        if [ "$w" -gt 0 ] && [ "$w" -le $((cols - 1)) ]; then ok "terminal, stty cols $cols: the line fits ($w columns)"; else fail "terminal, stty cols $cols: the line fits" "widest $w"; fi
+    done
+    COLUMNS=200 script -qec "stty cols 50; $AIGATE batch slow.jsonl -o tty_both.jsonl -j 4 --progress 0.05" /dev/null > tty_both.txt 2>&1 < /dev/null
+    w=$(widest tty_both.txt)
+    if [ "$w" -gt 0 ] && [ "$w" -le 49 ]; then ok "terminal: its own width wins over \$COLUMNS ($w)"; else fail "terminal: its own width wins over \$COLUMNS" "widest $w"; fi
+    COLUMNS=45 script -qec "$AIGATE batch slow.jsonl -o tty_env.jsonl -j 4 --progress 0.05" /dev/null > tty_env.txt 2>&1 < /dev/null
+    w=$(widest tty_env.txt)
+    if [ "$w" -gt 0 ] && [ "$w" -le 44 ]; then ok "terminal of unknown size: \$COLUMNS ($w)"; else fail "terminal of unknown size: \$COLUMNS" "widest $w"; fi
+    expect_match "terminal, 24 columns: the count comes first" "$(sed $'s/\r\e\\[K/\\\n/g' tty_24.txt | tr '\r' '\n' | grep '^batch: ' | tail -n 1)" "^batch: [0-9]+/60"
 else
     fail "terminal progress" "the 'script' command (util-linux) is needed for this test"
 fi

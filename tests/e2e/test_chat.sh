@@ -77,6 +77,19 @@ expect_eq "prompt from stdin" "$(cat "$TMP/out")" "echo: from stdin"
 echo "dash stdin" | "$AIGATE" chat -m openai/gpt-4o - > "$TMP/out" 2>&1
 expect_eq "prompt from stdin with -" "$(cat "$TMP/out")" "echo: dash stdin"
 
+# Piped input and a prompt argument: the input, a blank line, then the argument, in one message.
+printf 'some text\nsecond line\n\n' | "$AIGATE" chat --no-stream -m openai/gpt-4o "Summarise this" > "$TMP/out" 2>&1
+expect_eq "piped input and an argument: exit 0" "$?" 0
+expect_eq "piped input and an argument: one user message, input first" \
+    "$(req '#v.body.messages .. "|" .. v.body.messages[1].content')" "1|some text
+second line
+
+Summarise this"
+"$AIGATE" chat -m openai/gpt-4o "only the argument" < /dev/null > "$TMP/out" 2>&1
+expect_eq "empty input and an argument: the argument alone" "$(req 'v.body.messages[1].content')" "only the argument"
+printf ' \n' | "$AIGATE" chat -m openai/gpt-4o "blank input" > "$TMP/out" 2>&1
+expect_eq "blank input and an argument: the argument alone" "$(req 'v.body.messages[1].content')" "blank input"
+
 chat -v -m openai/gpt-4o "verbose"
 expect_match "-v prints the request line" "$ERR" "> POST $MOCK_URL/v1/acct123/gw1/compat/chat/completions"
 expect_match "-v prints the redacted token" "$ERR" "authorization: Bearer \*\*\*"
@@ -114,6 +127,22 @@ expect_eq "2009 exits 1" "$RC" 1
 expect_match "2009 explained" "$ERR" "2009"
 expect_match "2009 suggests cf-aig-authorization" "$ERR" "cf-aig"
 
+# The mock's /compat path with no token at all: the 401's hint says why nothing was sent (the base
+# URL is overridden, so the token is optional for aigate) and what to set, without contradicting itself.
+CLOUDFLARE_API_TOKEN='' chat "no token"
+expect_eq "no token, 401: exit 1" "$RC" 1
+expect_match "no token, 401: the hint names the override and the variable" "$ERR" \
+    "hint: no credentials were sent: the base URL comes from AIGATE_BASE_URL, so CLOUDFLARE_API_TOKEN is sent only when it is set, and this server wants it: set CLOUDFLARE_API_TOKEN"
+expect_no_match "no token, 401: no 'optional only when overridden'" "$ERR" "optional only"
+
+# A base URL that already ends in /chat/completions: a warning before sending, and a 404 hint.
+AIGATE_BASE_URL="$AIGATE_BASE_URL/chat/completions" chat "doubled"
+expect_eq "base URL with /chat/completions: exit 1" "$RC" 1
+expect_match "base URL with /chat/completions: warned before sending" "$ERR" \
+    "warning: the base URL '.*/compat/chat/completions' \\(from AIGATE_BASE_URL\\) already ends in /chat/completions"
+expect_match "base URL with /chat/completions: the 404 says so" "$ERR" \
+    "hint: the base URL '.*/compat/chat/completions' already ends in /chat/completions, which aigate appends itself: drop that suffix from AIGATE_BASE_URL"
+
 # ---- other providers -----------------------------------------------------------------------------
 
 cat > "$TMP/prov.lua" <<EOF
@@ -136,7 +165,7 @@ expect_match "missing provider token named" "$ERR" "LOCAL_KEY"
 # ---- bad input -----------------------------------------------------------------------------------
 
 n_before=$(wc -l < "$MOCK_LOG")
-env -u CLOUDFLARE_ACCOUNT_ID -u CLOUDFLARE_API_TOKEN -u AIGATE_BASE_URL "$AIGATE" chat hi > "$TMP/out" 2> "$TMP/err"
+env -u CLOUDFLARE_ACCOUNT_ID -u CLOUDFLARE_API_TOKEN -u AIGATE_BASE_URL "$AIGATE" chat hi > "$TMP/out" 2> "$TMP/err" < /dev/null
 RC=$?
 ERR=$(cat "$TMP/err")
 expect_eq "missing variables: exit 2" "$RC" 2
@@ -144,12 +173,12 @@ expect_match "missing variables: account named" "$ERR" "CLOUDFLARE_ACCOUNT_ID"
 expect_match "missing variables: token named" "$ERR" "CLOUDFLARE_API_TOKEN"
 expect_eq "missing variables: nothing sent" "$(wc -l < "$MOCK_LOG")" "$n_before"
 
-env -u AIGATE_BASE_URL CLOUDFLARE_ACCOUNT_ID='acc/../x' "$AIGATE" chat hi > "$TMP/out" 2> "$TMP/err"
+env -u AIGATE_BASE_URL CLOUDFLARE_ACCOUNT_ID='acc/../x' "$AIGATE" chat hi > "$TMP/out" 2> "$TMP/err" < /dev/null
 RC=$?
 expect_eq "bad account id: exit 2" "$RC" 2
 expect_match "bad account id explained" "$(cat "$TMP/err")" "CLOUDFLARE_ACCOUNT_ID"
 
-env -u AIGATE_BASE_URL CLOUDFLARE_GATEWAY_ID="$(printf 'g%.0s' $(seq 1 65))" "$AIGATE" chat hi > "$TMP/out" 2> "$TMP/err"
+env -u AIGATE_BASE_URL CLOUDFLARE_GATEWAY_ID="$(printf 'g%.0s' $(seq 1 65))" "$AIGATE" chat hi > "$TMP/out" 2> "$TMP/err" < /dev/null
 expect_eq "gateway id over 64 characters: exit 2" "$?" 2
 
 chat -m gpt-4o hi

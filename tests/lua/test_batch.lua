@@ -468,7 +468,6 @@ local function run_lanes(mode)
   aigate.configure(saved)
   srv:close()
   require("aigate.policy").reset()
-  require("aigate.policy").set_retry_profile(nil)
   throttle.MAX_PAUSE = max_pause
   assert(ok, rc)
   table.sort(seen)

@@ -109,6 +109,18 @@ T["request: connection refused is a connect error"] = function()
   local res, err = core.request{url = "http://127.0.0.1:" .. port .. "/"}
   eq(res, nil)
   assert(err:match("^connect: "), err)
+  -- curl's text follows the reason word as curl wrote it ("Failed to connect ..."), not lowercased
+  assert(err:match("^connect: %u"), err)
+end
+
+T["request: a TLS failure keeps curl's text as it is"] = function()
+  local srv = assert(core.listen{port = 0, handler = function(_, res) res:respond(200, nil, "plain") end})
+  local res, err = core.request{url = "https://127.0.0.1:" .. srv.port .. "/"}
+  srv:close()
+  eq(res, nil)
+  assert(err:match("^tls: "), err)
+  -- e.g. "tls: OpenSSL/3.0.13: error:...", never "tls: openSSL/..." or "tls: sSL certificate problem"
+  assert(not err:match("^tls: openSSL") and not err:match("^tls: sSL"), err)
 end
 
 T["request: a connection cut mid-body is a closed error"] = function()
@@ -418,6 +430,29 @@ T["fsync: the loop goes on meanwhile; the data is there after"] = function()
   os.remove(name)
   eq(#text, 5 * 1000 * 7, "bytes on disk")
   assert(ticks >= 1, "the other task ran while fsync waited")
+end
+
+-- Results may go to /dev/null, a pipe or a socket: fsync has nothing to do there and is no error
+-- (fsync(2) itself fails with EINVAL on them). In a task and outside one.
+T["fsync: a character device or a pipe is flushed, not an error"] = function()
+  local null = assert(io.open("/dev/null", "w"))
+  null:write("x")
+  local ok, err = core.fsync(null)
+  eq(ok, true, "fsync of /dev/null in a task: " .. tostring(err))
+  null:close()
+  local pipe = assert(io.popen("cat > /dev/null", "w"))
+  pipe:write("through a pipe\n")
+  ok, err = core.fsync(pipe)
+  eq(ok, true, "fsync of a pipe in a task: " .. tostring(err))
+  pipe:close()
+  local outside = coroutine.wrap(function()
+    local h = assert(io.open("/dev/null", "w"))
+    local r, e = core.fsync(h)
+    h:close()
+    return r, e
+  end)
+  ok, err = outside()
+  eq(ok, true, "fsync of /dev/null outside a task: " .. tostring(err))
 end
 
 T["system helpers"] = function()

@@ -102,6 +102,48 @@ cases.status_hints = function()
   t.not_contains(msg, "gateway error", "gateway codes only count for the gateway")
 end
 
+-- A 401 without credentials: the hint must fit how the URL was chosen. With the gateway URL
+-- replaced (AIGATE_BASE_URL, gateway.base_url) the token is optional for aigate, so the hint
+-- cannot say it is "optional only when the base URL is overridden".
+cases.missing_credentials_hints = function()
+  local none = { ["content-type"] = "application/json" }
+  local rows = {
+    { with({ headers = none, base_url_source = "AIGATE_BASE_URL" }),
+      { "no credentials were sent", "the base URL comes from AIGATE_BASE_URL",
+        "CLOUDFLARE_API_TOKEN is sent only when it is set", "set CLOUDFLARE_API_TOKEN" } },
+    { with({ headers = none, base_url_source = "config gateway.base_url", token_env = "MY_TOKEN" }),
+      { "the base URL comes from config gateway.base_url", "set MY_TOKEN" } },
+    { with({ headers = none }), { "no credentials were sent: set CLOUDFLARE_API_TOKEN" } },
+    { { gateway = false, provider = "vllm", headers = none }, { "give provider 'vllm' a token_env" } },
+  }
+  for i, r in ipairs(rows) do
+    for _, status in ipairs({ 401, 403 }) do
+      local msg = errors.explain(status, {}, envelope(2009, "Unauthorized"), r[1])
+      for _, want in ipairs(r[2]) do
+        t.contains(msg, want, "row " .. i .. ", status " .. status)
+      end
+      t.not_contains(msg, "optional only", "row " .. i)
+      if r[1].base_url_source then
+        t.not_contains(msg, "overridden", "row " .. i)
+      end
+    end
+  end
+end
+
+-- A base URL ending in /chat/completions gets the suffix twice; a 404 or 405 says so, before the
+-- gateway code's own hint.
+cases.doubled_chat_completions = function()
+  local req = with({ base_url = "http://h/v1/a/g/compat/chat/completions", base_url_source = "AIGATE_BASE_URL",
+    url = "http://h/v1/a/g/compat/chat/completions/chat/completions" })
+  for _, status in ipairs({ 404, 405 }) do
+    local msg, info = errors.explain(status, {}, envelope(2001, "Not Found"), req)
+    t.contains(info.hint, "already ends in /chat/completions", "status " .. status)
+    t.contains(msg, "drop that suffix from AIGATE_BASE_URL")
+  end
+  local msg = errors.explain(404, {}, envelope(2001, "Not Found"), with({ url = "http://h/v1/a/g/compat/chat/completions" }))
+  t.not_contains(msg, "already ends in", "a normal URL keeps the code's hint")
+end
+
 cases.transport = function()
   local req = { method = "POST", url = "http://127.0.0.1:1/v1/chat/completions" }
   local rows = {

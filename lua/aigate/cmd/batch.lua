@@ -26,7 +26,8 @@ usage, step, route, cost, ...}}.
 
 Options:
   -o, --output FILE        results file (default or '-': standard output)
-  -j, --concurrency N      requests in flight at most (default 16); 429s lower it for a while
+  -j, --concurrency N      requests in flight at most (default 16); a 429 lowers it for that
+                           model's upstream for a while
   -m, --model ID|NAME      model for lines that name none
       --template NAME      template for lines that name none
       --rpm N              at most N requests per minute, spread evenly
@@ -37,7 +38,10 @@ Options:
       --ordered            write results in input order (a bounded window of 4 x CONCURRENCY lines)
       --dry-run            write the rendered requests instead of sending them
       --max-line BYTES     longer input lines are errors (default 8 MiB)
-      --rate-retries N     times a line that ended in 429 is sent again after the pause (default 3)
+      --retries N          tries a failed request again up to N times (default 8; 0: never, 429s
+                           included); 429s are waited out, each line within 10 minutes
+      --rate-retries N     at most N times a line whose route ended in 429 is queued again
+                           (default: while its 10 minutes last)
       --progress SECONDS   progress every SECONDS (default: live on a terminal, else every 10 s; 0: none)
   -q, --quiet              no progress and no summary
       --cacert FILE        CA certificates to verify the server with (over the config's tls,
@@ -54,17 +58,19 @@ local BATCH_OPTS = {
   {"resume", nil, "flag"}, {"retry-failed", nil, "flag"}, {"overwrite", nil, "flag"},
   {"ordered", nil, "flag"}, {"dry-run", nil, "flag"}, {"max-line", nil, "value"},
   {"rate-retries", nil, "value"}, {"progress", nil, "value"}, {"quiet", "q", "flag"},
-  {"config", nil, "value"}, {"help", "h", "flag"}, {"cacert", nil, "value"},
+  {"config", nil, "value"}, {"help", "h", "flag"}, {"cacert", nil, "value"}, {"retries", nil, "value"},
 }
 
-local function positive(cmd, opts, key, integer, allow_zero)
-  local n = cli.number_opt(cmd, opts, key, integer)
-  if n ~= nil and (n < 0 or (n == 0 and not allow_zero)) then
-    cli.usage_error(cmd, "option '--" .. key:gsub("_", "-") .. "' must be " ..
-      (allow_zero and "0 or more" or "greater than 0") .. ", got '" .. opts[key] .. "'")
-  end
-  return n
-end
+-- The ranges of the numeric options (see cli.number_opt).
+local NUMBER_RULES = {
+  concurrency = { integer = true, min = 1, max = 100000 },
+  rpm = { above = 0 },
+  tpm = { above = 0 },
+  max_line = { integer = true, min = 1, unit = "bytes" },
+  rate_retries = { integer = true, min = 0 },
+  progress = { min = 0, unit = "seconds" },
+  retries = cli.RETRIES_RULE,
+}
 
 function M.main(argv)
   local cmd = "batch"
@@ -72,25 +78,26 @@ function M.main(argv)
   if opts.help then print(M.help) return cli.EXIT_OK end
   if #pos == 0 then cli.usage_error(cmd, "no input file given (use '-' for standard input)") end
   if #pos > 1 then cli.usage_error(cmd, "one input file only (got '" .. pos[1] .. "' and '" .. pos[2] .. "')") end
+  local n = function(key) return cli.number_opt(cmd, opts, key, NUMBER_RULES[key]) end
   local run = {
     input = pos[1],
     output = opts.output,
-    concurrency = positive(cmd, opts, "concurrency", true) or 16,
+    concurrency = n("concurrency") or 16,
     model = opts.model,
     template = opts.template,
-    rpm = positive(cmd, opts, "rpm"),
-    tpm = positive(cmd, opts, "tpm"),
+    rpm = n("rpm"),
+    tpm = n("tpm"),
     resume = opts.resume,
     retry_failed = opts.retry_failed,
     overwrite = opts.overwrite,
     ordered = opts.ordered,
     dry_run = opts.dry_run,
-    max_line = positive(cmd, opts, "max_line", true),
-    rate_retries = positive(cmd, opts, "rate_retries", true, true),
-    progress_interval = positive(cmd, opts, "progress", false, true),
+    max_line = n("max_line"),
+    rate_retries = n("rate_retries"),
+    progress_interval = n("progress"),
     quiet = opts.quiet,
   }
-  if run.concurrency > 100000 then cli.usage_error(cmd, "option '--concurrency' is too large (at most 100000)") end
+  local retries = n("retries")
   local to_stdout = run.output == nil or run.output == "-"
   if (run.resume or run.retry_failed) and to_stdout then
     cli.usage_error(cmd, "--resume and --retry-failed need an output file (-o FILE)")
@@ -108,6 +115,7 @@ function M.main(argv)
   end
   cli.use_cacert(cmd, opts.cacert)
   cli.load_config(opts.config)
+  cli.apply_retries(retries)
   return require("aigate.batch").run(run)
 end
 

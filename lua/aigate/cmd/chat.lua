@@ -1,6 +1,7 @@
 -- cmd/chat.lua: `aigate chat`, one prompt sent through the policy and streamed to stdout.
 local core = require "aigate.core"
 local cli = require "aigate.cli"
+local client = require "aigate.client"
 
 local M = {}
 
@@ -10,7 +11,10 @@ M.help = [[
 Usage: aigate chat [OPTIONS] [PROMPT...]
 
 Sends one prompt and streams the reply to stdout as it arrives. The prompt is the arguments joined
-with spaces, or standard input when there are none or the only one is '-'.
+with spaces, or standard input when there are none or the only one is '-'. With both (input piped
+or redirected, and arguments), the prompt is the input, a blank line, then the arguments:
+  git diff | aigate chat "Review this change"
+(give '< /dev/null' to send the arguments alone from a script whose input is not a terminal).
 
 Options:
   -m, --model ID|NAME      model id (workers-ai/@cf/..., openai/gpt-4o, dynamic/ROUTE) or a named
@@ -34,6 +38,7 @@ Options:
       --event-id ID        cf-aig-event-id
       --request-timeout MS cf-aig-request-timeout (gateway-side, until the first byte)
       --timeout SECONDS    client-side limit on the whole request
+      --retries N          tries a failed request again up to N times (0: never)
   -v, --verbose            request and response headers and the list of attempts on stderr
                            (tokens redacted)
       --cacert FILE        CA certificates to verify the server with (over the config's tls,
@@ -48,7 +53,35 @@ local CHAT_OPTS = {
   {"cache-key", nil, "value"}, {"metadata", nil, "list"}, {"event-id", nil, "value"},
   {"request-timeout", nil, "value"}, {"timeout", nil, "value"}, {"verbose", "v", "flag"},
   {"config", nil, "value"}, {"help", "h", "flag"}, {"template", nil, "value"}, {"cacert", nil, "value"},
+  {"retries", nil, "value"},
 }
+
+-- The ranges of the numeric options (see cli.number_opt). Temperature has no upper bound here:
+-- providers differ (OpenAI takes up to 2, Workers AI up to 5).
+local NUMBER_RULES = {
+  temperature = { min = 0 },
+  max_tokens = { integer = true, min = 1 },
+  top_p = { min = 0, max = 1 },
+  seed = { integer = true },
+  cache_ttl = { integer = true, min = client.CACHE_TTL_MIN, max = client.CACHE_TTL_MAX, unit = "seconds" },
+  request_timeout = { integer = true, min = 1, unit = "ms" },
+  timeout = { above = 0, unit = "seconds" },
+  retries = cli.RETRIES_RULE,
+}
+
+-- Holds the request to aigate.chat's own checks before anything is read or sent, so that a value
+-- the library refuses is a usage error naming the command-line option, not a traceback.
+local function check_request(cmd, req)
+  for key, value in pairs(req) do
+    local ok, err = pcall(client.OPTIONS[key], key, value)
+    if not ok then
+      err = tostring(err):gsub("^aigate%.chat: ", ""):gsub("option '([%w_]+)'", function(k)
+        return "option '--" .. k:gsub("_", "-") .. "'"
+      end)
+      cli.usage_error(cmd, err)
+    end
+  end
+end
 
 -- Takes `-p NAME VALUE` / `--param NAME VALUE` pairs out of argv (they take two words, which
 -- cli.parse does not do). Returns the vars table (or nil) and the remaining words.
@@ -107,14 +140,23 @@ local function parse_metadata(cmd, list)
   return md
 end
 
+-- The prompt: the arguments joined with spaces; standard input when there are none (or only '-');
+-- both when input is piped and arguments are given: the input (its trailing blank lines and spaces
+-- dropped), a blank line, then the arguments, as in `git diff | aigate chat "Review this"`.
 local function read_prompt(cmd, pos)
+  local args
   if #pos > 0 and not (#pos == 1 and pos[1] == "-") then
-    return table.concat(pos, " ")
-  end
-  if #pos == 0 and core.isatty(0) then
+    args = table.concat(pos, " ")
+    if args:match("^%s*$") then cli.usage_error(cmd, "the prompt is empty") end
+    if core.isatty(0) then return args end
+  elseif core.isatty(0) then
     cli.usage_error(cmd, "no prompt: give it as an argument or on standard input")
   end
   local text = io.read("a") or ""
+  if args then
+    if text:match("^%s*$") then return args end
+    return text:gsub("%s+$", "") .. "\n\n" .. args
+  end
   if text:match("^%s*$") then cli.usage_error(cmd, "the prompt on standard input is empty") end
   return text
 end
@@ -125,28 +167,32 @@ function M.main(argv)
   local opts, pos = cli.parse(cmd, CHAT_OPTS, words, 2)
   if opts.help then print(M.help) return cli.EXIT_OK end
   local aigate = require "aigate"
+  local n = function(key) return cli.number_opt(cmd, opts, key, NUMBER_RULES[key]) end
   local req = {
     model = opts.model,
     provider = opts.provider,
     system = opts.system,
-    temperature = cli.number_opt(cmd, opts, "temperature"),
-    max_tokens = cli.number_opt(cmd, opts, "max_tokens", true),
-    top_p = cli.number_opt(cmd, opts, "top_p"),
-    seed = cli.number_opt(cmd, opts, "seed", true),
+    temperature = n("temperature"),
+    max_tokens = n("max_tokens"),
+    top_p = n("top_p"),
+    seed = n("seed"),
     json = opts.json,
     headers = parse_headers(cmd, opts.header),
-    cache_ttl = cli.number_opt(cmd, opts, "cache_ttl", true),
+    cache_ttl = n("cache_ttl"),
     skip_cache = opts.skip_cache,
     cache_key = opts.cache_key,
     metadata = parse_metadata(cmd, opts.metadata),
     event_id = opts.event_id,
-    request_timeout = cli.number_opt(cmd, opts, "request_timeout", true),
-    timeout = cli.number_opt(cmd, opts, "timeout"),
+    request_timeout = n("request_timeout"),
+    timeout = n("timeout"),
     vars = vars,
     template = opts.template,
   }
   cli.use_cacert(cmd, opts.cacert)
+  local retries = n("retries")
+  check_request(cmd, req)
   cli.load_config(opts.config)
+  cli.apply_retries(retries)
   if not (opts.template and #pos == 0) then
     req.prompt = read_prompt(cmd, pos)
   end

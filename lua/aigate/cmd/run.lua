@@ -6,20 +6,26 @@ local M = {}
 M.summary = [[run a Lua script with the aigate API (require "aigate")]]
 
 M.help = [[
-Usage: aigate run [--config FILE] [--cacert FILE] SCRIPT.lua [ARGS...]
+Usage: aigate run [--config FILE] [--cacert FILE] [--retries N] SCRIPT.lua [ARGS...]
 
 Runs a Lua script inside an aigate task with the whole API (local aigate = require "aigate") and the
 global table `arg` (arg[0] the script, arg[1]... its arguments). The script's return value is the exit
 status: a number, or true/nil for 0 and false for 1. A Lua error prints file:line and a traceback and
-exits 1. --cacert FILE: CA certificates to verify servers with (over the config's tls and the
-environment).]]
+exits 1.
 
-local RUN_OPTS = {{"config", nil, "value"}, {"help", "h", "flag"}, {"cacert", nil, "value"}}
+Options:
+      --config FILE        config file
+      --cacert FILE        CA certificates to verify servers with (over the config's tls and the
+                           environment)
+      --retries N          tries a failed request again up to N times (0: never)]]
+
+local RUN_OPTS = {{"config", nil, "value"}, {"retries", nil, "value"}, {"cacert", nil, "value"}, {"help", "h", "flag"}}
 
 function M.main(argv)
   local cmd = "run"
   local opts, pos = cli.parse(cmd, RUN_OPTS, argv, 2, true)
   if opts.help then print(M.help) return cli.EXIT_OK end
+  local retries = cli.number_opt(cmd, opts, "retries", cli.RETRIES_RULE)
   local script = pos[1]
   if not script then cli.usage_error(cmd, "no script given") end
   local chunk, lerr = loadfile(script)
@@ -35,6 +41,7 @@ function M.main(argv)
   end
   cli.use_cacert(cmd, opts.cacert)
   cli.load_config(opts.config)
+  cli.apply_retries(retries)
   local script_arg = {[0] = script}
   for i = 2, #pos do script_arg[i - 1] = pos[i] end
   _G.arg = script_arg
