@@ -10,7 +10,8 @@
 -- Gateway rules (gateway path only): no `Authorization: Bearer <x>` and no `cf-aig-authorization:
 -- Bearer <x>` -> 401 code 2009; account `authgw` -> 401 code 2009 unless cf-aig-authorization is
 -- sent; bare `@cf/...` id -> 400 code 2008; id without a provider prefix -> 400 code 2005; unknown
--- provider prefix -> 400 code 2008; `workers-ai/` + an id not under @cf/ or @hf/, or a Gemini name ->
+-- provider prefix -> 400 code 2008 (known: the client's provider.GATEWAY_PREFIXES, one list for both,
+-- and `mock`); `workers-ai/` + an id not under @cf/ or @hf/, or a Gemini name ->
 -- 400 provider error. Every path: invalid JSON body -> 400 envelope code 2002 (the mock's choice);
 -- no model or no messages -> 400 OpenAI-style; unknown path -> 404 code 2001; not POST -> 405.
 --
@@ -50,6 +51,7 @@
 
 local core = require "aigate.core"
 local cjson = require "cjson.safe"
+local providers = require "aigate.provider"
 
 local M = {}
 
@@ -61,13 +63,12 @@ local MAX_CACHE = 10000 -- cached replies kept; the cache is emptied when full
 local WORDS_PER_PIECE = 2 -- streamed content pieces, for short replies
 local MAX_PIECES = 64 -- long replies are split into at most this many pieces
 local DYNAMIC_PROVIDER = "workers-ai"
-local DYNAMIC_MODEL = "@cf/meta/llama-3.3-70b-instruct-fp8-fast"
+local DYNAMIC_MODEL = providers.DEFAULT_MODEL
 
--- Provider prefixes the gateway's /compat endpoint knows, plus `dynamic` routes and the mock's own.
-local PROVIDERS = {}
-for name in ([[workers-ai openai anthropic google-ai-studio google-vertex-ai aws-bedrock
-  azure-openai groq mistral cohere deepseek perplexity-ai openrouter grok cerebras huggingface
-  replicate baseten cartesia elevenlabs dynamic mock]]):gmatch("%S+") do
+-- Provider prefixes the gateway's /compat endpoint knows: the client's own list (which has `dynamic`
+-- routes), plus the mock's fault models.
+local PROVIDERS = { mock = true }
+for _, name in ipairs(providers.GATEWAY_PREFIXES) do
   PROVIDERS[name] = true
 end
 

@@ -102,6 +102,19 @@ done << 'EOF'
 llama-3.1-8b-instruct 2005
 no-such-vendor/some-model 2008
 EOF
+# Every prefix the client knows (provider.GATEWAY_PREFIXES) is one the mock routes: one list for both.
+PREFIXES=$(echo '{}' | json 'table.concat(require("aigate.provider").GATEWAY_PREFIXES, " ")')
+check "the client's prefix list is readable (${PREFIXES%% *} ...)" test -n "$PREFIXES"
+REFUSED=""
+for prefix in $PREFIXES; do
+    name=test-model
+    [ "$prefix" = workers-ai ] && name=@cf/meta/llama-3.1-8b-instruct
+    gw "$(chat "$prefix/$name")"
+    [ "$STATUS/$(header cf-aig-provider)" = "200/$prefix" ] || [ "$prefix" = dynamic ] || REFUSED="$REFUSED $prefix:$STATUS"
+done
+expect_eq "the mock routes every prefix the client knows" "$REFUSED" ""
+gw "$(chat xai/grok-2)"
+expect_eq "xai/grok-2 is routed to xai" "$STATUS/$(header cf-aig-provider)/$(header cf-aig-model)" 200/xai/grok-2
 gw "$(chat workers-ai/@cf/google/gemini-2.5-flash)"
 expect_eq "an invented @cf gemini id is a 400 from the provider" "$STATUS/$(jb v.error.type)" 400/invalid_request_error
 gw '{"model": "openai/gpt-4o", "messages": ['
