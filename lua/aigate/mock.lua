@@ -44,6 +44,9 @@
 --   | mock/cut-early       | as mock/cut                            | 200 chunked, the role event only    |
 --   |                      |                                        | (no text), then connection closed   |
 --
+-- Every reply, errors and cut connections included, carries `x-request-id: mock-request-<n>` (n counts
+-- the requests received); a gateway reply has the same value in cf-aig-request-id.
+--
 -- Cache: a non-streaming reply to a request with `cf-aig-cache-ttl` (and without `cf-aig-skip-cache:
 -- true`) is stored under path + body (or cf-aig-cache-key); the same request within ttl seconds gets
 -- the stored body back with `cf-aig-cache-status: HIT` (same id). Everything else is a MISS. The request log (option
@@ -697,11 +700,16 @@ local function check_gateway_model(ctx)
   return true
 end
 
+-- The id of a request, sent as x-request-id on every reply (and cf-aig-request-id by the gateway).
+local function request_id(ctx)
+  return string.format("mock-request-%d", ctx.seq)
+end
+
 -- Response headers of a gateway reply: ids, the event id echoed, the model and provider used.
 local function gateway_headers(ctx)
   local headers = {
     ["cf-aig-log-id"] = string.format("01MOCKLOG%017d", ctx.seq),
-    ["cf-aig-request-id"] = string.format("mock-request-%d", ctx.seq),
+    ["cf-aig-request-id"] = request_id(ctx),
     ["cf-aig-event-id"] = ctx.req.headers["cf-aig-event-id"],
   }
   return headers
@@ -725,7 +733,8 @@ local function serve(state, req, res)
   stats.requests = stats.requests + 1
   local raw = req.body or ""
   local body = cjson.decode(raw)
-  local ctx = { state = state, req = req, res = res, seq = sequence, raw = raw, headers = {} }
+  local ctx = { state = state, req = req, res = res, seq = sequence, raw = raw }
+  ctx.headers = { ["x-request-id"] = request_id(ctx) }
   ctx.id = "chatcmpl-mock-" .. sequence
   if type(body) == "table" then
     ctx.body = body
@@ -745,9 +754,7 @@ local function serve(state, req, res)
   end
   ctx.gateway, ctx.account = route.gateway, account
   if route.gateway then
-    ctx.headers = gateway_headers(ctx)
-  else
-    ctx.headers = { ["x-request-id"] = string.format("mock-request-%d", ctx.seq) }
+    ctx.headers = merge(ctx.headers, gateway_headers(ctx))
   end
   if req.method ~= "POST" then
     return envelope(ctx, 405, 2001, "Method Not Allowed", { allow = "POST" })

@@ -237,6 +237,36 @@ expect_eq "mock/big-64 streams 64 KiB of text" "$(sse "#$SSE_TEXT")" 65536
 gw "$HELLO"
 expect_eq "the mock still answers after every fault" "$STATUS" 200
 
+# --- x-request-id on every reply (data-driven: label|path|model|credentials|extra JSON fields) -------
+IDS=""
+while IFS='|' read -r label path model auth extra; do
+    if [ "$auth" = yes ]; then
+        post "$path" "$(chat "$model" "$extra")" -H "Authorization: Bearer $TOKEN" -N
+    else
+        post "$path" "$(chat "$model" "$extra")" -N
+    fi
+    rid=$(header x-request-id)
+    expect_match "x-request-id on $label ($STATUS)" "$rid" '^mock-request-[0-9]+$'
+    IDS="$IDS $rid"
+    if [ -n "$(header cf-aig-request-id)" ]; then
+        expect_eq "x-request-id equals cf-aig-request-id on $label" "$rid" "$(header cf-aig-request-id)"
+    fi
+done << EOF
+a gateway reply|$GW|openai/gpt-4o|yes|
+a plain-route reply|/v1/chat/completions|openai/gpt-4o|no|
+an unknown path (404)|/v2/nothing|openai/gpt-4o|no|
+missing credentials (401)|$GW|openai/gpt-4o|no|
+an unknown provider (400)|$GW|no-such-vendor/x|yes|
+a provider error (500)|$GW|mock/fail-500|yes|
+a rate limit (429)|$GW|mock/rate-limit|yes|
+a stream|$GW|openai/gpt-4o|yes|,"stream":true
+a cut connection|$GW|mock/cut|yes|
+EOF
+expect_eq "x-request-id differs between requests" "$(echo $IDS | tr ' ' '\n' | sort -u | wc -l)" 9
+STATUS=$(curl -sS -o /dev/null -D "$TMP/headers" -w '%{http_code}' "$MOCK_URL$GW")
+SENT=$((SENT + 1))
+expect_match "x-request-id on a wrong method ($STATUS)" "$(header x-request-id)" '^mock-request-[0-9]+$'
+
 # --- request log ----------------------------------------------------------------------------------
 gw "$HELLO" -H "cf-aig-authorization: Bearer $TOKEN" -H 'cf-aig-metadata: {"user":"u1"}'
 check "the log is not empty" test -s "$MOCK_LOG"
