@@ -2,7 +2,12 @@
 -- It answers the gateway's unified endpoint POST /v1/{account}/{gateway}/compat/chat/completions
 -- and the plain OpenAI-compatible POST /v1/chat/completions and POST /chat/completions with
 -- deterministic replies ("echo: " .. the last user message, usage counted in words), SSE streaming,
--- the gateway's error envelopes and codes, and faults chosen by the model id. Used by `aigate mock`
+-- the gateway's error envelopes and codes, and faults chosen by the model id. GET /v1/models, GET
+-- /models and GET /v1/{account}/{gateway}/compat/models (credentials checked as for chat) answer an
+-- OpenAI-style list: {"object":"list","data":[{"id","object":"model","created","owned_by"}]} with the
+-- client's default model, a few vendor ids and every fault model below (owned_by: the id's prefix;
+-- `mock/slow-1000`, `mock/stall-1000`, `mock/flaky-2`, `mock/busy-2`, `mock/big-64` stand for the
+-- models with a parameter). Used by `aigate mock`
 -- (cli.lua), by the end-to-end tests (tests/e2e/) and by in-process Lua tests.
 -- API: mock.start{host, port, log, quiet} -> server {host, port, url, close()} | nil, err;
 -- mock.handle(req, res) (the core.listen handler); mock.stats() -> counts; mock.reset().
@@ -13,7 +18,8 @@
 -- provider prefix -> 400 code 2008 (known: the client's provider.GATEWAY_PREFIXES, one list for both,
 -- and `mock`); `workers-ai/` + an id not under @cf/ or @hf/, or a Gemini name ->
 -- 400 provider error. Every path: invalid JSON body -> 400 envelope code 2002 (the mock's choice);
--- no model or no messages -> 400 OpenAI-style; unknown path -> 404 code 2001; not POST -> 405.
+-- no model or no messages -> 400 OpenAI-style; unknown path -> 404 code 2001; another method than
+-- POST (chat) or GET (models) -> 405 code 2001 with `allow`.
 --
 -- Fault models. The ids are `mock/<name>` on every path (`mock` is a known provider prefix here);
 -- any other `mock/...` id, e.g. `mock/echo`, answers normally.
@@ -86,9 +92,20 @@ local SECRET_HEADERS = {
 }
 
 local ROUTES = {
-  { name = "gateway", pattern = "^/v1/([^/]+)/([^/]+)/compat/chat/completions$", gateway = true },
-  { name = "openai", pattern = "^/v1/chat/completions$" },
-  { name = "openai", pattern = "^/chat/completions$" },
+  { name = "gateway", pattern = "^/v1/([^/]+)/([^/]+)/compat/chat/completions$", gateway = true, method = "POST" },
+  { name = "openai", pattern = "^/v1/chat/completions$", method = "POST" },
+  { name = "openai", pattern = "^/chat/completions$", method = "POST" },
+  { name = "gateway-models", pattern = "^/v1/([^/]+)/([^/]+)/compat/models$", gateway = true, method = "GET",
+    models = true },
+  { name = "models", pattern = "^/v1/models$", method = "GET", models = true },
+  { name = "models", pattern = "^/models$", method = "GET", models = true },
+}
+
+-- Models listed by GET .../models besides the fault models: the client's default, a smaller Workers AI
+-- model and a few vendor routes.
+local LISTED_MODELS = {
+  "workers-ai/" .. providers.DEFAULT_MODEL, "workers-ai/@cf/meta/llama-3.1-8b-instruct",
+  "openai/gpt-4o", "openai/gpt-4o-mini", "anthropic/claude-sonnet-4-5", "google-ai-studio/gemini-2.5-flash",
 }
 
 local JSON_MODES = { json_object = true, json_schema = true }
@@ -591,6 +608,7 @@ end
 local PARAM_FAULTS = {
   {
     pattern = "^slow%-(%d+)$",
+    example = "slow-1000",
     run = function(ctx, ms)
       if wait_while_open(ctx, ms / 1000) then
         answer(ctx)
@@ -599,12 +617,14 @@ local PARAM_FAULTS = {
   },
   {
     pattern = "^stall%-(%d+)$",
+    example = "stall-1000",
     run = function(ctx, ms)
       answer(ctx, { stall = ms / 1000 })
     end,
   },
   {
     pattern = "^flaky%-(%d+)$",
+    example = "flaky-2",
     run = function(ctx, n)
       if first_requests(ctx, n) then
         return provider_error(ctx, 503, "server_error", "service_unavailable",
@@ -615,6 +635,7 @@ local PARAM_FAULTS = {
   },
   {
     pattern = "^busy%-(%d+)$",
+    example = "busy-2",
     run = function(ctx, n)
       if first_requests(ctx, n) then
         return provider_error(ctx, 429, "requests", "rate_limit_exceeded",
@@ -625,6 +646,7 @@ local PARAM_FAULTS = {
   },
   {
     pattern = "^big%-(%d+)$",
+    example = "big-64",
     run = function(ctx, kb)
       answer(ctx, { text = big_text(kb) })
     end,
@@ -649,6 +671,32 @@ local function fault_of(model)
   end
   return nil
 end
+
+-- The OpenAI-style model list of GET /v1/models: LISTED_MODELS, then every fault model (one example
+-- id for those with a parameter), `owned_by` their provider prefix.
+local function model_list()
+  local ids = {}
+  for _, id in ipairs(LISTED_MODELS) do
+    ids[#ids + 1] = id
+  end
+  local faults = {}
+  for name in pairs(FAULTS) do
+    faults[#faults + 1] = "mock/" .. name
+  end
+  table.sort(faults)
+  for _, id in ipairs(faults) do
+    ids[#ids + 1] = id
+  end
+  for _, fault in ipairs(PARAM_FAULTS) do
+    ids[#ids + 1] = "mock/" .. fault.example
+  end
+  local data = {}
+  for i, id in ipairs(ids) do
+    data[i] = { id = id, object = "model", created = CREATED, owned_by = id:match("^[^/]+") }
+  end
+  return encode({ object = "list", data = data })
+end
+local MODEL_LIST = model_list()
 
 -- Request checks --------------------------------------------------------------------------------
 
@@ -756,11 +804,14 @@ local function serve(state, req, res)
   if route.gateway then
     ctx.headers = merge(ctx.headers, gateway_headers(ctx))
   end
-  if req.method ~= "POST" then
-    return envelope(ctx, 405, 2001, "Method Not Allowed", { allow = "POST" })
+  if req.method ~= route.method then
+    return envelope(ctx, 405, 2001, "Method Not Allowed", { allow = route.method })
   end
   if route.gateway and not authorized(ctx) then
     return envelope(ctx, 401, 2009, "Unauthorized")
+  end
+  if route.models then
+    return json_response(ctx, 200, MODEL_LIST)
   end
   if not ctx.body then
     return envelope(ctx, 400, 2002, "Invalid request: the body is not a JSON object")

@@ -75,6 +75,40 @@ STATUS=$(curl -sS -o /dev/null -w '%{http_code}' "$MOCK_URL$GW")
 SENT=$((SENT + 1))
 expect_eq "GET on the gateway route is 405" "$STATUS" 405
 
+# --- model list -----------------------------------------------------------------------------------
+# get PATH [curl args...]: GETs PATH; sets STATUS; body in $TMP/body, headers in $TMP/headers.
+get() {
+    local path=$1
+    shift
+    SENT=$((SENT + 1))
+    STATUS=$(curl -sS -o "$TMP/body" -D "$TMP/headers" -w '%{http_code}' "$MOCK_URL$path" "$@" 2> "$TMP/curl.err")
+}
+MODELS_OK='(function() for _, m in ipairs(v.data) do if m.object ~= "model" or math.type(m.created) == nil or m.owned_by ~= m.id:match("^[^/]+") then return m.id end end return "all " .. #v.data end)()'
+HAS_MODEL='(function() local s = {} for _, m in ipairs(v.data) do s[m.id] = true end return s end)()'
+for path in /v1/models "/v1/acct_1/gw-test/compat/models"; do
+    get "$path" -H "Authorization: Bearer $TOKEN"
+    expect_eq "GET $path is an OpenAI-style list" "$STATUS/$(jb v.object)/$(header content-type)" 200/list/application/json
+    expect_match "GET $path: each entry has object, created and owned_by" "$(jb "$MODELS_OK")" '^all [0-9]+$'
+    LISTED=$(jb "(function() local t = {} for _, m in ipairs(v.data) do t[#t + 1] = m.id end return table.concat(t, ' ') end)()")
+    MISSING=""
+    for id in workers-ai/@cf/meta/llama-3.3-70b-instruct-fp8-fast openai/gpt-4o anthropic/claude-sonnet-4-5 \
+        mock/fail-500 mock/fail-503 mock/rate-limit mock/cut mock/stall mock/slow-1000 mock/flaky-2 mock/big-64; do
+        case " $LISTED " in *" $id "*) ;; *) MISSING="$MISSING $id" ;; esac
+    done
+    expect_eq "GET $path lists the default model, vendor ids and the fault models" "$MISSING" ""
+done
+REFUSED=""
+for id in $LISTED; do
+    case "$id" in mock/*) continue ;; esac
+    gw "$(chat "$id")"
+    [ "$STATUS" = 200 ] || REFUSED="$REFUSED $id:$STATUS"
+done
+expect_eq "every listed model that is not a fault answers 200" "$REFUSED" ""
+get "/v1/acct_1/gw-test/compat/models"
+expect_eq "the gateway's model list wants credentials" "$STATUS/$(code)" 401/2009
+post /v1/models '{}'
+expect_eq "POST /v1/models is 405, allow GET" "$STATUS/$(header allow)" 405/GET
+
 # --- auth -----------------------------------------------------------------------------------------
 post "$GW" "$HELLO"
 expect_eq "no credentials is 401" "$STATUS" 401
