@@ -212,6 +212,98 @@ gw '{"model":"openai/gpt-4o","stream":true,"messages":[{"role":"user","content":
 expect_eq "no usage chunk unless asked" "$(sse_data | grep -c usage)" 0
 expect_eq "[DONE] without the usage chunk too" "$(count_done)" 1
 
+# --- max_tokens, n (data-driven) ------------------------------------------------------------------
+FIVE='"messages":[{"role":"user","content":"one two three four five"}]'
+# field=value | content | finish_reason | completion_tokens ("echo: one two three four five" is 6 words)
+while IFS='|' read -r field content finish tokens; do
+    gw "{\"model\":\"openai/gpt-4o\",$FIVE,${field%%=*}:${field#*=}}"
+    expect_eq "${field}: content, finish_reason, usage" \
+        "$(jb '("%s|%s|%d"):format(v.choices[1].message.content, v.choices[1].finish_reason, v.usage.completion_tokens)')" \
+        "$content|$finish|$tokens"
+    gw "{\"model\":\"openai/gpt-4o\",$FIVE,${field%%=*}:${field#*=},\"stream\":true,\"stream_options\":{\"include_usage\":true}}" -N
+    expect_eq "${field}, streaming: text, finish_reason, usage" \
+        "$(sse "($SSE_TEXT) .. '|' .. v[#v - 1].choices[1].finish_reason .. '|' .. ('%d'):format(v[#v].usage.completion_tokens)")" \
+        "$content|$finish|$tokens"
+done << 'EOF'
+"max_tokens"=3|echo: one two|length|3
+"max_tokens"=1|echo:|length|1
+"max_tokens"=6|echo: one two three four five|stop|6
+"max_tokens"=100|echo: one two three four five|stop|6
+"max_completion_tokens"=2|echo: one|length|2
+EOF
+while read -r field; do
+    gw "{\"model\":\"openai/gpt-4o\",$FIVE,${field%%=*}:${field#*=}}"
+    expect_eq "${field} is an OpenAI-style 400 naming the field" "$STATUS/$(jb v.error.param)" "400/$(echo "${field%%=*}" | tr -d '"')"
+done << 'EOF'
+"max_tokens"=0
+"max_tokens"="ten"
+"n"=0
+"n"=1.5
+"n"=129
+EOF
+# CHOICES: for each choice "index:content:finish_reason", joined by spaces.
+CHOICES='(function() local t = {} for _, c in ipairs(v.choices) do t[#t + 1] = ("%d:%s:%s"):format(c.index, c.message.content, c.finish_reason) end return table.concat(t, " ") end)()'
+# SSE_CHOICES: the same from a stream: each index's joined text and its finish_reason.
+SSE_CHOICES='(function() local text, fin, order = {}, {}, {} for _, c in ipairs(v) do local ch = c.choices[1] if ch then if not text[ch.index] then text[ch.index] = "" order[#order + 1] = ch.index end text[ch.index] = text[ch.index] .. (type(ch.delta.content) == "string" and ch.delta.content or "") if ch.finish_reason ~= require("cjson.safe").null then fin[ch.index] = ch.finish_reason end end end local t = {} for _, i in ipairs(order) do t[#t + 1] = ("%d:%s:%s"):format(i, text[i], fin[i]) end return table.concat(t, " ") end)()'
+while IFS='|' read -r extra want tokens; do
+    gw "{\"model\":\"openai/gpt-4o\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]$extra}"
+    expect_eq "choices for {${extra#,}}" "$(jb "$CHOICES")|$(jb v.usage.completion_tokens)" "$want|$tokens"
+    gw "{\"model\":\"openai/gpt-4o\",\"stream\":true,\"stream_options\":{\"include_usage\":true},\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]$extra}" -N
+    expect_eq "choices for {${extra#,}}, streaming" "$(sse "$SSE_CHOICES")|$(sse 'v[#v].usage.completion_tokens')" "$want|$tokens"
+done << 'EOF'
+|0:echo: hi:stop|2
+,"n":1|0:echo: hi:stop|2
+,"n":3|0:echo: hi:stop 1:echo: hi:stop 2:echo: hi:stop|6
+,"n":2,"max_tokens":1|0:echo::length 1:echo::length|2
+EOF
+gw '{"model":"openai/gpt-4o","stream":true,"n":2,"messages":[{"role":"user","content":"hi"}]}' -N
+expect_eq "with n = 2 each choice's first chunk carries the role" \
+    "$(sse '(function() local seen, t = {}, {} for _, c in ipairs(v) do local ch = c.choices[1] if not seen[ch.index] then seen[ch.index] = true t[#t + 1] = ("%d=%s"):format(ch.index, ch.delta.role) end end return table.concat(t, " ") end)()')" \
+    "0=assistant 1=assistant"
+
+# --- tool calls (data-driven) ---------------------------------------------------------------------
+TOOLS='"tools":[{"type":"function","function":{"name":"get_weather","parameters":{"type":"object","properties":{"city":{"type":"string"},"unit":{"type":"string","enum":["celsius","fahrenheit"]},"days":{"type":"integer"}}}}},{"type":"function","function":{"name":"get_time","parameters":{"type":"object","properties":{}}}}]'
+NULL='require("cjson.safe").null'
+# What a reply did: "call NAME" with finish_reason tool_calls and null content, else "text".
+DID="(v.choices[1].finish_reason == 'tool_calls' and v.choices[1].message.content == $NULL and 'call ' .. v.choices[1].message.tool_calls[1]['function'].name) or (v.choices[1].message.tool_calls == nil and v.choices[1].finish_reason == 'stop' and 'text') or 'bad reply'"
+# label | tool_choice field (or empty) | messages | expected
+while IFS='|' read -r label choice messages want; do
+    gw "{\"model\":\"openai/gpt-4o\",$TOOLS$choice,\"messages\":$messages}"
+    expect_eq "tools: $label" "$STATUS/$(jb "$DID")" "200/$want"
+done << 'EOF'
+the prompt names a tool||[{"role":"user","content":"please call get_time now"}]|call get_time
+the prompt names no tool||[{"role":"user","content":"hello"}]|text
+a name inside a longer word is no mention||[{"role":"user","content":"get_weathering"}]|text
+tool_choice auto and a mention|,"tool_choice":"auto"|[{"role":"user","content":"use the get_weather tool"}]|call get_weather
+tool_choice none wins over a mention|,"tool_choice":"none"|[{"role":"user","content":"use the get_weather tool"}]|text
+tool_choice required calls the first tool|,"tool_choice":"required"|[{"role":"user","content":"hello"}]|call get_weather
+tool_choice required calls the one named|,"tool_choice":"required"|[{"role":"user","content":"get_time please"}]|call get_time
+tool_choice names a function|,"tool_choice":{"type":"function","function":{"name":"get_time"}}|[{"role":"user","content":"get_weather"}]|call get_time
+a tool result last gets text||[{"role":"user","content":"get_time"},{"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"get_time","arguments":"{}"}}]},{"role":"tool","tool_call_id":"c1","content":"noon"}]|text
+EOF
+gw "{\"model\":\"openai/gpt-4o\",$TOOLS,\"tool_choice\":{\"type\":\"function\",\"function\":{\"name\":\"nope\"}},\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}"
+expect_eq "tool_choice naming an unknown function is a 400" "$STATUS/$(jb v.error.param)" 400/tool_choice
+gw "{\"model\":\"openai/gpt-4o\",\"messages\":[{\"role\":\"user\",\"content\":\"call get_time\"}]}"
+expect_eq "no tools, no tool call" "$(jb "$DID")" text
+
+WEATHER="{\"model\":\"openai/gpt-4o\",$TOOLS,\"messages\":[{\"role\":\"user\",\"content\":\"weather in Paris? use get_weather\"}]"
+gw "$WEATHER}"
+CALL='v.choices[1].message.tool_calls[1]'
+expect_match "a tool call has an id and type function" "$(jb "$CALL.id .. ' ' .. $CALL.type")" '^call_[A-Za-z0-9_]+ function$'
+ARGS=$(jb "$CALL['function'].arguments")
+expect_eq "the arguments are JSON text made from the schema" \
+    "$(printf '%s' "$ARGS" | json '("%s|%s|%d"):format(v.city, v.unit, v.days)')" "weather in Paris? use get_weather|celsius|1"
+gw "$WEATHER,\"stream\":true,\"stream_options\":{\"include_usage\":true}}" -N
+TC='v[1].choices[1].delta.tool_calls[1]'
+expect_eq "streamed tool call: the first chunk has role, index, id, type and name" \
+    "$(sse "v[1].choices[1].delta.role .. ' ' .. ('%d'):format($TC.index) .. ' ' .. $TC.id:sub(1, 5) .. ' ' .. $TC.type .. ' ' .. $TC['function'].name .. ' [' .. $TC['function'].arguments .. ']'")" \
+    "assistant 0 call_ function get_weather []"
+ARG_CHUNKS='(function() local t = {} for i = 2, #v do local ch = v[i].choices[1] if ch and ch.delta.tool_calls then local c = ch.delta.tool_calls[1] if c.id or c.index ~= 0 then return "bad chunk " .. i end t[#t + 1] = c["function"].arguments end end return t end)()'
+check "streamed tool call: the arguments come in several chunks" test "$(sse "#$ARG_CHUNKS")" -ge 3
+expect_eq "streamed tool call: the chunks join into the same arguments" "$(sse "table.concat($ARG_CHUNKS)")" "$ARGS"
+expect_eq "streamed tool call: finish_reason tool_calls, then usage and [DONE]" \
+    "$(sse 'v[#v - 1].choices[1].finish_reason .. " " .. tostring(v[#v].usage.completion_tokens > 0)')/$(count_done)" "tool_calls true/1"
+
 # --- faults ---------------------------------------------------------------------------------------
 gw "$(chat mock/fail-500)"
 expect_eq "mock/fail-500 is a 500 provider error" "$STATUS/$(jb v.error.type)" 500/server_error
