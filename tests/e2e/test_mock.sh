@@ -57,6 +57,29 @@ if ! start_mock; then
 fi
 ok "mock starts at $MOCK_URL"
 
+# --- TCP_NODELAY ----------------------------------------------------------------------------------
+# The server turns Nagle's algorithm off on each connection it accepts (without it a small write on a
+# kept-alive connection waits for the client's delayed ACK, 40 ms). Seen with strace when it can trace
+# here; how fast the replies come is left to the benchmarks, not timed in a test.
+if strace -qq -e trace=none true > /dev/null 2>&1; then
+    strace -f -qq -e trace=setsockopt -o "$TMP/strace.txt" sh -c 'echo $$ > "$0"; exec "$@"' "$TMP/traced.pid" \
+        "$AIGATE" mock --listen 127.0.0.1:0 --quiet > "$TMP/traced.out" 2>&1 &
+    STRACE_PID=$!
+    TRACED_URL=""
+    for i in $(seq 1 200); do
+        TRACED_URL=$(sed -n 's/^aigate mock listening on \(http:.*\)/\1/p' "$TMP/traced.out")
+        [ -n "$TRACED_URL" ] && break
+        sleep 0.05
+    done
+    curl -sS -o /dev/null "$TRACED_URL/v1/models" -o /dev/null "$TRACED_URL/v1/models"
+    kill "$(cat "$TMP/traced.pid")"
+    wait "$STRACE_PID"
+    expect_eq "TCP_NODELAY is set on the accepted connection, once per request" \
+        "$(grep -c 'setsockopt(.*TCP_NODELAY, \[1\], 4) = 0' "$TMP/strace.txt")" 2
+else
+    ok "TCP_NODELAY: not checked, strace cannot trace here"
+fi
+
 # --- routes ---------------------------------------------------------------------------------------
 gw "$HELLO"
 expect_eq "gateway route answers 200" "$STATUS" 200
