@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# test_mock.sh: end-to-end tests of `aigate mock` alone, driven with curl: every route, missing auth,
-# the gateway's error codes for bad model ids, echo replies and usage, the cf-aig-* response headers
-# and the cache, SSE streaming ([DONE], the usage chunk), each fault model, and the JSONL request log
-# (valid, and the token never in it). Run from the repository root; helpers come from lib.sh and
-# JSON is read with the binary itself (lib.sh's `json`), so no jq is needed.
+# test_mock.sh: end-to-end tests of `aigate mock` alone, driven with curl: TCP_NODELAY on its
+# connections (under strace), every route, the model list, missing auth, the gateway's error codes for
+# bad model ids and every provider prefix the client knows, echo replies and usage, the cf-aig-* and
+# x-request-id response headers and the cache, SSE streaming ([DONE], the usage chunk), max_tokens, n
+# and tool calls, each fault model, and the JSONL request log (valid, and the token never in it); then
+# the scale-test upstream (tests/e2e/upstream.lua): its rate limit, its seeded failures, its counts.
+# Run from the repository root; helpers come from lib.sh and JSON is read with the binary itself
+# (lib.sh's `json`), so no jq is needed.
 
 . "$(dirname "$0")/lib.sh"
 
@@ -443,4 +446,88 @@ check "requests without credentials are logged without auth ($N_UNAUTH)" test "$
 expect_eq "one log line per request" "$N_LOGGED" "$SENT"
 
 stop_mock
+
+# --- the scale-test upstream (tests/e2e/upstream.lua) ---------------------------------------------
+UP_BODY='{"model":"up-model","messages":[{"role":"user","content":"one two three"}]}'
+# burst N: N POSTs on one curl connection, one after the other; prints their statuses, one a line;
+# headers of all in $TMP/burst.headers, bodies in $TMP/burst.N.
+burst() {
+    local i args=()
+    for i in $(seq 1 "$1"); do
+        args+=(-o "$TMP/burst.$i" "$UPSTREAM_URL/v1/chat/completions")
+    done
+    curl -sS -w '%{http_code}\n' -D "$TMP/burst.headers" -H 'content-type: application/json' \
+        --data-binary "$UP_BODY" "${args[@]}"
+}
+count_of() { grep -c "^$1\$" "$TMP/statuses"; }
+# up_stats FILE|-: the counts, as "requests 200s 429s 503s".
+up_stats() { json '("%d %d %d %d"):format(v.requests, v["200"], v["429"], v["503"])'; }
+
+if start_upstream --delay 5; then
+    ok "the upstream starts at $UPSTREAM_URL"
+    MOCK_URL=$UPSTREAM_URL post /v1/chat/completions "$UP_BODY"
+    expect_eq "upstream: a chat.completion echoing the prompt" \
+        "$STATUS/$(jb 'v.object .. "|" .. v.choices[1].message.content .. "|" .. v.choices[1].finish_reason')" \
+        "200/chat.completion|echo: one two three|stop"
+    expect_eq "upstream: usage counted in words" "$(jb '("%d %d %d"):format(v.usage.prompt_tokens, v.usage.completion_tokens, v.usage.total_tokens)')" "3 4 7"
+    expect_eq "upstream: x-request-id req_1" "$(header x-request-id)" req_1
+else
+    fail "the upstream starts" "see above"
+fi
+
+# Rate limit: 20 requests at once against --rps 5 over a sliding second.
+start_upstream --rps 5 --stats "$TMP/up-stats.json"
+START=$(date +%s%N)
+burst 20 > "$TMP/statuses"
+ELAPSED_MS=$((($(date +%s%N) - START) / 1000000))
+N200=$(count_of 200)
+N429=$(count_of 429)
+expect_eq "upstream --rps 5: every request got 200 or 429" "$((N200 + N429))" 20
+check "upstream --rps 5: at least 5 admitted ($N200)" test "$N200" -ge 5
+# In E ms a 1 s sliding window admits at most 5 * (E / 1000 + 1): a bound, not a timing assertion.
+check "upstream --rps 5: at most 5 a second ($N200 in $ELAPSED_MS ms)" test "$N200" -le $((5 * (ELAPSED_MS / 1000 + 1)))
+check "upstream --rps 5: the rest got 429 ($N429)" test "$N429" -ge 1
+expect_eq "upstream: every 429 has Retry-After: 1" "$(tr -d '\r' < "$TMP/burst.headers" | grep -ci '^retry-after: 1$')" "$N429"
+FIRST_429=$(grep -n '^429$' "$TMP/statuses" | head -n 1 | cut -d: -f1)
+expect_eq "upstream: a 429 has an OpenAI-style error body" \
+    "$(json 'v.error.type .. "/" .. v.error.code' < "$TMP/burst.${FIRST_429:-0}" 2>/dev/null)" requests/rate_limit_exceeded
+expect_eq "upstream: GET /stats counts them" "$(curl -sS "$UPSTREAM_URL/stats" | up_stats)" "20 $N200 $N429 0"
+expect_eq "upstream: GET /stats writes --stats" "$(up_stats < "$TMP/up-stats.json")" "20 $N200 $N429 0"
+rm -f "$TMP/up-stats.json"
+stop_upstream
+expect_eq "upstream: SIGTERM writes --stats" "$(up_stats < "$TMP/up-stats.json" 2>/dev/null)" "20 $N200 $N429 0"
+
+# Failures: the share asked for, the same ones again with the same seed (data-driven: rate seed).
+while read -r rate seed; do
+    start_upstream --fail-rate "$rate" --seed "$seed" --stats "$TMP/up-stats.json"
+    burst 50 > "$TMP/statuses"
+    stop_upstream
+    N503=$(count_of 503)
+    expect_eq "upstream --fail-rate $rate: every request got 200 or 503" "$(($(count_of 200) + N503))" 50
+    case "$rate" in
+        0) expect_eq "upstream --fail-rate 0: no 503" "$N503" 0 ;;
+        1) expect_eq "upstream --fail-rate 1: all 503" "$N503" 50 ;;
+        *) # 50 * rate expected: between half and one and a half times that (the draws are seeded)
+            tenths=${rate#0.}
+            check "upstream --fail-rate $rate --seed $seed: about the share asked ($N503 of 50)" \
+                test "$N503" -ge $((5 * tenths / 2)) -a "$N503" -le $((15 * tenths / 2)) ;;
+    esac
+    expect_eq "upstream --fail-rate $rate: --stats counts the 503s" "$(up_stats < "$TMP/up-stats.json")" "50 $((50 - N503)) 0 $N503"
+    cp "$TMP/statuses" "$TMP/statuses.$rate.$seed"
+    start_upstream --fail-rate "$rate" --seed "$seed"
+    burst 50 > "$TMP/statuses"
+    stop_upstream
+    expect_eq "upstream --fail-rate $rate --seed $seed: the same seed fails the same requests" \
+        "$(paste -sd' ' "$TMP/statuses")" "$(paste -sd' ' "$TMP/statuses.$rate.$seed")"
+done << 'EOF'
+0.3 7
+0.5 42
+0 1
+1 1
+EOF
+start_upstream --fail-rate 0.5 --seed 43
+burst 50 > "$TMP/statuses"
+stop_upstream
+check "upstream: another seed fails other requests" test "$(paste -sd' ' "$TMP/statuses")" != "$(paste -sd' ' "$TMP/statuses.0.5.42")"
+
 finish
