@@ -78,7 +78,7 @@ bench-instructions: deps
 
 # luacheck over every Lua file (part of `make test` too), and clang-format's verdict on the C sources.
 lint:
-	luacheck -q lua scripts tests/lua tests/e2e/json_get.lua
+	luacheck -q lua scripts tests/lua tests/e2e/json_get.lua tests/e2e/upstream.lua
 	@if command -v clang-format >/dev/null 2>&1; then \
 	  clang-format --dry-run --Werror src/*.c src/*.h tests/unit/*.c tests/unit/*.h tests/bench/*.c && echo "clang-format: clean"; \
 	else echo "clang-format not installed: C formatting not checked"; fi

@@ -54,7 +54,7 @@ lint() {
         echo "0 passed, 1 failed"
         return
     fi
-    if luacheck -q lua scripts tests/lua tests/e2e/json_get.lua; then
+    if luacheck -q lua scripts tests/lua tests/e2e/json_get.lua tests/e2e/upstream.lua; then
         echo "ok - lint: luacheck is clean"
         echo "1 passed, 0 failed"
     else

@@ -2,17 +2,24 @@
 -- It answers the gateway's unified endpoint POST /v1/{account}/{gateway}/compat/chat/completions
 -- and the plain OpenAI-compatible POST /v1/chat/completions and POST /chat/completions with
 -- deterministic replies ("echo: " .. the last user message, usage counted in words), SSE streaming,
--- the gateway's error envelopes and codes, and faults chosen by the model id. Used by `aigate mock`
--- (cli.lua), by the end-to-end tests (tests/e2e/) and by in-process Lua tests.
+-- the gateway's error envelopes and codes, and faults chosen by the model id. GET /v1/models, GET
+-- /models and GET /v1/{account}/{gateway}/compat/models (credentials checked as for chat) answer an
+-- OpenAI-style list: {"object":"list","data":[{"id","object":"model","created","owned_by"}]} with the
+-- client's default model, a few vendor ids and every fault model below (owned_by: the id's prefix;
+-- `mock/slow-1000`, `mock/stall-1000`, `mock/flaky-2`, `mock/busy-2`, `mock/big-64` stand for the
+-- models with a parameter). Used by `aigate mock` (cli.lua), by the end-to-end tests (tests/e2e/) and
+-- by in-process Lua tests.
 -- API: mock.start{host, port, log, quiet} -> server {host, port, url, close()} | nil, err;
 -- mock.handle(req, res) (the core.listen handler); mock.stats() -> counts; mock.reset().
 --
 -- Gateway rules (gateway path only): no `Authorization: Bearer <x>` and no `cf-aig-authorization:
 -- Bearer <x>` -> 401 code 2009; account `authgw` -> 401 code 2009 unless cf-aig-authorization is
 -- sent; bare `@cf/...` id -> 400 code 2008; id without a provider prefix -> 400 code 2005; unknown
--- provider prefix -> 400 code 2008; `workers-ai/` + an id not under @cf/ or @hf/, or a Gemini name ->
+-- provider prefix -> 400 code 2008 (known: the client's provider.GATEWAY_PREFIXES, one list for both,
+-- and `mock`); `workers-ai/` + an id not under @cf/ or @hf/, or a Gemini name ->
 -- 400 provider error. Every path: invalid JSON body -> 400 envelope code 2002 (the mock's choice);
--- no model or no messages -> 400 OpenAI-style; unknown path -> 404 code 2001; not POST -> 405.
+-- no model or no messages -> 400 OpenAI-style; unknown path -> 404 code 2001; another method than
+-- POST (chat) or GET (models) -> 405 code 2001 with `allow`.
 --
 -- Fault models. The ids are `mock/<name>` on every path (`mock` is a known provider prefix here);
 -- any other `mock/...` id, e.g. `mock/echo`, answers normally.
@@ -43,6 +50,32 @@
 --   | mock/cut-early       | as mock/cut                            | 200 chunked, the role event only    |
 --   |                      |                                        | (no text), then connection closed   |
 --
+-- Request fields honoured on every path (replies of the fault models that reply too):
+--   | field                 | effect                                                                 |
+--   |-----------------------|------------------------------------------------------------------------|
+--   | max_tokens,           | the reply text cut after that many words, finish_reason "length";     |
+--   | max_completion_tokens | usage counts the words sent (max_completion_tokens wins if both set)   |
+--   | n                     | n identical choices, index 0..n-1; usage counts the words of all;      |
+--   |                       | streamed: each choice's first chunk has the role, the choices' pieces  |
+--   |                       | come in turn, then each choice's finish chunk                          |
+--   | tools, tool_choice    | a tool call instead of text, by the rule below                         |
+--   A field that is not an integer in range (n: 1..128, the others >= 1) -> 400 OpenAI-style naming it.
+-- Tool calls: with `tools`, the reply calls one function when `tool_choice` names it ({"type":
+-- "function", "function": {"name": ...}}; a name not in tools -> 400); when tool_choice is "required"
+-- (the function the last user message names, else the first in tools); when tool_choice is absent or
+-- "auto" and the last message is the user's and names a function. "Names" means the function's name
+-- appears as a whole word ("use the get_time tool", "call get_time"). "none", or a tool result as the
+-- last message, gives the text reply. The call: content null, tool_calls = {{id = "call_mock_<n>_<i>",
+-- type = "function", function = {name, arguments}}}, finish_reason "tool_calls", usage the words of
+-- the arguments, not cut by max_tokens. The arguments are JSON text with every property of the
+-- function's `parameters`, keys sorted: the enum's first value, else by type a string the last user
+-- message, integer or number 1, boolean true, array [], object {}. Streamed as OpenAI does: a first
+-- delta with role, content null and tool_calls {{index 0, id, type, function {name, arguments ""}}},
+-- then deltas carrying only index and a piece of the arguments (8 bytes each, whole UTF-8 characters).
+--
+-- Every reply, errors and cut connections included, carries `x-request-id: mock-request-<n>` (n counts
+-- the requests received); a gateway reply has the same value in cf-aig-request-id.
+--
 -- Cache: a non-streaming reply to a request with `cf-aig-cache-ttl` (and without `cf-aig-skip-cache:
 -- true`) is stored under path + body (or cf-aig-cache-key); the same request within ttl seconds gets
 -- the stored body back with `cf-aig-cache-status: HIT` (same id). Everything else is a MISS. The request log (option
@@ -50,6 +83,7 @@
 
 local core = require "aigate.core"
 local cjson = require "cjson.safe"
+local providers = require "aigate.provider"
 
 local M = {}
 
@@ -60,14 +94,15 @@ local MAX_BIG_KB = 65536
 local MAX_CACHE = 10000 -- cached replies kept; the cache is emptied when full
 local WORDS_PER_PIECE = 2 -- streamed content pieces, for short replies
 local MAX_PIECES = 64 -- long replies are split into at most this many pieces
+local ARGUMENT_PIECE_BYTES = 8 -- streamed pieces of a tool call's arguments
+local MAX_CHOICES = 128 -- the most `n` may ask for, as OpenAI allows
 local DYNAMIC_PROVIDER = "workers-ai"
-local DYNAMIC_MODEL = "@cf/meta/llama-3.3-70b-instruct-fp8-fast"
+local DYNAMIC_MODEL = providers.DEFAULT_MODEL
 
--- Provider prefixes the gateway's /compat endpoint knows, plus `dynamic` routes and the mock's own.
-local PROVIDERS = {}
-for name in ([[workers-ai openai anthropic google-ai-studio google-vertex-ai aws-bedrock
-  azure-openai groq mistral cohere deepseek perplexity-ai openrouter grok cerebras huggingface
-  replicate baseten cartesia elevenlabs dynamic mock]]):gmatch("%S+") do
+-- Provider prefixes the gateway's /compat endpoint knows: the client's own list (which has `dynamic`
+-- routes), plus the mock's fault models.
+local PROVIDERS = { mock = true }
+for _, name in ipairs(providers.GATEWAY_PREFIXES) do
   PROVIDERS[name] = true
 end
 
@@ -82,12 +117,26 @@ local SECRET_HEADERS = {
 }
 
 local ROUTES = {
-  { name = "gateway", pattern = "^/v1/([^/]+)/([^/]+)/compat/chat/completions$", gateway = true },
-  { name = "openai", pattern = "^/v1/chat/completions$" },
-  { name = "openai", pattern = "^/chat/completions$" },
+  { name = "gateway", pattern = "^/v1/([^/]+)/([^/]+)/compat/chat/completions$", gateway = true, method = "POST" },
+  { name = "openai", pattern = "^/v1/chat/completions$", method = "POST" },
+  { name = "openai", pattern = "^/chat/completions$", method = "POST" },
+  { name = "gateway-models", pattern = "^/v1/([^/]+)/([^/]+)/compat/models$", gateway = true, method = "GET",
+    models = true },
+  { name = "models", pattern = "^/v1/models$", method = "GET", models = true },
+  { name = "models", pattern = "^/models$", method = "GET", models = true },
+}
+
+-- Models listed by GET .../models besides the fault models: the client's default, a smaller Workers AI
+-- model and a few vendor routes.
+local LISTED_MODELS = {
+  "workers-ai/" .. providers.DEFAULT_MODEL, "workers-ai/@cf/meta/llama-3.1-8b-instruct",
+  "openai/gpt-4o", "openai/gpt-4o-mini", "anthropic/claude-sonnet-4-5", "google-ai-studio/gemini-2.5-flash",
 }
 
 local JSON_MODES = { json_object = true, json_schema = true }
+
+-- The value a tool call's argument gets by its schema type (strings get the last user message).
+local ARGUMENT_VALUES = { integer = "1", number = "1", boolean = "true", array = "[]", object = "{}" }
 
 local BIG_TEXT = "the quick brown fox jumps over the lazy dog "
 
@@ -315,22 +364,93 @@ local function reply_text(ctx)
   return text
 end
 
-local function usage_of(ctx, text)
+-- The text up to the end of its k-th word (all of it when it has fewer words).
+local function first_words(text, k)
+  local n = 0
+  for stop in text:gmatch("%S+()") do
+    n = n + 1
+    if n == k then
+      return text:sub(1, stop - 1)
+    end
+  end
+  return text
+end
+
+-- JSON text of a tool call's arguments made from the function's parameter schema, keys sorted: each
+-- property gets its enum's first value, else a string the last user message, a number 1, a boolean
+-- true, an array [] and an object {}.
+local function tool_arguments(ctx, fn)
+  local params = type(fn.parameters) == "table" and fn.parameters or {}
+  local props = type(params.properties) == "table" and params.properties or {}
+  local names = {}
+  for name, schema in pairs(props) do
+    if type(name) == "string" and type(schema) == "table" then
+      names[#names + 1] = name
+    end
+  end
+  table.sort(names)
+  local parts = {}
+  for i, name in ipairs(names) do
+    local schema = props[name]
+    local value
+    if type(schema.enum) == "table" and schema.enum[1] ~= nil then
+      value = encode(schema.enum[1])
+    else
+      value = ARGUMENT_VALUES[schema.type] or encode(last_user_text(ctx.body.messages))
+    end
+    parts[i] = json_string(name) .. ":" .. value
+  end
+  return "{" .. table.concat(parts, ",") .. "}"
+end
+
+-- What the reply says, for every choice: { choices = {{text | call, finish}...}, tokens } where
+-- tokens counts the words of every choice. A tool call (ctx.tool) is not cut by max_tokens.
+local function reply_plan(ctx, text)
+  local plan = { choices = {}, tokens = 0 }
+  local finish = "stop"
+  if ctx.max_tokens and count_words(text) > ctx.max_tokens then
+    text, finish = first_words(text, ctx.max_tokens), "length"
+  end
+  for i = 1, ctx.n do
+    local choice
+    if ctx.tool then
+      local call = { id = string.format("call_mock_%d_%d", ctx.seq, i - 1), name = ctx.tool.name,
+        arguments = tool_arguments(ctx, ctx.tool) }
+      choice = { call = call, finish = "tool_calls", tokens = count_words(call.arguments) }
+    else
+      choice = { text = text, finish = finish, tokens = count_words(text) }
+    end
+    plan.choices[i] = choice
+    plan.tokens = plan.tokens + choice.tokens
+  end
+  return plan
+end
+
+local function usage_of(ctx, plan)
   local prompt = prompt_words(ctx.body.messages)
-  local completion = count_words(text)
-  return { prompt_tokens = prompt, completion_tokens = completion, total_tokens = prompt + completion }
+  return { prompt_tokens = prompt, completion_tokens = plan.tokens, total_tokens = prompt + plan.tokens }
 end
 
 local function completion_body(ctx, text)
+  local plan = reply_plan(ctx, text)
+  local choices = {}
+  for i, c in ipairs(plan.choices) do
+    local message = { role = "assistant", content = c.text }
+    if c.call then
+      message.content = cjson.null
+      message.tool_calls = {
+        { id = c.call.id, type = "function", ["function"] = { name = c.call.name, arguments = c.call.arguments } },
+      }
+    end
+    choices[i] = { index = i - 1, message = message, finish_reason = c.finish }
+  end
   return encode({
     id = ctx.id,
     object = "chat.completion",
     created = CREATED,
     model = ctx.model,
-    choices = {
-      { index = 0, message = { role = "assistant", content = text }, finish_reason = "stop" },
-    },
-    usage = usage_of(ctx, text),
+    choices = choices,
+    usage = usage_of(ctx, plan),
   })
 end
 
@@ -352,23 +472,74 @@ local function split_pieces(text)
   return pieces
 end
 
-local function chunk_event(ctx, delta, finish_reason)
+-- Splits a tool call's arguments into pieces of a few bytes, never inside a UTF-8 character.
+local function split_arguments(args)
+  local per = math.max(ARGUMENT_PIECE_BYTES, math.ceil(#args / MAX_PIECES))
+  local pieces, from = {}, 1
+  while from <= #args do
+    local to = math.min(from + per - 1, #args)
+    while to < #args and args:byte(to + 1) >= 0x80 and args:byte(to + 1) < 0xC0 do
+      to = to + 1
+    end
+    pieces[#pieces + 1] = args:sub(from, to)
+    from = to + 1
+  end
+  return pieces
+end
+
+-- One chunk event, for the choice of index `index` (0 when nil).
+local function chunk_event(ctx, delta, finish_reason, index)
   return "data: " .. encode({
     id = ctx.id,
     object = "chat.completion.chunk",
     created = CREATED,
     model = ctx.model,
-    choices = { { index = 0, delta = delta, finish_reason = finish_reason or cjson.null } },
+    choices = { { index = index or 0, delta = delta, finish_reason = finish_reason or cjson.null } },
   }) .. "\n\n"
 end
 
--- The SSE events of a streamed reply: role, content pieces, finish, usage (if asked), [DONE].
-local function stream_events(ctx, text)
-  local events = { chunk_event(ctx, { role = "assistant", content = "" }) }
-  for _, piece in ipairs(split_pieces(text)) do
-    events[#events + 1] = chunk_event(ctx, { content = piece })
+-- A choice's first delta (the role; for a tool call also its id, type and name) and its later ones
+-- (content pieces, or pieces of the call's arguments), as OpenAI streams them.
+local function choice_deltas(choice)
+  if choice.call then
+    local call = choice.call
+    local first = { role = "assistant", content = cjson.null, tool_calls = {
+      { index = 0, id = call.id, type = "function", ["function"] = { name = call.name, arguments = "" } },
+    } }
+    local rest = {}
+    for i, piece in ipairs(split_arguments(call.arguments)) do
+      rest[i] = { tool_calls = { { index = 0, ["function"] = { arguments = piece } } } }
+    end
+    return first, rest
   end
-  events[#events + 1] = chunk_event(ctx, {}, "stop")
+  local rest = {}
+  for i, piece in ipairs(split_pieces(choice.text)) do
+    rest[i] = { content = piece }
+  end
+  return { role = "assistant", content = "" }, rest
+end
+
+-- The SSE events of a streamed reply: each choice's first delta, the later deltas of the choices
+-- taken in turn, each choice's finish, usage (if asked), [DONE].
+local function stream_events(ctx, text)
+  local plan = reply_plan(ctx, text)
+  local events, deltas, longest = {}, {}, 0
+  for i, choice in ipairs(plan.choices) do
+    local first, rest = choice_deltas(choice)
+    events[#events + 1] = chunk_event(ctx, first, nil, i - 1)
+    deltas[i] = rest
+    longest = math.max(longest, #rest)
+  end
+  for k = 1, longest do
+    for i, rest in ipairs(deltas) do
+      if rest[k] then
+        events[#events + 1] = chunk_event(ctx, rest[k], nil, i - 1)
+      end
+    end
+  end
+  for i, choice in ipairs(plan.choices) do
+    events[#events + 1] = chunk_event(ctx, {}, choice.finish, i - 1)
+  end
   local options = ctx.body.stream_options
   if type(options) == "table" and options.include_usage == true then
     events[#events + 1] = "data: " .. encode({
@@ -377,7 +548,7 @@ local function stream_events(ctx, text)
       created = CREATED,
       model = ctx.model,
       choices = EMPTY_ARRAY,
-      usage = usage_of(ctx, text),
+      usage = usage_of(ctx, plan),
     }) .. "\n\n"
   end
   events[#events + 1] = "data: [DONE]\n\n"
@@ -587,6 +758,7 @@ end
 local PARAM_FAULTS = {
   {
     pattern = "^slow%-(%d+)$",
+    example = "slow-1000",
     run = function(ctx, ms)
       if wait_while_open(ctx, ms / 1000) then
         answer(ctx)
@@ -595,12 +767,14 @@ local PARAM_FAULTS = {
   },
   {
     pattern = "^stall%-(%d+)$",
+    example = "stall-1000",
     run = function(ctx, ms)
       answer(ctx, { stall = ms / 1000 })
     end,
   },
   {
     pattern = "^flaky%-(%d+)$",
+    example = "flaky-2",
     run = function(ctx, n)
       if first_requests(ctx, n) then
         return provider_error(ctx, 503, "server_error", "service_unavailable",
@@ -611,6 +785,7 @@ local PARAM_FAULTS = {
   },
   {
     pattern = "^busy%-(%d+)$",
+    example = "busy-2",
     run = function(ctx, n)
       if first_requests(ctx, n) then
         return provider_error(ctx, 429, "requests", "rate_limit_exceeded",
@@ -621,6 +796,7 @@ local PARAM_FAULTS = {
   },
   {
     pattern = "^big%-(%d+)$",
+    example = "big-64",
     run = function(ctx, kb)
       answer(ctx, { text = big_text(kb) })
     end,
@@ -645,6 +821,32 @@ local function fault_of(model)
   end
   return nil
 end
+
+-- The OpenAI-style model list of GET /v1/models: LISTED_MODELS, then every fault model (one example
+-- id for those with a parameter), `owned_by` their provider prefix.
+local function model_list()
+  local ids = {}
+  for _, id in ipairs(LISTED_MODELS) do
+    ids[#ids + 1] = id
+  end
+  local faults = {}
+  for name in pairs(FAULTS) do
+    faults[#faults + 1] = "mock/" .. name
+  end
+  table.sort(faults)
+  for _, id in ipairs(faults) do
+    ids[#ids + 1] = id
+  end
+  for _, fault in ipairs(PARAM_FAULTS) do
+    ids[#ids + 1] = "mock/" .. fault.example
+  end
+  local data = {}
+  for i, id in ipairs(ids) do
+    data[i] = { id = id, object = "model", created = CREATED, owned_by = id:match("^[^/]+") }
+  end
+  return encode({ object = "list", data = data })
+end
+local MODEL_LIST = model_list()
 
 -- Request checks --------------------------------------------------------------------------------
 
@@ -696,11 +898,101 @@ local function check_gateway_model(ctx)
   return true
 end
 
+-- Sampling fields the mock honours, each a positive integer when present: name -> largest value.
+local COUNT_FIELDS = {
+  n = MAX_CHOICES,
+  max_tokens = math.maxinteger,
+  max_completion_tokens = math.maxinteger,
+}
+
+-- The functions of the request's `tools`, in order: array of {name, parameters}.
+local function functions_of(tools)
+  local fns = {}
+  for _, tool in ipairs(type(tools) == "table" and tools or {}) do
+    local fn = type(tool) == "table" and tool["function"]
+    if type(fn) == "table" and type(fn.name) == "string" then
+      fns[#fns + 1] = fn
+    end
+  end
+  return fns
+end
+
+-- The first function whose name the text mentions as a word, or nil.
+local function mentioned(fns, text)
+  for _, fn in ipairs(fns) do
+    if text:find("%f[%w_]" .. fn.name:gsub("%p", "%%%0") .. "%f[^%w_]") then
+      return fn
+    end
+  end
+  return nil
+end
+
+-- The function the reply calls, by the rule in the header: tool_choice naming a function, or
+-- "required", forces a call; "none" forbids one; otherwise (absent, "auto") a call is made when the
+-- last message is the user's and mentions a function's name. Returns fn, or nil, or false with an
+-- error message when tool_choice names a function that is not in `tools`.
+local function chosen_tool(ctx)
+  local fns = functions_of(ctx.body.tools)
+  local choice = ctx.body.tool_choice
+  if type(choice) == "table" then
+    local name = type(choice["function"]) == "table" and choice["function"].name
+    for _, fn in ipairs(fns) do
+      if fn.name == name then
+        return fn
+      end
+    end
+    return false, string.format("tool_choice names the function %s, which is not in tools", tostring(name))
+  end
+  local messages = ctx.body.messages
+  local text = last_user_text(messages)
+  if choice == "required" and fns[1] then
+    return mentioned(fns, text) or fns[1]
+  end
+  local last = messages[#messages]
+  if choice == "none" or type(last) ~= "table" or last.role ~= "user" then
+    return nil
+  end
+  return mentioned(fns, text)
+end
+
+-- Reads n, max_tokens and the tool to call into ctx; returns true, or false after a 400.
+local function check_sampling(ctx)
+  local values = {}
+  for name, largest in pairs(COUNT_FIELDS) do
+    local v = ctx.body[name]
+    if v ~= nil and v ~= cjson.null then
+      local i = type(v) == "number" and math.tointeger(v)
+      if not i or i < 1 or i > largest then
+        local range = largest == math.maxinteger and "a positive integer"
+          or string.format("an integer from 1 to %d", largest)
+        provider_error(ctx, 400, "invalid_request_error", "invalid_value",
+          string.format("'%s' must be %s", name, range), nil, name)
+        return false
+      end
+      values[name] = i
+    end
+  end
+  ctx.n = values.n or 1
+  ctx.max_tokens = values.max_completion_tokens or values.max_tokens
+  local tool, err = chosen_tool(ctx)
+  if tool == false then
+    provider_error(ctx, 400, "invalid_request_error", "invalid_value", err, nil, "tool_choice")
+    return false
+  end
+  ctx.tool = tool
+  return true
+end
+
+-- The id of a request, sent as x-request-id on every reply (and cf-aig-request-id by the gateway).
+local function request_id(ctx)
+  return string.format("mock-request-%d", ctx.seq)
+end
+
 -- Response headers of a gateway reply: ids, the event id echoed, the model and provider used.
 local function gateway_headers(ctx)
   local headers = {
     ["cf-aig-log-id"] = string.format("01MOCKLOG%017d", ctx.seq),
-    ["cf-aig-request-id"] = string.format("mock-request-%d", ctx.seq),
+    ["cf-aig-request-id"] = request_id(ctx),
     ["cf-aig-event-id"] = ctx.req.headers["cf-aig-event-id"],
   }
   return headers
@@ -724,7 +1016,8 @@ local function serve(state, req, res)
   stats.requests = stats.requests + 1
   local raw = req.body or ""
   local body = cjson.decode(raw)
-  local ctx = { state = state, req = req, res = res, seq = sequence, raw = raw, headers = {} }
+  local ctx = { state = state, req = req, res = res, seq = sequence, raw = raw }
+  ctx.headers = { ["x-request-id"] = request_id(ctx) }
   ctx.id = "chatcmpl-mock-" .. sequence
   if type(body) == "table" then
     ctx.body = body
@@ -744,15 +1037,16 @@ local function serve(state, req, res)
   end
   ctx.gateway, ctx.account = route.gateway, account
   if route.gateway then
-    ctx.headers = gateway_headers(ctx)
-  else
-    ctx.headers = { ["x-request-id"] = string.format("mock-request-%d", ctx.seq) }
+    ctx.headers = merge(ctx.headers, gateway_headers(ctx))
   end
-  if req.method ~= "POST" then
-    return envelope(ctx, 405, 2001, "Method Not Allowed", { allow = "POST" })
+  if req.method ~= route.method then
+    return envelope(ctx, 405, 2001, "Method Not Allowed", { allow = route.method })
   end
   if route.gateway and not authorized(ctx) then
     return envelope(ctx, 401, 2009, "Unauthorized")
+  end
+  if route.models then
+    return json_response(ctx, 200, MODEL_LIST)
   end
   if not ctx.body then
     return envelope(ctx, 400, 2002, "Invalid request: the body is not a JSON object")
@@ -770,6 +1064,9 @@ local function serve(state, req, res)
   if type(ctx.body.messages) ~= "table" or next(ctx.body.messages) == nil then
     return provider_error(ctx, 400, "invalid_request_error", cjson.null,
       "'messages' is a required property and must be a non-empty array", nil, "messages")
+  end
+  if not check_sampling(ctx) then
+    return
   end
   local fault = fault_of(ctx.model)
   if fault then

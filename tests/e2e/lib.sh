@@ -13,7 +13,9 @@ TMP=$(mktemp -d "${TMPDIR:-/tmp}/aigate-e2e.XXXXXX")
 MOCK_PID=""
 MOCK_URL=""
 MOCK_LOG=""
-trap 'stop_mock; rm -rf "$TMP"' EXIT
+UPSTREAM_PID=""
+UPSTREAM_URL=""
+trap 'stop_mock; stop_upstream; rm -rf "$TMP"' EXIT
 
 ok() {
     PASSED=$((PASSED + 1))
@@ -75,6 +77,37 @@ stop_mock() {
         kill "$MOCK_PID" 2>/dev/null
         wait "$MOCK_PID" 2>/dev/null
         MOCK_PID=""
+    fi
+}
+
+# start_upstream [ARGS...]: starts tests/e2e/upstream.lua (a plain OpenAI-compatible upstream with
+# --rps, --fail-rate, --seed, --delay and --stats) on a free port; sets UPSTREAM_URL and UPSTREAM_PID.
+start_upstream() {
+    local i port
+    stop_upstream
+    "$AIGATE" run "$(dirname "${BASH_SOURCE[0]}")/upstream.lua" --listen 127.0.0.1:0 "$@" \
+        > "$TMP/upstream.out" 2> "$TMP/upstream.err" &
+    UPSTREAM_PID=$!
+    for i in $(seq 1 200); do
+        port=$(sed -n 's/^upstream listening on http:\/\/127\.0\.0\.1:\([0-9]*\).*/\1/p' "$TMP/upstream.out" | head -n 1)
+        if [ -n "$port" ]; then
+            UPSTREAM_URL="http://127.0.0.1:$port"
+            return 0
+        fi
+        kill -0 "$UPSTREAM_PID" 2>/dev/null || break
+        sleep 0.05
+    done
+    echo "start_upstream: the upstream did not start:" >&2
+    cat "$TMP/upstream.err" >&2
+    return 1
+}
+
+# stop_upstream: stops it with SIGTERM (it writes its --stats file then) and waits for it.
+stop_upstream() {
+    if [ -n "$UPSTREAM_PID" ]; then
+        kill "$UPSTREAM_PID" 2>/dev/null
+        wait "$UPSTREAM_PID" 2>/dev/null
+        UPSTREAM_PID=""
     fi
 }
 

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# test_mock.sh: end-to-end tests of `aigate mock` alone, driven with curl: every route, missing auth,
-# the gateway's error codes for bad model ids, echo replies and usage, the cf-aig-* response headers
-# and the cache, SSE streaming ([DONE], the usage chunk), each fault model, and the JSONL request log
-# (valid, and the token never in it). Run from the repository root; helpers come from lib.sh and
-# JSON is read with the binary itself (lib.sh's `json`), so no jq is needed.
+# test_mock.sh: end-to-end tests of `aigate mock` alone, driven with curl: TCP_NODELAY on its
+# connections (under strace), every route, the model list, missing auth, the gateway's error codes for
+# bad model ids and every provider prefix the client knows, echo replies and usage, the cf-aig-* and
+# x-request-id response headers and the cache, SSE streaming ([DONE], the usage chunk), max_tokens, n
+# and tool calls, each fault model, and the JSONL request log (valid, and the token never in it); then
+# the scale-test upstream (tests/e2e/upstream.lua): its rate limit, its seeded failures, its counts.
+# Run from the repository root; helpers come from lib.sh and JSON is read with the binary itself
+# (lib.sh's `json`), so no jq is needed.
 
 . "$(dirname "$0")/lib.sh"
 
@@ -57,6 +60,29 @@ if ! start_mock; then
 fi
 ok "mock starts at $MOCK_URL"
 
+# --- TCP_NODELAY ----------------------------------------------------------------------------------
+# The server turns Nagle's algorithm off on each connection it accepts (without it a small write on a
+# kept-alive connection waits for the client's delayed ACK, 40 ms). Seen with strace when it can trace
+# here; how fast the replies come is left to the benchmarks, not timed in a test.
+if strace -qq -e trace=none true > /dev/null 2>&1; then
+    strace -f -qq -e trace=setsockopt -o "$TMP/strace.txt" sh -c 'echo $$ > "$0"; exec "$@"' "$TMP/traced.pid" \
+        "$AIGATE" mock --listen 127.0.0.1:0 --quiet > "$TMP/traced.out" 2>&1 &
+    STRACE_PID=$!
+    TRACED_URL=""
+    for i in $(seq 1 200); do
+        TRACED_URL=$(sed -n 's/^aigate mock listening on \(http:.*\)/\1/p' "$TMP/traced.out")
+        [ -n "$TRACED_URL" ] && break
+        sleep 0.05
+    done
+    curl -sS -o /dev/null "$TRACED_URL/v1/models" -o /dev/null "$TRACED_URL/v1/models"
+    kill "$(cat "$TMP/traced.pid")"
+    wait "$STRACE_PID"
+    expect_eq "TCP_NODELAY is set on the accepted connection, once per request" \
+        "$(grep -c 'setsockopt(.*TCP_NODELAY, \[1\], 4) = 0' "$TMP/strace.txt")" 2
+else
+    ok "TCP_NODELAY: not checked, strace cannot trace here"
+fi
+
 # --- routes ---------------------------------------------------------------------------------------
 gw "$HELLO"
 expect_eq "gateway route answers 200" "$STATUS" 200
@@ -74,6 +100,40 @@ expect_eq "account id with a dot is 404" "$STATUS" 404
 STATUS=$(curl -sS -o /dev/null -w '%{http_code}' "$MOCK_URL$GW")
 SENT=$((SENT + 1))
 expect_eq "GET on the gateway route is 405" "$STATUS" 405
+
+# --- model list -----------------------------------------------------------------------------------
+# get PATH [curl args...]: GETs PATH; sets STATUS; body in $TMP/body, headers in $TMP/headers.
+get() {
+    local path=$1
+    shift
+    SENT=$((SENT + 1))
+    STATUS=$(curl -sS -o "$TMP/body" -D "$TMP/headers" -w '%{http_code}' "$MOCK_URL$path" "$@" 2> "$TMP/curl.err")
+}
+MODELS_OK='(function() for _, m in ipairs(v.data) do if m.object ~= "model" or math.type(m.created) == nil or m.owned_by ~= m.id:match("^[^/]+") then return m.id end end return "all " .. #v.data end)()'
+HAS_MODEL='(function() local s = {} for _, m in ipairs(v.data) do s[m.id] = true end return s end)()'
+for path in /v1/models "/v1/acct_1/gw-test/compat/models"; do
+    get "$path" -H "Authorization: Bearer $TOKEN"
+    expect_eq "GET $path is an OpenAI-style list" "$STATUS/$(jb v.object)/$(header content-type)" 200/list/application/json
+    expect_match "GET $path: each entry has object, created and owned_by" "$(jb "$MODELS_OK")" '^all [0-9]+$'
+    LISTED=$(jb "(function() local t = {} for _, m in ipairs(v.data) do t[#t + 1] = m.id end return table.concat(t, ' ') end)()")
+    MISSING=""
+    for id in workers-ai/@cf/meta/llama-3.3-70b-instruct-fp8-fast openai/gpt-4o anthropic/claude-sonnet-4-5 \
+        mock/fail-500 mock/fail-503 mock/rate-limit mock/cut mock/stall mock/slow-1000 mock/flaky-2 mock/big-64; do
+        case " $LISTED " in *" $id "*) ;; *) MISSING="$MISSING $id" ;; esac
+    done
+    expect_eq "GET $path lists the default model, vendor ids and the fault models" "$MISSING" ""
+done
+REFUSED=""
+for id in $LISTED; do
+    case "$id" in mock/*) continue ;; esac
+    gw "$(chat "$id")"
+    [ "$STATUS" = 200 ] || REFUSED="$REFUSED $id:$STATUS"
+done
+expect_eq "every listed model that is not a fault answers 200" "$REFUSED" ""
+get "/v1/acct_1/gw-test/compat/models"
+expect_eq "the gateway's model list wants credentials" "$STATUS/$(code)" 401/2009
+post /v1/models '{}'
+expect_eq "POST /v1/models is 405, allow GET" "$STATUS/$(header allow)" 405/GET
 
 # --- auth -----------------------------------------------------------------------------------------
 post "$GW" "$HELLO"
@@ -102,6 +162,19 @@ done << 'EOF'
 llama-3.1-8b-instruct 2005
 no-such-vendor/some-model 2008
 EOF
+# Every prefix the client knows (provider.GATEWAY_PREFIXES) is one the mock routes: one list for both.
+PREFIXES=$(echo '{}' | json 'table.concat(require("aigate.provider").GATEWAY_PREFIXES, " ")')
+check "the client's prefix list is readable (${PREFIXES%% *} ...)" test -n "$PREFIXES"
+REFUSED=""
+for prefix in $PREFIXES; do
+    name=test-model
+    [ "$prefix" = workers-ai ] && name=@cf/meta/llama-3.1-8b-instruct
+    gw "$(chat "$prefix/$name")"
+    [ "$STATUS/$(header cf-aig-provider)" = "200/$prefix" ] || [ "$prefix" = dynamic ] || REFUSED="$REFUSED $prefix:$STATUS"
+done
+expect_eq "the mock routes every prefix the client knows" "$REFUSED" ""
+gw "$(chat xai/grok-2)"
+expect_eq "xai/grok-2 is routed to xai" "$STATUS/$(header cf-aig-provider)/$(header cf-aig-model)" 200/xai/grok-2
 gw "$(chat workers-ai/@cf/google/gemini-2.5-flash)"
 expect_eq "an invented @cf gemini id is a 400 from the provider" "$STATUS/$(jb v.error.type)" 400/invalid_request_error
 gw '{"model": "openai/gpt-4o", "messages": ['
@@ -165,6 +238,98 @@ gw '{"model":"openai/gpt-4o","stream":true,"messages":[{"role":"user","content":
 expect_eq "no usage chunk unless asked" "$(sse_data | grep -c usage)" 0
 expect_eq "[DONE] without the usage chunk too" "$(count_done)" 1
 
+# --- max_tokens, n (data-driven) ------------------------------------------------------------------
+FIVE='"messages":[{"role":"user","content":"one two three four five"}]'
+# field=value | content | finish_reason | completion_tokens ("echo: one two three four five" is 6 words)
+while IFS='|' read -r field content finish tokens; do
+    gw "{\"model\":\"openai/gpt-4o\",$FIVE,${field%%=*}:${field#*=}}"
+    expect_eq "${field}: content, finish_reason, usage" \
+        "$(jb '("%s|%s|%d"):format(v.choices[1].message.content, v.choices[1].finish_reason, v.usage.completion_tokens)')" \
+        "$content|$finish|$tokens"
+    gw "{\"model\":\"openai/gpt-4o\",$FIVE,${field%%=*}:${field#*=},\"stream\":true,\"stream_options\":{\"include_usage\":true}}" -N
+    expect_eq "${field}, streaming: text, finish_reason, usage" \
+        "$(sse "($SSE_TEXT) .. '|' .. v[#v - 1].choices[1].finish_reason .. '|' .. ('%d'):format(v[#v].usage.completion_tokens)")" \
+        "$content|$finish|$tokens"
+done << 'EOF'
+"max_tokens"=3|echo: one two|length|3
+"max_tokens"=1|echo:|length|1
+"max_tokens"=6|echo: one two three four five|stop|6
+"max_tokens"=100|echo: one two three four five|stop|6
+"max_completion_tokens"=2|echo: one|length|2
+EOF
+while read -r field; do
+    gw "{\"model\":\"openai/gpt-4o\",$FIVE,${field%%=*}:${field#*=}}"
+    expect_eq "${field} is an OpenAI-style 400 naming the field" "$STATUS/$(jb v.error.param)" "400/$(echo "${field%%=*}" | tr -d '"')"
+done << 'EOF'
+"max_tokens"=0
+"max_tokens"="ten"
+"n"=0
+"n"=1.5
+"n"=129
+EOF
+# CHOICES: for each choice "index:content:finish_reason", joined by spaces.
+CHOICES='(function() local t = {} for _, c in ipairs(v.choices) do t[#t + 1] = ("%d:%s:%s"):format(c.index, c.message.content, c.finish_reason) end return table.concat(t, " ") end)()'
+# SSE_CHOICES: the same from a stream: each index's joined text and its finish_reason.
+SSE_CHOICES='(function() local text, fin, order = {}, {}, {} for _, c in ipairs(v) do local ch = c.choices[1] if ch then if not text[ch.index] then text[ch.index] = "" order[#order + 1] = ch.index end text[ch.index] = text[ch.index] .. (type(ch.delta.content) == "string" and ch.delta.content or "") if ch.finish_reason ~= require("cjson.safe").null then fin[ch.index] = ch.finish_reason end end end local t = {} for _, i in ipairs(order) do t[#t + 1] = ("%d:%s:%s"):format(i, text[i], fin[i]) end return table.concat(t, " ") end)()'
+while IFS='|' read -r extra want tokens; do
+    gw "{\"model\":\"openai/gpt-4o\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]$extra}"
+    expect_eq "choices for {${extra#,}}" "$(jb "$CHOICES")|$(jb v.usage.completion_tokens)" "$want|$tokens"
+    gw "{\"model\":\"openai/gpt-4o\",\"stream\":true,\"stream_options\":{\"include_usage\":true},\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]$extra}" -N
+    expect_eq "choices for {${extra#,}}, streaming" "$(sse "$SSE_CHOICES")|$(sse 'v[#v].usage.completion_tokens')" "$want|$tokens"
+done << 'EOF'
+|0:echo: hi:stop|2
+,"n":1|0:echo: hi:stop|2
+,"n":3|0:echo: hi:stop 1:echo: hi:stop 2:echo: hi:stop|6
+,"n":2,"max_tokens":1|0:echo::length 1:echo::length|2
+EOF
+gw '{"model":"openai/gpt-4o","stream":true,"n":2,"messages":[{"role":"user","content":"hi"}]}' -N
+expect_eq "with n = 2 each choice's first chunk carries the role" \
+    "$(sse '(function() local seen, t = {}, {} for _, c in ipairs(v) do local ch = c.choices[1] if not seen[ch.index] then seen[ch.index] = true t[#t + 1] = ("%d=%s"):format(ch.index, ch.delta.role) end end return table.concat(t, " ") end)()')" \
+    "0=assistant 1=assistant"
+
+# --- tool calls (data-driven) ---------------------------------------------------------------------
+TOOLS='"tools":[{"type":"function","function":{"name":"get_weather","parameters":{"type":"object","properties":{"city":{"type":"string"},"unit":{"type":"string","enum":["celsius","fahrenheit"]},"days":{"type":"integer"}}}}},{"type":"function","function":{"name":"get_time","parameters":{"type":"object","properties":{}}}}]'
+NULL='require("cjson.safe").null'
+# What a reply did: "call NAME" with finish_reason tool_calls and null content, else "text".
+DID="(v.choices[1].finish_reason == 'tool_calls' and v.choices[1].message.content == $NULL and 'call ' .. v.choices[1].message.tool_calls[1]['function'].name) or (v.choices[1].message.tool_calls == nil and v.choices[1].finish_reason == 'stop' and 'text') or 'bad reply'"
+# label | tool_choice field (or empty) | messages | expected
+while IFS='|' read -r label choice messages want; do
+    gw "{\"model\":\"openai/gpt-4o\",$TOOLS$choice,\"messages\":$messages}"
+    expect_eq "tools: $label" "$STATUS/$(jb "$DID")" "200/$want"
+done << 'EOF'
+the prompt names a tool||[{"role":"user","content":"please call get_time now"}]|call get_time
+the prompt names no tool||[{"role":"user","content":"hello"}]|text
+a name inside a longer word is no mention||[{"role":"user","content":"get_weathering"}]|text
+tool_choice auto and a mention|,"tool_choice":"auto"|[{"role":"user","content":"use the get_weather tool"}]|call get_weather
+tool_choice none wins over a mention|,"tool_choice":"none"|[{"role":"user","content":"use the get_weather tool"}]|text
+tool_choice required calls the first tool|,"tool_choice":"required"|[{"role":"user","content":"hello"}]|call get_weather
+tool_choice required calls the one named|,"tool_choice":"required"|[{"role":"user","content":"get_time please"}]|call get_time
+tool_choice names a function|,"tool_choice":{"type":"function","function":{"name":"get_time"}}|[{"role":"user","content":"get_weather"}]|call get_time
+a tool result last gets text||[{"role":"user","content":"get_time"},{"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"get_time","arguments":"{}"}}]},{"role":"tool","tool_call_id":"c1","content":"noon"}]|text
+EOF
+gw "{\"model\":\"openai/gpt-4o\",$TOOLS,\"tool_choice\":{\"type\":\"function\",\"function\":{\"name\":\"nope\"}},\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}"
+expect_eq "tool_choice naming an unknown function is a 400" "$STATUS/$(jb v.error.param)" 400/tool_choice
+gw "{\"model\":\"openai/gpt-4o\",\"messages\":[{\"role\":\"user\",\"content\":\"call get_time\"}]}"
+expect_eq "no tools, no tool call" "$(jb "$DID")" text
+
+WEATHER="{\"model\":\"openai/gpt-4o\",$TOOLS,\"messages\":[{\"role\":\"user\",\"content\":\"weather in Paris? use get_weather\"}]"
+gw "$WEATHER}"
+CALL='v.choices[1].message.tool_calls[1]'
+expect_match "a tool call has an id and type function" "$(jb "$CALL.id .. ' ' .. $CALL.type")" '^call_[A-Za-z0-9_]+ function$'
+ARGS=$(jb "$CALL['function'].arguments")
+expect_eq "the arguments are JSON text made from the schema" \
+    "$(printf '%s' "$ARGS" | json '("%s|%s|%d"):format(v.city, v.unit, v.days)')" "weather in Paris? use get_weather|celsius|1"
+gw "$WEATHER,\"stream\":true,\"stream_options\":{\"include_usage\":true}}" -N
+TC='v[1].choices[1].delta.tool_calls[1]'
+expect_eq "streamed tool call: the first chunk has role, index, id, type and name" \
+    "$(sse "v[1].choices[1].delta.role .. ' ' .. ('%d'):format($TC.index) .. ' ' .. $TC.id:sub(1, 5) .. ' ' .. $TC.type .. ' ' .. $TC['function'].name .. ' [' .. $TC['function'].arguments .. ']'")" \
+    "assistant 0 call_ function get_weather []"
+ARG_CHUNKS='(function() local t = {} for i = 2, #v do local ch = v[i].choices[1] if ch and ch.delta.tool_calls then local c = ch.delta.tool_calls[1] if c.id or c.index ~= 0 then return "bad chunk " .. i end t[#t + 1] = c["function"].arguments end end return t end)()'
+check "streamed tool call: the arguments come in several chunks" test "$(sse "#$ARG_CHUNKS")" -ge 3
+expect_eq "streamed tool call: the chunks join into the same arguments" "$(sse "table.concat($ARG_CHUNKS)")" "$ARGS"
+expect_eq "streamed tool call: finish_reason tool_calls, then usage and [DONE]" \
+    "$(sse 'v[#v - 1].choices[1].finish_reason .. " " .. tostring(v[#v].usage.completion_tokens > 0)')/$(count_done)" "tool_calls true/1"
+
 # --- faults ---------------------------------------------------------------------------------------
 gw "$(chat mock/fail-500)"
 expect_eq "mock/fail-500 is a 500 provider error" "$STATUS/$(jb v.error.type)" 500/server_error
@@ -224,6 +389,36 @@ expect_eq "mock/big-64 streams 64 KiB of text" "$(sse "#$SSE_TEXT")" 65536
 gw "$HELLO"
 expect_eq "the mock still answers after every fault" "$STATUS" 200
 
+# --- x-request-id on every reply (data-driven: label|path|model|credentials|extra JSON fields) -------
+IDS=""
+while IFS='|' read -r label path model auth extra; do
+    if [ "$auth" = yes ]; then
+        post "$path" "$(chat "$model" "$extra")" -H "Authorization: Bearer $TOKEN" -N
+    else
+        post "$path" "$(chat "$model" "$extra")" -N
+    fi
+    rid=$(header x-request-id)
+    expect_match "x-request-id on $label ($STATUS)" "$rid" '^mock-request-[0-9]+$'
+    IDS="$IDS $rid"
+    if [ -n "$(header cf-aig-request-id)" ]; then
+        expect_eq "x-request-id equals cf-aig-request-id on $label" "$rid" "$(header cf-aig-request-id)"
+    fi
+done << EOF
+a gateway reply|$GW|openai/gpt-4o|yes|
+a plain-route reply|/v1/chat/completions|openai/gpt-4o|no|
+an unknown path (404)|/v2/nothing|openai/gpt-4o|no|
+missing credentials (401)|$GW|openai/gpt-4o|no|
+an unknown provider (400)|$GW|no-such-vendor/x|yes|
+a provider error (500)|$GW|mock/fail-500|yes|
+a rate limit (429)|$GW|mock/rate-limit|yes|
+a stream|$GW|openai/gpt-4o|yes|,"stream":true
+a cut connection|$GW|mock/cut|yes|
+EOF
+expect_eq "x-request-id differs between requests" "$(echo $IDS | tr ' ' '\n' | sort -u | wc -l)" 9
+STATUS=$(curl -sS -o /dev/null -D "$TMP/headers" -w '%{http_code}' "$MOCK_URL$GW")
+SENT=$((SENT + 1))
+expect_match "x-request-id on a wrong method ($STATUS)" "$(header x-request-id)" '^mock-request-[0-9]+$'
+
 # --- request log ----------------------------------------------------------------------------------
 gw "$HELLO" -H "cf-aig-authorization: Bearer $TOKEN" -H 'cf-aig-metadata: {"user":"u1"}'
 check "the log is not empty" test -s "$MOCK_LOG"
@@ -251,4 +446,88 @@ check "requests without credentials are logged without auth ($N_UNAUTH)" test "$
 expect_eq "one log line per request" "$N_LOGGED" "$SENT"
 
 stop_mock
+
+# --- the scale-test upstream (tests/e2e/upstream.lua) ---------------------------------------------
+UP_BODY='{"model":"up-model","messages":[{"role":"user","content":"one two three"}]}'
+# burst N: N POSTs on one curl connection, one after the other; prints their statuses, one a line;
+# headers of all in $TMP/burst.headers, bodies in $TMP/burst.N.
+burst() {
+    local i args=()
+    for i in $(seq 1 "$1"); do
+        args+=(-o "$TMP/burst.$i" "$UPSTREAM_URL/v1/chat/completions")
+    done
+    curl -sS -w '%{http_code}\n' -D "$TMP/burst.headers" -H 'content-type: application/json' \
+        --data-binary "$UP_BODY" "${args[@]}"
+}
+count_of() { grep -c "^$1\$" "$TMP/statuses"; }
+# up_stats FILE|-: the counts, as "requests 200s 429s 503s".
+up_stats() { json '("%d %d %d %d"):format(v.requests, v["200"], v["429"], v["503"])'; }
+
+if start_upstream --delay 5; then
+    ok "the upstream starts at $UPSTREAM_URL"
+    MOCK_URL=$UPSTREAM_URL post /v1/chat/completions "$UP_BODY"
+    expect_eq "upstream: a chat.completion echoing the prompt" \
+        "$STATUS/$(jb 'v.object .. "|" .. v.choices[1].message.content .. "|" .. v.choices[1].finish_reason')" \
+        "200/chat.completion|echo: one two three|stop"
+    expect_eq "upstream: usage counted in words" "$(jb '("%d %d %d"):format(v.usage.prompt_tokens, v.usage.completion_tokens, v.usage.total_tokens)')" "3 4 7"
+    expect_eq "upstream: x-request-id req_1" "$(header x-request-id)" req_1
+else
+    fail "the upstream starts" "see above"
+fi
+
+# Rate limit: 20 requests at once against --rps 5 over a sliding second.
+start_upstream --rps 5 --stats "$TMP/up-stats.json"
+START=$(date +%s%N)
+burst 20 > "$TMP/statuses"
+ELAPSED_MS=$((($(date +%s%N) - START) / 1000000))
+N200=$(count_of 200)
+N429=$(count_of 429)
+expect_eq "upstream --rps 5: every request got 200 or 429" "$((N200 + N429))" 20
+check "upstream --rps 5: at least 5 admitted ($N200)" test "$N200" -ge 5
+# In E ms a 1 s sliding window admits at most 5 * (E / 1000 + 1): a bound, not a timing assertion.
+check "upstream --rps 5: at most 5 a second ($N200 in $ELAPSED_MS ms)" test "$N200" -le $((5 * (ELAPSED_MS / 1000 + 1)))
+check "upstream --rps 5: the rest got 429 ($N429)" test "$N429" -ge 1
+expect_eq "upstream: every 429 has Retry-After: 1" "$(tr -d '\r' < "$TMP/burst.headers" | grep -ci '^retry-after: 1$')" "$N429"
+FIRST_429=$(grep -n '^429$' "$TMP/statuses" | head -n 1 | cut -d: -f1)
+expect_eq "upstream: a 429 has an OpenAI-style error body" \
+    "$(json 'v.error.type .. "/" .. v.error.code' < "$TMP/burst.${FIRST_429:-0}" 2>/dev/null)" requests/rate_limit_exceeded
+expect_eq "upstream: GET /stats counts them" "$(curl -sS "$UPSTREAM_URL/stats" | up_stats)" "20 $N200 $N429 0"
+expect_eq "upstream: GET /stats writes --stats" "$(up_stats < "$TMP/up-stats.json")" "20 $N200 $N429 0"
+rm -f "$TMP/up-stats.json"
+stop_upstream
+expect_eq "upstream: SIGTERM writes --stats" "$(up_stats < "$TMP/up-stats.json" 2>/dev/null)" "20 $N200 $N429 0"
+
+# Failures: the share asked for, the same ones again with the same seed (data-driven: rate seed).
+while read -r rate seed; do
+    start_upstream --fail-rate "$rate" --seed "$seed" --stats "$TMP/up-stats.json"
+    burst 50 > "$TMP/statuses"
+    stop_upstream
+    N503=$(count_of 503)
+    expect_eq "upstream --fail-rate $rate: every request got 200 or 503" "$(($(count_of 200) + N503))" 50
+    case "$rate" in
+        0) expect_eq "upstream --fail-rate 0: no 503" "$N503" 0 ;;
+        1) expect_eq "upstream --fail-rate 1: all 503" "$N503" 50 ;;
+        *) # 50 * rate expected: between half and one and a half times that (the draws are seeded)
+            tenths=${rate#0.}
+            check "upstream --fail-rate $rate --seed $seed: about the share asked ($N503 of 50)" \
+                test "$N503" -ge $((5 * tenths / 2)) -a "$N503" -le $((15 * tenths / 2)) ;;
+    esac
+    expect_eq "upstream --fail-rate $rate: --stats counts the 503s" "$(up_stats < "$TMP/up-stats.json")" "50 $((50 - N503)) 0 $N503"
+    cp "$TMP/statuses" "$TMP/statuses.$rate.$seed"
+    start_upstream --fail-rate "$rate" --seed "$seed"
+    burst 50 > "$TMP/statuses"
+    stop_upstream
+    expect_eq "upstream --fail-rate $rate --seed $seed: the same seed fails the same requests" \
+        "$(paste -sd' ' "$TMP/statuses")" "$(paste -sd' ' "$TMP/statuses.$rate.$seed")"
+done << 'EOF'
+0.3 7
+0.5 42
+0 1
+1 1
+EOF
+start_upstream --fail-rate 0.5 --seed 43
+burst 50 > "$TMP/statuses"
+stop_upstream
+check "upstream: another seed fails other requests" test "$(paste -sd' ' "$TMP/statuses")" != "$(paste -sd' ' "$TMP/statuses.0.5.42")"
+
 finish
