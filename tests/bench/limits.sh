@@ -53,9 +53,10 @@ upstream_counts() {
 # row LABEL OK TOTAL WALL IDEAL RC COUNTS: a line of the table (IDEAL empty: n/a).
 row() {
     awk -v l="$1" -v ok="$2" -v n="$3" -v w="$4" -v i="$5" -v rc="$6" -v c="$7" 'BEGIN {
-        note = (rc == 124 || rc == 137) ? " (timed out)" : ""
+        late = (rc == 124 || rc == 137)
+        note = late ? " (timed out)" : ""
         ideal = (i == "") ? "n/a" : sprintf("%.2f", i)
-        ratio = (i == "" || i <= 0) ? "n/a" : sprintf("%.2f", w / i)
+        ratio = (i == "" || i <= 0) ? "n/a" : sprintf("%s%.2f", late ? "> " : "", w / i)
         printf "| %-40s | %5d of %-5d | %7.2f%-12s | %7s | %10s | %-20s |\n", l, ok, n, w, note, ideal, ratio, c
     }'
 }

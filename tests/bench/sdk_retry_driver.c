@@ -20,8 +20,10 @@
  * The jitter comes from a fixed seed, so runs differ only by timing.
  *
  * Usage: sdk_retry_driver URL N CONCURRENCY. Prints "requests N ok OK failed F tries T seconds S" on
- * stdout; exits 1 when a request failed in the end.
+ * stdout; exits 1 when a request failed in the end. On SIGTERM or SIGINT it stops within a second and
+ * prints the same line, "failed" then counting the requests not done, and exits 1.
  */
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -58,6 +60,13 @@ struct slot {
 };
 
 static uint64_t rng_state = 1;
+static volatile sig_atomic_t stopping;
+
+static void stop_handler(int sig)
+{
+    (void)sig;
+    stopping = 1;
+}
 
 static double now(void)
 {
@@ -239,6 +248,8 @@ int main(int argc, char **argv)
         rl.rlim_cur = rl.rlim_max;
         setrlimit(RLIMIT_NOFILE, &rl);
     }
+    signal(SIGTERM, stop_handler);
+    signal(SIGINT, stop_handler);
     curl_global_init(CURL_GLOBAL_DEFAULT);
     multi = curl_multi_init();
     headers = curl_slist_append(headers, "content-type: application/json");
@@ -256,7 +267,7 @@ int main(int argc, char **argv)
         started++;
         tries++;
     }
-    while (done < n) {
+    while (done < n && !stopping) {
         int running;
         int left;
         CURLMsg *msg;
