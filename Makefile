@@ -68,6 +68,7 @@ bench: deps
 	$(MAKE) aigate
 	$(MAKE) -C tests/bench
 	tests/bench/run.sh
+	tests/bench/limits.sh
 
 # Instructions per request (callgrind): figures that do not move between runs, for judging a change.
 bench-instructions: deps

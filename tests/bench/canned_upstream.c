@@ -3,15 +3,29 @@
  * with the same small chat.completion JSON, optionally after a fixed delay, so that a client's cost per
  * request can be measured without a real model behind it.
  *
- * Usage: canned_upstream PORT [DELAY_MS [LOG]]   (PORT 0: any free port). Prints "listening PORT" on
- * stdout once it accepts connections, then serves until killed. With LOG, the first request received
- * (method, URI, headers but Host, body) is written to that file, for checking that two clients send
- * the same request. Used by tests/bench/run.sh.
+ * Usage: canned_upstream [OPTIONS] PORT [DELAY_MS [LOG]]   (PORT 0: any free port). Prints "listening
+ * PORT" on stdout once it accepts connections, then serves until SIGTERM or SIGINT. With LOG, the first
+ * request received (method, URI, headers but Host, body) is written to that file, for checking that two
+ * clients send the same request. Every reply carries an x-request-id header.
+ *
+ * Options, for measuring how a client copes with an upstream that says no (tests/bench/limits.sh):
+ *   --rps N         at most N requests per second: a token bucket of N tokens, refilled at N per second,
+ *                   full at start (so a burst of N passes at once, then N per second on average). A
+ *                   request that finds no token is answered 429 at once, with "Retry-After: 1" and
+ *                   an OpenAI-style rate-limit error body.
+ *   --fail-rate P   answer that share (0..1) of the requests that passed the limit with 503 and an
+ *                   OpenAI-style server error body, at once; which ones is drawn at random.
+ *   --seed S        the seed of that draw (default 1): the same seed, the same sequence of answers.
+ *   --stats FILE    on SIGTERM or SIGINT, write "200 N 429 N 503 N" (the replies sent) to FILE.
+ * Errors are answered without the delay; only successes wait DELAY_MS.
  */
+#include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <time.h>
 
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -30,24 +44,106 @@ static const char reply_body[] =
     "\"content\":\"Hello from the canned upstream.\"},\"finish_reason\":\"stop\"}],"
     "\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":6,\"total_tokens\":15}}";
 
+static const char rate_limit_body[] = "{\"error\":{\"message\":\"Rate limit reached\",\"type\":\"requests\","
+                                      "\"code\":\"rate_limit_exceeded\"}}";
+
+static const char unavailable_body[] =
+    "{\"error\":{\"message\":\"The server is overloaded, please try again later\","
+    "\"type\":\"server_error\",\"code\":\"service_unavailable\"}}";
+
 static struct event_base *base;
 static struct timeval delay;
 static int delayed;
 static const char *log_path; /* NULL once the first request is logged */
+
+/* The rate limit: a token bucket (rps 0: no limit). */
+static double rps;
+static double tokens;
+static double refilled_at; /* monotonic seconds of the last refill */
+
+static double fail_rate;
+static uint64_t rng_state = 1;
+
+static const char *stats_path;
+static unsigned long request_count;
+static unsigned long answered_200, answered_429, answered_503;
 
 struct pending_reply {
     struct evhttp_request *req;
     struct event *timer;
 };
 
-static void send_reply(struct evhttp_request *req)
+/* Sends STATUS with BODY (static) and an x-request-id header numbering the replies. */
+static void send_canned(struct evhttp_request *req, int status, const char *reason, const char *body,
+                        size_t len)
 {
     struct evbuffer *out = evhttp_request_get_output_buffer(req);
     struct evkeyvalq *headers = evhttp_request_get_output_headers(req);
+    char id[32];
 
+    snprintf(id, sizeof(id), "req_bench%lu", ++request_count);
     evhttp_add_header(headers, "Content-Type", "application/json");
-    evbuffer_add_reference(out, reply_body, sizeof(reply_body) - 1, NULL, NULL);
-    evhttp_send_reply(req, 200, "OK", NULL);
+    evhttp_add_header(headers, "x-request-id", id);
+    if (status == 429)
+        evhttp_add_header(headers, "Retry-After", "1");
+    evbuffer_add_reference(out, body, len, NULL, NULL);
+    evhttp_send_reply(req, status, reason, NULL);
+}
+
+static void send_reply(struct evhttp_request *req)
+{
+    answered_200++;
+    send_canned(req, 200, "OK", reply_body, sizeof(reply_body) - 1);
+}
+
+static double monotonic_seconds(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* Takes a token from the bucket: 1 when the request may pass, 0 when it is over the limit. */
+static int take_token(void)
+{
+    double t = monotonic_seconds();
+
+    tokens += (t - refilled_at) * rps;
+    if (tokens > rps)
+        tokens = rps;
+    refilled_at = t;
+    if (tokens < 1.0)
+        return 0;
+    tokens -= 1.0;
+    return 1;
+}
+
+/* splitmix64: a uniform draw in [0, 1) from a fixed seed, the same sequence on every platform. */
+static double next_random(void)
+{
+    uint64_t z = (rng_state += 0x9e3779b97f4a7c15u);
+
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9u;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebu;
+    z ^= z >> 31;
+    return (double)(z >> 11) / 9007199254740992.0;
+}
+
+/* Answers an error when the request is over the limit or drawn to fail: 1 if it did, else 0. */
+static int refused(struct evhttp_request *req)
+{
+    if (rps > 0 && !take_token()) {
+        answered_429++;
+        send_canned(req, 429, "Too Many Requests", rate_limit_body, sizeof(rate_limit_body) - 1);
+        return 1;
+    }
+    if (fail_rate > 0 && next_random() < fail_rate) {
+        answered_503++;
+        send_canned(req, 503, "Service Unavailable", unavailable_body, sizeof(unavailable_body) - 1);
+        return 1;
+    }
+    return 0;
 }
 
 static void delayed_cb(evutil_socket_t fd, short what, void *arg)
@@ -108,6 +204,8 @@ static void request_cb(struct evhttp_request *req, void *arg)
     no_delay(req);
     if (log_path)
         log_request(req);
+    if (refused(req))
+        return;
     if (!delayed) {
         send_reply(req);
         return;
@@ -122,21 +220,82 @@ static void request_cb(struct evhttp_request *req, void *arg)
     evtimer_add(p->timer, &delay);
 }
 
+/* SIGTERM or SIGINT: stop serving, so that main writes the counts. */
+static void stop_cb(evutil_socket_t sig, short what, void *arg)
+{
+    (void)sig;
+    (void)what;
+    (void)arg;
+    event_base_loopbreak(base);
+}
+
+static void write_stats(void)
+{
+    FILE *f;
+
+    if (stats_path == NULL)
+        return;
+    f = fopen(stats_path, "w");
+    if (f == NULL) {
+        fprintf(stderr, "canned_upstream: cannot write %s\n", stats_path);
+        return;
+    }
+    fprintf(f, "200 %lu 429 %lu 503 %lu\n", answered_200, answered_429, answered_503);
+    fclose(f);
+}
+
+static int usage(void)
+{
+    fprintf(stderr, "usage: canned_upstream [--rps N] [--fail-rate P] [--seed S] [--stats FILE] "
+                    "PORT [DELAY_MS [LOG]]\n");
+    return 2;
+}
+
+/* Reads the options that lead ARGV; returns the index of the first positional argument, or -1. */
+static int parse_options(int argc, char **argv)
+{
+    int i;
+
+    for (i = 1; i < argc && strncmp(argv[i], "--", 2) == 0; i += 2) {
+        const char *opt = argv[i];
+        const char *val = i + 1 < argc ? argv[i + 1] : NULL;
+        if (val == NULL)
+            return -1;
+        if (strcmp(opt, "--rps") == 0)
+            rps = atof(val);
+        else if (strcmp(opt, "--fail-rate") == 0)
+            fail_rate = atof(val);
+        else if (strcmp(opt, "--seed") == 0)
+            rng_state = strtoull(val, NULL, 10);
+        else if (strcmp(opt, "--stats") == 0)
+            stats_path = val;
+        else
+            return -1;
+    }
+    if (rps < 0 || fail_rate < 0 || fail_rate > 1)
+        return -1;
+    return i;
+}
+
 int main(int argc, char **argv)
 {
     struct evhttp *http;
     struct evhttp_bound_socket *sock;
+    struct event *sigterm, *sigint;
     struct rlimit rl;
     int port;
     long delay_ms;
+    int first = parse_options(argc, argv);
 
-    if (argc < 2) {
-        fprintf(stderr, "usage: canned_upstream PORT [DELAY_MS [LOG]]\n");
-        return 2;
-    }
+    if (first < 0 || first >= argc)
+        return usage();
+    argv += first - 1;
+    argc -= first - 1;
     port = atoi(argv[1]);
     delay_ms = argc > 2 ? atol(argv[2]) : 0;
     log_path = argc > 3 ? argv[3] : NULL;
+    tokens = rps;
+    refilled_at = monotonic_seconds();
     delayed = delay_ms > 0;
     delay.tv_sec = delay_ms / 1000;
     delay.tv_usec = (delay_ms % 1000) * 1000;
@@ -170,9 +329,17 @@ int main(int argc, char **argv)
         getsockname(fd, (struct sockaddr *)&ss, &len);
         port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
     }
+    sigterm = evsignal_new(base, SIGTERM, stop_cb, NULL);
+    sigint = evsignal_new(base, SIGINT, stop_cb, NULL);
+    if (sigterm == NULL || sigint == NULL || evsignal_add(sigterm, NULL) < 0 ||
+        evsignal_add(sigint, NULL) < 0)
+        return 1;
     printf("listening %d\n", port);
     fflush(stdout);
     event_base_dispatch(base);
+    write_stats();
+    event_free(sigterm);
+    event_free(sigint);
     evhttp_free(http);
     event_base_free(base);
     return 0;

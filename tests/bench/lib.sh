@@ -1,6 +1,6 @@
-# lib.sh: what the benchmark scripts share (sourced by run.sh and instructions.sh, from the top of the
-# repository): paths, the helper binaries' check, a temporary directory removed at exit, the canned
-# upstream and aigate's environment pointed at it. The caller sets NAME (for messages) first.
+# lib.sh: what the benchmark scripts share (sourced by run.sh, limits.sh and instructions.sh, from the
+# top of the repository): paths, the helper binaries' check, a temporary directory removed at exit,
+# the canned upstream and aigate's environment pointed at it. The caller sets NAME (for messages) first.
 ROOT=$PWD
 BENCH=$ROOT/tests/bench
 AIGATE=${AIGATE_BIN:-./aigate}
@@ -19,17 +19,32 @@ require_bins() {
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/aigate-bench.XXXXXX")
 UP_PID=""
+
+# stop_upstream: stops the canned upstream, if one runs, and waits for it (on SIGTERM it writes the
+# counts of its replies to its --stats file).
+stop_upstream() {
+    if [ -n "$UP_PID" ]; then
+        kill "$UP_PID" 2>/dev/null
+        wait "$UP_PID" 2>/dev/null
+        UP_PID=""
+    fi
+}
 cleanup() {
-    [ -n "$UP_PID" ] && kill "$UP_PID" 2>/dev/null && wait "$UP_PID" 2>/dev/null
+    stop_upstream
     rm -rf "$TMP"
 }
 trap cleanup EXIT
 
-# start_upstream DELAY_MS [LOG]: (re)starts the canned upstream; sets UP_PID and UP_PORT.
+# start_upstream [--OPTION VALUE]... DELAY_MS [LOG]: (re)starts the canned upstream, with those options
+# (--rps, --fail-rate, --seed, --stats: see canned_upstream.c); sets UP_PID and UP_PORT.
 start_upstream() {
-    local i
-    [ -n "$UP_PID" ] && kill "$UP_PID" 2>/dev/null && wait "$UP_PID" 2>/dev/null
-    "$BENCH/canned_upstream" 0 "$1" ${2:+"$2"} > "$TMP/upstream.out" &
+    local i opts=()
+    while [ "${1#--}" != "$1" ]; do
+        opts+=("$1" "$2")
+        shift 2
+    done
+    stop_upstream
+    "$BENCH/canned_upstream" "${opts[@]}" 0 "$1" ${2:+"$2"} > "$TMP/upstream.out" &
     UP_PID=$!
     for i in $(seq 1 100); do
         UP_PORT=$(awk '/^listening/ {print $2}' "$TMP/upstream.out")
