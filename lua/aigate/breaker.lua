@@ -24,7 +24,7 @@ M.DEFAULTS = { failures = 5, failure_rate = 0.5, min_requests = 10, window = 30,
 M.PROBE_WAIT = 1 -- seconds a request waits before asking again while a probe is out
 
 -- key -> {state = "closed"|"open"|"half_open", buckets = {second -> {requests, failures}}, until_,
--- probe_at}; buckets older than the window are dropped when failures are counted, and a second's
+-- probe_at, down_since (when it opened; failed probes keep it)}; buckets older than the window are dropped when failures are counted, and a second's
 -- bucket is made by its first request, so a key holds at most window + 1 buckets.
 local breakers = {}
 
@@ -65,7 +65,8 @@ local function counts(b, window, now)
   return n, fail
 end
 
---- May a request go to `key` now? Returns true, or false and the seconds until it may ask again.
+--- May a request go to `key` now? Returns true, or false, the seconds until it may ask again and
+-- the seconds since the breaker first opened (failed probes keep it open: an outage that long).
 function M.allow(key, cfg, now)
   local b = breakers[key]
   if b == nil or b.state == "closed" then
@@ -73,7 +74,7 @@ function M.allow(key, cfg, now)
   end
   if b.state == "open" then
     if now < b.until_ then
-      return false, b.until_ - now
+      return false, b.until_ - now, now - b.down_since
     end
     b.state = "half_open"
     b.probe_at = now
@@ -82,7 +83,7 @@ function M.allow(key, cfg, now)
   -- half open: one probe at a time; a probe lost without a verdict is replaced after a cool-down
   local s = settings(cfg)
   if b.probe_at and now - b.probe_at < s.cooldown then
-    return false, math.min(M.PROBE_WAIT, s.cooldown - (now - b.probe_at))
+    return false, math.min(M.PROBE_WAIT, s.cooldown - (now - b.probe_at)), now - b.down_since
   end
   b.probe_at = now
   return true
@@ -96,7 +97,7 @@ function M.record(key, ok, cfg, now, n)
   if b.state == "half_open" then
     local s = settings(cfg)
     if ok then
-      b.state, b.buckets, b.probe_at = "closed", {}, nil
+      b.state, b.buckets, b.probe_at, b.down_since = "closed", {}, nil, nil
     else
       b.state, b.until_, b.probe_at, b.buckets = "open", now + s.cooldown, nil, {}
     end
@@ -123,7 +124,7 @@ function M.record(key, ok, cfg, now, n)
   s = s or settings(cfg)
   local total, fail = counts(b, s.window, now)
   if total >= s.min_requests and fail >= s.failures and fail >= s.failure_rate * total then
-    b.state, b.until_, b.buckets = "open", now + s.cooldown, {}
+    b.state, b.until_, b.buckets, b.down_since = "open", now + s.cooldown, {}, now
   end
 end
 

@@ -429,11 +429,12 @@ local function send_target(st, node, att, req, pre)
   local key = breaker_key(req)
   local guarded = use_breaker(st, node)
   if guarded and not pre then
-    local allowed, wait = breaker.allow(key, st.cfg.breaker, M.now())
+    local allowed, wait, down_for = breaker.allow(key, st.cfg.breaker, M.now())
     if not allowed then
       att.error, att.skipped = "circuit breaker open", true
-      return failure(string.format("circuit breaker open for %s after repeated failures; next try in %.1fs",
-        req.model, wait), { kind = "policy", reason = "breaker_open", moveon = true, retry_after = wait })
+      return failure(string.format("circuit breaker open for %s after repeated failures (down for %.0fs); next try "
+        .. "in %.1fs", req.model, down_for, wait), { kind = "policy", reason = "breaker_open", moveon = true,
+        retry_after = wait, down_for = down_for })
     end
   end
   local r, msg, info
@@ -499,6 +500,9 @@ local function with_retries(st, send)
     local info = out.info
     if rs.retries <= 0 or not M.default_retryable(info, out.msg) or throttle.stopped() then
       return out
+    end
+    if info.reason == "breaker_open" and info.down_for >= rs.budget then
+      return out -- down for longer than a request may wait: fail at once until a probe succeeds
     end
     local waiting = info.reason == "breaker_open" or (info.status == 429 and rs.rate_limits == "wait")
     if not waiting then

@@ -11,7 +11,7 @@
 #     cost, not how close a client comes to a bound.
 # Prints a table: successes of the total, wall time, ideal time, their ratio, and what the upstream
 # answered (200/429/503: every try, retries included). aigate's successes are the lines of its output
-# with "error":null. Each run is killed after BENCH_LIMIT_TIMEOUT seconds, so a bad run cannot hang
+# with "error":null and status_code 200. Each run is killed after BENCH_LIMIT_TIMEOUT seconds, so a bad run cannot hang
 # `make bench`; it then shows as "timed out" with what it had done. Loopback only.
 # Knobs: BENCH_RL_N (3000), BENCH_RL_C (64), BENCH_RL_RPS (300), BENCH_FLAKY_N (2000), BENCH_FLAKY_C (32),
 # BENCH_FLAKY_RATE (0.1), BENCH_SEED (1), BENCH_LIMIT_TIMEOUT (120), AIGATE_BIN (./aigate).
@@ -72,18 +72,18 @@ driver_row() {
     row "$1" "${ok:-0}" "$3" "$WALL" "$4" "$RC" "$counts"
 }
 
-# aigate_row LABEL NAME TOTAL IDEAL: the row of an aigate batch run (the lines with "error":null);
+# aigate_row LABEL NAME TOTAL IDEAL: the row of an aigate batch run (the lines with "error":null and status 200);
 # the first failure is kept for the notes under the table.
 aigate_row() {
     local ok counts
     stop_upstream
     counts=$(upstream_counts "$2")
-    ok=$(grep -c '"error":null' "$TMP/$2.jsonl" 2> /dev/null)
+    ok=$(grep -c '"error":null,"response":{"status_code":200,' "$TMP/$2.jsonl" 2> /dev/null)
     row "$1" "${ok:-0}" "$3" "$WALL" "$4" "$RC" "$counts" >> "$TMP/rows"
     if [ "${ok:-0}" != "$3" ]; then
         {
             printf '%s: first failure: ' "$1"
-            grep -v '"error":null' "$TMP/$2.jsonl" 2> /dev/null | head -n 1 | cut -c 1-300
+            grep -v '"error":null,"response":{"status_code":200,' "$TMP/$2.jsonl" 2> /dev/null | head -n 1 | cut -c 1-300
             [ "$RC" -ne 0 ] && [ "$RC" -ne 1 ] && printf '%s: exit status %s; %s\n' "$1" "$RC" "$(tail -n 1 "$TMP/$2.err")"
         } >> "$TMP/notes"
     fi

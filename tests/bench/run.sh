@@ -27,10 +27,10 @@ make_input() {
 # check_results NAME FILE N: every one of the N results must be a success, else the figures are void.
 check_results() {
     local got
-    got=$(grep -c '"error":null' "$2")
+    got=$(grep -c '"error":null,"response":{"status_code":200,' "$2")
     if [ "$got" != "$3" ]; then
         echo "run.sh: $1: only $got of $3 results succeeded; first failure:" >&2
-        grep -v '"error":null' "$2" | head -n 1 | cut -c 1-400 >&2
+        grep -v '"error":null,"response":{"status_code":200,' "$2" | head -n 1 | cut -c 1-400 >&2
         INVALID=1
     fi
 }

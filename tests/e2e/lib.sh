@@ -5,6 +5,7 @@
 # `N passed, N failed` line that tests/run.sh adds up.
 
 AIGATE=${AIGATE_BIN:-./aigate}
+E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd) # this folder, whatever the test's working folder
 case "$AIGATE" in /*) ;; *) AIGATE="$PWD/${AIGATE#./}" ;; esac
 PASSED=0
 FAILED=0
@@ -85,7 +86,7 @@ stop_mock() {
 start_upstream() {
     local i port
     stop_upstream
-    "$AIGATE" run "$(dirname "${BASH_SOURCE[0]}")/upstream.lua" --listen 127.0.0.1:0 "$@" \
+    "$AIGATE" run "$E2E_DIR/upstream.lua" --listen 127.0.0.1:0 "$@" \
         > "$TMP/upstream.out" 2> "$TMP/upstream.err" &
     UPSTREAM_PID=$!
     for i in $(seq 1 200); do
