@@ -213,20 +213,25 @@ local function breaker_failure(info)
   return info.kind == "http" and type(s) == "number" and (s == 408 or s >= 500)
 end
 
--- Timeouts after which trying again cannot repeat a long wait for nothing: nothing had arrived.
+-- Timeouts worth trying again: the connection or the reply's start did not come in time. Not the
+-- whole request's limit (`timeout`): it is the caller's bound on the request, retries included.
 local function before_first_byte(msg)
   msg = tostring(msg or "")
   return msg:find("first byte timeout", 1, true) ~= nil or msg:find("Connection timed out", 1, true) ~= nil
-    or msg:find("Resolving timed out", 1, true) ~= nil or msg:find(" with 0 bytes received", 1, true) ~= nil
+    or msg:find("Resolving timed out", 1, true) ~= nil
 end
 
---- Whether the default retries try a target again after this failure: transport errors, timeouts
--- before the first byte, unusable 2xx replies, 429, 5xx, and a breaker waiting for its probe. Not
--- 408 (the generation outran the gateway's limit: the same target fails the same way), not a
--- truncated stream, not what the request itself got wrong.
+--- Whether the default retries try a target again after this failure: transport errors (not a
+-- certificate the server cannot prove: that is no passing trouble), timeouts before the first byte,
+-- unusable 2xx replies, 429, 5xx, and a breaker waiting for its probe. Not 408 (the generation
+-- outran the gateway's limit: the same target fails the same way), not a truncated stream, not what
+-- the request itself got wrong.
 function M.default_retryable(info, msg)
   local kind = info.kind
   if kind == "transport" then
+    if info.reason == "tls" then
+      return false
+    end
     return info.reason ~= "timeout" or before_first_byte(msg)
   elseif kind == "response" then
     return true
