@@ -817,6 +817,7 @@ function State:run_engine(line, lineno, chat)
   local ok, a, b, c, d, e = self.engine:send()
   self.active = self.active - 1
   if not ok then
+    self:sync_engine() -- the breaker weighs this reply against the successes written so far
     local item = self:engine_item(line, lineno)
     item.pre = { latency = a, res = b and { status = b, headers = c, body = d } or nil, err = e, started = started }
     return self:run_item(item, chat)
@@ -963,6 +964,7 @@ function State:engine_worker(chat, prepare)
       self.stopping = true
       break
     elseif kind == "reply" then -- a: line, b: lineno, c: latency, d: status, e: headers, f: body, g: err
+      self:sync_engine() -- the breaker weighs this reply against the successes written so far
       self.seq = self.seq + 1
       local item = self:engine_item(a, b)
       item.pre = { latency = c, res = d and { status = d, headers = e, body = f } or nil, err = g,
