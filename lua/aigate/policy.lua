@@ -492,6 +492,22 @@ local function send_target(st, node, att, req, pre)
   return failure(msg, info)
 end
 
+-- The wait a failure asks for (its Retry-After, or a breaker's time to its probe), at most cap
+-- seconds; nil when it asks for none.
+local function upstream_delay(info, cap)
+  local ra = M.retry_after_seconds(info.retry_after, M.time())
+  return ra and math.min(ra, cap)
+end
+
+-- Notes the wait on the last attempt and waits.
+local function wait_before_retry(st, delay)
+  local last = st.attempts[#st.attempts]
+  if last then
+    last.retry_delay = delay
+  end
+  M.sleep(delay)
+end
+
 -- The default retries around one target's tries (see M.RETRY_DEFAULTS): send(i) makes try i and
 -- returns its outcome. Only where no route.retry governs the target and no fallback follows it.
 local function with_retries(st, send)
@@ -517,10 +533,8 @@ local function with_retries(st, send)
       end
     end
     n = n + 1
-    local delay
-    local ra = M.retry_after_seconds(info.retry_after, M.time())
-    if ra and ra > 0 then -- (a Retry-After of 0 would be a busy loop: the backoff is used instead)
-      delay = math.min(ra, st.caps.max_retry_after)
+    local delay = upstream_delay(info, st.caps.max_retry_after)
+    if delay and delay > 0 then -- (a Retry-After of 0 would be a busy loop: the backoff is used instead)
       if info.reason == "breaker_open" then
         delay = delay + 0.005 -- past the end of the cool-down, whatever the timer's rounding
       end
@@ -530,11 +544,7 @@ local function with_retries(st, send)
     if M.now() + delay - st.t_start > rs.budget then
       return out
     end
-    local last = st.attempts[#st.attempts]
-    if last then
-      last.retry_delay = delay
-    end
-    M.sleep(delay)
+    wait_before_retry(st, delay)
     out = send(n + 1)
   end
   return out
@@ -615,16 +625,9 @@ function EXEC.retry(node, st, depth)
     if out.ok or i == n or out.info.kind == "policy" or not M.retryable(out.info, node.on) or throttle.stopped() then
       return out
     end
-    local delay = math.min(M.backoff_delay(node, i, random), node.max_delay or caps.max_delay)
-    local ra = M.retry_after_seconds(out.info.retry_after, M.time())
-    if ra then
-      delay = math.min(ra, node.max_retry_after or caps.max_retry_after)
-    end
-    local last = st.attempts[#st.attempts]
-    if last then
-      last.retry_delay = delay
-    end
-    M.sleep(delay)
+    local delay = upstream_delay(out.info, node.max_retry_after or caps.max_retry_after)
+      or math.min(M.backoff_delay(node, i, random), node.max_delay or caps.max_delay)
+    wait_before_retry(st, delay)
   end
   return out
 end
