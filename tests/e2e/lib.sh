@@ -130,6 +130,34 @@ json() {
     "$AIGATE" run "$(dirname "${BASH_SOURCE[0]}")/json_get.lua" "$1"
 }
 
+# lua_on CODE FILE: evaluates a Lua expression over the JSON lines of FILE (`lines`, an array of decoded
+# objects; `raw`, the array of texts) with the binary itself; CODE returns the value printed.
+cat > "$TMP/lines.lua" <<'EOF2'
+local cjson = require "cjson.safe"
+local lines, raw = {}, {}
+for l in io.lines(arg[2]) do
+  raw[#raw + 1] = l
+  lines[#lines + 1] = cjson.decode(l) or false
+end
+local fn = assert(load("local lines, raw = ...; " .. arg[1], "=expr", "t", setmetatable({}, {__index = _G})))
+print(tostring(fn(lines, raw)))
+EOF2
+lua_on() { "$AIGATE" run "$TMP/lines.lua" "$1" "$2"; }
+
+# ids_once FILE N: "ok" when FILE holds ids r1..rN exactly once each and every line is whole JSON.
+ids_once() {
+    lua_on '
+      local seen, n = {}, 0
+      for i, v in ipairs(lines) do
+        if not v then return "line " .. i .. " is not JSON: " .. raw[i]:sub(1, 80) end
+        if seen[v.custom_id] then return "duplicate " .. v.custom_id end
+        seen[v.custom_id] = true
+        n = n + 1
+      end
+      for i = 1, '"$2"' do if not seen["r" .. i] then return "missing r" .. i end end
+      return n == '"$2"' and "ok" or ("count " .. n)' "$1"
+}
+
 finish() {
     echo "$PASSED passed, $FAILED failed"
     [ "$FAILED" -eq 0 ]

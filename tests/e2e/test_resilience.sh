@@ -14,33 +14,8 @@ unset CLOUDFLARE_ACCOUNT_ID CLOUDFLARE_GATEWAY_ID CLOUDFLARE_AI_GATEWAY_ID
 # gen N FILE: N short-form lines r1..rN.
 gen() { awk -v n="$1" 'BEGIN { for (i = 1; i <= n; i++) printf "{\"id\":\"r%d\",\"prompt\":\"prompt %d\"}\n", i, i }' > "$2"; }
 
-cat > "$TMP/lines.lua" <<'EOF'
-local cjson = require "cjson"
-local code, path = arg[1], arg[2]
-local lines, raw = {}, {}
-for line in io.lines(path) do
-  raw[#raw + 1] = line
-  local ok, v = pcall(cjson.decode, line)
-  lines[#lines + 1] = ok and v or false
-end
-print(load(code, "check", "t", setmetatable({ lines = lines, raw = raw }, { __index = _G }))())
-EOF
-lua_on() { "$AIGATE" run "$TMP/lines.lua" "$1" "$2"; }
-
-# ok_count FILE: result lines with status 200; ids_once FILE N: r1..rN each exactly once.
+# ok_count FILE: result lines with status 200 (lua_on and ids_once are in lib.sh).
 ok_count() { grep -c '"error":null,"response":{"status_code":200,' "$1"; }
-ids_once() {
-    lua_on '
-      local seen, n = {}, 0
-      for i, v in ipairs(lines) do
-        if not v then return "line " .. i .. " is not JSON" end
-        if seen[v.custom_id] then return "duplicate " .. v.custom_id end
-        seen[v.custom_id] = true
-        n = n + 1
-      end
-      for i = 1, '"$2"' do if not seen["r" .. i] then return "missing r" .. i end end
-      return n == '"$2"' and "ok" or ("count " .. n)' "$1"
-}
 stat() { curl -s "$UPSTREAM_URL/stats" | sed -n "s/.*\"$1\":\([0-9]*\).*/\1/p"; }
 
 batch() { # runs aigate batch; sets RC and ERR
