@@ -63,7 +63,10 @@ void task_cancel_all(void);
 /* Prints msg on stderr as "aigate: <what>: <msg>". */
 void task_report_error(const char *what, const char *msg);
 
-/* Converts the error value on top of L to a string with a traceback of co (replaces it). */
+/* Makes coroutine.resume and coroutine.close refuse a task's coroutine (after luaL_openlibs). */
+void task_guard_coroutines(lua_State *L);
+/* Converts the error value on top of L to a string with a traceback of co (replaces it); never
+ * raises, whatever the error object's __tostring does. */
 void push_traceback(lua_State *L, lua_State *co, int level);
 /* Calls the function below nargs arguments on L in protected mode with a traceback handler. */
 int pcall_traceback(lua_State *L, int nargs, int nresults);

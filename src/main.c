@@ -160,6 +160,7 @@ int main(int argc, char **argv)
     /* New threads copy the main thread's extra space: NULL there means "not a task". */
     *(void **)lua_getextraspace(L) = NULL;
     luaL_openlibs(L);
+    task_guard_coroutines(L);
     preload(L, "cjson", luaopen_cjson);
     preload(L, "cjson.safe", luaopen_cjson_safe);
     preload(L, "aigate.core", luaopen_aigate_core);

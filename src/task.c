@@ -84,21 +84,39 @@ void task_report_error(const char *what, const char *msg)
 
 /* ---- errors and protected calls ------------------------------------------------------------- */
 
+/* error_text(err) -> the message of an error object: a string or number as it is, else what its
+ * __tostring gives, else a description of its type. Called in protected mode only. */
+static int error_text(lua_State *L)
+{
+    if (lua_type(L, 1) == LUA_TSTRING || lua_type(L, 1) == LUA_TNUMBER) {
+        lua_tostring(L, 1);
+        lua_settop(L, 1);
+        return 1;
+    }
+    if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
+        return 1;
+    lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+    return 1;
+}
+
 void push_traceback(lua_State *L, lua_State *co, int level)
 {
-    const char *msg = lua_tostring(L, -1);
+    /* The error object's text comes from a protected call on the main thread: a __tostring that
+     * raises (or yields) must not raise here, where nothing protects L (a task's dead coroutine). */
+    lua_State *M = g_L;
+    const char *msg;
 
-    if (msg == NULL) {
-        if (luaL_callmeta(L, -1, "__tostring") && lua_type(L, -1) == LUA_TSTRING) {
-            msg = lua_tostring(L, -1);
-            lua_remove(L, -2);
-        } else {
-            msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, -1));
-            lua_remove(L, -2);
-        }
+    lua_xmove(L, M, 1);
+    lua_pushcfunction(M, error_text);
+    lua_insert(M, -2);
+    if (lua_pcall(M, 1, 1, 0) != LUA_OK || lua_type(M, -1) != LUA_TSTRING) {
+        lua_pop(M, 1);
+        lua_pushliteral(M, "(error object whose __tostring failed)");
     }
-    luaL_traceback(L, co, msg, level);
-    lua_remove(L, -2);
+    msg = lua_tostring(M, -1);
+    luaL_traceback(M, co, msg, level);
+    lua_remove(M, -2);
+    lua_xmove(M, L, 1);
 }
 
 static int traceback_handler(lua_State *L)
@@ -117,6 +135,49 @@ int pcall_traceback(lua_State *L, int nargs, int nresults)
     rc = lua_pcall(L, nargs, nresults, base);
     lua_remove(L, base);
     return rc;
+}
+
+/* ---- tasks own their coroutines ---------------------------------------------------------------- */
+
+/* True when co is the coroutine of an aigate task (its extra space holds the task). */
+static int is_task_thread(lua_State *L, int idx)
+{
+    lua_State *co = lua_tothread(L, idx);
+
+    return co != NULL && *(struct task **)lua_getextraspace(co) != NULL;
+}
+
+/* coroutine.resume and coroutine.close, refusing a task's coroutine: only the event loop resumes a
+ * task, with the result of what it waits for; resumed from Lua it would run on while the loop still
+ * holds its wait, and the loop's resume would then corrupt it. Upvalue 1: the original function. */
+static int guarded_coroutine_op(lua_State *L)
+{
+    int n = lua_gettop(L);
+
+    if (is_task_thread(L, 1))
+        return luaL_error(L, "cannot resume or close the coroutine of an aigate task: the event loop runs it "
+                             "(wait for the task with aigate.wait)");
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, n, LUA_MULTRET);
+    return lua_gettop(L);
+}
+
+void task_guard_coroutines(lua_State *L)
+{
+    static const char *const ops[] = { "resume", "close" };
+    size_t i;
+
+    if (lua_getglobal(L, "coroutine") != LUA_TTABLE) {
+        lua_pop(L, 1);
+        return;
+    }
+    for (i = 0; i < sizeof(ops) / sizeof(ops[0]); i++) {
+        lua_getfield(L, -1, ops[i]);
+        lua_pushcclosure(L, guarded_coroutine_op, 1);
+        lua_setfield(L, -2, ops[i]);
+    }
+    lua_pop(L, 1);
 }
 
 /* ---- the run queue --------------------------------------------------------------------------- */

@@ -485,4 +485,45 @@ T["sse: the C parser binding"] = function()
   eq(evs[1].event, nil)
 end
 
+-- Tasks own their coroutines: Lua code that resumes or closes one gets an error, and the task goes
+-- on as if nothing happened (before, the loop's own resume then wrote into freed memory).
+T["tasks: a task's coroutine cannot be resumed or closed from Lua"] = function()
+  local co
+  local t = core.spawn(function()
+    co = coroutine.running()
+    core.sleep(0.05)
+    core.sleep(0.05)
+    return "finished"
+  end)
+  core.sleep(0.01)
+  raises(function() coroutine.resume(co) end, "coroutine of an aigate task")
+  raises(function() coroutine.close(co) end, "coroutine of an aigate task")
+  local ok, v = core.wait(t)
+  eq(ok, true, "the task ran on")
+  eq(v, "finished", "its result")
+  co = nil
+  collectgarbage()
+  collectgarbage()
+  -- plain coroutines are untouched
+  local plain = coroutine.create(function(a) local b = coroutine.yield(a + 1) return b * 2 end)
+  local _, x = coroutine.resume(plain, 1)
+  local _, y = coroutine.resume(plain, 5)
+  eq(x, 2, "yielded")
+  eq(y, 10, "returned")
+  eq(coroutine.close(coroutine.create(function() end)), true, "close")
+end
+
+-- A task failing with an error object whose __tostring raises: its error is reported, the process
+-- goes on (before: "PANIC: unprotected error", exit 134).
+T["tasks: an error object whose __tostring raises is reported, not fatal"] = function()
+  local bad = setmetatable({}, { __tostring = function() error("tostring exploded") end })
+  local ok, err = core.wait(core.spawn(function() error(bad) end))
+  eq(ok, false, "failed")
+  assert(err:find("(error object whose __tostring failed)", 1, true), err)
+  assert(err:find("stack traceback", 1, true), "with its traceback")
+  local good = setmetatable({}, { __tostring = function() return "readable" end })
+  local _, err2 = core.wait(core.spawn(function() error(good) end))
+  eq(err2:match("^[^\n]*"), "readable", "a working __tostring is used")
+end
+
 return T
