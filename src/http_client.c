@@ -698,10 +698,12 @@ static size_t write_cb(char *data, size_t size, size_t nmemb, void *userdata)
         first = 1;
     }
     tr->received += len;
-    if (tr->streaming)
-        return call_on_chunk(tr, data, len, first) == 0 ? len : 0;
+    /* The same bound for a body handed to on_chunk as for one kept: a stream that never ends (one
+     * endless SSE line, say) stops here, and so do the parser's and Lua's buffers behind it. */
     if (tr->received > tr->max_size)
         return 0;
+    if (tr->streaming)
+        return call_on_chunk(tr, data, len, first) == 0 ? len : 0;
     buf_append(&tr->body, data, len);
     return len;
 }

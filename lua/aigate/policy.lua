@@ -229,8 +229,8 @@ end
 function M.default_retryable(info, msg)
   local kind = info.kind
   if kind == "transport" then
-    if info.reason == "tls" then
-      return false
+    if info.reason == "tls" or info.reason == "too_large" then
+      return false -- the same certificate, the same reply: trying again cannot help
     end
     return info.reason ~= "timeout" or before_first_byte(msg)
   elseif kind == "response" then

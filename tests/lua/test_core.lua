@@ -102,6 +102,27 @@ T["request: max_size turns an oversize body into too_large"] = function()
   assert(err:match("^too_large: "), err)
 end
 
+-- A streamed body falls under the same bound: one endless SSE line (never a whole event) is cut at
+-- max_size, and on_chunk has seen no more than that.
+T["request: max_size bounds a body streamed to on_chunk"] = function()
+  local srv, base = serve{["/endless"] = function(_, res)
+    res:start(200, {["Content-Type"] = "text/event-stream"})
+    res:write("data: ")
+    for _ = 1, 200 do
+      if not res:write(string.rep("x", 16384)) then return end
+      core.sleep(0)
+    end
+    res:finish()
+  end}
+  local seen = 0
+  local res, err = core.request{url = base .. "/endless", max_size = 100000,
+    on_chunk = function(chunk) seen = seen + #chunk end}
+  srv:close()
+  eq(res, nil)
+  assert(err:match("^too_large: "), err)
+  assert(seen <= 100000, "on_chunk saw " .. seen .. " bytes")
+end
+
 T["request: connection refused is a connect error"] = function()
   local srv = assert(core.listen{port = 0, handler = function() end})
   local port = srv.port
