@@ -53,23 +53,29 @@ expect_no_match() {
 # start_mock [ARGS...]: starts `aigate mock` on a free port; sets MOCK_URL, MOCK_PID, MOCK_LOG
 # (the mock's JSONL request log).
 start_mock() {
-    local i port
     stop_mock
     MOCK_LOG="$TMP/mock-requests.jsonl"
     : > "$MOCK_LOG"
     "$AIGATE" mock --listen 127.0.0.1:0 --log "$MOCK_LOG" "$@" > "$TMP/mock.out" 2> "$TMP/mock.err" &
     MOCK_PID=$!
+    MOCK_URL=$(listening_url "aigate mock" "$MOCK_PID" "$TMP/mock.out" "$TMP/mock.err") || return 1
+}
+
+# listening_url WHAT PID OUT ERR: waits for the line "WHAT listening on http://127.0.0.1:PORT" in the
+# file OUT of the server PID and prints its URL; when the server does not start, shows ERR and fails.
+listening_url() {
+    local i port
     for i in $(seq 1 200); do
-        port=$(sed -n 's/^aigate mock listening on http:\/\/127\.0\.0\.1:\([0-9]*\).*/\1/p' "$TMP/mock.out" | head -n 1)
+        port=$(sed -n "s/^$1 listening on http:\/\/127\.0\.0\.1:\([0-9]*\).*/\1/p" "$3" | head -n 1)
         if [ -n "$port" ]; then
-            MOCK_URL="http://127.0.0.1:$port"
+            echo "http://127.0.0.1:$port"
             return 0
         fi
-        kill -0 "$MOCK_PID" 2>/dev/null || break
+        kill -0 "$2" 2>/dev/null || break
         sleep 0.05
     done
-    echo "start_mock: the mock did not start:" >&2
-    cat "$TMP/mock.err" >&2
+    echo "$1 did not start:" >&2
+    cat "$4" >&2
     return 1
 }
 
@@ -84,23 +90,11 @@ stop_mock() {
 # start_upstream [ARGS...]: starts tests/e2e/upstream.lua (a plain OpenAI-compatible upstream with
 # --rps, --fail-rate, --seed, --delay and --stats) on a free port; sets UPSTREAM_URL and UPSTREAM_PID.
 start_upstream() {
-    local i port
     stop_upstream
     "$AIGATE" run "$E2E_DIR/upstream.lua" --listen 127.0.0.1:0 "$@" \
         > "$TMP/upstream.out" 2> "$TMP/upstream.err" &
     UPSTREAM_PID=$!
-    for i in $(seq 1 200); do
-        port=$(sed -n 's/^upstream listening on http:\/\/127\.0\.0\.1:\([0-9]*\).*/\1/p' "$TMP/upstream.out" | head -n 1)
-        if [ -n "$port" ]; then
-            UPSTREAM_URL="http://127.0.0.1:$port"
-            return 0
-        fi
-        kill -0 "$UPSTREAM_PID" 2>/dev/null || break
-        sleep 0.05
-    done
-    echo "start_upstream: the upstream did not start:" >&2
-    cat "$TMP/upstream.err" >&2
-    return 1
+    UPSTREAM_URL=$(listening_url upstream "$UPSTREAM_PID" "$TMP/upstream.out" "$TMP/upstream.err") || return 1
 }
 
 # stop_upstream: stops it with SIGTERM (it writes its --stats file then) and waits for it.
