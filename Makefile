@@ -81,11 +81,11 @@ bench-instructions: deps
 lint:
 	luacheck -q lua scripts tests/lua tests/e2e/json_get.lua tests/e2e/upstream.lua
 	@if command -v clang-format >/dev/null 2>&1; then \
-	  clang-format --dry-run --Werror src/*.c src/*.h tests/unit/*.c tests/unit/*.h tests/bench/*.c && echo "clang-format: clean"; \
+	  clang-format --dry-run --Werror src/*.c src/*.h tests/unit/*.c tests/unit/*.h tests/bench/*.c tests/bench/*.h && echo "clang-format: clean"; \
 	else echo "clang-format not installed: C formatting not checked"; fi
 
 format:
-	clang-format -i src/*.c src/*.h tests/unit/*.c tests/unit/*.h tests/bench/*.c
+	clang-format -i src/*.c src/*.h tests/unit/*.c tests/unit/*.h tests/bench/*.c tests/bench/*.h
 
 install: aigate
 	install -d $(DESTDIR)$(PREFIX)/bin

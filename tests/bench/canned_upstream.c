@@ -38,6 +38,8 @@
 #include <event2/keyvalq_struct.h>
 #include <event2/util.h>
 
+#include "bench.h"
+
 static const char reply_body[] =
     "{\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion\",\"created\":1700000000,"
     "\"model\":\"bench-model\",\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\","
@@ -96,18 +98,10 @@ static void send_reply(struct evhttp_request *req)
     send_canned(req, 200, "OK", reply_body, sizeof(reply_body) - 1);
 }
 
-static double monotonic_seconds(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
 /* Takes a token from the bucket: 1 when the request may pass, 0 when it is over the limit. */
 static int take_token(void)
 {
-    double t = monotonic_seconds();
+    double t = bench_now();
 
     tokens += (t - refilled_at) * rps;
     if (tokens > rps)
@@ -119,17 +113,6 @@ static int take_token(void)
     return 1;
 }
 
-/* splitmix64: a uniform draw in [0, 1) from a fixed seed, the same sequence on every platform. */
-static double next_random(void)
-{
-    uint64_t z = (rng_state += 0x9e3779b97f4a7c15u);
-
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9u;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebu;
-    z ^= z >> 31;
-    return (double)(z >> 11) / 9007199254740992.0;
-}
-
 /* Answers an error when the request is over the limit or drawn to fail: 1 if it did, else 0. */
 static int refused(struct evhttp_request *req)
 {
@@ -138,7 +121,7 @@ static int refused(struct evhttp_request *req)
         send_canned(req, 429, "Too Many Requests", rate_limit_body, sizeof(rate_limit_body) - 1);
         return 1;
     }
-    if (fail_rate > 0 && next_random() < fail_rate) {
+    if (fail_rate > 0 && bench_random(&rng_state) < fail_rate) {
         answered_503++;
         send_canned(req, 503, "Service Unavailable", unavailable_body, sizeof(unavailable_body) - 1);
         return 1;
@@ -295,7 +278,7 @@ int main(int argc, char **argv)
     delay_ms = argc > 2 ? atol(argv[2]) : 0;
     log_path = argc > 3 ? argv[3] : NULL;
     tokens = rps;
-    refilled_at = monotonic_seconds();
+    refilled_at = bench_now();
     delayed = delay_ms > 0;
     delay.tv_sec = delay_ms / 1000;
     delay.tv_usec = (delay_ms % 1000) * 1000;

@@ -14,50 +14,12 @@
 
 #include <curl/curl.h>
 
-#ifndef AIGATE_UA
-#define AIGATE_UA "aigate/0.1.0"
-#endif
-
-/* The same request aigate batch sends for the benchmark's line (run.sh checks that the two are the
- * same bytes, the Host port aside): its body and headers, so that both do the same work per request. */
-static const char request_body[] = "{\"messages\":[{\"content\":\"Say hello.\",\"role\":\"user\"}],"
-                                   "\"model\":\"workers-ai/@cf/meta/llama-3.3-70b-instruct-fp8-fast\"}";
+#include "bench.h"
 
 struct slot {
     CURL *easy;
-    char *body;
-    size_t len;
-    size_t cap;
+    struct bench_body reply;
 };
-
-static size_t write_cb(char *data, size_t size, size_t nmemb, void *userdata)
-{
-    struct slot *s = userdata;
-    size_t n = size * nmemb;
-
-    if (s->len + n + 1 > s->cap) {
-        size_t cap = s->cap ? s->cap * 2 : 1024;
-        char *p;
-        while (cap < s->len + n + 1)
-            cap *= 2;
-        p = realloc(s->body, cap);
-        if (p == NULL)
-            return 0;
-        s->body = p;
-        s->cap = cap;
-    }
-    memcpy(s->body + s->len, data, n);
-    s->len += n;
-    return n;
-}
-
-static double now(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
 
 int main(int argc, char **argv)
 {
@@ -80,22 +42,18 @@ int main(int argc, char **argv)
     }
     curl_global_init(CURL_GLOBAL_DEFAULT);
     multi = curl_multi_init();
-    headers = curl_slist_append(headers, "content-type: application/json");
-    headers = curl_slist_append(headers, "accept: application/json");
-    headers = curl_slist_append(headers, "authorization: Bearer bench-token");
-    headers = curl_slist_append(headers, "user-agent: " AIGATE_UA);
-    headers = curl_slist_append(headers, "Expect:");
+    headers = bench_request_headers();
     slots = calloc((size_t)conc, sizeof(*slots));
-    t0 = now();
+    t0 = bench_now();
     for (i = 0; i < conc && started < n; i++) {
         struct slot *s = &slots[i];
         s->easy = curl_easy_init();
         curl_easy_setopt(s->easy, CURLOPT_URL, argv[1]);
         curl_easy_setopt(s->easy, CURLOPT_HTTPHEADER, headers);
-        curl_easy_setopt(s->easy, CURLOPT_POSTFIELDS, request_body);
-        curl_easy_setopt(s->easy, CURLOPT_POSTFIELDSIZE, (long)(sizeof(request_body) - 1));
-        curl_easy_setopt(s->easy, CURLOPT_WRITEFUNCTION, write_cb);
-        curl_easy_setopt(s->easy, CURLOPT_WRITEDATA, s);
+        curl_easy_setopt(s->easy, CURLOPT_POSTFIELDS, bench_request_body);
+        curl_easy_setopt(s->easy, CURLOPT_POSTFIELDSIZE, (long)(sizeof(bench_request_body) - 1));
+        curl_easy_setopt(s->easy, CURLOPT_WRITEFUNCTION, bench_body_write);
+        curl_easy_setopt(s->easy, CURLOPT_WRITEDATA, &s->reply);
         curl_easy_setopt(s->easy, CURLOPT_PRIVATE, s);
         curl_multi_add_handle(multi, s->easy);
         started++;
@@ -116,7 +74,7 @@ int main(int argc, char **argv)
             if (msg->data.result == CURLE_OK && status == 200)
                 ok++;
             done++;
-            s->len = 0;
+            s->reply.len = 0;
             curl_multi_remove_handle(multi, s->easy);
             if (started < n) {
                 curl_multi_add_handle(multi, s->easy);
@@ -126,11 +84,11 @@ int main(int argc, char **argv)
         if (done < n)
             curl_multi_poll(multi, NULL, 0, 1000, NULL);
     }
-    printf("requests %ld ok %ld seconds %.4f\n", n, ok, now() - t0);
+    printf("requests %ld ok %ld seconds %.4f\n", n, ok, bench_now() - t0);
     for (i = 0; i < conc; i++) {
         if (slots[i].easy)
             curl_easy_cleanup(slots[i].easy);
-        free(slots[i].body);
+        free(slots[i].reply.data);
     }
     free(slots);
     curl_slist_free_all(headers);

@@ -34,9 +34,7 @@
 
 #include <curl/curl.h>
 
-#ifndef AIGATE_UA
-#define AIGATE_UA "aigate/0.1.0"
-#endif
+#include "bench.h"
 
 #define MAX_RETRIES       2
 #define INITIAL_DELAY_S   0.5
@@ -44,19 +42,13 @@
 #define MAX_RETRY_AFTER_S 60.0
 #define TRY_TIMEOUT_MS    600000L
 
-/* The same request as libcurl_driver.c and aigate batch send for the benchmark's line. */
-static const char request_body[] = "{\"messages\":[{\"content\":\"Say hello.\",\"role\":\"user\"}],"
-                                   "\"model\":\"workers-ai/@cf/meta/llama-3.3-70b-instruct-fp8-fast\"}";
-
 /* One request in flight (or waiting for its retry), in one of the C slots. */
 struct slot {
     CURL *easy;
     int retries;          /* retries made so far for the current request */
     double wake_at;       /* monotonic seconds when the retry is due; 0: none pending */
     double retry_after_s; /* from the last reply's headers; < 0: none */
-    char *body;
-    size_t len;
-    size_t cap;
+    struct bench_body reply;
 };
 
 static uint64_t rng_state = 1;
@@ -66,46 +58,6 @@ static void stop_handler(int sig)
 {
     (void)sig;
     stopping = 1;
-}
-
-static double now(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
-/* splitmix64: a uniform draw in [0, 1), the SDKs' Math.random() / random.random(). */
-static double next_random(void)
-{
-    uint64_t z = (rng_state += 0x9e3779b97f4a7c15u);
-
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9u;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebu;
-    z ^= z >> 31;
-    return (double)(z >> 11) / 9007199254740992.0;
-}
-
-static size_t write_cb(char *data, size_t size, size_t nmemb, void *userdata)
-{
-    struct slot *s = userdata;
-    size_t n = size * nmemb;
-
-    if (s->len + n + 1 > s->cap) {
-        size_t cap = s->cap ? s->cap * 2 : 1024;
-        char *p;
-        while (cap < s->len + n + 1)
-            cap *= 2;
-        p = realloc(s->body, cap);
-        if (p == NULL)
-            return 0;
-        s->body = p;
-        s->cap = cap;
-    }
-    memcpy(s->body + s->len, data, n);
-    s->len += n;
-    return n;
 }
 
 /* The value of header NAME in the header line LINE (LEN bytes), copied to OUT (NUL-terminated, trailing
@@ -186,13 +138,13 @@ static double retry_delay(const struct slot *s)
         d *= 2;
     if (d > MAX_DELAY_S)
         d = MAX_DELAY_S;
-    return d * (1.0 - next_random() * 0.25);
+    return d * (1.0 - bench_random(&rng_state) * 0.25);
 }
 
 /* Starts a try of the slot's request. */
 static void start_try(CURLM *multi, struct slot *s)
 {
-    s->len = 0;
+    s->reply.len = 0;
     s->retry_after_s = -1;
     s->wake_at = 0;
     curl_multi_add_handle(multi, s->easy);
@@ -203,10 +155,10 @@ static void setup_slot(struct slot *s, const char *url, struct curl_slist *heade
     s->easy = curl_easy_init();
     curl_easy_setopt(s->easy, CURLOPT_URL, url);
     curl_easy_setopt(s->easy, CURLOPT_HTTPHEADER, headers);
-    curl_easy_setopt(s->easy, CURLOPT_POSTFIELDS, request_body);
-    curl_easy_setopt(s->easy, CURLOPT_POSTFIELDSIZE, (long)(sizeof(request_body) - 1));
-    curl_easy_setopt(s->easy, CURLOPT_WRITEFUNCTION, write_cb);
-    curl_easy_setopt(s->easy, CURLOPT_WRITEDATA, s);
+    curl_easy_setopt(s->easy, CURLOPT_POSTFIELDS, bench_request_body);
+    curl_easy_setopt(s->easy, CURLOPT_POSTFIELDSIZE, (long)(sizeof(bench_request_body) - 1));
+    curl_easy_setopt(s->easy, CURLOPT_WRITEFUNCTION, bench_body_write);
+    curl_easy_setopt(s->easy, CURLOPT_WRITEDATA, &s->reply);
     curl_easy_setopt(s->easy, CURLOPT_HEADERFUNCTION, header_cb);
     curl_easy_setopt(s->easy, CURLOPT_HEADERDATA, s);
     curl_easy_setopt(s->easy, CURLOPT_TIMEOUT_MS, TRY_TIMEOUT_MS);
@@ -216,7 +168,7 @@ static void setup_slot(struct slot *s, const char *url, struct curl_slist *heade
 /* Milliseconds until the first pending retry is due (at most 1000). */
 static int poll_timeout_ms(const struct slot *slots, long conc)
 {
-    double t = now();
+    double t = bench_now();
     double wait = 1.0;
 
     for (long i = 0; i < conc; i++)
@@ -252,15 +204,11 @@ int main(int argc, char **argv)
     signal(SIGINT, stop_handler);
     curl_global_init(CURL_GLOBAL_DEFAULT);
     multi = curl_multi_init();
-    headers = curl_slist_append(headers, "content-type: application/json");
-    headers = curl_slist_append(headers, "accept: application/json");
-    headers = curl_slist_append(headers, "authorization: Bearer bench-token");
-    headers = curl_slist_append(headers, "user-agent: " AIGATE_UA);
-    headers = curl_slist_append(headers, "Expect:");
+    headers = bench_request_headers();
     slots = calloc((size_t)conc, sizeof(*slots));
     if (multi == NULL || slots == NULL)
         return 1;
-    t0 = now();
+    t0 = bench_now();
     for (i = 0; i < conc && started < n; i++) {
         setup_slot(&slots[i], argv[1], headers);
         start_try(multi, &slots[i]);
@@ -283,7 +231,7 @@ int main(int argc, char **argv)
             curl_easy_getinfo(msg->easy_handle, CURLINFO_RESPONSE_CODE, &status);
             curl_multi_remove_handle(multi, s->easy);
             if (retryable(msg->data.result, status) && s->retries < MAX_RETRIES) {
-                s->wake_at = now() + retry_delay(s);
+                s->wake_at = bench_now() + retry_delay(s);
                 s->retries++;
                 continue;
             }
@@ -297,7 +245,7 @@ int main(int argc, char **argv)
                 tries++;
             }
         }
-        t = now();
+        t = bench_now();
         for (i = 0; i < conc; i++) {
             if (slots[i].wake_at > 0 && slots[i].wake_at <= t) {
                 start_try(multi, &slots[i]);
@@ -307,11 +255,11 @@ int main(int argc, char **argv)
         if (done < n)
             curl_multi_poll(multi, NULL, 0, poll_timeout_ms(slots, conc), NULL);
     }
-    printf("requests %ld ok %ld failed %ld tries %ld seconds %.4f\n", n, ok, n - ok, tries, now() - t0);
+    printf("requests %ld ok %ld failed %ld tries %ld seconds %.4f\n", n, ok, n - ok, tries, bench_now() - t0);
     for (i = 0; i < conc; i++) {
         if (slots[i].easy)
             curl_easy_cleanup(slots[i].easy);
-        free(slots[i].body);
+        free(slots[i].reply.data);
     }
     free(slots);
     curl_slist_free_all(headers);
