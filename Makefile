@@ -14,10 +14,10 @@ DEPLIBS   = -l:liblua5.4-cjson.a $(shell pkg-config --libs $(PKGS) 2>/dev/null |
 ALL_CFLAGS = $(STD) $(WARN) $(CFLAGS) $(DEPCFLAGS) -DAIGATE_DATADIR='"$(DATADIR)"'
 ASAN_FLAGS = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined -DAIGATE_DEBUG
 
-SRCS := src/main.c src/core.c src/task.c src/http_client.c src/http_server.c src/lane.c src/sse.c src/buf.c
+SRCS := src/main.c src/core.c src/task.c src/http_client.c src/http_server.c src/lane.c src/sse.c src/buf.c src/headers.c
 HDRS := $(wildcard src/*.h)
 UNIT_TESTS := $(patsubst tests/unit/%.c,tests/unit/%,$(wildcard tests/unit/test_*.c))
-UNIT_LIB := src/sse.c src/buf.c tests/unit/unit.c
+UNIT_LIB := src/sse.c src/buf.c src/headers.c tests/unit/unit.c
 
 DEB_PACKAGES := gcc make pkg-config liblua5.4-dev libcurl4-openssl-dev lua-cjson-dev libevent-dev curl ca-certificates \
                 openssl \
