@@ -898,6 +898,8 @@ static int read_line(struct reader *rd, const char **line, size_t *len, size_t *
     size_t skipped = 0;
 
     *oversize = 0;
+    if (rd->buf.data == NULL)
+        buf_reserve(&rd->buf, READ_BLOCK); /* base below is an offset into it, even while empty */
     for (;;) {
         char *base = rd->buf.data + rd->pos;
         size_t avail = rd->buf.len - rd->pos;
