@@ -41,6 +41,10 @@ FUZZ_TARGETS += sse
 FUZZ_sse_SRCS := src/sse.c src/buf.c
 FUZZ_sse_LIBS := $(LUA_LIBS)
 
+FUZZ_TARGETS += headers
+FUZZ_headers_SRCS := src/headers.c src/buf.c
+FUZZ_headers_LIBS := $(LUA_LIBS)
+
 all: aigate
 
 aigate: $(SRCS) $(HDRS)
