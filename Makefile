@@ -13,6 +13,9 @@ DEPCFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null || echo -I/usr/inclu
 DEPLIBS   = -l:liblua5.4-cjson.a $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -llua5.4 -lcurl -levent) -lm -pthread
 ALL_CFLAGS = $(STD) $(WARN) $(CFLAGS) $(DEPCFLAGS) -DAIGATE_DATADIR='"$(DATADIR)"'
 ASAN_FLAGS = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined -DAIGATE_DEBUG
+# The sanitizer build uses clang when it is there (`make asan` installs it): clang's UBSan also flags
+# arithmetic on a NULL pointer (NULL + 0, part of -fsanitize=pointer-overflow), which gcc's does not.
+ASAN_CC  ?= $(shell command -v clang >/dev/null 2>&1 && echo clang || echo $(CC))
 CLANG_PACKAGES := clang libclang-rt-dev
 LUA_LIBS  = $(shell pkg-config --libs lua5.4 2>/dev/null || echo -llua5.4)
 
@@ -25,7 +28,7 @@ DEB_PACKAGES := gcc make pkg-config liblua5.4-dev libcurl4-openssl-dev lua-cjson
                 openssl \
                 lua-check
 
-.PHONY: all test asan fuzz fuzz-build fuzz-replays demo bench bench-instructions deps install uninstall \
+.PHONY: all test asan asan-build fuzz fuzz-build fuzz-replays demo bench bench-instructions deps install uninstall \
         clean clean-units units lint format
 
 # ---- fuzz harnesses (tests/fuzz/) ------------------------------------------------------------------
@@ -51,7 +54,7 @@ aigate: $(SRCS) $(HDRS)
 	$(CC) $(ALL_CFLAGS) -o $@ $(SRCS) $(DEPLIBS)
 
 aigate-asan: $(SRCS) $(HDRS)
-	$(CC) $(STD) $(WARN) $(ASAN_FLAGS) $(DEPCFLAGS) -o $@ $(SRCS) $(DEPLIBS)
+	$(ASAN_CC) $(STD) $(WARN) $(ASAN_FLAGS) $(DEPCFLAGS) -o $@ $(SRCS) $(DEPLIBS)
 
 tests/unit/%: tests/unit/%.c $(UNIT_LIB) $(HDRS) tests/unit/unit.h
 	$(CC) $(ALL_CFLAGS) -Isrc -o $@ $< $(UNIT_LIB) $(DEPLIBS)
@@ -105,12 +108,18 @@ test: deps
 	$(MAKE) aigate units fuzz-replays
 	AIGATE_BIN=./aigate tests/run.sh
 
+# The whole suite on the sanitizer build (clang's, see ASAN_CC), the unit tests and corpus replays too.
 asan: deps
-	$(MAKE) aigate-asan
-	$(MAKE) clean-units
-	$(MAKE) units fuzz-replays CFLAGS="$(ASAN_FLAGS)"
+	$(MAKE) deps DEB_PACKAGES="$(CLANG_PACKAGES)"
+	$(MAKE) asan-build
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 AIGATE_BIN=./aigate-asan AIGATE_ASAN=1 tests/run.sh; \
 	  rc=$$?; $(MAKE) clean-units; exit $$rc
+
+# (A make of its own, so that ASAN_CC sees the clang just installed.)
+asan-build:
+	$(MAKE) -B aigate-asan
+	$(MAKE) clean-units
+	$(MAKE) units fuzz-replays CC="$(ASAN_CC)" CFLAGS="$(ASAN_FLAGS)"
 
 demo: deps
 	$(MAKE) aigate
