@@ -1,4 +1,4 @@
-# aigate: build, test, sanitizer build, fuzzing, demo, benchmarks, install.
+# aigate: build, test, sanitizer build, fuzzing, valgrind, demo, benchmarks, install.
 # `make demo` and `make test` install the Debian packages that are missing first (apt-get, as root or
 # through sudo), so both work on a fresh Debian/Ubuntu machine.
 
@@ -28,7 +28,7 @@ DEB_PACKAGES := gcc make pkg-config liblua5.4-dev libcurl4-openssl-dev lua-cjson
                 openssl \
                 lua-check
 
-.PHONY: all test asan asan-build fuzz fuzz-build fuzz-replays demo bench bench-instructions deps install uninstall \
+.PHONY: all test asan asan-build fuzz fuzz-build fuzz-replays valgrind demo bench bench-instructions deps install uninstall \
         clean clean-units units lint format
 
 # ---- fuzz harnesses (tests/fuzz/) ------------------------------------------------------------------
@@ -120,6 +120,13 @@ asan-build:
 	$(MAKE) -B aigate-asan
 	$(MAKE) clean-units
 	$(MAKE) units fuzz-replays CC="$(ASAN_CC)" CFLAGS="$(ASAN_FLAGS)"
+
+# A representative set (chats, a streamed chat, batches to a file, 200 requests in flight) under
+# valgrind's memcheck: no error, nothing definitely lost.
+valgrind: deps
+	$(MAKE) aigate
+	$(MAKE) deps DEB_PACKAGES=valgrind
+	AIGATE_BIN=./aigate tests/valgrind.sh
 
 demo: deps
 	$(MAKE) aigate
