@@ -1,4 +1,4 @@
-# aigate: build, test, sanitizer build, demo, benchmarks, install.
+# aigate: build, test, sanitizer build, fuzzing, valgrind, demo, benchmarks, install.
 # `make demo` and `make test` install the Debian packages that are missing first (apt-get, as root or
 # through sudo), so both work on a fresh Debian/Ubuntu machine.
 
@@ -13,17 +13,40 @@ DEPCFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null || echo -I/usr/inclu
 DEPLIBS   = -l:liblua5.4-cjson.a $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -llua5.4 -lcurl -levent) -lm -pthread
 ALL_CFLAGS = $(STD) $(WARN) $(CFLAGS) $(DEPCFLAGS) -DAIGATE_DATADIR='"$(DATADIR)"'
 ASAN_FLAGS = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined -DAIGATE_DEBUG
+# The sanitizer build uses clang when it is there (`make asan` installs it): clang's UBSan also flags
+# arithmetic on a NULL pointer (NULL + 0, part of -fsanitize=pointer-overflow), which gcc's does not.
+ASAN_CC  ?= $(shell command -v clang >/dev/null 2>&1 && echo clang || echo $(CC))
+CLANG_PACKAGES := clang libclang-rt-dev
+LUA_LIBS  = $(shell pkg-config --libs lua5.4 2>/dev/null || echo -llua5.4)
 
-SRCS := src/main.c src/core.c src/task.c src/http_client.c src/http_server.c src/lane.c src/sse.c src/buf.c
+SRCS := src/main.c src/core.c src/task.c src/http_client.c src/http_server.c src/lane.c src/sse.c src/buf.c src/headers.c
 HDRS := $(wildcard src/*.h)
 UNIT_TESTS := $(patsubst tests/unit/%.c,tests/unit/%,$(wildcard tests/unit/test_*.c))
-UNIT_LIB := src/sse.c src/buf.c tests/unit/unit.c
+UNIT_LIB := src/sse.c src/buf.c src/headers.c tests/unit/unit.c
 
 DEB_PACKAGES := gcc make pkg-config liblua5.4-dev libcurl4-openssl-dev lua-cjson-dev libevent-dev curl ca-certificates \
                 openssl \
                 lua-check
 
-.PHONY: all test asan demo bench bench-instructions deps install uninstall clean units lint format
+.PHONY: all test asan asan-build fuzz fuzz-build fuzz-replays valgrind demo bench bench-instructions deps install uninstall \
+        clean clean-units units lint format
+
+# ---- fuzz harnesses (tests/fuzz/) ------------------------------------------------------------------
+# A harness is tests/fuzz/fuzz_<name>.c (libFuzzer's LLVMFuzzerTestOneInput), declared here with
+#   FUZZ_TARGETS += <name>
+#   FUZZ_<name>_SRCS := the src/*.c files it links besides itself
+#   FUZZ_<name>_LIBS := extra libraries (optional)
+# and its corpus, seeds and every input that ever crashed it, is tests/fuzz/corpus/<name>/. The rules
+# further down build tests/fuzz/fuzz_<name> (clang, libFuzzer, ASan, UBSan) for `make fuzz`, and
+# tests/fuzz/replay_<name> (the harness and tests/fuzz/replay.c, normal compiler) with which `make test`
+# replays the corpus. Nothing else needs to change for a new harness.
+FUZZ_TARGETS += sse
+FUZZ_sse_SRCS := src/sse.c src/buf.c
+FUZZ_sse_LIBS := $(LUA_LIBS)
+
+FUZZ_TARGETS += headers
+FUZZ_headers_SRCS := src/headers.c src/buf.c
+FUZZ_headers_LIBS := $(LUA_LIBS)
 
 all: aigate
 
@@ -31,12 +54,44 @@ aigate: $(SRCS) $(HDRS)
 	$(CC) $(ALL_CFLAGS) -o $@ $(SRCS) $(DEPLIBS)
 
 aigate-asan: $(SRCS) $(HDRS)
-	$(CC) $(STD) $(WARN) $(ASAN_FLAGS) $(DEPCFLAGS) -o $@ $(SRCS) $(DEPLIBS)
+	$(ASAN_CC) $(STD) $(WARN) $(ASAN_FLAGS) $(DEPCFLAGS) -o $@ $(SRCS) $(DEPLIBS)
 
 tests/unit/%: tests/unit/%.c $(UNIT_LIB) $(HDRS) tests/unit/unit.h
 	$(CC) $(ALL_CFLAGS) -Isrc -o $@ $< $(UNIT_LIB) $(DEPLIBS)
 
 units: $(UNIT_TESTS)
+
+# The fuzz rules expand each harness's variables when a rule is used, after the whole Makefile is read,
+# so FUZZ_TARGETS lines anywhere in it count. LLVMFuzzerTestOneInput has no header: harnesses are built
+# without -Wmissing-prototypes.
+FUZZ_CC      ?= clang
+FUZZ_FLAGS   := -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+FUZZ_SECONDS ?= 60
+FUZZ_OUT     ?= tests/fuzz/out
+FUZZ_HDRS    := $(wildcard tests/fuzz/*.h)
+FUZZ_BINS     = $(FUZZ_TARGETS:%=tests/fuzz/fuzz_%)
+FUZZ_REPLAYS  = $(FUZZ_TARGETS:%=tests/fuzz/replay_%)
+
+.SECONDEXPANSION:
+tests/fuzz/fuzz_%: tests/fuzz/fuzz_%.c $$(FUZZ_$$*_SRCS) $(HDRS) $(FUZZ_HDRS)
+	$(FUZZ_CC) $(STD) $(WARN) -Wno-missing-prototypes $(FUZZ_FLAGS) $(DEPCFLAGS) -Isrc -o $@ $< \
+	  $(FUZZ_$*_SRCS) $(FUZZ_$*_LIBS) -lm
+
+tests/fuzz/replay_%: tests/fuzz/fuzz_%.c tests/fuzz/replay.c $$(FUZZ_$$*_SRCS) $(HDRS) $(FUZZ_HDRS)
+	$(CC) $(ALL_CFLAGS) -Wno-missing-prototypes -Isrc -o $@ $< tests/fuzz/replay.c \
+	  $(FUZZ_$*_SRCS) $(FUZZ_$*_LIBS) -lm
+
+fuzz-build: $$(FUZZ_BINS)
+
+fuzz-replays: $$(FUZZ_REPLAYS)
+
+# Runs each harness for FUZZ_SECONDS (one: `make fuzz FUZZ_TARGETS=sse`), seeded with its committed
+# corpus; new inputs go to $(FUZZ_OUT)/<name>/new, crashes to $(FUZZ_OUT)/<name>/crashes (the
+# corpus only grows by commits). Fails when a harness crashed, saying where the input is.
+fuzz:
+	$(MAKE) deps DEB_PACKAGES="$(CLANG_PACKAGES)"
+	$(MAKE) fuzz-build
+	FUZZ_SECONDS=$(FUZZ_SECONDS) FUZZ_OUT=$(FUZZ_OUT) tests/fuzz/fuzz.sh $(FUZZ_TARGETS)
 
 # Installs the Debian packages the build and the tests need, when some are missing.
 deps:
@@ -50,15 +105,28 @@ deps:
 	fi
 
 test: deps
-	$(MAKE) aigate units
+	$(MAKE) aigate units fuzz-replays
 	AIGATE_BIN=./aigate tests/run.sh
 
+# The whole suite on the sanitizer build (clang's, see ASAN_CC), the unit tests and corpus replays too.
 asan: deps
-	$(MAKE) aigate-asan
-	$(MAKE) clean-units
-	$(MAKE) units CFLAGS="$(ASAN_FLAGS)"
+	$(MAKE) deps DEB_PACKAGES="$(CLANG_PACKAGES)"
+	$(MAKE) asan-build
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 AIGATE_BIN=./aigate-asan AIGATE_ASAN=1 tests/run.sh; \
 	  rc=$$?; $(MAKE) clean-units; exit $$rc
+
+# (A make of its own, so that ASAN_CC sees the clang just installed.)
+asan-build:
+	$(MAKE) -B aigate-asan
+	$(MAKE) clean-units
+	$(MAKE) units fuzz-replays CC="$(ASAN_CC)" CFLAGS="$(ASAN_FLAGS)"
+
+# A representative set (chats, a streamed chat, batches to a file, 200 requests in flight) under
+# valgrind's memcheck: no error, nothing definitely lost.
+valgrind: deps
+	$(MAKE) aigate
+	$(MAKE) deps DEB_PACKAGES=valgrind
+	AIGATE_BIN=./aigate tests/valgrind.sh
 
 demo: deps
 	$(MAKE) aigate
@@ -77,15 +145,17 @@ bench-instructions: deps
 	$(MAKE) deps DEB_PACKAGES=valgrind
 	tests/bench/instructions.sh
 
+C_FORMATTED = src/*.c src/*.h tests/unit/*.c tests/unit/*.h tests/bench/*.c tests/bench/*.h $(wildcard tests/fuzz/*.c tests/fuzz/*.h)
+
 # luacheck over every Lua file (part of `make test` too), and clang-format's verdict on the C sources.
 lint:
 	luacheck -q lua scripts tests/lua tests/e2e/json_get.lua tests/e2e/upstream.lua
 	@if command -v clang-format >/dev/null 2>&1; then \
-	  clang-format --dry-run --Werror src/*.c src/*.h tests/unit/*.c tests/unit/*.h tests/bench/*.c tests/bench/*.h && echo "clang-format: clean"; \
+	  clang-format --dry-run --Werror $(C_FORMATTED) && echo "clang-format: clean"; \
 	else echo "clang-format not installed: C formatting not checked"; fi
 
 format:
-	clang-format -i src/*.c src/*.h tests/unit/*.c tests/unit/*.h tests/bench/*.c tests/bench/*.h
+	clang-format -i $(C_FORMATTED)
 
 install: aigate
 	install -d $(DESTDIR)$(PREFIX)/bin
@@ -98,7 +168,7 @@ uninstall:
 	rm -rf $(DESTDIR)$(DATADIR)
 
 clean-units:
-	rm -f $(UNIT_TESTS)
+	rm -f $(UNIT_TESTS) $(FUZZ_REPLAYS)
 
 clean: clean-units
-	rm -f aigate aigate-asan
+	rm -f aigate aigate-asan $(FUZZ_BINS)

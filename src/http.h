@@ -15,6 +15,7 @@
 #include <lua.h>
 
 #include "buf.h"
+#include "headers.h" /* the reply's header set: http_header_line, header_value, http_push_headers */
 
 #define HTTP_DEFAULT_MAX_SIZE (64 * 1024 * 1024)
 
@@ -54,11 +55,6 @@ int http_client_add(CURL *easy);
 /* Takes it off again (before reuse or when cancelled). */
 void http_client_remove(CURL *easy);
 
-/* One header line from curl's header callback: a status line sets *status and clears hdrs; a
- * "Name: value" line appends "name\0value\0" (name lowercased, value trimmed). */
-void http_header_line(struct buf *hdrs, long *status, const char *data, size_t len);
-/* Pushes the table name -> value of hdrs (repeated names joined with ", "). */
-void http_push_headers(lua_State *L, const struct buf *hdrs);
 /* Pushes core.request's error string for a failed transfer: "kind: detail". */
 void http_push_error(lua_State *L, CURLcode rc, const char *errbuf, size_t received, size_t max_size);
 

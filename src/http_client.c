@@ -9,7 +9,6 @@
  * or, for a 2xx reply with `on_chunk`, handed to that Lua function piece by piece (on the main
  * thread, protected) so streaming costs no task switches. Easy handles are pooled.
  */
-#include <ctype.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -285,29 +284,6 @@ static void transfer_free(struct transfer *tr)
 static void transfer_cancel(struct pending *p)
 {
     transfer_free((struct transfer *)p);
-}
-
-void http_push_headers(lua_State *L, const struct buf *hdrs)
-{
-    const char *p = hdrs->data;
-    const char *end = p + hdrs->len;
-
-    lua_newtable(L);
-    while (p && p < end) {
-        const char *name = p;
-        const char *value = name + strlen(name) + 1;
-        p = value + strlen(value) + 1;
-        lua_getfield(L, -1, name);
-        if (lua_isstring(L, -1)) {
-            lua_pushstring(L, ", ");
-            lua_pushstring(L, value);
-            lua_concat(L, 3);
-        } else {
-            lua_pop(L, 1);
-            lua_pushstring(L, value);
-        }
-        lua_setfield(L, -2, name);
-    }
 }
 
 /* Pushes the response table {status, headers, body} on L. */
@@ -604,40 +580,6 @@ void http_easy_ca(CURL *easy, const char *ca_file, const char *ca_path)
 {
     curl_easy_setopt(easy, CURLOPT_CAINFO, ca_file ? ca_file : default_ca_file);
     curl_easy_setopt(easy, CURLOPT_CAPATH, ca_path ? ca_path : default_ca_path);
-}
-
-void http_header_line(struct buf *hdrs, long *status, const char *data, size_t len)
-{
-    const char *colon;
-    size_t name_len;
-    size_t i;
-    const char *value;
-    const char *vend;
-
-    if (len >= 5 && memcmp(data, "HTTP/", 5) == 0) {
-        /* A new status line (after 1xx, or a new response): start the header set again. */
-        const char *sp = memchr(data, ' ', len);
-        *status = sp ? strtol(sp + 1, NULL, 10) : 0;
-        buf_reset(hdrs);
-        return;
-    }
-    colon = memchr(data, ':', len);
-    if (colon == NULL)
-        return;
-    name_len = (size_t)(colon - data);
-    value = colon + 1;
-    vend = data + len;
-    while (value < vend && (*value == ' ' || *value == '\t'))
-        value++;
-    while (vend > value && (vend[-1] == '\r' || vend[-1] == '\n' || vend[-1] == ' ' || vend[-1] == '\t'))
-        vend--;
-    buf_reserve(hdrs, name_len + (size_t)(vend - value) + 2);
-    for (i = 0; i < name_len; i++)
-        hdrs->data[hdrs->len++] = (char)tolower((unsigned char)data[i]);
-    hdrs->data[hdrs->len++] = '\0';
-    memcpy(hdrs->data + hdrs->len, value, (size_t)(vend - value));
-    hdrs->len += (size_t)(vend - value);
-    hdrs->data[hdrs->len++] = '\0';
 }
 
 static size_t header_cb(char *data, size_t size, size_t nitems, void *userdata)

@@ -575,26 +575,6 @@ static void append_quoted(struct buf *b, const char *s, size_t len)
     buf_append_char(b, '"');
 }
 
-/* The value of response header name (lowercase), repeated ones joined with ", "; 0 if absent. */
-static int header_value(const struct buf *hdrs, const char *name, struct buf *out)
-{
-    const char *p = hdrs->data;
-    const char *end = p + hdrs->len;
-    int found = 0;
-
-    while (p && p < end) {
-        const char *n = p;
-        const char *v = n + strlen(n) + 1;
-        p = v + strlen(v) + 1;
-        if (strcmp(n, name) == 0) {
-            if (found++)
-                APPEND_LIT(out, ", ");
-            buf_append(out, v, strlen(v));
-        }
-    }
-    return found;
-}
-
 static void append_int(struct buf *b, long long v)
 {
     char tmp[24];
@@ -629,14 +609,14 @@ static void append_seconds(struct buf *b, double v, const char *fmt)
  * errors.REQUEST_ID_HEADERS) that the reply has with a value. Returns 1 when found. */
 static int request_id(const struct lane *ln, const struct slot *sl, struct buf *out)
 {
-    const char *p = ln->request_id_headers.data;
-    const char *end = p + ln->request_id_headers.len;
+    size_t pos = 0;
 
-    while (p && p < end) {
+    while (pos < ln->request_id_headers.len) {
+        const char *name = ln->request_id_headers.data + pos;
         buf_reset(out);
-        if (header_value(&sl->headers, p, out) && out->len > 0)
+        if (header_value(&sl->headers, name, out) && out->len > 0)
             return 1;
-        p += strlen(p) + 1;
+        pos += strlen(name) + 1;
     }
     return 0;
 }
@@ -918,6 +898,8 @@ static int read_line(struct reader *rd, const char **line, size_t *len, size_t *
     size_t skipped = 0;
 
     *oversize = 0;
+    if (rd->buf.data == NULL)
+        buf_reserve(&rd->buf, READ_BLOCK); /* base below is an offset into it, even while empty */
     for (;;) {
         char *base = rd->buf.data + rd->pos;
         size_t avail = rd->buf.len - rd->pos;

@@ -2,8 +2,10 @@
 # run.sh: runs every test layer and adds up their results.
 #
 # 1. C unit tests (tests/unit/test_*, built by `make units`);
-# 2. Lua tests of the library (tests/lua/run.lua, run by the aigate binary itself);
-# 3. end-to-end tests of the real binary against `aigate mock` on loopback (tests/e2e/test_*.sh).
+# 2. the committed fuzz corpora, replayed through their harnesses (tests/fuzz/replay.sh; the replay
+#    binaries are built by `make fuzz-replays`);
+# 3. Lua tests of the library (tests/lua/run.lua, run by the aigate binary itself);
+# 4. end-to-end tests of the real binary against `aigate mock` on loopback (tests/e2e/test_*.sh).
 # Each part prints `N passed, N failed` last; a part that dies without that line counts as one failure.
 # Ends with one line `N passed, N failed`; exits non-zero when anything failed.
 # AIGATE_BIN picks the binary (./aigate, or ./aigate-asan for `make asan`).
@@ -68,6 +70,8 @@ for t in tests/unit/test_*; do
     case "$t" in *.c) continue ;; esac
     [ -x "$t" ] && run_part "unit/$(basename "$t")" "$t"
 done
+
+run_part "fuzz corpora" bash tests/fuzz/replay.sh
 
 if [ -f tests/lua/run.lua ]; then
     run_part "lua" "$AIGATE_BIN" run tests/lua/run.lua
