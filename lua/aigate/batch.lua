@@ -439,10 +439,8 @@ function M.error_line(req_id, item, err, info)
   local error_json = http and "null" or concat({ '{"code":', enc(code), ',"message":', enc(message), "}" })
   -- Messages, attempts and bodies may quote secrets (a hook's traceback); the id is left as it is, so
   -- that --resume finds it.
-  return concat({
-    '{"id":"', req_id, '","custom_id":', enc(item.id), ',"error":', redact(error_json), ',"response":',
-    redact(response), ',"aigate":', redact(enc(aig)), "}",
-  })
+  return concat({ '{"id":"', req_id, '","custom_id":', enc(item.id),
+    redact(concat({ ',"error":', error_json, ',"response":', response, ',"aigate":', enc(aig), "}" })) })
 end
 
 -- ---- resume --------------------------------------------------------------------------------------

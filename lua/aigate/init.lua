@@ -37,11 +37,12 @@ M.breaker = breaker
 local current_config -- set by configure, or loaded on first use
 local cacert -- set by use_cacert (the --cacert option)
 
--- The secrets of the process (aigate.secrets) read the environment through core.getenv as it is when
--- text is redacted (tests replace it). Every provider's token variable is one (aigate.provider lists
--- them); the config adds its own (token_env, provider_key_env, variables in headers) when validated.
-secrets.getenv = function(name)
-  return core.getenv(name)
+-- The secrets of the process (aigate.secrets) read the environment with core.getenv, whichever it is
+-- when text is redacted (tests replace it). Every provider's token variable is one (aigate.provider
+-- lists them); the config adds its own (token_env, provider_key_env, variables in headers) when
+-- validated.
+secrets.reader = function()
+  return core.getenv
 end
 M.secrets = secrets
 

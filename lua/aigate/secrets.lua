@@ -2,8 +2,8 @@
 --
 -- One set for the whole process, which only grows:
 --   - the values of the token variables: every provider's, CLOUDFLARE_API_TOKEN, and those the
---     config names (token_env, provider_key_env) or puts into headers as ${VAR}. They are read when
---     text is redacted, so a variable set or changed later still counts (`add_env`);
+--     config names (token_env, provider_key_env) or puts into headers as ${VAR} (`add_env`). They
+--     are read at the first redaction after a variable is added (or the reader replaced);
 --   - every header value that `${VAR}` expansion produced, and the variables' values themselves
 --     (`add_expanded`): they are shown as *** whole wherever a header is shown;
 --   - every value of a credential header (SENSITIVE) that a request carried or the config wrote
@@ -42,18 +42,22 @@ M.SENSITIVE = {
   ["x-goog-api-key"] = true,
 }
 
---- How environment variables are read (aigate sets its own, which tests may replace).
-M.getenv = os.getenv
+--- The function environment variables are read with, as reader() returns it: aigate makes it
+-- core.getenv, which tests replace. The variables are read again only when that function changes or
+-- a variable is added (reread_env forces it): nothing in the process changes its own environment,
+-- and reading it costs a scan of the whole environment per variable.
+M.reader = function()
+  return os.getenv
+end
 
-local find, gsub, byte, format = string.find, string.gsub, string.byte, string.format
+local find, gsub, sub, byte, format, concat = string.find, string.gsub, string.sub, string.byte, string.format, table.concat
 
 local known = {} -- every form registered, as a set
 local forms = {} -- the same, longest first once sorted
-local patterns = {} -- forms[i] as a Lua pattern matching itself
 local sorted = true
 local env_names, env_listed = {}, {}
 local hidden = {} -- whole header values shown as MARK
-local env_values = {} -- name -> the value last seen, so that an unchanged variable costs one lookup
+local read_with, read_count -- the function the variables were last read with, and how many there were
 
 -- The text JSON writes for s inside a string (without the quotes); slash: whether "/" is escaped
 -- (cjson does, aigate's own encoder does not).
@@ -128,17 +132,21 @@ function M.add_env(name)
   end
 end
 
--- The variables' values as they are now: one lookup each, and a new value is added.
+-- The variables' values, when they may have changed since they were last read.
 local function refresh_env()
-  local getenv = M.getenv
-  for i = 1, #env_names do
-    local name = env_names[i]
-    local v = getenv(name)
-    if v ~= env_values[name] then
-      env_values[name] = v
-      M.add(v)
-    end
+  local getenv = M.reader()
+  if getenv == read_with and read_count == #env_names then
+    return
   end
+  read_with, read_count = getenv, #env_names
+  for i = 1, #env_names do
+    M.add(getenv(env_names[i]))
+  end
+end
+
+--- Reads the variables again at the next redaction (a test that changes its stand-in environment).
+function M.reread_env()
+  read_with = nil
 end
 
 local function sort_forms()
@@ -146,11 +154,36 @@ local function sort_forms()
   table.sort(forms, function(a, b)
     return #a > #b or (#a == #b and a < b)
   end)
-  for i = 1, #forms do
-    patterns[i] = gsub(forms[i], "%p", "%%%0")
-  end
-  patterns[#forms + 1] = nil
   sorted = true
+end
+
+-- text with every occurrence of s, found first at a..b, replaced by MARK. (A plain find loop: gsub
+-- with s escaped into a pattern is four times slower.)
+local function replace(text, s, a, b)
+  local parts, n, i = {}, 0, 1
+  while a do
+    parts[n + 1], parts[n + 2] = sub(text, i, a - 1), M.MARK
+    n = n + 2
+    i = b + 1
+    a, b = find(text, s, i, true)
+  end
+  parts[n + 1] = sub(text, i)
+  return concat(parts)
+end
+
+-- text with every secret known so far replaced (the variables not read again).
+local function scrub(text)
+  if not sorted then
+    sort_forms()
+  end
+  for i = 1, #forms do
+    local s = forms[i]
+    local a, b = find(text, s, 1, true)
+    if a then
+      text = replace(text, s, a, b)
+    end
+  end
+  return text
 end
 
 --- text with every secret replaced by MARK; anything but a string is returned as it is.
@@ -159,15 +192,7 @@ function M.redact(text)
     return text
   end
   refresh_env()
-  if not sorted then
-    sort_forms()
-  end
-  for i = 1, #forms do
-    if find(text, forms[i], 1, true) then
-      text = gsub(text, patterns[i], M.MARK)
-    end
-  end
-  return text
+  return scrub(text)
 end
 
 --- The value of header `name` as shown to people: credentials as "Bearer ***" or "***", a header
@@ -185,18 +210,22 @@ function M.shown_header(name, value)
   return M.redact(value)
 end
 
---- Every string in t (a table of tables, as aigate.chat's info), redacted in place, depth at most 4.
-function M.redact_table(t, depth)
-  depth = depth or 4
-  if type(t) ~= "table" or depth <= 0 then
-    return t
-  end
+local function scrub_table(t, depth)
   for k, v in pairs(t) do
     if type(v) == "string" then
-      t[k] = M.redact(v)
-    elseif type(v) == "table" then
-      M.redact_table(v, depth - 1)
+      t[k] = scrub(v)
+    elseif type(v) == "table" and depth > 1 then
+      scrub_table(v, depth - 1)
     end
+  end
+end
+
+--- Every string in t (a table of tables, as aigate.chat's info), redacted in place, depth at most 4
+-- (1: t's own strings only). Returns t.
+function M.redact_table(t, depth)
+  if type(t) == "table" then
+    refresh_env()
+    scrub_table(t, depth or 4)
   end
   return t
 end

@@ -12,6 +12,18 @@ local aigate = require("aigate")
 
 local cases = {}
 
+-- Makes env (a table) the environment the secrets are read from, for this case.
+local function use_env(env)
+  local saved = secrets.reader
+  t.defer(function()
+    secrets.reader = saved
+  end)
+  local getenv = t.env(env)
+  secrets.reader = function()
+    return getenv
+  end
+end
+
 cases.forms_of_a_secret = function()
   local s = 'sec-forms/1234"x\\y'
   secrets.add(s)
@@ -45,27 +57,25 @@ end
 
 cases.token_variables_are_read_when_redacting = function()
   local env = {}
-  local saved = secrets.getenv
-  t.defer(function()
-    secrets.getenv = saved
-  end)
-  secrets.getenv = t.env(env)
+  use_env(env)
   secrets.add_env("SEC_TEST_TOKEN")
   t.eq(secrets.redact("v sec-env-value-1"), "v sec-env-value-1")
   env.SEC_TEST_TOKEN = "sec-env-value-1"
+  t.eq(secrets.redact("v sec-env-value-1"), "v sec-env-value-1", "read once: the environment does not change")
+  secrets.reread_env()
   t.eq(secrets.redact("v sec-env-value-1"), "v ***", "a value set after registration")
   env.SEC_TEST_TOKEN = "sec-env-value-2"
-  t.eq(secrets.redact("v sec-env-value-2 sec-env-value-1"), "v *** ***", "a changed value, and the old one")
+  secrets.add_env("SEC_TEST_OTHER")
+  t.eq(secrets.redact("v sec-env-value-2 sec-env-value-1"), "v *** ***",
+    "read again when a variable is added; the old value stays a secret")
+  use_env({ SEC_TEST_TOKEN = "sec-env-value-3" })
+  t.eq(secrets.redact("v sec-env-value-3"), "v ***", "read again with another reader")
 end
 
 cases.every_provider_token_variable = function()
   local env = { OPENAI_API_KEY = "sec-openai-key-1", HF_TOKEN = "sec-hf-token-1",
     CLOUDFLARE_API_TOKEN = "sec-cf-token-1" }
-  local saved = secrets.getenv
-  t.defer(function()
-    secrets.getenv = saved
-  end)
-  secrets.getenv = t.env(env)
+  use_env(env)
   t.eq(secrets.redact("sec-openai-key-1 sec-hf-token-1 sec-cf-token-1"), "*** *** ***")
 end
 
@@ -120,11 +130,7 @@ end
 cases.config_registers_its_variables = function()
   local env = { SEC_CFG_TOKEN = "sec-cfg-token-1", SEC_CFG_HDR = "sec-cfg-header-1", SEC_PROV = "sec-prov-token-1",
     SEC_MODEL_HDR = "sec-model-header-1" }
-  local saved = secrets.getenv
-  t.defer(function()
-    secrets.getenv = saved
-  end)
-  secrets.getenv = t.env(env)
+  use_env(env)
   local cfg, err = config.validate({
     gateway = { token_env = "SEC_CFG_TOKEN", headers = { ["x-h"] = "pre ${SEC_CFG_HDR}",
       authorization = "Bearer sec-literal-cred-1" } },
@@ -138,11 +144,7 @@ end
 
 cases.config_errors_are_redacted = function()
   local env = { CLOUDFLARE_API_TOKEN = "sec-cfg-error-token" }
-  local saved = secrets.getenv
-  t.defer(function()
-    secrets.getenv = saved
-  end)
-  secrets.getenv = t.env(env)
+  use_env(env)
   local dir = t.tmpdir()
   local path = t.write(dir, "bad.lua", 'error("token is sec-cfg-error-token")')
   local cfg, err = config.load(path)
