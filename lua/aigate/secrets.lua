@@ -52,7 +52,8 @@ end
 
 local find, gsub, sub, byte, format, concat = string.find, string.gsub, string.sub, string.byte, string.format, table.concat
 
-local known = {} -- every form registered, as a set
+local added = {} -- every secret registered, as a set
+local known = {} -- every form of them, as a set
 local forms = {} -- the same, longest first once sorted
 local sorted = true
 local env_names, env_listed = {}, {}
@@ -89,9 +90,10 @@ end
 
 --- Registers a secret: every later redact replaces it (when it has at least MIN bytes).
 function M.add(value)
-  if type(value) ~= "string" or #value < M.MIN or known[value] then
+  if type(value) ~= "string" or #value < M.MIN or added[value] then
     return
   end
+  added[value] = true
   add_form(value)
   add_form(json_escaped(value, true))
   add_form(json_escaped(value, false))
