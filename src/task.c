@@ -76,10 +76,53 @@ void host_exit(int code)
     event_base_loopbreak(g_base);
 }
 
+/* redact_text(msg) -> the C string msg (a light userdata) through aigate.secrets.redact, the redaction
+ * every sink of the process uses; as it is when that module was never loaded (aigate.cli loads it
+ * before any other code runs, so then no code of the user's has run and no secret can be in it).
+ * Called in protected mode only: it allocates. */
+static int redact_text(lua_State *L)
+{
+    const char *msg = lua_touserdata(L, 1);
+
+    lua_settop(L, 0);
+    lua_pushstring(L, msg);
+    lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+    if (lua_getfield(L, -1, "aigate.secrets") != LUA_TTABLE) {
+        lua_settop(L, 1);
+        return 1;
+    }
+    lua_getfield(L, -1, "redact");
+    lua_pushvalue(L, 1);
+    lua_call(L, 1, 1);
+    return 1;
+}
+
 void task_report_error(const char *what, const char *msg)
 {
+    /* Task errors hold whatever the failing code put in its message (a token read from the
+     * environment too), so they go out redacted like every other text. The call is made on the main
+     * thread, as push_traceback does: this may run in a finalizer of any coroutine, or at shut-down.
+     * When redaction itself fails, the message is withheld rather than printed as it is. */
+    lua_State *L = g_L;
+    int top;
+
+    if (msg == NULL)
+        msg = "(no message)";
+    if (L == NULL || !lua_checkstack(L, 2)) {
+        fprintf(stderr, "aigate: %s: (the message cannot be redacted, so it is not shown)\n", what);
+        fflush(stderr);
+        return;
+    }
+    top = lua_gettop(L);
+    lua_pushcfunction(L, redact_text);
+    lua_pushlightuserdata(L, (void *)msg);
+    if (lua_pcall(L, 1, 1, 0) == LUA_OK && lua_type(L, -1) == LUA_TSTRING)
+        msg = lua_tostring(L, -1);
+    else
+        msg = "(the message could not be redacted, so it is not shown)";
     fprintf(stderr, "aigate: %s: %s\n", what, msg);
     fflush(stderr);
+    lua_settop(L, top);
 }
 
 /* ---- errors and protected calls ------------------------------------------------------------- */

@@ -12,6 +12,7 @@ local jsonl = require "aigate.jsonl"
 local breaker = require "aigate.breaker"
 local throttle = require "aigate.throttle"
 local policy = require "aigate.policy"
+local redact = require("aigate.secrets").redact -- error lines and stderr: what failing code put in a message
 
 local M = {}
 
@@ -436,10 +437,10 @@ function M.error_line(req_id, item, err, info)
     aig.retry_after = info and info.retry_after
   end
   local error_json = http and "null" or concat({ '{"code":', enc(code), ',"message":', enc(message), "}" })
-  return concat({
-    '{"id":"', req_id, '","custom_id":', enc(item.id), ',"error":', error_json, ',"response":', response,
-    ',"aigate":', enc(aig), "}",
-  })
+  -- Messages, attempts and bodies may quote secrets (a hook's traceback); the id is left as it is, so
+  -- that --resume finds it.
+  return concat({ '{"id":"', req_id, '","custom_id":', enc(item.id),
+    redact(concat({ ',"error":', error_json, ',"response":', response, ',"aigate":', enc(aig), "}" })) })
 end
 
 -- ---- resume --------------------------------------------------------------------------------------
@@ -558,7 +559,7 @@ M.Histogram = Histogram
 -- ---- the run --------------------------------------------------------------------------------------
 
 local function eprint(...)
-  io.stderr:write(...)
+  io.stderr:write(redact(concat({ ... })))
   io.stderr:write("\n")
   io.stderr:flush()
 end

@@ -4,14 +4,20 @@
 -- 0 success, 1 the request or script failed, 2 usage or configuration error (130 on SIGINT, set by
 -- the host).
 local core = require "aigate.core"
+-- Loaded first, before any code of the user's runs: the host's own error reports go through it too,
+-- and aigate.provider tells it every token variable.
+local secrets = require "aigate.secrets"
+require "aigate.provider"
 
 local M = {}
 
 M.EXIT_OK, M.EXIT_FAIL, M.EXIT_USAGE = 0, 1, 2
 local EXIT_OK, EXIT_USAGE = M.EXIT_OK, M.EXIT_USAGE
 
+--- Writes a line on stderr, every secret of the process redacted (errors quote what failing code
+-- put in them).
 function M.eprint(...)
-  io.stderr:write(table.concat({...}), "\n")
+  io.stderr:write(secrets.redact(table.concat({...})), "\n")
   io.stderr:flush()
 end
 

@@ -14,6 +14,7 @@
 -- only its own work (see entry_of).
 
 local provider = require("aigate.provider")
+local secrets = require("aigate.secrets")
 local errors = require("aigate.errors")
 
 local util = require("aigate.util")
@@ -379,55 +380,23 @@ end
 
 -- Redaction ----------------------------------------------------------------------
 
--- Secrets shorter than this are not replaced inside free text (they would garble
--- it and cannot be real tokens); credential headers are always shown as "Bearer ***".
-M.MIN_SECRET = 4
+-- One set of secrets for the process (aigate.secrets); these are its names here.
+M.MIN_SECRET = secrets.MIN
 
---- A function that replaces every secret (of at least MIN_SECRET bytes) in a string with "***".
-function M.redactor(secrets)
-  local list = {}
-  for _, s in ipairs(secrets or {}) do
-    if type(s) == "string" and #s >= M.MIN_SECRET then
-      list[#list + 1] = s
-    end
+--- Registers secrets (strings of at least MIN_SECRET bytes; others are ignored) with the process's
+-- set and returns the function that replaces every known secret in a string with "***".
+function M.redactor(list)
+  for _, s in ipairs(list or {}) do
+    secrets.add(s)
   end
-  -- Longest first, so a secret containing another is replaced whole.
-  table.sort(list, function(a, b)
-    return #a > #b
-  end)
-  return function(text)
-    if type(text) ~= "string" then
-      return text
-    end
-    for _, s in ipairs(list) do
-      local i = 1
-      local parts = {}
-      while true do
-        local a, b = text:find(s, i, true)
-        if a == nil then
-          break
-        end
-        parts[#parts + 1] = text:sub(i, a - 1)
-        parts[#parts + 1] = "***"
-        i = b + 1
-      end
-      if #parts > 0 then
-        parts[#parts + 1] = text:sub(i)
-        text = table.concat(parts)
-      end
-    end
-    return text
-  end
+  return secrets.redact
 end
 
---- The value of header `name` as shown to people: "Bearer ***" for credentials.
-function M.shown_header(name, value, redact)
-  local lname = name:lower()
-  if provider.SENSITIVE[lname] then
-    local scheme = value:match("^(%a+)%s")
-    return (scheme or "Bearer") .. " ***"
-  end
-  return redact(value)
+--- The value of header `name` as shown to people: "Bearer ***" or "***" for credentials, "***" for a
+-- header filled from ${VAR}, else the value with its secrets replaced. (The third argument, a
+-- redactor, is no longer needed: every secret is in the process's set.)
+function M.shown_header(name, value)
+  return secrets.shown_header(name, value)
 end
 
 -- Options --------------------------------------------------------------------------
@@ -970,15 +939,6 @@ local function build_entry(model, pname, cfg, getenv)
       params[#params + 1] = named[k]
     end
   end
-  local secrets = {}
-  for _, v in ipairs(target.secrets) do
-    secrets[#secrets + 1] = v
-  end
-  for k, v in pairs(target.headers) do
-    if provider.SENSITIVE[k] then
-      secrets[#secrets + 1] = v:match("^%a+%s+(.+)$") or v
-    end
-  end
   local ca_file, ca_path = ca_of(cfg, recording_getenv)
   return {
     timeouts = base_timeouts(cfg),
@@ -992,8 +952,8 @@ local function build_entry(model, pname, cfg, getenv)
     mode = mode,
     params = params,
     extra_body = named.extra_body,
-    secrets = secrets,
-    redact = M.redactor(secrets),
+    secrets = target.secrets, -- provider.target has registered them, and its credential headers
+    redact = secrets.redact,
     gateway = def.gateway == true,
     token_env = def.gateway and ((cfg.gateway or {}).token_env or def.token_env) or def.token_env,
   }
@@ -1160,22 +1120,21 @@ function M.prepare(opts, cfg, ctx)
       end
     end
   end
-  local secrets, redact = e.secrets, e.redact
+  local req_secrets = e.secrets
   if opts.headers then
     for k, v in pairs(opts.headers) do
-      headers[k:lower()] = tostring(v)
-    end
-    -- Credentials in the final headers are secrets too, wherever they came from.
-    secrets = {}
-    for _, v in ipairs(target.secrets) do
-      secrets[#secrets + 1] = v
-    end
-    for k, v in pairs(headers) do
-      if provider.SENSITIVE[k] then
-        secrets[#secrets + 1] = v:match("^%a+%s+(.+)$") or v
+      local lk = k:lower()
+      v = tostring(v)
+      headers[lk] = v
+      -- Credentials in the final headers are secrets too, wherever they came from.
+      if provider.SENSITIVE[lk] then
+        secrets.add_credential(v)
+        if req_secrets == e.secrets then
+          req_secrets = table.move(e.secrets, 1, #e.secrets, 1, {})
+        end
+        req_secrets[#req_secrets + 1] = v
       end
     end
-    redact = M.redactor(secrets)
   end
   local base = e.timeouts
   local ca_file, ca_path = e.ca_file, e.ca_path
@@ -1207,8 +1166,8 @@ function M.prepare(opts, cfg, ctx)
     },
     ca_file = ca_file,
     ca_path = ca_path,
-    secrets = secrets,
-    redact = redact,
+    secrets = req_secrets,
+    redact = secrets.redact,
   }
 end
 
@@ -1237,7 +1196,7 @@ local function emit_request(req)
   end
   v(string.format("> %s %s", req.method, req.redact(req.url)))
   for _, k in ipairs(sorted_keys(req.headers)) do
-    v(string.format("> %s: %s", k, M.shown_header(k, req.headers[k], req.redact)))
+    v(string.format("> %s: %s", k, M.shown_header(k, req.headers[k])))
   end
 end
 
@@ -1248,7 +1207,7 @@ local function emit_response(req, res)
   end
   v(string.format("< HTTP %d", res.status))
   for _, k in ipairs(sorted_keys(res.headers or {})) do
-    v(string.format("< %s: %s", k, M.shown_header(k, tostring(res.headers[k]), req.redact)))
+    v(string.format("< %s: %s", k, M.shown_header(k, tostring(res.headers[k]))))
   end
 end
 

@@ -7,13 +7,17 @@
 -- ~/.config/aigate/config.lua), runs it, and `validate` checks every key against
 -- the schema below. Errors name the file, the line of the key (found in the file
 -- text) and the key, and suggest the nearest valid name for a misspelt one.
--- Returns `cfg` or `nil, err`; used by the CLI and by aigate.chat.
+-- Returns `cfg` or `nil, err`; used by the CLI and by aigate.chat. Every message is redacted (the
+-- file is code, and may fail with a token in its message), and the secrets the config names (token
+-- variables, ${VAR} in headers, credentials written in headers) join the process's set as soon as
+-- its table is seen.
 
 local provider = require("aigate.provider")
 local route = require("aigate.route")
 local template = require("aigate.template")
 
 local util = require("aigate.util")
+local secrets = require("aigate.secrets")
 local M = {}
 
 -- Value checkers: return true, or nil and what the value must be.
@@ -719,13 +723,61 @@ function M.validate(tbl, source, text)
   end
   local cfg, errs = M.validate_all(tbl, source, text)
   if #errs > 0 then
-    return nil, table.concat(errs, "\n")
+    return nil, secrets.redact(table.concat(errs, "\n"))
   end
   return cfg
 end
 
+-- The secrets a config table names, told to aigate.secrets before anything is checked (so that
+-- even a config with mistakes has them redacted): the token variables (gateway.token_env,
+-- gateway.provider_key_env, providers.*.token_env), every variable a configured header uses as
+-- ${VAR} (its value will be in that header), and credential headers written out in the file.
+local function register_secrets(tbl)
+  local function env(name)
+    if type(name) == "string" then
+      secrets.add_env(name)
+    end
+  end
+  local function headers(h)
+    if type(h) ~= "table" then
+      return
+    end
+    for k, v in pairs(h) do
+      if type(v) == "string" then
+        for var in v:gmatch("%${([%w_]+)}") do
+          secrets.add_env(var)
+        end
+        if type(k) == "string" and secrets.SENSITIVE[k:lower()] and not v:find("${", 1, true) then
+          secrets.add_credential(v)
+        end
+      end
+    end
+  end
+  local function each(t, fn)
+    if type(t) == "table" then
+      for _, entry in pairs(t) do
+        if type(entry) == "table" then
+          fn(entry)
+        end
+      end
+    end
+  end
+  local gw = type(tbl.gateway) == "table" and tbl.gateway or {}
+  env(gw.token_env)
+  env(gw.provider_key_env)
+  headers(gw.headers)
+  each(tbl.providers, function(p)
+    env(p.token_env)
+    headers(p.headers)
+  end)
+  each(tbl.models, function(m)
+    headers(m.headers)
+  end)
+end
+
 --- Like validate, but always returns the normalized copy and the array of problems (maybe empty).
 function M.validate_all(tbl, source, text)
+  register_secrets(tbl)
   local cfg = copy(tbl)
   local v = setmetatable({ source = source, text = text, errors = {} }, Validator)
   v:section(cfg, M.schema.top, {})
@@ -816,11 +868,11 @@ function M.load(path, getenv)
   local env = setmetatable({}, { __index = _G })
   local chunk, lerr = load(text, "@" .. path, "t", env)
   if chunk == nil then
-    return nil, lerr
+    return nil, secrets.redact(lerr)
   end
   local cfg, problems = run_config(chunk, path, text)
   if #problems > 0 then
-    return nil, table.concat(problems, "\n")
+    return nil, secrets.redact(table.concat(problems, "\n"))
   end
   return cfg
 end
@@ -834,7 +886,7 @@ function M.check_file(path)
   end
   local chunk, lerr = load(text, "@" .. path, "t", setmetatable({}, { __index = _G }))
   if chunk == nil then
-    return { lerr }, {}
+    return { secrets.redact(lerr) }, {}
   end
   local cfg, problems = run_config(chunk, path, text)
   local notes = {}
@@ -845,7 +897,7 @@ function M.check_file(path)
       problems[#problems + 1] = p
     end
   end
-  return problems, notes, cfg
+  return secrets.redact_table(problems, 1), secrets.redact_table(notes, 1), cfg
 end
 
 -- Lint -------------------------------------------------------------------------------------------

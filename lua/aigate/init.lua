@@ -20,6 +20,7 @@ local policy = require("aigate.policy")
 local route = require("aigate.route")
 local template = require("aigate.template")
 local breaker = require("aigate.breaker")
+local secrets = require("aigate.secrets")
 
 local M = {}
 
@@ -36,30 +37,35 @@ M.breaker = breaker
 local current_config -- set by configure, or loaded on first use
 local cacert -- set by use_cacert (the --cacert option)
 
--- Secrets known at start: every token variable of every provider, redacted in warnings.
-local function known_secrets()
-  local list = {}
-  local seen = {}
-  local function add(var)
-    if var and not seen[var] then
-      seen[var] = true
-      local v = core.getenv(var)
-      if v and v ~= "" then
-        list[#list + 1] = v
+-- The secrets of the process (aigate.secrets) read the environment with core.getenv, whichever it is
+-- when text is redacted (tests replace it). Every provider's token variable is one (aigate.provider
+-- lists them); the config adds its own (token_env, provider_key_env, variables in headers) when
+-- validated.
+secrets.reader = function()
+  return core.getenv
+end
+M.secrets = secrets
+
+-- The caller's credential headers (opts.headers) are secrets before anything runs: a hook or route
+-- function that fails may quote them.
+local function caller_credentials(opts)
+  local h = opts.headers
+  if type(h) == "table" then
+    for k, v in pairs(h) do
+      if type(k) == "string" and provider.SENSITIVE[k:lower()] then
+        secrets.add_credential(tostring(v))
       end
     end
   end
-  add(provider.TOKEN_ENV)
-  for _, def in pairs(provider.providers) do
-    add(def.token_env)
+end
+
+-- A failure as aigate.chat and aigate.prepare return it: the message and every text in info
+-- redacted (a hook's or route function's traceback may hold anything).
+local function redacted_failure(res, err, info)
+  if res == nil then
+    return nil, secrets.redact(err), secrets.redact_table(info)
   end
-  local cfg = current_config or {}
-  add((cfg.gateway or {}).provider_key_env)
-  add((cfg.gateway or {}).token_env)
-  for _, def in pairs(cfg.providers or {}) do
-    add(def.token_env)
-  end
-  return list
+  return res, err, info
 end
 
 local warned = {}
@@ -67,7 +73,7 @@ local warned = {}
 --- Default warning sink: "aigate: warning: ..." on stderr, once per distinct message.
 -- Replace aigate.warn to redirect warnings.
 function M.warn(msg)
-  msg = client.redactor(known_secrets())(tostring(msg))
+  msg = secrets.redact(tostring(msg))
   if warned[msg] then
     return
   end
@@ -124,13 +130,11 @@ end
 local validated = setmetatable({}, { __mode = "k" })
 
 -- The context handed to the policy and the client: {getenv, warn, version, redact, cacert}. One
--- table, made again only when core.getenv, M.version or the CA file is replaced (tests do). `redact` reads the secrets
--- when it is called (only on failures and in prepare), not for every request.
+-- table, made again only when core.getenv, M.version or the CA file is replaced (tests do). `redact` is
+-- the process's (called only on failures and in prepare, not for every request).
 local cached_context
 
-local function redact(text)
-  return client.redactor(known_secrets())(text)
-end
+local redact = secrets.redact
 
 local function warn(msg)
   M.warn(msg)
@@ -171,15 +175,12 @@ local policy_context = context
 -- body_text, model, provider, route, targets} or nil, message, info.
 function M.prepare(opts)
   client.check_options(opts, 1)
+  caller_credentials(opts)
   local cfg, err = config_of(opts, 3)
   if cfg == nil then
-    return nil, err, { kind = "config", attempts = {} }
+    return nil, redact(err), { kind = "config", attempts = {} }
   end
-  local req, perr, info = policy.prepare(opts, cfg, policy_context())
-  if req == nil then
-    return nil, client.redactor(known_secrets())(perr), info
-  end
-  return req
+  return redacted_failure(policy.prepare(opts, cfg, policy_context()))
 end
 
 --- The lane of a model (see policy.lane): many requests to one model that differ only in their
@@ -196,11 +197,12 @@ end
 -- limits). Returns result or nil, message, info (see README).
 function M.chat(opts)
   client.check_options(opts, 1)
+  caller_credentials(opts)
   local cfg, err = config_of(opts, 3)
   if cfg == nil then
-    return nil, err, { kind = "config", attempts = {} }
+    return nil, redact(err), { kind = "config", attempts = {} }
   end
-  return policy.chat(opts, cfg, policy_context())
+  return redacted_failure(policy.chat(opts, cfg, policy_context()))
 end
 
 -- Tasks, time and environment: the C primitives, with the argument checks done here so that a

@@ -106,15 +106,9 @@ for _, name in ipairs(providers.GATEWAY_PREFIXES) do
   PROVIDERS[name] = true
 end
 
--- Request headers that carry credentials: never written to the log as sent.
-local SECRET_HEADERS = {
-  ["authorization"] = true,
-  ["cf-aig-authorization"] = true,
-  ["proxy-authorization"] = true,
-  ["x-api-key"] = true,
-  ["api-key"] = true,
-  ["x-goog-api-key"] = true,
-}
+-- Request headers that carry credentials (cookies too): never written to the log as sent.
+local process_secrets = require "aigate.secrets"
+local SECRET_HEADERS = process_secrets.SENSITIVE
 
 local ROUTES = {
   { name = "gateway", pattern = "^/v1/([^/]+)/([^/]+)/compat/chat/completions$", gateway = true, method = "POST" },
@@ -226,14 +220,6 @@ local function credential_kind(value)
   return "bearer"
 end
 
-local function redact(value)
-  local scheme = value:match("^%s*(%S+)%s+%S")
-  if scheme then
-    return scheme .. " ***"
-  end
-  return "***"
-end
-
 -- Every credential string in the request (whole values and their token parts), to scrub from the log.
 local function secrets_of(headers)
   local found = {}
@@ -268,7 +254,7 @@ local function log_request(state, ctx)
   for name, value in pairs(req.headers) do
     local lname = name:lower()
     if SECRET_HEADERS[lname] then
-      headers[lname] = redact(value)
+      headers[lname] = process_secrets.shown_header(lname, value) -- "Bearer ***", a cookie "***"
       auth[lname] = credential_kind(value)
     else
       headers[lname] = value
@@ -293,7 +279,8 @@ local function log_request(state, ctx)
     entry.body = ctx.raw
     text = encode(entry)
   end
-  local line = scrub(text, secrets_of(req.headers))
+  -- the request's own credentials, and whatever the process knows to be secret (its token variables)
+  local line = process_secrets.redact(scrub(text, secrets_of(req.headers)))
   state.log:write(line, "\n")
   state.log:flush()
 end

@@ -7,10 +7,13 @@
 -- the base URL and the authentication headers, `${VAR}` expansion of
 -- configured header values, and the one message that names every missing
 -- environment variable. Pure functions: the environment is read through a
--- `getenv` function passed in, so tests can feed a table. Used by
--- aigate.client; the CLI uses `names`, `expand` and `resolve_model`.
+-- `getenv` function passed in, so tests can feed a table; the one effect is
+-- that `target` tells aigate.secrets every secret it meets (tokens, values
+-- from ${VAR}, credential headers). Used by aigate.client; the CLI uses
+-- `names`, `expand` and `resolve_model`.
 
 local util = require("aigate.util")
+local process_secrets = require("aigate.secrets")
 local M = {}
 
 M.GATEWAY = "cloudflare-ai-gateway"
@@ -55,6 +58,13 @@ M.providers = {
     default_model = M.DEFAULT_MODEL,
   },
 }
+
+-- Every token variable is a secret of the process, whether or not a request uses it (a hook or a
+-- script may read it and fail with it in the message).
+process_secrets.add_env(M.TOKEN_ENV)
+for _, name in ipairs(util.sorted_keys(M.providers)) do
+  process_secrets.add_env(M.providers[name].token_env)
+end
 
 -- Provider prefixes the gateway's /compat endpoint routes (`{provider}/{model}`).
 M.GATEWAY_PREFIXES = {
@@ -395,15 +405,9 @@ local function check_base_url(url, source)
   return true
 end
 
--- Sensitive header names: their values are always redacted.
-local SENSITIVE = { authorization = true, ["cf-aig-authorization"] = true, ["x-api-key"] = true, ["api-key"] = true }
+-- Sensitive header names (credentials): their values are never shown (aigate.secrets).
+local SENSITIVE = process_secrets.SENSITIVE
 M.SENSITIVE = SENSITIVE
-
-local function looks_secret(name)
-  local u = name:upper()
-  return u:find("TOKEN", 1, true) or u:find("KEY", 1, true) or u:find("SECRET", 1, true)
-    or u:find("PASSWORD", 1, true) or u:find("AUTH", 1, true)
-end
 
 --- Builds where and how a request for provider `def` is sent.
 -- cfg: the loaded config; header_sets: array of {headers = table, source = text} to
@@ -422,9 +426,11 @@ function M.target(def, cfg, getenv, header_sets)
   local base_url, auth
   local base_url_source -- where an overridden gateway base URL came from, for hints and warnings
 
+  -- A secret of this target, and of the process (redacted wherever text leaves it).
   local function secret(v)
     if v and v ~= "" then
       secrets[#secrets + 1] = v
+      process_secrets.add(v)
     end
   end
   -- The Cloudflare token is a secret whatever the provider.
@@ -561,10 +567,18 @@ function M.target(def, cfg, getenv, header_sets)
       local used = {}
       local purpose = string.format("used in header '%s' (%s)", name, set.source)
       local v = expand_into(tostring(value), getenv, missing, purpose, used)
-      for _, u in ipairs(used) do
-        if SENSITIVE[lname] or looks_secret(u.var) or looks_secret(lname) then
+      -- Whatever ${VAR} put into a header is a secret, whatever the names: the header is shown
+      -- as *** and the values are redacted everywhere.
+      if #used > 0 then
+        local values = {}
+        for _, u in ipairs(used) do
           secret(u.value)
+          values[#values + 1] = u.value
         end
+        process_secrets.add_expanded(v, values)
+      end
+      if SENSITIVE[lname] then
+        process_secrets.add_credential(v)
       end
       headers[lname] = v
     end

@@ -376,13 +376,13 @@ end
 -- Redaction ---------------------------------------------------------------------------
 
 cases.redactor = function()
-  local r = client.redactor({ "abcd", "abcdefg", "", "s" })
-  t.eq(r("x abcdefg y abcd z"), "x *** y *** z")
-  t.eq(r("short s kept"), "short s kept", "too short to be a token")
+  local r = client.redactor({ "red-abcdefgh", "red-abcdefgh-longer", "", "s", "red-abc" })
+  t.eq(r("x red-abcdefgh-longer y red-abcdefgh z"), "x *** y *** z", "the longer one whole")
+  t.eq(r("short red-abc kept"), "short red-abc kept", "too short to be a token")
   t.eq(r(nil), nil)
   t.eq(client.shown_header("Authorization", "Bearer s", r), "Bearer ***")
   t.eq(client.shown_header("cf-aig-authorization", "Bearer zzz", r), "Bearer ***")
-  t.eq(client.shown_header("x-note", "has abcd inside", r), "has *** inside")
+  t.eq(client.shown_header("x-note", "has red-abcdefgh inside", r), "has *** inside")
 end
 
 -- Timeouts: every request has the defaults; the config's timeouts replace them, and the request's
