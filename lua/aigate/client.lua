@@ -26,6 +26,9 @@ local M = {}
 -- generation and answers 408). No limit before the first byte: a reply may take that long to start.
 M.DEFAULT_TIMEOUTS = { connect_timeout = 10, stall_timeout = 120, timeout = 900 }
 M.TIMEOUT_NAMES = { "timeout", "connect_timeout", "first_byte_timeout", "stall_timeout" }
+-- The largest reply body, streamed or whole, unless the config's `max_response_size` sets another:
+-- past it the request fails with too_large instead of holding an endless reply in memory.
+M.DEFAULT_MAX_RESPONSE_SIZE = 64 * 1024 * 1024
 
 -- The environment variables that name CA certificates, as curl reads them: CURL_CA_BUNDLE (a file),
 -- else SSL_CERT_FILE (a file) and SSL_CERT_DIR (a directory).
@@ -942,6 +945,7 @@ local function build_entry(model, pname, cfg, getenv)
   local ca_file, ca_path = ca_of(cfg, recording_getenv)
   return {
     timeouts = base_timeouts(cfg),
+    max_size = cfg.max_response_size or M.DEFAULT_MAX_RESPONSE_SIZE,
     ca_file = ca_file,
     ca_path = ca_path,
     env_names = names,
@@ -1164,6 +1168,7 @@ function M.prepare(opts, cfg, ctx)
       first_byte_timeout = opts.first_byte_timeout or base.first_byte_timeout,
       stall_timeout = opts.stall_timeout or base.stall_timeout,
     },
+    max_size = e.max_size,
     ca_file = ca_file,
     ca_path = ca_path,
     secrets = req_secrets,
@@ -1559,6 +1564,7 @@ function M.send(req, core)
     body = req.body,
     ca_file = req.ca_file,
     ca_path = req.ca_path,
+    max_size = req.max_size,
   }
   for k, v in pairs(req.timeouts or {}) do
     ropts[k] = v

@@ -234,6 +234,7 @@ M.schema = {
     breaker = "breaker",
     retry = "retry",
     timeouts = "timeouts",
+    max_response_size = check.count,
     tls = "tls",
   },
   timeouts = {

@@ -308,7 +308,7 @@ M.TRANSPORT_HINTS = {
   resolve = "could not resolve the host name: check the base URL and the network",
   tls = "TLS failed: check the URL scheme (http/https) and the certificates",
   closed = "the connection was closed before the reply was complete: retry",
-  too_large = "the reply was larger than the size limit",
+  too_large = "the reply was larger than the size limit: raise max_response_size (bytes) in the config, or ask for less",
 }
 
 --- Explains a transport failure (err from core.request). Returns message, info.

@@ -290,6 +290,23 @@ kill -INT $pid
 wait $pid
 expect_eq "SIGINT during a request: exit 130" "$?" 130
 
+# ---- the reply size limit (max_response_size) -----------------------------------------------------
+
+printf 'return { max_response_size = 2000 }\n' > "$TMP/small.lua"
+long=$(printf 'x%.0s' $(seq 1 3000))
+chat --config "$TMP/small.lua" --no-stream -m openai/gpt-4o "$long"
+expect_eq "a whole reply over max_response_size: exit 1" "$RC" 1
+expect_match "a whole reply over max_response_size: too_large, with the setting named" "$ERR" "too_large.*exceeds 2000 bytes"
+expect_match "too_large names the setting to raise" "$ERR" "hint: .*raise max_response_size"
+chat --config "$TMP/small.lua" -m openai/gpt-4o "$long"
+expect_eq "a streamed reply over max_response_size: exit 1" "$RC" 1
+expect_match "a streamed reply over max_response_size: too_large" "$ERR" "too_large.*exceeds 2000 bytes"
+chat --config "$TMP/small.lua" -m openai/gpt-4o "short"
+expect_eq "a reply under max_response_size streams" "$OUT" "echo: short"
+printf 'return { max_response_size = 0 }\n' > "$TMP/small.lua"
+chat --config "$TMP/small.lua" -m openai/gpt-4o "short"
+expect_match "max_response_size = 0 is a config error" "$RC:$ERR" "^2:.*max_response_size.*whole number >= 1"
+
 # ---- global flags --------------------------------------------------------------------------------
 
 "$AIGATE" --version > "$TMP/out"
