@@ -27,6 +27,7 @@
 #endif
 
 struct event_base;
+struct timeval;
 
 /* The loop and the Lua state, set up by main.c before any task runs. */
 extern struct event_base *g_base;
@@ -74,6 +75,12 @@ int pcall_traceback(lua_State *L, int nargs, int nresults);
 /* Exit status requested by the main task or a signal; the loop stops when set. */
 extern int g_exit_code;
 void host_exit(int code);
+
+/* Durations: anything longer than this many seconds (about 31 years) waits this long, so that
+ * math.huge means "for ever" and no conversion overflows. */
+#define AIGATE_MAX_SECONDS 1e9
+/* seconds (>= 0, at most AIGATE_MAX_SECONDS) as a timeval, rounded up to the next microsecond. */
+void seconds_to_timeval(double seconds, struct timeval *tv);
 
 /* Module pieces, each in the file named for it. */
 int core_sse_parser(lua_State *L);

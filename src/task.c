@@ -14,6 +14,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -438,7 +439,47 @@ struct sleep_op {
     struct pending pending;
     struct event *ev;
     struct task *task;
+    double deadline; /* monotonic seconds */
 };
+
+static double monotonic_now(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+void seconds_to_timeval(double seconds, struct timeval *tv)
+{
+    double whole;
+    double usec;
+
+    if (!(seconds > 0))
+        seconds = 0;
+    if (seconds > AIGATE_MAX_SECONDS)
+        seconds = AIGATE_MAX_SECONDS;
+    whole = floor(seconds);
+    usec = ceil((seconds - whole) * 1e6);
+    tv->tv_sec = (time_t)whole;
+    tv->tv_usec = (suseconds_t)usec;
+    if (tv->tv_usec >= 1000000) {
+        tv->tv_sec++;
+        tv->tv_usec -= 1000000;
+    }
+}
+
+/* Arms a sleep's timer for what is left until its deadline. libevent measures a timer from the time
+ * it cached when the loop turn began, which is early by however long Lua ran since (and its coarse
+ * clock may lag the one core.now reads): the cache is refreshed first, and sleep_cb checks. */
+static void sleep_arm(struct sleep_op *op, double seconds)
+{
+    struct timeval tv;
+
+    seconds_to_timeval(seconds, &tv);
+    event_base_update_cache_time(g_base);
+    evtimer_add(op->ev, &tv);
+}
 
 static void sleep_cancel(struct pending *p)
 {
@@ -451,9 +492,14 @@ static void sleep_cb(evutil_socket_t fd, short what, void *arg)
 {
     struct sleep_op *op = arg;
     struct task *t = op->task;
+    double left = op->deadline - monotonic_now();
 
     (void)fd;
     (void)what;
+    if (left > 0) {
+        sleep_arm(op, left);
+        return;
+    }
     event_free(op->ev);
     free(op);
     task_resume(t, 0);
@@ -464,19 +510,23 @@ static int l_sleep(lua_State *L)
     double seconds = luaL_checknumber(L, 1);
     struct task *t = task_check(L);
     struct sleep_op *op;
-    struct timeval tv;
 
     if (!(seconds >= 0))
         return luaL_argerror(L, 1, "seconds must be >= 0");
+    if (seconds > AIGATE_MAX_SECONDS)
+        seconds = AIGATE_MAX_SECONDS; /* math.huge: as long as a timer can wait, for ever in practice */
     op = malloc(sizeof(*op));
     if (op == NULL)
         return luaL_error(L, "out of memory");
     op->pending.cancel = sleep_cancel;
     op->task = t;
     op->ev = evtimer_new(g_base, sleep_cb, op);
-    tv.tv_sec = (time_t)seconds;
-    tv.tv_usec = (suseconds_t)((seconds - (double)tv.tv_sec) * 1e6);
-    evtimer_add(op->ev, &tv);
+    if (op->ev == NULL) {
+        free(op);
+        return luaL_error(L, "out of memory");
+    }
+    op->deadline = monotonic_now() + seconds;
+    sleep_arm(op, seconds);
     lua_settop(L, 0);
     return task_yield(L, t, &op->pending);
 }

@@ -425,6 +425,44 @@ T["sleep: waits about as long as asked"] = function()
   raises(function() core.sleep(-1) end, "seconds")
 end
 
+-- libevent measured a timer from the time cached when the loop turn began: after Lua had run for a
+-- while in the same turn, a sleep came back early (0.038 s for 0.05 under ASan; here at once).
+T["sleep: never comes back early, even after Lua ran long in the same loop turn"] = function()
+  local t = core.now()
+  while core.now() - t < 0.2 do end -- busy, without yielding
+  local t0 = core.now()
+  core.sleep(0.05)
+  local d = core.now() - t0
+  assert(d >= 0.05, "slept " .. d .. " s of 0.05")
+end
+
+-- A huge duration overflowed the timer's conversion (undefined behaviour): the sleep ended at once.
+T["sleep: math.huge, 1e300 and 2^63 wait (for ever in practice); NaN raises"] = function()
+  local aigate = require "aigate"
+  local woke = {}
+  for _, v in ipairs{ math.huge, 1e300, 2 ^ 63, 1e10 } do
+    core.spawn(function() core.sleep(v) woke[#woke + 1] = v end)
+  end
+  core.sleep(0.3)
+  eq(#woke, 0, "tasks woken")
+  raises(function() core.sleep(0 / 0) end, "seconds must be >= 0")
+  raises(function() aigate.sleep(0 / 0) end, "'aigate.sleep' %(seconds must be >= 0")
+  raises(function() aigate.sleep(-math.huge) end, "'aigate.sleep' %(seconds must be >= 0")
+end
+
+-- The same overflow made a huge timeout fire at once ("no response within 1e+300s").
+T["request: huge timeouts (math.huge, 1e300, 2^63) do not fire at once"] = function()
+  local srv, base = serve{["/late"] = function(_, res) core.sleep(0.1) res:respond(200, nil, "late") end}
+  for _, v in ipairs{ math.huge, 1e300, 2 ^ 63 } do
+    local res, err = core.request{url = base .. "/late", timeout = v, connect_timeout = v, first_byte_timeout = v,
+      stall_timeout = v}
+    assert(res, tostring(v) .. ": " .. tostring(err))
+    eq(res.body, "late", "body with timeouts of " .. tostring(v))
+  end
+  srv:close()
+  raises(function() core.request{url = base, first_byte_timeout = 0 / 0} end, "first_byte_timeout")
+end
+
 -- core.fsync in a task runs off the event loop: other tasks go on while it waits, and what was
 -- written is in the file when it returns (also when the file is closed just after).
 T["fsync: the loop goes on meanwhile; the data is there after"] = function()
