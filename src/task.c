@@ -406,10 +406,19 @@ static void wait_cancel(struct pending *p)
     free(op);
 }
 
+/* The task t waits for in core.wait, or NULL. */
+static struct task *waits_for(struct task *t)
+{
+    if (t->state != TASK_WAITING || t->pending == NULL || t->pending->cancel != wait_cancel)
+        return NULL;
+    return ((struct wait_op *)t->pending)->target;
+}
+
 static int l_wait(lua_State *L)
 {
     struct task *target = luaL_checkudata(L, 1, TASK_MT);
     struct task *self;
+    struct task *t;
     struct wait_op *op;
 
     if (target->state == TASK_DONE || target->state == TASK_FAILED)
@@ -417,6 +426,12 @@ static int l_wait(lua_State *L)
     self = task_check(L);
     if (self == target)
         return luaL_error(L, "a task cannot wait for itself");
+    /* Waits never form a cycle (each one is checked here), so this chain ends. */
+    for (t = waits_for(target); t; t = waits_for(t)) {
+        if (t == self)
+            return luaL_error(L, "deadlock: the task waited for is itself waiting (directly or through other "
+                                 "tasks) for this one, so neither would ever go on");
+    }
     /*
      * The wait record is freed when the waiter is woken (finish() clears pending before queueing),
      * so it lives in the waiter's chain only; a small malloc keeps cancel simple.

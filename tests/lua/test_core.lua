@@ -585,4 +585,32 @@ T["tasks: an error object whose __tostring raises is reported, not fatal"] = fun
   eq(err2:match("^[^\n]*"), "readable", "a working __tostring is used")
 end
 
+-- Two tasks waiting on each other hung for ever. The wait that would close the cycle raises.
+T["wait: a wait that would close a cycle of waits raises at once"] = function()
+  local a, b
+  a = core.spawn(function() core.sleep(0.01) return core.wait(b) end)
+  b = core.spawn(function() core.sleep(0.05) return core.wait(a) end)
+  local okb, errb = core.wait(b)
+  eq(okb, false, "the second waiter failed")
+  assert(errb:find("deadlock", 1, true), errb)
+  local oka, inner_ok, inner_err = core.wait(a)
+  eq(oka, true, "the first waiter got the outcome")
+  eq(inner_ok, false, "which is the failure")
+  assert(inner_err:find("deadlock", 1, true), inner_err)
+  -- through a third task: c waits on d, d on e, and e's wait on c closes the cycle
+  local c, d, e
+  c = core.spawn(function() core.sleep(0.01) return core.wait(d) end)
+  d = core.spawn(function() core.sleep(0.01) return core.wait(e) end)
+  e = core.spawn(function() core.sleep(0.05) return core.wait(c) end)
+  local oke, erre = core.wait(e)
+  eq(oke, false)
+  assert(erre:find("deadlock", 1, true), erre)
+  -- waiting on one task from several is no cycle
+  local shared = core.spawn(function() core.sleep(0.02) return "v" end)
+  local w1 = core.spawn(function() return core.wait(shared) end)
+  local w2 = core.spawn(function() return core.wait(w1) end)
+  local ok2, ok1, ok0, v = core.wait(w2)
+  assert(ok2 and ok1 and ok0 and v == "v", "a chain of waits ends")
+end
+
 return T
