@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -128,6 +129,19 @@ static void main_done(struct task *t, int ok, void *ud)
 static const char main_chunk[] = "local argv = ...\n"
                                  "return require('aigate.cli').main(argv)\n";
 
+/* The process holds the API token in memory: no core file may be written, and no other process of
+ * the user may read its memory (PR_SET_DUMPABLE also makes /proc/<pid> of it root's). The sanitizers
+ * cope: LeakSanitizer makes the process dumpable while it stops the world to look for leaks. */
+static void refuse_core_dumps(void)
+{
+    struct rlimit rl;
+
+    rl.rlim_cur = 0;
+    rl.rlim_max = 0;
+    setrlimit(RLIMIT_CORE, &rl);
+    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+}
+
 static void raise_fd_limit(void)
 {
     struct rlimit rl;
@@ -144,6 +158,7 @@ int main(int argc, char **argv)
     int i;
     int code;
 
+    refuse_core_dumps();
     signal(SIGPIPE, SIG_IGN);
     raise_fd_limit();
     g_base = event_base_new();
