@@ -89,6 +89,7 @@ static void set_package_path(lua_State *L)
     char dir[PATH_MAX];
 
     find_lua_dir(dir, sizeof(dir));
+    vm_set_library(dir);
     lua_getglobal(L, "package");
     if (strchr(dir, '?'))
         lua_pushfstring(L, "%s;./?.lua;./?/init.lua", dir);
@@ -113,7 +114,8 @@ static void main_done(struct task *t, int ok, void *ud)
 
     (void)ud;
     if (!ok) {
-        task_report_error("error", lua_tostring(co, -1));
+        if (!task_interrupted()) /* else it ends as the signal ends it: silently, with 130 or 143 */
+            task_report_error("error", lua_tostring(co, -1));
         host_exit(1);
         return;
     }
@@ -161,6 +163,12 @@ int main(int argc, char **argv)
     refuse_core_dumps();
     signal(SIGPIPE, SIG_IGN);
     raise_fd_limit();
+    if (vm_budget_from_env() != 0) {
+        fprintf(stderr,
+                "aigate: AIGATE_MAX_INSTRUCTIONS must be a whole number >= 0 (0: no budget), not '%s'\n",
+                getenv("AIGATE_MAX_INSTRUCTIONS"));
+        return 2;
+    }
     g_base = event_base_new();
     if (g_base == NULL || tasks_init() != 0 || http_client_init() != 0) {
         fputs("aigate: cannot initialise the event loop\n", stderr);

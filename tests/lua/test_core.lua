@@ -613,4 +613,113 @@ T["wait: a wait that would close a cycle of waits raises at once"] = function()
   assert(ok2 and ok1 and ok0 and v == "v", "a chain of waits ends")
 end
 
+-- Runs fn with the instruction budget set to n, and sets it back whatever happens.
+local function with_budget(n, fn)
+  local before = core.max_instructions(n)
+  local ok, err = pcall(fn)
+  core.max_instructions(before)
+  if not ok then error(err, 0) end
+end
+
+local BUDGET_ERR = "ran more than 2000000 instructions without yielding"
+
+-- Lua code that never yielded froze every task for ever. Past the budget, the task fails with an
+-- error that names the function, and the other tasks go on.
+T["budget: a task that never yields fails, naming its function; the others go on"] = function()
+  with_budget(2000000, function()
+    local ticks = 0
+    local ticker = core.spawn(function() for _ = 1, 10 do core.sleep(0.01) ticks = ticks + 1 end end)
+    local spin = core.spawn(function() core.sleep(0.02) local n = 0 while true do n = n + 1 end end)
+    local ok, err = core.wait(spin)
+    eq(ok, false, "the spinning task failed")
+    assert(err:find(BUDGET_ERR, 1, true), err)
+    assert(err:match("test_core%.lua:%d+: the function at [^\n]*test_core%.lua:%d+ ran more"), err)
+    assert(err:find("AIGATE_MAX_INSTRUCTIONS", 1, true), "says how to change the limit: " .. err)
+    assert(core.wait(ticker), "the ticker finished")
+    eq(ticks, 10, "ticks")
+  end)
+end
+
+-- The first budget error can be caught (a route function's error fails its request); code that
+-- catches it and goes on spinning gets it again at every instruction, so the task ends.
+T["budget: catching the error and spinning on does not keep the task alive"] = function()
+  with_budget(2000000, function()
+    local caught = 0
+    local t = core.spawn(function()
+      while true do
+        local ok = pcall(function() while true do end end)
+        if not ok then caught = caught + 1 end
+      end
+    end)
+    local ok, err = core.wait(t)
+    eq(ok, false, "the task failed")
+    assert(err:find(BUDGET_ERR, 1, true), err)
+    assert(caught >= 1, "the first error was catchable")
+  end)
+end
+
+T["budget: a loop inside a plain coroutine is stopped too"] = function()
+  with_budget(2000000, function()
+    local ok, err = core.wait(core.spawn(function()
+      local gen = coroutine.wrap(function() while true do end end)
+      gen()
+    end))
+    eq(ok, false)
+    assert(err:find(BUDGET_ERR, 1, true), err)
+    ok, err = core.wait(core.spawn(function()
+      local co = coroutine.create(function() local x = 0 while true do x = x + 1 end end)
+      local rok, rerr = coroutine.resume(co)
+      assert(not rok, "the coroutine failed")
+      error(rerr, 0)
+    end))
+    eq(ok, false)
+    assert(err:find(BUDGET_ERR, 1, true), err)
+  end)
+end
+
+-- The budget is per resume: a task that computes long but yields now and then is never stopped.
+T["budget: code that yields now and then runs as long as it likes"] = function()
+  with_budget(2000000, function()
+    local ok, n = core.wait(core.spawn(function()
+      local n = 0
+      for i = 1, 3e7 do
+        n = n + 1
+        if i % 100000 == 0 then core.sleep(0) end
+      end
+      return n
+    end))
+    assert(ok, n)
+    eq(n, 3e7, "iterations")
+  end)
+end
+
+-- Long passes of the aigate library itself (a big template, a batch file read for --resume) are
+-- not counted: only the code of configs, hooks, route functions and scripts is.
+T["budget: the aigate library's own code is not counted"] = function()
+  with_budget(2000000, function()
+    local template = require "aigate.template"
+    local parts, vars = {}, {}
+    for i = 1, 20000 do
+      parts[i] = "{{v" .. i .. "}} "
+      vars["v" .. i] = tostring(i)
+    end
+    local ok, out = core.wait(core.spawn(function()
+      local text
+      for _ = 1, 20 do text = template.render(table.concat(parts), vars) end
+      return text
+    end))
+    assert(ok, out)
+    assert(type(out) == "string" and out:find("19999 20000", 1, true), "rendered")
+  end)
+end
+
+T["max_instructions: reads and sets the budget; a bad value raises"] = function()
+  local before = core.max_instructions()
+  assert(math.type(before) == "integer" and before >= 0, "an integer")
+  eq(core.max_instructions(12345), before, "returns the budget before")
+  eq(core.max_instructions(before), 12345, "as set")
+  raises(function() core.max_instructions(-1) end, "must be >= 0")
+  raises(function() core.max_instructions(1.5) end, "number has no integer representation")
+end
+
 return T
