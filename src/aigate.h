@@ -27,6 +27,7 @@
 #endif
 
 struct event_base;
+struct timeval;
 
 /* The loop and the Lua state, set up by main.c before any task runs. */
 extern struct event_base *g_base;
@@ -74,6 +75,31 @@ int pcall_traceback(lua_State *L, int nargs, int nresults);
 /* Exit status requested by the main task or a signal; the loop stops when set. */
 extern int g_exit_code;
 void host_exit(int code);
+
+/*
+ * Busy Lua code (task.c, "the VM watchdog"). Every run of Lua code started by the loop is an entry;
+ * C code that runs Lua on another thread (a coroutine, the main thread) marks it with vm_enter /
+ * vm_leave, so that a watchdog can reach the code that is running: an entry that keeps the CPU for
+ * long gets a count hook, which enforces the instruction budget and turns SIGINT/SIGTERM into an
+ * error when the loop cannot see them.
+ */
+/* Marks L as running Lua code; returns what vm_leave needs. */
+int vm_enter(lua_State *L);
+void vm_leave(int depth);
+/* The instruction budget of one entry, for code outside the aigate library (0: no budget). */
+#define VM_DEFAULT_BUDGET 1000000000LL
+/* Reads $AIGATE_MAX_INSTRUCTIONS; returns -1 when it is set but not a whole number >= 0. */
+int vm_budget_from_env(void);
+/* The Lua directory of the aigate library (as in package.path): its code is not counted. */
+void vm_set_library(const char *lua_dir);
+/* The signal (SIGINT/SIGTERM) that interrupted busy Lua code, or 0. */
+int task_interrupted(void);
+
+/* Durations: anything longer than this many seconds (about 31 years) waits this long, so that
+ * math.huge means "for ever" and no conversion overflows. */
+#define AIGATE_MAX_SECONDS 1e9
+/* seconds (>= 0, at most AIGATE_MAX_SECONDS) as a timeval, rounded up to the next microsecond. */
+void seconds_to_timeval(double seconds, struct timeval *tv);
 
 /* Module pieces, each in the file named for it. */
 int core_sse_parser(lua_State *L);

@@ -59,7 +59,8 @@ void http_client_remove(CURL *easy);
 void http_push_error(lua_State *L, CURLcode rc, const char *errbuf, size_t received, size_t max_size);
 
 /* Reads connect_timeout, timeout, first_byte_timeout and stall_timeout (seconds, nil or > 0) from
- * the table at idx; a bad value raises "bad <kind> 'name' to '<fn>' (...)". */
+ * the table at idx; a bad value raises "bad <kind> 'name' to '<fn>' (...)". A value above
+ * AIGATE_MAX_SECONDS (math.huge) counts as that. */
 void http_read_timeouts(lua_State *L, int idx, const char *kind, const char *fn, struct http_timeouts *to);
 /* Sets the connect and total limits on an easy handle (0: none). */
 void http_easy_timeouts(CURL *easy, const struct http_timeouts *to);

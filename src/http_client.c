@@ -426,12 +426,14 @@ static double monotonic_now(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
+/* libevent measures a timer from the time it cached when the loop turn began, which is early by
+ * however long Lua ran since: the cache is refreshed first. */
 static void arm_timer(struct event *ev, double seconds)
 {
     struct timeval tv;
 
-    tv.tv_sec = (time_t)seconds;
-    tv.tv_usec = (suseconds_t)((seconds - (double)tv.tv_sec) * 1e6);
+    seconds_to_timeval(seconds, &tv);
+    event_base_update_cache_time(g_base);
     evtimer_add(ev, &tv);
 }
 
@@ -539,7 +541,9 @@ static double read_seconds(lua_State *L, int idx, const char *name, const char *
     lua_pop(L, 1);
     if (!(v > 0))
         luaL_error(L, "bad %s '%s' to '%s' (must be > 0)", kind, name, fn);
-    return v;
+    /* math.huge and other huge limits: as long as a timer can wait (curl's milliseconds and a
+     * timeval overflow far beyond), so "no limit in practice" rather than undefined behaviour */
+    return v > AIGATE_MAX_SECONDS ? AIGATE_MAX_SECONDS : v;
 }
 
 void http_read_timeouts(lua_State *L, int idx, const char *kind, const char *fn, struct http_timeouts *to)

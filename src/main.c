@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -88,6 +89,7 @@ static void set_package_path(lua_State *L)
     char dir[PATH_MAX];
 
     find_lua_dir(dir, sizeof(dir));
+    vm_set_library(dir);
     lua_getglobal(L, "package");
     if (strchr(dir, '?'))
         lua_pushfstring(L, "%s;./?.lua;./?/init.lua", dir);
@@ -112,7 +114,8 @@ static void main_done(struct task *t, int ok, void *ud)
 
     (void)ud;
     if (!ok) {
-        task_report_error("error", lua_tostring(co, -1));
+        if (!task_interrupted()) /* else it ends as the signal ends it: silently, with 130 or 143 */
+            task_report_error("error", lua_tostring(co, -1));
         host_exit(1);
         return;
     }
@@ -127,6 +130,19 @@ static void main_done(struct task *t, int ok, void *ud)
 
 static const char main_chunk[] = "local argv = ...\n"
                                  "return require('aigate.cli').main(argv)\n";
+
+/* The process holds the API token in memory: no core file may be written, and no other process of
+ * the user may read its memory (PR_SET_DUMPABLE also makes /proc/<pid> of it root's). The sanitizers
+ * cope: LeakSanitizer makes the process dumpable while it stops the world to look for leaks. */
+static void refuse_core_dumps(void)
+{
+    struct rlimit rl;
+
+    rl.rlim_cur = 0;
+    rl.rlim_max = 0;
+    setrlimit(RLIMIT_CORE, &rl);
+    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+}
 
 static void raise_fd_limit(void)
 {
@@ -144,8 +160,15 @@ int main(int argc, char **argv)
     int i;
     int code;
 
+    refuse_core_dumps();
     signal(SIGPIPE, SIG_IGN);
     raise_fd_limit();
+    if (vm_budget_from_env() != 0) {
+        fprintf(stderr,
+                "aigate: AIGATE_MAX_INSTRUCTIONS must be a whole number >= 0 (0: no budget), not '%s'\n",
+                getenv("AIGATE_MAX_INSTRUCTIONS"));
+        return 2;
+    }
     g_base = event_base_new();
     if (g_base == NULL || tasks_init() != 0 || http_client_init() != 0) {
         fputs("aigate: cannot initialise the event loop\n", stderr);

@@ -218,13 +218,13 @@ function M.spawn(fn, ...)
 end
 --- Waits for a task: true, results... or false, err (like pcall).
 M.wait = core.wait
---- Pauses the current task for s seconds.
+--- Pauses the current task for s seconds (math.huge: until the process ends).
 function M.sleep(seconds)
   if type(seconds) ~= "number" then
     error(string.format("bad argument #1 to 'aigate.sleep' (number expected, got %s)", type(seconds)), 2)
   end
-  if seconds < 0 then
-    error("bad argument #1 to 'aigate.sleep' (seconds must be >= 0)", 2)
+  if seconds ~= seconds or seconds < 0 then -- NaN too
+    error(string.format("bad argument #1 to 'aigate.sleep' (seconds must be >= 0, got %s)", seconds), 2)
   end
   return core.sleep(seconds)
 end

@@ -425,6 +425,44 @@ T["sleep: waits about as long as asked"] = function()
   raises(function() core.sleep(-1) end, "seconds")
 end
 
+-- libevent measured a timer from the time cached when the loop turn began: after Lua had run for a
+-- while in the same turn, a sleep came back early (0.038 s for 0.05 under ASan; here at once).
+T["sleep: never comes back early, even after Lua ran long in the same loop turn"] = function()
+  local t = core.now()
+  while core.now() - t < 0.2 do end -- busy, without yielding
+  local t0 = core.now()
+  core.sleep(0.05)
+  local d = core.now() - t0
+  assert(d >= 0.05, "slept " .. d .. " s of 0.05")
+end
+
+-- A huge duration overflowed the timer's conversion (undefined behaviour): the sleep ended at once.
+T["sleep: math.huge, 1e300 and 2^63 wait (for ever in practice); NaN raises"] = function()
+  local aigate = require "aigate"
+  local woke = {}
+  for _, v in ipairs{ math.huge, 1e300, 2 ^ 63, 1e10 } do
+    core.spawn(function() core.sleep(v) woke[#woke + 1] = v end)
+  end
+  core.sleep(0.3)
+  eq(#woke, 0, "tasks woken")
+  raises(function() core.sleep(0 / 0) end, "seconds must be >= 0")
+  raises(function() aigate.sleep(0 / 0) end, "'aigate.sleep' %(seconds must be >= 0")
+  raises(function() aigate.sleep(-math.huge) end, "'aigate.sleep' %(seconds must be >= 0")
+end
+
+-- The same overflow made a huge timeout fire at once ("no response within 1e+300s").
+T["request: huge timeouts (math.huge, 1e300, 2^63) do not fire at once"] = function()
+  local srv, base = serve{["/late"] = function(_, res) core.sleep(0.1) res:respond(200, nil, "late") end}
+  for _, v in ipairs{ math.huge, 1e300, 2 ^ 63 } do
+    local res, err = core.request{url = base .. "/late", timeout = v, connect_timeout = v, first_byte_timeout = v,
+      stall_timeout = v}
+    assert(res, tostring(v) .. ": " .. tostring(err))
+    eq(res.body, "late", "body with timeouts of " .. tostring(v))
+  end
+  srv:close()
+  raises(function() core.request{url = base, first_byte_timeout = 0 / 0} end, "first_byte_timeout")
+end
+
 -- core.fsync in a task runs off the event loop: other tasks go on while it waits, and what was
 -- written is in the file when it returns (also when the file is closed just after).
 T["fsync: the loop goes on meanwhile; the data is there after"] = function()
@@ -545,6 +583,143 @@ T["tasks: an error object whose __tostring raises is reported, not fatal"] = fun
   local good = setmetatable({}, { __tostring = function() return "readable" end })
   local _, err2 = core.wait(core.spawn(function() error(good) end))
   eq(err2:match("^[^\n]*"), "readable", "a working __tostring is used")
+end
+
+-- Two tasks waiting on each other hung for ever. The wait that would close the cycle raises.
+T["wait: a wait that would close a cycle of waits raises at once"] = function()
+  local a, b
+  a = core.spawn(function() core.sleep(0.01) return core.wait(b) end)
+  b = core.spawn(function() core.sleep(0.05) return core.wait(a) end)
+  local okb, errb = core.wait(b)
+  eq(okb, false, "the second waiter failed")
+  assert(errb:find("deadlock", 1, true), errb)
+  local oka, inner_ok, inner_err = core.wait(a)
+  eq(oka, true, "the first waiter got the outcome")
+  eq(inner_ok, false, "which is the failure")
+  assert(inner_err:find("deadlock", 1, true), inner_err)
+  -- through a third task: c waits on d, d on e, and e's wait on c closes the cycle
+  local c, d, e
+  c = core.spawn(function() core.sleep(0.01) return core.wait(d) end)
+  d = core.spawn(function() core.sleep(0.01) return core.wait(e) end)
+  e = core.spawn(function() core.sleep(0.05) return core.wait(c) end)
+  local oke, erre = core.wait(e)
+  eq(oke, false)
+  assert(erre:find("deadlock", 1, true), erre)
+  -- waiting on one task from several is no cycle
+  local shared = core.spawn(function() core.sleep(0.02) return "v" end)
+  local w1 = core.spawn(function() return core.wait(shared) end)
+  local w2 = core.spawn(function() return core.wait(w1) end)
+  local ok2, ok1, ok0, v = core.wait(w2)
+  assert(ok2 and ok1 and ok0 and v == "v", "a chain of waits ends")
+end
+
+-- Runs fn with the instruction budget set to n, and sets it back whatever happens.
+local function with_budget(n, fn)
+  local before = core.max_instructions(n)
+  local ok, err = pcall(fn)
+  core.max_instructions(before)
+  if not ok then error(err, 0) end
+end
+
+local BUDGET_ERR = "ran more than 2000000 instructions without yielding"
+
+-- Lua code that never yielded froze every task for ever. Past the budget, the task fails with an
+-- error that names the function, and the other tasks go on.
+T["budget: a task that never yields fails, naming its function; the others go on"] = function()
+  with_budget(2000000, function()
+    local ticks = 0
+    local ticker = core.spawn(function() for _ = 1, 10 do core.sleep(0.01) ticks = ticks + 1 end end)
+    local spin = core.spawn(function() core.sleep(0.02) local n = 0 while true do n = n + 1 end end)
+    local ok, err = core.wait(spin)
+    eq(ok, false, "the spinning task failed")
+    assert(err:find(BUDGET_ERR, 1, true), err)
+    assert(err:match("test_core%.lua:%d+: the function at [^\n]*test_core%.lua:%d+ ran more"), err)
+    assert(err:find("AIGATE_MAX_INSTRUCTIONS", 1, true), "says how to change the limit: " .. err)
+    assert(core.wait(ticker), "the ticker finished")
+    eq(ticks, 10, "ticks")
+  end)
+end
+
+-- The first budget error can be caught (a route function's error fails its request); code that
+-- catches it and goes on spinning gets it again at every instruction, so the task ends.
+T["budget: catching the error and spinning on does not keep the task alive"] = function()
+  with_budget(2000000, function()
+    local caught = 0
+    local t = core.spawn(function()
+      while true do
+        local ok = pcall(function() while true do end end)
+        if not ok then caught = caught + 1 end
+      end
+    end)
+    local ok, err = core.wait(t)
+    eq(ok, false, "the task failed")
+    assert(err:find(BUDGET_ERR, 1, true), err)
+    assert(caught >= 1, "the first error was catchable")
+  end)
+end
+
+T["budget: a loop inside a plain coroutine is stopped too"] = function()
+  with_budget(2000000, function()
+    local ok, err = core.wait(core.spawn(function()
+      local gen = coroutine.wrap(function() while true do end end)
+      gen()
+    end))
+    eq(ok, false)
+    assert(err:find(BUDGET_ERR, 1, true), err)
+    ok, err = core.wait(core.spawn(function()
+      local co = coroutine.create(function() local x = 0 while true do x = x + 1 end end)
+      local rok, rerr = coroutine.resume(co)
+      assert(not rok, "the coroutine failed")
+      error(rerr, 0)
+    end))
+    eq(ok, false)
+    assert(err:find(BUDGET_ERR, 1, true), err)
+  end)
+end
+
+-- The budget is per resume: a task that computes long but yields now and then is never stopped.
+T["budget: code that yields now and then runs as long as it likes"] = function()
+  with_budget(2000000, function()
+    local ok, n = core.wait(core.spawn(function()
+      local n = 0
+      for i = 1, 3e7 do
+        n = n + 1
+        if i % 100000 == 0 then core.sleep(0) end
+      end
+      return n
+    end))
+    assert(ok, n)
+    eq(n, 3e7, "iterations")
+  end)
+end
+
+-- Long passes of the aigate library itself (a big template, a batch file read for --resume) are
+-- not counted: only the code of configs, hooks, route functions and scripts is.
+T["budget: the aigate library's own code is not counted"] = function()
+  with_budget(2000000, function()
+    local template = require "aigate.template"
+    local parts, vars = {}, {}
+    for i = 1, 20000 do
+      parts[i] = "{{v" .. i .. "}} "
+      vars["v" .. i] = tostring(i)
+    end
+    local ok, out = core.wait(core.spawn(function()
+      local text
+      for _ = 1, 20 do text = template.render(table.concat(parts), vars) end
+      return text
+    end))
+    assert(ok, out)
+    assert(type(out) == "string" and out:find("19999 20000", 1, true), "rendered")
+  end)
+end
+
+T["max_instructions: reads and sets the budget; a bad value raises"] = function()
+  local before = core.max_instructions()
+  assert(math.type(before) == "integer" and before >= 0, "an integer")
+  eq(core.max_instructions(12345), before, "returns the budget before")
+  eq(core.max_instructions(before), 12345, "as set")
+  raises(function() core.max_instructions(-1) end, "must be >= 0")
+  raises(function() core.max_instructions(1.5) end, "number has no integer representation")
 end
 
 return T
