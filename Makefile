@@ -14,7 +14,7 @@ DEPLIBS   = -l:liblua5.4-cjson.a $(shell pkg-config --libs $(PKGS) 2>/dev/null |
 ALL_CFLAGS = $(STD) $(WARN) $(CFLAGS) $(DEPCFLAGS) -DAIGATE_DATADIR='"$(DATADIR)"'
 ASAN_FLAGS = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined -DAIGATE_DEBUG
 
-SRCS := src/main.c src/core.c src/task.c src/http_client.c src/http_server.c src/lane.c src/sse.c src/buf.c
+SRCS := src/main.c src/core.c src/task.c src/http_client.c src/http_server.c src/http_guard.c src/lane.c src/sse.c src/buf.c
 HDRS := $(wildcard src/*.h)
 UNIT_TESTS := $(patsubst tests/unit/%.c,tests/unit/%,$(wildcard tests/unit/test_*.c))
 UNIT_LIB := src/sse.c src/buf.c tests/unit/unit.c
