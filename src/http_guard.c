@@ -20,7 +20,10 @@
  *   NEW     accepted; evhttp's connection object is not known yet (attach runs next)
  *   IDLE    no byte of a request yet: a new connection (header_timeout from the accept) or a kept-alive
  *           one (idle_timeout); the oldest idle connection is closed when a new one needs its place
- *   HEAD    reading a request head (header_timeout for all of it)
+ *   HEAD    reading a request head (header_timeout for all of it); when no connection is idle, the
+ *           one whose head started first gives its place to a new one (408): honest clients send a
+ *           head in one write, so a head still coming in is a slow client, and slowloris cannot
+ *           keep new clients out by filling the cap
  *   BODY    the head is complete and evhttp reads the body (body_timeout between bytes)
  *   BUSY    the request is with the handler, until http_conn_done
  *   LINGER  taken over: our error reply goes out, then the write side is shut and the client's bytes
@@ -79,6 +82,8 @@ struct http_conn {
     size_t body_bytes; /* bytes of the unfinished body counted in g->body_bytes */
     void *user;
     int rescan; /* bytes of the next request were read with the last one */
+    double accepted;
+    double head_started;
     double linger_start;
     int linger_eof;
     int in_idle;
@@ -444,8 +449,12 @@ static void head_start(struct http_conn *c)
     memset(&c->scan, 0, sizeof(c->scan));
     c->scan.content_length = -1;
     /* A new connection's clock started at the accept; a kept-alive one's starts now. */
-    if (c->requests > 0 || c->state != C_IDLE)
+    if (c->requests > 0 || c->state != C_IDLE) {
+        c->head_started = now();
         arm(c, c->g->limits.header_timeout);
+    } else {
+        c->head_started = c->accepted;
+    }
     c->state = C_HEAD;
 }
 
@@ -564,10 +573,14 @@ static void conn_forget(struct http_conn *c)
     bufferevent_decref(bev);
 }
 
-/* Closes the oldest idle connection with nothing left to write; 0 when there is none. */
-static int evict_idle(struct http_guard *g)
+/*
+ * Makes room for a new connection: closes the oldest idle connection with nothing left to write, or
+ * else answers 408 to the connection whose head started first. 0 when every connection is further on.
+ */
+static int evict(struct http_guard *g)
 {
     struct http_conn *v;
+    struct http_conn *slowest = NULL;
 
     for (v = g->idle_head; v; v = v->idle_next) {
         if (v->state == C_LINGER ||
@@ -577,7 +590,17 @@ static int evict_idle(struct http_guard *g)
             return 1;
         }
     }
-    return 0;
+    for (v = g->conns; v; v = v->next) {
+        if (v->state == C_HEAD && (slowest == NULL || v->head_started < slowest->head_started))
+            slowest = v;
+    }
+    if (slowest == NULL)
+        return 0;
+    g->evicted++;
+    reject_limit(slowest, 408,
+                 "request head not complete while the server is full (the server's max_connections, %d)",
+                 g->limits.max_connections);
+    return 1;
 }
 
 /*
@@ -601,12 +624,13 @@ static int conn_attach(struct http_conn *c)
     c->fd = bufferevent_getfd(c->bev);
     evhttp_connection_set_closecb(c->evcon, conn_closed, c);
     c->state = C_IDLE;
+    c->accepted = now();
     if (table_set(c->fd, c) != 0) {
         g->rejected++;
         conn_reject(c, 503, "Service Unavailable", "out of memory");
         return 0;
     }
-    if (g->nconns > g->limits.max_connections && !evict_idle(g)) {
+    if (g->nconns > g->limits.max_connections && !evict(g)) {
         g->refused++;
         reject_limit(c, 503, "too many connections: more than %d (the server's max_connections); try again",
                      g->limits.max_connections);

@@ -23,7 +23,8 @@ struct http_limits {
     int max_headers;        /* header lines of a request, continuation lines included (431) */
     size_t max_body_size;   /* bytes of one request body (413) */
     size_t max_body_memory; /* bytes of unfinished request bodies on all connections together (503) */
-    int max_connections;    /* open connections; past it the oldest idle one is closed, else 503 */
+    int max_connections;    /* open connections; past it the oldest idle one is closed, else the oldest
+                               unfinished head (408), else the new one gets 503 */
     double header_timeout; /* seconds for a whole request head, and for a new connection's first byte (408) */
     double body_timeout;   /* seconds without a byte while a body is read (408) */
     double idle_timeout;   /* seconds a kept-alive connection may wait for its next request (closed) */
@@ -80,7 +81,7 @@ struct http_guard_stats {
     int connections;        /* open, lingering ones included */
     size_t body_bytes;      /* bytes of unfinished bodies held now */
     unsigned long refused;  /* connections answered 503 for the connection cap */
-    unsigned long evicted;  /* idle connections closed to make room */
+    unsigned long evicted;  /* connections closed (idle) or answered 408 (slow head) to make room */
     unsigned long rejected; /* error replies of the guard (408, 413, 431, 503), refusals included */
 };
 

@@ -199,6 +199,30 @@ IFS= read -r -t 30 line <&${fds[2]}
 expect_eq "the last busy connection is served too" "$(printf '%s' "$line" | tr -d '\r')" "HTTP/1.1 200 OK"
 exec {fds[0]}>&- {fds[2]}>&-
 
+# Unfinished heads fill the cap (slowloris): the one that started first gives its place to a new
+# connection, with a 408 (or, had the server not read its bytes yet, as an idle connection closed).
+scenario "slow heads at the cap" --max-connections 3 --header-timeout 300
+fds=()
+for i in 1 2 3; do
+    exec {fd}<> "/dev/tcp/127.0.0.1/$(port)"
+    fds+=("$fd")
+    printf 'GET /v1/models HTTP/1.1\r\nX-Slow: ' >&$fd
+done
+expect_eq "three unfinished heads at a cap of 3: a new connection is served" "$(served)" 200
+out=$(timeout 30 cat <&${fds[0]})
+rc=$?
+out=$(printf '%s' "$out" | tr -d '\r')
+if [ "$rc" = 0 ] && { [ -z "$out" ] || [ "$(status "$out")" = 408 ]; }; then
+    ok "the oldest unfinished head was closed to make room (408)"
+else
+    fail "the oldest unfinished head was closed to make room" "exit $rc, got [$out]"
+fi
+expect_match "the 408 says why" "${out:-max_connections}" "max_connections"
+printf 'v\r\nConnection: close\r\n\r\n' >&${fds[1]}
+IFS= read -r -t 30 line <&${fds[1]}
+expect_eq "the next unfinished head, finished, is served" "$(printf '%s' "$line" | tr -d '\r')" "HTTP/1.1 200 OK"
+exec {fds[0]}>&- {fds[1]}>&- {fds[2]}>&-
+
 # Idle connections (nothing sent) beyond the cap: the oldest one is closed to make room. The header
 # timeout is long, so that a close seen here can only be that.
 scenario "idle connections at the cap" --max-connections 2 --header-timeout 300

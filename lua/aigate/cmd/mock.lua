@@ -28,7 +28,8 @@ Limits, for clients that misbehave (each answered with an HTTP error, or its con
       --max-body-size N    bytes of a request body (default 67108864; past it: 413)
       --max-body-memory N  bytes of unfinished bodies of all clients together (default 268435456; 503)
       --max-connections N  open connections (default 1024); past it the oldest idle connection is
-                           closed, or the new one answered 503 when none is idle
+                           closed, else the one slowest to send its head (408), else the new one
+                           is answered 503
       --header-timeout S   seconds for a whole request head, and for a new connection's first
                            byte (default 10; then 408, or a close when nothing came)
       --body-timeout S     seconds without a byte while a body comes in (default 60; then 408)
