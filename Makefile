@@ -19,6 +19,11 @@ HDRS := $(wildcard src/*.h)
 UNIT_TESTS := $(patsubst tests/unit/%.c,tests/unit/%,$(wildcard tests/unit/test_*.c))
 UNIT_LIB := src/sse.c src/buf.c tests/unit/unit.c
 
+# The HTTP server's request parsing (evhttp under src/http_guard.c's limits), fed one connection's bytes.
+FUZZ_TARGETS += http_request
+FUZZ_http_request_SRCS := src/http_guard.c
+FUZZ_http_request_LIBS := -levent
+
 DEB_PACKAGES := gcc make pkg-config liblua5.4-dev libcurl4-openssl-dev lua-cjson-dev libevent-dev curl ca-certificates \
                 openssl \
                 lua-check
