@@ -19,7 +19,8 @@ ASAN_CC  ?= $(shell command -v clang >/dev/null 2>&1 && echo clang || echo $(CC)
 CLANG_PACKAGES := clang libclang-rt-dev
 LUA_LIBS  = $(shell pkg-config --libs lua5.4 2>/dev/null || echo -llua5.4)
 
-SRCS := src/main.c src/core.c src/task.c src/http_client.c src/http_server.c src/lane.c src/sse.c src/buf.c src/headers.c
+SRCS := src/main.c src/core.c src/task.c src/http_client.c src/http_server.c src/http_guard.c src/lane.c src/sse.c src/buf.c \
+        src/headers.c
 HDRS := $(wildcard src/*.h)
 UNIT_TESTS := $(patsubst tests/unit/%.c,tests/unit/%,$(wildcard tests/unit/test_*.c))
 UNIT_LIB := src/sse.c src/buf.c src/headers.c tests/unit/unit.c
@@ -47,6 +48,11 @@ FUZZ_sse_LIBS := $(LUA_LIBS)
 FUZZ_TARGETS += headers
 FUZZ_headers_SRCS := src/headers.c src/buf.c
 FUZZ_headers_LIBS := $(LUA_LIBS)
+
+# The HTTP server's request parsing (evhttp under src/http_guard.c's limits), fed one connection's bytes.
+FUZZ_TARGETS += http_request
+FUZZ_http_request_SRCS := src/http_guard.c
+FUZZ_http_request_LIBS := -levent
 
 all: aigate
 

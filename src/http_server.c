@@ -5,9 +5,11 @@
  * object (`struct response`, a userdata). The response can be sent whole, streamed in chunks (SSE),
  * or cut: raw bytes written straight to the socket and the connection dropped, which the mock gateway
  * uses to simulate a broken upstream. When the client goes away before the reply is finished,
- * evhttp detaches the request and calls our close callback; we mark the response closed and the
+ * evhttp detaches the request and the guard calls on_close; we mark the response closed and the
  * request is freed by the final evhttp_send_reply or evhttp_request_free call, whichever path ends it.
- * Used by the mock gateway (lua/aigate/mock.lua) and any script that serves HTTP.
+ * The connections are evhttp's under a guard (http_guard.c) that applies the limits given to
+ * core.listen: header size and count, body size, connections, and the header, body and keep-alive
+ * timeouts. Used by the mock gateway (lua/aigate/mock.lua) and any script that serves HTTP.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -28,13 +30,13 @@
 #include <lua.h>
 
 #include "aigate.h"
+#include "http_guard.h"
 
 #define SERVER_MT   "aigate.server"
 #define RESPONSE_MT "aigate.response"
-#define MAX_BODY    (64 * 1024 * 1024)
 
 struct server {
-    struct evhttp *http;
+    struct http_guard *guard;
     int handler_ref;
     int self_ref; /* an open server stays alive until closed */
     int port;
@@ -45,6 +47,7 @@ struct server {
 struct response {
     struct evhttp_request *req;      /* NULL once evhttp owns or has freed it */
     struct evhttp_connection *evcon; /* NULL once the client went away */
+    struct http_conn *conn;          /* the guard's view of evcon; NULL once released or gone */
     int started;
     int finished;
     int closed;
@@ -54,13 +57,15 @@ static struct server *open_servers;
 
 /* ---- response life cycle --------------------------------------------------------------------- */
 
-static void on_close(struct evhttp_connection *evcon, void *arg)
+/* The guard tells us the client went away before the reply was done. */
+static void on_close(void *user, void *arg)
 {
-    struct response *r = arg;
+    struct response *r = user;
 
-    (void)evcon;
+    (void)arg;
     r->closed = 1;
     r->evcon = NULL;
+    r->conn = NULL;
     if (r->req && evhttp_request_get_connection(r->req) != NULL) {
         /* Still attached: evhttp frees it with the connection. */
         r->req = NULL;
@@ -68,10 +73,17 @@ static void on_close(struct evhttp_connection *evcon, void *arg)
     }
 }
 
-static void detach_close_cb(struct response *r)
+/*
+ * The reply is complete on our side: the connection may wait for its next request. Runs before the
+ * last evhttp call of the reply, which may free the connection at once.
+ */
+static void release_conn(struct response *r)
 {
-    if (r->evcon)
-        evhttp_connection_set_closecb(r->evcon, NULL, NULL);
+    struct http_conn *c = r->conn;
+
+    r->conn = NULL;
+    if (c)
+        http_conn_done(c);
 }
 
 static void add_headers(lua_State *L, int idx, struct evhttp_request *req)
@@ -102,7 +114,7 @@ static void response_end(struct response *r, int status_if_unstarted)
         r->finished = 1;
         return;
     }
-    detach_close_cb(r);
+    release_conn(r);
     r->finished = 1;
     r->req = NULL;
     if (r->started) {
@@ -146,7 +158,7 @@ static int l_respond(lua_State *L)
         return luaL_error(L, "response already started");
     add_headers(L, 3, r->req);
     req = r->req;
-    detach_close_cb(r);
+    release_conn(r);
     r->finished = 1;
     r->req = NULL;
     buf = evbuffer_new();
@@ -234,7 +246,9 @@ static int l_cut(lua_State *L)
         len -= (size_t)n;
     }
     shutdown(fd, SHUT_RDWR);
-    detach_close_cb(r);
+    if (r->conn)
+        http_conn_set_user(r->conn, NULL); /* the connection goes, no close notice for us */
+    r->conn = NULL;
     r->finished = 1;
     r->closed = 1;
     r->req = NULL;
@@ -351,7 +365,7 @@ static void set_nodelay(struct evhttp_connection *evcon)
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 }
 
-static void request_cb(struct evhttp_request *req, void *arg)
+static void request_cb(struct evhttp_request *req, struct http_conn *conn, void *arg)
 {
     struct server *s = arg;
     lua_State *L = g_L;
@@ -366,9 +380,9 @@ static void request_cb(struct evhttp_request *req, void *arg)
     memset(r, 0, sizeof(*r));
     r->req = req;
     r->evcon = evcon;
+    r->conn = conn;
     luaL_setmetatable(L, RESPONSE_MT);
-    if (evcon)
-        evhttp_connection_set_closecb(evcon, on_close, r);
+    http_conn_set_user(conn, r);
     /* The task keeps the response userdata alive as its argument until handler_done has run. */
     task_spawn(L, 2, handler_done, r);
     lua_pop(L, 1);
@@ -421,10 +435,10 @@ static evutil_socket_t bind_socket(const char *host, int port)
 
 static void server_close(struct server *s)
 {
-    if (s->http == NULL)
+    if (s->guard == NULL)
         return;
-    evhttp_free(s->http);
-    s->http = NULL;
+    http_guard_free(s->guard);
+    s->guard = NULL;
     luaL_unref(g_L, LUA_REGISTRYINDEX, s->handler_ref);
     luaL_unref(g_L, LUA_REGISTRYINDEX, s->self_ref);
     s->handler_ref = LUA_NOREF;
@@ -485,18 +499,77 @@ static void register_metatables(lua_State *L)
     lua_pop(L, 1);
 }
 
+/* An optional whole-number option of 'listen' in [min, max], or dflt when absent. */
+static lua_Integer int_option(lua_State *L, const char *name, lua_Integer dflt, lua_Integer min,
+                              lua_Integer max)
+{
+    lua_Integer v;
+    int ok = 0;
+
+    lua_getfield(L, 1, name);
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        return dflt;
+    }
+    v = lua_type(L, -1) == LUA_TNUMBER ? lua_tointegerx(L, -1, &ok) : 0;
+    if (!ok || v < min || v > max)
+        luaL_error(L, "bad option '%s' to 'listen' (whole number in %I..%I expected, got %s)", name, min, max,
+                   luaL_tolstring(L, -1, NULL));
+    lua_pop(L, 1);
+    return v;
+}
+
+/* An optional duration option of 'listen' in seconds (more than 0, at most a day). */
+static double seconds_option(lua_State *L, const char *name, double dflt)
+{
+    lua_Number v;
+
+    lua_getfield(L, 1, name);
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        return dflt;
+    }
+    v = lua_type(L, -1) == LUA_TNUMBER ? lua_tonumber(L, -1) : 0;
+    if (!(v > 0 && v <= 86400))
+        luaL_error(L, "bad option '%s' to 'listen' (seconds expected, more than 0 and at most 86400, got %s)",
+                   name, luaL_tolstring(L, -1, NULL));
+    lua_pop(L, 1);
+    return (double)v;
+}
+
+/* The limits of the options table at index 1 (see http_guard.h for what each one means). */
+static void read_limits(lua_State *L, struct http_limits *lim)
+{
+    static const struct http_limits dflt = HTTP_LIMITS_DEFAULT;
+    const lua_Integer tib = (lua_Integer)1 << 40;
+
+    lim->max_header_size = (size_t)int_option(L, "max_header_size", (lua_Integer)dflt.max_header_size, 256,
+                                              (lua_Integer)1 << 30);
+    lim->max_headers = (int)int_option(L, "max_headers", dflt.max_headers, 1, 100000);
+    lim->max_body_size = (size_t)int_option(L, "max_body_size", (lua_Integer)dflt.max_body_size, 0, tib);
+    lim->max_body_memory =
+        (size_t)int_option(L, "max_body_memory", (lua_Integer)dflt.max_body_memory, 0, tib);
+    lim->max_connections = (int)int_option(L, "max_connections", dflt.max_connections, 1, 1000000);
+    lim->header_timeout = seconds_option(L, "header_timeout", dflt.header_timeout);
+    lim->body_timeout = seconds_option(L, "body_timeout", dflt.body_timeout);
+    lim->idle_timeout = seconds_option(L, "idle_timeout", dflt.idle_timeout);
+}
+
 int core_listen(lua_State *L)
 {
     const char *host;
     lua_Integer port;
     struct server *s;
+    struct evhttp *http;
     struct evhttp_bound_socket *bound;
+    struct http_limits limits;
     struct sockaddr_storage ss;
     socklen_t sslen = sizeof(ss);
     evutil_socket_t fd;
 
     luaL_checktype(L, 1, LUA_TTABLE);
     register_metatables(L);
+    read_limits(L, &limits);
     lua_getfield(L, 1, "host");
     host = luaL_optstring(L, -1, "127.0.0.1");
     lua_getfield(L, 1, "port");
@@ -513,17 +586,18 @@ int core_listen(lua_State *L)
     s->handler_ref = LUA_NOREF;
     s->self_ref = LUA_NOREF;
     luaL_setmetatable(L, SERVER_MT);
-    s->http = evhttp_new(g_base);
-    if (s->http == NULL)
+    s->guard = http_guard_new(g_base, &limits, request_cb, on_close, s);
+    if (s->guard == NULL)
         return luaL_error(L, "out of memory");
+    http = http_guard_evhttp(s->guard);
     fd = bind_socket(host, (int)port);
-    bound = fd < 0 ? NULL : evhttp_accept_socket_with_handle(s->http, fd);
+    bound = fd < 0 ? NULL : evhttp_accept_socket_with_handle(http, fd);
     if (bound == NULL) {
         int err = errno;
         if (fd >= 0)
             close(fd);
-        evhttp_free(s->http);
-        s->http = NULL;
+        http_guard_free(s->guard);
+        s->guard = NULL;
         lua_pushnil(L);
         lua_pushfstring(L, "listen: cannot listen on %s:%d: %s", host, (int)port,
                         err == EINVAL ? "not a usable address" : strerror(err));
@@ -535,15 +609,12 @@ int core_listen(lua_State *L)
         else if (ss.ss_family == AF_INET6)
             s->port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
     }
-    evhttp_set_max_body_size(s->http, MAX_BODY);
-    evhttp_set_allowed_methods(s->http, EVHTTP_REQ_GET | EVHTTP_REQ_POST | EVHTTP_REQ_HEAD | EVHTTP_REQ_PUT |
-                                            EVHTTP_REQ_DELETE | EVHTTP_REQ_OPTIONS | EVHTTP_REQ_PATCH);
-    evhttp_set_timeout(s->http, 600);
+    evhttp_set_allowed_methods(http, EVHTTP_REQ_GET | EVHTTP_REQ_POST | EVHTTP_REQ_HEAD | EVHTTP_REQ_PUT |
+                                         EVHTTP_REQ_DELETE | EVHTTP_REQ_OPTIONS | EVHTTP_REQ_PATCH);
     lua_pushvalue(L, -2); /* the handler */
     s->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     lua_pushvalue(L, -1);
     s->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    evhttp_set_gencb(s->http, request_cb, s);
     s->next = open_servers;
     if (open_servers)
         open_servers->prev = s;

@@ -1069,9 +1069,13 @@ function M.handle(req, res)
   return serve(DEFAULT_STATE, req, res)
 end
 
+-- The server limits mock.start hands to core.listen when given (see core.listen in src/CORE_API.md).
+M.LIMITS = { "max_header_size", "max_headers", "max_body_size", "max_body_memory", "max_connections",
+  "header_timeout", "body_timeout", "idle_timeout" }
+
 -- Starts the mock. opts: host ("127.0.0.1"), port (0: any free port), log (path of the JSONL
--- request log, appended to), quiet (no per-request line on stderr). Returns a server with `port`,
--- `host`, `url` and `close()`, or nil, err.
+-- request log, appended to), quiet (no per-request line on stderr), and any of M.LIMITS. Returns a
+-- server with `port`, `host`, `url` and `close()`, or nil, err.
 function M.start(opts)
   opts = opts or {}
   if type(opts) ~= "table" then
@@ -1096,13 +1100,23 @@ function M.start(opts)
     end
     state.log = file
   end
-  local listener, err = core.listen({
+  local listen = {
     host = host,
     port = math.tointeger(port),
     handler = function(req, res)
       return serve(state, req, res)
     end,
-  })
+  }
+  for _, name in ipairs(M.LIMITS) do
+    listen[name] = opts[name]
+  end
+  local ok, listener, err = pcall(core.listen, listen)
+  if not ok then -- a bad limit: an error of the caller, once the log is closed
+    if state.log then
+      state.log:close()
+    end
+    error("mock.start: " .. tostring(listener), 2)
+  end
   if not listener then
     if state.log then
       state.log:close()

@@ -7,7 +7,7 @@ local M = {}
 M.summary = [[serve a local stand-in for the gateway, for offline work and tests]]
 
 M.help = [[
-Usage: aigate mock [--listen HOST:PORT] [--log FILE] [--quiet]
+Usage: aigate mock [--listen HOST:PORT] [--log FILE] [--quiet] [LIMITS]
 
 Serves a local stand-in for the gateway's /v1/ACCOUNT/GATEWAY/compat/chat/completions (and
 /v1/chat/completions for plain OpenAI-compatible base URLs). Replies echo the last user message, with
@@ -21,9 +21,38 @@ Options:
       --listen HOST:PORT   where to listen (default 127.0.0.1:8787; port 0 picks a free one)
       --log FILE           append every request received as a JSON line (secrets redacted)
       --quiet              no log line per request on stderr
+
+Limits, for clients that misbehave (each answered with an HTTP error, or its connection closed):
+      --max-header-size N  bytes of a request line and headers (default 65536; past it: 431)
+      --max-headers N      header lines of a request (default 100; past it: 431)
+      --max-body-size N    bytes of a request body (default 67108864; past it: 413)
+      --max-body-memory N  bytes of unfinished bodies of all clients together (default 268435456; 503)
+      --max-connections N  open connections (default 1024); past it the oldest idle connection is
+                           closed, else the one slowest to send its head (408), else the new one
+                           is answered 503
+      --header-timeout S   seconds for a whole request head, and for a new connection's first
+                           byte (default 10; then 408, or a close when nothing came)
+      --body-timeout S     seconds without a byte while a body comes in (default 60; then 408)
+      --idle-timeout S     seconds a kept-alive connection waits for its next request (default 60)
 Stops cleanly on SIGINT or SIGTERM.]]
 
 local MOCK_OPTS = {{"listen", nil, "value"}, {"log", nil, "value"}, {"quiet", "q", "flag"}, {"help", "h", "flag"}}
+
+-- The limits, each an option named after core.listen's (max_headers: --max-headers), with its range.
+local SECONDS = { above = 0, max = 86400, unit = "seconds" }
+local LIMIT_RULES = {
+  max_header_size = { integer = true, min = 256, max = 1 << 30 },
+  max_headers = { integer = true, min = 1, max = 100000 },
+  max_body_size = { integer = true, min = 0, max = 1 << 40 },
+  max_body_memory = { integer = true, min = 0, max = 1 << 40 },
+  max_connections = { integer = true, min = 1, max = 1000000 },
+  header_timeout = SECONDS,
+  body_timeout = SECONDS,
+  idle_timeout = SECONDS,
+}
+for _, name in ipairs(require("aigate.mock").LIMITS) do
+  MOCK_OPTS[#MOCK_OPTS + 1] = { (name:gsub("_", "-")), nil, "value" }
+end
 
 local function parse_listen(cmd, s)
   local host, port = s:match("^%[(.+)%]:(%d+)$")
@@ -43,7 +72,11 @@ function M.main(argv)
   if #pos > 0 then cli.usage_error(cmd, "unexpected argument '" .. pos[1] .. "'") end
   local host, port = parse_listen(cmd, opts.listen or "127.0.0.1:8787")
   local mock = require "aigate.mock"
-  local server, err = mock.start{host = host, port = port, log = opts.log, quiet = opts.quiet}
+  local start = {host = host, port = port, log = opts.log, quiet = opts.quiet}
+  for _, name in ipairs(mock.LIMITS) do
+    start[name] = cli.number_opt(cmd, opts, name, LIMIT_RULES[name])
+  end
+  local server, err = mock.start(start)
   if not server then
     cli.eprint("aigate: mock: ", err)
     return cli.EXIT_USAGE
