@@ -14,8 +14,14 @@ DEPLIBS   = -l:liblua5.4-cjson.a $(shell pkg-config --libs $(PKGS) 2>/dev/null |
 ALL_CFLAGS = $(STD) $(WARN) $(CFLAGS) $(DEPCFLAGS) -DAIGATE_DATADIR='"$(DATADIR)"'
 ASAN_FLAGS = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined -DAIGATE_DEBUG
 
-SRCS := src/main.c src/core.c src/task.c src/http_client.c src/http_server.c src/lane.c src/sse.c src/buf.c
+SRCS := src/main.c src/core.c src/task.c src/http_client.c src/http_server.c src/lane.c src/jsonscan.c src/sse.c src/buf.c
 HDRS := $(wildcard src/*.h)
+
+# The id rule's scanner against lua-cjson (tests/fuzz/fuzz_line_id.c).
+FUZZ_TARGETS += line_id
+FUZZ_line_id_SRCS := src/jsonscan.c src/buf.c
+FUZZ_line_id_LIBS := -l:liblua5.4-cjson.a $(shell pkg-config --libs lua5.4 2>/dev/null || echo -llua5.4) -lm
+
 UNIT_TESTS := $(patsubst tests/unit/%.c,tests/unit/%,$(wildcard tests/unit/test_*.c))
 UNIT_LIB := src/sse.c src/buf.c tests/unit/unit.c
 
