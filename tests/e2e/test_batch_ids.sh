@@ -256,11 +256,12 @@ for sig in TERM INT; do
     done
     expect_match "-o FIFO with no reader: says it waits" "$(cat "$TMP/err")" "waiting for a reader on the FIFO 'fifo'"
     kill -"$sig" "$pid"
+    where=$(cat "/proc/$pid/wchan" 2> /dev/null)
     if wait_gone "$pid"; then
         wait "$pid"
         expect_eq "-o FIFO with no reader: SIG$sig ends it" "$?" "$([ "$sig" = TERM ] && echo 143 || echo 130)"
     else
-        fail "-o FIFO with no reader: SIG$sig ends it" "still waiting 30 s later (killed)"
+        fail "-o FIFO with no reader: SIG$sig ends it" "still running 30 s later (in ${where:-?}; killed)"
     fi
 done
 rm -f fifo

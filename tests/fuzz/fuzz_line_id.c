@@ -361,7 +361,7 @@ static int skip_member(void *ctx, struct js_scan *s, const struct js_token *key)
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    const char *text = (const char *)data;
+    const char *text = size ? (const char *)data : ""; /* (never NULL + 0) */
     struct js_line r;
     struct js_token sid, sprompt;
     struct buf id;
@@ -374,7 +374,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     buf_init(&id);
     js_line_read(text, size, &r, &id);
     strict = js_scan_whole_object(text, size, skip_member, NULL) == 0;
-    if (strict != ref_strict_object(data, size))
+    if (strict != ref_strict_object((const uint8_t *)text, size))
         fail(strict ? "the strict scanner takes a text it must refuse"
                     : "the strict scanner refuses a strict text",
              data, size);
