@@ -596,12 +596,17 @@ static void lane_hold(lua_State *L, struct lane *ln)
 /* What the first pass saw of an input file, for the run to check that it reads the same lines: a
  * hash of each line (blank ones too) and the file's identity, size and modification time. The run
  * stops at the first line that differs, at a line past the last one, at an end before it, and when
- * the file's size or time moves: a line the duplicate check has not seen is never sent. */
+ * the file's size or time moves: a line the duplicate check has not seen is never sent. A hash is
+ * 4 bytes (4 MB for a million lines, in blocks that never move): a changed line it misses (one in 4
+ * billion) still changed the file's time, which stops the batch a moment later. */
 #define INPUT_MT "aigate.input"
 
+#define HASH_BLOCK 65536 /* hashes per block: blocks never move, so a growing input costs no copy */
+
 struct input {
-    uint64_t *hash; /* of line i + 1 */
-    size_t n, cap;
+    uint32_t **blocks; /* the hash of line i + 1 is blocks[i / HASH_BLOCK][i % HASH_BLOCK] */
+    size_t nblocks;
+    size_t n;
     dev_t dev;
     ino_t ino;
     off_t size;
@@ -611,13 +616,15 @@ struct input {
 
 /* A hash of a line's bytes (of its length alone for a line longer than max_line, which is never
  * held): 8 bytes at a time, to cost little beside reading the line. */
-static uint64_t line_hash(const char *s, size_t len, size_t oversize)
+static uint32_t line_hash(const char *s, size_t len, size_t oversize)
 {
     uint64_t h = 0x9e3779b97f4a7c15ULL ^ (uint64_t)(oversize ? oversize : len);
     size_t i = 0;
 
-    if (oversize)
-        return h * 0xc4ceb9fe1a85ec53ULL;
+    if (oversize) {
+        h *= 0xc4ceb9fe1a85ec53ULL;
+        return (uint32_t)(h ^ (h >> 32));
+    }
     for (; i + 8 <= len; i += 8) {
         uint64_t w;
         memcpy(&w, s + i, 8);
@@ -630,22 +637,23 @@ static uint64_t line_hash(const char *s, size_t len, size_t oversize)
         h = (h ^ w) * 0xc4ceb9fe1a85ec53ULL;
         h ^= h >> 29;
     }
-    return h;
+    return (uint32_t)(h ^ (h >> 32));
 }
 
-static void input_add(struct input *in, uint64_t h)
+static void input_add(struct input *in, uint32_t h)
 {
-    if (in->n == in->cap) {
-        size_t cap = in->cap ? in->cap * 2 : 1024;
-        uint64_t *p = realloc(in->hash, cap * sizeof(*p));
-        if (p == NULL) {
+    if (in->n == in->nblocks * HASH_BLOCK) {
+        uint32_t **blocks = realloc(in->blocks, (in->nblocks + 1) * sizeof(*blocks));
+        uint32_t *block = malloc(HASH_BLOCK * sizeof(*block));
+        if (blocks == NULL || block == NULL) {
             fputs("aigate: out of memory\n", stderr);
             abort();
         }
-        in->hash = p;
-        in->cap = cap;
+        blocks[in->nblocks++] = block;
+        in->blocks = blocks;
     }
-    in->hash[in->n++] = h;
+    in->blocks[in->n / HASH_BLOCK][in->n % HASH_BLOCK] = h;
+    in->n++;
 }
 
 static void input_set_stat(struct input *in, const struct stat *st)
@@ -680,7 +688,7 @@ static const char *input_line_differs(const struct input *in, lua_Integer lineno
                  (long long)lineno, in->n);
         return why;
     }
-    if (in->hash[lineno - 1] != line_hash(line, len, oversize)) {
+    if (in->blocks[(lineno - 1) / HASH_BLOCK][(lineno - 1) % HASH_BLOCK] != line_hash(line, len, oversize)) {
         snprintf(why, size, "line %lld is not the line first read there", (long long)lineno);
         return why;
     }
@@ -782,8 +790,11 @@ static int input_index(lua_State *L)
 static int input_gc(lua_State *L)
 {
     struct input *in = check_input(L, 1);
+    size_t i;
 
-    free(in->hash);
+    for (i = 0; i < in->nblocks; i++)
+        free(in->blocks[i]);
+    free(in->blocks);
     free(in->path);
     memset(in, 0, sizeof(*in));
     return 0;
