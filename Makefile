@@ -19,8 +19,8 @@ ASAN_CC  ?= $(shell command -v clang >/dev/null 2>&1 && echo clang || echo $(CC)
 CLANG_PACKAGES := clang libclang-rt-dev
 LUA_LIBS  = $(shell pkg-config --libs lua5.4 2>/dev/null || echo -llua5.4)
 
-SRCS := src/main.c src/core.c src/task.c src/http_client.c src/http_server.c src/http_guard.c src/lane.c src/sse.c src/buf.c \
-        src/headers.c
+SRCS := src/main.c src/core.c src/task.c src/http_client.c src/http_server.c src/http_guard.c src/lane.c src/jsonscan.c \
+        src/sse.c src/buf.c src/headers.c
 HDRS := $(wildcard src/*.h)
 UNIT_TESTS := $(patsubst tests/unit/%.c,tests/unit/%,$(wildcard tests/unit/test_*.c))
 UNIT_LIB := src/sse.c src/buf.c src/headers.c tests/unit/unit.c
@@ -53,6 +53,11 @@ FUZZ_headers_LIBS := $(LUA_LIBS)
 FUZZ_TARGETS += http_request
 FUZZ_http_request_SRCS := src/http_guard.c
 FUZZ_http_request_LIBS := -levent
+
+# The id rule's scanner against lua-cjson (tests/fuzz/fuzz_line_id.c).
+FUZZ_TARGETS += line_id
+FUZZ_line_id_SRCS := src/jsonscan.c src/buf.c
+FUZZ_line_id_LIBS := -l:liblua5.4-cjson.a $(LUA_LIBS) -lm
 
 all: aigate
 

@@ -108,6 +108,7 @@ int core_listen(lua_State *L);
 int core_lane(lua_State *L);
 int core_scan_ids(lua_State *L);
 void core_register_lane(lua_State *L);
+void core_register_batch(lua_State *L); /* line_id, open_output, file_info into the table on top */
 void core_register_tasks(lua_State *L); /* spawn, wait, sleep, now, time, ... into the table on top */
 int tasks_init(void);
 void tasks_shutdown(void);

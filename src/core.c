@@ -17,6 +17,7 @@ int luaopen_aigate_core(lua_State *L)
     core_register_lane(L);
     luaL_newlib(L, funcs);
     core_register_tasks(L);
+    core_register_batch(L);
     lua_pushstring(L, AIGATE_VERSION);
     lua_setfield(L, -2, "version");
     return 1;

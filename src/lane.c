@@ -5,10 +5,10 @@
  * The policy stays in Lua: aigate.batch asks the policy for a model's lane, and only when the lane
  * is a plain target with nothing per line but the prompt does it make an engine here with the
  * prepared request (URL, headers, the body around the messages) and the fixed parts of a result
- * line. For each line, `stage` reads the line with a strict JSON scanner and accepts only the short
- * form {"id", "prompt"[, "model"]} with nothing to unescape; `send` posts it on the shared curl
- * multi handle and yields. When the reply is a 2xx chat completion of the usual shape (valid JSON,
- * choices, integer usage, nothing to re-escape), the task gets the result line built here; for
+ * line. For each line, `stage` reads the line with the strict JSON scanner of src/jsonscan.c and
+ * accepts only the short form {"id", "prompt"[, "model"]} with nothing to unescape; `send` posts it
+ * on the shared curl multi handle and yields. When the reply is a 2xx chat completion of the usual shape
+ * (valid JSON, choices, integer usage, nothing to re-escape), the task gets the result line built here; for
  * anything else it gets the reply (or the transport error) and Lua runs it through the general
  * path, so every unusual case is decided by the same code as aigate.chat.
  */
@@ -19,6 +19,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <unistd.h>
 
 #include <curl/curl.h>
 #include <lauxlib.h>
@@ -28,14 +32,14 @@
 #include "aigate.h"
 #include "buf.h"
 #include "http.h"
+#include "jsonscan.h"
 
-#define LANE_MT      "aigate.lane"
-#define SCAN_DEPTH   900 /* deeper replies go to Lua (cjson's own limit is 1000) */
-#define MAX_INT_TEXT 15  /* integers longer than this go to Lua (exact in a double) */
+#define LANE_MT "aigate.lane"
 
 #define APPEND_LIT(b, s) buf_append((b), (s), sizeof(s) - 1)
 
 struct lane;
+struct input;
 
 /* Lines of a file, read in blocks; a line longer than max_line is skipped, never held. */
 struct reader {
@@ -86,7 +90,10 @@ struct lane {
     struct reader rd;
     FILE *out; /* the output, a Lua file handle kept alive by out_ref */
     int out_ref;
-    int done_ref;         /* the ids already in the output (a table), or LUA_NOREF */
+    int done_ref;        /* the ids already in the output (a table), or LUA_NOREF */
+    struct input *input; /* what the first pass read, kept alive by input_ref; NULL: not checked */
+    int input_ref;
+    int changed;          /* the input is not what the first pass read: no line is taken any more */
     int go;               /* lane:set_go: may a worker go on to its next line without Lua */
     struct buf id_prefix; /* "batch_req_<run prefix>" */
     unsigned long long counter;
@@ -96,333 +103,10 @@ struct lane {
     struct buf outline;
 };
 
-/* ---- a strict JSON scanner ------------------------------------------------------------------- */
-
-/* A string or number token: where its text is, and what it needs. */
-struct token {
-    const char *start; /* the string with its quotes, or the number */
-    size_t len;
-    int escaped;   /* a string with a backslash or a DEL byte (its text is not the JSON we would write) */
-    int is_int;    /* a number without fraction or exponent */
-    int is_string; /* a string (else a number, or nothing) */
-};
-
-struct scan {
-    const char *p;
-    const char *end;
-    int depth;
-};
-
-static void skip_ws(struct scan *s)
-{
-    while (s->p < s->end && (*s->p == ' ' || *s->p == '\t' || *s->p == '\n' || *s->p == '\r'))
-        s->p++;
-}
-
-static int hexval(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
-/* A string at s->p (a '"'). 0, or -1 when invalid or not handled here (a \u escape of a surrogate). */
-static int scan_string(struct scan *s, struct token *tok)
-{
-    const char *p = s->p + 1;
-
-    tok->start = s->p;
-    tok->escaped = 0;
-    tok->is_string = 1;
-    tok->is_int = 0;
-    while (p < s->end) {
-        unsigned char c = (unsigned char)*p;
-        if (c > '\\' && c != 0x7f) {
-            p++; /* the usual byte: letters, most punctuation, UTF-8 */
-            continue;
-        }
-        if (c == '"') {
-            s->p = p + 1;
-            tok->len = (size_t)(s->p - tok->start);
-            return 0;
-        }
-        if (c < 0x20)
-            return -1;
-        if (c == 0x7f) {
-            tok->escaped = 1;
-        } else if (c == '\\') {
-            tok->escaped = 1;
-            if (p + 1 >= s->end)
-                return -1;
-            c = (unsigned char)p[1];
-            if (c == 'u') {
-                int i;
-                int v = 0;
-                if (p + 6 > s->end)
-                    return -1;
-                for (i = 2; i < 6; i++) {
-                    int h = hexval(p[i]);
-                    if (h < 0)
-                        return -1;
-                    v = v * 16 + h;
-                }
-                if (v >= 0xd800 && v <= 0xdfff)
-                    return -1;
-                p += 6;
-                continue;
-            }
-            if (strchr("\"\\/bfnrt", (int)c) == NULL || c == '\0')
-                return -1;
-            p += 2;
-            continue;
-        }
-        p++;
-    }
-    return -1;
-}
-
-static int scan_number(struct scan *s, struct token *tok)
-{
-    const char *p = s->p;
-
-    tok->start = p;
-    tok->is_string = 0;
-    tok->escaped = 0;
-    tok->is_int = 1;
-    if (p < s->end && *p == '-')
-        p++;
-    if (p >= s->end)
-        return -1;
-    if (*p == '0') {
-        p++;
-    } else if (*p >= '1' && *p <= '9') {
-        while (p < s->end && *p >= '0' && *p <= '9')
-            p++;
-    } else {
-        return -1;
-    }
-    if (p < s->end && *p == '.') {
-        tok->is_int = 0;
-        p++;
-        if (p >= s->end || *p < '0' || *p > '9')
-            return -1;
-        while (p < s->end && *p >= '0' && *p <= '9')
-            p++;
-    }
-    if (p < s->end && (*p == 'e' || *p == 'E')) {
-        tok->is_int = 0;
-        p++;
-        if (p < s->end && (*p == '+' || *p == '-'))
-            p++;
-        if (p >= s->end || *p < '0' || *p > '9')
-            return -1;
-        while (p < s->end && *p >= '0' && *p <= '9')
-            p++;
-    }
-    tok->len = (size_t)(p - tok->start);
-    s->p = p;
-    return 0;
-}
-
-static int scan_literal(struct scan *s, const char *word)
-{
-    size_t n = strlen(word);
-
-    if ((size_t)(s->end - s->p) < n || memcmp(s->p, word, n) != 0)
-        return -1;
-    s->p += n;
-    return 0;
-}
-
-/* Any value at s->p (whitespace skipped before, not after). tok (may be NULL) gets a string or
- * number token; *kind gets its first character ('{', '[', '"', 'n', 't', 'f' or '0' for numbers). */
-static int scan_value(struct scan *s, struct token *tok, char *kind);
-
-/* The members of the object at s->p (a '{'): member(ctx, s, key) is called at each value, which it
- * must scan (with scan_value or its own scanner). 0, or -1 when invalid or refused by member. */
-typedef int (*member_fn)(void *ctx, struct scan *s, const struct token *key);
-/* The elements of the array at s->p (a '['): element(ctx, s, index) scans each. */
-typedef int (*element_fn)(void *ctx, struct scan *s, int index);
-
-static int scan_items(struct scan *s, member_fn member, element_fn element, void *ctx)
-{
-    char close = member ? '}' : ']';
-    struct token key;
-    int index = 0;
-
-    if (++s->depth > SCAN_DEPTH)
-        return -1;
-    s->p++;
-    skip_ws(s);
-    if (s->p < s->end && *s->p == close) {
-        s->p++;
-        s->depth--;
-        return 0;
-    }
-    for (;;) {
-        if (member) {
-            if (s->p >= s->end || *s->p != '"' || scan_string(s, &key) != 0)
-                return -1;
-            skip_ws(s);
-            if (s->p >= s->end || *s->p != ':')
-                return -1;
-            s->p++;
-            skip_ws(s);
-            if (s->p >= s->end || member(ctx, s, &key) != 0)
-                return -1;
-        } else if (s->p >= s->end || element(ctx, s, index++) != 0) {
-            return -1;
-        }
-        skip_ws(s);
-        if (s->p >= s->end)
-            return -1;
-        if (*s->p == ',') {
-            s->p++;
-            skip_ws(s);
-            continue;
-        }
-        if (*s->p != close)
-            return -1;
-        s->p++;
-        s->depth--;
-        return 0;
-    }
-}
-
-static int skip_member(void *ctx, struct scan *s, const struct token *key)
-{
-    char kind;
-
-    (void)ctx;
-    (void)key;
-    return scan_value(s, NULL, &kind);
-}
-
-static int skip_element(void *ctx, struct scan *s, int index)
-{
-    char kind;
-
-    (void)ctx;
-    (void)index;
-    return scan_value(s, NULL, &kind);
-}
-
-static int scan_value(struct scan *s, struct token *tok, char *kind)
-{
-    struct token local;
-
-    if (tok == NULL)
-        tok = &local;
-    tok->is_string = 0;
-    tok->start = NULL;
-    if (s->p >= s->end)
-        return -1;
-    *kind = *s->p;
-    switch (*s->p) {
-    case '{':
-        return scan_items(s, skip_member, NULL, NULL);
-    case '[':
-        return scan_items(s, NULL, skip_element, NULL);
-    case '"':
-        return scan_string(s, tok);
-    case 'n':
-        return scan_literal(s, "null");
-    case 't':
-        return scan_literal(s, "true");
-    case 'f':
-        return scan_literal(s, "false");
-    default:
-        *kind = '0';
-        return scan_number(s, tok);
-    }
-}
-
-/* The text of an object key known to have no escapes equals name. */
-static int key_is(const struct token *key, const char *name)
-{
-    size_t n = strlen(name);
-    return key->len == n + 2 && memcmp(key->start + 1, name, n) == 0;
-}
-
-/* A whole text that is one JSON object (whitespace around it allowed), its members by member. */
-static int scan_whole_object(const char *text, size_t len, member_fn member, void *ctx)
-{
-    struct scan s = { text, text + len, 0 };
-
-    skip_ws(&s);
-    if (s.p >= s.end || *s.p != '{' || scan_items(&s, member, NULL, ctx) != 0)
-        return -1;
-    skip_ws(&s);
-    return s.p == s.end ? 0 : -1;
-}
-
-/* An integer id as the decoder gives it back: no fraction, exponent or "-0", exact in a double. */
-static int plain_int(const struct token *v, char kind)
-{
-    return kind == '0' && v->is_int && v->len <= MAX_INT_TEXT &&
-           !(v->len == 2 && v->start[0] == '-' && v->start[1] == '0');
-}
-
-/* ---- input lines ----------------------------------------------------------------------------- */
-
-struct short_line {
-    const struct lane *ln;
-    struct token id, prompt;
-    int have_id, have_prompt, have_model;
-};
-
-static int short_member(void *ctx, struct scan *s, const struct token *key)
-{
-    struct short_line *sl = ctx;
-    struct token val;
-    char kind;
-
-    if (key->escaped || scan_value(s, &val, &kind) != 0)
-        return -1;
-    if (key_is(key, "id")) {
-        if (sl->have_id++)
-            return -1;
-        if (val.is_string ? (val.escaped || val.len == 2) : !plain_int(&val, kind))
-            return -1;
-        sl->id = val;
-    } else if (key_is(key, "prompt")) {
-        if (sl->have_prompt++ || !val.is_string || val.escaped)
-            return -1;
-        sl->prompt = val;
-    } else if (key_is(key, "model")) {
-        if (sl->have_model++ || !val.is_string || val.escaped || val.len != strlen(sl->ln->model) + 2 ||
-            memcmp(val.start + 1, sl->ln->model, val.len - 2) != 0)
-            return -1;
-    } else {
-        return -1;
-    }
-    return 0;
-}
-
-/* The short form {"id": "x" | 12, "prompt": "...", "model": "<the lane's>"}, nothing else, no
- * escapes. Fills id (its text: a string's content or the integer's digits) and prompt (with quotes). */
-static int parse_line(const struct lane *ln, const char *line, size_t len, struct token *id,
-                      struct token *prompt)
-{
-    struct short_line sl;
-
-    memset(&sl, 0, sizeof(sl));
-    sl.ln = ln;
-    if (scan_whole_object(line, len, short_member, &sl) != 0 || !sl.have_id || !sl.have_prompt)
-        return -1;
-    *id = sl.id;
-    *prompt = sl.prompt;
-    return 0;
-}
-
 /* ---- replies --------------------------------------------------------------------------------- */
 
 struct reply {
-    struct token id, model;
+    struct js_token id, model;
     int has_id, has_model;
     int id_kind, model_kind; /* first character of the value */
     long long usage[3];      /* prompt, completion, total */
@@ -434,27 +118,27 @@ struct reply {
 
 static const char *const USAGE_KEYS[3] = { "prompt_tokens", "completion_tokens", "total_tokens" };
 
-static int usage_member(void *ctx, struct scan *s, const struct token *key)
+static int usage_member(void *ctx, struct js_scan *s, const struct js_token *key)
 {
     struct reply *r = ctx;
-    struct token val;
+    struct js_token val;
     char kind;
     int i;
 
-    if (scan_value(s, &val, &kind) != 0)
+    if (js_scan_value(s, &val, &kind) != 0)
         return -1;
     if (key->escaped) {
         r->bad = 1; /* a key that may decode to one of ours */
         return 0;
     }
     for (i = 0; i < 3; i++) {
-        if (!key_is(key, USAGE_KEYS[i]))
+        if (!js_key_is(key, USAGE_KEYS[i]))
             continue;
         if (r->has_usage[i])
             r->bad = 1; /* repeated: the decoder keeps the last, leave it to Lua */
         if (kind == '0') {
-            char text[MAX_INT_TEXT + 1];
-            if (!val.is_int || val.len > MAX_INT_TEXT) {
+            char text[JS_MAX_INT_TEXT + 1];
+            if (!val.is_int || val.len > JS_MAX_INT_TEXT) {
                 r->bad = 1; /* a float or a huge count: Lua writes it */
             } else {
                 memcpy(text, val.start, val.len);
@@ -468,54 +152,54 @@ static int usage_member(void *ctx, struct scan *s, const struct token *key)
 }
 
 /* The first element of choices must be an object or an array (a table once decoded). */
-static int choice_element(void *ctx, struct scan *s, int index)
+static int choice_element(void *ctx, struct js_scan *s, int index)
 {
     struct reply *r = ctx;
     char kind;
 
     if (index == 0 && (*s->p == '{' || *s->p == '['))
         r->choices_ok = 1;
-    return scan_value(s, NULL, &kind);
+    return js_scan_value(s, NULL, &kind);
 }
 
-static int reply_member(void *ctx, struct scan *s, const struct token *key)
+static int reply_member(void *ctx, struct js_scan *s, const struct js_token *key)
 {
     struct reply *r = ctx;
-    struct token val;
+    struct js_token val;
     char kind;
 
     if (key->escaped)
         return -1;
-    if (key_is(key, "usage")) {
+    if (js_key_is(key, "usage")) {
         if (r->seen_usage++)
             return -1;
         if (*s->p == '{')
-            return scan_items(s, usage_member, NULL, r);
-        return scan_value(s, NULL, &kind); /* any other value: no usage */
+            return js_scan_items(s, usage_member, NULL, r);
+        return js_scan_value(s, NULL, &kind); /* any other value: no usage */
     }
-    if (key_is(key, "choices")) {
+    if (js_key_is(key, "choices")) {
         if (r->seen_choices++)
             return -1;
         if (*s->p == '[')
-            return scan_items(s, NULL, choice_element, r);
-        return scan_value(s, NULL, &kind);
+            return js_scan_items(s, NULL, choice_element, r);
+        return js_scan_value(s, NULL, &kind);
     }
-    if (scan_value(s, &val, &kind) != 0)
+    if (js_scan_value(s, &val, &kind) != 0)
         return -1;
-    if (key_is(key, "id")) {
+    if (js_key_is(key, "id")) {
         if (r->has_id++)
             return -1;
         r->id = val;
         r->id_kind = kind;
-    } else if (key_is(key, "model")) {
+    } else if (js_key_is(key, "model")) {
         if (r->has_model++)
             return -1;
         r->model = val;
         r->model_kind = kind;
-    } else if (key_is(key, "error")) {
+    } else if (js_key_is(key, "error")) {
         if (kind != 'n')
             r->bad = 1;
-    } else if (key_is(key, "success")) {
+    } else if (js_key_is(key, "success")) {
         if (kind == 'f')
             r->bad = 1;
     }
@@ -531,7 +215,7 @@ static int scan_reply(const char *body, size_t len, struct reply *r)
     if (len == 0 || body[0] != '{' || body[len - 1] != '}' || memchr(body, '\n', len) ||
         memchr(body, '\r', len))
         return -1;
-    if (scan_whole_object(body, len, reply_member, r) != 0 || r->bad || !r->choices_ok)
+    if (js_scan_whole_object(body, len, reply_member, r) != 0 || r->bad || !r->choices_ok)
         return -1;
     /* id and model are written as the decoder would give them back: plain strings only. */
     if (r->has_id && r->id_kind != 'n' && r->id_kind != 'f' && !(r->id.is_string && !r->id.escaped))
@@ -887,6 +571,237 @@ static void lane_hold(lua_State *L, struct lane *ln)
     }
 }
 
+/* ---- the input as the first pass read it ------------------------------------------------------ */
+
+/* What the first pass saw of an input file, for the run to check that it reads the same lines: a
+ * hash of each line (blank ones too) and the file's identity, size and modification time. The run
+ * stops at the first line that differs, at a line past the last one, at an end before it, and when
+ * the file's size or time moves: a line the duplicate check has not seen is never sent. A hash is
+ * 4 bytes (4 MB for a million lines, in blocks that never move): a changed line it misses (one in 4
+ * billion) still changed the file's time, which stops the batch a moment later. */
+#define INPUT_MT "aigate.input"
+
+#define HASH_BLOCK 65536 /* hashes per block: blocks never move, so a growing input costs no copy */
+
+struct input {
+    uint32_t **blocks; /* the hash of line i + 1 is blocks[i / HASH_BLOCK][i % HASH_BLOCK] */
+    size_t nblocks;
+    size_t n;
+    dev_t dev;
+    ino_t ino;
+    off_t size;
+    struct timespec mtime;
+    char *path;
+};
+
+/* A hash of a line's bytes (of its length alone for a line longer than max_line, which is never
+ * held): 8 bytes at a time, to cost little beside reading the line. */
+static uint32_t line_hash(const char *s, size_t len, size_t oversize)
+{
+    uint64_t h = 0x9e3779b97f4a7c15ULL ^ (uint64_t)(oversize ? oversize : len);
+    size_t i = 0;
+
+    if (oversize) {
+        h *= 0xc4ceb9fe1a85ec53ULL;
+        return (uint32_t)(h ^ (h >> 32));
+    }
+    for (; i + 8 <= len; i += 8) {
+        uint64_t w;
+        memcpy(&w, s + i, 8);
+        h = (h ^ w) * 0xff51afd7ed558ccdULL;
+        h ^= h >> 32;
+    }
+    if (i < len) {
+        uint64_t w = 0;
+        memcpy(&w, s + i, len - i);
+        h = (h ^ w) * 0xc4ceb9fe1a85ec53ULL;
+        h ^= h >> 29;
+    }
+    return (uint32_t)(h ^ (h >> 32));
+}
+
+static void input_add(struct input *in, uint32_t h)
+{
+    if (in->n == in->nblocks * HASH_BLOCK) {
+        uint32_t **blocks = realloc(in->blocks, (in->nblocks + 1) * sizeof(*blocks));
+        uint32_t *block = malloc(HASH_BLOCK * sizeof(*block));
+        if (blocks == NULL || block == NULL) {
+            fputs("aigate: out of memory\n", stderr);
+            abort();
+        }
+        blocks[in->nblocks++] = block;
+        in->blocks = blocks;
+    }
+    in->blocks[in->n / HASH_BLOCK][in->n % HASH_BLOCK] = h;
+    in->n++;
+}
+
+static void input_set_stat(struct input *in, const struct stat *st)
+{
+    in->dev = st->st_dev;
+    in->ino = st->st_ino;
+    in->size = st->st_size;
+    in->mtime = st->st_mtim;
+}
+
+/* NULL when st is the file the first pass read, as it was; else what changed. */
+static const char *input_stat_differs(const struct input *in, const struct stat *st, char *why, size_t size)
+{
+    if (st->st_dev != in->dev || st->st_ino != in->ino)
+        return "it was replaced by another file";
+    if (st->st_size != in->size) {
+        snprintf(why, size, "its size went from %lld to %lld bytes", (long long)in->size,
+                 (long long)st->st_size);
+        return why;
+    }
+    if (st->st_mtim.tv_sec != in->mtime.tv_sec || st->st_mtim.tv_nsec != in->mtime.tv_nsec)
+        return "it was written to (its modification time moved)";
+    return NULL;
+}
+
+/* NULL when line lineno is the one the first pass read; else what differs. */
+static const char *input_line_differs(const struct input *in, lua_Integer lineno, const char *line,
+                                      size_t len, size_t oversize, char *why, size_t size)
+{
+    if (lineno < 1 || (size_t)lineno > in->n) {
+        snprintf(why, size, "it has a line %lld, and had %zu lines when first read (lines were added)",
+                 (long long)lineno, in->n);
+        return why;
+    }
+    if (in->blocks[(lineno - 1) / HASH_BLOCK][(lineno - 1) % HASH_BLOCK] != line_hash(line, len, oversize)) {
+        snprintf(why, size, "line %lld is not the line first read there", (long long)lineno);
+        return why;
+    }
+    return NULL;
+}
+
+/* NULL when an input read to its end at line lineno after `bytes` bytes is the one first read. */
+static const char *input_end_differs(const struct input *in, lua_Integer lineno, long long bytes, char *why,
+                                     size_t size)
+{
+    if (lineno >= 0 && (size_t)lineno < in->n) {
+        snprintf(why, size, "it ends at line %lld, and had %zu lines when first read (it was cut)",
+                 (long long)lineno, in->n);
+        return why;
+    }
+    if (bytes >= 0 && bytes != (long long)in->size) {
+        snprintf(why, size, "it ends after %lld bytes, and had %lld when first read", bytes,
+                 (long long)in->size);
+        return why;
+    }
+    return NULL;
+}
+
+static struct input *check_input(lua_State *L, int idx)
+{
+    return luaL_checkudata(L, idx, INPUT_MT);
+}
+
+/* input:check(lineno, line[, oversize]) -> true, or false, why. */
+static int input_check(lua_State *L)
+{
+    struct input *in = check_input(L, 1);
+    lua_Integer lineno = luaL_checkinteger(L, 2);
+    size_t len;
+    const char *line = luaL_checklstring(L, 3, &len);
+    lua_Integer oversize = luaL_optinteger(L, 4, 0);
+    char why[160];
+    const char *d =
+        input_line_differs(in, lineno, line, len, oversize > 0 ? (size_t)oversize : 0, why, sizeof(why));
+
+    lua_pushboolean(L, d == NULL);
+    if (d == NULL)
+        return 1;
+    lua_pushstring(L, d);
+    return 2;
+}
+
+/* input:check_end(lineno, bytes) -> true, or false, why: the input ended after line lineno. */
+static int input_check_end(lua_State *L)
+{
+    struct input *in = check_input(L, 1);
+    char why[160];
+    const char *d = input_end_differs(in, luaL_checkinteger(L, 2), (long long)luaL_optinteger(L, 3, -1), why,
+                                      sizeof(why));
+
+    lua_pushboolean(L, d == NULL);
+    if (d == NULL)
+        return 1;
+    lua_pushstring(L, d);
+    return 2;
+}
+
+/* input:unchanged() -> true, or false, why: the file at the input's path is still the one read. */
+static int input_unchanged(lua_State *L)
+{
+    struct input *in = check_input(L, 1);
+    struct stat st;
+    char why[160];
+    const char *d;
+
+    if (stat(in->path, &st) != 0) {
+        lua_pushboolean(L, 0);
+        lua_pushfstring(L, "it cannot be read any more (%s)", strerror(errno));
+        return 2;
+    }
+    d = input_stat_differs(in, &st, why, sizeof(why));
+    lua_pushboolean(L, d == NULL);
+    if (d == NULL)
+        return 1;
+    lua_pushstring(L, d);
+    return 2;
+}
+
+/* input.lines: how many lines the first pass read (blank ones included). */
+static int input_index(lua_State *L)
+{
+    struct input *in = check_input(L, 1);
+    const char *key = luaL_checkstring(L, 2);
+
+    if (strcmp(key, "lines") == 0) {
+        lua_pushinteger(L, (lua_Integer)in->n);
+        return 1;
+    }
+    lua_getmetatable(L, 1);
+    lua_getfield(L, -1, key);
+    return 1;
+}
+
+static int input_gc(lua_State *L)
+{
+    struct input *in = check_input(L, 1);
+    size_t i;
+
+    for (i = 0; i < in->nblocks; i++)
+        free(in->blocks[i]);
+    free(in->blocks);
+    free(in->path);
+    memset(in, 0, sizeof(*in));
+    return 0;
+}
+
+static struct input *input_new(lua_State *L, const char *path)
+{
+    static const luaL_Reg methods[] = {
+        { "check", input_check },
+        { "check_end", input_check_end },
+        { "unchanged", input_unchanged },
+        { "__index", input_index },
+        { "__gc", input_gc },
+        { NULL, NULL },
+    };
+    struct input *in = lua_newuserdatauv(L, sizeof(*in), 0);
+
+    memset(in, 0, sizeof(*in));
+    if (luaL_newmetatable(L, INPUT_MT))
+        luaL_setfuncs(L, methods, 0);
+    lua_setmetatable(L, -2);
+    in->path = strdup(path);
+    if (in->path == NULL)
+        luaL_error(L, "out of memory");
+    return in;
+}
+
 /* ---- working through an input file ----------------------------------------------------------- */
 
 #define READ_BLOCK 65536
@@ -981,8 +896,8 @@ static void append_hex16(struct buf *b, unsigned long long v)
 }
 
 /* Fills the slot's request from a parsed line (the body, the id, the line number). */
-static void slot_fill(struct lane *ln, struct slot *sl, const struct token *id, const struct token *prompt,
-                      lua_Integer lineno)
+static void slot_fill(struct lane *ln, struct slot *sl, const struct js_token *id,
+                      const struct js_token *prompt, lua_Integer lineno)
 {
     buf_reset(&sl->body);
     buf_append(&sl->body, ln->prefix.data, ln->prefix.len);
@@ -1021,7 +936,7 @@ static int slot_start(struct slot *sl)
 }
 
 /* Is id one of the results already in the output? */
-static int already_done(struct lane *ln, lua_State *co, const struct token *id)
+static int already_done(struct lane *ln, lua_State *co, const struct js_token *id)
 {
     int done;
 
@@ -1044,20 +959,41 @@ static int already_done(struct lane *ln, lua_State *co, const struct token *id)
 static int work_step(struct lane *ln, struct slot *sl, lua_State *co)
 {
     for (;;) {
-        const char *line;
-        size_t len;
-        size_t oversize;
-        struct token id = { 0 };
-        struct token prompt = { 0 };
-        int rc = read_line(&ln->rd, &line, &len, &oversize);
+        const char *line = "";
+        size_t len = 0;
+        size_t oversize = 0;
+        struct js_token id = { 0 };
+        struct js_token prompt = { 0 };
+        const char *changed = ln->changed ? "it changed" : NULL;
+        char why[160];
+        int rc;
+
+        if (ln->rd.in == NULL) {
+            lua_pushnil(co); /* detached (the batch stopped): no more lines */
+            return 1;
+        }
+        rc = changed ? 1 : read_line(&ln->rd, &line, &len, &oversize);
 
         if (rc == 0) {
-            lua_pushnil(co);
-            return 1;
+            if (ln->input)
+                changed = input_end_differs(ln->input, ln->rd.lineno, (long long)ftello(ln->rd.in), why,
+                                            sizeof(why));
+            if (changed == NULL) {
+                lua_pushnil(co);
+                return 1;
+            }
         }
         if (rc < 0) {
             lua_pushliteral(co, "error");
             lua_pushstring(co, strerror(errno));
+            return 2;
+        }
+        if (changed == NULL && ln->input)
+            changed = input_line_differs(ln->input, ln->rd.lineno, line, len, oversize, why, sizeof(why));
+        if (changed) {
+            ln->changed = 1;
+            lua_pushliteral(co, "changed");
+            lua_pushstring(co, changed);
             return 2;
         }
         if (oversize) {
@@ -1069,7 +1005,7 @@ static int work_step(struct lane *ln, struct slot *sl, lua_State *co)
         }
         if (is_blank(line, len))
             continue;
-        if (!ln->go || parse_line(ln, line, len, &id, &prompt) != 0) {
+        if (!ln->go || js_short_line(line, len, ln->model, &id, &prompt) != 0) {
             lua_pushliteral(co, "line");
             lua_pushlstring(co, line, len);
             lua_pushinteger(co, ln->rd.lineno);
@@ -1162,59 +1098,93 @@ static void work_done(struct slot *sl, CURLcode rc, double latency)
 
 /* ---- the first pass over an input file: ids, duplicates, the total ---------------------------- */
 
-/* The custom_id and id fields of a line (first character of each value, 0 when absent). */
-struct line_ids {
-    struct token ids[2];
-    char kinds[2];
-};
-
-static int id_member(void *ctx, struct scan *s, const struct token *key)
+/* The id of a line by the rule of batch input lines (jsonscan.h, and aigate.batch's line_id, which
+ * completes it): 1 with the id in out: the "custom_id", else the "id", else "line-N", also for a line
+ * that fails before its id can be read; 0 when only the decoder can tell (a number as Lua writes it). */
+static int rule_line_id(const char *line, size_t len, lua_Integer lineno, struct buf *out)
 {
-    struct line_ids *li = ctx;
-    struct token val;
-    char kind;
-    int i;
+    struct js_line r;
 
-    if (key->escaped || scan_value(s, &val, &kind) != 0)
-        return -1;
-    i = key_is(key, "custom_id") ? 0 : key_is(key, "id") ? 1 : -1;
-    if (i >= 0) {
-        if (li->kinds[i])
-            return -1; /* repeated */
-        li->kinds[i] = kind;
-        li->ids[i] = val;
+    js_line_read(line, len, &r, out);
+    if (r.id == JS_ID_NUMBER)
+        return 0;
+    if (r.id != JS_ID_TEXT) {
+        buf_reset(out);
+        APPEND_LIT(out, "line-");
+        append_int(out, (long long)lineno);
     }
-    return 0;
+    return 1;
 }
 
-/* The id of a line when this scanner can tell it for sure: the "custom_id", else the "id", of a
- * JSON object, a string with nothing to unescape or an integer; "line-N" when it has neither.
- * Returns 1 with the id in out, 0 when Lua must decide (anything else, including invalid JSON). */
-static int fast_line_id(const char *line, size_t len, lua_Integer lineno, struct buf *out)
+/* The message of a repeated key: the key as the line writes it, cut (at a character) when long. */
+static void push_dup_message(lua_State *L, const struct js_line *r)
 {
-    struct line_ids li;
-    int i;
+    size_t n = r->key_len;
+    const char *more = "";
 
-    memset(&li, 0, sizeof(li));
-    if (scan_whole_object(line, len, id_member, &li) != 0)
-        return 0;
-    buf_reset(out);
-    for (i = 0; i < 2; i++) {
-        const struct token *v = &li.ids[i];
-        if (li.kinds[i] == 0 || li.kinds[i] == 'n')
-            continue; /* absent or null: the next field */
-        if (li.kinds[i] == '"' && !v->escaped && v->len > 2) {
-            buf_append(out, v->start + 1, v->len - 2);
-            return 1;
-        }
-        if (plain_int(v, li.kinds[i])) {
-            buf_append(out, v->start, v->len);
-            return 1;
-        }
-        return 0;
+    if (n > JS_MAX_KEY_SHOWN) {
+        n = JS_MAX_KEY_SHOWN;
+        while (n > 0 && ((unsigned char)r->key[n] & 0xc0) == 0x80)
+            n--; /* not inside a UTF-8 character */
+        more = "...";
     }
-    APPEND_LIT(out, "line-");
-    append_int(out, (long long)lineno);
+    lua_pushlstring(L, r->key, n);
+    lua_pushfstring(L, "duplicate key %s%s (again at byte offset %I): a key may appear once in an object",
+                    lua_tostring(L, -1), more, (lua_Integer)r->offset);
+    lua_remove(L, -2);
+}
+
+/* core.line_id(line, lineno) -> id, code, message: the rule of batch input lines, as far as C tells
+ * it (aigate.batch's line_id completes it). id: the line's id, or false when only the decoder can
+ * read it (a number as Lua writes it); code, message: what is wrong with the line, nil when nothing
+ * (message nil for invalid_json: the decoder's own says where). */
+static int core_line_id(lua_State *L)
+{
+    size_t len;
+    const char *line = luaL_checklstring(L, 1, &len);
+    lua_Integer lineno = luaL_checkinteger(L, 2);
+    struct js_line r;
+    struct buf id;
+    char text[128];
+
+    buf_init(&id);
+    js_line_read(line, len, &r, &id);
+    if (r.id == JS_ID_TEXT)
+        lua_pushlstring(L, id.data, id.len);
+    else if (r.id == JS_ID_NUMBER)
+        lua_pushboolean(L, 0);
+    else
+        lua_pushfstring(L, "line-%I", lineno);
+    buf_free(&id);
+    switch (r.problem) {
+    case JS_OK:
+        if (r.id != JS_ID_BAD)
+            return 1;
+        lua_pushliteral(L, "invalid_line");
+        lua_pushfstring(L, "'%s' must be a non-empty string or a number", r.id_field);
+        return 3;
+    case JS_NUL:
+        lua_pushliteral(L, "invalid_json");
+        lua_pushfstring(L, "not valid JSON (a NUL byte at byte offset %I)", (lua_Integer)r.offset);
+        return 3;
+    case JS_INVALID:
+        lua_pushliteral(L, "invalid_json");
+        return 2;
+    case JS_NOT_OBJECT:
+        lua_pushliteral(L, "invalid_line");
+        lua_pushliteral(L, "not a JSON object");
+        return 3;
+    case JS_BAD_UTF8:
+        lua_pushliteral(L, "invalid_utf8");
+        snprintf(text, sizeof(text), "not valid UTF-8 (byte 0x%02x at byte offset %llu)",
+                 (unsigned)(unsigned char)line[r.offset], (unsigned long long)r.offset);
+        lua_pushstring(L, text);
+        return 3;
+    case JS_DUP_KEY:
+        lua_pushliteral(L, "duplicate_key");
+        push_dup_message(L, &r);
+        return 3;
+    }
     return 1;
 }
 
@@ -1293,15 +1263,19 @@ static void idset_free(struct idset *set)
     buf_free(&set->keys);
 }
 
-/* core.scan_ids(path, max_line, done, line_id) -> total, skipped, ndup, dups; or nil, err.
- * The first pass of `aigate batch` over a file: every line's id (by fast_line_id, else by calling
- * line_id(line, lineno) in Lua), total = lines to run (first occurrences not in done), skipped =
- * first occurrences in done, ndup duplicates, dups the first ten as "id 'x' on lines a and b". */
+/* core.scan_ids(path, max_line, done, line_id) -> total, skipped, ndup, dups, input; or nil, err.
+ * The first pass of `aigate batch` over a file: every line's id by the rule of batch input lines
+ * (rule_line_id, and line_id(line, lineno) in Lua for the lines only the decoder can tell), total =
+ * lines to run (first occurrences not in done), skipped = first occurrences in done, ndup duplicates,
+ * dups the first ten as "id 'x' on lines a and b"; input: what was read (struct input), for the run
+ * to check against. */
 int core_scan_ids(lua_State *L)
 {
     struct reader rd;
     struct idset set = { NULL, 0, 0, { NULL, 0, 0 } };
     struct buf id;
+    struct input *in;
+    struct stat st0, st1;
     const char *path = luaL_checkstring(L, 1);
     lua_Integer total = 0, skipped = 0, ndup = 0;
     int has_done;
@@ -1311,11 +1285,26 @@ int core_scan_ids(lua_State *L)
     has_done = lua_istable(L, 3);
     luaL_checktype(L, 4, LUA_TFUNCTION);
     lua_settop(L, 4);
-    lua_newtable(L); /* 5: dups */
+    lua_newtable(L);         /* 5: dups */
+    in = input_new(L, path); /* 6 */
     rd.in = fopen(path, "rb");
     if (rd.in == NULL) {
         lua_pushnil(L);
         lua_pushfstring(L, "%s: %s", path, strerror(errno));
+        return 2;
+    }
+    if (fstat(fileno(rd.in), &st0) != 0) {
+        int err = errno;
+        fclose(rd.in);
+        lua_pushnil(L);
+        lua_pushfstring(L, "%s: %s", path, strerror(err));
+        return 2;
+    }
+    if (!S_ISREG(st0.st_mode)) {
+        /* a pipe (say <(cmd)) would be empty for the run once the first pass has read it */
+        fclose(rd.in);
+        lua_pushnil(L);
+        lua_pushfstring(L, "%s is not a regular file: give it on standard input ('-') instead", path);
         return 2;
     }
     buf_init(&rd.buf);
@@ -1332,13 +1321,14 @@ int core_scan_ids(lua_State *L)
         rc = read_line(&rd, &line, &len, &oversize);
         if (rc <= 0)
             break;
+        input_add(in, line_hash(line, len, oversize));
         if (oversize) {
             buf_reset(&id);
             APPEND_LIT(&id, "line-");
             append_int(&id, (long long)rd.lineno);
         } else if (is_blank(line, len)) {
             continue;
-        } else if (!fast_line_id(line, len, rd.lineno, &id)) {
+        } else if (!rule_line_id(line, len, rd.lineno, &id)) {
             size_t n;
             const char *s;
             lua_pushvalue(L, 4);
@@ -1377,6 +1367,25 @@ int core_scan_ids(lua_State *L)
             total++;
         }
     }
+    if (rc == 0) {
+        /* Read to its end: what was read is what the file held then, or it changed meanwhile. */
+        off_t bytes = ftello(rd.in);
+        char why[160];
+        const char *d;
+        if (fstat(fileno(rd.in), &st1) != 0) {
+            rc = -1;
+        } else {
+            input_set_stat(in, &st0);
+            d = input_stat_differs(in, &st1, why, sizeof(why));
+            if (d == NULL && bytes != st1.st_size)
+                d = "it changed while it was read";
+            if (d) {
+                lua_pushfstring(L, "%s changed while it was read (%s): run again once it is complete", path,
+                                d);
+                rc = -3;
+            }
+        }
+    }
     fclose(rd.in);
     buf_free(&rd.buf);
     buf_free(&id);
@@ -1395,7 +1404,8 @@ int core_scan_ids(lua_State *L)
     lua_pushinteger(L, skipped);
     lua_pushinteger(L, ndup);
     lua_pushvalue(L, 5);
-    return 4;
+    lua_pushvalue(L, 6);
+    return 5;
 }
 
 /* ---- the Lua object -------------------------------------------------------------------------- */
@@ -1415,11 +1425,11 @@ static int lane_stage(lua_State *L)
     size_t len;
     const char *line = luaL_checklstring(L, 2, &len);
     lua_Integer lineno = luaL_checkinteger(L, 3);
-    struct token id = { 0 };
-    struct token prompt = { 0 };
+    struct js_token id = { 0 };
+    struct js_token prompt = { 0 };
     struct slot *sl;
 
-    if (parse_line(ln, line, len, &id, &prompt) != 0) {
+    if (js_short_line(line, len, ln->model, &id, &prompt) != 0) {
         lua_pushnil(L);
         return 1;
     }
@@ -1469,38 +1479,110 @@ static void detach(lua_State *L, struct lane *ln)
         fclose(ln->rd.in);
     ln->rd.in = NULL;
     ln->out = NULL;
+    ln->input = NULL;
     luaL_unref(L, LUA_REGISTRYINDEX, ln->out_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, ln->done_ref);
-    ln->out_ref = ln->done_ref = LUA_NOREF;
+    luaL_unref(L, LUA_REGISTRYINDEX, ln->input_ref);
+    ln->out_ref = ln->done_ref = ln->input_ref = LUA_NOREF;
 }
 
-/* A larger buffer for an output file than glibc's default of one block (4 KiB: Lua's setvbuf
- * cannot pass a size glibc keeps): a 700-byte result line then costs a fraction of a write call.
- * The buffer must outlive the stream, which Lua closes later, so buffers are never freed; a
- * process runs few batches (tests run several), and past OUT_BUFFERS streams keep glibc's. */
-#define OUT_BUFFER  (256 * 1024)
-#define OUT_BUFFERS 32
-static char *out_buffers[OUT_BUFFERS];
-static int n_out_buffers;
+/* ---- the output file ------------------------------------------------------------------------- */
 
-static void give_buffer(FILE *f)
+/* A larger buffer for an output file than glibc's default of one block (4 KiB: Lua's setvbuf cannot
+ * pass a size glibc keeps): a 700-byte result line then costs a fraction of a write call. */
+#define OUT_BUFFER      (256 * 1024)
+#define OUT_PIPE_BUFFER (64 * 1024) /* a FIFO or a device: the batch flushes it every 10 ms anyway */
+
+/* A file opened by core.open_output: a Lua file (Lua's io functions see the luaL_Stream) whose
+ * buffer is ours, freed once the stream is closed (by file:close or by the collector). */
+struct out_stream {
+    luaL_Stream s;
+    char *buffer;
+};
+
+static int out_close(lua_State *L)
 {
-    char *b;
+    struct out_stream *o = luaL_checkudata(L, 1, LUA_FILEHANDLE);
+    int ok = fclose(o->s.f) == 0;
+    int err = errno;
 
-    if (f == stdout || n_out_buffers == OUT_BUFFERS)
-        return;
-    b = malloc(OUT_BUFFER);
-    if (b == NULL)
-        return;
-    if (setvbuf(f, b, _IOFBF, OUT_BUFFER) != 0) {
-        free(b);
-        return;
-    }
-    out_buffers[n_out_buffers++] = b;
+    free(o->buffer);
+    o->buffer = NULL;
+    errno = err;
+    return luaL_fileresult(L, ok, NULL);
 }
 
-/* lane:attach{input = path, output = file, max_line = n, done = table|nil, id_prefix = s}
- * -> true or nil, err. */
+/* core.open_output(path, append) -> file; or nil, err[, "no_reader"]. Opens the output of a batch
+ * (appending to it, or emptied) without blocking: a FIFO with no reader yet gives nil, err,
+ * "no_reader", and the caller waits and tries again while the event loop goes on (so that SIGINT
+ * and SIGTERM end the wait, where a plain open would block the process in the kernel). Once open,
+ * writes block as on any file: a slow reader slows the batch down. */
+static int core_open_output(lua_State *L)
+{
+    const char *path = luaL_checkstring(L, 1);
+    int append = lua_toboolean(L, 2);
+    struct out_stream *o;
+    struct stat st;
+    size_t size;
+    int fd;
+    int flags;
+
+    o = lua_newuserdatauv(L, sizeof(*o), 0);
+    o->s.f = NULL;
+    o->s.closef = NULL; /* a closed file until it is open */
+    o->buffer = NULL;
+    luaL_setmetatable(L, LUA_FILEHANDLE);
+    fd = open(path, O_WRONLY | O_CREAT | O_NONBLOCK | O_CLOEXEC | (append ? O_APPEND : O_TRUNC), 0666);
+    if (fd < 0) {
+        int err = errno;
+        lua_pushnil(L);
+        lua_pushfstring(L, "%s: %s", path, strerror(err));
+        if (err == ENXIO && stat(path, &st) == 0 && S_ISFIFO(st.st_mode)) {
+            lua_pushliteral(L, "no_reader");
+            return 3;
+        }
+        return 2;
+    }
+    flags = fcntl(fd, F_GETFL);
+    if (flags < 0 || fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) != 0 || fstat(fd, &st) != 0 ||
+        (o->s.f = fdopen(fd, append ? "ab" : "wb")) == NULL) {
+        int err = errno;
+        close(fd);
+        lua_pushnil(L);
+        lua_pushfstring(L, "%s: %s", path, strerror(err));
+        return 2;
+    }
+    o->s.closef = out_close;
+    size = S_ISREG(st.st_mode) ? OUT_BUFFER : OUT_PIPE_BUFFER;
+    o->buffer = malloc(size);
+    if (o->buffer && setvbuf(o->s.f, o->buffer, _IOFBF, size) != 0) {
+        free(o->buffer);
+        o->buffer = NULL;
+    }
+    return 1;
+}
+
+/* core.file_info(path) -> kind ("file", "fifo", "directory" or "other"), size; or nil, err. */
+static int core_file_info(lua_State *L)
+{
+    const char *path = luaL_checkstring(L, 1);
+    struct stat st;
+
+    if (stat(path, &st) != 0) {
+        lua_pushnil(L);
+        lua_pushfstring(L, "%s: %s", path, strerror(errno));
+        return 2;
+    }
+    lua_pushstring(L, S_ISREG(st.st_mode)    ? "file"
+                      : S_ISFIFO(st.st_mode) ? "fifo"
+                      : S_ISDIR(st.st_mode)  ? "directory"
+                                             : "other");
+    lua_pushinteger(L, (lua_Integer)st.st_size);
+    return 2;
+}
+
+/* lane:attach{input = path, output = file, max_line = n, done = table|nil, id_prefix = s,
+ * first_pass = input|nil} -> true or nil, err. */
 static int lane_attach(lua_State *L)
 {
     struct lane *ln = check_lane(L);
@@ -1515,12 +1597,19 @@ static int lane_attach(lua_State *L)
     detach(L, ln);
     ln->out = out->f;
     ln->out_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    give_buffer(ln->out);
     lua_getfield(L, 2, "done");
     if (lua_istable(L, -1))
         ln->done_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     else
         lua_pop(L, 1);
+    lua_getfield(L, 2, "first_pass");
+    if (!lua_isnil(L, -1)) {
+        ln->input = check_input(L, -1);
+        ln->input_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    } else {
+        lua_pop(L, 1);
+    }
+    ln->changed = 0;
     lua_getfield(L, 2, "max_line");
     ln->rd.max_line = (size_t)luaL_checkinteger(L, -1);
     lua_pop(L, 1);
@@ -1710,6 +1799,7 @@ int core_lane(lua_State *L)
     ln->self_ref = LUA_NOREF;
     ln->out_ref = LUA_NOREF;
     ln->done_ref = LUA_NOREF;
+    ln->input_ref = LUA_NOREF;
     buf_init(&ln->rd.buf);
     buf_init(&ln->id_prefix);
     buf_init(&ln->outline);
@@ -1785,4 +1875,16 @@ void core_register_lane(lua_State *L)
         lua_setfield(L, -2, "__gc");
     }
     lua_pop(L, 1);
+}
+
+void core_register_batch(lua_State *L)
+{
+    static const luaL_Reg funcs[] = {
+        { "line_id", core_line_id },
+        { "open_output", core_open_output },
+        { "file_info", core_file_info },
+        { NULL, NULL },
+    };
+
+    luaL_setfuncs(L, funcs, 0);
 }

@@ -20,6 +20,12 @@ local cj = require("cjson").new() -- our own instance: its settings touch nobody
 cj.encode_sparse_array(true)
 cj.encode_number_precision(14)
 local decode, encode = cj.decode, cj.encode
+-- Input lines are read by an instance of their own that refuses what JSON does not allow in numbers
+-- (hex, leading zeros, inf, nan, "+1"): {"id": 007} is no second way of writing {"id": 7}. The C
+-- half of the id rule (core.line_id, src/jsonscan.c) reads lines exactly as this decoder does.
+local line_cj = require("cjson").new()
+line_cj.decode_invalid_numbers(false)
+local line_decode = line_cj.decode
 local null = cj.null
 local concat, format, find, sub, match = table.concat, string.format, string.find, string.sub, string.match
 local floor, huge = math.floor, math.huge
@@ -32,6 +38,8 @@ M.MAX_LINE = 8 * 1024 * 1024
 M.WINDOW_PER_WORKER = 4   -- --ordered: lines in flight or waiting to be written, per worker
 M.PARK = 0.02             -- seconds a worker waits before checking admission again
 M.PARKED_PER_WORKER = 1   -- lines that may wait on a rate-limited upstream, per request in flight
+M.INPUT_CHECK_INTERVAL = 0.1 -- seconds between checks that the input file is still the one read
+M.FIFO_WAIT = 0.05        -- seconds between tries to open an output FIFO that has no reader yet
 
 -- ---- input lines --------------------------------------------------------------------------------
 
@@ -72,23 +80,38 @@ function M.id_of(obj, lineno)
   return id
 end
 
--- The id of a raw line without decoding it when the id is the first key (the usual case).
-local function fast_id(line)
-  local id = match(line, '^%s*{%s*"custom_id"%s*:%s*"([^"\\]+)"')
-  if id then return id end
-  if find(line, '"custom_id"', 1, true) then return nil end
-  id = match(line, '^%s*{%s*"id"%s*:%s*"([^"\\]+)"') or match(line, '^%s*{%s*"id"%s*:%s*(%-?%d+)%s*[,}]')
-  if id and #id < 16 then return id end
-  return nil
+-- The decoder's complaint about a line, without the "where: " prefix an error may carry.
+local function decode_error(err)
+  return (tostring(err):gsub("^.-: ", "", 1))
+end
+
+-- The rule of a line's id, one for the first pass (core.scan_ids calls line_id for the lines its
+-- scanner leaves to it), the run (parse_line) and the engine (which sends only lines whose id the
+-- scanner reads for sure): core.line_id reads the line exactly as line_decode does and finds what
+-- the decoder cannot see (a key twice in an object, bytes that are not UTF-8, a NUL byte); only an
+-- id that is a number Lua writes its own way (1.5, 1e3) is left to the decoder. Returns id, code,
+-- message (code nil for a good line), and the decoded object when it had to decode it.
+local function line_rule(line, lineno)
+  local id, code, msg = core.line_id(line, lineno)
+  if code == "invalid_json" and msg == nil then
+    local ok, err = pcall(line_decode, line)
+    msg = ok and "not valid JSON" or format("not valid JSON (%s)", decode_error(err))
+  end
+  if id ~= false then return id, code, msg end
+  local ok, obj = pcall(line_decode, line)
+  if not ok or type(obj) ~= "table" then
+    -- the scanner and the decoder disagree (a bug): the line fails, with the same id in every pass
+    return "line-" .. lineno, code or "invalid_json", msg or "not valid JSON"
+  end
+  local bad
+  id, bad = M.id_of(obj, lineno)
+  if bad and not code then code, msg = "invalid_line", bad end
+  return id, code, msg, obj
 end
 
 --- The id the output will carry for a raw input line (what the first pass records).
 function M.line_id(line, lineno)
-  local id = fast_id(line)
-  if id then return id end
-  local ok, obj = pcall(decode, line)
-  if not ok or type(obj) ~= "table" then return "line-" .. lineno end
-  return (M.id_of(obj, lineno))
+  return (line_rule(line, lineno))
 end
 
 local function is_blank(line)
@@ -152,23 +175,22 @@ function M.parse_line(line, lineno, defaults, oversize)
     return { id = "line-" .. lineno, lineno = lineno, code = "line_too_large",
       message = format("line %d: too large (%d bytes; the limit is %d)", lineno, oversize, defaults.max_line or M.MAX_LINE) }
   end
-  local ok, obj = pcall(decode, line)
-  if not ok then
-    local why = tostring(obj):gsub("^.-: ", "", 1)
-    return { id = "line-" .. lineno, lineno = lineno, code = "invalid_json",
-      message = format("line %d: not valid JSON (%s)", lineno, why) }
-  end
-  if type(obj) ~= "table" or (obj[1] ~= nil and next(obj, #obj) == nil) then
-    return { id = "line-" .. lineno, lineno = lineno, code = "invalid_line",
-      message = format("line %d: not a JSON object", lineno) }
-  end
-  local id, bad = M.id_of(obj, lineno)
+  local id, code, msg, obj = line_rule(line, lineno)
   local item = { id = id, lineno = lineno }
-  if bad then
-    item.code, item.message = "invalid_line", format("line %d: %s", lineno, bad)
+  if code then
+    item.code, item.message = code, format("line %d: %s", lineno, msg)
     return item
   end
-  local opts, code, msg
+  if obj == nil then
+    local ok, v = pcall(line_decode, line)
+    if not ok or type(v) ~= "table" then -- the scanner took it: a bug, and still this line only
+      item.code = "invalid_json"
+      item.message = format("line %d: not valid JSON (%s)", lineno, ok and "not an object" or decode_error(v))
+      return item
+    end
+    obj = v
+  end
+  local opts
   if obj.custom_id ~= nil or obj.body ~= nil then
     opts, code, msg = from_openai(obj, lineno)
   else
@@ -586,12 +608,12 @@ end
 
 -- The first pass over a file: ids only (core.scan_ids reads the lines in C and asks M.line_id for
 -- the ids it cannot tell itself). Returns total (lines to run, blank ones left out), dups (a list of
--- "id 'x' on lines a and b", the first ten), their count, and the lines skipped because done; or
--- nil, err.
+-- "id 'x' on lines a and b", the first ten), their count, the lines skipped because done, and what
+-- was read (the run checks that it reads the same lines: see State:input_changed); or nil, err.
 local function first_pass(path, max_line, done)
-  local total, skipped, ndup, dups = core.scan_ids(path, max_line, next(done) and done or nil, M.line_id)
+  local total, skipped, ndup, dups, read = core.scan_ids(path, max_line, next(done) and done or nil, M.line_id)
   if total == nil then return nil, skipped end
-  return total, dups, ndup, skipped
+  return total, dups, ndup, skipped, read
 end
 
 local State = {}
@@ -650,6 +672,16 @@ function State:sync_engine()
   for i = 1, #lats do hist:add(lats[i]) end
 end
 
+-- The input file is not what the first pass read (why says how): no line is taken any more, the
+-- requests in flight finish, and the batch ends with exit 2; --resume finishes it once the input is
+-- final. A line the duplicate check has not seen is never sent.
+function State:input_changed(why)
+  if self.changed then return end
+  self.changed = why
+  self.stopping = true
+  if self.engine then self.engine:set_go(false) end
+end
+
 -- Whether to run the line with this id: true; false when the output has it already; nil when a
 -- duplicate on stdin stops the batch.
 function State:take(id, lineno)
@@ -672,10 +704,21 @@ end
 function State:read_item()
   local r = self.reader
   local engine = self.engine
+  local read = self.first_read
   while true do
+    if self.stopping then return nil end
     local line, lineno, _, _, oversize = r:next()
     if line == nil then
+      local same, why = true, nil
+      if read then same, why = read:check_end(r.lineno, r:consumed()) end
+      if not same then self:input_changed(why) return nil end
       self.eof = true
+      return nil
+    end
+    local same, why = true, nil
+    if read then same, why = read:check(lineno, line, oversize) end
+    if not same then
+      self:input_changed(why)
       return nil
     end
     if oversize or not is_blank(line) then
@@ -964,6 +1007,9 @@ function State:engine_worker(chat, prepare)
       self.input_error = "cannot read the input: " .. tostring(a)
       self.stopping = true
       break
+    elseif kind == "changed" then -- a: why
+      self:input_changed(a)
+      break
     elseif kind == "reply" then -- a: line, b: lineno, c: latency, d: status, e: headers, f: body, g: err
       self:sync_engine() -- the breaker weighs this reply against the successes written so far
       self.seq = self.seq + 1
@@ -1101,6 +1147,22 @@ function State:summary(wall)
   return concat(lines, "\n")
 end
 
+-- Opens the output file (core.open_output: appending, or emptied). A FIFO with no reader yet is
+-- waited for, as a shell's redirection would, but with the event loop running: Ctrl-C and SIGTERM end
+-- the wait (exit 130 or 143) instead of leaving the process stuck in open(). Returns file or nil, err.
+local function open_output(path, append, quiet)
+  local told = false
+  while true do
+    local f, err, why = core.open_output(path, append)
+    if f or why ~= "no_reader" then return f, err end
+    if not told and not quiet then
+      eprint("aigate: batch: waiting for a reader on the FIFO '", path, "'")
+      told = true
+    end
+    core.sleep(M.FIFO_WAIT)
+  end
+end
+
 --- Runs a batch. opts: input ("-" stdin), output (nil/"-" stdout), concurrency, model, template, rpm,
 -- tpm, resume, retry_failed, overwrite, dry_run, ordered, quiet, progress_interval, max_line,
 -- rate_retries, window. Returns the exit status (0, 1, 2, 130/143) and prints its own messages.
@@ -1131,17 +1193,18 @@ local function run(opts)
 
   -- The existing output: refuse to clobber it, or resume from it.
   local resuming = opts.resume or opts.retry_failed
+  -- A FIFO or a device is written as it is: nothing to refuse to clobber, nothing to resume from
+  -- (and opening a FIFO to read it would wait for a writer).
+  local out_kind, out_size = nil, 0
+  if not to_stdout then out_kind, out_size = core.file_info(opts.output) end
   if not to_stdout and not resuming then
     -- Only whether it is empty matters: no need to read what --overwrite replaces (it may be large).
-    local f = io.open(opts.output, "rb")
-    local size = f and f:seek("end") or 0
-    if f then f:close() end
-    if size > 0 and not opts.overwrite then
+    if out_kind == "file" and out_size > 0 and not opts.overwrite then
       eprint("aigate: batch: the output '", opts.output, "' exists and is not empty: --resume continues it, ",
         "--overwrite starts again")
       return 2
     end
-  elseif not to_stdout then
+  elseif not to_stdout and out_kind == "file" then
     local scan = M.scan_output(opts.output)
     if scan then
       if opts.retry_failed and scan.failed > 0 then
@@ -1178,7 +1241,7 @@ local function run(opts)
     input = jsonl.fd_source(0)
     st.seen = {}
   else
-    local total, dups, ndup, skipped = first_pass(opts.input, max_line, st.done)
+    local total, dups, ndup, skipped, read = first_pass(opts.input, max_line, st.done)
     if total == nil then
       eprint("aigate: batch: cannot read the input: ", tostring(dups))
       return 2
@@ -1190,7 +1253,7 @@ local function run(opts)
       if ndup > #dups then eprint("  ... and ", ndup - #dups, " more") end
       return 2
     end
-    st.total, st.skipped = total, skipped
+    st.total, st.skipped, st.first_read = total, skipped, read
     input = assert(io.open(opts.input, "rb"))
   end
   st.reader = jsonl.reader(input, max_line)
@@ -1198,15 +1261,15 @@ local function run(opts)
   local out
   if to_stdout then
     out = io.stdout
+    out:setvbuf("full", 1 << 16)
   else
     local err
-    out, err = io.open(opts.output, (resuming and not opts.overwrite) and "ab" or "wb")
+    out, err = open_output(opts.output, resuming and not opts.overwrite, opts.quiet)
     if not out then
-      eprint("aigate: batch: cannot write the output: ", tostring(err)) -- io.open's message names the file
+      eprint("aigate: batch: cannot write the output: ", tostring(err)) -- the message names the file
       return 2
     end
   end
-  out:setvbuf("full", 1 << 16)
   st.out = out
 
   local chat, prepare = aigate.chat, aigate.prepare
@@ -1240,7 +1303,8 @@ local function run(opts)
       st.engine_key, st.engine_model, st.engine_upstream = spec.breaker_key, spec.model, spec.upstream
       if not from_stdin and opts.engine ~= "stage" then -- the engine reads the file itself
         local ok, err = st.engine:attach({ input = opts.input, output = out, max_line = max_line,
-          done = next(st.done) and st.done or nil, id_prefix = "batch_req_" .. st.prefix })
+          done = next(st.done) and st.done or nil, id_prefix = "batch_req_" .. st.prefix,
+          first_pass = st.first_read })
         if not ok then
           eprint("aigate: batch: cannot read the input: ", tostring(err))
           return 2
@@ -1280,12 +1344,18 @@ local function run(opts)
   end
 
   -- The main task: flushes, fsyncs, draws progress, and waits for the workers (or an abort).
-  local last_sync, last_progress = st.t0, st.t0
+  local last_sync, last_progress, last_check = st.t0, st.t0, st.t0
   local synced_dirty = false
   while st.workers_left > 0 and not st.abort do
     core.sleep(M.FLUSH_INTERVAL)
     st:sync_engine()
     local now = core.now()
+    if st.first_read and not st.changed and now - last_check >= M.INPUT_CHECK_INTERVAL then
+      -- lines added or cut while the reader is still in lines it had read before: seen here
+      last_check = now
+      local same, why = st.first_read:unchanged()
+      if not same then st:input_changed(why) end
+    end
     if st.dirty then
       local ok, err = out:flush()
       if not ok then -- a full disk, a closed pipe: stop, as results could not be kept
@@ -1313,8 +1383,16 @@ local function run(opts)
       end
     end
   end
+  -- From here no worker takes a line (after an abort or an output error they are still running:
+  -- the fsync below lets them run, and a worker woken then stops at its next admit).
+  st.stopping = true
+  if st.engine then st.engine:set_go(false) end
   st:sync_engine()
   if st.engine_work then st.engine_work:detach() end
+  if st.first_read and not st.changed and not st.abort then
+    local same, why = st.first_read:unchanged()
+    if not same then st.changed = why end
+  end
   local done_ok, done_err = out:flush()
   if done_ok and not to_stdout then done_ok, done_err = core.fsync(out) end
   if not to_stdout then
@@ -1336,6 +1414,11 @@ local function run(opts)
   if st.abort then
     eprint("aigate: batch: aborted; ", st.active, " requests in flight were dropped: run again with --resume")
     return st.abort
+  end
+  if st.changed then
+    eprint("aigate: batch: the input '", opts.input, "' changed during the run (", st.changed, "): no line the ",
+      "first pass did not see was sent; once the input is final, run again with --resume to finish")
+    return 2
   end
   if st.input_error then
     eprint("aigate: batch: ", st.input_error, "; fix the input and run again with --resume")

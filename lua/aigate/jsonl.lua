@@ -3,7 +3,7 @@
 -- newline (a last line without one may be torn) and the byte offset just after it; a line longer than
 -- max_line is skipped while it is read (never held whole) and reported by its length instead.
 -- API: jsonl.reader(file, max_line) -> reader; reader:next() -> line, lineno, complete,
--- end_offset, oversize_len (nil at end of input). `file` is anything with read(n) returning up to n
+-- end_offset, oversize_len (nil at end of input); reader:consumed() -> bytes read so far. `file` is anything with read(n) returning up to n
 -- bytes (at least one) or nil at the end: a Lua file, or jsonl.fd_source(0) for standard input.
 local M = {}
 
@@ -54,6 +54,11 @@ function Reader:skip_rest(have)
     self.base = self.base + #chunk
     have = have + #chunk
   end
+end
+
+--- Bytes of the file consumed so far (at the end of input: its whole length).
+function Reader:consumed()
+  return self.base + self.pos - 1
 end
 
 --- The next line: line (without its newline), lineno, complete, end_offset[, oversize_len]; nil at end.

@@ -82,6 +82,163 @@ cases.ids_agree = function()
   t.eq(batch.line_id('{"id":"x","custom_id":"y"}', 1), "y")
 end
 
+-- One rule for a line's id, in every pass: the id (or the line's number when it cannot be read), and
+-- what is wrong with the line. {line, id, code or nil, message fragment or nil}; every line is line 3.
+local RULE = {
+  -- the issue's input
+  { '{"id":"a","id":"b","prompt":"dup keys"}', "line-3", "duplicate_key", 'duplicate key "id" (again at byte offset 10)' },
+  { '{"id":"b","prompt":"plain b"}', "b" },
+  { '{"id":007,"prompt":"leading zeros"}', "line-3", "invalid_json", "invalid number at character 7" },
+  { '{"id":7,"prompt":"seven"}', "7" },
+  { '{"id":"x","custom\\u005fid":"y","prompt":"escaped key"}', "y" },
+  -- what split the first pass from the run
+  { '{"id":"t","prompt":"p"} junk', "line-3", "invalid_json", "Expected the end" },
+  { '{"id":"v",\v"prompt":"p"}', "line-3", "invalid_json", "invalid token" },
+  { '\f{"id":"f","prompt":"p"}', "line-3", "invalid_json", "invalid token" },
+  { '{"id":"n","prompt":"p"}\0tail', "line-3", "invalid_json", "a NUL byte at byte offset 23" },
+  { '{"id":"n\0","prompt":"p"}', "line-3", "invalid_json", "a NUL byte at byte offset 8" },
+  { '{"id":"d","x":' .. ("["):rep(1000) .. ("]"):rep(1000) .. "}", "line-3", "invalid_json", "too many nested" },
+  { '{"id":"d","x":' .. ("["):rep(999) .. ("]"):rep(999) .. "}", "d" },
+  -- repeated keys: the line fails, and keeps its id when the key that names it is not the one repeated
+  { '{"id":"k","prompt":"p","prompt":"q"}', "k", "duplicate_key", 'duplicate key "prompt" (again at byte offset 23)' },
+  { '{"custom_id":"c","id":"a","id":"b","body":{}}', "c", "duplicate_key", 'duplicate key "id"' },
+  { '{"id":"k","body":{"m":[{"a":1,"\\u0061":2}]}}', "k", "duplicate_key", 'duplicate key "\\u0061"' },
+  { '{"custom_id":"a","custom_id":"a","body":{}}', "line-3", "duplicate_key", 'duplicate key "custom_id"' },
+  -- numbers: JSON's, and Lua's text for those that are not integers
+  { '{"id":1.5,"prompt":"p"}', "1.5" },
+  { '{"id":1e3,"prompt":"p"}', "1000" },
+  { '{"id":-0,"prompt":"p"}', "0" },
+  { '{"id":1.,"prompt":"p"}', "1" },
+  { '{"id":0x10,"prompt":"p"}', "line-3", "invalid_json", "invalid number" },
+  { '{"id":NaN,"prompt":"p"}', "line-3", "invalid_json", "invalid token" },
+  { '{"id":1e999,"prompt":"p"}', "line-3", "invalid_line", "'id' must be a non-empty string or a number" },
+  -- escapes are read as the decoder reads them
+  { '{"id":"\\ud83d\\ude00","prompt":"p"}', "\u{1F600}" },
+  { '{"id":"\\ude00","prompt":"p"}', "line-3", "invalid_json", "invalid unicode escape" },
+  { '{"id":"a\\u0000b","prompt":"p"}', "a\0b" },
+  -- bytes that are not UTF-8: named by their offset; the id is kept when it is UTF-8 itself
+  { '{"id":"u","prompt":"caf\xe9"}', "u", "invalid_utf8", "not valid UTF-8 (byte 0xe9 at byte offset 23)" },
+  { '{"id":"u\xff","prompt":"p"}', "line-3", "invalid_utf8", "(byte 0xff at byte offset 8)" },
+  { '{"id":"u","prompt":"\xed\xa0\x80"}', "u", "invalid_utf8", "(byte 0xed at byte offset 20)" },
+  { '{"id":"u","prompt":"\xc0\xaf"}', "u", "invalid_utf8", "(byte 0xc0" },
+  { '{"id":"\xc3\xa9","prompt":"\xf0\x9f\x98\x80"}', "\xc3\xa9" },
+  -- shapes
+  { '[{"id":"a"}]', "line-3", "invalid_line", "not a JSON object" },
+  { '[]', "line-3", "invalid_line", "not a JSON object" },
+  { '{"id":true,"prompt":"p"}', "line-3", "invalid_line", "'id' must be a non-empty string or a number" },
+  { '{"custom_id":null,"id":-7,"prompt":"p"}', "-7" },
+  { '{"prompt":"p"}', "line-3" },
+}
+
+cases.one_rule_for_a_line_id = function()
+  for _, c in ipairs(RULE) do
+    local line, id, code, fragment = c[1], c[2], c[3], c[4]
+    local label = line:sub(1, 60)
+    t.eq(batch.line_id(line, 3), id, label)
+    local item = parse(line, 3)
+    t.eq(item.id, id, label)
+    if code then
+      -- a line with an error of its own: the first one found, by its code
+      if item.code ~= code then t.eq(item.code, code, label) end
+      if fragment then t.contains(item.message, fragment, label) end
+      t.eq(item.message:sub(1, 8), "line 3: ", label)
+    else
+      t.eq(item.code == "invalid_json" or item.code == "invalid_utf8" or item.code == "duplicate_key", false, label)
+    end
+  end
+end
+
+-- The first pass in C reads the issue's input with the same rule: one duplicate, 'y', and nothing else.
+cases.first_pass_of_the_issue_input = function()
+  local core = require("aigate.core")
+  local dir = t.tmpdir()
+  local lines = {}
+  for i = 1, 6 do lines[i] = RULE[i < 6 and i or 2][1] end
+  lines[6] = '{"id":"y","prompt":"plain y"}'
+  local path = t.write(dir, "issue.jsonl", table.concat(lines, "\n") .. "\n")
+  local total, skipped, ndup, dups = core.scan_ids(path, 1 << 20, nil, batch.line_id)
+  t.eq({ total, skipped, ndup, dups }, { 5, 0, 1, { "id 'y' on lines 5 and 6" } })
+end
+
+-- What the first pass read, for the run to check against: each line (blank ones too) by its number,
+-- the end, and the file itself.
+cases.first_pass_records_what_it_read = function()
+  local core = require("aigate.core")
+  local dir = t.tmpdir()
+  local text = '{"id":"a","prompt":"p"}\n\n{"id":"b","prompt":"p"}\n'
+  local path = t.write(dir, "in.jsonl", text)
+  local total, _, _, _, read = core.scan_ids(path, 1 << 20, nil, batch.line_id)
+  t.eq({ total, read.lines }, { 2, 3 })
+  t.eq(read:check(1, '{"id":"a","prompt":"p"}'), true)
+  t.eq(read:check(2, ""), true)
+  t.eq({ read:check(3, '{"id":"c","prompt":"p"}') }, { false, "line 3 is not the line first read there" })
+  t.eq({ read:check(4, '{"id":"d"}') }, { false, "it has a line 4, and had 3 lines when first read (lines were added)" })
+  t.eq(read:check_end(3, #text), true)
+  t.eq({ read:check_end(2, 26) }, { false, "it ends at line 2, and had 3 lines when first read (it was cut)" })
+  t.eq(read:unchanged(), true)
+  -- past the first block of hashes (65536 lines)
+  local many = t.write(dir, "many.jsonl", ("{}\n"):rep(70000))
+  local n, _, _, _, big = core.scan_ids(many, 64, nil, batch.line_id)
+  t.eq({ n, big.lines }, { 70000, 70000 })
+  t.eq({ big:check(65536, "{}"), big:check(65537, "{}"), big:check(70000, "{}") }, { true, true, true })
+  t.eq({ big:check(65537, "{ }"), (big:check(70001, "{}")) }, { false, false })
+  -- a line longer than max_line is known by its length only
+  local _, _, _, _, small = core.scan_ids(path, 10, nil, batch.line_id)
+  t.eq(small:check(1, "", 23), true)
+  t.eq(small:check(1, "", 24), false)
+  -- the file grows, is cut, is replaced: the run is told how
+  local f = assert(io.open(path, "ab"))
+  f:write('{"id":"c"}\n')
+  f:close()
+  t.eq({ read:unchanged() }, { false, "its size went from 49 to 60 bytes" })
+  assert(core.truncate(path, 49))
+  -- same size again, written to since (its time set apart: a coarse clock may not have moved yet)
+  assert(os.execute("touch -m -d @1000000000 '" .. path .. "'"))
+  local same, why = read:unchanged()
+  t.eq(same, false)
+  t.contains(why, "written to")
+  assert(os.rename(t.write(dir, "new.jsonl", text), path)) -- a new file (made while the old one exists)
+  t.eq({ read:unchanged() }, { false, "it was replaced by another file" })
+  os.remove(path)
+  same, why = read:unchanged()
+  t.eq(same, false)
+  t.contains(why, "it cannot be read any more")
+end
+
+-- The output: opened without blocking (a FIFO with no reader says so instead of waiting in open()),
+-- with a buffer of its own that closing frees.
+cases.open_output = function()
+  local core = require("aigate.core")
+  local dir = t.tmpdir()
+  local path = dir .. "/out.jsonl"
+  local f = assert(core.open_output(path, false))
+  t.eq(io.type(f), "file")
+  f:write("one\n")
+  t.eq(f:close(), true)
+  t.eq(io.type(f), "closed file")
+  do
+    local g = assert(core.open_output(path, true))
+    g:write("two\n")
+  end -- g is closed (and its buffer freed) by the collector
+  collectgarbage()
+  collectgarbage()
+  t.eq(io.open(path):read("a"), "one\ntwo\n")
+  t.eq({ core.file_info(path) }, { "file", 8 })
+  f = assert(core.open_output(path, false))
+  f:close()
+  t.eq({ core.file_info(path) }, { "file", 0 })
+  t.eq(core.file_info(dir), "directory")
+  t.eq(core.file_info(dir .. "/nothing"), nil)
+  assert(os.execute("mkfifo '" .. dir .. "/fifo'"))
+  t.eq(core.file_info(dir .. "/fifo"), "fifo")
+  local ok, err, why = core.open_output(dir .. "/fifo", false)
+  t.eq({ ok, why }, { nil, "no_reader" })
+  t.contains(err, "/fifo: ")
+  ok, err = core.open_output(dir, false)
+  t.eq(ok, nil)
+  t.contains(err, "Is a directory")
+end
+
 cases.result_lines_round_trip = function()
   local res = { status = 200, model = "openai/gpt-4o", provider = "p", latency = 0.25, step = 1,
     usage = { prompt_tokens = 3, completion_tokens = 4, total_tokens = 7 }, request_id = "cf-rq",
