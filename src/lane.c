@@ -79,6 +79,7 @@ struct lane {
     struct curl_slist *headers;
     struct http_timeouts timeouts;
     char *ca_file, *ca_path;                         /* NULL: curl's defaults */
+    size_t max_size;                                 /* the largest reply body */
     struct buf prefix, suffix;                       /* the request body around the messages */
     struct buf model_part, route_part, attempt_part; /* fixed pieces of a result line */
     struct buf request_id_headers;                   /* "name\0name\0...": where a reply's id is, in order */
@@ -381,7 +382,7 @@ static size_t slot_write(char *data, size_t size, size_t nmemb, void *userdata)
 
     http_timers_progress(&sl->timers);
     sl->received += len;
-    if (sl->received > HTTP_DEFAULT_MAX_SIZE)
+    if (sl->received > sl->lane->max_size)
         return 0;
     buf_append(&sl->reply, data, len);
     return len;
@@ -447,7 +448,7 @@ static void push_outcome(lua_State *co, struct slot *sl, CURLcode rc)
         if (sl->abort_msg[0])
             lua_pushstring(co, sl->abort_msg);
         else
-            http_push_error(co, rc, sl->errbuf, sl->received, HTTP_DEFAULT_MAX_SIZE);
+            http_push_error(co, rc, sl->errbuf, sl->received, sl->lane->max_size);
     }
 }
 
@@ -1785,7 +1786,7 @@ static char *copy_or_null(lua_State *L, const char *s)
 }
 
 /* core.lane{url, headers, prefix, suffix, model, model_part, route_part, attempt_part[, timeouts,
- * ca_file, ca_path, request_id_headers]} -> lane. */
+ * ca_file, ca_path, request_id_headers, max_size]} -> lane. */
 int core_lane(lua_State *L)
 {
     struct lane *ln;
@@ -1831,6 +1832,16 @@ int core_lane(lua_State *L)
     lua_pop(L, 1);
     http_read_timeouts(L, 1, "field", "lane", &ln->timeouts);
     http_read_ca(L, 1, "field", "lane", &ca_file, &ca_path);
+    ln->max_size = HTTP_DEFAULT_MAX_SIZE;
+    lua_getfield(L, 1, "max_size");
+    if (!lua_isnil(L, -1)) {
+        int isnum;
+        lua_Integer n = lua_tointegerx(L, -1, &isnum);
+        if (!isnum || n <= 0)
+            return luaL_error(L, "bad field 'max_size' to 'lane' (positive integer expected)");
+        ln->max_size = (size_t)n;
+    }
+    lua_pop(L, 1);
     ln->ca_file = copy_or_null(L, ca_file);
     ln->ca_path = copy_or_null(L, ca_path);
     lua_getfield(L, 1, "headers");

@@ -1298,7 +1298,7 @@ local function run(opts)
           .. ',"status":',
         timeout = spec.timeouts.timeout, connect_timeout = spec.timeouts.connect_timeout,
         first_byte_timeout = spec.timeouts.first_byte_timeout, stall_timeout = spec.timeouts.stall_timeout,
-        ca_file = spec.ca_file, ca_path = spec.ca_path,
+        ca_file = spec.ca_file, ca_path = spec.ca_path, max_size = spec.max_size,
       })
       st.engine_key, st.engine_model, st.engine_upstream = spec.breaker_key, spec.model, spec.upstream
       if not from_stdin and opts.engine ~= "stage" then -- the engine reads the file itself

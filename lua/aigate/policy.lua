@@ -993,7 +993,7 @@ function Lane:engine_spec()
     url = req.url, headers = req.headers, prefix = self.prefix, suffix = self.suffix, name = self.name,
     model = req.model, provider = req.provider, breaker_key = guarded and key or nil, upstream = key,
     request_id_headers = client.REQUEST_ID_HEADERS,
-    timeouts = req.timeouts or {}, ca_file = req.ca_file, ca_path = req.ca_path,
+    timeouts = req.timeouts or {}, ca_file = req.ca_file, ca_path = req.ca_path, max_size = req.max_size,
   }
 end
 

@@ -228,6 +228,19 @@ if [ "$n_int" -ge 10 ] && [ "$n_int" -lt 200 ]; then ok "SIGINT: in-flight reque
 batch int.jsonl -o int_out.jsonl -j 50 --resume -q
 expect_eq "SIGINT then --resume: every id once" "$RC:$(ids_once int_out.jsonl 200)" "0:ok"
 
+# ---- the config's max_response_size, through the engine (-m, short form) and through Lua (model per line)
+printf 'return { max_response_size = 2000 }\n' > small.lua
+printf '{"id":"s1","prompt":"x"}\n{"id":"s2","prompt":"y"}\n' > big_short.jsonl
+printf '{"id":"s1","prompt":"x","model":"mock/big-4"}\n{"id":"s2","prompt":"y","model":"mock/big-4"}\n' > big_model.jsonl
+for shape in short model; do
+    if [ $shape = short ]; then batch --config small.lua -m mock/big-4 big_short.jsonl -o big_$shape.out
+    else batch --config small.lua big_model.jsonl -o big_$shape.out; fi
+    expect_eq "max_response_size ($shape lines): both lines fail too_large, exit 1" \
+        "$RC:$(grep -c 'too_large: response body exceeds 2000 bytes' big_$shape.out)" "1:2"
+done
+batch -m mock/big-4 big_short.jsonl -o big_default.out
+expect_eq "the same replies under the default limit succeed" "$RC:$(grep -c '"error":null' big_default.out)" "0:2"
+
 # ---- the engine: short-form lines of the default model (-m) are sent, and written, from C ------------
 # The same guarantees with the engine reading the file itself: kill -9 then --resume, SIGINT, bad
 # lines mixed in, standard input (the engine sends lines Lua reads).
