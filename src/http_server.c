@@ -18,6 +18,7 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -537,6 +538,25 @@ static double seconds_option(lua_State *L, const char *name, double dflt)
     return (double)v;
 }
 
+/* Descriptors kept for everything but client connections: upstream requests, files, the loop's own. */
+#define FD_RESERVE 128
+
+/* max_connections lowered to fit under the process's descriptor limit (main raised the soft limit to
+ * the hard one): past that limit accept() fails, the listener retries it in a loop, and no connection
+ * can be closed to make room, as the cap does when it is reached first. */
+static int fit_fd_limit(int max_connections)
+{
+    struct rlimit rl;
+    rlim_t room;
+
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY)
+        return max_connections;
+    room = rl.rlim_cur > 2 * FD_RESERVE ? rl.rlim_cur - FD_RESERVE : rl.rlim_cur / 2;
+    if (room < 1)
+        room = 1;
+    return (rlim_t)max_connections > room ? (int)room : max_connections;
+}
+
 /* The limits of the options table at index 1 (see http_guard.h for what each one means). */
 static void read_limits(lua_State *L, struct http_limits *lim)
 {
@@ -550,6 +570,7 @@ static void read_limits(lua_State *L, struct http_limits *lim)
     lim->max_body_memory =
         (size_t)int_option(L, "max_body_memory", (lua_Integer)dflt.max_body_memory, 0, tib);
     lim->max_connections = (int)int_option(L, "max_connections", dflt.max_connections, 1, 1000000);
+    lim->max_connections = fit_fd_limit(lim->max_connections);
     lim->header_timeout = seconds_option(L, "header_timeout", dflt.header_timeout);
     lim->body_timeout = seconds_option(L, "body_timeout", dflt.body_timeout);
     lim->idle_timeout = seconds_option(L, "idle_timeout", dflt.idle_timeout);

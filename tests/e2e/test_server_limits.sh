@@ -249,6 +249,21 @@ done
 expect_eq "the 40 oldest idle connections were closed" "$closed" 40
 for fd in "${many[@]}"; do exec {fd}>&-; done
 
+# A descriptor limit below the cap: the cap is lowered to fit under it (less a reserve of 128), so
+# idle connections are closed for new ones instead of accept() failing with no room to make.
+printf '#!/bin/sh\nulimit -n 200 && exec "%s" "$@"\n' "$(cd "$(dirname "$AIGATE")" && pwd)/$(basename "$AIGATE")" > "$TMP/fd200.sh"
+chmod +x "$TMP/fd200.sh"
+real_aigate=$AIGATE
+AIGATE="$TMP/fd200.sh"
+scenario "descriptor limit under the cap" --header-timeout 300
+AIGATE=$real_aigate
+many=()
+for i in $(seq 1 250); do
+    exec {fd}<> "/dev/tcp/127.0.0.1/$(port)" && many+=("$fd")
+done
+expect_eq "250 idle connections, 200 descriptors, the default cap of 1024: a new one is served" "$(served_soon)" 200
+for fd in "${many[@]}"; do exec {fd}>&-; done
+
 # --- header and body timeouts -------------------------------------------------------------------
 scenario "timeouts" --header-timeout 1 --body-timeout 1
 exec {fd}<> "/dev/tcp/127.0.0.1/$(port)"
