@@ -12,6 +12,7 @@ local jsonl = require "aigate.jsonl"
 local breaker = require "aigate.breaker"
 local throttle = require "aigate.throttle"
 local policy = require "aigate.policy"
+local valid_utf8 = require("aigate.util").valid_utf8
 local redact = require("aigate.secrets").redact -- error lines and stderr: what failing code put in a message
 
 local M = {}
@@ -619,8 +620,11 @@ end
 local State = {}
 State.__index = State
 
--- Writes one result line (in order of completion, or through the reorder buffer).
+-- Writes one result line (in order of completion, or through the reorder buffer). Every line is
+-- UTF-8: bytes that are not (a reply's, say: its raw body is written as it came) become U+FFFD, so
+-- the output stays strict JSON.
 function State:emit(item, line, ok)
+  line = valid_utf8(line)
   if ok then self.ok = self.ok + 1 else self.failed = self.failed + 1 end
   if self.ordered then
     local pend = self.pending

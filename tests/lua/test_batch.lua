@@ -433,6 +433,52 @@ cases.result_line_keeps_the_reply_bytes = function()
   t.contains(line, '"body":' .. body .. "}")
 end
 
+-- A reply that is not UTF-8 (its raw body is written as it came) still gives a strict JSON line:
+-- the bad bytes become U+FFFD, through Lua (a model per line) and through the engine (-m).
+cases.result_line_is_utf8_whatever_the_reply = function()
+  local core = require("aigate.core")
+  local aigate = require("aigate")
+  local cjson = require("cjson")
+  local body = '{"choices":[{"message":{"role":"assistant","content":"a\255b\192\175c\237\160\128d"},'
+    .. '"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}'
+  local srv = assert(core.listen({ port = 0, handler = function(_, res)
+    res:respond(200, { ["Content-Type"] = "application/json" }, body)
+  end }))
+  t.defer(function() srv:close() end)
+  local saved = aigate.config()
+  aigate.configure({ gateway = { base_url = "http://127.0.0.1:" .. srv.port .. "/v1/a/g/compat" } })
+  t.defer(function() aigate.configure(saved) end)
+  local dir = t.tmpdir()
+  local inputs = {
+    lua = { '{"id":"a","prompt":"p","model":"openai/gpt-4o"}\n', {} },
+    engine = { '{"id":"a","prompt":"p"}\n', { model = "openai/gpt-4o" } },
+  }
+  for name, case in pairs(inputs) do
+    local input = t.write(dir, name .. ".jsonl", case[1])
+    local out = dir .. "/" .. name .. ".out"
+    local opts = { input = input, output = out, concurrency = 1, quiet = true }
+    for k, v in pairs(case[2]) do opts[k] = v end
+    t.eq(batch.run(opts), 0, name)
+    local f = assert(io.open(out, "rb"))
+    local line = f:read("a")
+    f:close()
+    t.truthy(utf8.len(line), name .. ": the line is UTF-8")
+    local v = cjson.decode(line)
+    t.eq(v.response.body.choices[1].message.content,
+      "a\u{FFFD}b\u{FFFD}\u{FFFD}c\u{FFFD}\u{FFFD}\u{FFFD}d", name)
+  end
+end
+
+cases.valid_utf8 = function()
+  local util = require("aigate.util")
+  local ok = "plain, caf\u{E9}, \u{1F600}"
+  t.eq(util.valid_utf8(ok), ok)
+  t.eq(util.valid_utf8("\255"), "\u{FFFD}")
+  t.eq(util.valid_utf8("x\244\144\128\128y"), "x\u{FFFD}\u{FFFD}\u{FFFD}\u{FFFD}y") -- past U+10FFFF
+  t.eq(util.valid_utf8("\195"), "\u{FFFD}") -- cut short at the end
+  t.eq(util.valid_utf8(""), "")
+end
+
 -- Lanes (lines that differ only in their messages, sent with their model's policy worked out once)
 -- and the engine (core.lane: short-form lines of the default model sent, and usual successes
 -- written, in C) give the same results and send the same bytes as aigate.chat does for every line.
