@@ -21,15 +21,15 @@ end
 -- no overlong forms) replaced by U+FFFD; s itself when it is valid (checked in C, at no cost worth
 -- naming). ASCII bytes are never touched, so JSON text stays JSON text.
 function M.valid_utf8(s)
-  local n, bad = utf8.len(s)
-  if n then
+  local ok, bad = utf8.len(s)
+  if ok then
     return s
   end
   local parts, np, from = {}, 0, 1
   while bad do
     parts[np + 1], parts[np + 2], np = s:sub(from, bad - 1), "\u{FFFD}", np + 2
     from = bad + 1
-    n, bad = utf8.len(s, from)
+    bad = select(2, utf8.len(s, from))
   end
   parts[np + 1] = s:sub(from)
   return table.concat(parts, "", 1, np + 1)

@@ -438,7 +438,6 @@ end
 cases.result_line_is_utf8_whatever_the_reply = function()
   local core = require("aigate.core")
   local aigate = require("aigate")
-  local cjson = require("cjson")
   local body = '{"choices":[{"message":{"role":"assistant","content":"a\255b\192\175c\237\160\128d"},'
     .. '"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}'
   local srv = assert(core.listen({ port = 0, handler = function(_, res)
