@@ -90,6 +90,25 @@ size_t js_utf8_char(const unsigned char *p, const unsigned char *end)
     return n;
 }
 
+size_t js_utf8_check(const char *s, size_t len)
+{
+    const unsigned char *p = (const unsigned char *)s;
+    const unsigned char *end = p + len;
+
+    while (p < end) {
+        size_t n;
+        if (end - p >= 8 && (word_at((const char *)p) & HIGHS) == 0) {
+            p += 8;
+            continue;
+        }
+        n = js_utf8_char(p, end);
+        if (n == 0)
+            return (size_t)(p - (const unsigned char *)s);
+        p += n;
+    }
+    return len;
+}
+
 /* A string at s->p (a '"'). 0, or -1 when invalid or not handled here (a \u escape of a surrogate,
  * a byte that is not UTF-8). */
 static int scan_string(struct js_scan *s, struct js_token *tok)

@@ -60,6 +60,10 @@ int js_plain_int(const struct js_token *v, char kind);
  * forms, surrogates and code points past U+10FFFF are not). */
 size_t js_utf8_char(const unsigned char *p, const unsigned char *end);
 
+/* The offset of the first byte of s[0..len) that is not part of valid UTF-8 (as js_utf8_char
+ * reads it), or len when all of it is. ASCII runs go 8 bytes at a time. */
+size_t js_utf8_check(const char *s, size_t len);
+
 /* The short form of a batch line the engine sends itself: {"id": "x" | 12, "prompt": "...",
  * "model": model}, "model" optional, nothing else, nothing to unescape, each key once. 0 with id (a
  * string token with its quotes, or an integer's digits) and prompt (with its quotes); -1 otherwise.

@@ -1135,6 +1135,21 @@ static void push_dup_message(lua_State *L, const struct js_line *r)
     lua_remove(L, -2);
 }
 
+/* core.utf8_bad(s) -> nil when s is valid UTF-8, else the position (from 1) of its first byte that is
+ * not: the check of every batch result line, at a few instructions per 8 bytes of ASCII. */
+static int core_utf8_bad(lua_State *L)
+{
+    size_t len;
+    const char *s = luaL_checklstring(L, 1, &len);
+    size_t at = js_utf8_check(s, len);
+
+    if (at == len)
+        lua_pushnil(L);
+    else
+        lua_pushinteger(L, (lua_Integer)at + 1);
+    return 1;
+}
+
 /* core.line_id(line, lineno) -> id, code, message: the rule of batch input lines, as far as C tells
  * it (aigate.batch's line_id completes it). id: the line's id, or false when only the decoder can
  * read it (a number as Lua writes it); code, message: what is wrong with the line, nil when nothing
@@ -1892,6 +1907,7 @@ void core_register_batch(lua_State *L)
 {
     static const luaL_Reg funcs[] = {
         { "line_id", core_line_id },
+        { "utf8_bad", core_utf8_bad },
         { "open_output", core_open_output },
         { "file_info", core_file_info },
         { NULL, NULL },

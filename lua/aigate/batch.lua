@@ -13,6 +13,7 @@ local breaker = require "aigate.breaker"
 local throttle = require "aigate.throttle"
 local policy = require "aigate.policy"
 local valid_utf8 = require("aigate.util").valid_utf8
+local utf8_bad = core.utf8_bad
 local redact = require("aigate.secrets").redact -- error lines and stderr: what failing code put in a message
 
 local M = {}
@@ -624,7 +625,8 @@ State.__index = State
 -- UTF-8: bytes that are not (a reply's, say: its raw body is written as it came) become U+FFFD, so
 -- the output stays strict JSON.
 function State:emit(item, line, ok)
-  line = valid_utf8(line)
+  local bad = utf8_bad(line)
+  if bad then line = valid_utf8(line, bad) end
   if ok then self.ok = self.ok + 1 else self.failed = self.failed + 1 end
   if self.ordered then
     local pend = self.pending

@@ -18,12 +18,16 @@ function M.sorted_keys(t)
 end
 
 --- s with every byte that is not part of valid UTF-8 (strict: no surrogates, nothing past U+10FFFF,
--- no overlong forms) replaced by U+FFFD; s itself when it is valid (checked in C, at no cost worth
--- naming). ASCII bytes are never touched, so JSON text stays JSON text.
-function M.valid_utf8(s)
-  local ok, bad = utf8.len(s)
-  if ok then
-    return s
+-- no overlong forms) replaced by U+FFFD; s itself when it is valid. bad: the position of the first
+-- such byte when the caller knows it (core.utf8_bad finds it fastest). ASCII bytes are never
+-- touched, so JSON text stays JSON text.
+function M.valid_utf8(s, bad)
+  if bad == nil then
+    local ok
+    ok, bad = utf8.len(s)
+    if ok then
+      return s
+    end
   end
   local parts, np, from = {}, 0, 1
   while bad do

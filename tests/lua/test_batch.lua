@@ -476,6 +476,24 @@ cases.valid_utf8 = function()
   t.eq(util.valid_utf8("x\244\144\128\128y"), "x\u{FFFD}\u{FFFD}\u{FFFD}\u{FFFD}y") -- past U+10FFFF
   t.eq(util.valid_utf8("\195"), "\u{FFFD}") -- cut short at the end
   t.eq(util.valid_utf8(""), "")
+  -- core.utf8_bad, the fast check before it, finds the byte utf8.len (strict) finds, on every kind of
+  -- byte sequence: ASCII runs longer than a word, each lead byte with each kind of follower, cut short.
+  local core = require("aigate.core")
+  local pieces = { "abcdefghij", "\0", "\127", "\128", "\191", "\192\175", "\194\128", "\223\191",
+    "\224\159\191", "\224\160\128", "\237\159\191", "\237\160\128", "\239\191\191",
+    "\240\143\191\191", "\240\144\128\128", "\244\143\191\191", "\244\144\128\128", "\245", "\255",
+    "\226\130", "x" }
+  local seed = 7
+  for _ = 1, 3000 do
+    local parts = {}
+    for j = 1, 1 + seed % 6 do
+      seed = (seed * 1103515245 + 12345) % 2147483648
+      parts[j] = pieces[1 + seed % #pieces]
+    end
+    local str = table.concat(parts)
+    local _, want = utf8.len(str)
+    t.eq(core.utf8_bad(str), want, str)
+  end
 end
 
 -- Lanes (lines that differ only in their messages, sent with their model's policy worked out once)
