@@ -611,7 +611,7 @@ static int line_number(struct line_reader *r, int *plain)
     return 0;
 }
 
-static uint32_t key_hash(const char *s, size_t len)
+uint32_t js_hash(const char *s, size_t len)
 {
     uint32_t h = 2166136261u;
     size_t i;
@@ -830,7 +830,7 @@ static const struct key_rec *find_dup(struct line_reader *r)
     }
     /* many: sorted, equal keys are next to each other, in the order of the line */
     for (i = 0; i < n; i++)
-        k[i].hash = key_hash(key_text(r, &k[i]), k[i].len);
+        k[i].hash = js_hash(key_text(r, &k[i]), k[i].len);
     sorting = r;
     qsort(k, n, sizeof(*k), key_order);
     sorting = NULL;

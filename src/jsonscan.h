@@ -14,6 +14,7 @@
 #define AIGATE_JSONSCAN_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include "buf.h"
 
@@ -63,6 +64,9 @@ size_t js_utf8_char(const unsigned char *p, const unsigned char *end);
 /* The offset of the first byte of s[0..len) that is not part of valid UTF-8 (as js_utf8_char
  * reads it), or len when all of it is. ASCII runs go 8 bytes at a time. */
 size_t js_utf8_check(const char *s, size_t len);
+
+/* FNV-1a of s[0..len): the hash of keys within a line and of ids across lines. */
+uint32_t js_hash(const char *s, size_t len);
 
 /* The short form of a batch line the engine sends itself: {"id": "x" | 12, "prompt": "...",
  * "model": model}, "model" optional, nothing else, nothing to unescape, each key once. 0 with id (a

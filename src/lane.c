@@ -1220,22 +1220,10 @@ struct idset {
     struct buf keys;
 };
 
-static uint32_t id_hash(const char *s, size_t len)
-{
-    uint32_t h = 2166136261u;
-    size_t i;
-
-    for (i = 0; i < len; i++) {
-        h ^= (unsigned char)s[i];
-        h *= 16777619u;
-    }
-    return h;
-}
-
 /* Adds id; returns 0 when new, or the line it was first seen on. -1 when out of memory. */
 static lua_Integer idset_add(struct idset *set, const char *id, size_t len, lua_Integer lineno)
 {
-    uint32_t h = id_hash(id, len);
+    uint32_t h = js_hash(id, len);
     size_t i;
 
     if ((set->n + 1) * 4 > set->cap * 3) {

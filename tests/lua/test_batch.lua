@@ -409,13 +409,11 @@ cases.attempt_records_match_cjson = function()
   end
 end
 
--- A result line carries the reply exactly as the provider sent it: key order, empty arrays and
--- long floats survive (a decode and re-encode would turn [] into {} and round the float).
-cases.result_line_keeps_the_reply_bytes = function()
+-- Serves body (200, JSON) on a loopback port for the rest of the test, with the gateway's base URL
+-- pointed at it.
+local function serve_reply(body)
   local core = require("aigate.core")
   local aigate = require("aigate")
-  local body = '{"z":[],"choices":[{"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],'
-    .. '"n":0.10000000000000000555}'
   local srv = assert(core.listen({ port = 0, handler = function(_, res)
     res:respond(200, { ["Content-Type"] = "application/json" }, body)
   end }))
@@ -423,6 +421,14 @@ cases.result_line_keeps_the_reply_bytes = function()
   local saved = aigate.config()
   aigate.configure({ gateway = { base_url = "http://127.0.0.1:" .. srv.port .. "/v1/a/g/compat" } })
   t.defer(function() aigate.configure(saved) end)
+end
+
+-- A result line carries the reply exactly as the provider sent it: key order, empty arrays and
+-- long floats survive (a decode and re-encode would turn [] into {} and round the float).
+cases.result_line_keeps_the_reply_bytes = function()
+  local body = '{"z":[],"choices":[{"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],'
+    .. '"n":0.10000000000000000555}'
+  serve_reply(body)
   local dir = t.tmpdir()
   local input = t.write(dir, "in.jsonl", '{"id":"a","prompt":"p","model":"openai/gpt-4o"}\n')
   local out = dir .. "/out.jsonl"
@@ -436,17 +442,8 @@ end
 -- A reply that is not UTF-8 (its raw body is written as it came) still gives a strict JSON line:
 -- the bad bytes become U+FFFD, through Lua (a model per line) and through the engine (-m).
 cases.result_line_is_utf8_whatever_the_reply = function()
-  local core = require("aigate.core")
-  local aigate = require("aigate")
-  local body = '{"choices":[{"message":{"role":"assistant","content":"a\255b\192\175c\237\160\128d"},'
-    .. '"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}'
-  local srv = assert(core.listen({ port = 0, handler = function(_, res)
-    res:respond(200, { ["Content-Type"] = "application/json" }, body)
-  end }))
-  t.defer(function() srv:close() end)
-  local saved = aigate.config()
-  aigate.configure({ gateway = { base_url = "http://127.0.0.1:" .. srv.port .. "/v1/a/g/compat" } })
-  t.defer(function() aigate.configure(saved) end)
+  serve_reply('{"choices":[{"message":{"role":"assistant","content":"a\255b\192\175c\237\160\128d"},'
+    .. '"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}')
   local dir = t.tmpdir()
   local inputs = {
     lua = { '{"id":"a","prompt":"p","model":"openai/gpt-4o"}\n', {} },
