@@ -138,6 +138,14 @@ print(tostring(fn(lines, raw)))
 EOF2
 lua_on() { "$AIGATE" run "$TMP/lines.lua" "$1" "$2"; }
 
+# batch ARGS...: runs aigate batch; sets RC, OUT (its stdout) and ERR (its stderr).
+batch() {
+    "$AIGATE" batch "$@" > "$TMP/out" 2> "$TMP/err"
+    RC=$?
+    OUT=$(cat "$TMP/out")
+    ERR=$(cat "$TMP/err")
+}
+
 # ids_once FILE N: "ok" when FILE holds ids r1..rN exactly once each and every line is whole JSON.
 ids_once() {
     lua_on '

@@ -9,13 +9,6 @@ gateway_env
 export XDG_CONFIG_HOME="$TMP/xdg"
 cd "$TMP" || exit 1
 
-batch() {
-    "$AIGATE" batch "$@" > "$TMP/out" 2> "$TMP/err"
-    RC=$?
-    OUT=$(cat "$TMP/out")
-    ERR=$(cat "$TMP/err")
-}
-
 gen() { # gen N MODEL FILE
     awk -v n="$1" -v m="$2" 'BEGIN { for (i = 1; i <= n; i++) printf "{\"id\":\"r%d\",\"prompt\":\"p%d\",\"model\":\"%s\"}\n", i, i, m }' > "$3"
 }

@@ -13,13 +13,6 @@ gateway_env
 export XDG_CONFIG_HOME="$TMP/xdg"
 cd "$TMP" || exit 1
 
-batch() {
-    "$AIGATE" batch "$@" > "$TMP/out" 2> "$TMP/err"
-    RC=$?
-    OUT=$(cat "$TMP/out")
-    ERR=$(cat "$TMP/err")
-}
-
 # ids_in FILE: the custom_ids of FILE's results, sorted, space-separated (each with =code when the
 # line failed as a bad input line).
 ids_in() {
