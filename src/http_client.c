@@ -14,7 +14,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <curl/curl.h>
@@ -24,6 +23,7 @@
 
 #include "aigate.h"
 #include "buf.h"
+#include "clock.h"
 #include "http.h"
 
 #define DEFAULT_MAX_SIZE HTTP_DEFAULT_MAX_SIZE
@@ -418,14 +418,6 @@ static void transfer_expired(struct http_timers *tm, const char *msg)
 
 /* ---- timeouts and CA certificates, for every kind of transfer -------------------------------- */
 
-static double monotonic_now(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
 /* libevent measures a timer from the time it cached when the loop turn began, which is early by
  * however long Lua ran since: the cache is refreshed first. */
 static void arm_timer(struct event *ev, double seconds)
@@ -455,7 +447,7 @@ static void first_byte_timer_cb(evutil_socket_t fd, short kind, void *arg)
 static void stall_timer_cb(evutil_socket_t fd, short kind, void *arg)
 {
     struct http_timers *tm = arg;
-    double quiet = monotonic_now() - tm->last_progress;
+    double quiet = monotonic_seconds() - tm->last_progress;
     char msg[96];
 
     (void)fd;
@@ -498,7 +490,7 @@ int http_timers_start(struct http_timers *tm)
 void http_timers_progress(struct http_timers *tm)
 {
     if (tm->stall_timer)
-        tm->last_progress = monotonic_now();
+        tm->last_progress = monotonic_seconds();
     if (tm->got_first_byte)
         return;
     tm->got_first_byte = 1;

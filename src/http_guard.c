@@ -36,13 +36,13 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
-#include <time.h>
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
 #include <event2/event.h>
 #include <event2/http.h>
 
+#include "clock.h"
 #include "http_guard.h"
 
 /* Lingering after an error reply: nginx's defaults (lingering_timeout, lingering_time). */
@@ -142,14 +142,6 @@ static struct http_conn *conn_of(struct evhttp_connection *evcon)
         return NULL;
     c = by_fd[fd];
     return c && c->evcon == evcon ? c : NULL;
-}
-
-static double now(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
 static void arm(struct http_conn *c, double seconds)
@@ -252,7 +244,7 @@ static void conn_close(struct http_conn *c)
 
 static void linger_arm(struct http_conn *c)
 {
-    double t = now();
+    double t = monotonic_seconds();
     double until = c->linger_start + LINGER_MAX;
 
     if (t + LINGER_IDLE < until)
@@ -314,7 +306,7 @@ static void conn_reject(struct http_conn *c, int status, const char *reason, con
     body_release(c);
     idle_remove(c);
     c->state = C_LINGER;
-    c->linger_start = now();
+    c->linger_start = monotonic_seconds();
     c->linger_eof = 0;
     bufferevent_setcb(c->bev, linger_read, linger_write, linger_event, c);
     bufferevent_set_timeouts(c->bev, NULL, NULL);
@@ -450,7 +442,7 @@ static void head_start(struct http_conn *c)
     c->scan.content_length = -1;
     /* A new connection's clock started at the accept; a kept-alive one's starts now. */
     if (c->requests > 0 || c->state != C_IDLE) {
-        c->head_started = now();
+        c->head_started = monotonic_seconds();
         arm(c, c->g->limits.header_timeout);
     } else {
         c->head_started = c->accepted;
@@ -624,7 +616,7 @@ static int conn_attach(struct http_conn *c)
     c->fd = bufferevent_getfd(c->bev);
     evhttp_connection_set_closecb(c->evcon, conn_closed, c);
     c->state = C_IDLE;
-    c->accepted = now();
+    c->accepted = monotonic_seconds();
     if (table_set(c->fd, c) != 0) {
         g->rejected++;
         conn_reject(c, 503, "Service Unavailable", "out of memory");

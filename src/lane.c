@@ -18,7 +18,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/types.h>
@@ -31,6 +30,7 @@
 
 #include "aigate.h"
 #include "buf.h"
+#include "clock.h"
 #include "http.h"
 #include "jsonscan.h"
 
@@ -368,13 +368,6 @@ static void build_line(struct buf *b, const struct lane *ln, const struct slot *
 
 /* ---- transfers ------------------------------------------------------------------------------- */
 
-static double now_seconds(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
 static size_t slot_write(char *data, size_t size, size_t nmemb, void *userdata)
 {
     struct slot *sl = userdata;
@@ -457,7 +450,7 @@ static void slot_done(struct xfer *x, CURLcode rc)
     struct slot *sl = (struct slot *)(void *)((char *)x - offsetof(struct slot, xfer));
     struct task *t = sl->task;
     lua_State *co = task_thread(t);
-    double latency = now_seconds() - sl->t0;
+    double latency = monotonic_seconds() - sl->t0;
     struct reply r;
     STACK_CHECK_BEGIN(co);
 
@@ -928,7 +921,7 @@ static int slot_start(struct slot *sl)
     sl->abort_msg[0] = '\0';
     curl_easy_setopt(sl->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)sl->body.len);
     curl_easy_setopt(sl->easy, CURLOPT_POSTFIELDS, sl->body.data);
-    sl->t0 = now_seconds();
+    sl->t0 = monotonic_seconds();
     if (http_timers_start(&sl->timers) != 0 || http_client_add(sl->easy) != 0) {
         http_timers_stop(&sl->timers);
         return -1;

@@ -25,7 +25,6 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <event2/event.h>
@@ -34,6 +33,7 @@
 #include <lualib.h>
 
 #include "aigate.h"
+#include "clock.h"
 
 #define TASK_MT "aigate.task"
 
@@ -851,14 +851,6 @@ struct sleep_op {
     double deadline; /* monotonic seconds */
 };
 
-static double monotonic_now(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
 void seconds_to_timeval(double seconds, struct timeval *tv)
 {
     double whole;
@@ -901,7 +893,7 @@ static void sleep_cb(evutil_socket_t fd, short what, void *arg)
 {
     struct sleep_op *op = arg;
     struct task *t = op->task;
-    double left = op->deadline - monotonic_now();
+    double left = op->deadline - monotonic_seconds();
 
     (void)fd;
     (void)what;
@@ -934,7 +926,7 @@ static int l_sleep(lua_State *L)
         free(op);
         return luaL_error(L, "out of memory");
     }
-    op->deadline = monotonic_now() + seconds;
+    op->deadline = monotonic_seconds() + seconds;
     sleep_arm(op, seconds);
     lua_settop(L, 0);
     return task_yield(L, t, &op->pending);
@@ -1027,9 +1019,7 @@ static int l_wait_signal(lua_State *L)
 
 static int l_now(lua_State *L)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    lua_pushnumber(L, (double)ts.tv_sec + (double)ts.tv_nsec / 1e9);
+    lua_pushnumber(L, monotonic_seconds());
     return 1;
 }
 
