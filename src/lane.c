@@ -33,6 +33,7 @@
 #include "clock.h"
 #include "http.h"
 #include "jsonscan.h"
+#include "linereader.h"
 
 #define LANE_MT "aigate.lane"
 
@@ -40,16 +41,6 @@
 
 struct lane;
 struct input;
-
-/* Lines of a file, read in blocks; a line longer than max_line is skipped, never held. */
-struct reader {
-    FILE *in;
-    struct buf buf;
-    size_t pos;
-    int eof;
-    lua_Integer lineno;
-    size_t max_line;
-};
 
 struct slot {
     struct pending pending; /* the task's wait */
@@ -88,8 +79,8 @@ struct lane {
     int inflight; /* slots sent and not done: while > 0 the lane keeps itself alive (self_ref) */
     int self_ref;
     /* lane:attach: working through an input file */
-    struct reader rd;
-    FILE *out; /* the output, a Lua file handle kept alive by out_ref */
+    struct line_reader rd; /* rd.fd < 0: detached */
+    FILE *out;             /* the output, a Lua file handle kept alive by out_ref */
     int out_ref;
     int done_ref;        /* the ids already in the output (a table), or LUA_NOREF */
     struct input *input; /* what the first pass read, kept alive by input_ref; NULL: not checked */
@@ -798,84 +789,6 @@ static struct input *input_new(lua_State *L, const char *path)
 
 /* ---- working through an input file ----------------------------------------------------------- */
 
-#define READ_BLOCK 65536
-
-/* The next line of the input: 1 (line, len; or oversize > 0 with the length of a line longer than
- * max_line, which is skipped, never held), 0 at the end, -1 on a read error. */
-static int read_line(struct reader *rd, const char **line, size_t *len, size_t *oversize)
-{
-    size_t skipped = 0;
-
-    *oversize = 0;
-    if (rd->buf.data == NULL)
-        buf_reserve(&rd->buf, READ_BLOCK); /* base below is an offset into it, even while empty */
-    for (;;) {
-        char *base = rd->buf.data + rd->pos;
-        size_t avail = rd->buf.len - rd->pos;
-        char *nl = avail ? memchr(base, '\n', avail) : NULL;
-        size_t n;
-
-        if (nl) {
-            n = (size_t)(nl - base);
-            rd->pos += n + 1;
-            rd->lineno++;
-            if (skipped || n > rd->max_line) {
-                *oversize = skipped + n;
-                *len = 0;
-                *line = "";
-                return 1;
-            }
-            *line = base;
-            *len = n;
-            return 1;
-        }
-        if (rd->eof) {
-            if (avail == 0 && skipped == 0)
-                return 0;
-            rd->pos += avail;
-            rd->lineno++;
-            if (skipped || avail > rd->max_line) {
-                *oversize = skipped + avail;
-                *len = 0;
-                *line = "";
-                return 1;
-            }
-            *line = base;
-            *len = avail;
-            return 1;
-        }
-        if (avail > rd->max_line) {
-            /* Too long already: forget it and count the rest up to its newline. */
-            skipped += avail;
-            rd->buf.len = 0;
-            rd->pos = 0;
-            avail = 0;
-        } else if (rd->pos > 0) {
-            memmove(rd->buf.data, base, avail);
-            rd->buf.len = avail;
-            rd->pos = 0;
-        }
-        buf_reserve(&rd->buf, READ_BLOCK);
-        n = fread(rd->buf.data + rd->buf.len, 1, READ_BLOCK, rd->in);
-        rd->buf.len += n;
-        if (n == 0) {
-            if (ferror(rd->in))
-                return -1;
-            rd->eof = 1;
-        }
-    }
-}
-
-static int is_blank(const char *s, size_t len)
-{
-    size_t i;
-
-    for (i = 0; i < len; i++)
-        if (s[i] != ' ' && s[i] != '\t' && s[i] != '\r' && s[i] != '\n' && s[i] != '\f' && s[i] != '\v')
-            return 0;
-    return 1;
-}
-
 static void append_hex16(struct buf *b, unsigned long long v)
 {
     static const char hex[] = "0123456789abcdef";
@@ -962,16 +875,15 @@ static int work_step(struct lane *ln, struct slot *sl, lua_State *co)
         char why[160];
         int rc;
 
-        if (ln->rd.in == NULL) {
+        if (ln->rd.fd < 0) {
             lua_pushnil(co); /* detached (the batch stopped): no more lines */
             return 1;
         }
-        rc = changed ? 1 : read_line(&ln->rd, &line, &len, &oversize);
+        rc = changed ? 1 : line_reader_next(&ln->rd, &line, &len, &oversize);
 
         if (rc == 0) {
             if (ln->input)
-                changed = input_end_differs(ln->input, ln->rd.lineno, (long long)ftello(ln->rd.in), why,
-                                            sizeof(why));
+                changed = input_end_differs(ln->input, ln->rd.lineno, ln->rd.consumed, why, sizeof(why));
             if (changed == NULL) {
                 lua_pushnil(co);
                 return 1;
@@ -997,7 +909,7 @@ static int work_step(struct lane *ln, struct slot *sl, lua_State *co)
             lua_pushinteger(co, (lua_Integer)oversize);
             return 4;
         }
-        if (is_blank(line, len))
+        if (line_is_blank(line, len))
             continue;
         if (!ln->go || js_short_line(line, len, ln->model, &id, &prompt) != 0) {
             lua_pushliteral(co, "line");
@@ -1268,46 +1180,44 @@ static void idset_free(struct idset *set)
  * to check against. */
 int core_scan_ids(lua_State *L)
 {
-    struct reader rd;
+    struct line_reader rd;
     struct idset set = { NULL, 0, 0, { NULL, 0, 0 } };
     struct buf id;
     struct input *in;
     struct stat st0, st1;
     const char *path = luaL_checkstring(L, 1);
+    size_t max_line = (size_t)luaL_checkinteger(L, 2);
     lua_Integer total = 0, skipped = 0, ndup = 0;
     int has_done;
+    int fd;
     int rc;
 
-    rd.max_line = (size_t)luaL_checkinteger(L, 2);
     has_done = lua_istable(L, 3);
     luaL_checktype(L, 4, LUA_TFUNCTION);
     lua_settop(L, 4);
     lua_newtable(L);         /* 5: dups */
     in = input_new(L, path); /* 6 */
-    rd.in = fopen(path, "rb");
-    if (rd.in == NULL) {
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
         lua_pushnil(L);
         lua_pushfstring(L, "%s: %s", path, strerror(errno));
         return 2;
     }
-    if (fstat(fileno(rd.in), &st0) != 0) {
+    if (fstat(fd, &st0) != 0) {
         int err = errno;
-        fclose(rd.in);
+        close(fd);
         lua_pushnil(L);
         lua_pushfstring(L, "%s: %s", path, strerror(err));
         return 2;
     }
     if (!S_ISREG(st0.st_mode)) {
         /* a pipe (say <(cmd)) would be empty for the run once the first pass has read it */
-        fclose(rd.in);
+        close(fd);
         lua_pushnil(L);
         lua_pushfstring(L, "%s is not a regular file: give it on standard input ('-') instead", path);
         return 2;
     }
-    buf_init(&rd.buf);
-    rd.pos = 0;
-    rd.eof = 0;
-    rd.lineno = 0;
+    line_reader_init(&rd, fd, max_line);
     buf_init(&id);
     for (;;) {
         const char *line;
@@ -1315,7 +1225,11 @@ int core_scan_ids(lua_State *L)
         size_t oversize;
         lua_Integer first;
 
-        rc = read_line(&rd, &line, &len, &oversize);
+        rc = line_reader_next(&rd, &line, &len, &oversize);
+        if (rc == -2) {
+            errno = EAGAIN; /* not on a regular file; and -2 means out of memory below */
+            rc = -1;
+        }
         if (rc <= 0)
             break;
         input_add(in, line_hash(line, len, oversize));
@@ -1323,7 +1237,7 @@ int core_scan_ids(lua_State *L)
             buf_reset(&id);
             APPEND_LIT(&id, "line-");
             append_int(&id, (long long)rd.lineno);
-        } else if (is_blank(line, len)) {
+        } else if (line_is_blank(line, len)) {
             continue;
         } else if (!rule_line_id(line, len, rd.lineno, &id)) {
             size_t n;
@@ -1366,15 +1280,14 @@ int core_scan_ids(lua_State *L)
     }
     if (rc == 0) {
         /* Read to its end: what was read is what the file held then, or it changed meanwhile. */
-        off_t bytes = ftello(rd.in);
         char why[160];
         const char *d;
-        if (fstat(fileno(rd.in), &st1) != 0) {
+        if (fstat(fd, &st1) != 0) {
             rc = -1;
         } else {
             input_set_stat(in, &st0);
             d = input_stat_differs(in, &st1, why, sizeof(why));
-            if (d == NULL && bytes != st1.st_size)
+            if (d == NULL && rd.consumed != (long long)st1.st_size)
                 d = "it changed while it was read";
             if (d) {
                 lua_pushfstring(L, "%s changed while it was read (%s): run again once it is complete", path,
@@ -1383,8 +1296,8 @@ int core_scan_ids(lua_State *L)
             }
         }
     }
-    fclose(rd.in);
-    buf_free(&rd.buf);
+    close(fd);
+    line_reader_free(&rd);
     buf_free(&id);
     idset_free(&set);
     if (rc == -3) {
@@ -1472,9 +1385,10 @@ static void field_buf_at(lua_State *L, int idx, const char *name, struct buf *b)
 
 static void detach(lua_State *L, struct lane *ln)
 {
-    if (ln->rd.in)
-        fclose(ln->rd.in);
-    ln->rd.in = NULL;
+    if (ln->rd.fd >= 0)
+        close(ln->rd.fd);
+    line_reader_free(&ln->rd);
+    ln->rd.fd = -1;
     ln->out = NULL;
     ln->input = NULL;
     luaL_unref(L, LUA_REGISTRYINDEX, ln->out_ref);
@@ -1585,6 +1499,8 @@ static int lane_attach(lua_State *L)
     struct lane *ln = check_lane(L);
     luaL_Stream *out;
     const char *path;
+    size_t max_line;
+    int fd;
 
     luaL_checktype(L, 2, LUA_TTABLE);
     lua_getfield(L, 2, "output");
@@ -1608,23 +1524,20 @@ static int lane_attach(lua_State *L)
     }
     ln->changed = 0;
     lua_getfield(L, 2, "max_line");
-    ln->rd.max_line = (size_t)luaL_checkinteger(L, -1);
+    max_line = (size_t)luaL_checkinteger(L, -1);
     lua_pop(L, 1);
     buf_reset(&ln->id_prefix);
     field_buf_at(L, 2, "id_prefix", &ln->id_prefix);
     lua_getfield(L, 2, "input");
     path = luaL_checkstring(L, -1);
-    ln->rd.in = fopen(path, "rb");
-    if (ln->rd.in == NULL) {
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
         lua_pushnil(L);
         lua_pushfstring(L, "%s: %s", path, strerror(errno));
         return 2;
     }
     lua_pop(L, 1);
-    buf_reset(&ln->rd.buf);
-    ln->rd.pos = 0;
-    ln->rd.eof = 0;
-    ln->rd.lineno = 0;
+    line_reader_init(&ln->rd, fd, max_line);
     lua_pushboolean(L, 1);
     return 1;
 }
@@ -1643,7 +1556,7 @@ static int lane_work(lua_State *L)
     struct slot *sl;
     int nret;
 
-    if (ln->rd.in == NULL)
+    if (ln->rd.fd < 0)
         return luaL_error(L, "lane:work: no input attached");
     sl = slot_take(ln);
     if (sl == NULL)
@@ -1729,10 +1642,11 @@ static int lane_gc(lua_State *L)
     buf_free(&ln->attempt_part);
     buf_free(&ln->request_id_headers);
     buf_free(&ln->id_prefix);
-    buf_free(&ln->rd.buf);
+    line_reader_free(&ln->rd);
     buf_free(&ln->outline);
     free(ln->lat);
     memset(ln, 0, sizeof(*ln));
+    ln->rd.fd = -1; /* not standard input */
     return 0;
 }
 
@@ -1797,7 +1711,7 @@ int core_lane(lua_State *L)
     ln->out_ref = LUA_NOREF;
     ln->done_ref = LUA_NOREF;
     ln->input_ref = LUA_NOREF;
-    buf_init(&ln->rd.buf);
+    line_reader_init(&ln->rd, -1, 0); /* detached */
     buf_init(&ln->id_prefix);
     buf_init(&ln->outline);
     buf_init(&ln->prefix);
