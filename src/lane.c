@@ -32,6 +32,7 @@
 #include "buf.h"
 #include "clock.h"
 #include "http.h"
+#include "idset.h"
 #include "jsonscan.h"
 #include "linereader.h"
 
@@ -1109,69 +1110,6 @@ static int core_line_id(lua_State *L)
     return 1;
 }
 
-/* A set of ids with the line each was first seen on (open addressing, FNV-1a). The ids' bytes are
- * kept one after another in an arena and a slot is 16 bytes, so a million ids take about 40 MB. */
-struct identry {
-    uint32_t off; /* in keys */
-    uint32_t len;
-    uint32_t hash;
-    uint32_t lineno; /* 0: an empty slot */
-};
-
-struct idset {
-    struct identry *e;
-    size_t cap;
-    size_t n;
-    struct buf keys;
-};
-
-/* Adds id; returns 0 when new, or the line it was first seen on. -1 when out of memory. */
-static lua_Integer idset_add(struct idset *set, const char *id, size_t len, lua_Integer lineno)
-{
-    uint32_t h = js_hash(id, len);
-    size_t i;
-
-    if ((set->n + 1) * 4 > set->cap * 3) {
-        size_t cap = set->cap ? set->cap * 2 : 1024;
-        struct identry *e = calloc(cap, sizeof(*e));
-        if (e == NULL)
-            return -1;
-        for (i = 0; i < set->cap; i++) {
-            if (set->e[i].lineno) {
-                size_t j = set->e[i].hash & (cap - 1);
-                while (e[j].lineno)
-                    j = (j + 1) & (cap - 1);
-                e[j] = set->e[i];
-            }
-        }
-        free(set->e);
-        set->e = e;
-        set->cap = cap;
-    }
-    i = h & (set->cap - 1);
-    while (set->e[i].lineno) {
-        const struct identry *x = &set->e[i];
-        if (x->hash == h && x->len == len && memcmp(set->keys.data + x->off, id, len) == 0)
-            return x->lineno;
-        i = (i + 1) & (set->cap - 1);
-    }
-    if (set->keys.len + len > UINT32_MAX || len > UINT32_MAX)
-        return -1;
-    set->e[i].off = (uint32_t)set->keys.len;
-    set->e[i].len = (uint32_t)len;
-    set->e[i].hash = h;
-    set->e[i].lineno = lineno > (lua_Integer)UINT32_MAX ? UINT32_MAX : (uint32_t)lineno;
-    buf_append(&set->keys, id, len);
-    set->n++;
-    return 0;
-}
-
-static void idset_free(struct idset *set)
-{
-    free(set->e);
-    buf_free(&set->keys);
-}
-
 /* core.scan_ids(path, max_line, done, line_id) -> total, skipped, ndup, dups, input; or nil, err.
  * The first pass of `aigate batch` over a file: every line's id by the rule of batch input lines
  * (rule_line_id, and line_id(line, lineno) in Lua for the lines only the decoder can tell), total =
@@ -1181,7 +1119,7 @@ static void idset_free(struct idset *set)
 int core_scan_ids(lua_State *L)
 {
     struct line_reader rd;
-    struct idset set = { NULL, 0, 0, { NULL, 0, 0 } };
+    struct idset set;
     struct buf id;
     struct input *in;
     struct stat st0, st1;
@@ -1218,6 +1156,7 @@ int core_scan_ids(lua_State *L)
         return 2;
     }
     line_reader_init(&rd, fd, max_line);
+    idset_init(&set);
     buf_init(&id);
     for (;;) {
         const char *line;
