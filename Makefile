@@ -20,10 +20,11 @@ CLANG_PACKAGES := clang libclang-rt-dev
 LUA_LIBS  = $(shell pkg-config --libs lua5.4 2>/dev/null || echo -llua5.4)
 
 SRCS := src/main.c src/core.c src/task.c src/http_client.c src/http_server.c src/http_guard.c src/lane.c src/jsonscan.c \
-        src/sse.c src/buf.c src/headers.c
+        src/sse.c src/buf.c src/headers.c src/linereader.c src/idset.c \
+        src/scan.c
 HDRS := $(wildcard src/*.h)
 UNIT_TESTS := $(patsubst tests/unit/%.c,tests/unit/%,$(wildcard tests/unit/test_*.c))
-UNIT_LIB := src/sse.c src/buf.c src/headers.c tests/unit/unit.c
+UNIT_LIB := src/sse.c src/buf.c src/headers.c src/linereader.c src/idset.c src/jsonscan.c tests/unit/unit.c
 
 DEB_PACKAGES := gcc make pkg-config liblua5.4-dev libcurl4-openssl-dev lua-cjson-dev libevent-dev curl ca-certificates \
                 openssl \
@@ -53,6 +54,10 @@ FUZZ_headers_LIBS := $(LUA_LIBS)
 FUZZ_TARGETS += http_request
 FUZZ_http_request_SRCS := src/http_guard.c
 FUZZ_http_request_LIBS := -levent
+
+# The line reader against a plain split of the same bytes, fed through a pipe in pieces.
+FUZZ_TARGETS += linereader
+FUZZ_linereader_SRCS := src/linereader.c src/buf.c
 
 # The id rule's scanner against lua-cjson (tests/fuzz/fuzz_line_id.c).
 FUZZ_TARGETS += line_id

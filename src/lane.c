@@ -33,6 +33,8 @@
 #include "clock.h"
 #include "http.h"
 #include "jsonscan.h"
+#include "linereader.h"
+#include "scan.h"
 
 #define LANE_MT "aigate.lane"
 
@@ -40,16 +42,6 @@
 
 struct lane;
 struct input;
-
-/* Lines of a file, read in blocks; a line longer than max_line is skipped, never held. */
-struct reader {
-    FILE *in;
-    struct buf buf;
-    size_t pos;
-    int eof;
-    lua_Integer lineno;
-    size_t max_line;
-};
 
 struct slot {
     struct pending pending; /* the task's wait */
@@ -88,8 +80,8 @@ struct lane {
     int inflight; /* slots sent and not done: while > 0 the lane keeps itself alive (self_ref) */
     int self_ref;
     /* lane:attach: working through an input file */
-    struct reader rd;
-    FILE *out; /* the output, a Lua file handle kept alive by out_ref */
+    struct line_reader rd; /* rd.fd < 0: detached */
+    FILE *out;             /* the output, a Lua file handle kept alive by out_ref */
     int out_ref;
     int done_ref;        /* the ids already in the output (a table), or LUA_NOREF */
     struct input *input; /* what the first pass read, kept alive by input_ref; NULL: not checked */
@@ -565,316 +557,7 @@ static void lane_hold(lua_State *L, struct lane *ln)
     }
 }
 
-/* ---- the input as the first pass read it ------------------------------------------------------ */
-
-/* What the first pass saw of an input file, for the run to check that it reads the same lines: a
- * hash of each line (blank ones too) and the file's identity, size and modification time. The run
- * stops at the first line that differs, at a line past the last one, at an end before it, and when
- * the file's size or time moves: a line the duplicate check has not seen is never sent. A hash is
- * 4 bytes (4 MB for a million lines, in blocks that never move): a changed line it misses (one in 4
- * billion) still changed the file's time, which stops the batch a moment later. */
-#define INPUT_MT "aigate.input"
-
-#define HASH_BLOCK 65536 /* hashes per block: blocks never move, so a growing input costs no copy */
-
-struct input {
-    uint32_t **blocks; /* the hash of line i + 1 is blocks[i / HASH_BLOCK][i % HASH_BLOCK] */
-    size_t nblocks;
-    size_t n;
-    dev_t dev;
-    ino_t ino;
-    off_t size;
-    struct timespec mtime;
-    char *path;
-};
-
-/* A hash of a line's bytes (of its length alone for a line longer than max_line, which is never
- * held): 8 bytes at a time, to cost little beside reading the line. */
-static uint32_t line_hash(const char *s, size_t len, size_t oversize)
-{
-    uint64_t h = 0x9e3779b97f4a7c15ULL ^ (uint64_t)(oversize ? oversize : len);
-    size_t i = 0;
-
-    if (oversize) {
-        h *= 0xc4ceb9fe1a85ec53ULL;
-        return (uint32_t)(h ^ (h >> 32));
-    }
-    for (; i + 8 <= len; i += 8) {
-        uint64_t w;
-        memcpy(&w, s + i, 8);
-        h = (h ^ w) * 0xff51afd7ed558ccdULL;
-        h ^= h >> 32;
-    }
-    if (i < len) {
-        uint64_t w = 0;
-        memcpy(&w, s + i, len - i);
-        h = (h ^ w) * 0xc4ceb9fe1a85ec53ULL;
-        h ^= h >> 29;
-    }
-    return (uint32_t)(h ^ (h >> 32));
-}
-
-static void input_add(struct input *in, uint32_t h)
-{
-    if (in->n == in->nblocks * HASH_BLOCK) {
-        uint32_t **blocks = realloc(in->blocks, (in->nblocks + 1) * sizeof(*blocks));
-        uint32_t *block = malloc(HASH_BLOCK * sizeof(*block));
-        if (blocks == NULL || block == NULL) {
-            fputs("aigate: out of memory\n", stderr);
-            abort();
-        }
-        blocks[in->nblocks++] = block;
-        in->blocks = blocks;
-    }
-    in->blocks[in->n / HASH_BLOCK][in->n % HASH_BLOCK] = h;
-    in->n++;
-}
-
-static void input_set_stat(struct input *in, const struct stat *st)
-{
-    in->dev = st->st_dev;
-    in->ino = st->st_ino;
-    in->size = st->st_size;
-    in->mtime = st->st_mtim;
-}
-
-/* NULL when st is the file the first pass read, as it was; else what changed. */
-static const char *input_stat_differs(const struct input *in, const struct stat *st, char *why, size_t size)
-{
-    if (st->st_dev != in->dev || st->st_ino != in->ino)
-        return "it was replaced by another file";
-    if (st->st_size != in->size) {
-        snprintf(why, size, "its size went from %lld to %lld bytes", (long long)in->size,
-                 (long long)st->st_size);
-        return why;
-    }
-    if (st->st_mtim.tv_sec != in->mtime.tv_sec || st->st_mtim.tv_nsec != in->mtime.tv_nsec)
-        return "it was written to (its modification time moved)";
-    return NULL;
-}
-
-/* NULL when line lineno is the one the first pass read; else what differs. */
-static const char *input_line_differs(const struct input *in, lua_Integer lineno, const char *line,
-                                      size_t len, size_t oversize, char *why, size_t size)
-{
-    if (lineno < 1 || (size_t)lineno > in->n) {
-        snprintf(why, size, "it has a line %lld, and had %zu lines when first read (lines were added)",
-                 (long long)lineno, in->n);
-        return why;
-    }
-    if (in->blocks[(lineno - 1) / HASH_BLOCK][(lineno - 1) % HASH_BLOCK] != line_hash(line, len, oversize)) {
-        snprintf(why, size, "line %lld is not the line first read there", (long long)lineno);
-        return why;
-    }
-    return NULL;
-}
-
-/* NULL when an input read to its end at line lineno after `bytes` bytes is the one first read. */
-static const char *input_end_differs(const struct input *in, lua_Integer lineno, long long bytes, char *why,
-                                     size_t size)
-{
-    if (lineno >= 0 && (size_t)lineno < in->n) {
-        snprintf(why, size, "it ends at line %lld, and had %zu lines when first read (it was cut)",
-                 (long long)lineno, in->n);
-        return why;
-    }
-    if (bytes >= 0 && bytes != (long long)in->size) {
-        snprintf(why, size, "it ends after %lld bytes, and had %lld when first read", bytes,
-                 (long long)in->size);
-        return why;
-    }
-    return NULL;
-}
-
-static struct input *check_input(lua_State *L, int idx)
-{
-    return luaL_checkudata(L, idx, INPUT_MT);
-}
-
-/* input:check(lineno, line[, oversize]) -> true, or false, why. */
-static int input_check(lua_State *L)
-{
-    struct input *in = check_input(L, 1);
-    lua_Integer lineno = luaL_checkinteger(L, 2);
-    size_t len;
-    const char *line = luaL_checklstring(L, 3, &len);
-    lua_Integer oversize = luaL_optinteger(L, 4, 0);
-    char why[160];
-    const char *d =
-        input_line_differs(in, lineno, line, len, oversize > 0 ? (size_t)oversize : 0, why, sizeof(why));
-
-    lua_pushboolean(L, d == NULL);
-    if (d == NULL)
-        return 1;
-    lua_pushstring(L, d);
-    return 2;
-}
-
-/* input:check_end(lineno, bytes) -> true, or false, why: the input ended after line lineno. */
-static int input_check_end(lua_State *L)
-{
-    struct input *in = check_input(L, 1);
-    char why[160];
-    const char *d = input_end_differs(in, luaL_checkinteger(L, 2), (long long)luaL_optinteger(L, 3, -1), why,
-                                      sizeof(why));
-
-    lua_pushboolean(L, d == NULL);
-    if (d == NULL)
-        return 1;
-    lua_pushstring(L, d);
-    return 2;
-}
-
-/* input:unchanged() -> true, or false, why: the file at the input's path is still the one read. */
-static int input_unchanged(lua_State *L)
-{
-    struct input *in = check_input(L, 1);
-    struct stat st;
-    char why[160];
-    const char *d;
-
-    if (stat(in->path, &st) != 0) {
-        lua_pushboolean(L, 0);
-        lua_pushfstring(L, "it cannot be read any more (%s)", strerror(errno));
-        return 2;
-    }
-    d = input_stat_differs(in, &st, why, sizeof(why));
-    lua_pushboolean(L, d == NULL);
-    if (d == NULL)
-        return 1;
-    lua_pushstring(L, d);
-    return 2;
-}
-
-/* input.lines: how many lines the first pass read (blank ones included). */
-static int input_index(lua_State *L)
-{
-    struct input *in = check_input(L, 1);
-    const char *key = luaL_checkstring(L, 2);
-
-    if (strcmp(key, "lines") == 0) {
-        lua_pushinteger(L, (lua_Integer)in->n);
-        return 1;
-    }
-    lua_getmetatable(L, 1);
-    lua_getfield(L, -1, key);
-    return 1;
-}
-
-static int input_gc(lua_State *L)
-{
-    struct input *in = check_input(L, 1);
-    size_t i;
-
-    for (i = 0; i < in->nblocks; i++)
-        free(in->blocks[i]);
-    free(in->blocks);
-    free(in->path);
-    memset(in, 0, sizeof(*in));
-    return 0;
-}
-
-static struct input *input_new(lua_State *L, const char *path)
-{
-    static const luaL_Reg methods[] = {
-        { "check", input_check },
-        { "check_end", input_check_end },
-        { "unchanged", input_unchanged },
-        { "__index", input_index },
-        { "__gc", input_gc },
-        { NULL, NULL },
-    };
-    struct input *in = lua_newuserdatauv(L, sizeof(*in), 0);
-
-    memset(in, 0, sizeof(*in));
-    if (luaL_newmetatable(L, INPUT_MT))
-        luaL_setfuncs(L, methods, 0);
-    lua_setmetatable(L, -2);
-    in->path = strdup(path);
-    if (in->path == NULL)
-        luaL_error(L, "out of memory");
-    return in;
-}
-
 /* ---- working through an input file ----------------------------------------------------------- */
-
-#define READ_BLOCK 65536
-
-/* The next line of the input: 1 (line, len; or oversize > 0 with the length of a line longer than
- * max_line, which is skipped, never held), 0 at the end, -1 on a read error. */
-static int read_line(struct reader *rd, const char **line, size_t *len, size_t *oversize)
-{
-    size_t skipped = 0;
-
-    *oversize = 0;
-    if (rd->buf.data == NULL)
-        buf_reserve(&rd->buf, READ_BLOCK); /* base below is an offset into it, even while empty */
-    for (;;) {
-        char *base = rd->buf.data + rd->pos;
-        size_t avail = rd->buf.len - rd->pos;
-        char *nl = avail ? memchr(base, '\n', avail) : NULL;
-        size_t n;
-
-        if (nl) {
-            n = (size_t)(nl - base);
-            rd->pos += n + 1;
-            rd->lineno++;
-            if (skipped || n > rd->max_line) {
-                *oversize = skipped + n;
-                *len = 0;
-                *line = "";
-                return 1;
-            }
-            *line = base;
-            *len = n;
-            return 1;
-        }
-        if (rd->eof) {
-            if (avail == 0 && skipped == 0)
-                return 0;
-            rd->pos += avail;
-            rd->lineno++;
-            if (skipped || avail > rd->max_line) {
-                *oversize = skipped + avail;
-                *len = 0;
-                *line = "";
-                return 1;
-            }
-            *line = base;
-            *len = avail;
-            return 1;
-        }
-        if (avail > rd->max_line) {
-            /* Too long already: forget it and count the rest up to its newline. */
-            skipped += avail;
-            rd->buf.len = 0;
-            rd->pos = 0;
-            avail = 0;
-        } else if (rd->pos > 0) {
-            memmove(rd->buf.data, base, avail);
-            rd->buf.len = avail;
-            rd->pos = 0;
-        }
-        buf_reserve(&rd->buf, READ_BLOCK);
-        n = fread(rd->buf.data + rd->buf.len, 1, READ_BLOCK, rd->in);
-        rd->buf.len += n;
-        if (n == 0) {
-            if (ferror(rd->in))
-                return -1;
-            rd->eof = 1;
-        }
-    }
-}
-
-static int is_blank(const char *s, size_t len)
-{
-    size_t i;
-
-    for (i = 0; i < len; i++)
-        if (s[i] != ' ' && s[i] != '\t' && s[i] != '\r' && s[i] != '\n' && s[i] != '\f' && s[i] != '\v')
-            return 0;
-    return 1;
-}
 
 static void append_hex16(struct buf *b, unsigned long long v)
 {
@@ -962,16 +645,15 @@ static int work_step(struct lane *ln, struct slot *sl, lua_State *co)
         char why[160];
         int rc;
 
-        if (ln->rd.in == NULL) {
+        if (ln->rd.fd < 0) {
             lua_pushnil(co); /* detached (the batch stopped): no more lines */
             return 1;
         }
-        rc = changed ? 1 : read_line(&ln->rd, &line, &len, &oversize);
+        rc = changed ? 1 : line_reader_next(&ln->rd, &line, &len, &oversize);
 
         if (rc == 0) {
             if (ln->input)
-                changed = input_end_differs(ln->input, ln->rd.lineno, (long long)ftello(ln->rd.in), why,
-                                            sizeof(why));
+                changed = input_end_differs(ln->input, ln->rd.lineno, ln->rd.consumed, why, sizeof(why));
             if (changed == NULL) {
                 lua_pushnil(co);
                 return 1;
@@ -997,7 +679,7 @@ static int work_step(struct lane *ln, struct slot *sl, lua_State *co)
             lua_pushinteger(co, (lua_Integer)oversize);
             return 4;
         }
-        if (is_blank(line, len))
+        if (line_is_blank(line, len))
             continue;
         if (!ln->go || js_short_line(line, len, ln->model, &id, &prompt) != 0) {
             lua_pushliteral(co, "line");
@@ -1090,321 +772,6 @@ static void work_done(struct slot *sl, CURLcode rc, double latency)
     task_resume(t, nret);
 }
 
-/* ---- the first pass over an input file: ids, duplicates, the total ---------------------------- */
-
-/* The id of a line by the rule of batch input lines (jsonscan.h, and aigate.batch's line_id, which
- * completes it): 1 with the id in out: the "custom_id", else the "id", else "line-N", also for a line
- * that fails before its id can be read; 0 when only the decoder can tell (a number as Lua writes it). */
-static int rule_line_id(const char *line, size_t len, lua_Integer lineno, struct buf *out)
-{
-    struct js_line r;
-
-    js_line_read(line, len, &r, out);
-    if (r.id == JS_ID_NUMBER)
-        return 0;
-    if (r.id != JS_ID_TEXT) {
-        buf_reset(out);
-        APPEND_LIT(out, "line-");
-        append_int(out, (long long)lineno);
-    }
-    return 1;
-}
-
-/* The message of a repeated key: the key as the line writes it, cut (at a character) when long. */
-static void push_dup_message(lua_State *L, const struct js_line *r)
-{
-    size_t n = r->key_len;
-    const char *more = "";
-
-    if (n > JS_MAX_KEY_SHOWN) {
-        n = JS_MAX_KEY_SHOWN;
-        while (n > 0 && ((unsigned char)r->key[n] & 0xc0) == 0x80)
-            n--; /* not inside a UTF-8 character */
-        more = "...";
-    }
-    lua_pushlstring(L, r->key, n);
-    lua_pushfstring(L, "duplicate key %s%s (again at byte offset %I): a key may appear once in an object",
-                    lua_tostring(L, -1), more, (lua_Integer)r->offset);
-    lua_remove(L, -2);
-}
-
-/* core.utf8_bad(s) -> nil when s is valid UTF-8, else the position (from 1) of its first byte that is
- * not: the check of every batch result line, at a few instructions per 8 bytes of ASCII. */
-static int core_utf8_bad(lua_State *L)
-{
-    size_t len;
-    const char *s = luaL_checklstring(L, 1, &len);
-    size_t at = js_utf8_check(s, len);
-
-    if (at == len)
-        lua_pushnil(L);
-    else
-        lua_pushinteger(L, (lua_Integer)at + 1);
-    return 1;
-}
-
-/* core.line_id(line, lineno) -> id, code, message: the rule of batch input lines, as far as C tells
- * it (aigate.batch's line_id completes it). id: the line's id, or false when only the decoder can
- * read it (a number as Lua writes it); code, message: what is wrong with the line, nil when nothing
- * (message nil for invalid_json: the decoder's own says where). */
-static int core_line_id(lua_State *L)
-{
-    size_t len;
-    const char *line = luaL_checklstring(L, 1, &len);
-    lua_Integer lineno = luaL_checkinteger(L, 2);
-    struct js_line r;
-    struct buf id;
-    char text[128];
-
-    buf_init(&id);
-    js_line_read(line, len, &r, &id);
-    if (r.id == JS_ID_TEXT)
-        lua_pushlstring(L, id.data, id.len);
-    else if (r.id == JS_ID_NUMBER)
-        lua_pushboolean(L, 0);
-    else
-        lua_pushfstring(L, "line-%I", lineno);
-    buf_free(&id);
-    switch (r.problem) {
-    case JS_OK:
-        if (r.id != JS_ID_BAD)
-            return 1;
-        lua_pushliteral(L, "invalid_line");
-        lua_pushfstring(L, "'%s' must be a non-empty string or a number", r.id_field);
-        return 3;
-    case JS_NUL:
-        lua_pushliteral(L, "invalid_json");
-        lua_pushfstring(L, "not valid JSON (a NUL byte at byte offset %I)", (lua_Integer)r.offset);
-        return 3;
-    case JS_INVALID:
-        lua_pushliteral(L, "invalid_json");
-        return 2;
-    case JS_NOT_OBJECT:
-        lua_pushliteral(L, "invalid_line");
-        lua_pushliteral(L, "not a JSON object");
-        return 3;
-    case JS_BAD_UTF8:
-        lua_pushliteral(L, "invalid_utf8");
-        snprintf(text, sizeof(text), "not valid UTF-8 (byte 0x%02x at byte offset %llu)",
-                 (unsigned)(unsigned char)line[r.offset], (unsigned long long)r.offset);
-        lua_pushstring(L, text);
-        return 3;
-    case JS_DUP_KEY:
-        lua_pushliteral(L, "duplicate_key");
-        push_dup_message(L, &r);
-        return 3;
-    }
-    return 1;
-}
-
-/* A set of ids with the line each was first seen on (open addressing, FNV-1a). The ids' bytes are
- * kept one after another in an arena and a slot is 16 bytes, so a million ids take about 40 MB. */
-struct identry {
-    uint32_t off; /* in keys */
-    uint32_t len;
-    uint32_t hash;
-    uint32_t lineno; /* 0: an empty slot */
-};
-
-struct idset {
-    struct identry *e;
-    size_t cap;
-    size_t n;
-    struct buf keys;
-};
-
-/* Adds id; returns 0 when new, or the line it was first seen on. -1 when out of memory. */
-static lua_Integer idset_add(struct idset *set, const char *id, size_t len, lua_Integer lineno)
-{
-    uint32_t h = js_hash(id, len);
-    size_t i;
-
-    if ((set->n + 1) * 4 > set->cap * 3) {
-        size_t cap = set->cap ? set->cap * 2 : 1024;
-        struct identry *e = calloc(cap, sizeof(*e));
-        if (e == NULL)
-            return -1;
-        for (i = 0; i < set->cap; i++) {
-            if (set->e[i].lineno) {
-                size_t j = set->e[i].hash & (cap - 1);
-                while (e[j].lineno)
-                    j = (j + 1) & (cap - 1);
-                e[j] = set->e[i];
-            }
-        }
-        free(set->e);
-        set->e = e;
-        set->cap = cap;
-    }
-    i = h & (set->cap - 1);
-    while (set->e[i].lineno) {
-        const struct identry *x = &set->e[i];
-        if (x->hash == h && x->len == len && memcmp(set->keys.data + x->off, id, len) == 0)
-            return x->lineno;
-        i = (i + 1) & (set->cap - 1);
-    }
-    if (set->keys.len + len > UINT32_MAX || len > UINT32_MAX)
-        return -1;
-    set->e[i].off = (uint32_t)set->keys.len;
-    set->e[i].len = (uint32_t)len;
-    set->e[i].hash = h;
-    set->e[i].lineno = lineno > (lua_Integer)UINT32_MAX ? UINT32_MAX : (uint32_t)lineno;
-    buf_append(&set->keys, id, len);
-    set->n++;
-    return 0;
-}
-
-static void idset_free(struct idset *set)
-{
-    free(set->e);
-    buf_free(&set->keys);
-}
-
-/* core.scan_ids(path, max_line, done, line_id) -> total, skipped, ndup, dups, input; or nil, err.
- * The first pass of `aigate batch` over a file: every line's id by the rule of batch input lines
- * (rule_line_id, and line_id(line, lineno) in Lua for the lines only the decoder can tell), total =
- * lines to run (first occurrences not in done), skipped = first occurrences in done, ndup duplicates,
- * dups the first ten as "id 'x' on lines a and b"; input: what was read (struct input), for the run
- * to check against. */
-int core_scan_ids(lua_State *L)
-{
-    struct reader rd;
-    struct idset set = { NULL, 0, 0, { NULL, 0, 0 } };
-    struct buf id;
-    struct input *in;
-    struct stat st0, st1;
-    const char *path = luaL_checkstring(L, 1);
-    lua_Integer total = 0, skipped = 0, ndup = 0;
-    int has_done;
-    int rc;
-
-    rd.max_line = (size_t)luaL_checkinteger(L, 2);
-    has_done = lua_istable(L, 3);
-    luaL_checktype(L, 4, LUA_TFUNCTION);
-    lua_settop(L, 4);
-    lua_newtable(L);         /* 5: dups */
-    in = input_new(L, path); /* 6 */
-    rd.in = fopen(path, "rb");
-    if (rd.in == NULL) {
-        lua_pushnil(L);
-        lua_pushfstring(L, "%s: %s", path, strerror(errno));
-        return 2;
-    }
-    if (fstat(fileno(rd.in), &st0) != 0) {
-        int err = errno;
-        fclose(rd.in);
-        lua_pushnil(L);
-        lua_pushfstring(L, "%s: %s", path, strerror(err));
-        return 2;
-    }
-    if (!S_ISREG(st0.st_mode)) {
-        /* a pipe (say <(cmd)) would be empty for the run once the first pass has read it */
-        fclose(rd.in);
-        lua_pushnil(L);
-        lua_pushfstring(L, "%s is not a regular file: give it on standard input ('-') instead", path);
-        return 2;
-    }
-    buf_init(&rd.buf);
-    rd.pos = 0;
-    rd.eof = 0;
-    rd.lineno = 0;
-    buf_init(&id);
-    for (;;) {
-        const char *line;
-        size_t len;
-        size_t oversize;
-        lua_Integer first;
-
-        rc = read_line(&rd, &line, &len, &oversize);
-        if (rc <= 0)
-            break;
-        input_add(in, line_hash(line, len, oversize));
-        if (oversize) {
-            buf_reset(&id);
-            APPEND_LIT(&id, "line-");
-            append_int(&id, (long long)rd.lineno);
-        } else if (is_blank(line, len)) {
-            continue;
-        } else if (!rule_line_id(line, len, rd.lineno, &id)) {
-            size_t n;
-            const char *s;
-            lua_pushvalue(L, 4);
-            lua_pushlstring(L, line, len);
-            lua_pushinteger(L, rd.lineno);
-            if (lua_pcall(L, 2, 1, 0) != LUA_OK) {
-                rc = -3;
-                break;
-            }
-            s = lua_tolstring(L, -1, &n);
-            buf_reset(&id);
-            buf_append(&id, s ? s : "", s ? n : 0);
-            lua_pop(L, 1);
-        }
-        first = idset_add(&set, id.data ? id.data : "", id.len, rd.lineno);
-        if (first < 0) {
-            rc = -2;
-            break;
-        }
-        if (first > 0) {
-            ndup++;
-            if (ndup <= 10) {
-                lua_pushfstring(L, "id '%s' on lines %I and %I", id.data, first, rd.lineno);
-                lua_rawseti(L, 5, (lua_Integer)ndup);
-            }
-            continue;
-        }
-        if (has_done) {
-            lua_pushlstring(L, id.data ? id.data : "", id.len);
-            if (lua_rawget(L, 3) != LUA_TNIL && lua_toboolean(L, -1))
-                skipped++;
-            else
-                total++;
-            lua_pop(L, 1);
-        } else {
-            total++;
-        }
-    }
-    if (rc == 0) {
-        /* Read to its end: what was read is what the file held then, or it changed meanwhile. */
-        off_t bytes = ftello(rd.in);
-        char why[160];
-        const char *d;
-        if (fstat(fileno(rd.in), &st1) != 0) {
-            rc = -1;
-        } else {
-            input_set_stat(in, &st0);
-            d = input_stat_differs(in, &st1, why, sizeof(why));
-            if (d == NULL && bytes != st1.st_size)
-                d = "it changed while it was read";
-            if (d) {
-                lua_pushfstring(L, "%s changed while it was read (%s): run again once it is complete", path,
-                                d);
-                rc = -3;
-            }
-        }
-    }
-    fclose(rd.in);
-    buf_free(&rd.buf);
-    buf_free(&id);
-    idset_free(&set);
-    if (rc == -3) {
-        lua_pushnil(L);
-        lua_insert(L, -2); /* nil, the error of line_id */
-        return 2;
-    }
-    if (rc < 0) {
-        lua_pushnil(L);
-        lua_pushstring(L, rc == -2 ? "out of memory" : strerror(errno));
-        return 2;
-    }
-    lua_pushinteger(L, total);
-    lua_pushinteger(L, skipped);
-    lua_pushinteger(L, ndup);
-    lua_pushvalue(L, 5);
-    lua_pushvalue(L, 6);
-    return 5;
-}
-
 /* ---- the Lua object -------------------------------------------------------------------------- */
 
 static struct lane *check_lane(lua_State *L)
@@ -1472,9 +839,10 @@ static void field_buf_at(lua_State *L, int idx, const char *name, struct buf *b)
 
 static void detach(lua_State *L, struct lane *ln)
 {
-    if (ln->rd.in)
-        fclose(ln->rd.in);
-    ln->rd.in = NULL;
+    if (ln->rd.fd >= 0)
+        close(ln->rd.fd);
+    line_reader_free(&ln->rd);
+    ln->rd.fd = -1;
     ln->out = NULL;
     ln->input = NULL;
     luaL_unref(L, LUA_REGISTRYINDEX, ln->out_ref);
@@ -1585,6 +953,8 @@ static int lane_attach(lua_State *L)
     struct lane *ln = check_lane(L);
     luaL_Stream *out;
     const char *path;
+    size_t max_line;
+    int fd;
 
     luaL_checktype(L, 2, LUA_TTABLE);
     lua_getfield(L, 2, "output");
@@ -1601,30 +971,27 @@ static int lane_attach(lua_State *L)
         lua_pop(L, 1);
     lua_getfield(L, 2, "first_pass");
     if (!lua_isnil(L, -1)) {
-        ln->input = check_input(L, -1);
+        ln->input = input_arg(L, -1);
         ln->input_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     } else {
         lua_pop(L, 1);
     }
     ln->changed = 0;
     lua_getfield(L, 2, "max_line");
-    ln->rd.max_line = (size_t)luaL_checkinteger(L, -1);
+    max_line = (size_t)luaL_checkinteger(L, -1);
     lua_pop(L, 1);
     buf_reset(&ln->id_prefix);
     field_buf_at(L, 2, "id_prefix", &ln->id_prefix);
     lua_getfield(L, 2, "input");
     path = luaL_checkstring(L, -1);
-    ln->rd.in = fopen(path, "rb");
-    if (ln->rd.in == NULL) {
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
         lua_pushnil(L);
         lua_pushfstring(L, "%s: %s", path, strerror(errno));
         return 2;
     }
     lua_pop(L, 1);
-    buf_reset(&ln->rd.buf);
-    ln->rd.pos = 0;
-    ln->rd.eof = 0;
-    ln->rd.lineno = 0;
+    line_reader_init(&ln->rd, fd, max_line);
     lua_pushboolean(L, 1);
     return 1;
 }
@@ -1643,7 +1010,7 @@ static int lane_work(lua_State *L)
     struct slot *sl;
     int nret;
 
-    if (ln->rd.in == NULL)
+    if (ln->rd.fd < 0)
         return luaL_error(L, "lane:work: no input attached");
     sl = slot_take(ln);
     if (sl == NULL)
@@ -1729,10 +1096,11 @@ static int lane_gc(lua_State *L)
     buf_free(&ln->attempt_part);
     buf_free(&ln->request_id_headers);
     buf_free(&ln->id_prefix);
-    buf_free(&ln->rd.buf);
+    line_reader_free(&ln->rd);
     buf_free(&ln->outline);
     free(ln->lat);
     memset(ln, 0, sizeof(*ln));
+    ln->rd.fd = -1; /* not standard input */
     return 0;
 }
 
@@ -1797,7 +1165,7 @@ int core_lane(lua_State *L)
     ln->out_ref = LUA_NOREF;
     ln->done_ref = LUA_NOREF;
     ln->input_ref = LUA_NOREF;
-    buf_init(&ln->rd.buf);
+    line_reader_init(&ln->rd, -1, 0); /* detached */
     buf_init(&ln->id_prefix);
     buf_init(&ln->outline);
     buf_init(&ln->prefix);
@@ -1887,8 +1255,6 @@ void core_register_lane(lua_State *L)
 void core_register_batch(lua_State *L)
 {
     static const luaL_Reg funcs[] = {
-        { "line_id", core_line_id },
-        { "utf8_bad", core_utf8_bad },
         { "open_output", core_open_output },
         { "file_info", core_file_info },
         { NULL, NULL },
