@@ -107,6 +107,9 @@ int core_request(lua_State *L);
 int core_listen(lua_State *L);
 int core_lane(lua_State *L);
 void core_register_lane(lua_State *L);
+int core_engine(lua_State *L);
+int core_json_quote(lua_State *L);
+void core_register_engine(lua_State *L);
 void core_register_batch(lua_State *L); /* open_output, file_info into the table on top */
 void core_register_scan(lua_State *L);  /* scan_ids, line_id, utf8_bad (src/scan.h) */
 void core_register_tasks(lua_State *L); /* spawn, wait, sleep, now, time, ... into the table on top */

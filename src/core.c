@@ -14,10 +14,13 @@ int luaopen_aigate_core(lua_State *L)
         { "listen", core_listen },
         { "sse_parser", core_sse_parser },
         { "lane", core_lane },
+        { "engine", core_engine },
+        { "json_quote", core_json_quote },
         { NULL, NULL },
     };
 
     core_register_lane(L);
+    core_register_engine(L);
     luaL_newlib(L, funcs);
     core_register_tasks(L);
     core_register_batch(L);

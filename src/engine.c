@@ -151,10 +151,10 @@ struct engine {
 
 /* The value names of result templates (tmpl.h) the engine fills. */
 enum { V_REQ_ID, V_CUSTOM_ID, V_STATUS, V_REQUEST_ID, V_BODY, V_LINE, V_RESPONSE_MODEL, V_LATENCY, V_USAGE,
-       V_PROMPT_TOKENS, V_COMPLETION_TOKENS, V_TOTAL_TOKENS, V_HEADER };
+       V_PROMPT_TOKENS, V_COMPLETION_TOKENS, V_TOTAL_TOKENS, V_CACHE_STATUS };
 static const char *const RESULT_NAMES[] = { "req_id", "custom_id", "status", "request_id", "body", "line",
                                             "response_model", "latency", "usage", "prompt_tokens",
-                                            "completion_tokens", "total_tokens", "header", NULL };
+                                            "completion_tokens", "total_tokens", "cache_status", NULL };
 
 /* The value names of body templates: the prompt, the contents of the messages, the parameters (in
  * the order of their names). */
@@ -513,6 +513,37 @@ static void form_free(struct form *f)
     free(f);
 }
 
+/* The request headers of a group: "Name: value" lines (an empty value as "Name;", which is how
+ * curl sends a header with no value), and "Expect:" (no 100-continue round trip). */
+static struct curl_slist *group_headers(lua_State *L, int idx)
+{
+    struct curl_slist *list = NULL;
+    struct buf line;
+
+    luaL_checktype(L, idx, LUA_TTABLE);
+    buf_init(&line);
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TSTRING) {
+            buf_free(&line);
+            curl_slist_free_all(list);
+            luaL_error(L, "engine group: header names and values must be strings");
+        }
+        buf_reset(&line);
+        buf_append(&line, lua_tostring(L, -2), lua_rawlen(L, -2));
+        if (lua_rawlen(L, -1) == 0) {
+            buf_append_char(&line, ';');
+        } else {
+            APPEND_LIT(&line, ": ");
+            buf_append(&line, lua_tostring(L, -1), lua_rawlen(L, -1));
+        }
+        list = curl_slist_append(list, line.data);
+        lua_pop(L, 1);
+    }
+    buf_free(&line);
+    return curl_slist_append(list, "Expect:");
+}
+
 /* Reads a group (the table on top of L) into en's next slot; its index, or raises. */
 static int read_group(lua_State *L, struct engine *en)
 {
@@ -534,7 +565,7 @@ static int read_group(lua_State *L, struct engine *en)
     g->url = strdup(url);
     lua_pop(L, 1);
     lua_getfield(L, idx, "headers");
-    g->headers = headers_to_slist(L, -1);
+    g->headers = group_headers(L, lua_gettop(L));
     lua_pop(L, 1);
     http_read_timeouts(L, idx, "field", "engine group", &g->timeouts);
     http_read_ca(L, idx, "field", "engine group", &ca_file, &ca_path);
@@ -661,7 +692,7 @@ static struct form *new_form(struct engine *en, uint32_t h)
  * the general path rather than stopping the batch. */
 static void report_lua_error(lua_State *L, const char *what)
 {
-    task_report_error(L, what, lua_tostring(L, -1));
+    task_report_error(what, lua_tostring(L, -1));
     lua_pop(L, 1);
 }
 

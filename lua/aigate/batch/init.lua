@@ -18,6 +18,7 @@ local input = require "aigate.batch.input"
 local result = require "aigate.batch.result"
 local progress = require "aigate.batch.progress"
 local engine_spec = require "aigate.batch.engine"
+require "aigate.batch.shim_tmp"
 local valid_utf8 = require("aigate.util").valid_utf8
 local utf8_bad = core.utf8_bad
 local redact = require("aigate.secrets").redact -- stderr: what failing code put in a message
@@ -77,6 +78,7 @@ State.__index = State
 -- UTF-8: bytes that are not (a reply's, say: its raw body is written as it came) become U+FFFD, so
 -- the output stays strict JSON.
 function State:emit(item, line, ok)
+  self.by_lua = self.by_lua + 1
   local bad = utf8_bad(line)
   if bad then line = valid_utf8(line, bad) end
   if ok then self.ok = self.ok + 1 else self.failed = self.failed + 1 end
@@ -127,6 +129,7 @@ function State:sync_engine()
         breaker.record(g.breaker_key, true, self.breaker_cfg, now, n)
       end
       self.ok = self.ok + n
+      self.by_engine = self.by_engine + n
       self:add_ok(n, g.model_id, "0", c[2], c[3], c[4])
       self:count_outcome("ok", n)
     end
@@ -414,7 +417,7 @@ local function run(opts)
     ordered = opts.ordered, window = opts.window or (opts.concurrency * M.WINDOW_PER_WORKER),
     rate_retries = opts.rate_retries, dry_run = opts.dry_run,
     defaults = { model = opts.model, template = opts.template, max_line = max_line },
-    done = {}, skipped = 0, unfinished = 0, prior_failed = 0,
+    done = {}, skipped = 0, by_engine = 0, by_lua = 0, unfinished = 0, prior_failed = 0,
     prompt_tokens = 0, completion_tokens = 0, total_tokens = 0, cost = 0,
     by_model = {}, failed_by_model = {}, by_step = {}, outcomes = {}, hist = progress.Histogram.new(),
     prefix = run_prefix(),

@@ -144,6 +144,11 @@ function M.summary(self, wall)
     return concat(parts, ", ")
   end
   if next(self.outcomes) then lines[#lines + 1] = "  outcomes: " .. sorted(self.outcomes) end
+  -- which way the results went: sent and written by the engine, or run by aigate.chat (and lines
+  -- that were not sent, bad or dry-run ones)
+  if done > 0 then
+    lines[#lines + 1] = format("  paths: engine %d, aigate.chat %d", self.by_engine, self.by_lua)
+  end
   if next(self.by_model) then lines[#lines + 1] = "  models (ok): " .. sorted(self.by_model) end
   if next(self.failed_by_model) then lines[#lines + 1] = "  models (failed): " .. sorted(self.failed_by_model) end
   if next(self.by_step) then lines[#lines + 1] = "  route steps (ok): " .. sorted(self.by_step) end
