@@ -1371,6 +1371,7 @@ int core_engine(lua_State *L)
     en->self_ref = en->out_ref = en->done_ref = en->input_ref = en->render_ref = en->cb_ref = LUA_NOREF;
     en->restore_flags = -1;
     en->go = 1;
+    idset_init(&en->seen);
     buf_init(&en->id_prefix);
     buf_init(&en->outline);
     buf_init(&en->key);
