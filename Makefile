@@ -61,6 +61,11 @@ FUZZ_TARGETS += linereader
 FUZZ_linereader_SRCS := src/linereader.c src/buf.c
 
 # The id rule's scanner against lua-cjson (tests/fuzz/fuzz_line_id.c).
+# The engine's reading of a line's shape and its writing of strings, against lua-cjson.
+FUZZ_TARGETS += lineshape
+FUZZ_lineshape_SRCS := src/lineshape.c src/jsonscan.c src/jsontext.c src/buf.c
+FUZZ_lineshape_LIBS := -l:liblua5.4-cjson.a $(LUA_LIBS) -lm
+
 FUZZ_TARGETS += line_id
 FUZZ_line_id_SRCS := src/jsonscan.c src/buf.c
 FUZZ_line_id_LIBS := -l:liblua5.4-cjson.a $(LUA_LIBS) -lm
