@@ -1354,6 +1354,19 @@ static int engine_gc(lua_State *L)
     return 0;
 }
 
+/* The field name of the spec table at idx: a string (len set), or raises naming the field. */
+static const char *spec_string(lua_State *L, int idx, const char *name, size_t *len)
+{
+    const char *s;
+
+    lua_getfield(L, idx, name);
+    if (lua_type(L, -1) != LUA_TSTRING)
+        luaL_error(L, "bad field '%s' to 'engine' (string expected, got %s)", name, luaL_typename(L, -1));
+    s = lua_tolstring(L, -1, len);
+    lua_pop(L, 1); /* the spec table keeps it alive */
+    return s;
+}
+
 /* core.engine{input = path | "-", output = file, max_line = n, id_prefix = s, done = table|nil,
  * first_pass = input|nil, render = function|nil} -> engine, or nil, err when the input cannot be
  * opened. Without render every line goes to Lua (--dry-run, --ordered, ...). */
@@ -1385,16 +1398,20 @@ int core_engine(lua_State *L)
         en->render_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     else
         lua_pop(L, 1);
-    lua_getfield(L, 1, "id_prefix");
-    buf_append(&en->id_prefix, luaL_checkstring(L, -1), lua_rawlen(L, -1));
-    lua_pop(L, 1);
+    {
+        size_t len;
+        const char *prefix = spec_string(L, 1, "id_prefix", &len);
+        buf_append(&en->id_prefix, prefix, len);
+    }
     lua_getfield(L, 1, "max_line");
-    max_line = (size_t)luaL_checkinteger(L, -1);
+    if (!lua_isinteger(L, -1) || lua_tointeger(L, -1) <= 0)
+        return luaL_error(L, "bad field 'max_line' to 'engine' (positive integer expected)");
+    max_line = (size_t)lua_tointeger(L, -1);
     lua_pop(L, 1);
     lua_getfield(L, 1, "output");
-    out = luaL_checkudata(L, -1, LUA_FILEHANDLE);
-    if (out->closef == NULL)
-        return luaL_error(L, "core.engine: the output is closed");
+    out = luaL_testudata(L, -1, LUA_FILEHANDLE);
+    if (out == NULL || out->closef == NULL)
+        return luaL_error(L, "bad field 'output' to 'engine' (an open file expected)");
     en->out = out->f;
     en->out_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     lua_getfield(L, 1, "done");
@@ -1409,8 +1426,7 @@ int core_engine(lua_State *L)
     } else {
         lua_pop(L, 1);
     }
-    lua_getfield(L, 1, "input");
-    path = luaL_checkstring(L, -1);
+    path = spec_string(L, 1, "input", NULL);
     if (strcmp(path, "-") == 0) {
         int flags = fcntl(0, F_GETFL);
         fd = 0;
@@ -1426,7 +1442,6 @@ int core_engine(lua_State *L)
         }
         en->own_fd = 1;
     }
-    lua_pop(L, 1);
     line_reader_init(&en->rd, fd, max_line);
     en->reading = 1;
     en->readable = event_new(g_base, fd, EV_READ, readable_cb, en);

@@ -208,20 +208,32 @@ T["request: stall_timeout restarts with every byte"] = function()
   eq(res.body, "12345678")
 end
 
--- The batch engine (core.lane) applies the same four limits as core.request and fails with the same
--- error texts: one request each way against the same slow or stalling server.
+-- The batch engine (core.engine) applies the same four limits as core.request and fails with the same
+-- error texts: one request each way against the same slow or stalling server. The engine reads a
+-- one-line input; its render gives every shape a group with these limits and a fixed body.
 local function lane_send(base, path, limits)
-  local spec = {url = base .. path, headers = {}, prefix = '{"messages":', suffix = "}", model = "m",
-    model_part = "", route_part = "", attempt_part = ""}
-  for k, v in pairs(limits) do spec[k] = v end
-  local engine = core.lane(spec)
-  eq(engine:stage('{"id":"a","prompt":"p"}', 1), "a", "staged")
-  local ok, latency, status, _, body, err = engine:send()
-  eq(ok, false, "not a completion")
+  local input = os.tmpname()
+  local f = assert(io.open(input, "w"))
+  f:write('{"id":"a","prompt":"p"}\n')
+  f:close()
+  local outname = os.tmpname()
+  local out = assert(io.open(outname, "w"))
+  local group = {url = base .. path, headers = {}, result = {"written"}}
+  for k, v in pairs(limits) do group[k] = v end
+  local engine = assert(core.engine{input = input, output = out, max_line = 1000, id_prefix = "x",
+    render = function() return {group = group, body = {"{}"}} end})
+  local kind, _, lineno, latency, status, _, body, err, id = engine:work()
+  engine:detach()
+  out:close()
+  os.remove(input)
+  os.remove(outname)
+  eq(kind, "reply", "not a completion: handed back")
+  eq(lineno, 1)
+  eq(id, "a")
   return status, body, err, latency
 end
 
-T["lane: the engine's timeouts match core.request's"] = function()
+T["engine: its timeouts match core.request's"] = function()
   local srv, base = serve{
     ["/slow"] = function(_, res) core.sleep(0.5) res:respond(200, nil, "late") end,
     ["/stall"] = function(_, res)
@@ -317,13 +329,10 @@ T["request: caller mistakes raise with the option's name"] = function()
   raises(function() core.request{url = "http://x/", max_size = -1} end, "'max_size'")
   raises(function() core.request{url = "http://x/", ca_file = 3} end, "'ca_file'")
   raises(function() core.request{url = "http://x/", ca_path = {}} end, "'ca_path'")
-  local spec = {url = "http://x/", headers = {}, prefix = "", suffix = "", model = "m", model_part = "",
-    route_part = "", attempt_part = ""}
-  for _, bad in ipairs({{"stall_timeout", 0}, {"timeout", "soon"}, {"ca_file", false}}) do
-    spec[bad[1]] = bad[2]
-    raises(function() core.lane(spec) end, "bad field '" .. bad[1] .. "' to 'lane'")
-    spec[bad[1]] = nil
-  end
+  raises(function() core.engine{} end, "id_prefix")
+  raises(function() core.engine{id_prefix = "x", max_line = 0} end, "max_line")
+  raises(function() core.engine{id_prefix = "x", max_line = 10, output = "f"} end, "'output'")
+  raises(function() core.engine{id_prefix = "x", max_line = 10, output = io.stdout} end, "'input'")
 end
 
 T["server: a handler error answers 500 and the server goes on"] = function()
