@@ -21,7 +21,7 @@ LUA_LIBS  = $(shell pkg-config --libs lua5.4 2>/dev/null || echo -llua5.4)
 
 SRCS := src/main.c src/core.c src/task.c src/http_client.c src/http_server.c src/http_guard.c src/lane.c src/jsonscan.c \
         src/sse.c src/buf.c src/headers.c src/linereader.c src/idset.c \
-        src/scan.c
+        src/scan.c src/sys.c
 HDRS := $(wildcard src/*.h)
 UNIT_TESTS := $(patsubst tests/unit/%.c,tests/unit/%,$(wildcard tests/unit/test_*.c))
 UNIT_LIB := src/sse.c src/buf.c src/headers.c src/linereader.c src/idset.c src/jsonscan.c src/scan.c tests/unit/unit.c

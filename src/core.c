@@ -1,6 +1,6 @@
 /*
  * core.c: assembles the `aigate.core` Lua module from the primitives of task.c, http_client.c,
- * http_server.c, lane.c, scan.c and sse.c. The module's contract is documented in src/CORE_API.md.
+ * sys.c, http_server.c, lane.c, scan.c and sse.c. The module's contract is documented in src/CORE_API.md.
  */
 #include <lauxlib.h>
 #include <lua.h>
@@ -20,7 +20,7 @@ int luaopen_aigate_core(lua_State *L)
     core_register_lane(L);
     luaL_newlib(L, funcs);
     core_register_tasks(L);
-    core_register_batch(L);
+    core_register_sys(L);
     core_register_scan(L);
     lua_pushstring(L, AIGATE_VERSION);
     lua_setfield(L, -2, "version");

@@ -19,8 +19,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <fcntl.h>
-#include <sys/stat.h>
-#include <sys/types.h>
 #include <unistd.h>
 
 #include <curl/curl.h>
@@ -851,101 +849,6 @@ static void detach(lua_State *L, struct lane *ln)
     ln->out_ref = ln->done_ref = ln->input_ref = LUA_NOREF;
 }
 
-/* ---- the output file ------------------------------------------------------------------------- */
-
-/* A larger buffer for an output file than glibc's default of one block (4 KiB: Lua's setvbuf cannot
- * pass a size glibc keeps): a 700-byte result line then costs a fraction of a write call. */
-#define OUT_BUFFER      (256 * 1024)
-#define OUT_PIPE_BUFFER (64 * 1024) /* a FIFO or a device: the batch flushes it every 10 ms anyway */
-
-/* A file opened by core.open_output: a Lua file (Lua's io functions see the luaL_Stream) whose
- * buffer is ours, freed once the stream is closed (by file:close or by the collector). */
-struct out_stream {
-    luaL_Stream s;
-    char *buffer;
-};
-
-static int out_close(lua_State *L)
-{
-    struct out_stream *o = luaL_checkudata(L, 1, LUA_FILEHANDLE);
-    int ok = fclose(o->s.f) == 0;
-    int err = errno;
-
-    free(o->buffer);
-    o->buffer = NULL;
-    errno = err;
-    return luaL_fileresult(L, ok, NULL);
-}
-
-/* core.open_output(path, append) -> file; or nil, err[, "no_reader"]. Opens the output of a batch
- * (appending to it, or emptied) without blocking: a FIFO with no reader yet gives nil, err,
- * "no_reader", and the caller waits and tries again while the event loop goes on (so that SIGINT
- * and SIGTERM end the wait, where a plain open would block the process in the kernel). Once open,
- * writes block as on any file: a slow reader slows the batch down. */
-static int core_open_output(lua_State *L)
-{
-    const char *path = luaL_checkstring(L, 1);
-    int append = lua_toboolean(L, 2);
-    struct out_stream *o;
-    struct stat st;
-    size_t size;
-    int fd;
-    int flags;
-
-    o = lua_newuserdatauv(L, sizeof(*o), 0);
-    o->s.f = NULL;
-    o->s.closef = NULL; /* a closed file until it is open */
-    o->buffer = NULL;
-    luaL_setmetatable(L, LUA_FILEHANDLE);
-    fd = open(path, O_WRONLY | O_CREAT | O_NONBLOCK | O_CLOEXEC | (append ? O_APPEND : O_TRUNC), 0666);
-    if (fd < 0) {
-        int err = errno;
-        lua_pushnil(L);
-        lua_pushfstring(L, "%s: %s", path, strerror(err));
-        if (err == ENXIO && stat(path, &st) == 0 && S_ISFIFO(st.st_mode)) {
-            lua_pushliteral(L, "no_reader");
-            return 3;
-        }
-        return 2;
-    }
-    flags = fcntl(fd, F_GETFL);
-    if (flags < 0 || fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) != 0 || fstat(fd, &st) != 0 ||
-        (o->s.f = fdopen(fd, append ? "ab" : "wb")) == NULL) {
-        int err = errno;
-        close(fd);
-        lua_pushnil(L);
-        lua_pushfstring(L, "%s: %s", path, strerror(err));
-        return 2;
-    }
-    o->s.closef = out_close;
-    size = S_ISREG(st.st_mode) ? OUT_BUFFER : OUT_PIPE_BUFFER;
-    o->buffer = malloc(size);
-    if (o->buffer && setvbuf(o->s.f, o->buffer, _IOFBF, size) != 0) {
-        free(o->buffer);
-        o->buffer = NULL;
-    }
-    return 1;
-}
-
-/* core.file_info(path) -> kind ("file", "fifo", "directory" or "other"), size; or nil, err. */
-static int core_file_info(lua_State *L)
-{
-    const char *path = luaL_checkstring(L, 1);
-    struct stat st;
-
-    if (stat(path, &st) != 0) {
-        lua_pushnil(L);
-        lua_pushfstring(L, "%s: %s", path, strerror(errno));
-        return 2;
-    }
-    lua_pushstring(L, S_ISREG(st.st_mode)    ? "file"
-                      : S_ISFIFO(st.st_mode) ? "fifo"
-                      : S_ISDIR(st.st_mode)  ? "directory"
-                                             : "other");
-    lua_pushinteger(L, (lua_Integer)st.st_size);
-    return 2;
-}
-
 /* lane:attach{input = path, output = file, max_line = n, done = table|nil, id_prefix = s,
  * first_pass = input|nil} -> true or nil, err. */
 static int lane_attach(lua_State *L)
@@ -1250,15 +1153,4 @@ void core_register_lane(lua_State *L)
         lua_setfield(L, -2, "__gc");
     }
     lua_pop(L, 1);
-}
-
-void core_register_batch(lua_State *L)
-{
-    static const luaL_Reg funcs[] = {
-        { "open_output", core_open_output },
-        { "file_info", core_file_info },
-        { NULL, NULL },
-    };
-
-    luaL_setfuncs(L, funcs, 0);
 }
