@@ -47,6 +47,8 @@ typedef void (*task_done_fn)(struct task *t, int ok, void *ud);
 
 /* Returns the task whose coroutine is L, or raises "attempt to yield outside an aigate task". */
 struct task *task_check(lua_State *L);
+/* The task whose coroutine is L, or NULL (the main thread, a plain coroutine, a callback). */
+struct task *task_current(lua_State *L);
 /* The coroutine of a task. */
 lua_State *task_thread(struct task *t);
 /*
@@ -105,14 +107,13 @@ void seconds_to_timeval(double seconds, struct timeval *tv);
 int core_sse_parser(lua_State *L);
 int core_request(lua_State *L);
 int core_listen(lua_State *L);
-int core_lane(lua_State *L);
-void core_register_lane(lua_State *L);
 int core_engine(lua_State *L);
 int core_json_quote(lua_State *L);
 void core_register_engine(lua_State *L);
-void core_register_batch(lua_State *L); /* open_output, file_info into the table on top */
 void core_register_scan(lua_State *L);  /* scan_ids, line_id, utf8_bad (src/scan.h) */
 void core_register_tasks(lua_State *L); /* spawn, wait, sleep, now, time, ... into the table on top */
+void core_register_sys(lua_State *L);   /* getenv, isatty, fsync, read, truncate, open_output, ... (sys.c) */
+void sys_shutdown(void);                /* waits for the fsyncs still running (called by tasks_shutdown) */
 int tasks_init(void);
 void tasks_shutdown(void);
 

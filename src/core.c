@@ -1,6 +1,6 @@
 /*
  * core.c: assembles the `aigate.core` Lua module from the primitives of task.c, http_client.c,
- * http_server.c, lane.c, scan.c and sse.c. The module's contract is documented in src/CORE_API.md.
+ * sys.c, http_server.c, engine.c, scan.c and sse.c. The module's contract is documented in src/CORE_API.md.
  */
 #include <lauxlib.h>
 #include <lua.h>
@@ -13,17 +13,15 @@ int luaopen_aigate_core(lua_State *L)
         { "request", core_request },
         { "listen", core_listen },
         { "sse_parser", core_sse_parser },
-        { "lane", core_lane },
         { "engine", core_engine },
         { "json_quote", core_json_quote },
         { NULL, NULL },
     };
 
-    core_register_lane(L);
     core_register_engine(L);
     luaL_newlib(L, funcs);
     core_register_tasks(L);
-    core_register_batch(L);
+    core_register_sys(L);
     core_register_scan(L);
     lua_pushstring(L, AIGATE_VERSION);
     lua_setfield(L, -2, "version");

@@ -419,7 +419,7 @@ struct id_field {
 
 #define SMALL_KEYS 16 /* keys of a usual line: kept without allocating */
 
-struct line_reader {
+struct js_reader {
     const char *line;
     const char *p;
     const char *end;
@@ -435,7 +435,7 @@ struct line_reader {
     struct key_rec small[SMALL_KEYS]; /* last: not cleared for each line */
 };
 
-static void line_ws(struct line_reader *r)
+static void line_ws(struct js_reader *r)
 {
     const char *p = r->p;
 
@@ -491,7 +491,7 @@ static long hex4(const char *p, const char *end)
 /* The string at r->p (a '"'): 0, or -1 when the decoder refuses it. *escaped: it has a backslash.
  * With out, its decoded bytes are appended there. A byte that is not UTF-8 sets r->string_bad (and
  * r->bad_utf8 for the first in the line); the decoder takes such bytes as they are. */
-static int line_string(struct line_reader *r, int *escaped, struct buf *out)
+static int line_string(struct js_reader *r, int *escaped, struct buf *out)
 {
     const char *p = r->p + 1;
     const char *end = r->end; /* (a local: kept in a register in the loop) */
@@ -568,7 +568,7 @@ static int line_string(struct line_reader *r, int *escaped, struct buf *out)
 
 /* A number at r->p (a '-' or a digit) as the decoder reads it. *plain: an integer as
  * js_plain_int has it (its text is r->p before the call up to r->p after). 0, or -1 when refused. */
-static int line_number(struct line_reader *r, int *plain)
+static int line_number(struct js_reader *r, int *plain)
 {
     const char *start = r->p;
     const char *p = start;
@@ -623,13 +623,13 @@ uint32_t js_hash(const char *s, size_t len)
     return h;
 }
 
-static const char *key_text(const struct line_reader *r, const struct key_rec *k)
+static const char *key_text(const struct js_reader *r, const struct key_rec *k)
 {
     return k->in_arena ? r->arena.data + k->off : r->line + k->off;
 }
 
 /* Reads the key at r->p (a '"') of object number `object` and keeps it. 0, or -1 when refused. */
-static int line_key(struct line_reader *r, uint32_t object)
+static int line_key(struct js_reader *r, uint32_t object)
 {
     struct key_rec k;
     size_t before = r->arena.len;
@@ -674,7 +674,7 @@ static int line_key(struct line_reader *r, uint32_t object)
 }
 
 /* Is the key just read (the last one kept) "custom_id" (0) or "id" (1)? -1 otherwise. */
-static int id_key(const struct line_reader *r)
+static int id_key(const struct js_reader *r)
 {
     const struct key_rec *k = &r->keys[r->nkeys - 1];
     const char *t = key_text(r, k);
@@ -687,7 +687,7 @@ static int id_key(const struct line_reader *r)
 }
 
 /* The whole line: 0 when the decoder takes it, -1 when it refuses it (r->p where this stopped). */
-static int line_scan(struct line_reader *r)
+static int line_scan(struct js_reader *r)
 {
     char open[JS_LINE_DEPTH + 1];
     uint32_t object[JS_LINE_DEPTH + 1];
@@ -780,7 +780,7 @@ key:
     goto value;
 }
 
-static int key_cmp(const struct line_reader *r, const struct key_rec *a, const struct key_rec *b)
+static int key_cmp(const struct js_reader *r, const struct key_rec *a, const struct key_rec *b)
 {
     int c;
 
@@ -797,21 +797,21 @@ static int key_cmp(const struct line_reader *r, const struct key_rec *a, const s
 }
 
 /* qsort has no context argument: the reader being sorted for (one thread runs this). */
-static const struct line_reader *sorting;
+static const struct js_reader *sorting;
 
 static int key_order(const void *a, const void *b)
 {
     return key_cmp(sorting, a, b);
 }
 
-static int same_key(const struct line_reader *r, const struct key_rec *a, const struct key_rec *b)
+static int same_key(const struct js_reader *r, const struct key_rec *a, const struct key_rec *b)
 {
     return a->object == b->object && a->hash == b->hash && a->len == b->len &&
            (a->len == 0 || memcmp(key_text(r, a), key_text(r, b), a->len) == 0);
 }
 
 /* The first repeated key: the one whose second occurrence comes first in the line; NULL if none. */
-static const struct key_rec *find_dup(struct line_reader *r)
+static const struct key_rec *find_dup(struct js_reader *r)
 {
     struct key_rec *k = r->keys;
     size_t n = r->nkeys;
@@ -844,7 +844,7 @@ static const struct key_rec *find_dup(struct line_reader *r)
 }
 
 /* The id from the field that names the line. */
-static void read_id(struct line_reader *r, struct js_line *out, struct buf *id)
+static void read_id(struct js_reader *r, struct js_line *out, struct buf *id)
 {
     const struct id_field *f = NULL;
     int i;
@@ -892,7 +892,7 @@ static void read_id(struct line_reader *r, struct js_line *out, struct buf *id)
 
 void js_line_read(const char *line, size_t len, struct js_line *out, struct buf *id)
 {
-    struct line_reader r;
+    struct js_reader r;
     const char *nul = len ? memchr(line, '\0', len) : NULL;
     const char *first;
 
@@ -905,7 +905,7 @@ void js_line_read(const char *line, size_t len, struct js_line *out, struct buf 
         out->offset = (size_t)(nul - line);
         return;
     }
-    memset(&r, 0, offsetof(struct line_reader, small)); /* the keys' room needs no clearing */
+    memset(&r, 0, offsetof(struct js_reader, small)); /* the keys' room needs no clearing */
     r.line = line;
     r.p = line;
     r.end = line + len;

@@ -9,20 +9,16 @@
  * the results on the coroutine and calls task_resume. New tasks and wake-ups of waiters go through a
  * run queue drained from a libevent callback, so no task is ever resumed from inside Lua code.
  *
- * Also here: core.sleep, core.wait, core.wait_signal (SIGINT/SIGTERM), clocks, getenv, isatty,
- * term_width, fsync, truncate.
+ * Also here: core.sleep, core.wait, core.wait_signal (SIGINT/SIGTERM), the clocks, and the VM
+ * watchdog. The system calls (files, descriptors, the environment) are in src/sys.c.
  */
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
-#include <poll.h>
-#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/ioctl.h>
-#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
 #include <unistd.h>
@@ -613,11 +609,19 @@ static void runq_cb(evutil_socket_t fd, short what, void *arg)
 
 /* ---- task life cycle ------------------------------------------------------------------------- */
 
-struct task *task_check(lua_State *L)
+struct task *task_current(lua_State *L)
 {
     struct task *t = *(struct task **)lua_getextraspace(L);
 
-    if (t == NULL || t->co != L)
+    /* a coroutine made inside a task has its extra space too: only the task's own is one */
+    return t != NULL && t->co == L ? t : NULL;
+}
+
+struct task *task_check(lua_State *L)
+{
+    struct task *t = task_current(L);
+
+    if (t == NULL)
         luaL_error(L, "attempt to yield outside an aigate task (inside a plain coroutine or a callback)");
     return t;
 }
@@ -1031,339 +1035,6 @@ static int l_time(lua_State *L)
     return 1;
 }
 
-static int l_getenv(lua_State *L)
-{
-    const char *v = getenv(luaL_checkstring(L, 1));
-    if (v)
-        lua_pushstring(L, v);
-    else
-        lua_pushnil(L);
-    return 1;
-}
-
-static int l_isatty(lua_State *L)
-{
-    lua_Integer fd = luaL_checkinteger(L, 1);
-    lua_pushboolean(L, isatty((int)fd));
-    return 1;
-}
-
-/* core.term_width(fd): the terminal's width in columns, or nil when fd is not a terminal or the
- * terminal does not know its size (a pseudo-terminal nobody sized reports 0). Pushes one value. */
-static int l_term_width(lua_State *L)
-{
-    lua_Integer fd = luaL_checkinteger(L, 1);
-    struct winsize ws;
-
-    if (isatty((int)fd) && ioctl((int)fd, TIOCGWINSZ, &ws) == 0 && ws.ws_col > 0)
-        lua_pushinteger(L, ws.ws_col);
-    else
-        lua_pushnil(L);
-    return 1;
-}
-
-/* core.fsync: inside a task the fsync runs on a short-lived thread, so that the event loop goes on
- * while the disk catches up (an fsync takes tens of milliseconds here, time in which hundreds of
- * replies would otherwise wait); the task waits for it. The thread fsyncs a duplicate of the
- * descriptor (the file may be closed meanwhile) and reports through a pipe the loop watches. */
-struct fsync_op {
-    struct pending pending;
-    struct task *task; /* NULL once cancelled: freed when its thread reports */
-    int fd;
-    int err;
-};
-
-static int fsync_pipe[2] = { -1, -1 };
-static struct event *fsync_event;
-static int fsync_outstanding;
-
-static void *fsync_thread(void *arg)
-{
-    struct fsync_op *op = arg;
-    ssize_t n;
-
-    op->err = fsync(op->fd) == 0 ? 0 : errno;
-    close(op->fd);
-    do
-        n = write(fsync_pipe[1], &op, sizeof(op));
-    while (n < 0 && errno == EINTR);
-    return NULL;
-}
-
-static void fsync_finish(struct fsync_op *op)
-{
-    struct task *t = op->task;
-    lua_State *co;
-    int nret = 1;
-
-    fsync_outstanding--;
-    if (t == NULL) {
-        free(op);
-        return;
-    }
-    co = task_thread(t);
-    if (op->err == 0) {
-        lua_pushboolean(co, 1);
-    } else {
-        lua_pushnil(co);
-        lua_pushfstring(co, "fsync: %s", strerror(op->err));
-        nret = 2;
-    }
-    free(op);
-    task_resume(t, nret);
-}
-
-static void fsync_done_cb(evutil_socket_t fd, short what, void *arg)
-{
-    struct fsync_op *op;
-
-    (void)what;
-    (void)arg;
-    while (read(fd, &op, sizeof(op)) == (ssize_t)sizeof(op))
-        fsync_finish(op);
-}
-
-static void fsync_cancel(struct pending *p)
-{
-    ((struct fsync_op *)p)->task = NULL;
-}
-
-static int fsync_setup(void)
-{
-    if (fsync_event)
-        return 0;
-    if (pipe(fsync_pipe) != 0)
-        return -1;
-    fcntl(fsync_pipe[0], F_SETFL, fcntl(fsync_pipe[0], F_GETFL) | O_NONBLOCK);
-    fcntl(fsync_pipe[0], F_SETFD, FD_CLOEXEC);
-    fcntl(fsync_pipe[1], F_SETFD, FD_CLOEXEC);
-    fsync_event = event_new(g_base, fsync_pipe[0], EV_READ | EV_PERSIST, fsync_done_cb, NULL);
-    if (fsync_event == NULL || event_add(fsync_event, NULL) != 0)
-        return -1;
-    return 0;
-}
-
-/* Waits for the fsyncs still running (at shutdown: their results are on disk before we exit). */
-static void fsync_drain(void)
-{
-    struct fsync_op *op;
-
-    while (fsync_outstanding > 0) {
-        struct pollfd pfd = { fsync_pipe[0], POLLIN, 0 };
-        if (poll(&pfd, 1, -1) < 0 && errno != EINTR)
-            break;
-        while (read(fsync_pipe[0], &op, sizeof(op)) == (ssize_t)sizeof(op))
-            fsync_finish(op);
-    }
-    if (fsync_event)
-        event_free(fsync_event);
-    fsync_event = NULL;
-    if (fsync_pipe[0] >= 0) {
-        close(fsync_pipe[0]);
-        close(fsync_pipe[1]);
-    }
-    fsync_pipe[0] = fsync_pipe[1] = -1;
-}
-
-/* Whether fsync means anything for fd: true for regular files and block devices. Terminals,
- * /dev/null, pipes and sockets hold nothing to flush to a disk (fsync fails on them with EINVAL),
- * so writing results there is not an error. */
-static int has_disk_data(int fd)
-{
-    struct stat st;
-
-    if (fstat(fd, &st) != 0)
-        return 1; /* let fsync report what is wrong */
-    return S_ISREG(st.st_mode) || S_ISBLK(st.st_mode);
-}
-
-static int l_fsync(lua_State *L)
-{
-    luaL_Stream *s = luaL_checkudata(L, 1, LUA_FILEHANDLE);
-    struct task *t = *(struct task **)lua_getextraspace(L);
-    struct fsync_op *op;
-    pthread_t th;
-    pthread_attr_t attr;
-    int started = 0;
-
-    if (s->closef == NULL)
-        return luaL_argerror(L, 1, "attempt to use a closed file");
-    if (fflush(s->f) != 0)
-        goto fail;
-    if (!has_disk_data(fileno(s->f))) {
-        lua_pushboolean(L, 1);
-        return 1;
-    }
-    if (t != NULL && t->co == L && fsync_setup() == 0 && (op = malloc(sizeof(*op))) != NULL) {
-        op->pending.cancel = fsync_cancel;
-        op->task = t;
-        op->err = 0;
-        op->fd = dup(fileno(s->f));
-        if (op->fd >= 0 && pthread_attr_init(&attr) == 0) {
-            pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-            started = pthread_create(&th, &attr, fsync_thread, op) == 0;
-            pthread_attr_destroy(&attr);
-        }
-        if (started) {
-            fsync_outstanding++;
-            lua_settop(L, 0);
-            return task_yield(L, t, &op->pending);
-        }
-        if (op->fd >= 0)
-            close(op->fd);
-        free(op);
-    }
-    /* Outside a task (or without a thread): here and now. */
-    if (fsync(fileno(s->f)) != 0)
-        goto fail;
-    lua_pushboolean(L, 1);
-    return 1;
-fail:
-    lua_pushnil(L);
-    lua_pushfstring(L, "fsync: %s", strerror(errno));
-    return 2;
-}
-
-/* core.truncate(path, size): cuts a file to size bytes (drops a torn tail). Pushes true or nil, err. */
-static int l_truncate(lua_State *L)
-{
-    const char *path = luaL_checkstring(L, 1);
-    lua_Integer size = luaL_checkinteger(L, 2);
-
-    luaL_argcheck(L, size >= 0, 2, "size must be >= 0");
-    if (truncate(path, (off_t)size) != 0) {
-        lua_pushnil(L);
-        lua_pushfstring(L, "truncate: %s: %s", path, strerror(errno));
-        return 2;
-    }
-    lua_pushboolean(L, 1);
-    return 1;
-}
-
-/* ---- core.read: input from pipes and terminals without blocking the loop ------------------- */
-
-struct read_op {
-    struct pending pending;
-    struct event *ev;
-    struct task *task;
-    size_t max;
-};
-
-/* Reads up to max bytes from fd and pushes the outcome on L: the bytes, nil at end of input, or
- * nil and an error. Returns the number of values, or 0 when the read would block. */
-static int push_read(lua_State *L, int fd, size_t max)
-{
-    char *data = malloc(max);
-    ssize_t n;
-
-    if (data == NULL)
-        return luaL_error(L, "out of memory");
-    do {
-        n = read(fd, data, max);
-    } while (n < 0 && errno == EINTR);
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-        free(data);
-        return 0;
-    }
-    if (n < 0) {
-        int err = errno;
-        free(data);
-        lua_pushnil(L);
-        lua_pushfstring(L, "read: %s", strerror(err));
-        return 2;
-    }
-    if (n == 0)
-        lua_pushnil(L);
-    else
-        lua_pushlstring(L, data, (size_t)n);
-    free(data);
-    return 1;
-}
-
-static int still_readable(int fd)
-{
-    struct pollfd pfd;
-    int rc;
-
-    pfd.fd = fd;
-    pfd.events = POLLIN;
-    pfd.revents = 0;
-    do {
-        rc = poll(&pfd, 1, 0);
-    } while (rc < 0 && errno == EINTR);
-    return rc != 0; /* an error is reported by the read itself */
-}
-
-static void read_cancel(struct pending *p)
-{
-    struct read_op *op = (struct read_op *)p;
-    event_free(op->ev);
-    free(op);
-}
-
-static void read_cb(evutil_socket_t fd, short what, void *arg)
-{
-    struct read_op *op = arg;
-    struct task *t = op->task;
-    int nret;
-
-    (void)what;
-    /*
-     * Several tasks may wait on one descriptor, and all are woken together: the first may take what
-     * arrived. Read only if data (or the end) is still there, so that read() cannot block the loop.
-     */
-    nret = still_readable((int)fd) ? push_read(t->co, (int)fd, op->max) : 0;
-    if (nret == 0) {
-        event_add(op->ev, NULL); /* spurious wake-up: wait again */
-        return;
-    }
-    event_free(op->ev);
-    free(op);
-    task_resume(t, nret);
-}
-
-static int l_read(lua_State *L)
-{
-    lua_Integer fd = luaL_checkinteger(L, 1);
-    lua_Integer max = luaL_optinteger(L, 2, 65536);
-    struct stat st;
-    struct task *t;
-    struct read_op *op;
-    int nret;
-
-    luaL_argcheck(L, fd >= 0, 1, "file descriptor expected");
-    luaL_argcheck(L, max > 0, 2, "size must be > 0");
-    if (fstat((int)fd, &st) != 0) {
-        lua_pushnil(L);
-        lua_pushfstring(L, "read: %s", strerror(errno));
-        return 2;
-    }
-    /* Regular files are always "readable": read them at once. */
-    if (S_ISREG(st.st_mode) || S_ISBLK(st.st_mode)) {
-        nret = push_read(L, (int)fd, (size_t)max);
-        if (nret > 0)
-            return nret;
-    }
-    t = task_check(L);
-    op = malloc(sizeof(*op));
-    if (op == NULL)
-        return luaL_error(L, "out of memory");
-    op->pending.cancel = read_cancel;
-    op->task = t;
-    op->max = (size_t)max;
-    op->ev = event_new(g_base, (evutil_socket_t)fd, EV_READ, read_cb, op);
-    if (op->ev == NULL || event_add(op->ev, NULL) != 0) {
-        if (op->ev)
-            event_free(op->ev);
-        free(op);
-        lua_pushnil(L);
-        lua_pushstring(L, "read: cannot watch this file descriptor");
-        return 2;
-    }
-    lua_settop(L, 0);
-    return task_yield(L, t, &op->pending);
-}
-
 /* core.max_instructions([n]) -> the budget before (0: none); sets it to n when given. */
 static int l_max_instructions(lua_State *L)
 {
@@ -1379,12 +1050,6 @@ static int l_max_instructions(lua_State *L)
     return 1;
 }
 
-static int l_pid(lua_State *L)
-{
-    lua_pushinteger(L, (lua_Integer)getpid());
-    return 1;
-}
-
 void core_register_tasks(lua_State *L)
 {
     static const luaL_Reg funcs[] = {
@@ -1394,13 +1059,6 @@ void core_register_tasks(lua_State *L)
         { "wait_signal", l_wait_signal },
         { "now", l_now },
         { "time", l_time },
-        { "getenv", l_getenv },
-        { "isatty", l_isatty },
-        { "fsync", l_fsync },
-        { "truncate", l_truncate },
-        { "read", l_read },
-        { "pid", l_pid },
-        { "term_width", l_term_width },
         { "max_instructions", l_max_instructions },
         { NULL, NULL },
     };
@@ -1517,7 +1175,7 @@ void tasks_shutdown(void)
 {
     vm.enabled = 0; /* a hook still set takes itself off */
     task_cancel_all();
-    fsync_drain();
+    sys_shutdown(); /* fsyncs still running: waited for while the signal handlers are ours */
     vm_shutdown();
     live_tasks = NULL;
     signal_waiters = NULL;
