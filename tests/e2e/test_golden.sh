@@ -74,7 +74,9 @@ batch_case() {
 batch_case engine 0 -m "$MODEL"              # {"id","prompt"} with -m: the engine reads the file
 STDIN=1 batch_case engine-stdin 0 -m "$MODEL" # the same line on standard input
 batch_case model 0                           # {"id","prompt","model"}
+batch_case default-model 0 --config "$GOLDEN/config_default_model.lua" # {"id","prompt"}, the config's default_model
 batch_case openai 0                          # an OpenAI Batch API line (system and user messages, max_tokens)
+batch_case template 0 --config "$GOLDEN/config.lua" # a named model, a template with vars, metadata: per-line policy
 batch_case http-400 1                        # an HTTP error reply, not retried
 batch_case http-500 1 --retries 1            # a 500 after one retry
 batch_case rate-limit-then-success 0         # a 429 (retry-after-ms), then a success
