@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
 # instructions.sh: user-space instructions per request, counted by valgrind's callgrind, for the
-# libcurl driver, the C host alone (tests/bench/core_loop.lua), the least a Lua batch loop can do
-# (tests/bench/lean_loop.lua) and `aigate batch` on three kinds of line: short-form lines (the C
-# engine), lines with a messages array (the model's lane, in Lua) and lines with a system message
-# (the general aigate.chat path).
+# libcurl driver (with the short request and with the OpenAI Batch API line's request), the C host
+# alone (tests/bench/core_loop.lua), the least a Lua batch loop can do (tests/bench/lean_loop.lua)
+# and `aigate batch` on every line shape of run.sh (lib.sh: SHAPES, BENCH_SHAPES picks some).
 # Unlike CPU time these counts do not move between runs, so they show what a change costs or saves.
 # Each figure is the difference between a run of N1 and of N2 requests, divided by N2 - N1, so
 # start-up costs cancel out. Kernel time (the sockets) is not counted. Needs valgrind.
-# Knobs: BENCH_I_N1 (1000), BENCH_I_N2 (5000), BENCH_I_C (64), AIGATE_BIN (./aigate).
+# Knobs: BENCH_I_N1 (1000), BENCH_I_N2 (5000), BENCH_I_C (64), BENCH_SHAPES, AIGATE_BIN (./aigate).
 cd "$(dirname "$0")/../.." || exit 2
 NAME=instructions.sh
 . tests/bench/lib.sh
@@ -20,11 +19,16 @@ require_bins canned_upstream libcurl_driver
 start_upstream 0
 aigate_env
 
-for n in "$N1" "$N2"; do
-    awk -v n="$n" 'BEGIN { for (i = 1; i <= n; i++) printf "{\"id\":\"r%d\",\"prompt\":\"Say hello.\"}\n", i }' > "$TMP/lane$n.jsonl"
-    awk -v n="$n" 'BEGIN { for (i = 1; i <= n; i++) printf "{\"id\":\"r%d\",\"messages\":[{\"role\":\"user\",\"content\":\"Say hello.\"}]}\n", i }' > "$TMP/messages$n.jsonl"
-    awk -v n="$n" 'BEGIN { for (i = 1; i <= n; i++) printf "{\"id\":\"r%d\",\"prompt\":\"Say hello.\",\"system\":\"Be brief.\"}\n", i }' > "$TMP/general$n.jsonl"
+for shape in "${SHAPES[@]}"; do
+    for n in "$N1" "$N2"; do
+        shape_input "$shape" "$n" "$TMP/${shape}$n.jsonl"
+    done
 done
+for n in "$N1" "$N2"; do
+    shape_input engine "$n" "$TMP/lean$n.jsonl"
+done
+shape_body engine "$TMP/body_engine.json"
+shape_body openai "$TMP/body_openai.json"
 
 # count CMD...: instructions of one run (the program's exit status must be 0).
 count() {
@@ -39,23 +43,39 @@ count() {
     echo "$out" | awk '/Collected :/ {print $4}'
 }
 
-# per_request LABEL CMD-WITH-@N: prints one table row.
+# per_request LABEL BASE CMD-WITH-@N...: prints one table row (@N in any argument becomes N1, then N2)
+# with the count above BASE (the driver sending the same request; none when empty); sets PER.
 per_request() {
-    local label=$1
-    shift
-    local a b
-    a=$(count $(echo "$@" | sed "s/@N/$N1/g")) || exit 1
-    b=$(count $(echo "$@" | sed "s/@N/$N2/g")) || exit 1
-    awk -v l="$label" -v a="$a" -v b="$b" -v n=$((N2 - N1)) 'BEGIN { printf "| %-47s | %9.0f |\n", l, (b - a) / n }'
+    local label=$1 base=$2
+    shift 2
+    local a b arg args1=() args2=()
+    for arg in "$@"; do
+        args1+=("${arg//@N/$N1}")
+        args2+=("${arg//@N/$N2}")
+    done
+    a=$(count "${args1[@]}") || exit 1
+    b=$(count "${args2[@]}") || exit 1
+    PER=$(awk -v a="$a" -v b="$b" -v n=$((N2 - N1)) 'BEGIN { printf "%.0f", (b - a) / n }')
+    awk -v l="$label" -v p="$PER" -v base="$base" 'BEGIN {
+        printf "| %-53s | %9d | %13s |\n", l, p, base == "" ? "" : sprintf("%+d", p - base) }'
 }
 
 echo "instructions per request (callgrind, user space), $C in flight, $N2 - $N1 requests"
 echo
-echo "| run                                             | instr/req |"
-echo "|-------------------------------------------------|-----------|"
-per_request "libcurl driver" "$BENCH/libcurl_driver" "$URL" @N "$C"
-per_request "aigate, C host alone (core_loop.lua)" "$AIGATE" run "$BENCH/core_loop.lua" "$URL" @N "$C"
-per_request "aigate, a bare Lua batch loop (lean_loop.lua)" "$AIGATE" run "$BENCH/lean_loop.lua" "$URL" "$TMP/lane@N.jsonl" "$TMP/lean.jsonl" "$C"
-per_request "aigate batch, short-form lines (the engine)" "$AIGATE" batch "$TMP/lane@N.jsonl" -o "$TMP/out.jsonl" -j "$C" -m "$MODEL" -q --overwrite
-per_request "aigate batch, messages lines (the model's lane)" "$AIGATE" batch "$TMP/messages@N.jsonl" -o "$TMP/out.jsonl" -j "$C" -m "$MODEL" -q --overwrite
-per_request "aigate batch, lines through aigate.chat" "$AIGATE" batch "$TMP/general@N.jsonl" -o "$TMP/out.jsonl" -j "$C" -m "$MODEL" -q --overwrite
+echo "| run                                                   | instr/req | above libcurl |"
+echo "|-------------------------------------------------------|-----------|---------------|"
+per_request "libcurl driver, the short request" "" "$BENCH/libcurl_driver" "$URL" @N "$C" "$TMP/body_engine.json"
+SHORT=$PER
+per_request "libcurl driver, the OpenAI Batch API line's request" "" "$BENCH/libcurl_driver" "$URL" @N "$C" \
+    "$TMP/body_openai.json"
+OPENAI=$PER
+per_request "aigate, C host alone (core_loop.lua)" "$SHORT" "$AIGATE" run "$BENCH/core_loop.lua" "$URL" @N "$C"
+per_request "aigate, a bare Lua batch loop (lean_loop.lua)" "$SHORT" "$AIGATE" run "$BENCH/lean_loop.lua" "$URL" \
+    "$TMP/lean@N.jsonl" "$TMP/lean.jsonl" "$C"
+for shape in "${SHAPES[@]}"; do
+    shape_args "$shape"
+    base=$SHORT
+    [ "$shape" = openai ] && base=$OPENAI
+    per_request "aigate batch, $(shape_label "$shape")" "$base" "$AIGATE" batch "$TMP/$shape@N.jsonl" \
+        -o "$TMP/out.jsonl" -j "$C" "${SHAPE_ARGS[@]}" -q --overwrite
+done

@@ -63,3 +63,73 @@ aigate_env() {
     export XDG_CONFIG_HOME="$TMP/xdg"
     unset CLOUDFLARE_GATEWAY_ID CLOUDFLARE_AI_GATEWAY_ID
 }
+
+# ---- the line shapes ---------------------------------------------------------------------------------
+# Every shape of batch line that run.sh and instructions.sh measure, each sending the same request to the
+# upstream as libcurl_driver with the body shape_body writes:
+#   engine   {"id","prompt"} with -m (the C engine today)
+#   model    {"id","prompt","model"}, no -m
+#   default  {"id","prompt"}, no -m: the config's default_model names the model
+#   openai   OpenAI Batch API lines: custom_id, method, url, and a body with model, a system and a user
+#            message and max_tokens; no -m
+#   policy   {"id","model","template","vars"}: a template from the config filled per line (per-line
+#            policy, the general path); the rendered prompt is the engine shape's, so is the request
+# BENCH_SHAPES (default: all of them, in this order) picks some.
+SHAPES=(${BENCH_SHAPES:-engine model default openai policy})
+
+# shape_label SHAPE: the table's name of a shape.
+shape_label() {
+    case "$1" in
+        engine) echo '{"id","prompt"} with -m' ;;
+        model) echo '{"id","prompt","model"}, no -m' ;;
+        default) echo '{"id","prompt"}, default_model, no -m' ;;
+        openai) echo 'OpenAI Batch API lines, no -m' ;;
+        policy) echo '{"id","model","template","vars"}' ;;
+        *) echo "$NAME: unknown shape '$1' (BENCH_SHAPES: engine model default openai policy)" >&2; exit 2 ;;
+    esac
+}
+
+# shape_input SHAPE N FILE: N lines of that shape, ids r1..rN.
+shape_input() {
+    local fmt
+    case "$1" in
+        engine | default) fmt='{"id":"r%d","prompt":"Say hello."}' ;;
+        model) fmt='{"id":"r%d","prompt":"Say hello.","model":"'$MODEL'"}' ;;
+        openai) fmt='{"custom_id":"r%d","method":"POST","url":"/v1/chat/completions","body":{"model":"'$MODEL'",'
+            fmt+='"messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"Say hello."}],'
+            fmt+='"max_tokens":64}}' ;;
+        policy) fmt='{"id":"r%d","model":"'$MODEL'","template":"greet","vars":{"what":"hello"}}' ;;
+        *) shape_label "$1" > /dev/null ;;
+    esac
+    awk -v n="$2" -v fmt="$fmt\n" 'BEGIN { for (i = 1; i <= n; i++) printf fmt, i }' > "$3"
+}
+
+# shape_args SHAPE: sets SHAPE_ARGS, the options of `aigate batch` for that shape (a config file for
+# the shapes that need one, written to $TMP).
+shape_args() {
+    case "$1" in
+        engine) SHAPE_ARGS=(-m "$MODEL") ;;
+        model | openai) SHAPE_ARGS=() ;;
+        default)
+            printf 'return { default_model = "%s" }\n' "$MODEL" > "$TMP/default_model.lua"
+            SHAPE_ARGS=(--config "$TMP/default_model.lua") ;;
+        policy)
+            printf 'return { templates = { greet = "Say {{what}}." } }\n' > "$TMP/templates.lua"
+            SHAPE_ARGS=(--config "$TMP/templates.lua") ;;
+        *) shape_label "$1" > /dev/null ;;
+    esac
+}
+
+# shape_body SHAPE FILE: the request body aigate sends for a line of that shape (the driver's body).
+shape_body() {
+    case "$1" in
+        engine | model | default | policy)
+            printf '{"messages":[{"content":"Say hello.","role":"user"}],"model":"%s"}' "$MODEL" > "$2" ;;
+        openai)
+            printf '{"max_tokens":64,"messages":[{"content":"Be brief.","role":"system"},{"content":"Say hello.","role":"user"}],"model":"%s"}' \
+                "$MODEL" > "$2" ;;
+        *) shape_label "$1" > /dev/null ;;
+    esac
+}
+for _s in "${SHAPES[@]}"; do shape_label "$_s" > /dev/null; done
+unset _s
