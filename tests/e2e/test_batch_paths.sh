@@ -78,6 +78,7 @@ paths "--rpm" short.jsonl "engine 0, aigate.chat 20" -m openai/gpt-4o-mini --rpm
 
 # the engine's requests are the ones aigate.chat sends, byte for byte (the mock logs each body)
 bodies() { lua_on 'local b = {} for i, v in ipairs(lines) do b[i] = v.raw end table.sort(b) return table.concat(b, "\n")' "$1"; }
+: > "$MOCK_LOG"
 "$AIGATE" batch openai.jsonl -o a.jsonl --overwrite -q 2> /dev/null
 bodies "$MOCK_LOG" > engine_bodies.txt
 : > "$MOCK_LOG"
