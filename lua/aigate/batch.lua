@@ -218,7 +218,7 @@ end
 -- in cjson's output a backslash only starts an escape and "/" never stands alone.
 local function enc(v)
   local ok, s = pcall(encode, v)
-  if not ok then return (require("aigate.client").json.encode(v)) or "null" end
+  if not ok then return (require("aigate.json").encode(v)) or "null" end
   if find(s, "\\/", 1, true) then s = s:gsub("\\/", "/") end
   return s
 end
@@ -244,7 +244,7 @@ local function run_prefix()
   return format("%08x", seed & 0xffffffff)
 end
 
-local quote = require("aigate.client").json.quote -- cjson's escaping, "/" left as it is; memoized
+local quote = require("aigate.json").quote -- cjson's escaping, "/" left as it is; memoized
 
 -- JSON text of a string (model ids, providers, steps): the same bytes as enc(v).
 local function jstr(v)
@@ -378,7 +378,7 @@ local function success_raw(res)
   return one_line_json(res.raw_body, true)
 end
 
-local request_id_of = require("aigate.client").request_id
+local request_id_of = require("aigate.errors").request_id
 
 -- JSON of a usage table as the reply gave it: null for a count it did not give, null for no usage.
 local function usage_json(u)
@@ -969,10 +969,10 @@ function State:dry_item(item, prepare)
     self:emit(item, M.error_line(self:next_req_id(), item, err, info), false)
     return
   end
-  local client = require "aigate.client"
+  local secrets = require "aigate.secrets"
   local headers = {}
   for k, v in pairs(req.headers or {}) do
-    headers[k] = req.redact and client.shown_header(k, v, req.redact) or v
+    headers[k] = req.redact and secrets.shown_header(k, v) or v
   end
   local request = { method = req.method, url = req.url, headers = headers, body = req.body_table }
   self:count_outcome("rendered")

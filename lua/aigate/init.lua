@@ -7,12 +7,14 @@
 -- JSON helpers and the warning hook. Caller mistakes raise with the option's
 -- name; operational failures return `nil, message, info`. The routing policy
 -- (routes, fallbacks, breakers, limits, hooks, templates) runs in aigate.policy
--- with the combinators of aigate.route. Request building lives in
--- aigate.client, providers in aigate.provider, error explanations in
+-- with the combinators of aigate.route. Options and request building live in
+-- aigate.request, sending and reading replies in aigate.client, JSON in
+-- aigate.json, providers in aigate.provider, error explanations in
 -- aigate.errors, config loading in aigate.config.
 
 local core = require("aigate.core")
-local client = require("aigate.client")
+local json = require("aigate.json")
+local request = require("aigate.request")
 local config = require("aigate.config")
 local provider = require("aigate.provider")
 local errors = require("aigate.errors")
@@ -25,7 +27,7 @@ local secrets = require("aigate.secrets")
 local M = {}
 
 M.version = core.version or "0.1.0"
-M.json = client.json
+M.json = json
 M.provider = provider
 M.errors = errors
 M.config_module = config
@@ -174,7 +176,7 @@ local policy_context = context
 -- target), without sending it. Returns {method, url, headers (redacted), body (table), body_table,
 -- body_text, model, provider, route, targets} or nil, message, info.
 function M.prepare(opts)
-  client.check_options(opts, 1)
+  request.check_options(opts, 1)
   caller_credentials(opts)
   local cfg, err = config_of(opts, 3)
   if cfg == nil then
@@ -196,7 +198,7 @@ end
 --- Sends one chat completion through the routing policy (templates, hooks, routes, breakers,
 -- limits). Returns result or nil, message, info (see README).
 function M.chat(opts)
-  client.check_options(opts, 1)
+  request.check_options(opts, 1)
   caller_credentials(opts)
   local cfg, err = config_of(opts, 3)
   if cfg == nil then

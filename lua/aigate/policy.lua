@@ -11,6 +11,10 @@
 
 local core = require("aigate.core")
 local client = require("aigate.client")
+local request = require("aigate.request")
+local json = require("aigate.json")
+local secrets = require("aigate.secrets")
+local errors = require("aigate.errors")
 local provider = require("aigate.provider")
 local route = require("aigate.route")
 local template = require("aigate.template")
@@ -557,7 +561,7 @@ function EXEC.target(node, st)
     att.error = terr
     return failure(terr, { kind = "config" })
   end
-  local okp, req, perr, pinfo = pcall(client.prepare, o, st.cfg, st.context)
+  local okp, req, perr, pinfo = pcall(request.prepare, o, st.cfg, st.context)
   if not okp then
     att.error = first_line(req)
     return failure(string.format("route %s: %s", st.name, tostring(req)), { kind = "config" })
@@ -792,7 +796,7 @@ local function start(opts, cfg, context, dry_run)
     return nil, failure(terr, { kind = "config" }), st
   end
   if o ~= opts then
-    local ok, err = pcall(client.check_options, o, 1)
+    local ok, err = pcall(request.check_options, o, 1)
     if not ok then
       error(tostring(err):gsub("^aigate%.chat: ", "aigate.chat: with template '" .. tostring(opts.template) .. "': "), 0)
     end
@@ -804,7 +808,7 @@ local function start(opts, cfg, context, dry_run)
     return nil, fail, st
   end
   if req ~= st.req then
-    local ok, err = pcall(client.check_options, req, 1)
+    local ok, err = pcall(request.check_options, req, 1)
     if not ok then
       return nil, failure("before_request hook returned bad options: " .. tostring(err), { kind = "policy", reason = "hook" }), st
     end
@@ -899,18 +903,18 @@ function M.lane(model, cfg, context)
   if (cfg.routes or {})[provider.trim(model)] ~= nil then
     return nil, "a route"
   end
-  local ok, req = pcall(client.prepare, { model = model, messages = SENTINEL }, cfg, context)
+  local ok, req = pcall(request.prepare, { model = model, messages = SENTINEL }, cfg, context)
   if not ok or req == nil then
     return nil, "cannot prepare"
   end
-  local mj = client.messages_json(SENTINEL)
+  local mj = json.messages_json(SENTINEL)
   local at = string.find(req.body, mj, 1, true)
   if at == nil or string.find(req.body, mj, at + 1, true) then
     return nil, "body"
   end
   local prefix, suffix = string.sub(req.body, 1, at - 1), string.sub(req.body, at + #mj)
-  local ok2, req2 = pcall(client.prepare, { model = model, messages = SENTINEL2 }, cfg, context)
-  if not ok2 or req2 == nil or req2.body ~= prefix .. client.messages_json(SENTINEL2) .. suffix then
+  local ok2, req2 = pcall(request.prepare, { model = model, messages = SENTINEL2 }, cfg, context)
+  if not ok2 or req2 == nil or req2.body ~= prefix .. json.messages_json(SENTINEL2) .. suffix then
     return nil, "body"
   end
   req.body, req.body_table = nil, nil
@@ -933,7 +937,7 @@ function Lane.messages_json(_, list)
       return nil
     end
   end
-  return client.messages_json(list, true)
+  return json.messages_json(list, true)
 end
 
 --- Sends one request with messages (JSON text from Lane:messages_json): the same outcome as
@@ -992,7 +996,7 @@ function Lane:engine_spec()
   return {
     url = req.url, headers = req.headers, prefix = self.prefix, suffix = self.suffix, name = self.name,
     model = req.model, provider = req.provider, breaker_key = guarded and key or nil, upstream = key,
-    request_id_headers = client.REQUEST_ID_HEADERS,
+    request_id_headers = errors.REQUEST_ID_HEADERS,
     timeouts = req.timeouts or {}, ca_file = req.ca_file, ca_path = req.ca_path, max_size = req.max_size,
   }
 end
@@ -1104,13 +1108,13 @@ function M.prepare(opts, cfg, context)
   if o == nil then
     return nil, terr, { kind = "config" }
   end
-  local req, err, info = client.prepare(o, cfg, context)
+  local req, err, info = request.prepare(o, cfg, context)
   if req == nil then
     return nil, err, info
   end
   local headers = {}
   for k, v in pairs(req.headers) do
-    headers[k] = client.shown_header(k, v, req.redact)
+    headers[k] = secrets.shown_header(k, v)
   end
   return {
     method = req.method,
