@@ -505,9 +505,10 @@ local function no_warn() end
 -- cfg: the loaded config; ctx: {getenv = fn, warn = fn(msg), version = "x.y.z"}.
 -- ctx.cacert: a file of CA certificates over the config's and the environment's (--cacert).
 -- Raises on caller mistakes. Returns req or nil, message, info (kind "config").
--- req: {url, method, headers, body (JSON text), body_table, model, provider, gateway,
---       stream (function or nil), timeouts (each one set: the request's, else the config's, else
---       DEFAULT_TIMEOUTS), ca_file, ca_path, verbose, redact, secrets, auth}
+-- req: {url, method, headers, body (JSON text), body_table, model, model_name, provider, gateway,
+--       system_messages (the rule applied), stream (function or nil), timeouts (each one set: the
+--       request's, else the config's, else DEFAULT_TIMEOUTS), ca_file, ca_path, max_size, verbose,
+--       redact, secrets, auth}
 function M.prepare(opts, cfg, ctx)
   M.check_options(opts, 1)
   ctx = ctx or {}
@@ -532,7 +533,8 @@ function M.prepare(opts, cfg, ctx)
 
   -- One pass over the options: body fields, and whether gateway options or headers are set.
   local stream = opts.stream
-  local body = { model = m.id, messages = shape_messages(build_messages(opts), opts.system_messages or e.mode or "keep") }
+  local mode = opts.system_messages or e.mode or "keep"
+  local body = { model = m.id, messages = shape_messages(build_messages(opts), mode) }
   local params = e.params
   for i = 1, #params, 2 do
     body[params[i]] = params[i + 1]
@@ -626,6 +628,7 @@ function M.prepare(opts, cfg, ctx)
     token_env = e.token_env,
     stream = stream,
     verbose = opts.verbose,
+    system_messages = mode,
     timeouts = {
       timeout = opts.timeout or base.timeout,
       connect_timeout = opts.connect_timeout or base.connect_timeout,
