@@ -13,6 +13,8 @@
 -- its table is seen.
 
 local provider = require("aigate.provider")
+local check = require("aigate.check")
+local request = require("aigate.request")
 local route = require("aigate.route")
 local template = require("aigate.template")
 
@@ -20,206 +22,8 @@ local util = require("aigate.util")
 local secrets = require("aigate.secrets")
 local M = {}
 
--- Value checkers: return true, or nil and what the value must be.
-local check = {}
-
-function check.string(v)
-  if type(v) ~= "string" then
-    return nil, "must be a string"
-  end
-  return true
-end
-
-function check.number(v)
-  if type(v) ~= "number" then
-    return nil, "must be a number"
-  end
-  return true
-end
-
-function check.integer(v)
-  if not util.is_integer(v) then
-    return nil, "must be an integer"
-  end
-  return true
-end
-
-function check.boolean(v)
-  if type(v) ~= "boolean" then
-    return nil, "must be true or false"
-  end
-  return true
-end
-
-function check.table(v)
-  if type(v) ~= "table" then
-    return nil, "must be a table"
-  end
-  return true
-end
-
-function check.func(v)
-  if type(v) ~= "function" then
-    return nil, "must be a function"
-  end
-  return true
-end
-
-function check.nonnegative(v)
-  if type(v) ~= "number" or v ~= v or v < 0 or v == math.huge then
-    return nil, "must be a number >= 0"
-  end
-  return true
-end
-
-function check.positive(v)
-  if type(v) ~= "number" or v ~= v or v <= 0 or v == math.huge then
-    return nil, "must be a positive number"
-  end
-  return true
-end
-
-function check.count(v)
-  if not check.integer(v) or v < 1 then
-    return nil, "must be a whole number >= 1"
-  end
-  return true
-end
-
-function check.whole(v)
-  if not check.integer(v) or v < 0 then
-    return nil, "must be a whole number >= 0"
-  end
-  return true
-end
-
-function check.fraction(v)
-  if type(v) ~= "number" or v ~= v or v <= 0 or v > 1 then
-    return nil, "must be a number above 0 and at most 1"
-  end
-  return true
-end
-
-function check.string_or_table(v)
-  if type(v) ~= "string" and type(v) ~= "table" then
-    return nil, "must be a string or a table"
-  end
-  return true
-end
-
-function check.stop(v)
-  if type(v) == "string" then
-    return true
-  end
-  if type(v) ~= "table" then
-    return nil, "must be a string or an array of strings"
-  end
-  for _, s in pairs(v) do
-    if type(s) ~= "string" then
-      return nil, "must be a string or an array of strings"
-    end
-  end
-  return true
-end
-
-function check.headers(v)
-  if type(v) ~= "table" then
-    return nil, "must be a table of header name = value"
-  end
-  for k, s in pairs(v) do
-    if type(k) ~= "string" or not k:match("^[%w!#$%%&'*+%-.^_`|~]+$") then
-      return nil, string.format("has a bad header name %s", type(k) == "string" and ("'" .. k .. "'") or tostring(k))
-    end
-    if type(s) ~= "string" and type(s) ~= "number" then
-      return nil, string.format("header '%s' must have a string value", k)
-    end
-    if tostring(s):find("[\r\n]") then
-      return nil, string.format("header '%s' has a line break in its value", k)
-    end
-  end
-  return true
-end
-
-function check.env_name(v)
-  if type(v) ~= "string" or not v:match("^[A-Za-z_][A-Za-z0-9_]*$") then
-    return nil, "must be an environment variable name (letters, digits, _)"
-  end
-  return true
-end
-
-function check.url(v)
-  if type(v) ~= "string" or not v:match("^https?://[^/]") then
-    return nil, "must be a URL starting with http:// or https://"
-  end
-  return true
-end
-
-function check.account_id(v)
-  if type(v) ~= "string" or not v:match("^[A-Za-z0-9_%-]+$") then
-    return nil, "must contain only letters, digits, '-' and '_'"
-  end
-  return true
-end
-
-local file_kind = util.file_kind
-
-function check.ca_file(v)
-  if type(v) ~= "string" or v == "" then
-    return nil, "must be the path of a file of CA certificates (PEM)"
-  end
-  local kind, err = file_kind(v)
-  if kind == nil then
-    return nil, string.format("cannot read the CA file: %s", err)
-  end
-  if kind ~= "file" then
-    return nil, string.format("'%s' is a directory: ca_file is a file of CA certificates (use ca_path for a directory)", v)
-  end
-  return true
-end
-
-function check.ca_path(v)
-  if type(v) ~= "string" or v == "" then
-    return nil, "must be the path of a directory of CA certificates"
-  end
-  local kind, err = file_kind(v)
-  if kind == nil then
-    return nil, string.format("cannot read the CA directory: %s", err)
-  end
-  if kind ~= "directory" then
-    return nil, string.format("'%s' is not a directory: ca_path is a directory of CA certificates (use ca_file for a file)", v)
-  end
-  return true
-end
-
-function check.gateway_id(v)
-  local ok, err = check.account_id(v)
-  if not ok then
-    return nil, err
-  end
-  if #v > provider.MAX_GATEWAY_ID then
-    return nil, string.format("must be at most %d characters", provider.MAX_GATEWAY_ID)
-  end
-  return true
-end
-
-local function enum(...)
-  local names = { ... }
-  local set = {}
-  for _, n in ipairs(names) do
-    set[n] = true
-  end
-  return function(v)
-    if not set[v] then
-      return nil, "must be one of " .. table.concat(names, ", "):gsub("([^, ]+)", '"%1"')
-    end
-    return true
-  end
-end
-
-M.check = check
-M.SYSTEM_MESSAGES = { "merge", "hoist", "keep" }
-
--- The schema: for each section, key -> checker. Other modules may extend it.
+-- The schema: for each section, key -> check (aigate.check), or the name of the Validator method
+-- that checks a section of its own. Other modules may extend it.
 M.schema = {
   top = {
     gateway = "gateway",
@@ -257,7 +61,7 @@ M.schema = {
   },
   breaker = {
     failures = check.count,
-    failure_rate = check.fraction,
+    failure_rate = check.rate,
     min_requests = check.count,
     window = check.positive,
     cooldown = check.positive,
@@ -267,60 +71,36 @@ M.schema = {
     budget = check.positive,
     delay = check.nonnegative,
     max_backoff = check.nonnegative,
-    rate_limits = enum("count", "wait"),
+    rate_limits = check.one_of("count", "wait"),
     max_attempts = check.count,
     max_delay = check.nonnegative,
     max_retry_after = check.nonnegative,
   },
   gateway = {
-    account_id = check.account_id,
-    gateway_id = check.gateway_id,
+    account_id = check.id_segment(),
+    gateway_id = check.id_segment(provider.MAX_GATEWAY_ID),
     base_url = check.url,
-    auth = enum("bearer", "cf-aig"),
+    auth = check.one_of("bearer", "cf-aig"),
     token_env = check.env_name,
     provider_key_env = check.env_name,
     headers = check.headers,
-    system_messages = enum("merge", "hoist", "keep"),
+    system_messages = request.MODEL_META.system_messages,
   },
-  model = {
-    model = check.string,
-    provider = check.string,
-    description = check.string,
-    headers = check.headers,
-    extra_body = check.table,
-    system_messages = enum("merge", "hoist", "keep"),
-    temperature = check.number,
-    max_tokens = check.integer,
-    max_completion_tokens = check.integer,
-    top_p = check.number,
-    top_k = check.integer,
-    min_p = check.number,
-    frequency_penalty = check.number,
-    presence_penalty = check.number,
-    repetition_penalty = check.number,
-    seed = check.integer,
-    stop = check.stop,
-    n = check.integer,
-    user = check.string,
-    logit_bias = check.table,
-    logprobs = check.boolean,
-    top_logprobs = check.integer,
-    response_format = check.table,
-    tools = check.table,
-    tool_choice = check.string_or_table,
-    parallel_tool_calls = check.boolean,
-    reasoning_effort = check.string,
-  },
+  -- a named model: what it is (request.MODEL_META), then the chat parameters (request.BODY_PARAMS)
+  model = {},
   provider = {
     base_url = check.url,
     token_env = check.env_name,
     headers = check.headers,
-    system_messages = enum("merge", "hoist", "keep"),
+    system_messages = request.MODEL_META.system_messages,
   },
 }
-
--- Keys of a model entry that are not request-body parameters.
-M.MODEL_META = { model = true, provider = true, description = true, headers = true, extra_body = true, system_messages = true }
+for k, fn in pairs(request.MODEL_META) do
+  M.schema.model[k] = fn
+end
+for k, fn in pairs(request.BODY_PARAMS) do
+  M.schema.model[k] = fn
+end
 
 -- Locating keys in the file text ------------------------------------------------
 
@@ -430,9 +210,9 @@ function Validator:section(t, schema, path)
     elseif type(checker) == "string" then
       self[checker](self, t[key], kpath)
     else
-      local ok, err = checker(t[key])
-      if not ok then
-        self:fail(kpath, err)
+      local msg, _, part = checker(t[key])
+      if msg then
+        self:fail(kpath, check.text(nil, msg, nil, part))
       end
     end
   end

@@ -2,17 +2,20 @@
 --
 -- `aigate.chat(opts)` sends one chat completion through Cloudflare AI Gateway
 -- (or another OpenAI-compatible provider) and returns a result table, or
--- `nil, message, info`. The rest are thin wrappers over the C primitives in
+-- `nil, message, info`; `aigate.chat_with_reply(opts, handed)` does the same for a
+-- request whose first attempt someone else already sent (the batch engine). The rest are thin wrappers over the C primitives in
 -- aigate.core (tasks, time, environment), the config (`configure`, `config`),
 -- JSON helpers and the warning hook. Caller mistakes raise with the option's
 -- name; operational failures return `nil, message, info`. The routing policy
 -- (routes, fallbacks, breakers, limits, hooks, templates) runs in aigate.policy
--- with the combinators of aigate.route. Request building lives in
--- aigate.client, providers in aigate.provider, error explanations in
+-- with the combinators of aigate.route. Options and request building live in
+-- aigate.request, sending and reading replies in aigate.client, JSON in
+-- aigate.json, providers in aigate.provider, error explanations in
 -- aigate.errors, config loading in aigate.config.
 
 local core = require("aigate.core")
-local client = require("aigate.client")
+local json = require("aigate.json")
+local request = require("aigate.request")
 local config = require("aigate.config")
 local provider = require("aigate.provider")
 local errors = require("aigate.errors")
@@ -25,7 +28,7 @@ local secrets = require("aigate.secrets")
 local M = {}
 
 M.version = core.version or "0.1.0"
-M.json = client.json
+M.json = json
 M.provider = provider
 M.errors = errors
 M.config_module = config
@@ -170,11 +173,15 @@ end
 
 local policy_context = context
 
+--- The context the policy runs requests with (getenv, warn, version, redact, cacert): for the batch
+-- engine's rendering (aigate.batch.engine), which runs policy.render itself.
+M.policy_context = context
+
 --- Renders the request the policy would send first (template applied, route resolved to its first
 -- target), without sending it. Returns {method, url, headers (redacted), body (table), body_table,
 -- body_text, model, provider, route, targets} or nil, message, info.
 function M.prepare(opts)
-  client.check_options(opts, 1)
+  request.check_options(opts, 1)
   caller_credentials(opts)
   local cfg, err = config_of(opts, 3)
   if cfg == nil then
@@ -196,13 +203,56 @@ end
 --- Sends one chat completion through the routing policy (templates, hooks, routes, breakers,
 -- limits). Returns result or nil, message, info (see README).
 function M.chat(opts)
-  client.check_options(opts, 1)
+  request.check_options(opts, 1)
   caller_credentials(opts)
   local cfg, err = config_of(opts, 3)
   if cfg == nil then
     return nil, redact(err), { kind = "config", attempts = {} }
   end
   return redacted_failure(policy.chat(opts, cfg, policy_context()))
+end
+
+-- Raises when `handed` is not a reply as chat_with_reply takes it.
+local function check_handed(handed)
+  local function bad(what)
+    error("aigate.chat_with_reply: " .. what, 4)
+  end
+  if type(handed) ~= "table" then
+    bad(string.format("expected a reply table {started, latency, res | err} (got %s)", type(handed)))
+  end
+  for _, k in ipairs({ "started", "latency" }) do
+    if handed[k] ~= nil and type(handed[k]) ~= "number" then
+      bad(string.format("'%s' must be a number of seconds (got %s)", k, type(handed[k])))
+    end
+  end
+  local res = handed.res
+  if res == nil then
+    if type(handed.err) ~= "string" then
+      bad("needs 'res' (the reply: {status, headers, body}) or 'err' (the transport error)")
+    end
+  elseif type(res) ~= "table" or math.type(res.status) ~= "integer" or type(res.body) ~= "string"
+      or (res.headers ~= nil and type(res.headers) ~= "table") then
+    bad("'res' must be a reply as core.request returns it: {status = integer, headers = table, body = string}")
+  end
+end
+
+--- aigate.chat for a request whose first attempt was already sent (by the batch engine): handed =
+-- {started = core.now() when it was sent, latency = seconds, res = {status, headers, body} | nil,
+-- err = the transport error when res is nil} is taken as that attempt's outcome, then the policy
+-- goes on as aigate.chat would (retries, fallbacks). The same checks, config and redaction as
+-- aigate.chat; not with opts.stream. Returns result or nil, message, info.
+function M.chat_with_reply(opts, handed)
+  request.check_options(opts, 1)
+  check_handed(handed)
+  if opts.stream ~= nil then
+    error("aigate.chat_with_reply: option 'stream' cannot be used: the reply is already there, whole", 2)
+  end
+  caller_credentials(opts)
+  local cfg, err = config_of(opts, 3)
+  if cfg == nil then
+    return nil, redact(err), { kind = "config", attempts = {} }
+  end
+  return redacted_failure(policy.chat(opts, cfg, policy_context(), handed))
 end
 
 -- Tasks, time and environment: the C primitives, with the argument checks done here so that a

@@ -9,7 +9,7 @@
 -- environment variable. Pure functions: the environment is read through a
 -- `getenv` function passed in, so tests can feed a table; the one effect is
 -- that `target` tells aigate.secrets every secret it meets (tokens, values
--- from ${VAR}, credential headers). Used by aigate.client; the CLI uses
+-- from ${VAR}, credential headers). Used by aigate.request; the CLI uses
 -- `names`, `expand` and `resolve_model`.
 
 local util = require("aigate.util")

@@ -9,7 +9,8 @@
 -- cycles, `aigate routes` prints them with `describe`.
 
 local provider = require("aigate.provider")
-local client = require("aigate.client")
+local check = require("aigate.check")
+local request = require("aigate.request")
 
 local util = require("aigate.util")
 local M = {}
@@ -18,31 +19,37 @@ local Node = { __name = "aigate.route" }
 Node.__index = Node
 M.Node = Node
 
-M.BACKOFFS = { constant = true, linear = true, exponential = true }
-M.TECHNIQUES = { sliding = true, fixed = true }
-M.SYSTEM_MESSAGES = { merge = true, hoist = true, keep = true }
+M.BACKOFFS = { "constant", "linear", "exponential" }
+M.TECHNIQUES = { "sliding", "fixed" }
 
 -- Classes of failure that `on = {...}` may name, next to status codes.
-M.ON_CLASSES = { transport = true, timeout = true, response = true, ["4xx"] = true, ["5xx"] = true, policy = true }
+M.ON_CLASSES = { "4xx", "5xx", "transport", "timeout", "response", "policy" }
 
--- Keys of a target table that are not request parameters.
+-- Keys of a target table that are not request parameters, with their checks.
 M.TARGET_OPTIONS = {
-  timeout = "positive",
-  first_byte_timeout = "positive",
-  stall_timeout = "positive",
-  connect_timeout = "positive",
-  prepend = "messages",
-  append = "messages",
-  system_messages = "system_messages",
-  breaker = "boolean",
+  timeout = check.positive,
+  first_byte_timeout = check.positive,
+  stall_timeout = check.positive,
+  connect_timeout = check.positive,
+  prepend = check.messages,
+  append = check.messages,
+  system_messages = check.one_of(table.unpack(request.SYSTEM_MESSAGES)),
+  breaker = check.boolean,
 }
--- Request parameters a target may override (checked like aigate.chat options).
-M.TARGET_PARAMS = {
-  "temperature", "max_tokens", "top_p", "frequency_penalty", "presence_penalty", "seed", "stop",
-  "response_format", "tools", "tool_choice", "extra_body", "headers", "provider", "json",
-  "cache_ttl", "skip_cache", "cache_key", "request_timeout", "max_attempts", "retry_delay", "backoff",
-  "byok_alias", "zdr", "collect_log", "collect_log_payload",
-}
+-- Request parameters a target may override, checked like aigate.chat options: the chat parameters,
+-- the gateway options, and these.
+M.TARGET_PARAMS = { "extra_body", "headers", "provider", "json" }
+for _, k in ipairs(util.sorted_keys(request.BODY_PARAMS)) do
+  M.TARGET_PARAMS[#M.TARGET_PARAMS + 1] = k
+end
+for _, k in ipairs(util.sorted_keys(request.GATEWAY_HEADERS)) do
+  M.TARGET_PARAMS[#M.TARGET_PARAMS + 1] = k
+end
+
+-- The checks of the combinators' options.
+local ON = check.status_classes(M.ON_CLASSES)
+local BACKOFF = check.one_of(table.unpack(M.BACKOFFS))
+local TECHNIQUE = check.one_of(table.unpack(M.TECHNIQUES))
 
 -- Problems --------------------------------------------------------------------------------------
 
@@ -105,107 +112,26 @@ local function unknown_option(loc, what, key, valid)
   problem(loc, what, msg)
 end
 
--- Value checks: return nil when fine, else what the value must be.
-local VALUE = {}
-function VALUE.positive(v)
-  if type(v) ~= "number" or v ~= v or v <= 0 or v == math.huge then
-    return "must be a positive number of seconds"
-  end
-end
-function VALUE.nonnegative(v)
-  if type(v) ~= "number" or v ~= v or v < 0 or v == math.huge then
-    return "must be a number >= 0"
-  end
-end
-function VALUE.count(v)
-  if not util.is_integer(v) or v < 1 then
-    return "must be a whole number >= 1"
-  end
-end
-function VALUE.integer(v)
-  if not util.is_integer(v) then
-    return "must be an integer"
-  end
-end
-function VALUE.fraction(v)
-  if type(v) ~= "number" or v < 0 or v > 1 then
-    return "must be a number between 0 and 1"
-  end
-end
-function VALUE.boolean(v)
-  if type(v) ~= "boolean" then
-    return "must be true or false"
-  end
-end
-function VALUE.string(v)
-  if type(v) ~= "string" or v == "" then
-    return "must be a non-empty string"
-  end
-end
-function VALUE.backoff(v)
-  if not M.BACKOFFS[v] then
-    return 'must be "constant", "linear" or "exponential"'
-  end
-end
-function VALUE.technique(v)
-  if not M.TECHNIQUES[v] then
-    return 'must be "sliding" or "fixed"'
-  end
-end
-function VALUE.system_messages(v)
-  if not M.SYSTEM_MESSAGES[v] then
-    return 'must be "merge", "hoist" or "keep"'
-  end
-end
-function VALUE.messages(v)
-  if type(v) ~= "table" then
-    return "must be an array of {role =, content =} messages"
-  end
-  for i, m in ipairs(v) do
-    if type(m) ~= "table" or type(m.role) ~= "string" or (type(m.content) ~= "string" and type(m.content) ~= "table") then
-      return string.format("message %d must be a table {role = \"...\", content = \"...\"}", i)
-    end
-  end
-end
-function VALUE.on(v)
-  if type(v) ~= "table" then
-    return 'must be an array of status codes and classes ("4xx", "5xx", "transport", "timeout", "response", "policy")'
-  end
-  for _, x in ipairs(v) do
-    local code = type(x) == "number" and math.tointeger(x)
-    if code then
-      if code < 100 or code > 599 then
-        return string.format("has a bad status code %d", code)
-      end
-    elseif not M.ON_CLASSES[x] then
-      local near = type(x) == "string" and provider.nearest(x, sorted_keys(M.ON_CLASSES))
-      return string.format("has an unknown entry '%s'%s", tostring(x), near and (" (did you mean '" .. near .. "'?)") or "")
-    end
-  end
-end
-function VALUE.path(v)
-  if type(v) ~= "string" or not v:match("^[%a_][%w_]*%.?[%w_.%-]*$") then
-    return 'must be a field path such as "metadata.user_id"'
-  end
-end
-
--- Checks opts[key] for each key of `spec` (key -> VALUE name); unknown keys are problems.
--- `skip` marks keys handled by the caller (positional entries, branches).
-local function check_options(loc, what, opts, spec, skip)
+-- Checks opts[key] for each key of `spec` (key -> check); unknown keys are problems. `skip` marks
+-- keys handled by the caller (positional entries, branches). label: what an option is called.
+local function check_options(loc, what, opts, spec, skip, label)
+  local ok = true
   for _, key in ipairs(sorted_keys(opts)) do
     if not (skip and skip(key)) then
-      local kind = spec[key]
-      if kind == nil then
+      local fn = spec[key]
+      if fn == nil then
         unknown_option(loc, what, key, spec)
+        ok = false
       else
-        local err = VALUE[kind](opts[key])
+        local err = check.run(fn, string.format("%s '%s'", label or "option", key), opts[key])
         if err then
-          local got = type(opts[key]) == "table" and "" or string.format(" (got %s)", tostring(opts[key]))
-          problem(loc, what, string.format("option '%s' %s%s", key, err, got))
+          problem(loc, what, err)
+          ok = false
         end
       end
     end
   end
+  return ok
 end
 
 -- Targets and values ----------------------------------------------------------------------------
@@ -221,9 +147,23 @@ function M.is_node(v)
   return getmetatable(v) == Node
 end
 
+-- What a target table may set: its own options (TARGET_OPTIONS), then the request parameters
+-- (TARGET_PARAMS, checked as aigate.chat options).
+local TARGET_KEYS = {}
+for k, fn in pairs(request.OPTIONS) do
+  TARGET_KEYS[k] = fn
+end
 local PARAM_SET = {}
 for _, k in ipairs(M.TARGET_PARAMS) do
   PARAM_SET[k] = true
+end
+for k in pairs(TARGET_KEYS) do
+  if not PARAM_SET[k] then
+    TARGET_KEYS[k] = nil
+  end
+end
+for k, fn in pairs(M.TARGET_OPTIONS) do
+  TARGET_KEYS[k] = fn
 end
 
 -- A target table { "id", timeout = ..., temperature = ... } -> target node.
@@ -234,35 +174,16 @@ local function target_table(t, loc, what)
     node.id = tostring(t[1])
     node.bad = true
   end
-  local valid = {}
-  for k in pairs(M.TARGET_OPTIONS) do
-    valid[k] = true
+  if not check_options(loc, what, t, TARGET_KEYS, function(k)
+    return k == 1
+  end, "target option") then
+    node.bad = true
   end
-  for k in pairs(PARAM_SET) do
-    valid[k] = true
-  end
-  for _, key in ipairs(sorted_keys(t)) do
-    if key ~= 1 then
-      local v = t[key]
-      local kind = M.TARGET_OPTIONS[key]
-      if kind then
-        local err = VALUE[kind](v)
-        if err then
-          problem(loc, what, string.format("target option '%s' %s (got %s)", key, err, tostring(v)))
-          node.bad = true
-        end
-        node.opts[key] = v
-      elseif PARAM_SET[key] then
-        local ok, err = pcall(client.OPTIONS[key], key, v)
-        if not ok then
-          problem(loc, what, "target " .. tostring(err):gsub("^aigate%.chat: ", ""))
-          node.bad = true
-        end
-        node.params[key] = v
-      else
-        unknown_option(loc, what, key, valid)
-        node.bad = true
-      end
+  for k, v in pairs(t) do
+    if M.TARGET_OPTIONS[k] then
+      node.opts[k] = v
+    elseif PARAM_SET[k] then
+      node.params[k] = v
     end
   end
   return node
@@ -317,7 +238,7 @@ function M.fallback(spec)
     node.bad = true
     return node
   end
-  check_options(loc, what, spec, { on = "on" }, function(k)
+  check_options(loc, what, spec, { on = ON }, function(k)
     return math.type(k) == "integer"
   end)
   node.on = spec.on
@@ -342,8 +263,8 @@ function M.retry(spec)
     return node
   end
   check_options(loc, what, spec, {
-    attempts = "count", backoff = "backoff", delay = "nonnegative", max_delay = "nonnegative",
-    jitter = "fraction", seed = "integer", on = "on", max_retry_after = "nonnegative",
+    attempts = check.count, backoff = BACKOFF, delay = check.nonnegative, max_delay = check.nonnegative,
+    jitter = check.fraction, seed = check.integer, on = ON, max_retry_after = check.nonnegative,
   }, function(k)
     return math.type(k) == "integer"
   end)
@@ -385,9 +306,9 @@ function M.split(spec)
     return node
   end
   if spec.seed ~= nil then
-    local err = VALUE.integer(spec.seed)
+    local err = check.run(check.integer, "option 'seed'", spec.seed)
     if err then
-      problem(loc, what, "option 'seed' " .. err)
+      problem(loc, what, err)
     end
     node.seed = spec.seed
     node.rng = M.rng(spec.seed)
@@ -523,9 +444,9 @@ local function check_condition(cond, depth)
       return string.format("unknown operator '%s' at the top of a condition%s", tostring(key),
         near and " (operators go inside a field: {[\"metadata.plan\"] = {[\"" .. near .. "\"] = ...}})" or "")
     else
-      local err = VALUE.path(key)
+      local err = check.run(check.field_path, string.format("field '%s'", key), key)
       if err then
-        return string.format("field '%s' %s", key, err)
+        return err
       end
       if type(value) == "table" then
         for op, operand in pairs(value) do
@@ -642,7 +563,8 @@ function M.limit(spec)
     return node
   end
   check_options(loc, what, spec, {
-    key = "path", count = "count", cost = "positive", per = "positive", technique = "technique", fallback = "any",
+    key = check.field_path, count = check.count, cost = check.positive, per = check.positive, technique = TECHNIQUE,
+    fallback = check.any,
   }, function(k)
     return math.type(k) == "integer" or k == "fallback"
   end)
@@ -671,7 +593,6 @@ function M.limit(spec)
   node.technique = spec.technique or "sliding"
   return node
 end
-VALUE.any = function() end
 
 --- decorate{target, prepend = {messages}, append = {messages}, system_messages = "merge"|"hoist"|"keep"}
 function M.decorate(spec)
@@ -681,7 +602,8 @@ function M.decorate(spec)
     node.bad = true
     return node
   end
-  check_options(loc, what, spec, { prepend = "messages", append = "messages", system_messages = "system_messages" },
+  check_options(loc, what, spec, { prepend = check.messages, append = check.messages,
+    system_messages = M.TARGET_OPTIONS.system_messages },
     function(k)
       return math.type(k) == "integer"
     end)

@@ -9,7 +9,9 @@
 -- message text with `opts.vars`; a missing variable is an error that lists every missing name.
 -- Used by aigate.policy (aigate.chat, aigate.prepare) and checked by aigate.config.
 
-local client = require("aigate.client")
+local json = require("aigate.json")
+local check = require("aigate.check")
+local request = require("aigate.request")
 local provider = require("aigate.provider")
 
 local util = require("aigate.util")
@@ -25,7 +27,7 @@ end
 -- Filters: name -> function(value) -> string or nil, err.
 M.FILTERS = {
   json = function(v)
-    return client.json.encode(v)
+    return json.encode(v)
   end,
   upper = function(v)
     return text_value(v):upper()
@@ -142,8 +144,12 @@ end
 
 -- Template definitions --------------------------------------------------------------------------
 
--- Keys of a template table besides chat parameters.
-M.FIELDS = { system = "string", prompt = "string", messages = "table", vars = "table", description = "string" }
+-- Keys of a template table besides aigate.chat options, with their checks.
+M.FIELDS = { system = check.string, prompt = check.string, messages = check.messages, vars = check.table,
+  description = check.string }
+
+-- Options a template may not set: it is itself what they name.
+local NOT_IN_TEMPLATE = { template = true, vars = true, config = true }
 
 --- Checks a template definition (string or table). Returns nil or an array of problems.
 function M.check(def)
@@ -162,36 +168,29 @@ function M.check(def)
     return { "must be a prompt string or a table { system =, prompt =, messages =, vars = }" }
   end
   for k, v in pairs(def) do
-    local want = M.FIELDS[k]
-    if want then
-      if type(v) ~= want then
-        problems[#problems + 1] = string.format("'%s' must be a %s", k, want)
-      elseif want == "string" and k ~= "description" then
+    local fn = M.FIELDS[k] or (not NOT_IN_TEMPLATE[k] and request.OPTIONS[k])
+    if fn then
+      local msg, got, part = fn(v)
+      if msg then
+        problems[#problems + 1] = check.text(string.format("'%s'", k), msg, got, part)
+      elseif k == "system" or k == "prompt" then
         text(k, v)
       end
-    elseif client.OPTIONS[k] and k ~= "template" and k ~= "vars" and k ~= "config" then
-      local ok, err = pcall(client.OPTIONS[k], k, v)
-      if not ok then
-        problems[#problems + 1] = tostring(err):gsub("^aigate%.chat: ", "")
-      end
     else
-      local names = {}
-      for n in pairs(M.FIELDS) do
-        names[#names + 1] = n
-      end
-      for n in pairs(client.OPTIONS) do
-        names[#names + 1] = n
+      local names = util.sorted_keys(M.FIELDS)
+      for n in pairs(request.OPTIONS) do
+        if not NOT_IN_TEMPLATE[n] and not M.FIELDS[n] then
+          names[#names + 1] = n
+        end
       end
       table.sort(names)
       local near = type(k) == "string" and provider.nearest(k, names)
       problems[#problems + 1] = string.format("unknown key '%s'%s", tostring(k), near and (" (did you mean '" .. near .. "'?)") or "")
     end
   end
-  if type(def.messages) == "table" then
+  if type(def.messages) == "table" and not check.messages(def.messages) then
     for i, m in ipairs(def.messages) do
-      if type(m) ~= "table" or type(m.role) ~= "string" then
-        problems[#problems + 1] = string.format("messages[%d] must be {role =, content =}", i)
-      elseif type(m.content) == "string" then
+      if type(m.content) == "string" then
         text(string.format("messages[%d]", i), m.content)
       end
     end

@@ -5,7 +5,7 @@
 local core = require "aigate.core"
 local cjson = require "cjson"
 local jsonl = require "aigate.jsonl"
-local quote = require("aigate.client").json.quote
+local quote = require("aigate.json").quote
 
 local url, input, output, conc = arg[1], arg[2], arg[3], tonumber(arg[4])
 local opts = {

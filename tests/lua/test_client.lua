@@ -1,17 +1,19 @@
--- tests/lua/test_client.lua: request building (body fields, named models,
--- extra_body, JSON mode, system messages, cf-aig-* headers, option checks),
--- the JSON encoder, redaction, and response handling (plain and streamed)
--- against a scripted stand-in for core.request.
+-- tests/lua/test_client.lua: request building (aigate.request: body fields, named
+-- models, extra_body, JSON mode, system messages, cf-aig-* headers, option checks),
+-- the JSON encoder (aigate.json), redaction, and response handling (aigate.client:
+-- plain and streamed) against a scripted stand-in for core.request.
 
 local t = require("testlib")
 local client = require("aigate.client")
-local json = client.json
+local request = require("aigate.request")
+local secrets = require("aigate.secrets")
+local json = require("aigate.json")
 
 local TOKEN = "cf-secret-token-123"
 local ENV = { CLOUDFLARE_ACCOUNT_ID = "acc", CLOUDFLARE_API_TOKEN = TOKEN, OPENAI_API_KEY = "sk-openai-456" }
 
 local function prepare(opts, cfg, env, warnings)
-  return client.prepare(opts, cfg or {}, {
+  return request.prepare(opts, cfg or {}, {
     getenv = t.env(env or ENV),
     warn = function(m)
       if warnings then
@@ -108,7 +110,7 @@ cases.json_mode = function()
   t.eq(b.messages[2], { role = "user", content = "list" })
   b = must({ prompt = "list", json = true, system = "Be brief." }).body_table
   t.eq(#b.messages, 2, "instruction joins the system message")
-  t.eq(b.messages[1].content, "Be brief.\n" .. client.JSON_INSTRUCTION)
+  t.eq(b.messages[1].content, "Be brief.\n" .. request.JSON_INSTRUCTION)
   local schema = { type = "json_schema", json_schema = { name = "x", schema = { type = "object" }, strict = true } }
   b = must({ prompt = "p", json = true, response_format = schema }).body_table
   t.eq(b.response_format, schema, "an explicit response_format is kept")
@@ -135,13 +137,13 @@ cases.system_message_modes = function()
     { "keep", input },
   }
   for _, r in ipairs(rows) do
-    t.eq(client.system_messages(input, r[1]), r[2], r[1])
+    t.eq(request.system_messages(input, r[1]), r[2], r[1])
   end
   -- text parts merge; other parts break the run
   local parts = { role = "system", content = { { type = "text", text = "p1" }, { type = "text", text = "p2" } } }
-  t.eq(client.system_messages({ S("a"), parts }, "merge"), { S("a\np1\np2") })
+  t.eq(request.system_messages({ S("a"), parts }, "merge"), { S("a\np1\np2") })
   local img = { role = "system", content = { { type = "image_url", image_url = { url = "x" } } } }
-  t.eq(client.system_messages({ S("a"), img, S("b") }, "merge"), { S("a"), img, S("b") })
+  t.eq(request.system_messages({ S("a"), img, S("b") }, "merge"), { S("a"), img, S("b") })
 end
 
 cases.system_message_defaults_per_provider = function()
@@ -337,7 +339,7 @@ cases.request_body_encoder_matches_json_encode = function()
   }
   for _, b in ipairs(bodies) do
     local want, werr = json.encode(b)
-    local got, gerr = client.encode_body(b)
+    local got, gerr = json.encode_body(b)
     t.eq(got, want, t.show(b))
     t.eq(gerr ~= nil, werr ~= nil, t.show(b))
   end
@@ -352,7 +354,7 @@ cases.resolved_target_follows_the_environment = function()
   local getenv = t.env(env)
   local cfg = {}
   local function req()
-    return assert(client.prepare({ prompt = "p" }, cfg, { getenv = getenv, version = "0.1.0" }))
+    return assert(request.prepare({ prompt = "p" }, cfg, { getenv = getenv, version = "0.1.0" }))
   end
   local r1 = req()
   t.eq(r1.url, "https://gateway.ai.cloudflare.com/v1/acc1/default/compat/chat/completions")
@@ -368,7 +370,7 @@ cases.resolved_target_follows_the_environment = function()
   t.eq(req().url, "http://127.0.0.1:9/v1/chat/completions")
   env.CLOUDFLARE_API_TOKEN = nil
   env.AIGATE_BASE_URL = nil
-  local r, err = client.prepare({ prompt = "p" }, cfg, { getenv = getenv, version = "0.1.0" })
+  local r, err = request.prepare({ prompt = "p" }, cfg, { getenv = getenv, version = "0.1.0" })
   t.eq(r, nil)
   t.contains(err, "CLOUDFLARE_API_TOKEN")
 end
@@ -376,19 +378,22 @@ end
 -- Redaction ---------------------------------------------------------------------------
 
 cases.redactor = function()
-  local r = client.redactor({ "red-abcdefgh", "red-abcdefgh-longer", "", "s", "red-abc" })
+  for _, s in ipairs({ "red-abcdefgh", "red-abcdefgh-longer", "", "s", "red-abc" }) do
+    secrets.add(s)
+  end
+  local r = secrets.redact
   t.eq(r("x red-abcdefgh-longer y red-abcdefgh z"), "x *** y *** z", "the longer one whole")
   t.eq(r("short red-abc kept"), "short red-abc kept", "too short to be a token")
   t.eq(r(nil), nil)
-  t.eq(client.shown_header("Authorization", "Bearer s", r), "Bearer ***")
-  t.eq(client.shown_header("cf-aig-authorization", "Bearer zzz", r), "Bearer ***")
-  t.eq(client.shown_header("x-note", "has red-abcdefgh inside", r), "has *** inside")
+  t.eq(secrets.shown_header("Authorization", "Bearer s"), "Bearer ***")
+  t.eq(secrets.shown_header("cf-aig-authorization", "Bearer zzz"), "Bearer ***")
+  t.eq(secrets.shown_header("x-note", "has red-abcdefgh inside"), "has *** inside")
 end
 
 -- Timeouts: every request has the defaults; the config's timeouts replace them, and the request's
 -- own options (a route target's too) win over both.
 cases.timeouts_default_config_and_options = function()
-  local D = client.DEFAULT_TIMEOUTS
+  local D = request.DEFAULT_TIMEOUTS
   t.eq(D, { connect_timeout = 10, stall_timeout = 120, timeout = 900 })
   t.eq(must({ prompt = "hi" }).timeouts, { connect_timeout = 10, stall_timeout = 120, timeout = 900 })
   local cfg = { timeouts = { timeout = 60, first_byte_timeout = 20 } }
@@ -417,7 +422,7 @@ cases.ca_certificates_precedence = function()
     local env = {}
     for k, v in pairs(ENV) do env[k] = v end
     for k, v in pairs(env_extra) do env[k] = v end
-    local req = assert(client.prepare({ prompt = "hi" }, cfg or {}, { getenv = t.env(env), cacert = cacert }))
+    local req = assert(request.prepare({ prompt = "hi" }, cfg or {}, { getenv = t.env(env), cacert = cacert }))
     return { req.ca_file or "-", req.ca_path or "-" }
   end
   t.eq(ca({}), { "-", "-" })
@@ -434,12 +439,12 @@ cases.ca_certificates_precedence = function()
   -- a changed variable is seen by the next request (the resolved entry is cached per environment)
   local env = { CLOUDFLARE_ACCOUNT_ID = "acc", CLOUDFLARE_API_TOKEN = TOKEN, SSL_CERT_FILE = "/one.pem" }
   local getenv = function(k) return env[k] end
-  t.eq(client.prepare({ prompt = "hi" }, {}, { getenv = getenv }).ca_file, "/one.pem")
+  t.eq(request.prepare({ prompt = "hi" }, {}, { getenv = getenv }).ca_file, "/one.pem")
   env.SSL_CERT_FILE = "/two.pem"
-  t.eq(client.prepare({ prompt = "hi" }, {}, { getenv = getenv }).ca_file, "/two.pem")
+  t.eq(request.prepare({ prompt = "hi" }, {}, { getenv = getenv }).ca_file, "/two.pem")
   -- core.request gets them
   local core = t.fake_core({ status = 200, body = '{"choices":[{"message":{"content":"x"}}]}' })
-  client.send(assert(client.prepare({ prompt = "hi" }, cfg, { getenv = t.env(ENV), cacert = "/o/c.pem" })), core)
+  client.send(assert(request.prepare({ prompt = "hi" }, cfg, { getenv = t.env(ENV), cacert = "/o/c.pem" })), core)
   t.eq({ core.requests[1].ca_file, core.requests[1].ca_path }, { "/o/c.pem", nil })
 end
 

@@ -122,14 +122,14 @@ end
 
 cases.bad_values = function()
   local rows = {
-    { { gateway = { auth = "basic" } }, 'gateway.auth: must be one of "bearer", "cf-aig"' },
+    { { gateway = { auth = "basic" } }, 'gateway.auth: must be "bearer" or "cf-aig"' },
     { { gateway = { gateway_id = string.rep("g", 65) } }, "gateway.gateway_id: must be at most 64 characters" },
     { { gateway = { account_id = "a/b" } }, "gateway.account_id: must contain only letters" },
     { { gateway = { base_url = "ftp://x" } }, "gateway.base_url: must be a URL" },
     { { gateway = { token_env = "MY-TOKEN" } }, "gateway.token_env: must be an environment variable name" },
-    { { gateway = { system_messages = "flatten" } }, 'gateway.system_messages: must be one of "merge", "hoist", "keep"' },
+    { { gateway = { system_messages = "flatten" } }, 'gateway.system_messages: must be "merge", "hoist" or "keep"' },
     { { gateway = { headers = { ["bad name"] = "x" } } }, "gateway.headers: has a bad header name 'bad name'" },
-    { { gateway = { headers = { x = {} } } }, "header 'x' must have a string value" },
+    { { gateway = { headers = { x = {} } } }, "gateway.headers: header 'x' must be a string" },
     { { gateway = { headers = { x = "a\r\nb: c" } } }, "line break" },
     { { gateway = "cf" }, "gateway: must be a table" },
     { { models = { m = { model = "a/b", temperature = "hot" } } }, "models.m.temperature: must be a number" },

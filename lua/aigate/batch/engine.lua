@@ -12,7 +12,7 @@
 -- only when the body is the template with that value's text in its hole. So the engine sends the
 -- bytes aigate.chat would send, and whether a line qualifies is decided by the policy alone.
 local policy = require "aigate.policy"
-local json = require("aigate.client").json
+local json = require "aigate.json"
 local input = require "aigate.batch.input"
 local result = require "aigate.batch.result"
 

@@ -18,7 +18,6 @@ local input = require "aigate.batch.input"
 local result = require "aigate.batch.result"
 local progress = require "aigate.batch.progress"
 local engine_spec = require "aigate.batch.engine"
-require "aigate.batch.shim_tmp"
 local valid_utf8 = require("aigate.util").valid_utf8
 local utf8_bad = core.utf8_bad
 local redact = require("aigate.secrets").redact -- stderr: what failing code put in a message

@@ -7,6 +7,7 @@
 -- formats and the headers a value comes from are decided here only.
 local errors = require "aigate.errors"
 local client = require "aigate.client"
+local json = require "aigate.json"
 local redact = require("aigate.secrets").redact -- messages may quote what failing code put in them
 
 local M = {}
@@ -22,7 +23,7 @@ local floor, huge = math.floor, math.huge
 -- in cjson's output a backslash only starts an escape and "/" never stands alone.
 local function enc(v)
   local ok, s = pcall(encode, v)
-  if not ok then return (client.json.encode(v)) or "null" end
+  if not ok then return (json.encode(v)) or "null" end
   if find(s, "\\/", 1, true) then s = s:gsub("\\/", "/") end
   return s
 end
@@ -33,7 +34,7 @@ local function ms(seconds)
   return floor(seconds * 1e6 + 0.5) / 1e6
 end
 
-local quote = client.json.quote -- the one escaping of C and Lua (src/jsontext.c)
+local quote = json.quote -- the one escaping of C and Lua (src/jsontext.c)
 
 -- JSON text of a string (model ids, providers, steps): the same bytes as enc(v).
 local function jstr(v)

@@ -1,7 +1,7 @@
 -- cmd/chat.lua: `aigate chat`, one prompt sent through the policy and streamed to stdout.
 local core = require "aigate.core"
 local cli = require "aigate.cli"
-local client = require "aigate.client"
+local request = require "aigate.request"
 
 local M = {}
 
@@ -63,7 +63,7 @@ local NUMBER_RULES = {
   max_tokens = { integer = true, min = 1 },
   top_p = { min = 0, max = 1 },
   seed = { integer = true },
-  cache_ttl = { integer = true, min = client.CACHE_TTL_MIN, max = client.CACHE_TTL_MAX, unit = "seconds" },
+  cache_ttl = { integer = true, min = request.CACHE_TTL_MIN, max = request.CACHE_TTL_MAX, unit = "seconds" },
   request_timeout = { integer = true, min = 1, unit = "ms" },
   timeout = { above = 0, unit = "seconds" },
   retries = cli.RETRIES_RULE,
@@ -73,7 +73,7 @@ local NUMBER_RULES = {
 -- the library refuses is a usage error naming the command-line option, not a traceback.
 local function check_request(cmd, req)
   for key, value in pairs(req) do
-    local ok, err = pcall(client.OPTIONS[key], key, value)
+    local ok, err = pcall(request.check_option, key, value)
     if not ok then
       err = tostring(err):gsub("^aigate%.chat: ", ""):gsub("option '([%w_]+)'", function(k)
         return "option '--" .. k:gsub("_", "-") .. "'"

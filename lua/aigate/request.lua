@@ -1,0 +1,646 @@
+-- aigate.request: what aigate.chat's options mean, and the request they make.
+--
+-- Holds the one list of chat parameters (BODY_PARAMS: request-body fields aigate.chat takes as
+-- options, named models carry in the config, route targets override and batch lines pass through),
+-- every other option with its check (aigate.check), the gateway's cf-aig-* headers, and the rules of
+-- messages (system, prompt, JSON mode, system-message merge/hoist/keep). `prepare(opts, cfg, ctx)`
+-- turns options into the exact request (URL, headers, JSON body, limits, CA certificates) without
+-- touching the network: caller mistakes raise with the option's name, model and provider are
+-- resolved by aigate.provider, named-model parameters then extra_body fill the body. What depends
+-- only on the config, the environment, the model and the provider (resolution, URL, expanded
+-- headers, secrets) is worked out once and reused, so a request does only its own work (see
+-- entry_of). aigate.client sends what it returns.
+
+local provider = require("aigate.provider")
+local secrets = require("aigate.secrets")
+local json = require("aigate.json")
+local check = require("aigate.check")
+
+local util = require("aigate.util")
+local M = {}
+
+local concat = table.concat
+
+-- The limits every request has unless the config's `timeouts` or the request's own options (a
+-- route target's too) set others, in seconds: connecting, silence between bytes once the reply has
+-- started, and the whole request (above the ~700 s after which Cloudflare's gateway gives up on a
+-- generation and answers 408). No limit before the first byte: a reply may take that long to start.
+M.DEFAULT_TIMEOUTS = { connect_timeout = 10, stall_timeout = 120, timeout = 900 }
+M.TIMEOUT_NAMES = { "timeout", "connect_timeout", "first_byte_timeout", "stall_timeout" }
+-- The largest reply body, streamed or whole, unless the config's `max_response_size` sets another:
+-- past it the request fails with too_large instead of holding an endless reply in memory.
+M.DEFAULT_MAX_RESPONSE_SIZE = 64 * 1024 * 1024
+
+-- The environment variables that name CA certificates, as curl reads them: CURL_CA_BUNDLE (a file),
+-- else SSL_CERT_FILE (a file) and SSL_CERT_DIR (a directory).
+M.CA_ENV = { bundle = "CURL_CA_BUNDLE", file = "SSL_CERT_FILE", dir = "SSL_CERT_DIR" }
+
+-- Options --------------------------------------------------------------------------
+
+-- The chat parameters: request-body fields, each with its check. aigate.chat takes them as options,
+-- a named model in the config may set them, a route target may override them, and a batch line's
+-- body passes them as options (any other body field goes to extra_body unchanged).
+M.BODY_PARAMS = {
+  temperature = check.number,
+  max_tokens = check.integer,
+  max_completion_tokens = check.integer,
+  top_p = check.number,
+  top_k = check.integer,
+  min_p = check.number,
+  frequency_penalty = check.number,
+  presence_penalty = check.number,
+  repetition_penalty = check.number,
+  seed = check.integer,
+  stop = check.stop,
+  n = check.integer,
+  user = check.string,
+  logit_bias = check.table,
+  logprobs = check.boolean,
+  top_logprobs = check.integer,
+  response_format = check.table,
+  tools = check.table,
+  tool_choice = check.string_or_table,
+  parallel_tool_calls = check.boolean,
+  reasoning_effort = check.string,
+}
+
+-- The system-message rules (see shape_messages).
+M.SYSTEM_MESSAGES = { "merge", "hoist", "keep" }
+local system_messages_check = check.one_of(table.unpack(M.SYSTEM_MESSAGES))
+
+-- The keys of a named model (config `models`) that are not chat parameters, with their checks.
+M.MODEL_META = {
+  model = check.string,
+  provider = check.string,
+  description = check.string,
+  headers = check.headers,
+  extra_body = check.table,
+  system_messages = system_messages_check,
+}
+
+-- The gateway's bounds on cf-aig-cache-ttl (seconds); `aigate chat --cache-ttl` checks them too.
+M.CACHE_TTL_MIN, M.CACHE_TTL_MAX = 60, 2592000
+
+-- cf-aig-* request headers: option -> header name, how the value is written, and the option's check.
+local function bool_text(v)
+  return v and "true" or "false"
+end
+local function int_text(v)
+  return string.format("%d", math.tointeger(v))
+end
+local function as_is(v)
+  return v
+end
+local function only_true(v)
+  return v and "true" or nil
+end
+
+M.GATEWAY_HEADERS = {
+  cache_ttl = { "cf-aig-cache-ttl", int_text,
+    check.integer_in(M.CACHE_TTL_MIN, M.CACHE_TTL_MAX, "an integer number of seconds", " seconds") },
+  skip_cache = { "cf-aig-skip-cache", only_true, check.boolean },
+  cache_key = { "cf-aig-cache-key", as_is, check.nonempty },
+  metadata = { "cf-aig-metadata", json.encode, check.metadata },
+  collect_log = { "cf-aig-collect-log", bool_text, check.boolean },
+  collect_log_payload = { "cf-aig-collect-log-payload", bool_text, check.boolean },
+  request_timeout = { "cf-aig-request-timeout", int_text, check.integer_in(1, nil, "a positive integer (milliseconds)") },
+  max_attempts = { "cf-aig-max-attempts", int_text, check.integer_in(1, 5) },
+  retry_delay = { "cf-aig-retry-delay", int_text,
+    check.integer_in(0, 5000, "an integer number of milliseconds", " ms") },
+  backoff = { "cf-aig-backoff", as_is, check.one_of("constant", "linear", "exponential") },
+  event_id = { "cf-aig-event-id", as_is, check.nonempty },
+  byok_alias = { "cf-aig-byok-alias", as_is, check.nonempty },
+  zdr = { "cf-aig-zdr", bool_text, check.boolean },
+}
+
+local function config_table(v)
+  if type(v) ~= "table" then
+    return "must be a config table (from aigate.config.load)", check.typename(v)
+  end
+end
+
+-- Every aigate.chat option and its check: the chat parameters, the gateway options, and these.
+M.OPTIONS = {
+  model = check.nonempty,
+  provider = check.nonempty,
+  messages = check.messages,
+  prompt = check.string,
+  system = check.string,
+  extra_body = check.table,
+  json = check.boolean,
+  headers = check.headers,
+  system_messages = system_messages_check,
+  stream = check.func,
+  timeout = check.positive,
+  connect_timeout = check.positive,
+  first_byte_timeout = check.positive,
+  stall_timeout = check.positive,
+  verbose = check.func,
+  config = config_table,
+  vars = check.table,
+  template = check.nonempty,
+}
+for k, fn in pairs(M.BODY_PARAMS) do
+  M.OPTIONS[k] = fn
+end
+for k, spec in pairs(M.GATEWAY_HEADERS) do
+  M.OPTIONS[k] = spec[3]
+end
+
+local OPTION_NAMES = util.sorted_keys(M.OPTIONS)
+
+--- Raises "aigate.chat: option 'name' ..." when v is not a good value of option `name` (which must
+-- be one of OPTIONS).
+function M.check_option(name, v)
+  local msg, got, part = M.OPTIONS[name](v)
+  if msg then
+    error("aigate.chat: " .. check.text(string.format("option '%s'", name), msg, got, part), 0)
+  end
+end
+
+local function check_all(opts)
+  if type(opts) ~= "table" then
+    error(string.format("aigate.chat: expected a table of options (got %s)", type(opts)), 0)
+  end
+  for k, v in pairs(opts) do
+    if M.OPTIONS[k] == nil then
+      local near = type(k) == "string" and provider.nearest(k, OPTION_NAMES)
+      local msg = string.format("aigate.chat: unknown option '%s'", tostring(k))
+      if near then
+        msg = msg .. string.format(" (did you mean '%s'?)", near)
+      end
+      error(msg, 0)
+    end
+    M.check_option(k, v)
+  end
+  if opts.messages == nil and opts.prompt == nil and opts.template == nil then
+    error("aigate.chat: option 'messages' or 'prompt' is required (or a 'template' giving them)", 0)
+  end
+end
+
+--- Raises on an unknown option or a value of the wrong type. level: as for error(),
+-- counted from the function that calls check_options (default 1: that function's caller).
+function M.check_options(opts, level)
+  local ok, err = pcall(check_all, opts)
+  if not ok then
+    error(err, (level or 1) + 2)
+  end
+end
+
+M.JSON_INSTRUCTION = "Respond only with a single valid JSON object, with no text before or after it."
+
+-- Messages ------------------------------------------------------------------------
+
+-- The text of a message content when it is plain text (a string or text parts).
+local function text_of(content)
+  if type(content) == "string" then
+    return content
+  end
+  if type(content) ~= "table" then
+    return nil
+  end
+  local parts = {}
+  for _, p in ipairs(content) do
+    if type(p) ~= "table" or p.type ~= "text" or type(p.text) ~= "string" then
+      return nil
+    end
+    parts[#parts + 1] = p.text
+  end
+  return table.concat(parts, "\n")
+end
+M.text_of = text_of
+
+local copy_message = util.copy
+
+-- The system-message rules on the messages of a request being built: `messages` is a fresh array
+-- that may be changed; the message tables in it are the caller's and are shared, not copied, unless
+-- changed. merge: each run of consecutive system messages becomes one, texts joined with "\n";
+-- hoist: every system message goes into one leading message; keep: unchanged.
+local function shape_messages(messages, mode)
+  if mode == "keep" then
+    return messages
+  end
+  local out, n = {}, 0
+  if mode == "hoist" then
+    local texts, kept, rest = {}, {}, {}
+    for _, m in ipairs(messages) do
+      local t = m.role == "system" and text_of(m.content)
+      if t then
+        texts[#texts + 1] = t
+      elseif m.role == "system" then
+        kept[#kept + 1] = m
+      else
+        rest[#rest + 1] = m
+      end
+    end
+    if #texts > 0 then
+      n = 1
+      out[1] = { role = "system", content = concat(texts, "\n") }
+    end
+    for _, m in ipairs(kept) do
+      n = n + 1
+      out[n] = m
+    end
+    for _, m in ipairs(rest) do
+      n = n + 1
+      out[n] = m
+    end
+    return out
+  end
+  -- merge
+  local run
+  for _, m in ipairs(messages) do
+    local t = m.role == "system" and text_of(m.content)
+    if t then
+      if run then
+        run.content = run.content .. "\n" .. t
+      else
+        run = { role = "system", content = t }
+        n = n + 1
+        out[n] = run
+      end
+    else
+      run = nil
+      n = n + 1
+      out[n] = m
+    end
+  end
+  return out
+end
+
+--- Applies a system-message policy (see shape_messages) to a messages array; returns a new array of
+-- new message tables.
+function M.system_messages(messages, mode)
+  local copies = {}
+  for i, msg in ipairs(messages) do
+    copies[i] = copy_message(msg)
+  end
+  return shape_messages(copies, mode)
+end
+
+-- The messages of a request: system, messages, prompt, JSON instruction (a new array; the
+-- caller's message tables are shared, a changed one is copied).
+local function build_messages(opts)
+  local system, list, prompt = opts.system, opts.messages, opts.prompt
+  local msgs, n = {}, 0
+  if system then
+    n = 1
+    msgs[1] = { role = "system", content = system }
+  end
+  if list then
+    for _, m in ipairs(list) do
+      n = n + 1
+      msgs[n] = m
+    end
+  end
+  if prompt then
+    n = n + 1
+    msgs[n] = { role = "user", content = prompt }
+  end
+  if opts.json then
+    local first = msgs[1]
+    if first and first.role == "system" and type(first.content) == "string" then
+      local c = copy_message(first)
+      c.content = first.content .. "\n" .. M.JSON_INSTRUCTION
+      msgs[1] = c
+    else
+      table.insert(msgs, 1, { role = "system", content = M.JSON_INSTRUCTION })
+    end
+  end
+  return msgs
+end
+
+-- Request -------------------------------------------------------------------------
+
+local sorted_keys = util.sorted_keys
+
+-- What each option adds to a request, for the single pass over the options in prepare.
+local BODY_PARAMS, GATEWAY_HEADERS = M.BODY_PARAMS, M.GATEWAY_HEADERS
+local GATEWAY_OPTION_NAMES = sorted_keys(GATEWAY_HEADERS)
+
+-- Everything about a request that depends only on the config, the environment, the model and the
+-- provider (model resolution, URL, auth and configured headers expanded, secrets, parameters of the
+-- named model) is worked out once and kept here: cfg -> getenv -> model -> provider -> entry. An
+-- entry records the environment variables it read and is rebuilt when one of them changes. Configs
+-- are treated as read-only once in use (as aigate.chat already does for validated configs).
+local resolved = setmetatable({}, { __mode = "k" })
+local NONE = {} -- the key of a missing model or provider
+M.MAX_RESOLVED = 256 -- entries kept per config and getenv (cleared beyond that)
+
+local function fail(msg, hint, missing)
+  return nil, msg, { kind = "config", hint = hint, missing = missing }
+end
+
+-- The limits of a request under cfg before its own options: cfg.timeouts over the defaults.
+local function base_timeouts(cfg)
+  local set = cfg.timeouts or {}
+  local t = {}
+  for _, k in ipairs(M.TIMEOUT_NAMES) do
+    local v = set[k]
+    if v == nil then
+      v = M.DEFAULT_TIMEOUTS[k]
+    end
+    t[k] = v
+  end
+  return t
+end
+
+local function nonempty(s)
+  if s == "" then
+    return nil
+  end
+  return s
+end
+
+-- The CA certificates of a request under cfg before --cacert: the config's tls section when it names
+-- any, else the environment as curl reads it (CA_ENV), else nil, nil (the system's, curl's default).
+-- Returns ca_file, ca_path.
+local function ca_of(cfg, getenv)
+  local tls = cfg.tls or {}
+  if tls.ca_file ~= nil or tls.ca_path ~= nil then
+    return tls.ca_file, tls.ca_path
+  end
+  local bundle = nonempty(getenv(M.CA_ENV.bundle))
+  if bundle then
+    return bundle, nil
+  end
+  return nonempty(getenv(M.CA_ENV.file)), nonempty(getenv(M.CA_ENV.dir))
+end
+
+-- Builds the entry of one (cfg, getenv, model, provider). Returns entry or nil, message, info.
+local function build_entry(model, pname, cfg, getenv)
+  local names, values, read = {}, {}, {}
+  local function recording_getenv(name)
+    local v = getenv(name)
+    if not read[name] then
+      read[name] = true
+      names[#names + 1] = name
+      values[#names] = v
+    end
+    return v
+  end
+  local m, err = provider.resolve_model({ model = model, provider = pname, cfg = cfg })
+  if m == nil then
+    return fail(err)
+  end
+  local def = m.def
+  local named = m.named or {}
+  local header_sets = {}
+  if named.headers then
+    header_sets[#header_sets + 1] = { headers = named.headers, source = string.format("models.%s.headers", m.name) }
+  end
+  local target, terr, missing = provider.target(def, cfg, recording_getenv, header_sets)
+  if target == nil then
+    local hint
+    if missing and def.gateway then
+      hint = "or set " .. provider.BASE_URL_ENV .. " to send to another OpenAI-compatible endpoint (e.g. aigate mock)"
+    end
+    local _, msg, info = fail(terr, hint, missing)
+    return nil, msg, info, m.warnings
+  end
+  local mode = named.system_messages
+  if mode == nil and def.gateway then
+    mode = (cfg.gateway or {}).system_messages or def.system_messages
+  elseif mode == nil then
+    mode = def.system_messages
+  end
+  local params = {}
+  for _, k in ipairs(sorted_keys(named)) do
+    if not M.MODEL_META[k] then
+      params[#params + 1] = k
+      params[#params + 1] = named[k]
+    end
+  end
+  local ca_file, ca_path = ca_of(cfg, recording_getenv)
+  return {
+    timeouts = base_timeouts(cfg),
+    max_size = cfg.max_response_size or M.DEFAULT_MAX_RESPONSE_SIZE,
+    ca_file = ca_file,
+    ca_path = ca_path,
+    env_names = names,
+    env_values = values,
+    m = m,
+    def = def,
+    target = target,
+    mode = mode,
+    params = params,
+    extra_body = named.extra_body,
+    secrets = target.secrets, -- provider.target has registered them, and its credential headers
+    redact = secrets.redact,
+    gateway = def.gateway == true,
+    token_env = def.gateway and ((cfg.gateway or {}).token_env or def.token_env) or def.token_env,
+  }
+end
+
+-- The entry of a request, from the cache when the environment it read is unchanged. Returns entry
+-- or nil, message, info, warnings.
+local function entry_of(model, pname, cfg, getenv)
+  local by_env = resolved[cfg]
+  if by_env == nil then
+    by_env = setmetatable({}, { __mode = "k" })
+    resolved[cfg] = by_env
+  end
+  local cache = by_env[getenv]
+  if cache == nil then
+    cache = { n = 0, models = {} }
+    by_env[getenv] = cache
+  end
+  local by_provider = cache.models[model or NONE]
+  local e = by_provider and by_provider[pname or NONE]
+  if e then
+    local names, values = e.env_names, e.env_values
+    for i = 1, #names do
+      if getenv(names[i]) ~= values[i] then
+        e = nil
+        break
+      end
+    end
+    if e then
+      return e
+    end
+  end
+  local err, info, warnings
+  e, err, info, warnings = build_entry(model, pname, cfg, getenv)
+  if e == nil then
+    return nil, err, info, warnings
+  end
+  if cache.n >= M.MAX_RESOLVED then
+    cache.n, cache.models = 0, {}
+  end
+  by_provider = cache.models[model or NONE]
+  if by_provider == nil then
+    by_provider = {}
+    cache.models[model or NONE] = by_provider
+  end
+  by_provider[pname or NONE] = e
+  cache.n = cache.n + 1
+  return e
+end
+
+-- The static headers of an entry for one accept value and user-agent (made once each).
+local function base_headers(e, stream, version)
+  local key = stream and "stream_headers" or "plain_headers"
+  local h = e[key]
+  if h == nil or e[key .. "_version"] ~= version then
+    h = {
+      ["content-type"] = "application/json",
+      ["accept"] = stream and "text/event-stream" or "application/json",
+      ["user-agent"] = "aigate/" .. (version or "0"),
+    }
+    for k, v in pairs(e.target.headers) do
+      h[k] = v
+    end
+    e[key], e[key .. "_version"] = h, version
+  end
+  local copy = {}
+  for k, v in pairs(h) do
+    copy[k] = v
+  end
+  return copy
+end
+
+local function no_warn() end
+
+--- Builds the request for aigate.chat options without sending it.
+-- cfg: the loaded config; ctx: {getenv = fn, warn = fn(msg), version = "x.y.z"}.
+-- ctx.cacert: a file of CA certificates over the config's and the environment's (--cacert).
+-- Raises on caller mistakes. Returns req or nil, message, info (kind "config").
+-- req: {url, method, headers, body (JSON text), body_table, model, model_name, provider, gateway,
+--       system_messages (the rule applied), stream (function or nil), timeouts (each one set: the
+--       request's, else the config's, else DEFAULT_TIMEOUTS), ca_file, ca_path, max_size, verbose,
+--       redact, secrets, auth}
+function M.prepare(opts, cfg, ctx)
+  M.check_options(opts, 1)
+  ctx = ctx or {}
+  cfg = cfg or opts.config or {} -- the caller passes opts.config validated
+  local getenv = ctx.getenv or os.getenv
+  local warn = ctx.warn or no_warn
+
+  local e, err, info, warnings = entry_of(opts.model, opts.provider, cfg, getenv)
+  if e == nil then
+    for _, w in ipairs(warnings or {}) do
+      warn(w)
+    end
+    return nil, err, info
+  end
+  local m, def, target = e.m, e.def, e.target
+  for _, w in ipairs(m.warnings) do
+    warn(w)
+  end
+  for _, w in ipairs(target.warnings or {}) do
+    warn(w)
+  end
+
+  -- One pass over the options: body fields, and whether gateway options or headers are set.
+  local stream = opts.stream
+  local mode = opts.system_messages or e.mode or "keep"
+  local body = { model = m.id, messages = shape_messages(build_messages(opts), mode) }
+  local params = e.params
+  for i = 1, #params, 2 do
+    body[params[i]] = params[i + 1]
+  end
+  local gateway_opts = false
+  for k, v in pairs(opts) do
+    if BODY_PARAMS[k] then
+      body[k] = v
+    elseif GATEWAY_HEADERS[k] then
+      gateway_opts = true
+    end
+  end
+  if opts.json and body.response_format == nil then
+    body.response_format = { type = "json_object" }
+  end
+  if stream then
+    body.stream = true
+    body.stream_options = { include_usage = true }
+  end
+  if e.extra_body then
+    for k, v in pairs(e.extra_body) do
+      body[k] = v
+    end
+  end
+  if opts.extra_body then
+    for k, v in pairs(opts.extra_body) do
+      body[k] = v
+    end
+  end
+  if body.stream == true and stream == nil then
+    return fail("extra_body sets \"stream\": use the 'stream' option (a function receiving the text) instead")
+  end
+  local text, jerr = json.encode_body(body)
+  if text == nil then
+    error("aigate.chat: cannot encode the request body: " .. jerr, 0)
+  end
+
+  -- Headers: content type, auth and configured headers, cf-aig-* options, opts.headers.
+  local headers = base_headers(e, stream, ctx.version)
+  if gateway_opts then
+    for _, opt in ipairs(GATEWAY_OPTION_NAMES) do
+      local v = opts[opt]
+      if v ~= nil then
+        if not def.gateway then
+          warn(string.format("option '%s' only applies to the %s provider; ignored for '%s'", opt, provider.GATEWAY, m.provider))
+        else
+          local spec = GATEWAY_HEADERS[opt]
+          local value = spec[2](v)
+          if value ~= nil then
+            headers[spec[1]] = value
+          end
+        end
+      end
+    end
+  end
+  local req_secrets = e.secrets
+  if opts.headers then
+    for k, v in pairs(opts.headers) do
+      local lk = k:lower()
+      v = tostring(v)
+      headers[lk] = v
+      -- Credentials in the final headers are secrets too, wherever they came from.
+      if provider.SENSITIVE[lk] then
+        secrets.add_credential(v)
+        if req_secrets == e.secrets then
+          req_secrets = table.move(e.secrets, 1, #e.secrets, 1, {})
+        end
+        req_secrets[#req_secrets + 1] = v
+      end
+    end
+  end
+  local base = e.timeouts
+  local ca_file, ca_path = e.ca_file, e.ca_path
+  if ctx.cacert then
+    ca_file, ca_path = ctx.cacert, nil
+  end
+
+  return {
+    method = "POST",
+    url = target.url,
+    base_url = target.base_url,
+    base_url_source = target.base_url_source,
+    headers = headers,
+    body = text,
+    body_table = body,
+    model = m.id,
+    model_name = m.name,
+    provider = m.provider,
+    gateway = e.gateway,
+    auth = target.auth,
+    token_env = e.token_env,
+    stream = stream,
+    verbose = opts.verbose,
+    system_messages = mode,
+    timeouts = {
+      timeout = opts.timeout or base.timeout,
+      connect_timeout = opts.connect_timeout or base.connect_timeout,
+      first_byte_timeout = opts.first_byte_timeout or base.first_byte_timeout,
+      stall_timeout = opts.stall_timeout or base.stall_timeout,
+    },
+    max_size = e.max_size,
+    ca_file = ca_file,
+    ca_path = ca_path,
+    secrets = req_secrets,
+    redact = secrets.redact,
+  }
+end
+
+return M
