@@ -62,7 +62,9 @@ local route = require("aigate.route")
 return {
   routes = { ["dynamic/fast"] = route.fallback({ "openai/gpt-4o-mini", "openai/gpt-4o" }) },
   models = { tuned = { model = "openai/gpt-4o-mini", temperature = 0.2 },
-             priced = { model = "openai/gpt-4o" } },
+             priced = { model = "openai/gpt-4o" },
+             hoisted = { model = "openai/gpt-4o-mini", system_messages = "hoist" },
+             merged = { model = "openai/gpt-4o-mini", system_messages = "merge" } },
   prices = { ["openai/gpt-4o"] = { input = 1, output = 2 } },
 }
 CFG
@@ -76,14 +78,31 @@ paths "hooks in the config" short.jsonl "engine 0, aigate.chat 20" -m openai/gpt
 paths "--ordered" short.jsonl "engine 0, aigate.chat 20" -m openai/gpt-4o-mini --ordered
 paths "--rpm" short.jsonl "engine 0, aigate.chat 20" -m openai/gpt-4o-mini --rpm 60000
 
-# the engine's requests are the ones aigate.chat sends, byte for byte (the mock logs each body)
+# the engine's requests are the ones aigate.chat sends, byte for byte (the mock logs each body): one
+# run each way, the second with --ordered (every line by aigate.chat)
 bodies() { lua_on 'local b = {} for i, v in ipairs(lines) do b[i] = v.raw end table.sort(b) return table.concat(b, "\n")' "$1"; }
-: > "$MOCK_LOG"
-"$AIGATE" batch openai.jsonl -o a.jsonl --overwrite -q 2> /dev/null
-bodies "$MOCK_LOG" > engine_bodies.txt
-: > "$MOCK_LOG"
-"$AIGATE" batch openai.jsonl -o b.jsonl --overwrite -q --ordered 2> /dev/null
-bodies "$MOCK_LOG" > chat_bodies.txt
-expect_eq "OpenAI Batch API lines: the engine sends what aigate.chat sends" "$(cmp -s engine_bodies.txt chat_bodies.txt && echo same)" same
-expect_eq "and logged 20 requests each way" "$(wc -l < chat_bodies.txt)" 20
+same_bodies() { # NAME INPUT ARGS...
+    local name=$1 input=$2
+    shift 2
+    : > "$MOCK_LOG"
+    "$AIGATE" batch "$input" -o a.jsonl --overwrite -q "$@" 2> /dev/null
+    bodies "$MOCK_LOG" > engine_bodies.txt
+    : > "$MOCK_LOG"
+    "$AIGATE" batch "$input" -o b.jsonl --overwrite -q --ordered "$@" 2> /dev/null
+    bodies "$MOCK_LOG" > chat_bodies.txt
+    expect_eq "$name: the engine sends what aigate.chat sends" "$(cmp -s engine_bodies.txt chat_bodies.txt && echo same)" same
+    expect_eq "$name: $(grep -c . "$input") requests each way" "$(grep -c . chat_bodies.txt)" "$(grep -c . "$input")"
+}
+same_bodies "OpenAI Batch API lines" openai.jsonl
+same_bodies "a named model with parameters" short.jsonl -m tuned --config policy.lua
+same_bodies "a conversation" chat.jsonl -m openai/gpt-4o-mini
+
+# a named model's system-message rule: the engine replays what it does to the messages when the
+# rule keeps each of them whole (hoist moves a system message first), and leaves the lines to the
+# policy when it rewrites them (merge joins two system messages into one)
+awk 'BEGIN { for (i = 1; i <= 10; i++) printf "{\"id\":\"h%d\",\"messages\":[{\"role\":\"user\",\"content\":\"u %d\"},{\"role\":\"system\",\"content\":\"s\"}]}\n", i, i }' > hoist.jsonl
+awk 'BEGIN { for (i = 1; i <= 10; i++) printf "{\"id\":\"g%d\",\"messages\":[{\"role\":\"system\",\"content\":\"a\"},{\"role\":\"system\",\"content\":\"b\"},{\"role\":\"user\",\"content\":\"u %d\"}]}\n", i, i }' > merge.jsonl
+paths "system messages hoisted by the named model" hoist.jsonl "engine 10, aigate.chat 0" -m hoisted --config policy.lua
+same_bodies "system messages hoisted by the named model" hoist.jsonl -m hoisted --config policy.lua
+paths "system messages merged by the named model" merge.jsonl "engine 0, aigate.chat 10" -m merged --config policy.lua
 finish

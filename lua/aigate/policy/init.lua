@@ -114,13 +114,12 @@ end
 
 -- Render -------------------------------------------------------------------------------------------
 
--- The keys a named model may have and still be a plain target: what it is, not what it adds.
-local PLAIN_MODEL = { model = true, provider = true, description = true, headers = true }
-
 -- Whether the dry run of opts reached exactly one plain target: no route (nor fallback, when,
--- split, decorator or function), no hook in cfg, no template, no parameters or options of the
--- target's own (a named model that adds parameters, extra_body or a system-message rule is not
--- plain), a POST that is not streamed.
+-- split, decorator or function), no hook in cfg, no template, no parameters or options a route
+-- gives the target, a POST that is not streamed. A named model is a plain target whatever it adds
+-- (parameters, extra_body, a system-message rule): that is the same in every request of it, so its
+-- request is the same body with other messages (the batch engine finds the messages in it, and
+-- leaves the line to the policy when a rule rewrote them).
 local function is_plain(opts, cfg, st, node, req)
   local hooks = cfg.hooks
   if hooks and (hooks.before_request or hooks.after_response) then
@@ -139,12 +138,6 @@ local function is_plain(opts, cfg, st, node, req)
   end
   if next(node.params) ~= nil or next(node.opts) ~= nil or req.method ~= "POST" then
     return false
-  end
-  local named = req.model_name and (cfg.models or {})[req.model_name]
-  for k in pairs(named or {}) do
-    if not PLAIN_MODEL[k] then
-      return false
-    end
   end
   return true
 end
