@@ -190,16 +190,6 @@ function M.prepare(opts)
   return redacted_failure(policy.prepare(opts, cfg, policy_context()))
 end
 
---- The lane of a model (see policy.lane): many requests to one model that differ only in their
--- messages, with the policy worked out once. Returns the lane or nil, why (aigate.chat is the way).
-function M.lane(model)
-  local cfg, err = M.config()
-  if cfg == nil then
-    return nil, err
-  end
-  return policy.lane(model, cfg, policy_context())
-end
-
 --- Sends one chat completion through the routing policy (templates, hooks, routes, breakers,
 -- limits). Returns result or nil, message, info (see README).
 function M.chat(opts)

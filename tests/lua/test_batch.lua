@@ -493,14 +493,13 @@ cases.valid_utf8 = function()
   end
 end
 
--- Lanes (lines that differ only in their messages, sent with their model's policy worked out once)
--- and the engine (core.lane: short-form lines of the default model sent, and usual successes
--- written, in C) give the same results and send the same bytes as aigate.chat does for every line.
--- One input runs three ways (aigate.chat only, lanes, lanes and engine) against a server whose
--- reply depends on the prompt: usual completions, every reply the engine leaves to Lua (errors,
--- 429s retried, bodies that are not completions or that it cannot write as they are), odd headers,
--- replies cut by the configured first-byte and stall timeouts (and a slow one under them), and lines
--- the engine or the lanes do not take.
+-- The engine (core.engine: lines of the shapes the policy renders for it sent, and usual successes
+-- written, in C) gives the same results and sends the same bytes as aigate.chat does for every line.
+-- One input runs two ways (aigate.chat only, the engine) against a server whose reply depends on the
+-- prompt: usual completions, every reply the engine leaves to Lua (errors, 429s retried, bodies that
+-- are not completions or that it cannot write as they are), odd headers, replies cut by the
+-- configured first-byte and stall timeouts (and a slow one under them), and lines the engine does
+-- not take.
 local OK_BODY = '{"id":"c1","object":"chat.completion","model":"m-up","choices":[{"index":0,'
   .. '"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],'
   .. '"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}'

@@ -259,11 +259,6 @@ cases.every_attempt_keeps_its_retry_after = function()
       return aigate.chat_with_reply({ config = cfg, model = "m", prompt = "hi" },
         { started = core.now(), latency = 0, res = { status = 429, headers = { ["retry-after"] = "0.1" }, body = "{}" } })
     end, { 0.1, 0.1 } },
-    { "lane replay", { { 503, RA, "{}" }, { 200, nil, OK } }, nil, function(_, cfg)
-      local lane = assert(policy.lane("m", cfg, {}))
-      return lane:replay(lane:messages_json({ { role = "user", content = "hi" } }), 0,
-        { status = 429, headers = { ["retry-after"] = "0.1" }, body = "{}" }, nil, core.now())
-    end, { 0.1, 0.1 } },
   }
   for _, row in ipairs(rows) do
     local r, err = run(row[2], row[3], row[4])

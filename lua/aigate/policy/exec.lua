@@ -239,8 +239,8 @@ local function read_handed(att, req, key, handed)
   return r, msg, info
 end
 
---- The send half of a target attempt (breaker, request, bookkeeping), shared by EXEC.target and
--- lanes: att is the attempt record, req the built request. handed: a reply to this very request
+--- The send half of a target attempt (breaker, request, bookkeeping), for EXEC.target: att is the
+-- attempt record, req the built request. handed: a reply to this very request
 -- that was already sent ({started, latency, res | err}): read instead of sending (the sender
 -- admitted it, so the breaker is not asked; its outcome is recorded all the same).
 function M.send_target(st, node, att, req, handed)

@@ -13,7 +13,7 @@
 --
 -- Its parts: aigate.policy.rules (what a failure means: Retry-After, backoff, retryable),
 -- aigate.policy.exec (the interpreter), aigate.policy.state (a request before and after its route,
--- the retry settings), aigate.policy.lane (lanes, for the batch until it takes render).
+-- the retry settings).
 
 local core = require("aigate.core")
 local provider = require("aigate.provider")
@@ -71,7 +71,6 @@ end
 local rules = require("aigate.policy.rules")
 local exec = require("aigate.policy.exec")
 local state = require("aigate.policy.state")
-local lane = require("aigate.policy.lane")
 
 M.parse_http_date = rules.parse_http_date
 M.retry_after_seconds = rules.retry_after_seconds
@@ -83,8 +82,6 @@ M.set_retry_profile = state.set_retry_profile
 M.retry_profile = state.retry_profile
 M.set_retry_overrides = state.set_retry_overrides
 M.retry_settings = state.retry_settings
-
-M.lane = lane.lane
 
 --- Forgets breakers, limits and throttles (for tests).
 function M.reset()
