@@ -6,8 +6,8 @@
 -- lines); `quote(s)` is the text of one string. `encode_body(body)` and `messages_json(list)` give
 -- the same bytes as encode for a request body and a messages array, faster for the usual shape
 -- (text messages of a role and a content). `decode(s)` reads JSON with lua-cjson. Tables marked with
--- `array_mt` are written as arrays even when empty; `null` stands for JSON null. Needs nothing else
--- from aigate.
+-- `array_mt` are written as arrays even when empty; `null` stands for JSON null. Needs nothing
+-- else from aigate (its strings are written by core.json_quote when aigate.core is there).
 
 local cjson_ok, cjson = pcall(require, "cjson.safe")
 
@@ -34,10 +34,14 @@ local function escape_char(c)
   return ESCAPES[c] or format("\\u%04x", c:byte())
 end
 
--- Strings are escaped by cjson (C: much faster than a Lua pattern over the text), then its "\/" is
--- turned back into "/". Safe: cjson always escapes "/", so in its output a backslash before a "/" is
--- always that escape. The bytes are the same as the Lua escaping (checked for every byte value in
--- tests). Short strings (keys, model ids, roles) are remembered.
+-- Strings are escaped in C by core.json_quote (src/jsontext.c), the one escaping the batch engine
+-- writes with too, so that a request body or a result line is the same bytes from either; without
+-- aigate.core (a plain Lua), by cjson with its "\/" turned back into "/" (safe: cjson always escapes
+-- "/", so in its output a backslash before a "/" is always that escape). The bytes are the same as
+-- the Lua escaping (checked for every byte value in tests). Short strings (keys, model ids, roles)
+-- are remembered.
+local core_ok, core = pcall(require, "aigate.core")
+local c_quote = core_ok and type(core) == "table" and core.json_quote or nil
 local cjson_string = cjson_ok and require("cjson").new().encode
 local MEMO_MAX, MEMO_LEN = 4096, 64
 local memo, memo_n = {}, 0
@@ -52,6 +56,9 @@ end
 M.escape_lua = escape_lua
 
 local function escape_string(s)
+  if c_quote then
+    return c_quote(s)
+  end
   if cjson_string then
     local out = cjson_string(s)
     if find(out, "\\/", 1, true) then
