@@ -1057,7 +1057,6 @@ static char *copy_or_null(lua_State *L, const char *s)
 int core_lane(lua_State *L)
 {
     struct lane *ln;
-    struct buf line;
     const char *ca_file;
     const char *ca_path;
 
@@ -1114,27 +1113,9 @@ int core_lane(lua_State *L)
     lua_getfield(L, 1, "headers");
     if (!lua_istable(L, -1))
         return luaL_error(L, "bad field 'headers' to 'lane' (table expected, got %s)", luaL_typename(L, -1));
-    buf_init(&line);
-    lua_pushnil(L);
-    while (lua_next(L, -2)) {
-        if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TSTRING) {
-            buf_free(&line);
-            return luaL_error(L, "bad field 'headers' to 'lane' (names and values must be strings)");
-        }
-        buf_reset(&line);
-        buf_append(&line, lua_tostring(L, -2), lua_rawlen(L, -2));
-        if (lua_rawlen(L, -1) == 0) {
-            buf_append_char(&line, ';');
-        } else {
-            APPEND_LIT(&line, ": ");
-            buf_append(&line, lua_tostring(L, -1), lua_rawlen(L, -1));
-        }
-        ln->headers = curl_slist_append(ln->headers, line.data);
-        lua_pop(L, 1);
-    }
-    buf_free(&line);
+    if (header_list_from_table(L, -1, &ln->headers) != 0)
+        return luaL_error(L, "bad field 'headers' to 'lane' (names and values must be strings)");
     lua_pop(L, 1);
-    ln->headers = curl_slist_append(ln->headers, "Expect:");
     return 1;
 }
 
