@@ -49,7 +49,7 @@ FUZZ_sse_LIBS := $(LUA_LIBS)
 
 FUZZ_TARGETS += headers
 FUZZ_headers_SRCS := src/headers.c src/buf.c
-FUZZ_headers_LIBS := $(LUA_LIBS)
+FUZZ_headers_LIBS := $(LUA_LIBS) -lcurl
 
 # The HTTP server's request parsing (evhttp under src/http_guard.c's limits), fed one connection's bytes.
 FUZZ_TARGETS += http_request

@@ -513,37 +513,6 @@ static void form_free(struct form *f)
     free(f);
 }
 
-/* The request headers of a group: "Name: value" lines (an empty value as "Name;", which is how
- * curl sends a header with no value), and "Expect:" (no 100-continue round trip). */
-static struct curl_slist *group_headers(lua_State *L, int idx)
-{
-    struct curl_slist *list = NULL;
-    struct buf line;
-
-    luaL_checktype(L, idx, LUA_TTABLE);
-    buf_init(&line);
-    lua_pushnil(L);
-    while (lua_next(L, idx)) {
-        if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TSTRING) {
-            buf_free(&line);
-            curl_slist_free_all(list);
-            luaL_error(L, "engine group: header names and values must be strings");
-        }
-        buf_reset(&line);
-        buf_append(&line, lua_tostring(L, -2), lua_rawlen(L, -2));
-        if (lua_rawlen(L, -1) == 0) {
-            buf_append_char(&line, ';');
-        } else {
-            APPEND_LIT(&line, ": ");
-            buf_append(&line, lua_tostring(L, -1), lua_rawlen(L, -1));
-        }
-        list = curl_slist_append(list, line.data);
-        lua_pop(L, 1);
-    }
-    buf_free(&line);
-    return curl_slist_append(list, "Expect:");
-}
-
 /* Reads a group (the table on top of L) into en's next slot; its index, or raises. */
 static int read_group(lua_State *L, struct engine *en)
 {
@@ -565,7 +534,8 @@ static int read_group(lua_State *L, struct engine *en)
     g->url = strdup(url);
     lua_pop(L, 1);
     lua_getfield(L, idx, "headers");
-    g->headers = group_headers(L, lua_gettop(L));
+    if (header_list_from_table(L, lua_gettop(L), &g->headers) != 0)
+        return luaL_error(L, "engine group: headers must be a table of string names and values");
     lua_pop(L, 1);
     http_read_timeouts(L, idx, "field", "engine group", &g->timeouts);
     http_read_ca(L, idx, "field", "engine group", &ca_file, &ca_path);

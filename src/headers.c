@@ -4,8 +4,11 @@
 #include "headers.h"
 
 #include <ctype.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
+#include <curl/curl.h>
 #include <lua.h>
 
 /* The code of a status line "HTTP/x code reason": the digits after the first space, read within the
@@ -128,4 +131,74 @@ void http_push_headers(lua_State *L, const struct buf *hdrs)
         }
         lua_setfield(L, -2, name);
     }
+}
+
+struct curl_slist *header_list_append(struct curl_slist *list, const char *name, size_t name_len,
+                                      const char *value, size_t value_len)
+{
+    struct buf line;
+    struct curl_slist *more;
+
+    buf_init(&line);
+    buf_append(&line, name, name_len);
+    if (value_len == 0) {
+        buf_append_char(&line, ';');
+    } else {
+        buf_append(&line, ": ", 2);
+        buf_append(&line, value, value_len);
+    }
+    more = curl_slist_append(list, line.data);
+    buf_free(&line);
+    if (more == NULL) {
+        fputs("aigate: out of memory\n", stderr);
+        abort();
+    }
+    return more;
+}
+
+int header_table_check(lua_State *L, int idx)
+{
+    int ok = 1;
+
+    if (lua_isnoneornil(L, idx))
+        return 0;
+    if (!lua_istable(L, idx))
+        return -1;
+    idx = lua_absindex(L, idx);
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TSTRING)
+            ok = 0;
+        lua_pop(L, 1);
+        if (!ok) {
+            lua_pop(L, 1);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+int header_list_from_table(lua_State *L, int idx, struct curl_slist **list)
+{
+    *list = NULL;
+    if (header_table_check(L, idx) != 0)
+        return -1;
+    if (!lua_isnoneornil(L, idx)) {
+        idx = lua_absindex(L, idx);
+        lua_pushnil(L);
+        while (lua_next(L, idx)) {
+            size_t name_len;
+            size_t value_len;
+            const char *name = lua_tolstring(L, -2, &name_len); /* strings: no conversion in place */
+            const char *value = lua_tolstring(L, -1, &value_len);
+            *list = header_list_append(*list, name, name_len, value, value_len);
+            lua_pop(L, 1);
+        }
+    }
+    *list = curl_slist_append(*list, "Expect:");
+    if (*list == NULL) {
+        fputs("aigate: out of memory\n", stderr);
+        abort();
+    }
+    return 0;
 }

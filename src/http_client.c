@@ -652,47 +652,19 @@ static size_t write_cb(char *data, size_t size, size_t nmemb, void *userdata)
 static void check_headers(lua_State *L)
 {
     lua_getfield(L, 1, "headers");
-    if (!lua_isnil(L, -1)) {
-        if (!lua_istable(L, -1))
-            luaL_error(L, "bad option 'headers' to 'request' (table expected, got %s)", luaL_typename(L, -1));
-        lua_pushnil(L);
-        while (lua_next(L, -2)) {
-            if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TSTRING)
-                luaL_error(L, "bad option 'headers' to 'request' (names and values must be strings)");
-            lua_pop(L, 1);
-        }
-    }
+    if (!lua_isnil(L, -1) && !lua_istable(L, -1))
+        luaL_error(L, "bad option 'headers' to 'request' (table expected, got %s)", luaL_typename(L, -1));
+    if (header_table_check(L, -1) != 0)
+        luaL_error(L, "bad option 'headers' to 'request' (names and values must be strings)");
     lua_pop(L, 1);
 }
 
 /* Reads opts.headers (already checked) into tr->headers. */
 static void collect_headers(lua_State *L, struct transfer *tr)
 {
-    struct buf line;
-
     lua_getfield(L, 1, "headers");
-    if (lua_isnil(L, -1)) {
-        lua_pop(L, 1);
-    } else {
-        buf_init(&line);
-        lua_pushnil(L);
-        while (lua_next(L, -2)) {
-            buf_reset(&line);
-            buf_append(&line, lua_tostring(L, -2), lua_rawlen(L, -2));
-            if (lua_rawlen(L, -1) == 0) {
-                buf_append_char(&line, ';'); /* curl's way to send an empty header */
-            } else {
-                buf_append(&line, ": ", 2);
-                buf_append(&line, lua_tostring(L, -1), lua_rawlen(L, -1));
-            }
-            tr->headers = curl_slist_append(tr->headers, line.data);
-            lua_pop(L, 1);
-        }
-        buf_free(&line);
-        lua_pop(L, 1);
-    }
-    /* No "Expect: 100-continue" round trip for large bodies. */
-    tr->headers = curl_slist_append(tr->headers, "Expect:");
+    header_list_from_table(L, -1, &tr->headers);
+    lua_pop(L, 1);
 }
 
 int core_request(lua_State *L)

@@ -3,9 +3,11 @@
  * copy of its exact length without a NUL after it, as curl's header callback does, so a read past
  * the line shows under the sanitizers (`make asan`).
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include <curl/curl.h>
 #include <lauxlib.h>
 #include <lua.h>
 
@@ -159,11 +161,87 @@ static void lua_table(void)
     buf_free(&hdrs);
 }
 
+/* The lines of a curl list, joined with '|'. */
+static void list_text(const struct curl_slist *list, struct buf *out)
+{
+    buf_reset(out);
+    for (; list; list = list->next) {
+        if (out->len)
+            buf_append_char(out, '|');
+        buf_append(out, list->data, strlen(list->data));
+    }
+}
+
+static int list_is(const struct curl_slist *list, const char *want)
+{
+    struct buf text;
+    int same;
+
+    buf_init(&text);
+    list_text(list, &text);
+    same = text.len == strlen(want) && (text.len == 0 || memcmp(text.data, want, text.len) == 0);
+    if (!same)
+        printf("# list: %s\n", text.data ? text.data : "");
+    buf_free(&text);
+    return same;
+}
+
+static void request_lists(void)
+{
+    static struct curl_slist sentinel;
+    lua_State *L = luaL_newstate();
+    struct curl_slist *list;
+    int top;
+
+    list = header_list_append(NULL, "Authorization", 13, "Bearer x", 8);
+    list = header_list_append(list, "X-Empty", 7, "", 0);
+    list = header_list_append(list, "X-Cut", 5, "a\0b", 3);
+    CHECK(list_is(list, "Authorization: Bearer x|X-Empty;|X-Cut: a"),
+          "append: name: value, an empty value as name; (curl sends it), cut at a NUL");
+    curl_slist_free_all(list);
+
+    lua_pushnil(L);
+    top = lua_gettop(L);
+    CHECK(header_list_from_table(L, -1, &list) == 0 && list_is(list, "Expect:"), "from nil: Expect: alone");
+    CHECK(lua_gettop(L) == top, "from nil: the stack as it was");
+    curl_slist_free_all(list);
+    lua_pop(L, 1);
+
+    lua_newtable(L);
+    lua_pushstring(L, "application/json");
+    lua_setfield(L, -2, "Content-Type");
+    top = lua_gettop(L);
+    CHECK(header_list_from_table(L, top, &list) == 0 &&
+              list_is(list, "Content-Type: application/json|Expect:"),
+          "from a table: its headers, Expect: last");
+    CHECK(lua_gettop(L) == top, "from a table: the stack as it was");
+    curl_slist_free_all(list);
+
+    lua_pushinteger(L, 5);
+    lua_setfield(L, -2, "X-Number");
+    list = &sentinel; /* set to NULL on refusal */
+    CHECK(header_list_from_table(L, -1, &list) == -1 && list == NULL,
+          "a value that is not a string: -1, no list");
+    CHECK(header_table_check(L, -1) == -1 && lua_gettop(L) == top, "check: refused, the stack as it was");
+    lua_pop(L, 1);
+
+    lua_newtable(L);
+    lua_pushstring(L, "v");
+    lua_rawseti(L, -2, 1);
+    CHECK(header_table_check(L, -1) == -1, "check: a name that is not a string is refused");
+    lua_pop(L, 1);
+    lua_pushstring(L, "Accept: */*");
+    CHECK(header_table_check(L, -1) == -1, "check: a string is not a table");
+    CHECK(header_table_check(L, 10) == 0, "check: none (past the top) is no headers");
+    lua_close(L);
+}
+
 int main(void)
 {
     status_lines();
     header_sets();
     malformed_sets();
     lua_table();
+    request_lists();
     return unit_finish();
 }
