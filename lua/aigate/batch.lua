@@ -393,7 +393,7 @@ end
 --- A success line. Keys in a fixed order (id, custom_id, error, response, aigate) so that --resume
 -- can read id and outcome without decoding the body. raw: the reply's bytes when known (written as
 -- they are, so the body reads exactly as the provider sent it), else the decoded body is encoded.
--- response.request_id: the reply's request id header (client.request_id), else null.
+-- response.request_id: the reply's request id header (errors.request_id), else null.
 function M.success_line(req_id, item, res, raw)
   local body = res.body
   local request_id = request_id_of(res.headers)

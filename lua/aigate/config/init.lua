@@ -17,7 +17,6 @@
 
 local route = require("aigate.route")
 local validate = require("aigate.config.validate")
-local lint = require("aigate.config.lint")
 
 local util = require("aigate.util")
 local secrets = require("aigate.secrets")
@@ -29,7 +28,10 @@ M.validate_all = validate.validate_all
 M.find_line = validate.find_line
 M.each_ref = validate.each_ref
 M.ROUTE_PREFIX = validate.ROUTE_PREFIX
-M.lint = lint.lint
+--- The lint of a config (aigate.config.lint, loaded when first asked for: only `aigate check` uses it).
+function M.lint(cfg)
+  return require("aigate.config.lint").lint(cfg)
+end
 
 --- An empty config (what you get with no config file).
 function M.default()
@@ -127,7 +129,7 @@ function M.check_file(path)
   local notes = {}
   if cfg then
     local found
-    found, notes = lint.lint(cfg)
+    found, notes = M.lint(cfg)
     for _, p in ipairs(found) do
       problems[#problems + 1] = p
     end

@@ -71,7 +71,6 @@ end
 local rules = require("aigate.policy.rules")
 local exec = require("aigate.policy.exec")
 local state = require("aigate.policy.state")
-local lane = require("aigate.policy.lane")
 
 M.parse_http_date = rules.parse_http_date
 M.retry_after_seconds = rules.retry_after_seconds
@@ -84,7 +83,10 @@ M.retry_profile = state.retry_profile
 M.set_retry_overrides = state.set_retry_overrides
 M.retry_settings = state.retry_settings
 
-M.lane = lane.lane
+--- The lane of model under cfg (aigate.policy.lane, loaded when first asked for: only batches use it).
+function M.lane(model, cfg, context)
+  return require("aigate.policy.lane").lane(model, cfg, context)
+end
 
 --- Forgets breakers, limits and throttles (for tests).
 function M.reset()
