@@ -285,15 +285,15 @@ function M.messages(v)
     return "must be an array of {role =, content =} tables", typename(v)
   end
   for i, m in ipairs(v) do
-    local part = format("message %d", i)
     if type(m) ~= "table" then
-      return "must be a table", typename(m), part
+      return "must be a table", typename(m), format("message %d", i)
     end
     if type(m.role) ~= "string" then
-      return "needs a string 'role'", typename(m.role), part
+      return "needs a string 'role'", typename(m.role), format("message %d", i)
     end
-    if m.content ~= nil and type(m.content) ~= "string" and type(m.content) ~= "table" then
-      return "'content' must be a string or a table", typename(m.content), part
+    local c = m.content
+    if c ~= nil and type(c) ~= "string" and type(c) ~= "table" then
+      return "'content' must be a string or a table", typename(c), format("message %d", i)
     end
   end
 end
