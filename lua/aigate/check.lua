@@ -244,8 +244,7 @@ function M.headers(v)
   if type(v) ~= "table" then
     return "must be a table of header name = value", typename(v)
   end
-  for _, k in ipairs(util.sorted_keys(v)) do
-    local s = v[k]
+  for k, s in pairs(v) do
     if type(k) ~= "string" or not k:match("^[%w!#$%%&'*+%-.^_`|~]+$") then
       return format("has a bad header name %s", type(k) == "string" and ("'" .. k .. "'") or tostring(k))
     end
@@ -265,12 +264,12 @@ function M.metadata(v)
     return "must be a table", typename(v)
   end
   local n = 0
-  for _, k in ipairs(util.sorted_keys(v)) do
+  for k, x in pairs(v) do
     n = n + 1
     if type(k) ~= "string" then
       return "keys must be strings", typename(k)
     end
-    local tx = type(v[k])
+    local tx = type(x)
     if tx ~= "string" and tx ~= "number" and tx ~= "boolean" then
       return "must be a string, number or boolean", tx, format("value of '%s'", k)
     end
@@ -285,15 +284,15 @@ function M.messages(v)
     return "must be an array of {role =, content =} tables", typename(v)
   end
   for i, m in ipairs(v) do
-    local part = format("message %d", i)
     if type(m) ~= "table" then
-      return "must be a table", typename(m), part
+      return "must be a table", typename(m), format("message %d", i)
     end
     if type(m.role) ~= "string" then
-      return "needs a string 'role'", typename(m.role), part
+      return "needs a string 'role'", typename(m.role), format("message %d", i)
     end
-    if m.content ~= nil and type(m.content) ~= "string" and type(m.content) ~= "table" then
-      return "'content' must be a string or a table", typename(m.content), part
+    local c = m.content
+    if c ~= nil and type(c) ~= "string" and type(c) ~= "table" then
+      return "'content' must be a string or a table", typename(c), format("message %d", i)
     end
   end
 end

@@ -15,11 +15,12 @@
 -- Gateway rules (gateway path only): no `Authorization: Bearer <x>` and no `cf-aig-authorization:
 -- Bearer <x>` -> 401 code 2009; account `authgw` -> 401 code 2009 unless cf-aig-authorization is
 -- sent; bare `@cf/...` id -> 400 code 2008; id without a provider prefix -> 400 code 2005; unknown
--- provider prefix -> 400 code 2008 (known: the client's provider.GATEWAY_PREFIXES, one list for both,
--- and `mock`); `workers-ai/` + an id not under @cf/ or @hf/, or a Gemini name ->
--- 400 provider error. Every path: invalid JSON body -> 400 envelope code 2002 (the mock's choice);
--- no model or no messages -> 400 OpenAI-style; unknown path -> 404 code 2001; another method than
--- POST (chat) or GET (models) -> 405 code 2001 with `allow`.
+-- provider prefix -> 400 code 2008 (known: what the client's provider.known_prefix says, one rule
+-- for both: provider.GATEWAY_PREFIXES in any case, and `mock`); `workers-ai/` + an id not under
+-- @cf/ or @hf/, or a Gemini name -> 400 provider error. Every path: invalid JSON body -> 400
+-- envelope code 2002 (the mock's choice); no model or no messages -> 400 OpenAI-style; unknown
+-- path -> 404 code 2001; another method than POST (chat) or GET (models) -> 405 code 2001 with
+-- `allow`.
 --
 -- Fault models. The ids are `mock/<name>` on every path (`mock` is a known provider prefix here);
 -- any other `mock/...` id, e.g. `mock/echo`, answers normally.
@@ -98,13 +99,6 @@ local ARGUMENT_PIECE_BYTES = 8 -- streamed pieces of a tool call's arguments
 local MAX_CHOICES = 128 -- the most `n` may ask for, as OpenAI allows
 local DYNAMIC_PROVIDER = "workers-ai"
 local DYNAMIC_MODEL = providers.DEFAULT_MODEL
-
--- Provider prefixes the gateway's /compat endpoint knows: the client's own list (which has `dynamic`
--- routes), plus the mock's fault models.
-local PROVIDERS = { mock = true }
-for _, name in ipairs(providers.GATEWAY_PREFIXES) do
-  PROVIDERS[name] = true
-end
 
 -- Request headers that carry credentials (cookies too): never written to the log as sent.
 local process_secrets = require "aigate.secrets"
@@ -874,11 +868,11 @@ local function check_gateway_model(ctx)
     envelope(ctx, 400, 2005, "Failed to get response from provider")
     return false
   end
-  if not PROVIDERS[provider] then
+  if not providers.known_prefix(provider) then -- the client's rule: one list for both
     envelope(ctx, 400, 2008, "Invalid provider")
     return false
   end
-  if provider == "workers-ai" and (not name:match("^@[ch]f/") or name:lower():match("gemini")) then
+  if provider:lower() == "workers-ai" and (not name:match("^@[ch]f/") or name:lower():match("gemini")) then
     provider_error(ctx, 400, "invalid_request_error", "5007", "No such model " .. name, nil, "model")
     return false
   end

@@ -80,6 +80,13 @@ for _, p in ipairs(M.GATEWAY_PREFIXES) do
   KNOWN_PREFIX[p] = true
 end
 
+--- Whether the gateway's /compat endpoint routes model ids with this provider prefix: one of
+-- GATEWAY_PREFIXES in any case, or `mock`. The one rule for the client (which warns about other
+-- prefixes) and for `aigate mock` (which refuses them as the gateway does).
+function M.known_prefix(prefix)
+  return KNOWN_PREFIX[prefix] == true or KNOWN_PREFIX[prefix:lower()] == true
+end
+
 -- What each well-known variable is for, for the missing-variables message.
 M.PURPOSE = {
   CLOUDFLARE_ACCOUNT_ID = "your Cloudflare account id (part of the gateway URL)",
@@ -237,8 +244,7 @@ function M.check_gateway_model(id)
   if rest == "" then
     return nil, string.format("model id '%s' has nothing after the provider prefix '%s/'", id, prefix)
   end
-  local lower = prefix:lower()
-  if not KNOWN_PREFIX[prefix] and not KNOWN_PREFIX[lower] then
+  if not M.known_prefix(prefix) then
     local near = M.nearest(prefix, M.GATEWAY_PREFIXES)
     local msg = string.format("model '%s': '%s' is not a provider prefix the gateway is known to route", id, prefix)
     if near then

@@ -302,4 +302,45 @@ cases.names_and_nearest = function()
   t.eq(provider.distance("", "abc"), 3)
 end
 
+-- The mock routes exactly the provider prefixes the client knows, by the client's one rule
+-- (provider.known_prefix): every prefix of the list, in any case, and `mock`; another prefix is
+-- refused as the gateway refuses it. (The mock used to keep a list of its own, which took only the
+-- lower-case names.)
+cases.mock_routes_the_prefixes_the_client_knows = function()
+  local core = require("aigate.core")
+  if core.is_stub or core.listen == nil then
+    t.skip("needs the aigate binary (core.listen)")
+  end
+  local server = assert(require("aigate.mock").start({ host = "127.0.0.1", port = 0, quiet = true }))
+  t.defer(function()
+    server:close()
+  end)
+  local function status(model)
+    local res, err = core.request({ url = server.url .. "/v1/acc/gw/compat/chat/completions", method = "POST",
+      headers = { ["content-type"] = "application/json", authorization = "Bearer mock-key-123456" },
+      body = string.format('{"model":"%s","messages":[{"role":"user","content":"hi"}]}', model) })
+    return assert(res, err).status, res.body
+  end
+  local prefixes = { "mock", "MOCK" }
+  for _, p in ipairs(provider.GATEWAY_PREFIXES) do
+    if p ~= "dynamic" then -- dynamic/<name> is a route of the gateway's, not a provider
+      prefixes[#prefixes + 1] = p
+      prefixes[#prefixes + 1] = p:upper()
+    end
+  end
+  for _, p in ipairs(prefixes) do
+    t.truthy(provider.known_prefix(p), p)
+    local model = p:lower() == "workers-ai" and (p .. "/@cf/meta/llama-3.1-8b-instruct") or (p .. "/some-model")
+    local ok, warnings = provider.check_gateway_model(model)
+    t.eq({ ok, #warnings }, { true, 0 }, "the client takes " .. model .. " without a warning")
+    t.eq(status(model), 200, "the mock routes " .. model)
+  end
+  t.eq(provider.known_prefix("no-such-vendor"), false)
+  local _, warnings = provider.check_gateway_model("no-such-vendor/m")
+  t.contains(warnings[1], "is not a provider prefix the gateway is known to route")
+  local code, body = status("no-such-vendor/m")
+  t.eq(code, 400)
+  t.contains(body, "2008")
+end
+
 return cases

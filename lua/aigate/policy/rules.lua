@@ -7,12 +7,8 @@ local provider = require("aigate.provider")
 local M = {}
 
 -- The policy (aigate.policy) whose clock (time) and randomness (random) these use; tests replace
--- them there. Loaded when first needed: the policy loads this module while it loads.
-local P
-local function policy()
-  P = P or require("aigate.policy")
-  return P
-end
+-- them there. It is in package.loaded before it loads its parts.
+local P = require("aigate.policy")
 
 -- Retry-After ------------------------------------------------------------------------------------
 
@@ -59,7 +55,7 @@ function M.retry_after_seconds(v, now_wall)
   end
   local t = M.parse_http_date(provider.trim(v))
   if t then
-    return math.max(0, t - (now_wall or policy().time()))
+    return math.max(0, t - (now_wall or P.time()))
   end
   return nil
 end
@@ -75,7 +71,7 @@ function M.backoff_delay(node, i, random)
   local delay = kinds[node.backoff or "exponential"]
   local j = node.jitter or 0
   if j > 0 then
-    delay = delay * (1 - j + 2 * j * (random or policy().random)())
+    delay = delay * (1 - j + 2 * j * (random or P.random)())
   end
   return delay
 end

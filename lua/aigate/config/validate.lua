@@ -1,106 +1,18 @@
--- aigate.config: finding, loading and validating the user's config file.
---
--- The config is a Lua file returning a table (gateway settings, named models
--- with their parameters, the default model, extra providers, and the routing
--- policy: routes, templates, hooks, prices, breaker and retry settings). `load` looks for
--- it (explicit path, ./aigate.lua, $XDG_CONFIG_HOME/aigate/config.lua or
--- ~/.config/aigate/config.lua), runs it, and `validate` checks every key against
--- the schema below. Errors name the file, the line of the key (found in the file
--- text) and the key, and suggest the nearest valid name for a misspelt one.
--- Returns `cfg` or `nil, err`; used by the CLI and by aigate.chat. Every message is redacted (the
--- file is code, and may fail with a token in its message), and the secrets the config names (token
--- variables, ${VAR} in headers, credentials written in headers) join the process's set as soon as
--- its table is seen.
+-- aigate.config.validate: checks a config table against the schema (aigate.config.schema) and the
+-- references between its parts: every problem at once, each with the file, the line of the key
+-- (found in the file text) and the key, and the nearest valid name for a misspelt one. Routes are
+-- compiled here (aigate.route), templates checked (aigate.template), and the secrets the config
+-- names join the process's set before anything is checked.
 
 local provider = require("aigate.provider")
 local check = require("aigate.check")
-local request = require("aigate.request")
 local route = require("aigate.route")
 local template = require("aigate.template")
+local SCHEMA = require("aigate.config.schema").sections
 
 local util = require("aigate.util")
 local secrets = require("aigate.secrets")
 local M = {}
-
--- The schema: for each section, key -> check (aigate.check), or the name of the Validator method
--- that checks a section of its own. Other modules may extend it.
-M.schema = {
-  top = {
-    gateway = "gateway",
-    models = "models",
-    providers = "providers",
-    default_model = check.string,
-    source = check.string,
-    routes = "routes",
-    templates = "templates",
-    hooks = "hooks",
-    prices = "prices",
-    breaker = "breaker",
-    retry = "retry",
-    timeouts = "timeouts",
-    max_response_size = check.count,
-    tls = "tls",
-  },
-  timeouts = {
-    timeout = check.positive,
-    connect_timeout = check.positive,
-    first_byte_timeout = check.positive,
-    stall_timeout = check.positive,
-  },
-  tls = {
-    ca_file = check.ca_file,
-    ca_path = check.ca_path,
-  },
-  hooks = {
-    before_request = check.func,
-    after_response = check.func,
-  },
-  price = {
-    input = check.nonnegative,
-    output = check.nonnegative,
-  },
-  breaker = {
-    failures = check.count,
-    failure_rate = check.rate,
-    min_requests = check.count,
-    window = check.positive,
-    cooldown = check.positive,
-  },
-  retry = {
-    retries = check.whole,
-    budget = check.positive,
-    delay = check.nonnegative,
-    max_backoff = check.nonnegative,
-    rate_limits = check.one_of("count", "wait"),
-    max_attempts = check.count,
-    max_delay = check.nonnegative,
-    max_retry_after = check.nonnegative,
-  },
-  gateway = {
-    account_id = check.id_segment(),
-    gateway_id = check.id_segment(provider.MAX_GATEWAY_ID),
-    base_url = check.url,
-    auth = check.one_of("bearer", "cf-aig"),
-    token_env = check.env_name,
-    provider_key_env = check.env_name,
-    headers = check.headers,
-    system_messages = request.MODEL_META.system_messages,
-  },
-  -- a named model: what it is (request.MODEL_META), then the chat parameters (request.BODY_PARAMS)
-  model = {},
-  provider = {
-    base_url = check.url,
-    token_env = check.env_name,
-    headers = check.headers,
-    system_messages = request.MODEL_META.system_messages,
-  },
-}
-for k, fn in pairs(request.MODEL_META) do
-  M.schema.model[k] = fn
-end
-for k, fn in pairs(request.BODY_PARAMS) do
-  M.schema.model[k] = fn
-end
 
 -- Locating keys in the file text ------------------------------------------------
 
@@ -188,7 +100,7 @@ function Validator:fail(path, msg)
   self.errors[#self.errors + 1] = string.format("%s: %s: %s", where, path_text(path), msg)
 end
 
--- Checks table `t` against section schema `schema` at `path`.
+-- Checks table `t` against section schema `schema` (one of SCHEMA's) at `path`.
 function Validator:section(t, schema, path)
   local names = sorted_keys(schema)
   for _, key in ipairs(sorted_keys(t)) do
@@ -222,7 +134,7 @@ function Validator:gateway(v, path)
   if type(v) ~= "table" then
     return self:fail(path, "must be a table")
   end
-  self:section(v, M.schema.gateway, path)
+  self:section(v, SCHEMA.gateway, path)
 end
 
 function Validator:models(v, path)
@@ -240,7 +152,7 @@ function Validator:models(v, path)
     elseif type(entry) ~= "table" then
       self:fail(mpath, "must be a model id string or a table { model = ..., ... }")
     else
-      self:section(entry, M.schema.model, mpath)
+      self:section(entry, SCHEMA.model, mpath)
       if entry.model == nil then
         self:fail(mpath, "missing key 'model' (the model id, e.g. \"workers-ai/@cf/meta/llama-3.1-8b-instruct\")")
       end
@@ -261,7 +173,7 @@ function Validator:providers(v, path)
     elseif type(entry) ~= "table" then
       self:fail(ppath, "must be a table { base_url = ..., token_env = ... }")
     else
-      self:section(entry, M.schema.provider, ppath)
+      self:section(entry, SCHEMA.provider, ppath)
       if entry.base_url == nil and provider.providers[name] == nil then
         self:fail(ppath, "missing key 'base_url'")
       end
@@ -276,7 +188,7 @@ function Validator:hooks(v, path)
   if type(v) ~= "table" then
     return self:fail(path, "must be a table { before_request = function(req, ctx) ... end, after_response = ... }")
   end
-  self:section(v, M.schema.hooks, path)
+  self:section(v, SCHEMA.hooks, path)
 end
 
 function Validator:breaker(v, path)
@@ -287,7 +199,7 @@ function Validator:breaker(v, path)
     return self:fail(path, "must be false (no breakers) or a table { failure_rate = r, min_requests = n, failures = n, "
       .. "window = s, cooldown = s }")
   end
-  self:section(v, M.schema.breaker, path)
+  self:section(v, SCHEMA.breaker, path)
 end
 
 function Validator:retry(v, path)
@@ -295,21 +207,21 @@ function Validator:retry(v, path)
     return self:fail(path, "must be a table { retries = n, budget = s, delay = s, max_backoff = s, max_attempts = n, "
       .. "max_delay = s, max_retry_after = s }")
   end
-  self:section(v, M.schema.retry, path)
+  self:section(v, SCHEMA.retry, path)
 end
 
 function Validator:timeouts(v, path)
   if type(v) ~= "table" then
     return self:fail(path, "must be a table { timeout = s, connect_timeout = s, first_byte_timeout = s, stall_timeout = s }")
   end
-  self:section(v, M.schema.timeouts, path)
+  self:section(v, SCHEMA.timeouts, path)
 end
 
 function Validator:tls(v, path)
   if type(v) ~= "table" then
     return self:fail(path, "must be a table { ca_file = \"file.pem\", ca_path = \"directory\" }")
   end
-  self:section(v, M.schema.tls, path)
+  self:section(v, SCHEMA.tls, path)
 end
 
 function Validator:prices(v, path)
@@ -322,7 +234,7 @@ function Validator:prices(v, path)
     if type(v[name]) ~= "table" then
       self:fail(ppath, "must be a table { input = USD per 1M tokens, output = USD per 1M tokens }")
     else
-      self:section(v[name], M.schema.price, ppath)
+      self:section(v[name], SCHEMA.price, ppath)
     end
   end
 end
@@ -561,7 +473,7 @@ function M.validate_all(tbl, source, text)
   register_secrets(tbl)
   local cfg = copy(tbl)
   local v = setmetatable({ source = source, text = text, errors = {} }, Validator)
-  v:section(cfg, M.schema.top, {})
+  v:section(cfg, SCHEMA.top, {})
   if type(cfg.models) == "table" and (cfg.providers == nil or type(cfg.providers) == "table") then
     v:cross(cfg)
   end
@@ -577,197 +489,10 @@ function M.validate_all(tbl, source, text)
   return cfg, v.errors
 end
 
---- An empty config (what you get with no config file).
-function M.default()
-  return { gateway = {}, models = {}, providers = {} }
-end
-
-local run_config
-
-local read_file = util.read_file
-
---- The config file that `load(nil)` would use, or nil when there is none.
-function M.find(getenv)
-  getenv = getenv or os.getenv
-  local candidates = { "aigate.lua" }
-  local xdg = getenv("XDG_CONFIG_HOME")
-  if xdg and xdg ~= "" then
-    candidates[#candidates + 1] = xdg .. "/aigate/config.lua"
-  else
-    local home = getenv("HOME")
-    if home and home ~= "" then
-      candidates[#candidates + 1] = home .. "/.config/aigate/config.lua"
-    end
-  end
-  for _, path in ipairs(candidates) do
-    local f = io.open(path, "r")
-    if f then
-      f:close()
-      return path
-    end
-  end
-  return nil
-end
-
--- Runs a config chunk and validates its table. Combinator mistakes are collected while the file
--- runs, so every one of them is reported. Returns cfg (nil when the file fails) and the problems.
-run_config = function(chunk, path, text)
-  local saved = route.collect_begin()
-  local ok, result = pcall(chunk)
-  local problems = route.collect_end(saved)
-  if not ok then
-    problems[#problems + 1] = tostring(result)
-    return nil, problems
-  end
-  if type(result) ~= "table" then
-    problems[#problems + 1] = string.format("%s: the config file must return a table (got %s)", path, type(result))
-    return nil, problems
-  end
-  local cfg, errs = M.validate_all(result, path, text)
-  for _, e in ipairs(errs) do
-    problems[#problems + 1] = e
-  end
-  return cfg, problems
-end
-
---- Loads and validates a config file. With no path, searches the usual places and
--- returns the default config when there is none. Returns cfg or nil, err.
-function M.load(path, getenv)
-  if path ~= nil and type(path) ~= "string" then
-    error(string.format("config.load: path must be a string (got %s)", type(path)), 2)
-  end
-  if path == nil then
-    path = M.find(getenv)
-    if path == nil then
-      return M.default()
-    end
-  end
-  local text, rerr = read_file(path)
-  if text == nil then
-    return nil, string.format("cannot read config file: %s", rerr)
-  end
-  local env = setmetatable({}, { __index = _G })
-  local chunk, lerr = load(text, "@" .. path, "t", env)
-  if chunk == nil then
-    return nil, secrets.redact(lerr)
-  end
-  local cfg, problems = run_config(chunk, path, text)
-  if #problems > 0 then
-    return nil, secrets.redact(table.concat(problems, "\n"))
-  end
-  return cfg
-end
-
---- Loads a config file for `aigate check`: returns the array of every problem (loading, validation
--- and lint), the array of notes, and the config (nil when the file does not run).
-function M.check_file(path)
-  local text, rerr = read_file(path)
-  if text == nil then
-    return { string.format("cannot read config file: %s", rerr) }, {}
-  end
-  local chunk, lerr = load(text, "@" .. path, "t", setmetatable({}, { __index = _G }))
-  if chunk == nil then
-    return { secrets.redact(lerr) }, {}
-  end
-  local cfg, problems = run_config(chunk, path, text)
-  local notes = {}
-  if cfg then
-    local lint
-    lint, notes = M.lint(cfg)
-    for _, p in ipairs(lint) do
-      problems[#problems + 1] = p
-    end
-  end
-  return secrets.redact_table(problems, 1), secrets.redact_table(notes, 1), cfg
-end
-
--- Lint -------------------------------------------------------------------------------------------
-
---- Problems that do not stop a request but that `aigate check` reports: model ids the gateway will
--- likely refuse (invented Gemini ids on Workers AI, unknown provider prefixes), a default_model that
--- is neither a named model nor a route nor a model id, cost limits without prices, routes that go to
--- the gateway's own dynamic routes. Returns an array of "file:line: what: message" lines and an
--- array of notes (informational).
-function M.lint(cfg)
-  local text
-  if type(cfg.source) == "string" then
-    text = read_file(cfg.source)
-  end
-  local v = setmetatable({ source = cfg.source, text = text, errors = {} }, Validator)
-  local notes = {}
-  local seen = {}
-  local function check_id(id, p, where, label)
-    local key = label .. "\0" .. id
-    if seen[key] then
-      return
-    end
-    seen[key] = true
-    local m, err = provider.resolve_model({ model = id, provider = p, cfg = cfg })
-    if m == nil then
-      v.errors[#v.errors + 1] = string.format("%s: %s: %s", where, label, err)
-      return
-    end
-    for _, w in ipairs(m.warnings) do
-      v.errors[#v.errors + 1] = string.format("%s: %s: %s", where, label, w)
-    end
-  end
-  for _, name in ipairs(sorted_keys(cfg.models or {})) do
-    local entry = cfg.models[name]
-    if type(entry) == "table" and type(entry.model) == "string" then
-      check_id(entry.model, entry.provider, v:where({ "models", name }), "models." .. name)
-    end
-  end
-  local routes = cfg.routes or {}
-  for _, key in ipairs(sorted_keys(routes)) do
-    local label = string.format("routes[%q]", key)
-    M.each_ref(routes[key], v:where({ "routes", key }), function(s, loc, node)
-      local id = provider.trim(s)
-      if routes[id] == nil and (cfg.models or {})[id] == nil then
-        if id:match("^dynamic/") then
-          local near = provider.nearest(id, sorted_keys(routes))
-          if near then
-            v.errors[#v.errors + 1] = string.format("%s: %s: '%s' is not defined here and goes to the gateway; did you mean '%s'?", loc, label, id, near)
-          else
-            notes[#notes + 1] = string.format("%s: %s: '%s' is not defined here: it goes to the gateway's own dynamic route", loc, label, id)
-          end
-        elseif id:find("/", 1, true) then -- ids without a prefix are reported by validate
-          check_id(id, node and node.params and node.params.provider, loc, label)
-        end
-      end
-    end)
-    local function cost_limits(n, depth)
-      if not route.is_node(n) or depth > 64 then
-        return
-      end
-      if n.kind == "limit" and n.cost and next(cfg.prices or {}) == nil then
-        v.errors[#v.errors + 1] = string.format("%s: %s: a cost limit needs prices: add prices = { [\"model id\"] = { input = ..., output = ... } }", n.loc, label)
-      end
-      for _, c in ipairs(route.children(n)) do
-        cost_limits(c, depth + 1)
-      end
-    end
-    cost_limits(routes[key], 0)
-  end
-  local dm = cfg.default_model
-  if type(dm) == "string" and routes[dm] == nil and (cfg.models or {})[dm] == nil then
-    if not dm:find("/", 1, true) and not dm:match("^@cf/") then
-      local names = sorted_keys(cfg.models or {})
-      for _, k in ipairs(sorted_keys(routes)) do
-        names[#names + 1] = k
-      end
-      local near = provider.nearest(dm, names)
-      v.errors[#v.errors + 1] = string.format("%s: default_model: '%s' is not a named model or a route, nor a model id with a provider prefix%s",
-        v:where({ "default_model" }), dm, near and (" (did you mean '" .. near .. "'?)") or "")
-    elseif not dm:match("^dynamic/") then
-      check_id(dm, nil, v:where({ "default_model" }), "default_model")
-    end
-  end
-  for _, name in ipairs(sorted_keys(cfg.prices or {})) do
-    if (cfg.models or {})[name] == nil and not name:find("/", 1, true) then
-      v.errors[#v.errors + 1] = string.format("%s: prices: '%s' is not a named model or a model id", v:where({ "prices", name }), name)
-    end
-  end
-  return v.errors, notes
+--- A validator for findings of its own about a config (lint): v:fail(path, msg), v:where(path),
+-- v.errors.
+function M.validator(source, text)
+  return setmetatable({ source = source, text = text, errors = {} }, Validator)
 end
 
 return M

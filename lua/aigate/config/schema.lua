@@ -1,0 +1,90 @@
+-- aigate.config.schema: what a config file may hold, key by key: for each section, key -> check
+-- (aigate.check), or the name of the validator method that checks a section of its own
+-- (aigate.config.validate). A named model takes what request.MODEL_META names and the chat
+-- parameters (request.BODY_PARAMS). Other modules may extend it.
+
+local provider = require("aigate.provider")
+local check = require("aigate.check")
+local request = require("aigate.request")
+
+local M = {}
+
+M.sections = {
+  top = {
+    gateway = "gateway",
+    models = "models",
+    providers = "providers",
+    default_model = check.string,
+    source = check.string,
+    routes = "routes",
+    templates = "templates",
+    hooks = "hooks",
+    prices = "prices",
+    breaker = "breaker",
+    retry = "retry",
+    timeouts = "timeouts",
+    max_response_size = check.count,
+    tls = "tls",
+  },
+  timeouts = {
+    timeout = check.positive,
+    connect_timeout = check.positive,
+    first_byte_timeout = check.positive,
+    stall_timeout = check.positive,
+  },
+  tls = {
+    ca_file = check.ca_file,
+    ca_path = check.ca_path,
+  },
+  hooks = {
+    before_request = check.func,
+    after_response = check.func,
+  },
+  price = {
+    input = check.nonnegative,
+    output = check.nonnegative,
+  },
+  breaker = {
+    failures = check.count,
+    failure_rate = check.rate,
+    min_requests = check.count,
+    window = check.positive,
+    cooldown = check.positive,
+  },
+  retry = {
+    retries = check.whole,
+    budget = check.positive,
+    delay = check.nonnegative,
+    max_backoff = check.nonnegative,
+    rate_limits = check.one_of("count", "wait"),
+    max_attempts = check.count,
+    max_delay = check.nonnegative,
+    max_retry_after = check.nonnegative,
+  },
+  gateway = {
+    account_id = check.id_segment(),
+    gateway_id = check.id_segment(provider.MAX_GATEWAY_ID),
+    base_url = check.url,
+    auth = check.one_of("bearer", "cf-aig"),
+    token_env = check.env_name,
+    provider_key_env = check.env_name,
+    headers = check.headers,
+    system_messages = request.MODEL_META.system_messages,
+  },
+  -- a named model: what it is (request.MODEL_META), then the chat parameters (request.BODY_PARAMS)
+  model = {},
+  provider = {
+    base_url = check.url,
+    token_env = check.env_name,
+    headers = check.headers,
+    system_messages = request.MODEL_META.system_messages,
+  },
+}
+for k, fn in pairs(request.MODEL_META) do
+  M.sections.model[k] = fn
+end
+for k, fn in pairs(request.BODY_PARAMS) do
+  M.sections.model[k] = fn
+end
+
+return M
