@@ -3,7 +3,9 @@
 # into the binary runs when no source tree is next to it (a copy of the binary alone chats with the
 # mock), and in a source tree whose files are those it was built from; an edited file there, or
 # AIGATE_LUA_PATH, makes it read the files. Line numbers survive in tracebacks, and the instruction
-# budget leaves library code alone either way. Every .lua under lua/ is part of the build.
+# budget leaves library code alone either way. Every .lua under lua/ is part of the build. --version,
+# --help and `chat --help` load no library module that they do not use, and `run` of a script that
+# does not ask for the API loads neither it nor the policy, yet configures it as before when asked.
 . "$(dirname "$0")/lib.sh"
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -134,5 +136,63 @@ if make -s -q -C "$ROOT" gen/lua_library.c 2> /dev/null; then
 else
     fail "make: the library is built" "gen/lua_library.c is out of date: run make"
 fi
+
+# poisoned DIR KEEP...: a copy of lua/ in DIR where every module but aigate.cli, aigate.cmd.* and
+# the KEEP files (paths below lua/) raises when loaded: a command run on it loads none of them.
+poisoned() {
+    local dir=$1 f
+    shift
+    cp -R "$ROOT/lua" "$dir"
+    (cd "$dir" && find . -name '*.lua' | sed 's|^\./||') | while IFS= read -r f; do
+        case "$f" in aigate/cli.lua | aigate/cmd/*) continue ;; esac
+        printf '%s\n' "$@" | grep -qxF "$f" && continue
+        echo 'error("loaded " .. ... .. ", which this command does not use")' > "$dir/$f"
+    done
+}
+poisoned none
+for args in "--version" "--help" "help chat"; do
+    # shellcheck disable=SC2086 # the words of args are the arguments
+    out=$(AIGATE_LUA_PATH="$TMP/none" "$AIGATE" $args 2>&1)
+    expect_eq "aigate $args: exit 0 loading no library module" "$? $(printf '%s' "$out" | grep -c loaded)" "0 0"
+done
+poisoned chat_help aigate/secrets.lua aigate/provider.lua aigate/util.lua
+out=$(AIGATE_LUA_PATH="$TMP/chat_help" "$AIGATE" chat --help 2>&1)
+expect_eq "aigate chat --help: exit 0 without the client" "$? $(printf '%s' "$out" | grep -c loaded)" "0 0"
+
+# run: with no config file and no option to apply, the API and the policy wait for the script's
+# require "aigate"; once asked, the library is configured as before (the defaults, validated).
+mkdir -p lazy
+(cd "$ROOT/lua" && find . -name '*.lua') | while IFS= read -r f; do
+    mkdir -p "lazy/$(dirname "$f")" && cp "$ROOT/lua/$f" "lazy/$f"
+done
+echo 'error("loaded aigate.policy, which an empty run does not use")' > lazy/aigate/policy.lua
+echo 'error("loaded aigate, which an empty run does not use")' > lazy/aigate/init.lua
+: > empty.lua
+out=$(AIGATE_LUA_PATH="$TMP/lazy" "$AIGATE" run empty.lua 2>&1)
+expect_eq "run empty.lua: exit 0 without the API or the policy" "$? $out" "0 "
+out=$(AIGATE_LUA_PATH="$TMP/lazy" "$AIGATE" run <(echo 'require "aigate"') 2>&1)
+expect_match "run: the script's require \"aigate\" loads it" "$out" "loaded aigate, which"
+cat > config_seen.lua <<'EOF'
+local before = package.loaded["aigate"] ~= nil
+local aigate = require "aigate"
+local cfg = aigate.config()
+local keys = {}
+for k in pairs(cfg) do keys[#keys + 1] = k end
+table.sort(keys)
+print(tostring(before) .. " " .. table.concat(keys, ",") .. " " .. cfg.source .. " " .. tostring(next(cfg.routes)))
+EOF
+out=$("$AIGATE" run config_seen.lua 2>&1)
+expect_eq "run, no config file: the API waits for the script, then has the validated defaults" "$out" \
+    "false gateway,models,providers,routes,source,templates aigate.configure nil"
+out=$("$AIGATE" run --retries 2 config_seen.lua 2>&1)
+expect_eq "run --retries: the API is set up before the script, with the same defaults" "$out" \
+    "true gateway,models,providers,routes,source,templates aigate.configure nil"
+echo 'return { default_model = "workers-ai/@cf/meta/llama-3.1-8b-instruct" }' > aigate.lua
+out=$("$AIGATE" run config_seen.lua 2>&1)
+expect_match "run, a config file: loaded before the script" "$out" "^true .* aigate\.lua nil$"
+echo 'return { nonsense = 1 }' > aigate.lua
+"$AIGATE" run empty.lua > out 2> err
+expect_eq "run, a bad config file: exit 2 before the script" "$?" 2
+rm -f aigate.lua
 
 finish
