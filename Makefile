@@ -30,7 +30,7 @@ DEB_PACKAGES := gcc make pkg-config liblua5.4-dev libcurl4-openssl-dev lua-cjson
                 openssl \
                 lua-check
 
-.PHONY: all test asan asan-build fuzz fuzz-build fuzz-replays valgrind demo bench bench-instructions deps \
+.PHONY: all test asan asan-build fuzz fuzz-build fuzz-replays valgrind demo bench bench-startup bench-instructions deps \
         install uninstall clean clean-units units lint format
 
 # ---- fuzz harnesses (tests/fuzz/) ------------------------------------------------------------------
@@ -169,6 +169,13 @@ bench: deps
 	$(MAKE) -C tests/bench
 	tests/bench/run.sh
 	tests/bench/limits.sh
+	tests/bench/startup.sh
+
+# Start-up alone: aigate's short commands against a program that only initialises libcurl.
+bench-startup: deps
+	$(MAKE) aigate
+	$(MAKE) -C tests/bench
+	tests/bench/startup.sh
 
 # Instructions per request (callgrind): figures that do not move between runs, for judging a change.
 bench-instructions: deps
