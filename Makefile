@@ -3,6 +3,7 @@
 # through sudo), so both work on a fresh Debian/Ubuntu machine.
 
 PREFIX   ?= /usr/local
+# Where installs before the library was built into the binary put the Lua files: uninstall removes them.
 DATADIR  ?= $(PREFIX)/share/aigate
 CC       ?= cc
 PKGS     := lua5.4 libcurl libevent
@@ -11,7 +12,7 @@ WARN     := -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wmissing-prototy
 STD      := -std=c99 -D_DEFAULT_SOURCE -D_POSIX_C_SOURCE=200809L -pthread
 DEPCFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null || echo -I/usr/include/lua5.4)
 DEPLIBS   = -l:liblua5.4-cjson.a $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -llua5.4 -lcurl -levent) -lm -pthread
-ALL_CFLAGS = $(STD) $(WARN) $(CFLAGS) $(DEPCFLAGS) -DAIGATE_DATADIR='"$(DATADIR)"'
+ALL_CFLAGS = $(STD) $(WARN) $(CFLAGS) $(DEPCFLAGS)
 ASAN_FLAGS = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined -DAIGATE_DEBUG
 # The sanitizer build uses clang when it is there (`make asan` installs it): clang's UBSan also flags
 # arithmetic on a NULL pointer (NULL + 0, part of -fsanitize=pointer-overflow), which gcc's does not.
@@ -21,7 +22,8 @@ LUA_LIBS  = $(shell pkg-config --libs lua5.4 2>/dev/null || echo -llua5.4)
 
 SRCS := src/main.c src/core.c src/task.c src/http_client.c src/http_server.c src/http_guard.c src/jsonscan.c \
         src/sse.c src/buf.c src/headers.c src/linereader.c src/idset.c \
-        src/scan.c src/sys.c src/engine.c src/reply.c src/tmpl.c src/jsontext.c src/lineshape.c
+        src/scan.c src/sys.c src/engine.c src/reply.c src/tmpl.c src/jsontext.c src/lineshape.c \
+        src/library.c
 HDRS := $(wildcard src/*.h)
 UNIT_TESTS := $(patsubst tests/unit/%.c,tests/unit/%,$(wildcard tests/unit/test_*.c))
 UNIT_LIB := src/sse.c src/buf.c src/headers.c src/linereader.c src/idset.c src/jsonscan.c src/scan.c src/jsontext.c \
@@ -31,8 +33,8 @@ DEB_PACKAGES := gcc make pkg-config liblua5.4-dev libcurl4-openssl-dev lua-cjson
                 openssl \
                 lua-check
 
-.PHONY: all test asan asan-build fuzz fuzz-build fuzz-replays valgrind demo bench bench-instructions deps install uninstall \
-        clean clean-units units lint format
+.PHONY: all test asan asan-build fuzz fuzz-build fuzz-replays valgrind demo bench bench-startup bench-instructions deps \
+        install uninstall clean clean-units units lint format
 
 # ---- fuzz harnesses (tests/fuzz/) ------------------------------------------------------------------
 # A harness is tests/fuzz/fuzz_<name>.c (libFuzzer's LLVMFuzzerTestOneInput), declared here with
@@ -72,11 +74,29 @@ FUZZ_line_id_LIBS := -l:liblua5.4-cjson.a $(LUA_LIBS) -lm
 
 all: aigate
 
-aigate: $(SRCS) $(HDRS)
-	$(CC) $(ALL_CFLAGS) -o $@ $(SRCS) $(DEPLIBS)
+# The Lua library built into the binary (src/library.h): every .lua under lua/, listed anew by each
+# make, compiled to bytecode by tools/embed_lua (built with this Lua). A directory's time changes when
+# a file is added to it or removed, so that rebuilds the library too. The generated file is data only:
+# one object, for aigate and aigate-asan alike.
+LUA_SRCS := $(shell find lua -name '*.lua' | LC_ALL=C sort)
+LUA_DIRS := $(shell find lua -type d)
+LIBRARY_OBJ := gen/lua_library.o
 
-aigate-asan: $(SRCS) $(HDRS)
-	$(ASAN_CC) $(STD) $(WARN) $(ASAN_FLAGS) $(DEPCFLAGS) -o $@ $(SRCS) $(DEPLIBS)
+tools/embed_lua: tools/embed_lua.c
+	$(CC) $(ALL_CFLAGS) -o $@ $< $(LUA_LIBS)
+
+gen/lua_library.c: tools/embed_lua $(LUA_SRCS) $(LUA_DIRS)
+	@mkdir -p gen
+	tools/embed_lua $@ lua $(LUA_SRCS)
+
+$(LIBRARY_OBJ): gen/lua_library.c src/library.h
+	$(CC) $(STD) $(CFLAGS) $(DEPCFLAGS) -Isrc -c -o $@ $<
+
+aigate: $(SRCS) $(HDRS) $(LIBRARY_OBJ)
+	$(CC) $(ALL_CFLAGS) -o $@ $(SRCS) $(LIBRARY_OBJ) $(DEPLIBS)
+
+aigate-asan: $(SRCS) $(HDRS) $(LIBRARY_OBJ)
+	$(ASAN_CC) $(STD) $(WARN) $(ASAN_FLAGS) $(DEPCFLAGS) -o $@ $(SRCS) $(LIBRARY_OBJ) $(DEPLIBS)
 
 tests/unit/%: tests/unit/%.c $(UNIT_LIB) $(HDRS) tests/unit/unit.h
 	$(CC) $(ALL_CFLAGS) -Isrc -o $@ $< $(UNIT_LIB) $(DEPLIBS)
@@ -137,9 +157,11 @@ asan: deps
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 AIGATE_BIN=./aigate-asan AIGATE_ASAN=1 tests/run.sh; \
 	  rc=$$?; $(MAKE) clean-units; exit $$rc
 
-# (A make of its own, so that ASAN_CC sees the clang just installed.)
+# (A make of its own, so that ASAN_CC sees the clang just installed. The binary is made again, not
+# all it depends on: the built-in Lua library is data, the same for both builds.)
 asan-build:
-	$(MAKE) -B aigate-asan
+	rm -f aigate-asan
+	$(MAKE) aigate-asan
 	$(MAKE) clean-units
 	$(MAKE) units fuzz-replays CC="$(ASAN_CC)" CFLAGS="$(ASAN_FLAGS)"
 
@@ -159,6 +181,13 @@ bench: deps
 	$(MAKE) -C tests/bench
 	tests/bench/run.sh
 	tests/bench/limits.sh
+	tests/bench/startup.sh
+
+# Start-up alone: aigate's short commands against a program that only initialises libcurl.
+bench-startup: deps
+	$(MAKE) aigate
+	$(MAKE) -C tests/bench
+	tests/bench/startup.sh
 
 # Instructions per request (callgrind): figures that do not move between runs, for judging a change.
 bench-instructions: deps
@@ -167,7 +196,7 @@ bench-instructions: deps
 	$(MAKE) deps DEB_PACKAGES=valgrind
 	tests/bench/instructions.sh
 
-C_FORMATTED = src/*.c src/*.h tests/unit/*.c tests/unit/*.h tests/bench/*.c tests/bench/*.h $(wildcard tests/fuzz/*.c tests/fuzz/*.h)
+C_FORMATTED = src/*.c src/*.h tools/*.c tests/unit/*.c tests/unit/*.h tests/bench/*.c tests/bench/*.h $(wildcard tests/fuzz/*.c tests/fuzz/*.h)
 
 # luacheck over every Lua file (part of `make test` too), and clang-format's verdict on the C sources.
 lint:
@@ -179,11 +208,10 @@ lint:
 format:
 	clang-format -i $(C_FORMATTED)
 
+# The binary is the whole install: the Lua library is built into it.
 install: aigate
 	install -d $(DESTDIR)$(PREFIX)/bin
 	install -m 755 aigate $(DESTDIR)$(PREFIX)/bin/aigate
-	cd lua && find aigate -name '*.lua' | while read f; do \
-	  install -D -m 644 "$$f" "$(DESTDIR)$(DATADIR)/$$f" || exit 1; done
 
 uninstall:
 	rm -f $(DESTDIR)$(PREFIX)/bin/aigate
@@ -193,4 +221,5 @@ clean-units:
 	rm -f $(UNIT_TESTS) $(FUZZ_REPLAYS)
 
 clean: clean-units
-	rm -f aigate aigate-asan $(FUZZ_BINS)
+	rm -f aigate aigate-asan $(FUZZ_BINS) tools/embed_lua
+	rm -rf gen

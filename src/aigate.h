@@ -92,8 +92,9 @@ void vm_leave(int depth);
 #define VM_DEFAULT_BUDGET 1000000000LL
 /* Reads $AIGATE_MAX_INSTRUCTIONS; returns -1 when it is set but not a whole number >= 0. */
 int vm_budget_from_env(void);
-/* The Lua directory of the aigate library (as in package.path): its code is not counted. */
-void vm_set_library(const char *lua_dir);
+/* How the chunk names of the aigate library's code start ("=aigate/" built in, "@DIR/aigate/" read
+ * from files): its code is not counted. */
+void vm_set_library(const char *prefix);
 /* The signal (SIGINT/SIGTERM) that interrupted busy Lua code, or 0. */
 int task_interrupted(void);
 

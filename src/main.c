@@ -1,10 +1,11 @@
 /*
  * main.c: start-up and shut-down of the aigate host.
  *
- * Sets up the event loop, libcurl and one Lua state with the aigate modules on its path, then runs
- * the main task: `require("aigate.cli").main(argv)`. The loop runs until that task ends (its result
- * is the exit status) or a signal stops the process; then every pending operation is cancelled and
- * everything is freed, so sanitizer builds see no leaks.
+ * Sets up the event loop, libcurl and one Lua state that finds the aigate library (built into the
+ * binary, or read from files: set_package_path), then runs the main task:
+ * `require("aigate.cli").main(argv)`. The loop runs until that task ends (its result is the exit
+ * status) or a signal stops the process; then every pending operation is cancelled and everything is
+ * freed, so sanitizer builds see no leaks.
  */
 #include <limits.h>
 #include <signal.h>
@@ -22,10 +23,7 @@
 #include <lualib.h>
 
 #include "aigate.h"
-
-#ifndef AIGATE_DATADIR
-#define AIGATE_DATADIR "/usr/local/share/aigate"
-#endif
+#include "library.h"
 
 int luaopen_cjson(lua_State *L);
 int luaopen_cjson_safe(lua_State *L);
@@ -39,59 +37,70 @@ static int file_exists(const char *path)
     return stat(path, &st) == 0;
 }
 
-/* Finds the directory holding aigate/init.lua: $AIGATE_LUA_PATH; next to the binary (a build tree);
- * ../share/aigate from the binary's directory (an install, wherever it was put); else the data
- * directory compiled in. */
-static void find_lua_dir(char *out, size_t size)
+/* Whether the binary sits in a source tree: lua/aigate/init.lua next to it or in its parent directory
+ * (the build's own binaries); *out is then that lua/ directory. */
+static int find_source_tree(char *out, size_t size)
 {
-    const char *env = getenv("AIGATE_LUA_PATH");
     char exe[PATH_MAX - 64];
     char probe[PATH_MAX];
-    ssize_t n;
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+    char *slash;
 
-    if (env && *env) {
-        snprintf(out, size, "%s", env);
-        return;
+    if (n <= 0)
+        return 0;
+    exe[n] = '\0';
+    slash = strrchr(exe, '/');
+    if (slash)
+        *slash = '\0';
+    snprintf(probe, sizeof(probe), "%s/lua/aigate/init.lua", exe);
+    if (file_exists(probe)) {
+        snprintf(out, size, "%s/lua", exe);
+        return 1;
     }
-    n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
-    if (n > 0) {
-        char *slash;
-        exe[n] = '\0';
-        slash = strrchr(exe, '/');
-        if (slash)
-            *slash = '\0';
-        snprintf(probe, sizeof(probe), "%s/lua/aigate/init.lua", exe);
-        if (file_exists(probe)) {
-            snprintf(out, size, "%s/lua", exe);
-            return;
-        }
-        snprintf(probe, sizeof(probe), "%s/../lua/aigate/init.lua", exe);
-        if (file_exists(probe)) {
-            snprintf(out, size, "%s/../lua", exe);
-            return;
-        }
-        /* Installed: PREFIX/bin/aigate finds PREFIX/share/aigate, whatever PREFIX it was built for. */
-        slash = strrchr(exe, '/');
-        if (slash)
-            *slash = '\0';
-        snprintf(probe, sizeof(probe), "%s/share/aigate/aigate/init.lua", exe);
-        if (slash && file_exists(probe)) {
-            snprintf(out, size, "%s/share/aigate", exe);
-            return;
-        }
+    snprintf(probe, sizeof(probe), "%s/../lua/aigate/init.lua", exe);
+    if (file_exists(probe)) {
+        snprintf(out, size, "%s/../lua", exe);
+        return 1;
     }
-    snprintf(out, size, "%s", AIGATE_DATADIR);
+    return 0;
 }
 
-/* package.path: the aigate library first, then the script's own directory. */
+/* Where the aigate library comes from. Built into the binary (library.h), so that no Lua is compiled
+ * at start, unless the files are to be read instead: those of $AIGATE_LUA_PATH (a directory, or a
+ * path template with '?'), or those of the source tree the binary sits in when one of them changed
+ * since the build (an edit takes effect without `make`, as it did when the files were always read).
+ * package.path: the files' directory when there is one (in an unchanged tree, for a module added since
+ * the build), then the script's own directory. */
 static void set_package_path(lua_State *L)
 {
+    const char *env = getenv("AIGATE_LUA_PATH");
     char dir[PATH_MAX];
+    char library[PATH_MAX + 16];
+    int files;
 
-    find_lua_dir(dir, sizeof(dir));
-    vm_set_library(dir);
+    dir[0] = '\0';
+    if (env && *env) {
+        snprintf(dir, sizeof(dir), "%s", env);
+        files = 1;
+    } else {
+        files = find_source_tree(dir, sizeof(dir)) && !library_matches(dir);
+    }
+    if (files) {
+        const char *q = strchr(dir, '?');
+        /* Chunk names of files are "@" and the file name: a template's '?' made "aigate/<module>". */
+        if (q)
+            snprintf(library, sizeof(library), "@%.*saigate/", (int)(q - dir), dir);
+        else
+            snprintf(library, sizeof(library), "@%s/aigate/", dir);
+        vm_set_library(library);
+    } else {
+        library_add_searcher(L);
+        vm_set_library(LIBRARY_CHUNK_PREFIX);
+    }
     lua_getglobal(L, "package");
-    if (strchr(dir, '?'))
+    if (dir[0] == '\0')
+        lua_pushliteral(L, "./?.lua;./?/init.lua");
+    else if (strchr(dir, '?'))
         lua_pushfstring(L, "%s;./?.lua;./?/init.lua", dir);
     else
         lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;./?.lua;./?/init.lua", dir, dir);

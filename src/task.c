@@ -193,15 +193,9 @@ int vm_budget_from_env(void)
     return 0;
 }
 
-void vm_set_library(const char *lua_dir)
+void vm_set_library(const char *prefix)
 {
-    const char *q = strchr(lua_dir, '?');
-
-    /* Chunk names are "@" and the file name: the path template with '?' made "aigate/<module>". */
-    if (q)
-        snprintf(vm.library, sizeof(vm.library), "@%.*saigate/", (int)(q - lua_dir), lua_dir);
-    else
-        snprintf(vm.library, sizeof(vm.library), "@%s/aigate/", lua_dir);
+    snprintf(vm.library, sizeof(vm.library), "%s", prefix);
     vm.library_len = strlen(vm.library);
 }
 

@@ -3,11 +3,9 @@
 -- Called by the host as require("aigate.cli").main(argv); returns the exit status:
 -- 0 success, 1 the request or script failed, 2 usage or configuration error (130 on SIGINT, set by
 -- the host).
+-- Modules are required where they are used, so that a command loads only what it needs (--version
+-- and --help load none but the commands' own).
 local core = require "aigate.core"
--- Loaded first, before any code of the user's runs: the host's own error reports go through it too,
--- and aigate.provider tells it every token variable.
-local secrets = require "aigate.secrets"
-require "aigate.provider"
 
 local M = {}
 
@@ -17,7 +15,7 @@ local EXIT_OK, EXIT_USAGE = M.EXIT_OK, M.EXIT_USAGE
 --- Writes a line on stderr, every secret of the process redacted (errors quote what failing code
 -- put in them).
 function M.eprint(...)
-  io.stderr:write(secrets.redact(table.concat({...})), "\n")
+  io.stderr:write(require("aigate.secrets").redact(table.concat({...})), "\n")
   io.stderr:flush()
 end
 
@@ -248,6 +246,10 @@ function M.main(argv)
       local near = nearest(first, all)
       M.usage_error(nil, "unknown command '" .. first .. "'" .. (near and (" (did you mean '" .. near .. "'?)") or ""))
     end
+    -- Loaded before any code of the user's runs: the host's own error reports go through
+    -- aigate.secrets too, and aigate.provider tells it every token variable.
+    require "aigate.secrets"
+    require "aigate.provider"
     return cmd.main(argv)
   end, function(e)
     if type(e) == "table" then return e end

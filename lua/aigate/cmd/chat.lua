@@ -1,7 +1,7 @@
 -- cmd/chat.lua: `aigate chat`, one prompt sent through the policy and streamed to stdout.
 local core = require "aigate.core"
 local cli = require "aigate.cli"
-local request = require "aigate.request"
+local request -- aigate.request, loaded when a prompt is to be sent (not for --help)
 
 local M = {}
 
@@ -63,11 +63,16 @@ local NUMBER_RULES = {
   max_tokens = { integer = true, min = 1 },
   top_p = { min = 0, max = 1 },
   seed = { integer = true },
-  cache_ttl = { integer = true, min = request.CACHE_TTL_MIN, max = request.CACHE_TTL_MAX, unit = "seconds" },
   request_timeout = { integer = true, min = 1, unit = "ms" },
   timeout = { above = 0, unit = "seconds" },
   retries = cli.RETRIES_RULE,
 }
+
+-- Loads the request builder, and with it the range of --cache-ttl.
+local function load_request()
+  request = require "aigate.request"
+  NUMBER_RULES.cache_ttl = { integer = true, min = request.CACHE_TTL_MIN, max = request.CACHE_TTL_MAX, unit = "seconds" }
+end
 
 -- Holds the request to aigate.chat's own checks before anything is read or sent, so that a value
 -- the library refuses is a usage error naming the command-line option, not a traceback.
@@ -166,6 +171,7 @@ function M.main(argv)
   local vars, words = take_params(cmd, argv)
   local opts, pos = cli.parse(cmd, CHAT_OPTS, words, 2)
   if opts.help then print(M.help) return cli.EXIT_OK end
+  load_request()
   local aigate = require "aigate"
   local n = function(key) return cli.number_opt(cmd, opts, key, NUMBER_RULES[key]) end
   local req = {

@@ -50,8 +50,16 @@ local LIMIT_RULES = {
   body_timeout = SECONDS,
   idle_timeout = SECONDS,
 }
-for _, name in ipairs(require("aigate.mock").LIMITS) do
-  MOCK_OPTS[#MOCK_OPTS + 1] = { (name:gsub("_", "-")), nil, "value" }
+
+-- The options: MOCK_OPTS and one per limit of aigate.mock (loaded when the command runs, not for
+-- `aigate --help`).
+local function mock_opts(mock)
+  local specs = {}
+  for i, spec in ipairs(MOCK_OPTS) do specs[i] = spec end
+  for _, name in ipairs(mock.LIMITS) do
+    specs[#specs + 1] = { (name:gsub("_", "-")), nil, "value" }
+  end
+  return specs
 end
 
 local function parse_listen(cmd, s)
@@ -67,11 +75,11 @@ end
 
 function M.main(argv)
   local cmd = "mock"
-  local opts, pos = cli.parse(cmd, MOCK_OPTS, argv, 2)
+  local mock = require "aigate.mock"
+  local opts, pos = cli.parse(cmd, mock_opts(mock), argv, 2)
   if opts.help then print(M.help) return cli.EXIT_OK end
   if #pos > 0 then cli.usage_error(cmd, "unexpected argument '" .. pos[1] .. "'") end
   local host, port = parse_listen(cmd, opts.listen or "127.0.0.1:8787")
-  local mock = require "aigate.mock"
   local start = {host = host, port = port, log = opts.log, quiet = opts.quiet}
   for _, name in ipairs(mock.LIMITS) do
     start[name] = cli.number_opt(cmd, opts, name, LIMIT_RULES[name])

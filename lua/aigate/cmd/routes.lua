@@ -1,7 +1,6 @@
 -- cmd/routes.lua: `aigate routes`, the named models and routes of the config and what each resolves to.
 local cli = require "aigate.cli"
 
-local util = require("aigate.util")
 local M = {}
 
 M.summary = [[list the named models and routes and what each resolves to]]
@@ -15,14 +14,13 @@ defined in the config goes to the gateway's own dynamic route.]]
 
 local ROUTES_OPTS = {{"config", nil, "value"}, {"help", "h", "flag"}}
 
-local sorted_keys = util.sorted_keys
-
 function M.main(argv)
   local cmd = "routes"
   local opts, pos = cli.parse(cmd, ROUTES_OPTS, argv, 2)
   if opts.help then print(M.help) return cli.EXIT_OK end
   if #pos > 0 then cli.usage_error(cmd, "unexpected argument '" .. pos[1] .. "'") end
   local cfg = cli.load_config(opts.config)
+  local sorted_keys = require("aigate.util").sorted_keys
   local route = require "aigate.route"
   local policy = require "aigate.policy"
   local provider = require "aigate.provider"

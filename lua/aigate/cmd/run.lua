@@ -21,6 +21,28 @@ Options:
 
 local RUN_OPTS = {{"config", nil, "value"}, {"retries", nil, "value"}, {"cacert", nil, "value"}, {"help", "h", "flag"}}
 
+-- Sets the library up for the script: the config, --cacert and --retries. When there is nothing to
+-- apply (no option, no config file), the library is not loaded now but by the script's first
+-- `require "aigate"`, which then configures it with the defaults as load_config would have: a script
+-- that does not use the API starts without the client and the policy.
+local function set_up(cmd, opts, retries)
+  if opts.config == nil and opts.cacert == nil and retries == nil then
+    local config = require "aigate.config"
+    if config.find(require("aigate.core").getenv) == nil then
+      package.preload.aigate = function()
+        package.preload.aigate = nil
+        local aigate = require "aigate"
+        aigate.configure(config.default())
+        return aigate
+      end
+      return
+    end
+  end
+  cli.use_cacert(cmd, opts.cacert)
+  cli.load_config(opts.config)
+  cli.apply_retries(retries)
+end
+
 function M.main(argv)
   local cmd = "run"
   local opts, pos = cli.parse(cmd, RUN_OPTS, argv, 2, true)
@@ -39,9 +61,7 @@ function M.main(argv)
     cli.eprint("aigate: ", lerr)
     return cli.EXIT_USAGE
   end
-  cli.use_cacert(cmd, opts.cacert)
-  cli.load_config(opts.config)
-  cli.apply_retries(retries)
+  set_up(cmd, opts, retries)
   local script_arg = {[0] = script}
   for i = 2, #pos do script_arg[i - 1] = pos[i] end
   _G.arg = script_arg
