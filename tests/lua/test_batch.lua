@@ -18,13 +18,15 @@ end
 cases.openai_form = function()
   local item = parse([[{"custom_id":"r1","method":"POST","url":"/v1/chat/completions",
     "body":{"model":"openai/gpt-4o","messages":[{"role":"user","content":"hi"}],"temperature":0.2,
-    "logprobs":true,"stream":true,"n":2}}]])
+    "logprobs":true,"stream":true,"n":2,"x_custom":{"a":1}}}]])
   t.eq(item.id, "r1")
   t.eq(item.code, nil)
   t.eq(item.opts.model, "openai/gpt-4o")
   t.eq(item.opts.temperature, 0.2)
   t.eq(item.opts.messages[1].content, "hi")
-  t.eq(item.opts.extra_body, { logprobs = true, n = 2 }) -- stream dropped: batch never streams
+  -- the chat parameters of aigate.request's one list are options, anything else goes to extra_body
+  t.eq({ item.opts.logprobs, item.opts.n }, { true, 2 })
+  t.eq(item.opts.extra_body, { x_custom = { a = 1 } }) -- stream dropped: batch never streams
   t.eq(item.opts.stream, nil)
 end
 
@@ -752,6 +754,56 @@ cases.property_random_lines_and_replies_same_through_the_engine = function()
   t.eq(rc2, rc1)
   t.eq(engined, general)
   t.eq(sent2, sent1)
+end
+
+-- A line queued again after its route ended in a 429 keeps the attempts of every try in its result,
+-- each with its Retry-After (the policy's retries count rate limits here: 2 tries, then the batch
+-- queues the line again, then a third try succeeds).
+cases.a_requeued_line_keeps_every_attempt = function()
+  local aigate = require("aigate")
+  local core = require("aigate.core")
+  local n = 0
+  local srv = assert(core.listen({ port = 0, handler = function(_, res)
+    n = n + 1
+    if n <= 2 then
+      res:respond(429, { ["Retry-After"] = "0.02", ["Content-Type"] = "application/json" }, '{"error":"slow down"}')
+    else
+      res:respond(200, { ["Content-Type"] = "application/json" }, OK_BODY)
+    end
+  end }))
+  local saved = aigate.config()
+  aigate.configure({
+    gateway = { base_url = "http://127.0.0.1:" .. srv.port .. "/v1/a/g/compat" },
+    retry = { retries = 1, delay = 0, budget = 30, rate_limits = "count" },
+  })
+  local throttle = require("aigate.throttle")
+  local max_pause = throttle.MAX_PAUSE
+  throttle.MAX_PAUSE = 0
+  local dir = t.tmpdir()
+  local input = t.write(dir, "in.jsonl", '{"id":"q","prompt":"p"}\n')
+  local out = dir .. "/out.jsonl"
+  for _, engine in ipairs({ false, true }) do
+    n = 0
+    require("aigate.breaker").reset()
+    require("aigate.policy").reset()
+    local ok, rc = pcall(batch.run, { input = input, output = out, concurrency = 1, quiet = true, overwrite = true,
+      model = "openai/gpt-4o-mini", engine = engine and nil or false })
+    t.truthy(ok, rc)
+    t.eq(rc, 0)
+    local v = cjson.decode(io.open(out):read("l"))
+    local what = engine and "through the engine" or "through aigate.chat"
+    t.eq(v.aigate.batch_retries, 1, what)
+    local statuses, waits = {}, {}
+    for i, a in ipairs(v.aigate.attempts) do
+      statuses[i], waits[i] = a.status, a.retry_after
+    end
+    t.eq(statuses, { 429, 429, 200 }, what)
+    t.eq(waits, { 0.02, 0.02 }, what)
+  end
+  throttle.MAX_PAUSE = max_pause
+  aigate.configure(saved)
+  srv:close()
+  require("aigate.policy").reset()
 end
 
 cases.the_engine_matches_the_general_path = function()

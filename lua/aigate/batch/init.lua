@@ -219,6 +219,17 @@ function State:requeue(item, info)
   return true
 end
 
+-- The attempts of a line's result: those of its earlier tries (a line queued again after a 429 is
+-- run again by aigate.chat, with a new list) first, so every attempt and its Retry-After is kept.
+local function with_earlier(item, list)
+  local earlier = item.earlier
+  if earlier == nil or type(list) ~= "table" then return list end
+  local all = {}
+  for i = 1, #earlier do all[i] = earlier[i] end
+  for i = 1, #list do all[#earlier + i] = list[i] end
+  return all
+end
+
 -- Runs one item (a line that parsed): the request (and every retry), the result line. handed: the
 -- reply the engine got for the line's first request (aigate.chat_with_reply goes on from it).
 function State:run_item(item, handed)
@@ -251,6 +262,7 @@ function State:run_item(item, handed)
         self.tpm_next = self.tpm_next + (res.usage.total_tokens - item.token_estimate) * 60 / self.tpm
       end
       res.latency = core.now() - item.t_start -- the whole line: its route, every retry, every requeue
+      res.attempts = with_earlier(item, res.attempts)
       self:record_ok(res)
       self:count_outcome("ok")
       -- the provider's bytes, so the result line carries them unchanged (cjson would turn [] into {}
@@ -264,7 +276,10 @@ function State:run_item(item, handed)
       self.unfinished = self.unfinished + 1
       return
     end
-    if not self:requeue(item, info) then
+    if self:requeue(item, info) then
+      item.earlier = with_earlier(item, info.attempts)
+    else
+      info.attempts = with_earlier(item, info.attempts)
       self.active = self.active - 1
       local code = error_code(info)
       self:count_outcome(code == "rate_limit_exceeded" and "http 429" or (code:gsub("_", " ")))

@@ -23,12 +23,9 @@ M.MAX_LINE = 8 * 1024 * 1024
 
 -- ---- input lines --------------------------------------------------------------------------------
 
--- Chat parameters of an OpenAI request body that aigate.chat takes as options; any other body field
--- goes to extra_body unchanged.
-M.BODY_OPTIONS = {
-  temperature = true, max_tokens = true, top_p = true, frequency_penalty = true, presence_penalty = true,
-  seed = true, stop = true, response_format = true, tools = true, tool_choice = true,
-}
+-- Chat parameters of an OpenAI request body that aigate.chat takes as options (the one list of them,
+-- aigate.request's); any other body field goes to extra_body unchanged.
+M.BODY_OPTIONS = require("aigate.request").BODY_PARAMS
 -- Body fields a batch does not forward: batch requests are never streamed.
 local BODY_DROPPED = { model = true, messages = true, stream = true, stream_options = true }
 -- Short-form fields refused (functions or whole configs cannot come from a data file).
