@@ -67,10 +67,20 @@ EOF2
 run "$TMP/coro.lua"
 expect_match "waiting inside a plain coroutine is a clear error" "$OUT" "false.*outside an aigate task"
 
+# The writer sends "ab", then waits until the script's other task has ticked three times while
+# core.read waits for more (it says so with a file), then sends the rest: if core.read blocked the
+# loop the ticks would not come (the writer gives up after 20 s and the line says false).
 cat > "$TMP/read.lua" <<'EOF2'
 local core = require "aigate.core"
 local ticks = 0
-local ticker = core.spawn(function() for _ = 1, 6 do core.sleep(0.05) ticks = ticks + 1 end end)
+local flag = arg[1]
+local ticker = core.spawn(function()
+  for _ = 1, 6 do
+    core.sleep(0.05)
+    ticks = ticks + 1
+    if ticks == 3 and flag then io.open(flag, "w"):close() end
+  end
+end)
 local got = {}
 while true do
   local s, err = core.read(0, 3)
@@ -81,7 +91,9 @@ local during = ticks
 core.wait(ticker)
 print(table.concat(got) .. " " .. tostring(during >= 3))
 EOF2
-out=$( (printf 'ab'; sleep 0.3; printf 'cdef') | "$AIGATE" run "$TMP/read.lua")
+rm -f "$TMP/ticked"
+out=$( (printf 'ab'; for _ in $(seq 1 400); do [ -e "$TMP/ticked" ] && break; sleep 0.05; done; printf 'cdef') |
+    "$AIGATE" run "$TMP/read.lua" "$TMP/ticked")
 expect_eq "core.read waits for a slow pipe without blocking other tasks" "$out" "abcdef true"
 out=$("$AIGATE" run "$TMP/read.lua" < "$TMP/read.lua" | head -c 20)
 expect_eq "core.read reads a regular file" "$out" "local core = require"
