@@ -86,7 +86,7 @@ local fill
 local function hole_text(h, v)
   local kind = h.hole
   if kind == "str" then
-    return type(v) == "string" and quote(v) or "null"
+    return type(v) == "string" and quote(v) or enc(v)
   elseif kind == "raw" then
     return v
   elseif kind == "int" then
@@ -282,41 +282,72 @@ local USAGE = {
   ',"total_tokens":', hole("num", "total_tokens", { fmt = COUNT.fmt }), "}",
 }
 
---- The template of a success line. Keys in a fixed order (id, custom_id, error, response, aigate) so
--- that --resume can read id and outcome without decoding the body. s: what is the same for every
--- line it writes: model, provider, step, route, cost, batch_retries (each written when not nil) and
--- attempts (the attempt list's JSON, or a template of it).
+-- The template of a success line. Keys in a fixed order (id, custom_id, error, response, aigate) so
+-- that --resume can read id and outcome without decoding the body. One constant template: Lua fills
+-- it for the results of aigate.chat, and the engine fills it bound to its model (M.bind: the values
+-- that are the same for every line of the model written in, model to attempts).
+M.SUCCESS = {
+  '{"id":"', hole("raw", "req_id"), '","custom_id":', hole("str", "custom_id"),
+  ',"error":null,"response":{"status_code":', hole("int", "status"),
+  ',"request_id":', hole("str", "request_id", { headers = REQUEST_ID_HEADERS }),
+  ',"body":', hole("raw", "body"),
+  '},"aigate":{"line":', hole("int", "line"), ',"model":', hole("str", "model"),
+  hole("str", "provider", { opt = ',"provider":' }),
+  hole("str", "response_model", { opt = ',"response_model":' }),
+  hole("num", "latency", { opt = ',"latency":', fmt = "%.6f" }),
+  ',"usage":', hole("alt", "usage", { yes = USAGE, no = "null" }),
+  hole("raw", "step", { opt = ',"step":' }), -- JSON text (jstr): a number or a string
+  hole("str", "route", { opt = ',"route":' }),
+  hole("num", "cost", { opt = ',"cost":', fmt = "%.10g" }),
+  hole("str", "cache_status", { opt = ',"cache_status":', headers = CACHE_STATUS_HEADERS }),
+  hole("int", "batch_retries", { opt = ',"batch_retries":' }),
+  ',"attempts":', hole("raw", "attempts"), "}}",
+}
+
+--- Template t with the holes named in `names` filled from values (a value that is a template is
+-- put in whole): what stays are the holes of the values that differ line by line. Adjacent texts are
+-- joined.
+function M.bind(t, values, names)
+  local out, n = {}, 0
+  local function text(x)
+    if n > 0 and type(out[n]) == "string" then
+      out[n] = out[n] .. x
+    else
+      n = n + 1
+      out[n] = x
+    end
+  end
+  for i = 1, #t do
+    local x = t[i]
+    if type(x) == "string" then
+      text(x)
+    elseif names[x.src] then
+      local v = values[x.src]
+      if type(v) == "table" then
+        if x.opt then text(x.opt) end
+        for j = 1, #v do
+          if type(v[j]) == "string" then text(v[j]) else n = n + 1; out[n] = v[j] end
+        end
+      else
+        text(M.render({ x }, values))
+      end
+    else
+      n = n + 1
+      out[n] = x
+    end
+  end
+  return out
+end
+
+--- The success template of lines that share model, provider, step, route, cost, batch_retries and
+-- attempts (the attempt list's JSON, or a template of it): the engine's, one per model.
+local STATIC = { model = true, provider = true, step = true, route = true, cost = true, batch_retries = true,
+  attempts = true }
 function M.success_template(s)
-  local t = {
-    '{"id":"', hole("raw", "req_id"), '","custom_id":', hole("str", "custom_id"),
-    ',"error":null,"response":{"status_code":', hole("int", "status"),
-    ',"request_id":', hole("str", "request_id", { headers = REQUEST_ID_HEADERS }),
-    ',"body":', hole("raw", "body"),
-    '},"aigate":{"line":', hole("int", "line"), ',"model":' .. jstr(s.model),
-  }
-  local n = #t
-  local function add(x)
-    n = n + 1
-    t[n] = x
-  end
-  if s.provider ~= nil then add(',"provider":' .. jstr(s.provider)) end
-  add(hole("str", "response_model", { opt = ',"response_model":' }))
-  add(hole("num", "latency", { opt = ',"latency":', fmt = "%.6f" }))
-  add(',"usage":')
-  add(hole("alt", "usage", { yes = USAGE, no = "null" }))
-  if s.step ~= nil then add(',"step":' .. jstr(s.step)) end
-  if s.route ~= nil then add(',"route":' .. jstr(s.route)) end
-  if s.cost ~= nil then add(',"cost":' .. jnum(s.cost, "%.10g")) end
-  add(hole("str", "cache_status", { opt = ',"cache_status":', headers = CACHE_STATUS_HEADERS }))
-  if s.batch_retries then add(',"batch_retries":' .. jnum(s.batch_retries)) end
-  add(',"attempts":')
-  if type(s.attempts) == "table" then
-    for i = 1, #s.attempts do add(s.attempts[i]) end
-  else
-    add(s.attempts)
-  end
-  add("}}")
-  return t
+  local values = {}
+  for k in pairs(STATIC) do values[k] = s[k] end
+  if s.step ~= nil then values.step = jstr(s.step) end
+  return M.bind(M.SUCCESS, values, STATIC)
 end
 
 -- The usage of a result as the reply gave it: the table when it has one of the counts, else nil.
@@ -330,24 +361,21 @@ end
 --- A success line (see success_template). raw: the reply's bytes when known (written as they are, so
 -- the body reads exactly as the provider sent it), else the decoded body is encoded.
 function M.success_line(req_id, item, res, raw)
-  local t = M.success_template({
-    model = res.model, provider = res.provider, step = res.step, route = res.route, cost = res.cost,
-    batch_retries = item.retries, attempts = attempts_json(res),
-  })
   local body = res.body
   local u = usage_of(res.usage)
   local values = {
     req_id = req_id, custom_id = item.id, status = res.status or 200,
     body = raw or (body ~= nil and enc(body)) or "{}", line = item.lineno,
-    response_model = res.response_model, latency = res.latency, usage = u,
-    prompt_tokens = u and u.prompt_tokens, completion_tokens = u and u.completion_tokens,
-    total_tokens = u and u.total_tokens,
+    model = res.model, provider = res.provider, response_model = res.response_model, latency = res.latency,
+    usage = u, prompt_tokens = u and u.prompt_tokens, completion_tokens = u and u.completion_tokens,
+    total_tokens = u and u.total_tokens, step = res.step ~= nil and jstr(res.step) or nil, route = res.route,
+    cost = res.cost, batch_retries = item.retries, attempts = attempts_json(res),
   }
   -- request_id and cache_status come from the reply's headers, as in the engine (a result without
   -- headers, a hook's own answer, has no request id and may have a cache status)
   local headers = res.headers
   if type(headers) ~= "table" then headers = { [CACHE_STATUS_HEADERS[1]] = res.cache_status } end
-  return M.render(t, values, headers)
+  return M.render(M.SUCCESS, values, headers)
 end
 
 -- ---- error lines ----------------------------------------------------------------------------------
