@@ -147,11 +147,54 @@ function fill(t, values, headers, out, n)
 end
 M.fill = fill
 
+-- A template compiled into a Lua function that writes exactly what fill writes, for the templates
+-- filled once per result line (SUCCESS): the generic loop above costs about as much again as the
+-- rest of the line. Each hole becomes a few lines of code that call hole_text and value_of, so the
+-- rules stay in one place.
+local function compile(t)
+  local K, head, body, parts = {}, { "local K, hole_text, value_of, fill, concat = ...\n" }, {}, {}
+  for i = 1, #t do
+    local x = t[i]
+    K[i] = x
+    if type(x) == "string" then
+      head[#head + 1] = ("local L%d = K[%d]\n"):format(i, i)
+      parts[#parts + 1] = "L" .. i
+    else
+      head[#head + 1] = ("local H%d = K[%d]\n"):format(i, i)
+      local get = x.headers and ("value_of(H%d, values, headers)"):format(i) or ("values[H%d.src]"):format(i)
+      local text
+      if x.hole == "alt" then
+        text = ("local p = {} s%d = concat(p, '', 1, fill(H%d.yes, values, headers, p, 0))"):format(i, i)
+        body[#body + 1] = ("local s%d = H%d.no\nif %s ~= nil then %s end\n"):format(i, i, get, text)
+      else
+        text = x.hole == "raw" and "v" or ("hole_text(H%d, v)"):format(i)
+        if x.opt then text = ("H%d.opt .. %s"):format(i, text) end
+        body[#body + 1] = ("local s%d\ndo local v = %s if v == nil then s%d = %s else s%d = %s end end\n"):format(
+          i, get, i, x.opt and "''" or "'null'", i, text)
+      end
+      parts[#parts + 1] = "s" .. i
+    end
+  end
+  local code = concat(head) .. "return function(values, headers)\n" .. concat(body) .. "return "
+    .. concat(parts, " .. ") .. "\nend\n"
+  return assert(load(code, "=template", "t"))(K, hole_text, value_of, fill, concat)
+end
+
+local compiled = setmetatable({}, { __mode = "k" })
+
 --- The text of template t filled.
 function M.render(t, values, headers)
+  local f = compiled[t]
+  if f then return f(values, headers) end
   local out = {}
   local n = fill(t, values, headers, out, 0)
   return concat(out, "", 1, n)
+end
+
+-- Compiles t for M.render (a template filled for many lines).
+local function compiled_template(t)
+  compiled[t] = compile(t)
+  return t
 end
 
 -- ---- attempts -----------------------------------------------------------------------------------
@@ -303,6 +346,7 @@ M.SUCCESS = {
   hole("int", "batch_retries", { opt = ',"batch_retries":' }),
   ',"attempts":', hole("raw", "attempts"), "}}",
 }
+compiled_template(M.SUCCESS)
 
 --- Template t with the holes named in `names` filled from values (a value that is a template is
 -- put in whole): what stays are the holes of the values that differ line by line. Adjacent texts are
