@@ -1,5 +1,5 @@
 /*
- * embed_lua.c: the build's generator of src/lua_library.c, the aigate Lua library compiled to Lua
+ * embed_lua.c: the build's generator of gen/lua_library.c, the aigate Lua library compiled to Lua
  * bytecode and held in the binary (src/library.h says how the host uses it).
  *
  * Usage: embed_lua OUT.c ROOT FILE.lua...
