@@ -1,5 +1,5 @@
 /*
- * http.h: what http_client.c shares with other kinds of transfer on its curl multi handle (lane.c).
+ * http.h: what http_client.c shares with other kinds of transfer on its curl multi handle (engine.c).
  *
  * Every easy handle on the multi handle has CURLOPT_PRIVATE set to a struct xfer, whose done
  * function is called once when curl reports the transfer finished (after the handle was removed

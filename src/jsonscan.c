@@ -345,56 +345,6 @@ int js_plain_int(const struct js_token *v, char kind)
            !(v->len == 2 && v->start[0] == '-' && v->start[1] == '0');
 }
 
-/* ---- the short form ---------------------------------------------------------------------------- */
-
-struct short_line {
-    const char *model;
-    struct js_token id, prompt;
-    int have_id, have_prompt, have_model;
-};
-
-static int short_member(void *ctx, struct js_scan *s, const struct js_token *key)
-{
-    struct short_line *sl = ctx;
-    struct js_token val;
-    char kind;
-
-    if (key->escaped || js_scan_value(s, &val, &kind) != 0)
-        return -1;
-    if (js_key_is(key, "id")) {
-        if (sl->have_id++)
-            return -1;
-        if (val.is_string ? (val.escaped || val.len == 2) : !js_plain_int(&val, kind))
-            return -1;
-        sl->id = val;
-    } else if (js_key_is(key, "prompt")) {
-        if (sl->have_prompt++ || !val.is_string || val.escaped)
-            return -1;
-        sl->prompt = val;
-    } else if (js_key_is(key, "model")) {
-        if (sl->have_model++ || !val.is_string || val.escaped || val.len != strlen(sl->model) + 2 ||
-            memcmp(val.start + 1, sl->model, val.len - 2) != 0)
-            return -1;
-    } else {
-        return -1;
-    }
-    return 0;
-}
-
-int js_short_line(const char *line, size_t len, const char *model, struct js_token *id,
-                  struct js_token *prompt)
-{
-    struct short_line sl;
-
-    memset(&sl, 0, sizeof(sl));
-    sl.model = model;
-    if (js_scan_whole_object(line, len, short_member, &sl) != 0 || !sl.have_id || !sl.have_prompt)
-        return -1;
-    *id = sl.id;
-    *prompt = sl.prompt;
-    return 0;
-}
-
 /* ---- batch input lines, as the decoder reads them -------------------------------------------- */
 
 /* A key of an object, kept until the end of the line to find repeated ones. Its decoded bytes are

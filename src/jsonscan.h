@@ -3,8 +3,9 @@
  *
  * Two readers, for two jobs:
  * - a strict scanner (RFC 8259, strings of valid UTF-8) driven by callbacks, with which the batch
- *   engine (src/lane.c) takes the short-form lines it sends itself and the replies whose bytes it
- *   copies into result lines as they are: whatever it accepts is JSON any decoder reads the same way;
+ *   engine (src/engine.c) reads the shape of the lines it sends itself (src/lineshape.c) and the
+ *   replies whose bytes it copies into result lines as they are (src/reply.c): whatever it accepts is
+ *   JSON any decoder reads the same way;
  * - js_line_read, the C half of the id rule of `aigate batch` input lines: it reads a line exactly as
  *   the decoder of the run does (lua-cjson with decode_invalid_numbers off), so that the first pass
  *   and the run agree on every line's id, and finds what that decoder cannot see (duplicate keys,
@@ -67,13 +68,6 @@ size_t js_utf8_check(const char *s, size_t len);
 
 /* FNV-1a of s[0..len): the hash of keys within a line and of ids across lines. */
 uint32_t js_hash(const char *s, size_t len);
-
-/* The short form of a batch line the engine sends itself: {"id": "x" | 12, "prompt": "...",
- * "model": model}, "model" optional, nothing else, nothing to unescape, each key once. 0 with id (a
- * string token with its quotes, or an integer's digits) and prompt (with its quotes); -1 otherwise.
- * Its id is always the one js_line_read gives the same line. */
-int js_short_line(const char *line, size_t len, const char *model, struct js_token *id,
-                  struct js_token *prompt);
 
 /* ---- batch input lines, as the decoder reads them -------------------------------------------- */
 

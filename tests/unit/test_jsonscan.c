@@ -1,7 +1,6 @@
 /*
  * test_jsonscan.c: unit tests of the JSON scanners (src/jsonscan.c): the strict scanner the engine
- * copies bytes with, the short form it sends itself, and js_line_read, the id rule's reading of a
- * line as lua-cjson decodes it. tests/fuzz/fuzz_line_id.c checks the same code against lua-cjson on
+ * copies bytes with, and js_line_read, the id rule's reading of a line as lua-cjson decodes it. tests/fuzz/fuzz_line_id.c checks the same code against lua-cjson on
  * random input; these pin the cases one by one.
  */
 #include <stdio.h>
@@ -198,42 +197,6 @@ static void test_misc(void)
     CHECK(js_hash("", 0) == 2166136261u && js_hash("a", 1) == 0xe40c292cu, "js_hash is FNV-1a");
 }
 
-/* ---- the short form -------------------------------------------------------------------------- */
-
-static int short_ok(const char *line, const char *model)
-{
-    struct js_token id, prompt;
-
-    return js_short_line(line, strlen(line), model, &id, &prompt) == 0;
-}
-
-static void test_short(void)
-{
-    struct js_token id, prompt;
-    const char *line = "{\"id\":\"a1\",\"prompt\":\"hi there\"}";
-
-    CHECK(js_short_line(line, strlen(line), "m", &id, &prompt) == 0 && id.is_string && id.len == 4 &&
-              memcmp(id.start, "\"a1\"", 4) == 0 && prompt.len == 10,
-          "short form: id and prompt tokens, with their quotes");
-    CHECK(short_ok("{\"prompt\":\"p\",\"id\":12}", "m"), "short form: an integer id, any order");
-    CHECK(short_ok(" {\"id\":\"a\",\"prompt\":\"p\",\"model\":\"gpt\"} ", "gpt"),
-          "short form: the lane's model");
-    CHECK(!short_ok("{\"id\":\"a\",\"prompt\":\"p\",\"model\":\"other\"}", "gpt"),
-          "short form: another model");
-    CHECK(!short_ok("{\"id\":\"a\",\"prompt\":\"p\",\"temperature\":1}", "m"), "short form: no other key");
-    CHECK(!short_ok("{\"id\":\"a\",\"prompt\":\"p\\n\"}", "m"),
-          "short form: nothing to unescape in the prompt");
-    CHECK(!short_ok("{\"id\":\"a\\u0041\",\"prompt\":\"p\"}", "m"), "short form: nor in the id");
-    CHECK(!short_ok("{\"i\\u0064\":\"a\",\"prompt\":\"p\"}", "m"), "short form: nor in a key");
-    CHECK(!short_ok("{\"id\":\"\",\"prompt\":\"p\"}", "m"), "short form: the empty id is not one");
-    CHECK(!short_ok("{\"id\":1.5,\"prompt\":\"p\"}", "m") && !short_ok("{\"id\":-0,\"prompt\":\"p\"}", "m"),
-          "short form: a number id must be a plain integer");
-    CHECK(!short_ok("{\"id\":\"a\",\"id\":\"b\",\"prompt\":\"p\"}", "m"), "short form: a repeated key");
-    CHECK(!short_ok("{\"id\":\"a\"}", "m") && !short_ok("{\"prompt\":\"p\"}", "m"),
-          "short form: both fields");
-    CHECK(!short_ok("{\"id\":\"a\",\"prompt\":5}", "m"), "short form: the prompt is a string");
-}
-
 /* ---- js_line_read ---------------------------------------------------------------------------- */
 
 static struct buf idbuf;
@@ -389,7 +352,6 @@ int main(void)
     test_depth();
     test_utf8();
     test_misc();
-    test_short();
     test_line_ids();
     test_line_problems();
     test_many_keys();
