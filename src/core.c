@@ -10,12 +10,8 @@
 int luaopen_aigate_core(lua_State *L)
 {
     static const luaL_Reg funcs[] = {
-        { "request", core_request },
-        { "listen", core_listen },
-        { "sse_parser", core_sse_parser },
-        { "engine", core_engine },
-        { "json_quote", core_json_quote },
-        { NULL, NULL },
+        { "request", core_request }, { "listen", core_listen },         { "sse_parser", core_sse_parser },
+        { "engine", core_engine },   { "json_quote", core_json_quote }, { NULL, NULL },
     };
 
     core_register_engine(L);

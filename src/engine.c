@@ -50,11 +50,11 @@
 
 #define APPEND_LIT(b, s) buf_append((b), (s), sizeof(s) - 1)
 
-#define MAX_FORMS      4096 /* shapes rendered; lines of more go to the general path */
-#define MAX_GROUPS     1024
-#define MEMO_MAX       1024 /* parameter values checked per form */
-#define FORM_BUCKETS   1024
-#define MAX_KEY        4096 /* a shape's key longer than this is not the engine's */
+#define MAX_FORMS    4096 /* shapes rendered; lines of more go to the general path */
+#define MAX_GROUPS   1024
+#define MEMO_MAX     1024 /* parameter values checked per form */
+#define FORM_BUCKETS 1024
+#define MAX_KEY      4096 /* a shape's key longer than this is not the engine's */
 
 struct engine;
 
@@ -108,8 +108,8 @@ struct slot {
     size_t received;
     lua_Integer lineno;
     double t0;
-    int waiting_input;      /* on the engine's list of slots waiting for standard input */
-    struct slot *next;      /* free list, or the list of slots waiting for input */
+    int waiting_input; /* on the engine's list of slots waiting for standard input */
+    struct slot *next; /* free list, or the list of slots waiting for input */
     struct http_timers timers;
     char abort_msg[128]; /* a timer's error, when one ended the request */
     char errbuf[CURL_ERROR_SIZE];
@@ -120,9 +120,9 @@ struct engine {
     int cb_ref;
     int render_ref;
     struct line_reader rd;
-    int reading;        /* rd is open */
-    int own_fd;         /* the engine opened the input (not standard input) */
-    int restore_flags;  /* standard input's flags before O_NONBLOCK, or -1 */
+    int reading;       /* rd is open */
+    int own_fd;        /* the engine opened the input (not standard input) */
+    int restore_flags; /* standard input's flags before O_NONBLOCK, or -1 */
     struct event *readable;
     struct slot *waiting; /* slots waiting for input */
     FILE *out;            /* the output, a Lua file handle kept alive by out_ref */
@@ -130,10 +130,10 @@ struct engine {
     int done_ref;        /* the ids already in the output (a table), or LUA_NOREF */
     struct input *input; /* what the first pass read, kept alive by input_ref; NULL: not checked */
     int input_ref;
-    struct idset seen;   /* ids of standard input so far (no first pass there) */
+    struct idset seen; /* ids of standard input so far (no first pass there) */
     int check_seen;
-    int changed;         /* the input is not what the first pass read: no line is taken any more */
-    int go;              /* may a worker go on to its next line without Lua */
+    int changed; /* the input is not what the first pass read: no line is taken any more */
+    int go;      /* may a worker go on to its next line without Lua */
     int closed;
     struct buf id_prefix; /* "batch_req_<run prefix>" */
     unsigned long long counter;
@@ -150,11 +150,35 @@ struct engine {
 };
 
 /* The value names of result templates (tmpl.h) the engine fills. */
-enum { V_REQ_ID, V_CUSTOM_ID, V_STATUS, V_REQUEST_ID, V_BODY, V_LINE, V_RESPONSE_MODEL, V_LATENCY, V_USAGE,
-       V_PROMPT_TOKENS, V_COMPLETION_TOKENS, V_TOTAL_TOKENS, V_CACHE_STATUS };
-static const char *const RESULT_NAMES[] = { "req_id", "custom_id", "status", "request_id", "body", "line",
-                                            "response_model", "latency", "usage", "prompt_tokens",
-                                            "completion_tokens", "total_tokens", "cache_status", NULL };
+enum {
+    V_REQ_ID,
+    V_CUSTOM_ID,
+    V_STATUS,
+    V_REQUEST_ID,
+    V_BODY,
+    V_LINE,
+    V_RESPONSE_MODEL,
+    V_LATENCY,
+    V_USAGE,
+    V_PROMPT_TOKENS,
+    V_COMPLETION_TOKENS,
+    V_TOTAL_TOKENS,
+    V_CACHE_STATUS
+};
+static const char *const RESULT_NAMES[] = { "req_id",
+                                            "custom_id",
+                                            "status",
+                                            "request_id",
+                                            "body",
+                                            "line",
+                                            "response_model",
+                                            "latency",
+                                            "usage",
+                                            "prompt_tokens",
+                                            "completion_tokens",
+                                            "total_tokens",
+                                            "cache_status",
+                                            NULL };
 
 /* The value names of body templates: the prompt, the contents of the messages, the parameters (in
  * the order of their names). */
@@ -955,8 +979,8 @@ static int work_step(struct engine *en, struct slot *sl, lua_State *co)
                 snprintf(t, sizeof(t), "line-%lld", (long long)lineno);
                 buf_reset(&sl->id);
                 buf_append(&sl->id, t, strlen(t));
-            } else if (jl.id != JS_ID_TEXT || (jl.problem != JS_OK && jl.problem != JS_BAD_UTF8 &&
-                                               jl.problem != JS_DUP_KEY)) {
+            } else if (jl.id != JS_ID_TEXT ||
+                       (jl.problem != JS_OK && jl.problem != JS_BAD_UTF8 && jl.problem != JS_DUP_KEY)) {
                 /* the id is Lua's to tell (id rule), and so is the line */
                 return push_line(co, line, len, lineno, 0, NULL);
             }
@@ -1043,9 +1067,10 @@ static void write_success(struct engine *en, struct slot *sl, const struct reply
     g->ok++;
     for (i = 0; i < 2; i++)
         g->tokens[i] += r->has_usage[i] ? (lua_Integer)r->usage[i] : 0;
-    g->tokens[2] += r->has_usage[2]
-                        ? (lua_Integer)r->usage[2]
-                        : (lua_Integer)((r->has_usage[0] ? r->usage[0] : 0) + (r->has_usage[1] ? r->usage[1] : 0));
+    g->tokens[2] +=
+        r->has_usage[2]
+            ? (lua_Integer)r->usage[2]
+            : (lua_Integer)((r->has_usage[0] ? r->usage[0] : 0) + (r->has_usage[1] ? r->usage[1] : 0));
     if (en->nlat == en->caplat) {
         size_t cap = en->caplat ? en->caplat * 2 : 256;
         double *p = realloc(en->lat, cap * sizeof(*p));
@@ -1423,8 +1448,9 @@ int core_engine(lua_State *L)
 void core_register_engine(lua_State *L)
 {
     static const luaL_Reg methods[] = {
-        { "work", engine_work },       { "take", engine_take },   { "set_go", engine_set_go },
-        { "set_group_go", engine_set_group_go }, { "next_id", engine_next_id }, { "drain", engine_drain },
+        { "work", engine_work },       { "take", engine_take },
+        { "set_go", engine_set_go },   { "set_group_go", engine_set_group_go },
+        { "next_id", engine_next_id }, { "drain", engine_drain },
         { "detach", engine_detach },   { NULL, NULL },
     };
 

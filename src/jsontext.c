@@ -146,9 +146,11 @@ int js_unescape(const char *tok, size_t len, struct buf *out)
                 return -1;
             if (cp >= 0xd800 && cp <= 0xdbff) {
                 long lo;
-                if (end - p < 12 || p[6] != '\\' || p[7] != 'u' || (lo = read_u4(p + 8)) < 0xdc00 || lo > 0xdfff)
+                if (end - p < 12 || p[6] != '\\' || p[7] != 'u' || (lo = read_u4(p + 8)) < 0xdc00 ||
+                    lo > 0xdfff)
                     return -1;
-                append_utf8(out, 0x10000 + (((unsigned long)cp - 0xd800) << 10) + ((unsigned long)lo - 0xdc00));
+                append_utf8(out,
+                            0x10000 + (((unsigned long)cp - 0xd800) << 10) + ((unsigned long)lo - 0xdc00));
                 p += 6;
             } else if (cp >= 0xdc00 && cp <= 0xdfff) {
                 return -1;

@@ -54,7 +54,8 @@ static int read_model(struct line_shape *ls, struct js_scan *s)
 {
     char kind;
 
-    if (ls->has_model++ || js_scan_value(s, &ls->model, &kind) != 0 || !ls->model.is_string || ls->model.escaped)
+    if (ls->has_model++ || js_scan_value(s, &ls->model, &kind) != 0 || !ls->model.is_string ||
+        ls->model.escaped)
         return -1;
     return 0;
 }

@@ -31,12 +31,12 @@ struct shape_param {
 };
 
 struct line_shape {
-    int openai;              /* the OpenAI Batch form (else the short form) */
+    int openai; /* the OpenAI Batch form (else the short form) */
     int has_model, has_prompt, has_messages, has_method, has_url;
-    struct js_token model;   /* a string without escapes */
-    struct js_token prompt;  /* a string */
-    struct js_token method;  /* a string, as written */
-    struct js_token url;     /* a string, as written */
+    struct js_token model;  /* a string without escapes */
+    struct js_token prompt; /* a string */
+    struct js_token method; /* a string, as written */
+    struct js_token url;    /* a string, as written */
     struct shape_message messages[SHAPE_MAX_MESSAGES];
     int nmessages;
     struct shape_param params[SHAPE_MAX_PARAMS];

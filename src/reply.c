@@ -114,4 +114,3 @@ int reply_scan(const char *body, size_t len, struct reply *r)
         return -1;
     return 0;
 }
-

@@ -95,7 +95,8 @@ static void read_hole(lua_State *L, struct tmpl_op *op, const char *const *names
         lua_getfield(L, -1, "fmt");
         s = lua_tostring(L, -1);
         if (s == NULL || !good_fmt(s))
-            luaL_error(L, "template: hole '%s' needs a fmt like %%.6f (got %s)", names[op->src], s ? s : "nil");
+            luaL_error(L, "template: hole '%s' needs a fmt like %%.6f (got %s)", names[op->src],
+                       s ? s : "nil");
         strcpy(op->fmt, s);
         lua_pop(L, 1);
     }
@@ -160,7 +161,8 @@ static struct tmpl *read_at(lua_State *L, int idx, const char *const *names, int
         } else if (type == LUA_TTABLE) {
             read_hole(L, op, names, depth);
         } else {
-            luaL_error(L, "template: item %d is a %s (a string or a hole expected)", (int)i, lua_typename(L, type));
+            luaL_error(L, "template: item %d is a %s (a string or a hole expected)", (int)i,
+                       lua_typename(L, type));
         }
         t->n++;
         lua_pop(L, 1);

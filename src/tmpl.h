@@ -33,14 +33,14 @@ struct tmpl;
 
 struct tmpl_op {
     enum tmpl_kind kind;
-    int src;           /* index into the names the template was read with */
-    char *text;        /* TMPL_LIT: the text; opt text; alt: the text when absent */
+    int src;    /* index into the names the template was read with */
+    char *text; /* TMPL_LIT: the text; opt text; alt: the text when absent */
     size_t len;
-    int has_opt;       /* the hole writes nothing when its value is absent */
-    char fmt[8];       /* TMPL_NUM */
+    int has_opt; /* the hole writes nothing when its value is absent */
+    char fmt[8]; /* TMPL_NUM */
     char *headers[TMPL_MAX_HEADERS];
     int nheaders;
-    struct tmpl *yes;  /* TMPL_ALT */
+    struct tmpl *yes; /* TMPL_ALT */
 };
 
 struct tmpl {

@@ -1,7 +1,8 @@
 /*
  * test_jsonscan.c: unit tests of the JSON scanners (src/jsonscan.c): the strict scanner the engine
- * copies bytes with, and js_line_read, the id rule's reading of a line as lua-cjson decodes it. tests/fuzz/fuzz_line_id.c checks the same code against lua-cjson on
- * random input; these pin the cases one by one.
+ * copies bytes with, and js_line_read, the id rule's reading of a line as lua-cjson decodes it.
+ * tests/fuzz/fuzz_line_id.c checks the same code against lua-cjson on random input; these pin the cases one
+ * by one.
  */
 #include <stdio.h>
 #include <string.h>

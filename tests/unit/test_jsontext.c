@@ -22,7 +22,8 @@ static int unescaped_is(const char *tok, const char *want, size_t want_len)
     int ok;
 
     buf_init(&b);
-    ok = js_unescape(tok, strlen(tok), &b) == 0 && b.len == want_len && (want_len == 0 || memcmp(b.data, want, want_len) == 0);
+    ok = js_unescape(tok, strlen(tok), &b) == 0 && b.len == want_len &&
+         (want_len == 0 || memcmp(b.data, want, want_len) == 0);
     buf_free(&b);
     return ok;
 }
@@ -45,7 +46,8 @@ int main(void)
     CHECK(quoted_is("a/b", 3, "\"a/b\""), "quote: '/' left as it is (no \\/)");
     CHECK(quoted_is("q\"b\\", 4, "\"q\\\"b\\\\\""), "quote: quote and backslash escaped");
     CHECK(quoted_is("\n\r\t\b\f", 5, "\"\\n\\r\\t\\b\\f\""), "quote: the short escapes");
-    CHECK(quoted_is("\x01\x1f\x7f", 3, "\"\\u0001\\u001f\\u007f\""), "quote: other control bytes and DEL as \\u00XX");
+    CHECK(quoted_is("\x01\x1f\x7f", 3, "\"\\u0001\\u001f\\u007f\""),
+          "quote: other control bytes and DEL as \\u00XX");
     CHECK(quoted_is("a\0b", 3, "\"a\\u0000b\""), "quote: a NUL byte");
     CHECK(quoted_is("caf\xc3\xa9", 5, "\"caf\xc3\xa9\""), "quote: UTF-8 as it is");
 
@@ -57,7 +59,8 @@ int main(void)
     CHECK(unescaped_is("\"\\u0000\"", "\0", 1), "unescape: \\u0000 is a NUL byte");
     CHECK(unescape_fails("\"\\ud83d\""), "unescape: a lone high surrogate fails");
     CHECK(unescape_fails("\"\\ude00\""), "unescape: a lone low surrogate fails");
-    CHECK(unescape_fails("\"\\ud83dx\\ude00\""), "unescape: a high surrogate not followed by a low one fails");
+    CHECK(unescape_fails("\"\\ud83dx\\ude00\""),
+          "unescape: a high surrogate not followed by a low one fails");
 
     CHECK(!js_needs_requote("\"plain\"", 7), "requote: plain text is already ours");
     CHECK(!js_needs_requote("\"a\\nb\\\"\\\\\"", 10), "requote: the short escapes are ours");

@@ -99,33 +99,42 @@ int main(void)
           "num: a whole number as an integer");
     CHECK(strcmp(filled(L, "return {{hole='num', src='d', fmt='%.14g'}}", 0.1 + 0.2, &out), "0.3") == 0,
           "num: %.14g");
-    CHECK(strcmp(filled(L, "return {{hole='raw', src='raw'}}", 0, &out), "{\"x\":[1]}") == 0, "raw: as it is");
+    CHECK(strcmp(filled(L, "return {{hole='raw', src='raw'}}", 0, &out), "{\"x\":[1]}") == 0,
+          "raw: as it is");
     CHECK(strcmp(filled(L, "return {'a', {hole='str', src='absent'}, 'b'}", 0, &out), "anullb") == 0,
           "an absent value: null");
-    CHECK(strcmp(filled(L, "return {'a', {hole='str', src='absent', opt=',\"k\":'}, 'b'}", 0, &out), "ab") == 0,
+    CHECK(strcmp(filled(L, "return {'a', {hole='str', src='absent', opt=',\"k\":'}, 'b'}", 0, &out), "ab") ==
+              0,
           "an absent value with opt: nothing");
-    CHECK(strcmp(filled(L, "return {'a', {hole='int', src='i', opt=',\"k\":'}}", 0, &out), "a,\"k\":-42") == 0,
+    CHECK(strcmp(filled(L, "return {'a', {hole='int', src='i', opt=',\"k\":'}}", 0, &out), "a,\"k\":-42") ==
+              0,
           "a present value with opt: the text and the value");
-    CHECK(strcmp(filled(L, "return {{hole='alt', src='i', yes={'{', {hole='int', src='i'}, '}'}, no='null'}}", 0,
-                        &out),
+    CHECK(strcmp(filled(L, "return {{hole='alt', src='i', yes={'{', {hole='int', src='i'}, '}'}, no='null'}}",
+                        0, &out),
                  "{-42}") == 0,
           "alt: yes when present");
-    CHECK(strcmp(filled(L, "return {{hole='alt', src='absent', yes={'{'}, no='null'}}", 0, &out), "null") == 0,
+    CHECK(strcmp(filled(L, "return {{hole='alt', src='absent', yes={'{'}, no='null'}}", 0, &out), "null") ==
+              0,
           "alt: no when absent");
     CHECK(strcmp(filled(L, "return {{hole='str', src='hdr', headers={'x-missing', 'x-present'}}}", 0, &out),
                  "\"h/v\\\"\"") == 0,
           "headers: the value of the first header there");
     CHECK(strcmp(filled(L, "return {{hole='str', src='hdr', headers={'x-missing'}}}", 0, &out), "null") == 0,
           "headers: null when none is there");
-    CHECK(read_fails(L, "return {{hole='str', src='nope'}}"), "a value name the filler does not know is refused");
+    CHECK(read_fails(L, "return {{hole='str', src='nope'}}"),
+          "a value name the filler does not know is refused");
     CHECK(read_fails(L, "return {{hole='what', src='s'}}"), "an unknown kind is refused");
     CHECK(read_fails(L, "return {{hole='num', src='d'}}"), "num without a format is refused");
-    CHECK(read_fails(L, "return {{hole='num', src='d', fmt='%s'}}"), "a format that is not %.Nf or %.Ng is refused");
-    CHECK(read_fails(L, "return {{hole='num', src='d', fmt='%.6f%n'}}"), "a format with more in it is refused");
+    CHECK(read_fails(L, "return {{hole='num', src='d', fmt='%s'}}"),
+          "a format that is not %.Nf or %.Ng is refused");
+    CHECK(read_fails(L, "return {{hole='num', src='d', fmt='%.6f%n'}}"),
+          "a format with more in it is refused");
     CHECK(read_fails(L, "return {{hole='alt', src='i', no='x'}}"), "alt without yes is refused");
     CHECK(read_fails(L, "return {1}"), "an item that is neither text nor a hole is refused");
-    CHECK(read_fails(L, "return {{hole='alt', src='i', no='', yes={{hole='alt', src='i', no='', yes={{hole='alt', "
-                        "src='i', no='', yes={{hole='alt', src='i', no='', yes={{hole='alt', src='i', no='', yes={}}}}}}}}}}}"),
+    CHECK(read_fails(
+              L, "return {{hole='alt', src='i', no='', yes={{hole='alt', src='i', no='', yes={{hole='alt', "
+                 "src='i', no='', yes={{hole='alt', src='i', no='', yes={{hole='alt', src='i', no='', "
+                 "yes={}}}}}}}}}}}"),
           "templates nested too deep are refused");
     buf_free(&out);
     lua_close(L);
