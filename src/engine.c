@@ -551,7 +551,9 @@ static int read_group(lua_State *L, struct engine *en)
         if (en->groups == NULL)
             return luaL_error(L, "out of memory");
     }
-    g = &en->groups[en->ngroups];
+    /* Counted at once, so that the collector frees what a bad field leaves half read (a group no
+     * form uses: it is never sent to). */
+    g = &en->groups[en->ngroups++];
     memset(g, 0, sizeof(*g));
     lua_getfield(L, idx, "url");
     url = luaL_checkstring(L, -1);
@@ -577,10 +579,10 @@ static int read_group(lua_State *L, struct engine *en)
     lua_getfield(L, idx, "result");
     g->result = tmpl_read(L, -1, RESULT_NAMES);
     lua_pop(L, 1);
-    g->go = 1;
     if (g->url == NULL || (ca_file && !g->ca_file) || (ca_path && !g->ca_path))
         return luaL_error(L, "out of memory");
-    return en->ngroups++;
+    g->go = 1;
+    return (int)(g - en->groups);
 }
 
 /* The params of the line as Lua's render takes them: {{name, raw, kind}, ...} in key order. */

@@ -67,7 +67,7 @@ static char *dup_lstring(lua_State *L, const char *s, size_t len)
 static const char *const KIND_NAMES[] = { "str", "int", "num", "raw", "alt", NULL };
 static const enum tmpl_kind KINDS[] = { TMPL_STR, TMPL_INT, TMPL_NUM, TMPL_RAW, TMPL_ALT };
 
-static struct tmpl *read_at(lua_State *L, int idx, const char *const *names, int depth);
+static void read_at(lua_State *L, int idx, const char *const *names, int depth, struct tmpl **slot);
 
 /* The hole at the top of L into op. */
 static void read_hole(lua_State *L, struct tmpl_op *op, const char *const *names, int depth)
@@ -128,12 +128,15 @@ static void read_hole(lua_State *L, struct tmpl_op *op, const char *const *names
         lua_getfield(L, -1, "yes");
         if (!lua_istable(L, -1))
             luaL_error(L, "template: alt hole '%s' needs its 'yes' template", names[op->src]);
-        op->yes = read_at(L, lua_gettop(L), names, depth + 1);
+        read_at(L, lua_gettop(L), names, depth + 1, &op->yes);
         lua_pop(L, 1);
     }
 }
 
-static struct tmpl *read_at(lua_State *L, int idx, const char *const *names, int depth)
+/* Reads the template at idx into *slot. Each allocation hangs from *slot as soon as it is made (an
+ * op is counted before it is filled, its fields zero until then), so that when a bad item raises, the
+ * caller frees what was read with tmpl_free(*slot). */
+static void read_at(lua_State *L, int idx, const char *const *names, int depth, struct tmpl **slot)
 {
     struct tmpl *t;
     lua_Integer n, i;
@@ -143,14 +146,13 @@ static struct tmpl *read_at(lua_State *L, int idx, const char *const *names, int
     luaL_checktype(L, idx, LUA_TTABLE);
     n = (lua_Integer)lua_rawlen(L, idx);
     t = calloc(1, sizeof(*t));
-    if (t == NULL || (n > 0 && (t->ops = calloc((size_t)n, sizeof(*t->ops))) == NULL)) {
-        free(t);
+    if (t == NULL)
         luaL_error(L, "out of memory");
-    }
-    /* On an error below t leaks: templates are read once per model at the start, from Lua that
-     * rendered them (an error there is a bug, and ends the batch). */
+    *slot = t;
+    if (n > 0 && (t->ops = calloc((size_t)n, sizeof(*t->ops))) == NULL)
+        luaL_error(L, "out of memory");
     for (i = 1; i <= n; i++) {
-        struct tmpl_op *op = &t->ops[t->n];
+        struct tmpl_op *op = &t->ops[t->n++];
         int type = lua_rawgeti(L, idx, i);
         if (type == LUA_TSTRING) {
             size_t len;
@@ -164,15 +166,36 @@ static struct tmpl *read_at(lua_State *L, int idx, const char *const *names, int
             luaL_error(L, "template: item %d is a %s (a string or a hole expected)", (int)i,
                        lua_typename(L, type));
         }
-        t->n++;
         lua_pop(L, 1);
     }
-    return t;
+}
+
+struct read_args {
+    const char *const *names;
+    struct tmpl *t;
+};
+
+static int read_protected(lua_State *L)
+{
+    struct read_args *a = lua_touserdata(L, 2);
+
+    read_at(L, 1, a->names, 0, &a->t);
+    return 0;
 }
 
 struct tmpl *tmpl_read(lua_State *L, int idx, const char *const *names)
 {
-    return read_at(L, lua_absindex(L, idx), names, 0);
+    struct read_args a = { names, NULL };
+
+    idx = lua_absindex(L, idx);
+    lua_pushcfunction(L, read_protected);
+    lua_pushvalue(L, idx);
+    lua_pushlightuserdata(L, &a);
+    if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
+        tmpl_free(a.t);
+        lua_error(L); /* the message, raised again with nothing left allocated */
+    }
+    return a.t;
 }
 
 static void append_num(struct buf *b, double v, const char *fmt)

@@ -233,6 +233,38 @@ local function lane_send(base, path, limits)
   return status, body, err, latency
 end
 
+-- A render that gives a bad group or body template (a bug on the Lua side) sends that shape's lines
+-- to Lua, with the error printed, and leaks nothing (the asan suite checks leaks).
+T["engine: a bad rendering sends the line to Lua"] = function()
+  local input = os.tmpname()
+  local f = assert(io.open(input, "w"))
+  f:write('{"id":"a","prompt":"p"}\n{"id":"b","messages":[{"role":"user","content":"q"}]}\n')
+  f:close()
+  local outname = os.tmpname()
+  local out = assert(io.open(outname, "w"))
+  local renders = 0
+  local engine = assert(core.engine{input = input, output = out, max_line = 1000, id_prefix = "x",
+    render = function(_, form)
+      renders = renders + 1
+      if form == "prompt" then -- a result template with a hole of no known value
+        return {group = {url = "http://127.0.0.1:9/", headers = {}, result = {"{", {hole = "str", src = "nope"}}},
+          body = {"{}"}}
+      end
+      return {group = {url = "http://127.0.0.1:9/", headers = {}, result = {"x"}}, body = {{hole = "num", src = "prompt"}}}
+    end})
+  local kind1, _, lineno1, _, id1 = engine:work()
+  local kind2, _, lineno2, _, id2 = engine:work()
+  local kind3 = engine:work()
+  engine:detach()
+  out:close()
+  os.remove(input)
+  os.remove(outname)
+  eq(renders, 2, "asked once per shape")
+  eq(kind1 .. " " .. lineno1 .. " " .. id1, "line 1 a", "a bad result template")
+  eq(kind2 .. " " .. lineno2 .. " " .. id2, "line 2 b", "a bad body template")
+  eq(kind3, nil, "end of input")
+end
+
 T["engine: its timeouts match core.request's"] = function()
   local srv, base = serve{
     ["/slow"] = function(_, res) core.sleep(0.5) res:respond(200, nil, "late") end,
