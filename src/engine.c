@@ -1242,13 +1242,15 @@ static int engine_next_id(lua_State *L)
 }
 
 /* engine:drain() -> {[group] = {ok, prompt, completion, total}}, {latencies}: the results written
- * here since the last drain. */
+ * here since the last drain; nothing when there are none (the batch drains every 10 ms). */
 static int engine_drain(lua_State *L)
 {
     struct engine *en = check_engine(L);
     size_t i;
     int g;
 
+    if (en->nlat == 0)
+        return 0; /* nothing written since the last drain (every result adds a latency) */
     lua_newtable(L);
     for (g = 0; g < en->ngroups; g++) {
         struct group *gr = &en->groups[g];

@@ -653,7 +653,7 @@ local function run_lanes(mode, text)
     return setmetatable({
       drain = function()
         local per_group, lats = e:drain()
-        for _, c in pairs(per_group) do written = written + c[1] end
+        for _, c in pairs(per_group or {}) do written = written + c[1] end
         return per_group, lats
       end,
     }, { __index = function(_, k)

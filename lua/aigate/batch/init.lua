@@ -118,7 +118,7 @@ end
 -- Counts the results the engine wrote since the last call (as run_item and record_ok would).
 function State:sync_engine()
   local per_group, lats = self.engine:drain()
-  if next(per_group) == nil then return end
+  if per_group == nil then return end
   local now = core.now()
   for _, g in ipairs(self.groups) do
     local c = g.index and per_group[g.index]
