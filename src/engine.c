@@ -259,11 +259,8 @@ static void result_value(void *ctx, const struct tmpl_op *op, struct tmpl_value 
         v->i = sl->lineno;
         break;
     case V_RESPONSE_MODEL:
-        if (r->has_model && r->model.is_string) {
+        if (reply_model(r, c->hv, &v->s, &v->len))
             v->type = 's';
-            v->s = r->model.start + 1; /* no escapes: reply_scan refuses them */
-            v->len = r->model.len - 2;
-        }
         break;
     case V_LATENCY:
         v->type = 'd';

@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "jsontext.h"
 #include "reply.h"
 
 static const char *const USAGE_KEYS[3] = { "prompt_tokens", "completion_tokens", "total_tokens" };
@@ -107,10 +108,33 @@ int reply_scan(const char *body, size_t len, struct reply *r)
         return -1;
     if (js_scan_whole_object(body, len, reply_member, r) != 0 || r->bad || !r->choices_ok)
         return -1;
-    /* id and model are written as the decoder would give them back: plain strings only. */
-    if (r->has_id && r->id_kind != 'n' && r->id_kind != 'f' && !(r->id.is_string && !r->id.escaped))
-        return -1;
-    if (r->has_model && r->model.is_string && r->model.escaped)
-        return -1;
+    /* The model is written as the decoder gives it back (reply_model): a string with escapes is
+     * read again, and one that stands for no UTF-8 text (a lone surrogate) is Lua's. */
+    if (r->has_model && r->model.is_string && r->model.escaped) {
+        struct buf text;
+        int rc;
+        buf_init(&text);
+        rc = js_unescape(r->model.start, r->model.len, &text);
+        buf_free(&text);
+        if (rc != 0)
+            return -1;
+    }
     return 0;
+}
+
+int reply_model(const struct reply *r, struct buf *scratch, const char **s, size_t *len)
+{
+    if (!r->has_model || !r->model.is_string)
+        return 0;
+    if (!r->model.escaped) {
+        *s = r->model.start + 1;
+        *len = r->model.len - 2;
+        return 1;
+    }
+    buf_reset(scratch);
+    if (js_unescape(r->model.start, r->model.len, scratch) != 0)
+        return 0;
+    *s = scratch->data ? scratch->data : "";
+    *len = scratch->len;
+    return 1;
 }

@@ -3,7 +3,7 @@
  *
  * The engine writes a success itself only when the reply is a 2xx body of the usual shape, read
  * here: one line holding one JSON object, with choices (its first element an object or an array),
- * no error object, no "success": false, usage counts as integers, id and model as plain strings.
+ * no error object, no "success": false, usage counts as integers, a model that is text.
  * Anything else is not refused, only left to Lua: the engine hands the reply to the policy, which
  * reads it with the client's reader (aigate.client read_reply), the one that decides in the end.
  */
@@ -12,6 +12,7 @@
 
 #include <stddef.h>
 
+#include "buf.h"
 #include "jsonscan.h"
 
 struct reply {
@@ -27,5 +28,9 @@ struct reply {
 
 /* 0 when body is a completion the engine may write as it is (r filled), -1 otherwise. */
 int reply_scan(const char *body, size_t len, struct reply *r);
+
+/* The reply's model as the decoder gives it back (escapes read, into scratch when it has any): 1
+ * with *s and *len, or 0 when the reply has no model string. */
+int reply_model(const struct reply *r, struct buf *scratch, const char **s, size_t *len);
 
 #endif

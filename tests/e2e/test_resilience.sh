@@ -35,6 +35,11 @@ limited=$(stat 429)
 if [ "${limited:-0}" -gt 0 ]; then ok "rate limit: the upstream did answer 429 ($limited times)"; else fail "rate limit: hit" "no 429 answered"; fi
 expect_eq "rate limit: the upstream answered every line once with 200" "$(stat 200)" 1000
 expect_eq "rate limit: no line carries an error" "$(grep -c '"rate_limit_exceeded"' rl_out.jsonl)" 0
+# the same with OpenAI Batch API lines, without -m: the engine's shape, though while the upstream is
+# limited after a 429 its lines go by aigate.chat (the bucket is empty after the run above: most do)
+awk -v m="$MODEL" 'BEGIN { for (i = 1; i <= 1000; i++) printf "{\"custom_id\":\"r%d\",\"body\":{\"model\":\"%s\",\"messages\":[{\"role\":\"user\",\"content\":\"m %d\"}],\"temperature\":0.5}}\n", i, m, i }' > rlo.jsonl
+batch rlo.jsonl -o rlo_out.jsonl -j 64
+expect_eq "rate limit, 1000 OpenAI Batch API lines: every line succeeded, once" "$RC:$(ok_count rlo_out.jsonl):$(ids_once rlo_out.jsonl 1000)" "0:1000:ok"
 stop_upstream
 
 # ---- random 503s: every line succeeds --------------------------------------------------------------
@@ -49,7 +54,12 @@ if [ "${failed:-0}" -gt 50 ]; then ok "10 % 503s: the upstream did fail ($failed
 expect_eq "10 % 503s: retried lines list each attempt" "$(lua_on '
   local n = 0 for _, v in ipairs(lines) do if #v.aigate.attempts > 1 and v.aigate.attempts[1].status == 503 then n = n + 1 end end
   return n > 0 and "yes" or "no"' fl_out.jsonl)" yes
-# the same with messages lines and a system message (the lanes and aigate.chat, not the engine)
+# the same with OpenAI Batch API lines (the engine, without -m) and with lines that carry a system
+# field (aigate.chat, not the engine)
+awk -v m="$MODEL" 'BEGIN { for (i = 1; i <= 1000; i++) printf "{\"custom_id\":\"r%d\",\"method\":\"POST\",\"url\":\"/v1/chat/completions\",\"body\":{\"model\":\"%s\",\"messages\":[{\"role\":\"system\",\"content\":\"be brief\"},{\"role\":\"user\",\"content\":\"m %d\"}],\"max_tokens\":50}}\n", i, m, i }' > flo.jsonl
+batch flo.jsonl -o flo_out.jsonl -j 32
+expect_eq "10 % 503s, 1000 OpenAI Batch API lines: every line succeeded, once" "$RC:$(ok_count flo_out.jsonl):$(ids_once flo_out.jsonl 1000)" "0:1000:ok"
+expect_match "10 % 503s, OpenAI Batch API lines: through the engine (503s handed to aigate.chat)" "$ERR" "paths: engine [1-9][0-9]*, aigate.chat [0-9]+"
 awk 'BEGIN { for (i = 1; i <= 300; i++) printf "{\"id\":\"r%d\",\"system\":\"be brief\",\"messages\":[{\"role\":\"user\",\"content\":\"m %d\"}]}\n", i, i }' > fls.jsonl
 batch fls.jsonl -o fls_out.jsonl -m "$MODEL" -j 32 -q
 expect_eq "10 % 503s, lines with a system message: every line succeeded" "$RC:$(ok_count fls_out.jsonl)" "0:300"

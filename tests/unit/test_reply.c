@@ -32,8 +32,26 @@ int main(void)
           "a float count: Lua decides");
     CHECK(scan("{\"choices\":[{}],\"usage\":{\"prompt_tokens\":1,\"prompt_tokens\":2}}", &r) != 0,
           "a repeated count: Lua decides");
-    CHECK(scan("{\"choices\":[{}],\"model\":\"m\\/x\"}", &r) != 0, "a model with escapes: Lua decides");
-    CHECK(scan("{\"choices\":[{}],\"id\":\"a\\u0041\"}", &r) != 0, "an id with escapes: Lua decides");
+    {
+        struct buf b;
+        const char *m = NULL;
+        size_t n = 0;
+        buf_init(&b);
+        CHECK(scan("{\"choices\":[{}],\"model\":\"m\\/x\\u00e9\"}", &r) == 0 && reply_model(&r, &b, &m, &n) &&
+                  n == 5 && memcmp(m, "m/x\xc3\xa9", 5) == 0,
+              "a model with escapes: read as the decoder reads it");
+        CHECK(scan("{\"choices\":[{}],\"model\":\"plain\"}", &r) == 0 && reply_model(&r, &b, &m, &n) &&
+                  n == 5 && memcmp(m, "plain", 5) == 0,
+              "a model without escapes: its text in place");
+        CHECK(scan("{\"choices\":[{}],\"model\":7}", &r) == 0 && !reply_model(&r, &b, &m, &n),
+              "a model that is not a string: none");
+        buf_free(&b);
+    }
+    CHECK(scan("{\"choices\":[{}],\"model\":\"\\ud800\"}", &r) != 0,
+          "a model of a lone surrogate: Lua decides");
+    CHECK(scan("{\"choices\":[{}],\"id\":\"a\\u0041\"}", &r) == 0 &&
+              scan("{\"choices\":[{}],\"id\":12}", &r) == 0,
+          "any id (the result line does not write it)");
     CHECK(scan("{\"choices\":[{}]}\n", &r) != 0, "a body of more than one line: Lua decides");
     CHECK(scan(" {\"choices\":[{}]}", &r) != 0, "a body that does not start with its object: Lua decides");
     CHECK(scan("{\"choices\":[{}]", &r) != 0, "invalid JSON: Lua decides");
