@@ -1213,7 +1213,13 @@ static int engine_take(lua_State *L)
 
 static int engine_set_go(lua_State *L)
 {
-    check_engine(L)->go = lua_toboolean(L, 2);
+    struct engine *en = check_engine(L);
+
+    en->go = lua_toboolean(L, 2);
+    /* Held (Ctrl-C, the input changed): the workers waiting for standard input are told at once, from
+     * the loop, rather than when a line comes. */
+    if (!en->go && en->waiting && en->readable)
+        event_active(en->readable, EV_READ, 0);
     return 0;
 }
 
@@ -1227,6 +1233,19 @@ static int engine_set_group_go(lua_State *L)
     luaL_argcheck(L, i >= 1 && i <= en->ngroups, 2, "no such group");
     en->groups[i - 1].go = lua_toboolean(L, 3);
     return 0;
+}
+
+/* engine:waiting() -> the workers waiting for standard input (not requests in flight). */
+static int engine_waiting(lua_State *L)
+{
+    struct engine *en = check_engine(L);
+    lua_Integer n = 0;
+    struct slot *sl;
+
+    for (sl = en->waiting; sl; sl = sl->next)
+        n++;
+    lua_pushinteger(L, n);
+    return 1;
 }
 
 static int engine_next_id(lua_State *L)
@@ -1449,10 +1468,15 @@ int core_engine(lua_State *L)
 void core_register_engine(lua_State *L)
 {
     static const luaL_Reg methods[] = {
-        { "work", engine_work },       { "take", engine_take },
-        { "set_go", engine_set_go },   { "set_group_go", engine_set_group_go },
-        { "next_id", engine_next_id }, { "drain", engine_drain },
-        { "detach", engine_detach },   { NULL, NULL },
+        { "work", engine_work },
+        { "take", engine_take },
+        { "set_go", engine_set_go },
+        { "set_group_go", engine_set_group_go },
+        { "next_id", engine_next_id },
+        { "drain", engine_drain },
+        { "detach", engine_detach },
+        { "waiting", engine_waiting },
+        { NULL, NULL },
     };
 
     if (luaL_newmetatable(L, ENGINE_MT)) {

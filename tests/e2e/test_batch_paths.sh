@@ -105,4 +105,26 @@ awk 'BEGIN { for (i = 1; i <= 10; i++) printf "{\"id\":\"g%d\",\"messages\":[{\"
 paths "system messages hoisted by the named model" hoist.jsonl "engine 10, aigate.chat 0" -m hoisted --config policy.lua
 same_bodies "system messages hoisted by the named model" hoist.jsonl -m hoisted --config policy.lua
 paths "system messages merged by the named model" merge.jsonl "engine 0, aigate.chat 10" -m merged --config policy.lua
+# Ctrl-C while the engine waits for standard input: the batch ends at once (exit 130) with what it
+# read, not when the input ends. The writer keeps the FIFO open for a minute; the batch must be gone
+# long before (each step below waits for an event, with a bound only against a hang).
+mkfifo slow_in
+( printf '{"id":"a","prompt":"first"}\n'; exec sleep 60 ) > slow_in &
+writer=$!
+"$AIGATE" batch - -m openai/gpt-4o-mini -o slow_out.jsonl < slow_in 2> slow_err.txt &
+pid=$!
+for _ in $(seq 1 400); do [ -s slow_out.jsonl ] && break; sleep 0.05; done
+kill -INT "$pid"
+for _ in $(seq 1 400); do kill -0 "$pid" 2> /dev/null || break; sleep 0.05; done
+if kill -0 "$pid" 2> /dev/null; then
+    fail "Ctrl-C while standard input is silent: the batch ends" "still running 20 s later"
+    kill -9 "$pid"
+else
+    ok "Ctrl-C while standard input is silent: the batch ends before its input does"
+fi
+wait "$pid"
+expect_eq "and exits 130 with the line it had read done" "$?:$(grep -c '"status_code":200' slow_out.jsonl)" "130:1"
+expect_match "no worker waiting for input counts as a request in flight" "$(cat slow_err.txt)" "finishing 0 requests in flight"
+kill "$writer" 2> /dev/null
+wait "$writer" 2> /dev/null
 finish

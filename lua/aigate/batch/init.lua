@@ -546,7 +546,9 @@ local function run(opts)
     st.stopping, st.interrupted = true, true
     throttle.stop() -- lines waiting on a rate limit or a backoff send nothing more
     st.engine:set_go(false)
-    eprint("\naigate: batch: interrupted: finishing ", st.active, " requests in flight (Ctrl-C again to abort)")
+    -- (workers waiting for standard input are not requests: they stop at once)
+    eprint("\naigate: batch: interrupted: finishing ", st.active - st.engine:waiting(), " requests in flight ",
+      "(Ctrl-C again to abort)")
     core.wait_signal()
     st.abort = 130
   end)
