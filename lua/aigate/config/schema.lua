@@ -25,6 +25,7 @@ M.sections = {
     timeouts = "timeouts",
     max_response_size = check.count,
     tls = "tls",
+    serve = "serve",
   },
   timeouts = {
     timeout = check.positive,
@@ -70,6 +71,16 @@ M.sections = {
     provider_key_env = check.env_name,
     headers = check.headers,
     system_messages = request.MODEL_META.system_messages,
+  },
+  -- `aigate serve`: the keys its clients authenticate with (each a name and the environment variable
+  -- holding the key) and the largest request body it reads, in bytes
+  serve = {
+    keys = "serve_keys",
+    max_body = check.count,
+  },
+  serve_key = {
+    name = check.nonempty,
+    key_env = check.env_name,
   },
   -- a named model: what it is (request.MODEL_META), then the chat parameters (request.BODY_PARAMS)
   model = {},

@@ -1,0 +1,219 @@
+-- aigate.serve: the server of `aigate serve`. The routing policy behind an OpenAI-compatible
+-- endpoint on core.listen: POST /v1/chat/completions runs aigate.chat on the body (aigate.serve.openai
+-- maps it), GET /v1/models lists the config's named models and local routes, GET /healthz and
+-- GET /readyz answer probes; each path also without /v1. Every error goes out in OpenAI's envelope
+-- (aigate.serve.errors) and the server keeps serving. Clients authenticate with the keys of
+-- serve.keys when the config has some; the client's own Authorization never goes upstream.
+--
+-- Not built yet (issue #11): streaming, embeddings, metrics, the request log, reload and draining
+-- shutdown, per-key limits.
+
+local core = require("aigate.core")
+local json = require("aigate.json")
+local aigate = require("aigate")
+local openai = require("aigate.serve.openai")
+local errors = require("aigate.serve.errors")
+
+local M = {}
+
+M.DEFAULT_MAX_BODY = 32 * 1024 * 1024
+-- core.listen's default for the unfinished bodies of all connections together; raised to max_body
+-- when that is larger (core.listen needs max_body_memory >= max_body_size).
+local MAX_BODY_MEMORY = 256 * 1024 * 1024
+-- A client's x-request-id is used as it came when it is this short and printable, else replaced.
+local MAX_REQUEST_ID = 200
+
+--- Whether host is a loopback address (where serve may listen without keys).
+function M.is_loopback(host)
+  return host == "localhost" or host == "::1" or host:match("^127%.%d+%.%d+%.%d+$") ~= nil
+end
+
+--- Whether a and b are the same bytes, in time that depends on the length of b (the key) only:
+-- every byte is compared, with no early exit, so that the time taken tells nothing of how much of
+-- a guess was right.
+function M.same_key(a, b)
+  local diff = #a ~ #b
+  local byte = string.byte
+  for i = 1, #b do
+    diff = diff | ((byte(a, i) or 0) ~ byte(b, i))
+  end
+  return diff == 0
+end
+
+-- The name of the key a request authenticates with, or nil. Every key is compared, whichever
+-- matches, so the time taken does not tell which one did.
+local function key_name(keys, headers)
+  local given = (headers.authorization or ""):match("^[Bb][Ee][Aa][Rr][Ee][Rr] +(.+)$") or ""
+  local found
+  for _, k in ipairs(keys) do
+    if M.same_key(given, k.key) and found == nil then
+      found = k.name
+    end
+  end
+  return found
+end
+
+local id_counter = 0
+local function new_request_id()
+  id_counter = id_counter + 1
+  return string.format("aigate-%08x%06x", math.random(0, 0xffffffff), id_counter & 0xffffff)
+end
+
+local function request_id(headers)
+  local id = headers["x-request-id"]
+  if id and #id > 0 and #id <= MAX_REQUEST_ID and not id:find("[^%w%-%._:/+=@]") then
+    return id
+  end
+  return new_request_id()
+end
+
+local function reply(res, status, headers, body)
+  headers["content-type"] = headers["content-type"] or "application/json"
+  res:respond(status, headers, body)
+end
+
+local function fail(res, headers, status, message, code, param)
+  reply(res, status, headers, errors.body(status, message, code, param))
+end
+
+-- ---- endpoints ---------------------------------------------------------------------------------
+
+local function healthz(_, _, res, headers)
+  reply(res, 200, headers, '{"status":"ok"}')
+end
+
+local function readyz(srv, _, res, headers)
+  if srv.draining then
+    return fail(res, headers, 503, "the server is shutting down", "shutting_down")
+  end
+  reply(res, 200, headers, '{"status":"ready"}')
+end
+
+local function models(srv, _, res, headers)
+  local cfg = aigate.config() or {}
+  reply(res, 200, headers, openai.models_body(cfg, srv.created))
+end
+
+-- Copies the upstream's cf-aig-* headers (the gateway's log id, cache status, step, ...).
+local function gateway_headers(out, upstream)
+  if type(upstream) ~= "table" then
+    return
+  end
+  for k, v in pairs(upstream) do
+    if type(k) == "string" and k:lower():sub(1, 7) == "cf-aig-" then
+      out[k:lower()] = tostring(v)
+    end
+  end
+end
+
+local function chat(srv, req, res, headers)
+  local body, derr = json.decode(req.body)
+  if body == nil then
+    return fail(res, headers, 400, "the request body is not valid JSON (" .. tostring(derr) .. ")", "invalid_json")
+  end
+  local cfg = aigate.config() or {}
+  local opts, status, code, msg, param = openai.options_of(body, cfg)
+  if opts == nil then
+    return fail(res, headers, status, msg, code, param)
+  end
+  -- The request id goes upstream too (the only client header that does: never its Authorization).
+  opts.headers = { ["x-request-id"] = headers["x-request-id"] }
+  local ok, r, err, info = pcall(aigate.chat, opts)
+  if not ok then
+    local text = tostring(r)
+    if text:match("^aigate%.chat: ") then -- a value aigate.chat refuses: the client's to fix
+      return fail(res, headers, 400, (text:gsub("^aigate%.chat: ", "")), "invalid_request")
+    end
+    srv.log("request " .. headers["x-request-id"] .. ": internal error: " .. text)
+    return fail(res, headers, 500, "internal error in aigate serve; the server's log has the details", "internal_error")
+  end
+  if r == nil then
+    local st, ebody, eh, log_only = openai.failure_reply(err, info)
+    if log_only then
+      srv.log("request " .. headers["x-request-id"] .. ": " .. tostring(err))
+    end
+    for k, v in pairs(eh) do
+      headers[k] = v
+    end
+    headers["x-aigate-attempts"] = string.format("%d", #((info or {}).attempts or {}))
+    return reply(res, st, headers, ebody)
+  end
+  gateway_headers(headers, r.headers)
+  if r.step ~= nil then
+    headers["x-aigate-step"] = tostring(r.step)
+  end
+  headers["x-aigate-attempts"] = string.format("%d", #(r.attempts or {}))
+  reply(res, 200, headers, openai.completion_body(r))
+end
+
+-- path (without /v1) -> method -> handler; open: answered without a key (probes).
+local ROUTES = {
+  ["/chat/completions"] = { POST = chat },
+  ["/models"] = { GET = models },
+  ["/healthz"] = { GET = healthz, open = true },
+  ["/readyz"] = { GET = readyz, open = true },
+}
+
+local function allowed(route)
+  local list = {}
+  for k in pairs(route) do
+    if k ~= "open" then
+      list[#list + 1] = k
+    end
+  end
+  table.sort(list)
+  return table.concat(list, ", ")
+end
+
+local function handle(srv, req, res)
+  local headers = { ["x-request-id"] = request_id(req.headers) }
+  local path = req.path
+  if path:sub(1, 4) == "/v1/" then
+    path = path:sub(4)
+  end
+  local route = ROUTES[path]
+  if route == nil then
+    return fail(res, headers, 404, string.format("no endpoint %s %s: aigate serve answers POST /v1/chat/completions, "
+      .. "GET /v1/models, GET /healthz and GET /readyz", req.method, req.path), "not_found")
+  end
+  local fn = route[req.method]
+  if type(fn) ~= "function" then
+    headers.allow = allowed(route)
+    return fail(res, headers, 405, string.format("method %s is not allowed on %s (allowed: %s)", req.method,
+      req.path, headers.allow), "method_not_allowed")
+  end
+  if srv.keys and not route.open and key_name(srv.keys, req.headers) == nil then
+    headers["www-authenticate"] = "Bearer"
+    return fail(res, headers, 401, "missing or wrong API key: send 'Authorization: Bearer KEY' with a key of the "
+      .. "config's serve.keys", "invalid_api_key")
+  end
+  fn(srv, req, res, headers)
+end
+
+--- Starts serving: o = {host, port, keys = {{name, key}} or nil, max_body = bytes, log =
+-- function(line) (the server's log: stderr)}. Returns the server ({port, close(), draining}) or
+-- nil, err.
+function M.start(o)
+  local max_body = o.max_body or M.DEFAULT_MAX_BODY
+  local srv = { keys = o.keys, log = o.log or function() end, draining = false, created = math.floor(core.time()) }
+  local server, err = core.listen({
+    host = o.host,
+    port = o.port,
+    max_body_size = max_body,
+    max_body_memory = math.max(MAX_BODY_MEMORY, max_body),
+    handler = function(req, res)
+      handle(srv, req, res)
+    end,
+  })
+  if server == nil then
+    return nil, err
+  end
+  srv.port = server.port
+  function srv.close()
+    srv.draining = true
+    server:close()
+  end
+  return srv
+end
+
+return M

@@ -1,0 +1,171 @@
+-- aigate.serve.openai: the OpenAI wire format of `aigate serve`. A chat.completions request body
+-- becomes aigate.chat options (the chat parameters of aigate.request.BODY_PARAMS as options, every
+-- other field unchanged in extra_body), a result goes back as the upstream's body as it came, a
+-- failure as the status and error envelope an OpenAI client expects, and the config's named models
+-- and local routes as a model list.
+
+local json = require("aigate.json")
+local check = require("aigate.check")
+local request = require("aigate.request")
+local provider = require("aigate.provider")
+local util = require("aigate.util")
+local errors = require("aigate.serve.errors")
+
+local M = {}
+
+local null = json.null
+local BODY_PARAMS = request.BODY_PARAMS
+local OPTIONS = request.OPTIONS
+-- Body fields that are not passed through: model and messages are options of their own; a stream
+-- is refused before (stream_options means nothing without it).
+local NOT_EXTRA = { model = true, messages = true, stream = true, stream_options = true }
+
+M.STREAM_MESSAGE = "streaming (\"stream\": true) is not built yet in aigate serve: send the request without "
+  .. "\"stream\", or with \"stream\": false"
+
+-- A 400 about one field: nil, status, code, message, param.
+local function bad(msg, param, code)
+  return nil, 400, code, msg, param
+end
+
+--- Whether `name` is a model serve knows: a named model or a local route of cfg, or an id whose
+-- provider prefix the gateway routes (aigate.provider's rule: `@cf/...` is Workers AI's, and
+-- `cloudflare-ai-gateway/` in front is docker-agent's way of naming the gateway). Anything else
+-- would only come back from the gateway as an error, so serve answers 404 model_not_found itself.
+function M.known_model(name, cfg)
+  local id = provider.trim(name)
+  if (cfg.models or {})[name] ~= nil or (cfg.models or {})[id] ~= nil or (cfg.routes or {})[id] ~= nil then
+    return true
+  end
+  local _, rest = provider.split_inline(id)
+  local prefix = provider.rewrite_model(rest):match("^([^/]+)/.")
+  return prefix ~= nil and provider.known_prefix(prefix)
+end
+
+--- A decoded request body -> aigate.chat options, or nil, status, code, message, param.
+function M.options_of(body, cfg)
+  if type(body) ~= "table" or body[1] ~= nil then
+    return bad("the request body must be a JSON object")
+  end
+  if body.stream ~= nil and body.stream ~= null and body.stream ~= false then
+    return bad(M.STREAM_MESSAGE, "stream", "stream_not_supported")
+  end
+  local model = body.model
+  if model == nil or model == null then
+    return bad("you must provide a model parameter", "model")
+  elseif type(model) ~= "string" or provider.trim(model) == "" then
+    return bad("'model' must be a non-empty string", "model")
+  end
+  local messages = body.messages
+  if messages == nil or messages == null then
+    return bad("missing required parameter: 'messages'", "messages")
+  end
+  local msg, got, part = check.messages(messages)
+  if msg then
+    return bad(check.text("'messages'", msg, got, part), "messages")
+  end
+  if not M.known_model(model, cfg) then
+    return nil, 404, "model_not_found", string.format("The model '%s' does not exist: it is not a named model "
+      .. "or a route of the config, nor a model id with a provider prefix the gateway routes "
+      .. "(e.g. 'openai/gpt-4o-mini')", model), "model"
+  end
+  local opts = { model = model, messages = messages }
+  local extra
+  for k, v in pairs(body) do
+    if BODY_PARAMS[k] then
+      if v ~= null then -- null: the parameter is not set, as OpenAI reads it
+        msg, got, part = OPTIONS[k](v)
+        if msg then
+          return bad(check.text(string.format("'%s'", k), msg, got, part), k)
+        end
+        opts[k] = v
+      end
+    elseif not NOT_EXTRA[k] then
+      extra = extra or {}
+      extra[k] = v
+    end
+  end
+  opts.extra_body = extra
+  return opts
+end
+
+--- The body of a result: the upstream's body as it came, else (a reply an after_response hook
+-- made) a chat.completion built from the result.
+function M.completion_body(res)
+  if type(res.raw_body) == "string" then
+    return res.raw_body
+  end
+  local message = type(res.message) == "table" and res.message or { role = "assistant", content = res.text or "" }
+  return json.encode({
+    id = "chatcmpl-" .. tostring(res.request_id or "aigate"),
+    object = "chat.completion",
+    created = math.floor(require("aigate.core").time()),
+    model = res.response_model or res.model,
+    choices = { { index = 0, message = message, finish_reason = res.finish_reason or "stop" } },
+    usage = res.usage,
+  })
+end
+
+--- GET /v1/models: the named models and local routes of cfg, in OpenAI's list shape, sorted.
+function M.models_body(cfg, created)
+  local data = {}
+  local function add(id, owner)
+    data[#data + 1] = { id = id, object = "model", created = created, owned_by = owner }
+  end
+  for _, name in ipairs(util.sorted_keys(cfg.models or {})) do
+    add(name, "aigate")
+  end
+  for _, name in ipairs(util.sorted_keys(cfg.routes or {})) do
+    if (cfg.models or {})[name] == nil then
+      add(name, "aigate-route")
+    end
+  end
+  return json.encode({ object = "list", data = setmetatable(data, json.array_mt) })
+end
+
+local function first_line(s)
+  return (tostring(s or ""):match("^[^\n]*"))
+end
+
+--- A failure of aigate.chat -> status, body, extra headers, and whether the message is for the
+-- server's log only (a hook or route function that raised: its traceback never goes to the client).
+function M.failure_reply(msg, info)
+  info = info or {}
+  local kind, reason = info.kind, info.reason
+  local headers = {}
+  if info.retry_after then
+    headers["retry-after"] = string.format("%d", math.ceil(info.retry_after))
+  end
+  if kind == "http" and math.type(info.status) == "integer" then
+    -- every attempt failed: the last upstream status, with its error as it came when it is OpenAI's
+    local status = info.status
+    if errors.is_envelope(info.body) then
+      return status, info.body, headers
+    end
+    return status, errors.body(status, info.message or first_line(msg),
+      info.code ~= nil and tostring(info.code) or nil, nil, info.type), headers
+  elseif kind == "transport" then
+    if reason == "timeout" then
+      return 504, errors.body(504, first_line(msg), "upstream_timeout"), headers
+    end
+    return 502, errors.body(502, first_line(msg), "upstream_unreachable"), headers
+  elseif kind == "response" or kind == "truncated" then
+    return 502, errors.body(502, first_line(msg), "bad_upstream_reply"), headers
+  elseif kind == "policy" and reason == "rejected" then
+    return 403, errors.body(403, first_line(msg), "rejected_by_policy"), headers
+  elseif kind == "policy" and reason == "limit" then
+    return 429, errors.body(429, first_line(msg), "rate_limit_exceeded"), headers
+  elseif kind == "policy" and reason == "breaker_open" then
+    return 503, errors.body(503, first_line(msg), "upstream_unavailable"), headers
+  elseif kind == "policy" then
+    return 500, errors.body(500, "the request failed in the routing policy (a hook or route function raised "
+      .. "an error); the server's log has the details", "policy_error"), headers, true
+  elseif kind == "interrupted" then
+    return 503, errors.body(503, "the server is stopping", "shutting_down"), headers
+  end
+  -- config (e.g. a variable the gateway URL needs is not set) and anything new
+  return 500, errors.body(500, first_line(msg), kind == "config" and "config_error" or "internal_error"), headers,
+    kind ~= "config"
+end
+
+return M
