@@ -1,0 +1,257 @@
+#!/usr/bin/env bash
+# test_serve.sh: end-to-end tests of `aigate serve` (not streamed yet) with curl, `aigate mock` as the
+# upstream: the endpoints (with and without /v1), the exact body sent upstream, the reply headers, a
+# fallback route, every error of the table that is built (invalid JSON, missing fields, unknown model,
+# a body over serve.max_body, the upstream's own error after the last attempt, unreachable, timeout,
+# a hook that raises, unknown path, wrong method, "stream": true), the client's Authorization never
+# going upstream, client keys (missing, wrong, right), the refusal to bind beyond loopback without
+# keys, and the server still serving after each error.
+# Run from the repository root; helpers come from lib.sh.
+
+. "$(dirname "$0")/lib.sh"
+
+SERVE_PID=""
+SERVE_URL=""
+stop_serve() {
+    if [ -n "$SERVE_PID" ]; then
+        kill "$SERVE_PID" 2>/dev/null
+        wait "$SERVE_PID" 2>/dev/null
+        SERVE_PID=""
+    fi
+}
+trap 'stop_serve; stop_mock; stop_upstream; rm -rf "$TMP"' EXIT
+
+# start_serve CONFIG [ARGS...]: starts `aigate serve` on a free port; sets SERVE_URL and SERVE_PID.
+start_serve() {
+    stop_serve
+    "$AIGATE" serve --listen 127.0.0.1:0 --config "$@" > "$TMP/serve.out" 2> "$TMP/serve.err" &
+    SERVE_PID=$!
+    SERVE_URL=$(listening_url "aigate serve" "$SERVE_PID" "$TMP/serve.out" "$TMP/serve.err") || return 1
+}
+
+# req METHOD PATH [BODY] [curl args...]: sets STATUS; body in $TMP/body, headers in $TMP/headers.
+req() {
+    local method=$1 path=$2 body=${3:-}
+    shift 3 2>/dev/null || shift $#
+    : > "$TMP/body"
+    : > "$TMP/headers"
+    if [ -n "$body" ]; then
+        STATUS=$(curl -sS -o "$TMP/body" -D "$TMP/headers" -w '%{http_code}' -X "$method" \
+            -H 'content-type: application/json' --data-binary "$body" "$SERVE_URL$path" "$@" 2> "$TMP/curl.err")
+    else
+        STATUS=$(curl -sS -o "$TMP/body" -D "$TMP/headers" -w '%{http_code}' -X "$method" \
+            "$SERVE_URL$path" "$@" 2> "$TMP/curl.err")
+    fi
+}
+post() { req POST /v1/chat/completions "$@"; }
+# jb EXPR: a Lua expression on the decoded response body `v`.
+jb() { "$AIGATE" run "$E2E_DIR/json_get.lua" "$1" < "$TMP/body" 2>/dev/null; }
+# header NAME: the value of a response header (lowercase name), without the line end.
+header() { grep -i "^$1:" "$TMP/headers" | head -n 1 | sed 's/^[^:]*: *//' | tr -d '\r'; }
+# envelope NAME STATUS CODE: the reply has STATUS and OpenAI's envelope with that code (type a string,
+# message non-empty, param present).
+envelope() {
+    expect_eq "$1: status" "$STATUS" "$2"
+    expect_eq "$1: envelope" "$(jb 'type(v.error.message) == "string" and #v.error.message > 0 and type(v.error.type) == "string" and v.error.param ~= nil and v.error.code ~= nil')" "true"
+    expect_eq "$1: code" "$(jb 'type(v.error.code) == "userdata" and "null" or tostring(v.error.code)')" "$3"
+}
+chat() { printf '{"model":"%s","messages":[{"role":"user","content":"%s"}]%s}' "$1" "${2:-hello serve}" "${3:-}"; }
+# still_serving NAME: a plain request still gets its reply.
+still_serving() {
+    post "$(chat fast "still here")"
+    expect_eq "$1: still serving" "$STATUS $(jb 'v.choices[1].message.content')" "200 echo: still here"
+}
+
+start_mock --quiet || { fail "mock starts" "see above"; finish; }
+gateway_env
+cd "$TMP" || exit 1
+
+cat > serve.lua <<CFG
+local route = require("aigate.route")
+return {
+  models = {
+    fast = "workers-ai/@cf/meta/llama-3.1-8b-instruct",
+    boom = "mock/echo",
+    plain = { model = "gpt-plain", provider = "local" },
+    dead = { model = "gpt-dead", provider = "dead" },
+  },
+  providers = {
+    ["local"] = { base_url = "$MOCK_URL/v1" },
+    dead = { base_url = "http://127.0.0.1:1/v1" },
+  },
+  routes = { ["dynamic/fallback"] = route.fallback({ "mock/fail-500", "fast" }) },
+  retry = { retries = 0 },
+  timeouts = { first_byte_timeout = 3 },
+  hooks = {
+    before_request = function(req)
+      if req.model == "boom" then error("the hook broke on purpose") end
+    end,
+  },
+  serve = { max_body = 4096 },
+}
+CFG
+start_serve serve.lua || { fail "serve starts" "see above"; finish; }
+expect_match "listening line" "$(cat serve.out)" "^aigate serve listening on http://127\.0\.0\.1:[0-9]+$"
+
+# ---- probes and the model list ------------------------------------------------------------------
+for p in /healthz /v1/healthz /readyz /v1/readyz; do
+    req GET "$p"
+    expect_eq "GET $p" "$STATUS" "200"
+done
+for p in /v1/models /models; do
+    req GET "$p"
+    expect_eq "GET $p: status" "$STATUS" "200"
+    expect_eq "GET $p: list" "$(jb 'v.object .. " " .. v.data[1].object')" "list model"
+    expect_eq "GET $p: ids" "$(jb '(function() local t = {} for _, m in ipairs(v.data) do t[#t + 1] = m.id end return table.concat(t, ",") end)()')" \
+        "boom,dead,fast,plain,dynamic/fallback"
+done
+
+# ---- a chat completion ----------------------------------------------------------------------------
+post "$(chat fast)"
+expect_eq "plain chat: status" "$STATUS" "200"
+expect_eq "plain chat: the reply" "$(jb 'v.object .. " " .. v.choices[1].message.content')" "chat.completion echo: hello serve"
+expect_match "plain chat: the upstream's body as it came (the mock's id)" "$(jb 'v.id')" "^chatcmpl-mock-[0-9]+$"
+expect_match "plain chat: an x-request-id made" "$(header x-request-id)" "^aigate-[0-9a-f]+$"
+expect_eq "plain chat: x-aigate-step" "$(header x-aigate-step)" "0"
+expect_eq "plain chat: x-aigate-attempts" "$(header x-aigate-attempts)" "1"
+expect_match "plain chat: the gateway's cf-aig-log-id" "$(header cf-aig-log-id)" "^01MOCKLOG"
+expect_eq "plain chat: content type" "$(header content-type)" "application/json"
+req POST /chat/completions "$(chat fast)"
+expect_eq "without /v1: chat" "$STATUS $(jb 'v.choices[1].message.content')" "200 echo: hello serve"
+
+# The body sent upstream, byte for byte: keys sorted, the named model's id, chat parameters and
+# every other field as they came, nothing of serve's own.
+post '{"user":"u1","zeta":{"b":[1,2],"a":"x"},"temperature":0.25,"messages":[{"role":"user","content":"exact"}],"model":"fast","max_tokens":5,"stream":false,"seed":null}'
+expect_eq "exact body: status" "$STATUS" "200"
+expect_eq "exact body: the bytes upstream" "$(lua_on 'return lines[#lines].raw' "$MOCK_LOG")" \
+    '{"max_tokens":5,"messages":[{"content":"exact","role":"user"}],"model":"workers-ai/@cf/meta/llama-3.1-8b-instruct","temperature":0.25,"user":"u1","zeta":{"a":"x","b":[1,2]}}'
+
+# The client's Authorization never goes upstream; its x-request-id does, and comes back.
+post "$(chat plain)" -H "Authorization: Bearer client-secret-xyz" -H "x-request-id: client-req-7"
+expect_eq "client auth: status" "$STATUS" "200"
+expect_eq "client auth: not sent upstream" "$(lua_on 'return tostring(lines[#lines].headers.authorization)' "$MOCK_LOG")" "nil"
+expect_eq "client request id: upstream" "$(lua_on 'return lines[#lines].headers["x-request-id"]' "$MOCK_LOG")" "client-req-7"
+expect_eq "client request id: in the reply" "$(header x-request-id)" "client-req-7"
+
+# A fallback route: the first target fails, the second answers.
+post "$(chat dynamic/fallback)"
+expect_eq "fallback: status" "$STATUS $(jb 'v.choices[1].message.content')" "200 echo: hello serve"
+expect_eq "fallback: attempts" "$(header x-aigate-attempts)" "2"
+expect_eq "fallback: step" "$(header x-aigate-step)" "1"
+
+# ---- errors, each in OpenAI's envelope, and the server keeps serving -------------------------------
+post '{"model": "fast", "messages": ['
+envelope "invalid JSON" 400 invalid_json
+still_serving "invalid JSON"
+post '{"messages":[{"role":"user","content":"x"}]}'
+envelope "missing model" 400 null
+expect_eq "missing model: param" "$(jb 'v.error.param')" "model"
+post '{"model":"fast"}'
+envelope "missing messages" 400 null
+expect_eq "missing messages: param" "$(jb 'v.error.param')" "messages"
+post '[1,2]'
+envelope "not an object" 400 null
+post "$(chat fast hi ',"temperature":"hot"')"
+envelope "a parameter of the wrong type" 400 null
+expect_eq "a parameter of the wrong type: param" "$(jb 'v.error.param')" "temperature"
+post "$(chat fast hi ',"stream":true')"
+envelope "stream" 400 stream_not_supported
+expect_match "stream: says it is not built" "$(jb 'v.error.message')" "not built yet"
+post "$(chat no-such-model)"
+envelope "unknown model" 404 model_not_found
+post "$(chat nowhere/gpt-4o)"
+envelope "unknown provider prefix" 404 model_not_found
+still_serving "after 400s and 404s"
+big=$(head -c 5000 /dev/zero | tr '\0' 'a')
+post "$(chat fast "$big")"
+expect_eq "body over serve.max_body: status" "$STATUS" "413"
+expect_match "body over serve.max_body: message" "$(jb 'v.error.message')" "too large"
+still_serving "after a 413"
+
+post "$(chat mock/fail-500)"
+expect_eq "every attempt failed: the upstream's status" "$STATUS" "500"
+expect_eq "every attempt failed: the upstream's error as it came" "$(jb 'v.error.message')" "mock: simulated provider failure"
+expect_eq "every attempt failed: attempts" "$(header x-aigate-attempts)" "1"
+post "$(chat mock/rate-limit)"
+envelope "upstream 429 (the gateway's envelope, rewrapped)" 429 2003
+expect_eq "upstream 429: Retry-After passed on" "$(header retry-after)" "1"
+post "$(chat dead)"
+envelope "upstream unreachable" 502 upstream_unreachable
+post "$(chat mock/stall-30000)"
+envelope "upstream timeout" 504 upstream_timeout
+post "$(chat boom)"
+envelope "a hook that raises" 500 policy_error
+expect_no_match "a hook that raises: no traceback to the client" "$(cat body)" "traceback|on purpose"
+expect_match "a hook that raises: the traceback on stderr" "$(cat serve.err)" "the hook broke on purpose"
+expect_match "a hook that raises: with its traceback" "$(cat serve.err)" "stack traceback"
+req GET /v1/nothing-here
+envelope "unknown path" 404 not_found
+req GET /v1/chat/completions
+envelope "wrong method" 405 method_not_allowed
+expect_eq "wrong method: allow" "$(header allow)" "POST"
+req POST /v1/models '{}'
+envelope "wrong method on models" 405 method_not_allowed
+still_serving "after every error"
+req GET /healthz
+expect_eq "healthz after every error" "$STATUS" "200"
+expect_no_match "no token on serve's stderr" "$(cat serve.err)" "tok-SECRET"
+stop_serve
+
+# ---- client keys ----------------------------------------------------------------------------------
+cat > keys.lua <<'CFG'
+return {
+  models = { fast = "workers-ai/@cf/meta/llama-3.1-8b-instruct" },
+  serve = { keys = { { name = "alpha", key_env = "SERVE_KEY_A" }, { name = "beta", key_env = "SERVE_KEY_B" } } },
+}
+CFG
+export SERVE_KEY_A="key-alpha-5521" SERVE_KEY_B="key-beta-9934"
+start_serve keys.lua || { fail "serve with keys starts" "see above"; finish; }
+post "$(chat fast)"
+envelope "keys: no key" 401 invalid_api_key
+post "$(chat fast)" -H "Authorization: Bearer key-alpha-5522"
+envelope "keys: a wrong key" 401 invalid_api_key
+post "$(chat fast)" -H "Authorization: Bearer key-alpha-552"
+envelope "keys: a prefix of a key" 401 invalid_api_key
+req GET /v1/models
+envelope "keys: models without a key" 401 invalid_api_key
+post "$(chat fast)" -H "Authorization: Bearer key-alpha-5521"
+expect_eq "keys: the first key" "$STATUS $(jb 'v.choices[1].message.content')" "200 echo: hello serve"
+post "$(chat fast)" -H "Authorization: Bearer key-beta-9934"
+expect_eq "keys: the second key" "$STATUS" "200"
+expect_no_match "keys: the client's key not sent upstream" "$(lua_on 'return lines[#lines].headers.authorization' "$MOCK_LOG")" "key-beta"
+req GET /healthz
+expect_eq "keys: probes need no key" "$STATUS" "200"
+expect_no_match "keys: never on stderr" "$(cat serve.err)" "key-alpha|key-beta"
+stop_serve
+
+# With keys, serve may listen beyond loopback.
+"$AIGATE" serve --listen 0.0.0.0:0 --config keys.lua > wide.out 2> wide.err &
+WIDE=$!
+url=$(listening_url "aigate serve" "$WIDE" wide.out wide.err 2>/dev/null || sed -n 's/.*listening on //p' wide.out)
+expect_match "keys: listens on 0.0.0.0" "$(cat wide.out)" "^aigate serve listening on http://0\.0\.0\.0:[0-9]+$"
+kill "$WIDE" 2>/dev/null
+wait "$WIDE" 2>/dev/null
+
+# Without keys, only loopback.
+"$AIGATE" serve --listen 0.0.0.0:0 --config serve.lua > wide.out 2> wide.err
+expect_eq "no keys: 0.0.0.0 refused: exit 2" "$?" "2"
+expect_match "no keys: 0.0.0.0 refused: why" "$(cat wide.err)" "refusing to listen on 0\.0\.0\.0 without client keys"
+expect_eq "no keys: 0.0.0.0 refused: nothing served" "$(cat wide.out)" ""
+
+# A key whose variable is not set, and a bad serve section.
+unset SERVE_KEY_B
+"$AIGATE" serve --listen 127.0.0.1:0 --config keys.lua > bad.out 2> bad.err
+expect_eq "key variable unset: exit 2" "$?" "2"
+expect_match "key variable unset: why" "$(cat bad.err)" "serve.keys\[2\] \(beta\): the environment variable SERVE_KEY_B is not set"
+cat > badserve.lua <<'CFG'
+return { serve = { keys = { { name = "a" } }, max_body = 0, port = 1 } }
+CFG
+"$AIGATE" serve --listen 127.0.0.1:0 --config badserve.lua > bad.out 2> bad.err
+expect_eq "bad serve section: exit 2" "$?" "2"
+expect_match "bad serve section: key_env missing" "$(cat bad.err)" "serve.keys\[1\]: needs both 'name' and 'key_env'"
+expect_match "bad serve section: max_body" "$(cat bad.err)" "serve.max_body: must be a whole number >= 1"
+expect_match "bad serve section: unknown key" "$(cat bad.err)" "serve.port: unknown key"
+"$AIGATE" serve --listen nowhere > bad.out 2> bad.err
+expect_eq "bad --listen: exit 2" "$?" "2"
+
+finish
