@@ -34,7 +34,8 @@ end
 -- would only come back from the gateway as an error, so serve answers 404 model_not_found itself.
 function M.known_model(name, cfg)
   local id = provider.trim(name)
-  if (cfg.models or {})[name] ~= nil or (cfg.models or {})[id] ~= nil or (cfg.routes or {})[id] ~= nil then
+  -- named models as written (aigate.provider looks them up so), routes trimmed (as the policy does)
+  if (cfg.models or {})[name] ~= nil or (cfg.routes or {})[id] ~= nil then
     return true
   end
   local _, rest = provider.split_inline(id)

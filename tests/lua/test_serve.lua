@@ -1,0 +1,101 @@
+-- tests/lua/test_serve.lua: the OpenAI wire format of `aigate serve` (aigate.serve.openai): a
+-- request body to aigate.chat options (chat parameters as options, every other field in extra_body,
+-- null parameters unset, a stream refused), which models are known, a failure to its status and
+-- envelope; and the key comparison of aigate.serve.
+
+local t = require("testlib")
+local json = require("aigate.json")
+local openai = require("aigate.serve.openai")
+local serve = require("aigate.serve")
+
+local cases = {}
+
+local CFG = { models = { fast = { model = "openai/gpt-4o-mini" } }, routes = { ["dynamic/r"] = "fast" } }
+local MSGS = { { role = "user", content = "hi" } }
+
+function cases.chat_parameters_become_options_and_the_rest_extra_body()
+  local body = { model = "fast", messages = MSGS, temperature = 0.5, max_tokens = 7, tools = { { type = "function" } },
+    zeta = { a = 1 }, service_tier = "flex", seed = json.null, stream = false }
+  local opts = openai.options_of(body, CFG)
+  t.eq(opts.model, "fast")
+  t.eq(opts.messages, MSGS)
+  t.eq(opts.temperature, 0.5)
+  t.eq(opts.max_tokens, 7)
+  t.eq(opts.tools, { { type = "function" } })
+  t.eq(opts.seed, nil, "a null parameter is not set")
+  t.eq(opts.extra_body, { zeta = { a = 1 }, service_tier = "flex" })
+  t.eq(opts.stream, nil)
+end
+
+function cases.no_extra_body_when_nothing_else()
+  local opts = openai.options_of({ model = "openai/gpt-4o", messages = MSGS }, CFG)
+  t.eq(opts.extra_body, nil)
+end
+
+function cases.bad_bodies_are_400s_naming_the_field()
+  -- {status, code, param}, message
+  local function says(body)
+    local opts, status, code, msg, param = openai.options_of(body, CFG)
+    t.eq(opts, nil)
+    return { status, code, param }, msg
+  end
+  local got, msg = says({ messages = MSGS })
+  t.eq(got, { 400, nil, "model" })
+  t.contains(msg, "model")
+  t.eq(says({ model = "fast" }), { 400, nil, "messages" })
+  got, msg = says({ model = "fast", messages = MSGS, temperature = "hot" })
+  t.eq(got, { 400, nil, "temperature" })
+  t.contains(msg, "'temperature' must be a number")
+  got, msg = says({ model = "fast", messages = MSGS, stream = true })
+  t.eq(got, { 400, "stream_not_supported", "stream" })
+  t.contains(msg, "not built yet")
+  t.eq(says({ 1, 2 }), { 400 })
+  t.eq(says({ model = "gpt-4o", messages = MSGS }), { 404, "model_not_found", "model" })
+end
+
+function cases.known_models()
+  for _, m in ipairs({ "fast", "dynamic/r", "openai/gpt-4o", "@cf/meta/llama-3.1-8b-instruct", "mock/echo",
+    "cloudflare-ai-gateway/openai/gpt-4o", "dynamic/at-the-gateway", " dynamic/r " }) do
+    t.eq(openai.known_model(m, CFG), true, m)
+  end
+  for _, m in ipairs({ "gpt-4o", "nowhere/x", "openai/", "cloudflare-ai-gateway/gpt-4o", "slow", " fast " }) do
+    t.eq(openai.known_model(m, CFG), false, m)
+  end
+end
+
+function cases.failures_map_to_statuses()
+  local status, body, headers = openai.failure_reply("x", { kind = "http", status = 429, retry_after = 1.2,
+    body = '{"error":{"message":"slow down","type":"rate_limit_error","param":null,"code":null}}' })
+  t.eq({ status, headers["retry-after"] }, { 429, "2" })
+  t.eq(body, '{"error":{"message":"slow down","type":"rate_limit_error","param":null,"code":null}}', "as it came")
+  status, body = openai.failure_reply("HTTP 401: bad", { kind = "http", status = 401, code = 2009,
+    message = "Unauthorized", body = '{"success":false,"error":[{"code":2009,"message":"Unauthorized"}]}' })
+  t.eq(status, 401)
+  t.eq(json.decode(body).error.code, "2009")
+  t.eq((openai.failure_reply("request failed: timeout: x", { kind = "transport", reason = "timeout" })), 504)
+  t.eq((openai.failure_reply("request failed: connect: x", { kind = "transport", reason = "connect" })), 502)
+  local log_only, _
+  status, body, _, log_only = openai.failure_reply("before_request hook failed: boom\nstack traceback: ...",
+    { kind = "policy", reason = "hook" })
+  t.eq({ status, json.decode(body).error.code, log_only }, { 500, "policy_error", true })
+  t.not_contains(body, "boom")
+end
+
+function cases.same_key_compares_every_byte()
+  t.eq(serve.same_key("key-123", "key-123"), true)
+  t.eq(serve.same_key("key-124", "key-123"), false)
+  t.eq(serve.same_key("key-12", "key-123"), false)
+  t.eq(serve.same_key("key-1234", "key-123"), false)
+  t.eq(serve.same_key("", "key-123"), false)
+end
+
+function cases.loopback()
+  for _, h in ipairs({ "127.0.0.1", "127.1.2.3", "::1", "localhost" }) do
+    t.eq(serve.is_loopback(h), true, h)
+  end
+  for _, h in ipairs({ "0.0.0.0", "::", "10.0.0.1", "example.org", "127.0.0.1.example.org" }) do
+    t.eq(serve.is_loopback(h), false, h)
+  end
+end
+
+return cases
