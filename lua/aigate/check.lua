@@ -279,6 +279,8 @@ function M.metadata(v)
   end
 end
 
+local JSON_NULL = require("aigate.json").null
+
 function M.messages(v)
   if type(v) ~= "table" then
     return "must be an array of {role =, content =} tables", typename(v)
@@ -291,7 +293,8 @@ function M.messages(v)
       return "needs a string 'role'", typename(m.role), format("message %d", i)
     end
     local c = m.content
-    if c ~= nil and type(c) ~= "string" and type(c) ~= "table" then
+    -- JSON null too: an assistant message that calls tools has "content": null in OpenAI's format
+    if c ~= nil and c ~= JSON_NULL and type(c) ~= "string" and type(c) ~= "table" then
       return "'content' must be a string or a table", typename(c), format("message %d", i)
     end
   end

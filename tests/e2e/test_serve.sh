@@ -139,6 +139,15 @@ expect_eq "fallback: status" "$STATUS $(jb 'v.choices[1].message.content')" "200
 expect_eq "fallback: attempts" "$(header x-aigate-attempts)" "2"
 expect_eq "fallback: step" "$(header x-aigate-step)" "1"
 
+# Tools: a call, then the conversation with the call ("content": null) and its result.
+TOOLS='"tools":[{"type":"function","function":{"name":"get_time","parameters":{"type":"object","properties":{"zone":{"type":"string"}}}}}]'
+post "{\"model\":\"fast\",\"messages\":[{\"role\":\"user\",\"content\":\"what time is it\"}],$TOOLS,\"tool_choice\":\"required\"}"
+expect_eq "tools: a call" "$STATUS $(jb 'v.choices[1].finish_reason .. " " .. v.choices[1].message.tool_calls[1]["function"].name')" "200 tool_calls get_time"
+TURN='[{"role":"user","content":"what time is it"},{"role":"assistant","content":null,"tool_calls":[{"id":"call_1","type":"function","function":{"name":"get_time","arguments":"{}"}}]},{"role":"tool","tool_call_id":"call_1","content":"noon"}]'
+post "{\"model\":\"fast\",\"messages\":$TURN,$TOOLS}"
+expect_eq "tools: the result goes back (content null)" "$STATUS $(jb 'v.choices[1].finish_reason')" "200 stop"
+expect_match "tools: content null sent upstream as null" "$(lua_on 'return lines[#lines].raw' "$MOCK_LOG")" '"content":null'
+
 # ---- errors, each in OpenAI's envelope, and the server keeps serving -------------------------------
 post '{"model": "fast", "messages": ['
 envelope "invalid JSON" 400 invalid_json

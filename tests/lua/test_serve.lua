@@ -27,6 +27,16 @@ function cases.chat_parameters_become_options_and_the_rest_extra_body()
   t.eq(opts.stream, nil)
 end
 
+-- A tool-calling conversation as OpenAI clients send it: the assistant's "content" is null.
+function cases.a_tool_conversation_with_null_content()
+  local body = json.decode('{"model":"fast","messages":[{"role":"user","content":"time?"},'
+    .. '{"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function",'
+    .. '"function":{"name":"now","arguments":"{}"}}]},{"role":"tool","tool_call_id":"c1","content":"noon"}]}')
+  local opts, status, _, msg = openai.options_of(body, CFG)
+  t.eq({ status, msg }, {})
+  t.eq(opts.messages[2].content, json.null)
+end
+
 function cases.no_extra_body_when_nothing_else()
   local opts = openai.options_of({ model = "openai/gpt-4o", messages = MSGS }, CFG)
   t.eq(opts.extra_body, nil)
