@@ -5,7 +5,8 @@
 # a body over serve.max_body, the upstream's own error after the last attempt, unreachable, timeout,
 # a hook that raises, unknown path, wrong method, "stream": true), the client's Authorization never
 # going upstream, client keys (missing, wrong, right), the refusal to bind beyond loopback without
-# keys, and the server still serving after each error.
+# keys, the server still serving after each error, and draining on SIGTERM (readyz 503, new
+# requests 503, the request in flight finished, exit 0; a second signal stops at once).
 # Run from the repository root; helpers come from lib.sh.
 
 . "$(dirname "$0")/lib.sh"
@@ -205,6 +206,66 @@ req GET /healthz
 expect_eq "healthz after every error" "$STATUS" "200"
 expect_no_match "no token on serve's stderr" "$(cat serve.err)" "tok-SECRET"
 stop_serve
+
+# ---- draining on SIGTERM ---------------------------------------------------------------------------
+# wait_upstream N: waits (generously) until the mock has logged N requests.
+wait_upstream() {
+    local i
+    for i in $(seq 1 400); do
+        [ "$(wc -l < "$MOCK_LOG")" -ge "$1" ] && return 0
+        sleep 0.05
+    done
+    return 1
+}
+# wait_stderr TEXT: waits (generously) until serve's stderr has TEXT.
+wait_stderr() {
+    local i
+    for i in $(seq 1 400); do
+        grep -q "$1" serve.err && return 0
+        sleep 0.05
+    done
+    return 1
+}
+cat > drain.lua <<'CFG'
+return { models = { fast = "workers-ai/@cf/meta/llama-3.1-8b-instruct" }, retry = { retries = 0 } }
+CFG
+start_serve drain.lua || { fail "serve for draining starts" "see above"; finish; }
+n=$(wc -l < "$MOCK_LOG")
+curl -sS -o slow.body -w '%{http_code}' -X POST --data-binary "$(chat mock/slow-6000 slowly)" \
+    "$SERVE_URL/v1/chat/completions" > slow.status 2> slow.err &
+SLOW=$!
+check "drain: the slow request reached the upstream" wait_upstream $((n + 1))
+kill -TERM "$SERVE_PID"
+check "drain: says it drains" wait_stderr "draining 1 request"
+req GET /readyz
+envelope "drain: readyz" 503 shutting_down
+req GET /healthz
+expect_eq "drain: healthz still 200" "$STATUS" "200"
+post "$(chat fast)"
+envelope "drain: a new request" 503 shutting_down
+wait "$SLOW"
+expect_eq "drain: the request in flight finished" "$(cat slow.status) $("$AIGATE" run "$E2E_DIR/json_get.lua" 'v.choices[1].message.content' < slow.body)" \
+    "200 echo: slowly"
+wait "$SERVE_PID"
+expect_eq "drain: then exit 0" "$?" "0"
+SERVE_PID=""
+expect_match "drain: stopped" "$(cat serve.err)" "stopped \(SIGTERM\)$"
+
+# A second signal stops it at once, with the request in flight cut.
+start_serve drain.lua || { fail "serve for a second signal starts" "see above"; finish; }
+n=$(wc -l < "$MOCK_LOG")
+curl -sS -o slow.body -w '%{http_code}' -X POST --data-binary "$(chat mock/slow-20000 slowly)" \
+    "$SERVE_URL/v1/chat/completions" > slow.status 2> slow.err &
+SLOW=$!
+check "second signal: the slow request reached the upstream" wait_upstream $((n + 1))
+kill -TERM "$SERVE_PID"
+check "second signal: draining" wait_stderr "draining 1 request"
+kill -TERM "$SERVE_PID"
+wait "$SERVE_PID"
+expect_eq "second signal: stops at once (143)" "$?" "143"
+SERVE_PID=""
+wait "$SLOW"
+expect_eq "second signal: the request in flight got no reply" "$(cat slow.status)" "000"
 
 # ---- client keys ----------------------------------------------------------------------------------
 cat > keys.lua <<'CFG'

@@ -32,7 +32,13 @@ Config (section `serve`):
     keys = { { name = "app", key_env = "APP_KEY" } },  -- clients send Authorization: Bearer <key>
     max_body = 33554432,                               -- bytes of a request body (past it: 413)
   }
-Without keys serve listens on loopback only. Stops on SIGINT or SIGTERM.]]
+Without keys serve listens on loopback only.
+
+On SIGTERM or SIGINT serve drains: /readyz answers 503 and new requests 503, the requests in flight
+finish (for at most 30 s), then it exits 0. A second signal stops it at once.]]
+
+-- Seconds the requests in flight have to finish after SIGTERM or SIGINT.
+M.DRAIN_TIMEOUT = 30
 
 local SERVE_OPTS = {{"listen", nil, "value"}, {"config", "c", "value"}, {"help", "h", "flag"}}
 
@@ -90,8 +96,20 @@ function M.main(argv)
   io.stdout:write("aigate serve listening on http://", shown, ":", tostring(server.port), "\n")
   io.stdout:flush()
   local sig = core.wait_signal()
+  -- Draining: probes say so, new requests get 503, what is in flight finishes (for at most
+  -- DRAIN_TIMEOUT). Nothing waits for a signal meanwhile, so a second one ends the process at once.
+  server.drain()
+  if server.inflight > 0 then
+    cli.eprint("aigate serve: SIG", sig, ": draining ", tostring(server.inflight), " request(s) in flight ",
+      "(at most ", tostring(M.DRAIN_TIMEOUT), " s; a second signal stops at once)")
+  end
+  local deadline = core.now() + M.DRAIN_TIMEOUT
+  while server.inflight > 0 and core.now() < deadline do
+    core.sleep(0.05)
+  end
+  local left = server.inflight
   server.close()
-  cli.eprint("aigate serve: stopped (SIG", sig, ")")
+  cli.eprint("aigate serve: stopped (SIG", sig, ")", left > 0 and (", " .. left .. " request(s) cut short") or "")
   return cli.EXIT_OK
 end
 

@@ -5,8 +5,8 @@
 -- (aigate.serve.errors) and the server keeps serving. Clients authenticate with the keys of
 -- serve.keys when the config has some; the client's own Authorization never goes upstream.
 --
--- Not built yet (issue #11): streaming, embeddings, metrics, the request log, reload and draining
--- shutdown, per-key limits.
+-- Not built yet (issue #11): streaming, embeddings, metrics, the request log, reload, per-key
+-- limits.
 
 local core = require("aigate.core")
 local json = require("aigate.json")
@@ -182,20 +182,32 @@ local function handle(srv, req, res)
     return fail(res, headers, 405, string.format("method %s is not allowed on %s (allowed: %s)", req.method,
       req.path, headers.allow), "method_not_allowed")
   end
+  if srv.draining and not route.open then
+    headers.connection = "close"
+    return fail(res, headers, 503, "the server is shutting down: send the request to another instance, or "
+      .. "again once it is back", "shutting_down")
+  end
   if srv.keys and not route.open and key_name(srv.keys, req.headers) == nil then
     headers["www-authenticate"] = "Bearer"
     return fail(res, headers, 401, "missing or wrong API key: send 'Authorization: Bearer KEY' with a key of the "
       .. "config's serve.keys", "invalid_api_key")
   end
-  fn(srv, req, res, headers)
+  srv.inflight = srv.inflight + 1
+  local ok, err = pcall(fn, srv, req, res, headers)
+  srv.inflight = srv.inflight - 1
+  if not ok then
+    error(err, 0) -- core.listen prints it and answers 500
+  end
 end
 
 --- Starts serving: o = {host, port, keys = {{name, key}} or nil, max_body = bytes, log =
--- function(line) (the server's log: stderr)}. Returns the server ({port, close(), draining}) or
--- nil, err.
+-- function(line) (the server's log: stderr)}. Returns the server or nil, err: {port, inflight (the
+-- requests being answered), drain() (from now on /readyz and every request but the probes get 503,
+-- while what is in flight goes on), close() (closes every connection at once)}.
 function M.start(o)
   local max_body = o.max_body or M.DEFAULT_MAX_BODY
-  local srv = { keys = o.keys, log = o.log or function() end, draining = false, created = math.floor(core.time()) }
+  local srv = { keys = o.keys, log = o.log or function() end, draining = false, inflight = 0,
+    created = math.floor(core.time()) }
   local server, err = core.listen({
     host = o.host,
     port = o.port,
@@ -209,6 +221,9 @@ function M.start(o)
     return nil, err
   end
   srv.port = server.port
+  function srv.drain()
+    srv.draining = true
+  end
   function srv.close()
     srv.draining = true
     server:close()
