@@ -294,6 +294,25 @@ static void linger_event(struct bufferevent *bev, short what, void *arg)
  * Answers status with a JSON error and closes the connection gracefully, whatever evhttp was doing
  * with it (no request of it is with the handler). Safe inside the input callback: nothing is freed.
  */
+#define ENVELOPE "{\"error\":{\"message\":\"%s\",\"type\":\"%s\",\"param\":null,\"code\":\"%s\"}}\n"
+
+/* The envelope's code for a rejection's status. */
+static const char *reject_code(int status)
+{
+    switch (status) {
+    case 408:
+        return "request_timeout";
+    case 413:
+        return "request_too_large";
+    case 431:
+        return "headers_too_large";
+    case 503:
+        return "server_busy";
+    default:
+        return "bad_request";
+    }
+}
+
 static void conn_reject(struct http_conn *c, int status, const char *reason, const char *message)
 {
     char head[256];
@@ -310,9 +329,12 @@ static void conn_reject(struct http_conn *c, int status, const char *reason, con
     c->linger_eof = 0;
     bufferevent_setcb(c->bev, linger_read, linger_write, linger_event, c);
     bufferevent_set_timeouts(c->bev, NULL, NULL);
-    blen = snprintf(body, sizeof(body), "{\"error\":{\"message\":\"%s\"}}\n", message);
+    /* OpenAI's error envelope, whole (type, param, code), so that its SDKs read it as the API's. */
+    blen = snprintf(body, sizeof(body), ENVELOPE, message,
+                    status >= 500 ? "server_error" : "invalid_request_error", reject_code(status));
     if (blen < 0 || (size_t)blen >= sizeof(body))
-        blen = snprintf(body, sizeof(body), "{\"error\":{\"message\":\"%s\"}}\n", reason);
+        blen = snprintf(body, sizeof(body), ENVELOPE, reason,
+                        status >= 500 ? "server_error" : "invalid_request_error", reject_code(status));
     hlen = snprintf(head, sizeof(head),
                     "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s"
                     "Connection: close\r\n\r\n",

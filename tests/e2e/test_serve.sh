@@ -174,7 +174,7 @@ envelope "unknown provider prefix" 404 model_not_found
 still_serving "after 400s and 404s"
 big=$(head -c 5000 /dev/zero | tr '\0' 'a')
 post "$(chat fast "$big")"
-expect_eq "body over serve.max_body: status" "$STATUS" "413"
+envelope "body over serve.max_body" 413 request_too_large
 expect_match "body over serve.max_body: message" "$(jb 'v.error.message')" "too large"
 still_serving "after a 413"
 
