@@ -73,6 +73,7 @@ return {
   models = {
     fast = "workers-ai/@cf/meta/llama-3.1-8b-instruct",
     boom = "mock/echo",
+    nay = "mock/echo",
     plain = { model = "gpt-plain", provider = "local" },
     dead = { model = "gpt-dead", provider = "dead" },
   },
@@ -86,6 +87,7 @@ return {
   hooks = {
     before_request = function(req)
       if req.model == "boom" then error("the hook broke on purpose") end
+      if req.model == "nay" then return nil, "not today, " .. require("aigate").getenv("CLOUDFLARE_API_TOKEN") end
     end,
   },
   serve = { max_body = 4096 },
@@ -104,7 +106,7 @@ for p in /v1/models /models; do
     expect_eq "GET $p: status" "$STATUS" "200"
     expect_eq "GET $p: list" "$(jb 'v.object .. " " .. v.data[1].object')" "list model"
     expect_eq "GET $p: ids" "$(jb '(function() local t = {} for _, m in ipairs(v.data) do t[#t + 1] = m.id end return table.concat(t, ",") end)()')" \
-        "boom,dead,fast,plain,dynamic/fallback"
+        "boom,dead,fast,nay,plain,dynamic/fallback"
 done
 
 # ---- a chat completion ----------------------------------------------------------------------------
@@ -194,6 +196,10 @@ envelope "a hook that raises" 500 policy_error
 expect_no_match "a hook that raises: no traceback to the client" "$(cat body)" "traceback|on purpose"
 expect_match "a hook that raises: the traceback on stderr" "$(cat serve.err)" "the hook broke on purpose"
 expect_match "a hook that raises: with its traceback" "$(cat serve.err)" "stack traceback"
+post "$(chat nay)"
+envelope "a hook that rejects" 403 rejected_by_policy
+expect_match "a hook that rejects: its message" "$(jb 'v.error.message')" "^not today, "
+expect_no_match "a hook that rejects: the token redacted" "$(cat body)" "tok-SECRET"
 req GET /v1/nothing-here
 envelope "unknown path" 404 not_found
 req GET /v1/chat/completions

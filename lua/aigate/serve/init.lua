@@ -13,6 +13,7 @@ local json = require("aigate.json")
 local aigate = require("aigate")
 local openai = require("aigate.serve.openai")
 local errors = require("aigate.serve.errors")
+local secrets = require("aigate.secrets")
 
 local M = {}
 
@@ -72,8 +73,10 @@ local function reply(res, status, headers, body)
   res:respond(status, headers, body)
 end
 
+-- Error replies are redacted like every other text aigate writes: a message or an upstream's error
+-- body may quote what was sent (a reply's body is the upstream's, as it came).
 local function fail(res, headers, status, message, code, param)
-  reply(res, status, headers, errors.body(status, message, code, param))
+  reply(res, status, headers, secrets.redact(errors.body(status, message, code, param)))
 end
 
 -- ---- endpoints ---------------------------------------------------------------------------------
@@ -136,7 +139,7 @@ local function chat(srv, req, res, headers)
       headers[k] = v
     end
     headers["x-aigate-attempts"] = string.format("%d", #((info or {}).attempts or {}))
-    return reply(res, st, headers, ebody)
+    return reply(res, st, headers, secrets.redact(ebody))
   end
   gateway_headers(headers, r.headers)
   if r.step ~= nil then
