@@ -13,6 +13,7 @@
 
 SERVE_PID=""
 SERVE_URL=""
+GATE_PID=""
 stop_serve() {
     if [ -n "$SERVE_PID" ]; then
         kill "$SERVE_PID" 2>/dev/null
@@ -20,7 +21,7 @@ stop_serve() {
         SERVE_PID=""
     fi
 }
-trap 'stop_serve; stop_mock; stop_upstream; rm -rf "$TMP"' EXIT
+trap 'stop_serve; [ -n "$GATE_PID" ] && kill "$GATE_PID" 2>/dev/null; stop_mock; stop_upstream; rm -rf "$TMP"' EXIT
 
 # start_serve CONFIG [ARGS...]: starts `aigate serve` on a free port; sets SERVE_URL and SERVE_PID.
 start_serve() {
@@ -214,33 +215,65 @@ expect_no_match "no token on serve's stderr" "$(cat serve.err)" "tok-SECRET"
 stop_serve
 
 # ---- draining on SIGTERM ---------------------------------------------------------------------------
-# wait_upstream N: waits (generously) until the mock has logged N requests.
-wait_upstream() {
+# An upstream that holds each reply until the test opens the gate (the file "open"), so that a
+# request stays in flight for exactly as long as the test needs, however loaded the machine is.
+cat > gate.lua <<'LUA'
+local core = require "aigate.core"
+local dir = arg[1]
+local function exists(name)
+  local f = io.open(dir .. "/" .. name, "r")
+  if f then f:close() end
+  return f ~= nil
+end
+local server = assert(core.listen({ host = "127.0.0.1", port = 0, handler = function(_, res)
+  io.open(dir .. "/arrived", "w"):close()
+  while not exists("open") and not res.closed do core.sleep(0.02) end
+  res:respond(200, { ["content-type"] = "application/json" }, '{"id":"gate-1","object":"chat.completion",'
+    .. '"created":1,"model":"g","choices":[{"index":0,"message":{"role":"assistant","content":"gate opened"},'
+    .. '"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}')
+end }))
+io.stdout:write("gate listening on http://127.0.0.1:", server.port, "\n")
+io.stdout:flush()
+core.wait_signal()
+server:close()
+LUA
+"$AIGATE" run gate.lua "$TMP" > gate.out 2> gate.err &
+GATE_PID=$!
+GATE_URL=$(listening_url gate "$GATE_PID" gate.out gate.err) || fail "the gate upstream starts" "see above"
+# wait_file NAME: waits (generously) until the file exists. wait_stderr TEXT: until serve's stderr has it.
+wait_file() {
     local i
-    for i in $(seq 1 400); do
-        [ "$(wc -l < "$MOCK_LOG")" -ge "$1" ] && return 0
+    for i in $(seq 1 1200); do
+        [ -e "$1" ] && return 0
         sleep 0.05
     done
     return 1
 }
-# wait_stderr TEXT: waits (generously) until serve's stderr has TEXT.
 wait_stderr() {
     local i
-    for i in $(seq 1 400); do
+    for i in $(seq 1 1200); do
         grep -q "$1" serve.err && return 0
         sleep 0.05
     done
     return 1
 }
-cat > drain.lua <<'CFG'
-return { models = { fast = "workers-ai/@cf/meta/llama-3.1-8b-instruct" }, retry = { retries = 0 } }
+# held_request: starts a request the gate holds and waits until it is there; SLOW is curl's pid.
+held_request() {
+    rm -f arrived open
+    curl -sS -o slow.body -w '%{http_code}' -X POST --data-binary "$(chat gated held)" \
+        "$SERVE_URL/v1/chat/completions" > slow.status 2> slow.err &
+    SLOW=$!
+    check "$1: the request reached the upstream" wait_file arrived
+}
+cat > drain.lua <<CFG
+return {
+  models = { fast = "workers-ai/@cf/meta/llama-3.1-8b-instruct", gated = { model = "g", provider = "gate" } },
+  providers = { gate = { base_url = "$GATE_URL/v1" } },
+  retry = { retries = 0 },
+}
 CFG
 start_serve drain.lua || { fail "serve for draining starts" "see above"; finish; }
-n=$(wc -l < "$MOCK_LOG")
-curl -sS -o slow.body -w '%{http_code}' -X POST --data-binary "$(chat mock/slow-6000 slowly)" \
-    "$SERVE_URL/v1/chat/completions" > slow.status 2> slow.err &
-SLOW=$!
-check "drain: the slow request reached the upstream" wait_upstream $((n + 1))
+held_request "drain"
 kill -TERM "$SERVE_PID"
 check "drain: says it drains" wait_stderr "draining 1 request"
 req GET /readyz
@@ -249,9 +282,10 @@ req GET /healthz
 expect_eq "drain: healthz still 200" "$STATUS" "200"
 post "$(chat fast)"
 envelope "drain: a new request" 503 shutting_down
+touch open
 wait "$SLOW"
 expect_eq "drain: the request in flight finished" "$(cat slow.status) $("$AIGATE" run "$E2E_DIR/json_get.lua" 'v.choices[1].message.content' < slow.body)" \
-    "200 echo: slowly"
+    "200 gate opened"
 wait "$SERVE_PID"
 expect_eq "drain: then exit 0" "$?" "0"
 SERVE_PID=""
@@ -259,11 +293,7 @@ expect_match "drain: stopped" "$(cat serve.err)" "stopped \(SIGTERM\)$"
 
 # A second signal stops it at once, with the request in flight cut.
 start_serve drain.lua || { fail "serve for a second signal starts" "see above"; finish; }
-n=$(wc -l < "$MOCK_LOG")
-curl -sS -o slow.body -w '%{http_code}' -X POST --data-binary "$(chat mock/slow-20000 slowly)" \
-    "$SERVE_URL/v1/chat/completions" > slow.status 2> slow.err &
-SLOW=$!
-check "second signal: the slow request reached the upstream" wait_upstream $((n + 1))
+held_request "second signal"
 kill -TERM "$SERVE_PID"
 check "second signal: draining" wait_stderr "draining 1 request"
 kill -TERM "$SERVE_PID"
@@ -272,6 +302,9 @@ expect_eq "second signal: stops at once (143)" "$?" "143"
 SERVE_PID=""
 wait "$SLOW"
 expect_eq "second signal: the request in flight got no reply" "$(cat slow.status)" "000"
+kill "$GATE_PID" 2>/dev/null
+wait "$GATE_PID" 2>/dev/null
+GATE_PID=""
 
 # ---- client keys ----------------------------------------------------------------------------------
 cat > keys.lua <<'CFG'
