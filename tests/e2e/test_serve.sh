@@ -82,9 +82,11 @@ return {
     ["local"] = { base_url = "$MOCK_URL/v1" },
     dead = { base_url = "http://127.0.0.1:1/v1" },
   },
-  routes = { ["dynamic/fallback"] = route.fallback({ "mock/fail-500", "fast" }) },
+  routes = {
+    ["dynamic/fallback"] = route.fallback({ "mock/fail-500", "fast" }),
+    ["dynamic/stalled"] = { "mock/stall-30000", first_byte_timeout = 1 },
+  },
   retry = { retries = 0 },
-  timeouts = { first_byte_timeout = 3 },
   hooks = {
     before_request = function(req)
       if req.model == "boom" then error("the hook broke on purpose") end
@@ -107,7 +109,7 @@ for p in /v1/models /models; do
     expect_eq "GET $p: status" "$STATUS" "200"
     expect_eq "GET $p: list" "$(jb 'v.object .. " " .. v.data[1].object')" "list model"
     expect_eq "GET $p: ids" "$(jb '(function() local t = {} for _, m in ipairs(v.data) do t[#t + 1] = m.id end return table.concat(t, ",") end)()')" \
-        "boom,dead,fast,nay,plain,dynamic/fallback"
+        "boom,dead,fast,nay,plain,dynamic/fallback,dynamic/stalled"
 done
 
 # ---- a chat completion ----------------------------------------------------------------------------
@@ -190,7 +192,7 @@ envelope "upstream 429 (the gateway's envelope, rewrapped)" 429 2003
 expect_eq "upstream 429: Retry-After passed on" "$(header retry-after)" "1"
 post "$(chat dead)"
 envelope "upstream unreachable" 502 upstream_unreachable
-post "$(chat mock/stall-30000)"
+post "$(chat dynamic/stalled)"
 envelope "upstream timeout" 504 upstream_timeout
 post "$(chat boom)"
 envelope "a hook that raises" 500 policy_error
