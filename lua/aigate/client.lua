@@ -231,14 +231,15 @@ local function tool_calls_of(calls)
   return list
 end
 
--- Streamed request: parses SSE in on_chunk, passes text deltas to req.stream.
+-- Streamed request: parses SSE in on_chunk, passes text deltas to req.stream and each event that is
+-- not an error, as it came, to req.stream_events (when set).
 local function streamed(req, with, ropts, t0)
   local parser = with.sse_parser()
   local parts = {}
   local raw, raw_len = {}, 0
   local state = { events = 0, done = false }
   local calls = { by_index = {}, order = {} }
-  local usage, finish, rmodel, cb_err, stream_err, last, refusal, head_shown
+  local usage, finish, rmodel, cb_err, stream_err, last, refusal, head_shown, stopped
   local function handle(ev)
     local data = ev.data
     if data == nil or data == "" then
@@ -260,6 +261,17 @@ local function streamed(req, with, ropts, t0)
     if embedded_error(chunk) then
       stream_err = chunk
       return false
+    end
+    if req.stream_events then
+      -- the event as it came (aigate serve passes it on unchanged); false stops the stream
+      local ok, go = pcall(req.stream_events, data, chunk)
+      if not ok then
+        cb_err = go
+        return false
+      elseif go == false then
+        stopped = true
+        return false
+      end
     end
     last = chunk
     if type(chunk.usage) == "table" then
@@ -314,6 +326,10 @@ local function streamed(req, with, ropts, t0)
   local res, err = with.request(ropts)
   if cb_err ~= nil then
     error(cb_err, 0)
+  end
+  if stopped then
+    return { transport = "aborted: the stream's receiver stopped it (stream_events returned false)",
+      partial = table.concat(parts) }
   end
   if res == nil and stream_err == nil then
     return { transport = err, partial = table.concat(parts) }

@@ -131,6 +131,7 @@ M.OPTIONS = {
   headers = check.headers,
   system_messages = system_messages_check,
   stream = check.func,
+  stream_events = check.func,
   timeout = check.positive,
   connect_timeout = check.positive,
   first_byte_timeout = check.positive,
@@ -627,6 +628,7 @@ function M.prepare(opts, cfg, ctx)
     auth = target.auth,
     token_env = e.token_env,
     stream = stream,
+    stream_events = stream and opts.stream_events,
     verbose = opts.verbose,
     system_messages = mode,
     timeouts = {

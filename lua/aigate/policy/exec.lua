@@ -188,6 +188,13 @@ local function attempt_opts(st, node)
       return st.stream(text)
     end
   end
+  if st.stream_events then
+    -- an event passed on is delivered even without text (a role chunk): no other target may follow
+    o.stream_events = function(data, chunk)
+      st.delivered = true
+      return st.stream_events(data, chunk)
+    end
+  end
   return o
 end
 

@@ -162,6 +162,7 @@ function M.start(opts, cfg, context, dry_run)
   end
   st.req = req
   st.stream = req.stream
+  st.stream_events = req.stream_events
   st.verbose = req.verbose
   local name = req.model or cfg.default_model
   st.name = name or "(default model)"
