@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# test_serve.sh: end-to-end tests of `aigate serve` (not streamed yet) with curl, `aigate mock` as the
+# test_serve.sh: end-to-end tests of `aigate serve` with curl, `aigate mock` as the
 # upstream: the endpoints (with and without /v1), the exact body sent upstream, the reply headers, a
 # fallback route, every error of the table that is built (invalid JSON, missing fields, unknown model,
 # a body over serve.max_body, the upstream's own error after the last attempt, unreachable, timeout,
-# a hook that raises, unknown path, wrong method, "stream": true), the client's Authorization never
+# a hook that raises, unknown path, wrong method, a bad "stream"), streaming (events as they came and
+# [DONE], the usage chunk only when asked, a fallback before the first byte, a stream broken midway
+# ending with one error event and no [DONE], never continued elsewhere, the bytes sent upstream, a
+# client that goes away stopping the upstream request), the client's Authorization never
 # going upstream, client keys (missing, wrong, right), the refusal to bind beyond loopback without
 # keys, the server still serving after each error, and draining on SIGTERM (readyz 503, new
 # requests 503, the request in flight finished, exit 0; a second signal stops at once).
@@ -21,7 +24,8 @@ stop_serve() {
         SERVE_PID=""
     fi
 }
-trap 'stop_serve; [ -n "$GATE_PID" ] && kill "$GATE_PID" 2>/dev/null; stop_mock; stop_upstream; rm -rf "$TMP"' EXIT
+DRIP_PID=""
+trap 'stop_serve; [ -n "$DRIP_PID" ] && kill "$DRIP_PID" 2>/dev/null; [ -n "$GATE_PID" ] && kill "$GATE_PID" 2>/dev/null; stop_mock; stop_upstream; rm -rf "$TMP"' EXIT
 
 # start_serve CONFIG [ARGS...]: starts `aigate serve` on a free port; sets SERVE_URL and SERVE_PID.
 start_serve() {
@@ -169,9 +173,9 @@ envelope "not an object" 400 null
 post "$(chat fast hi ',"temperature":"hot"')"
 envelope "a parameter of the wrong type" 400 null
 expect_eq "a parameter of the wrong type: param" "$(jb 'v.error.param')" "temperature"
-post "$(chat fast hi ',"stream":true')"
-envelope "stream" 400 stream_not_supported
-expect_match "stream: says it is not built" "$(jb 'v.error.message')" "not built yet"
+post "$(chat fast hi ',"stream":"yes"')"
+envelope "stream not a boolean" 400 null
+expect_eq "stream not a boolean: param" "$(jb 'v.error.param')" "stream"
 post "$(chat no-such-model)"
 envelope "unknown model" 404 model_not_found
 post "$(chat nowhere/gpt-4o)"
@@ -216,6 +220,162 @@ expect_eq "healthz after every error" "$STATUS" "200"
 expect_no_match "no token on serve's stderr" "$(cat serve.err)" "tok-SECRET"
 stop_serve
 
+# wait_file NAME: waits (generously) until the file exists.
+wait_file() {
+    local i
+    for i in $(seq 1 1200); do
+        [ -e "$1" ] && return 0
+        sleep 0.05
+    done
+    return 1
+}
+
+# ---- streaming ------------------------------------------------------------------------------------
+# sse.lua: a summary of a stream as curl -N received it: its chat.completion.chunk events, usage
+# chunks, error events, whether [DONE] came and came last, and the text of the deltas.
+cat > sse.lua <<'LUA'
+local cjson = require "cjson.safe"
+local raw = io.read("a")
+local text, chunks, usage, errs, done, after = {}, 0, 0, 0, false, 0
+for data in raw:gmatch("data: ([^\n]*)\n\n") do
+  if done then after = after + 1 end
+  if data == "[DONE]" then
+    done = true
+  else
+    local v = cjson.decode(data) or {}
+    if v.error then
+      errs = errs + 1
+    elseif v.object == "chat.completion.chunk" then
+      chunks = chunks + 1
+      if type(v.usage) == "table" then usage = usage + 1 end
+      local c = type(v.choices) == "table" and v.choices[1]
+      if c and type(c.delta) == "table" and type(c.delta.content) == "string" then text[#text + 1] = c.delta.content end
+    end
+  end
+end
+local last = raw:match("data: ([^\n]*)\n\n$") or ""
+print(string.format("chunks=%s usage=%d errors=%d done=%s after_done=%d text=%s", chunks > 0 and "some" or "none",
+  usage, errs, tostring(done), after, table.concat(text)))
+io.stderr:write(last, "\n")
+LUA
+# spost BODY [curl args...]: a streamed request with curl -N; sets STATUS, the raw stream in $TMP/body.
+spost() {
+    local body=$1
+    shift
+    : > "$TMP/body"
+    STATUS=$(curl -sSN -o "$TMP/body" -D "$TMP/headers" -w '%{http_code}' -X POST \
+        -H 'content-type: application/json' --data-binary "$body" "$SERVE_URL/v1/chat/completions" "$@" 2> "$TMP/curl.err")
+}
+summary() { "$AIGATE" run sse.lua < "$TMP/body" 2> "$TMP/last"; }
+last_event() { cat "$TMP/last"; }
+mock_requests() { wc -l < "$MOCK_LOG" | tr -d ' '; }
+
+# An upstream that drips a text event every 50 ms for up to 2 minutes, and notes when its client
+# (serve) went away: the file "drip-closed", or "drip-finished" when it sent everything.
+cat > drip.lua <<'LUA'
+local core = require "aigate.core"
+local dir = arg[1]
+local function mark(name) io.open(dir .. "/" .. name, "w"):close() end
+local EVENT = 'data: {"id":"drip-1","object":"chat.completion.chunk","created":1,"model":"drip-1",'
+  .. '"choices":[{"index":0,"delta":{"content":"x"},"finish_reason":null}]}\n\n'
+local server = assert(core.listen({ host = "127.0.0.1", port = 0, handler = function(_, res)
+  mark("drip-arrived")
+  res:start(200, { ["content-type"] = "text/event-stream" })
+  for _ = 1, 2400 do
+    if not res:write(EVENT) or res.closed then
+      mark("drip-closed")
+      return
+    end
+    core.sleep(0.05)
+  end
+  res:write("data: [DONE]\n\n")
+  res:finish()
+  mark("drip-finished")
+end }))
+io.stdout:write("drip listening on http://127.0.0.1:", server.port, "\n")
+io.stdout:flush()
+core.wait_signal()
+server:close()
+LUA
+"$AIGATE" run drip.lua "$TMP" > drip.out 2> drip.err &
+DRIP_PID=$!
+DRIP_URL=$(listening_url drip "$DRIP_PID" drip.out drip.err) || fail "the drip upstream starts" "see above"
+
+cat > stream.lua <<CFG
+local route = require("aigate.route")
+return {
+  models = {
+    fast = "workers-ai/@cf/meta/llama-3.1-8b-instruct",
+    drip = { model = "drip-1", provider = "drip" },
+  },
+  providers = { drip = { base_url = "$DRIP_URL/v1" } },
+  routes = {
+    ["dynamic/fallback"] = route.fallback({ "mock/fail-500", "fast" }),
+    ["dynamic/cut-then-fast"] = route.fallback({ "mock/cut", "fast" }),
+    ["dynamic/cut-early-then-fast"] = route.fallback({ "mock/cut-early", "fast" }),
+  },
+  retry = { retries = 0 },
+}
+CFG
+start_serve stream.lua || { fail "serve (streaming config) starts" "see above"; finish; }
+
+spost "$(chat fast "hello serve" ',"stream":true')"
+expect_eq "stream: status" "$STATUS" "200"
+expect_match "stream: an event stream" "$(header content-type)" "^text/event-stream"
+expect_eq "stream: chunks, no usage, [DONE] last" "$(summary)" "chunks=some usage=0 errors=0 done=true after_done=0 text=echo: hello serve"
+expect_match "stream: the upstream's events as they came (the mock's id)" "$(head -n 1 "$TMP/body")" '^data: \{.*"id":"chatcmpl-mock-[0-9]+"'
+expect_match "stream: x-request-id" "$(header x-request-id)" "^aigate-"
+expect_eq "stream: the bytes upstream" "$(lua_on 'return lines[#lines].raw' "$MOCK_LOG")" \
+    '{"messages":[{"content":"hello serve","role":"user"}],"model":"workers-ai/@cf/meta/llama-3.1-8b-instruct","stream":true,"stream_options":{"include_usage":true}}'
+
+spost "$(chat fast "count me" ',"stream":true,"stream_options":{"include_usage":true}')"
+expect_eq "stream with include_usage: one usage chunk" "$(summary)" "chunks=some usage=1 errors=0 done=true after_done=0 text=echo: count me"
+spost "$(chat fast "count me" ',"stream":true,"stream_options":{"include_usage":false}')"
+expect_eq "stream with include_usage false: no usage chunk" "$(summary)" "chunks=some usage=0 errors=0 done=true after_done=0 text=echo: count me"
+expect_match "stream with include_usage false: still asked upstream" "$(lua_on 'return lines[#lines].raw' "$MOCK_LOG")" \
+    '"stream":true,"stream_options":\{"include_usage":true\}'
+
+before=$(mock_requests)
+spost "$(chat dynamic/fallback fell ',"stream":true')"
+expect_eq "stream fallback before the first byte: status" "$STATUS" "200"
+expect_eq "stream fallback before the first byte: the second target's stream" "$(summary)" "chunks=some usage=0 errors=0 done=true after_done=0 text=echo: fell"
+expect_eq "stream fallback before the first byte: two requests upstream" "$(( $(mock_requests) - before ))" "2"
+
+spost "$(chat mock/fail-500 x ',"stream":true')"
+expect_match "stream, every attempt failed before the first byte: a whole error reply" "$STATUS $(header content-type)" "^500 application/json"
+envelope "stream, every attempt failed before the first byte" 500 "$(jb 'tostring(v.error.code)')"
+
+before=$(mock_requests)
+spost "$(chat dynamic/cut-then-fast broken ',"stream":true')"
+expect_eq "stream broken midway: status (sent before the break)" "$STATUS" "200"
+expect_match "stream broken midway: the events before, one error event, no [DONE]" "$(summary)" "^chunks=some usage=0 errors=1 done=false after_done=0 text=.+"
+expect_match "stream broken midway: the error event is the last" "$(last_event)" '^\{"error":\{.*"code":"bad_upstream_reply".*"message":"the reply broke off'
+expect_eq "stream broken midway: not continued from another target" "$(( $(mock_requests) - before ))" "1"
+
+before=$(mock_requests)
+spost "$(chat dynamic/cut-early-then-fast broken ',"stream":true')"
+expect_eq "stream broken after the role event only: one error event, no [DONE]" "$(summary)" "chunks=some usage=0 errors=1 done=false after_done=0 text="
+expect_eq "stream broken after the role event only: not continued from another target" "$(( $(mock_requests) - before ))" "1"
+
+# A client that goes away stops the upstream request (the drip upstream sees its connection closed
+# long before its 2 minutes are over).
+curl -sSN -o drip.body -X POST -H 'content-type: application/json' --data-binary "$(chat drip go ',"stream":true')" \
+    "$SERVE_URL/v1/chat/completions" 2> /dev/null &
+CURL_PID=$!
+for _ in $(seq 1 1200); do
+    grep -q '^data: ' drip.body 2>/dev/null && break
+    sleep 0.05
+done
+expect_match "client disconnect: the stream had begun" "$(head -n 1 drip.body)" '^data: \{"id":"drip-1"'
+kill "$CURL_PID" 2>/dev/null
+wait "$CURL_PID" 2>/dev/null
+check "client disconnect: the upstream request is stopped" wait_file drip-closed
+expect_eq "client disconnect: the upstream did not send it all" "$([ -e drip-finished ] && echo finished || echo stopped)" "stopped"
+still_serving "after a client went away"
+kill "$DRIP_PID" 2>/dev/null
+wait "$DRIP_PID" 2>/dev/null
+stop_serve
+
 # ---- draining on SIGTERM ---------------------------------------------------------------------------
 # An upstream that holds each reply until the test opens the gate (the file "open"), so that a
 # request stays in flight for exactly as long as the test needs, however loaded the machine is.
@@ -242,15 +402,7 @@ LUA
 "$AIGATE" run gate.lua "$TMP" > gate.out 2> gate.err &
 GATE_PID=$!
 GATE_URL=$(listening_url gate "$GATE_PID" gate.out gate.err) || fail "the gate upstream starts" "see above"
-# wait_file NAME: waits (generously) until the file exists. wait_stderr TEXT: until serve's stderr has it.
-wait_file() {
-    local i
-    for i in $(seq 1 1200); do
-        [ -e "$1" ] && return 0
-        sleep 0.05
-    done
-    return 1
-}
+# wait_stderr TEXT: waits (generously) until serve's stderr has it.
 wait_stderr() {
     local i
     for i in $(seq 1 1200); do

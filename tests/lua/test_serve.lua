@@ -1,6 +1,6 @@
 -- tests/lua/test_serve.lua: the OpenAI wire format of `aigate serve` (aigate.serve.openai): a
 -- request body to aigate.chat options (chat parameters as options, every other field in extra_body,
--- null parameters unset, a stream refused), which models are known, a failure to its status and
+-- null parameters unset, a bad stream field refused), which models are known, a failure to its status and
 -- envelope; and the key comparison of aigate.serve.
 
 local t = require("testlib")
@@ -56,11 +56,25 @@ function cases.bad_bodies_are_400s_naming_the_field()
   got, msg = says({ model = "fast", messages = MSGS, temperature = "hot" })
   t.eq(got, { 400, nil, "temperature" })
   t.contains(msg, "'temperature' must be a number")
-  got, msg = says({ model = "fast", messages = MSGS, stream = true })
-  t.eq(got, { 400, "stream_not_supported", "stream" })
-  t.contains(msg, "not built yet")
+  got = says({ model = "fast", messages = MSGS, stream = "yes" })
+  t.eq(got, { 400, nil, "stream" })
+  got, msg = says({ model = "fast", messages = MSGS, stream = true, stream_options = { 1 } })
+  t.eq(got, { 400, nil, "stream_options" })
+  t.contains(msg, "must be an object")
   t.eq(says({ 1, 2 }), { 400 })
   t.eq(says({ model = "gpt-4o", messages = MSGS }), { 404, "model_not_found", "model" })
+end
+
+function cases.stream_and_usage_chunk()
+  t.eq({ openai.stream_of({ stream = true }) }, { true, false })
+  t.eq({ openai.stream_of({ stream = true, stream_options = { include_usage = true } }) }, { true, true })
+  t.eq({ openai.stream_of({ stream = false, stream_options = { include_usage = true } }) }, { false, false })
+  local opts = openai.options_of({ model = "fast", messages = MSGS, stream = true,
+    stream_options = { include_usage = false } }, CFG)
+  t.eq(opts.extra_body, nil, "stream and stream_options are serve's, not passed through")
+  t.eq(openai.is_usage_chunk({ choices = {}, usage = { total_tokens = 1 } }), true)
+  t.eq(openai.is_usage_chunk({ choices = { { delta = {} } }, usage = { total_tokens = 1 } }), false)
+  t.eq(openai.is_usage_chunk({ choices = { { delta = {} } } }), false)
 end
 
 function cases.known_models()

@@ -16,7 +16,9 @@ http://HOST:PORT/v1.
 
 Endpoints (each also without the /v1 prefix):
   POST /v1/chat/completions   a chat completion; the body's model resolves as aigate.chat's does
-                              (not streamed yet: "stream": true is answered 400)
+                              ("stream": true: the upstream's events as they come, from its
+                              first good one on; a stream broken midway ends with one error
+                              event and no [DONE])
   GET  /v1/models             the config's named models and local routes
   GET  /healthz, /readyz      probes (no key needed)
 Errors come in OpenAI's envelope {"error": {"message", "type", "param", "code"}}. Replies carry

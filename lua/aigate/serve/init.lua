@@ -5,7 +5,9 @@
 -- (aigate.serve.errors) and the server keeps serving. Clients authenticate with the keys of
 -- serve.keys when the config has some; the client's own Authorization never goes upstream.
 --
--- Not built yet (issue #11): streaming, embeddings, metrics, the request log, reload, per-key
+-- "stream": true is answered with the upstream's events as they come (stream_state).
+--
+-- Not built yet (issue #11): embeddings, metrics, the request log, reload, per-key
 -- limits.
 
 local core = require("aigate.core")
@@ -109,6 +111,55 @@ local function gateway_headers(out, upstream)
   end
 end
 
+-- A stream to the client. Nothing is sent before the upstream's first event that is not an error
+-- (until then the policy may still retry or fall back, and a failure gets a whole error reply);
+-- from it on, each event goes out as it came, and the policy no longer falls back (an event
+-- passed on counts as delivered). event runs in core.request's on_chunk: res:write does not yield.
+local function stream_state(res, headers, include_usage)
+  local st = { started = false }
+  function st.begin()
+    st.started = true
+    headers["content-type"] = "text/event-stream"
+    headers["cache-control"] = "no-cache"
+    res:start(200, headers)
+  end
+  function st.event(data, chunk)
+    if res.closed then
+      return false -- the client went away: stop the upstream request
+    end
+    if not st.started then
+      st.begin()
+    end
+    if not include_usage and openai.is_usage_chunk(chunk) then
+      return true -- asked upstream for the count; the client did not ask for it
+    end
+    return res:write(openai.sse(data)) ~= nil
+  end
+  -- After the call: [DONE] on success, else one error event (a stream broken midway is never
+  -- continued from another provider, and has no [DONE]).
+  function st.close(ok, r, err, info, srv)
+    if not res.closed then
+      if ok and r ~= nil then
+        res:write("data: [DONE]\n\n")
+      else
+        local ebody, log_only, _
+        if ok then
+          _, ebody, _, log_only = openai.failure_reply(err, info)
+          if log_only then
+            srv.log("request " .. headers["x-request-id"] .. ": " .. tostring(err))
+          end
+        else
+          srv.log("request " .. headers["x-request-id"] .. ": internal error: " .. tostring(r))
+          ebody = errors.body(500, "internal error in aigate serve; the server's log has the details", "internal_error")
+        end
+        res:write(openai.sse(secrets.redact(ebody)))
+      end
+    end
+    res:finish()
+  end
+  return st
+end
+
 local function chat(srv, req, res, headers)
   local body, derr = json.decode(req.body)
   if body == nil then
@@ -121,7 +172,17 @@ local function chat(srv, req, res, headers)
   end
   -- The request id goes upstream too (the only client header that does: never its Authorization).
   opts.headers = { ["x-request-id"] = headers["x-request-id"] }
+  local streamed, include_usage = openai.stream_of(body)
+  local stream
+  if streamed then
+    stream = stream_state(res, headers, include_usage)
+    opts.stream = function() end -- the text goes to the client within the events
+    opts.stream_events = stream.event
+  end
   local ok, r, err, info = pcall(aigate.chat, opts)
+  if stream and stream.started then
+    return stream.close(ok, r, err, info, srv)
+  end
   if not ok then
     local text = tostring(r)
     if text:match("^aigate%.chat: ") then -- a value aigate.chat refuses: the client's to fix
@@ -146,6 +207,12 @@ local function chat(srv, req, res, headers)
     headers["x-aigate-step"] = tostring(r.step)
   end
   headers["x-aigate-attempts"] = string.format("%d", #(r.attempts or {}))
+  if stream then
+    -- a whole completion where a stream was asked for (the upstream ignored "stream"): one chunk
+    stream.begin()
+    res:write(openai.sse(openai.chunk_of(r)))
+    return stream.close(ok, r)
+  end
   reply(res, 200, headers, openai.completion_body(r))
 end
 

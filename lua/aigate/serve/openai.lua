@@ -16,12 +16,9 @@ local M = {}
 local null = json.null
 local BODY_PARAMS = request.BODY_PARAMS
 local OPTIONS = request.OPTIONS
--- Body fields that are not passed through: model and messages are options of their own; a stream
--- is refused before (stream_options means nothing without it).
+-- Body fields that are not passed through: model and messages are options of their own; stream and
+-- stream_options are serve's (a streamed request always asks upstream for the usage chunk).
 local NOT_EXTRA = { model = true, messages = true, stream = true, stream_options = true }
-
-M.STREAM_MESSAGE = "streaming (\"stream\": true) is not built yet in aigate serve: send the request without "
-  .. "\"stream\", or with \"stream\": false"
 
 -- A 400 about one field: nil, status, code, message, param.
 local function bad(msg, param, code)
@@ -48,8 +45,12 @@ function M.options_of(body, cfg)
   if type(body) ~= "table" or body[1] ~= nil then
     return bad("the request body must be a JSON object")
   end
-  if body.stream ~= nil and body.stream ~= null and body.stream ~= false then
-    return bad(M.STREAM_MESSAGE, "stream", "stream_not_supported")
+  if body.stream ~= nil and body.stream ~= null and type(body.stream) ~= "boolean" then
+    return bad("'stream' must be a boolean", "stream")
+  end
+  local so = body.stream_options
+  if so ~= nil and so ~= null and (type(so) ~= "table" or so[1] ~= nil) then
+    return bad("'stream_options' must be an object", "stream_options")
   end
   local model = body.model
   if model == nil or model == null then
@@ -104,6 +105,36 @@ function M.completion_body(res)
     model = res.response_model or res.model,
     choices = { { index = 0, message = message, finish_reason = res.finish_reason or "stop" } },
     usage = res.usage,
+  })
+end
+
+--- Whether a request body asks for a stream, and whether for its usage chunk
+-- (stream_options.include_usage, as OpenAI reads it).
+function M.stream_of(body)
+  local so = body.stream_options
+  return body.stream == true, body.stream == true and type(so) == "table" and so.include_usage == true
+end
+
+--- Whether a chunk is the usage chunk that stream_options.include_usage asks for: usage and no choice.
+function M.is_usage_chunk(chunk)
+  return type(chunk.usage) == "table" and type(chunk.choices) == "table" and chunk.choices[1] == nil
+end
+
+--- One SSE event of a stream to the client.
+function M.sse(data)
+  return "data: " .. data .. "\n\n"
+end
+
+--- A streamed reply without events (an upstream that answered with a whole completion although
+-- asked for a stream): the result as one chat.completion.chunk.
+function M.chunk_of(res)
+  local message = type(res.message) == "table" and res.message or { role = "assistant", content = res.text or "" }
+  return json.encode({
+    id = "chatcmpl-" .. tostring(res.request_id or "aigate"),
+    object = "chat.completion.chunk",
+    created = math.floor(require("aigate.core").time()),
+    model = res.response_model or res.model,
+    choices = { { index = 0, delta = message, finish_reason = res.finish_reason or "stop" } },
   })
 end
 
