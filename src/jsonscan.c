@@ -516,6 +516,21 @@ static int line_string(struct js_reader *r, int *escaped, struct buf *out)
     return -1;
 }
 
+int js_unescape(const char *tok, size_t len, struct buf *out)
+{
+    struct js_reader r; /* only the fields line_string reads */
+    int escaped;
+
+    r.line = tok;
+    r.p = tok;
+    r.end = tok + len;
+    r.bad_utf8 = SIZE_MAX;
+    r.string_bad = 0;
+    if (len < 2 || tok[0] != '"' || line_string(&r, &escaped, out) != 0 || r.p != r.end)
+        return -1;
+    return 0;
+}
+
 /* A number at r->p (a '-' or a digit) as the decoder reads it. *plain: an integer as
  * js_plain_int has it (its text is r->p before the call up to r->p after). 0, or -1 when refused. */
 static int line_number(struct js_reader *r, int *plain)

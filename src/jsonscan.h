@@ -69,6 +69,11 @@ size_t js_utf8_check(const char *s, size_t len);
 /* FNV-1a of s[0..len): the hash of keys within a line and of ids across lines. */
 uint32_t js_hash(const char *s, size_t len);
 
+/* Appends the bytes a JSON string token (tok[0..len), quotes included) stands for, read by the same
+ * code as js_line_read's strings. 0, or -1 when the decoder refuses it (a \u escape of a lone
+ * surrogate, which no UTF-8 text can hold, or a token that is not one string). */
+int js_unescape(const char *tok, size_t len, struct buf *out);
+
 /* ---- batch input lines, as the decoder reads them -------------------------------------------- */
 
 enum js_problem {

@@ -16,12 +16,8 @@
 /* Appends s[0..len) as a JSON string, quotes included. */
 void js_quote(struct buf *b, const char *s, size_t len);
 
-/* Appends the bytes a JSON string token (tok[0..len), quotes included, valid JSON) stands for.
- * 0, or -1 for a \u escape of a lone surrogate (which no UTF-8 text can hold). */
-int js_unescape(const char *tok, size_t len, struct buf *out);
-
-/* Does a string token need js_unescape + js_quote to read as js_quote writes it? 0 when its bytes
- * are already what js_quote would write for the text it stands for. */
+/* Does a string token need js_unescape (jsonscan.h) + js_quote to read as js_quote writes it? 0 when its
+ * bytes are already what js_quote would write for the text it stands for. */
 int js_needs_requote(const char *tok, size_t len);
 
 #endif

@@ -1,6 +1,6 @@
 /*
  * fuzz_lineshape.c: the engine's reading of a batch line (line_shape_read, src/lineshape.c) and its
- * writing of strings (js_unescape and js_quote, src/jsontext.c) against lua-cjson, on every input:
+ * writing of strings (js_unescape, src/jsonscan.c, and js_quote, src/jsontext.c) against lua-cjson:
  * - a line whose shape is read (and that the id rule passes) decodes, and holds what the shape says:
  *   a prompt string or messages of role and content strings, a model string, parameters that are
  *   numbers or strings, nothing else;

@@ -1,6 +1,7 @@
 /* test_jsontext.c: unit tests of JSON strings as aigate writes them (src/jsontext.c). */
 #include <string.h>
 
+#include "jsonscan.h"
 #include "jsontext.h"
 #include "unit.h"
 
