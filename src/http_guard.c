@@ -30,6 +30,7 @@
  *           are read and dropped until it closes, so that closing cannot reset the connection before
  *           the client has read the reply; within LINGER_IDLE and LINGER_MAX. Counts as idle.
  */
+#include <errno.h>
 #include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -75,6 +76,7 @@ struct http_conn {
     struct evhttp_connection *evcon; /* NULL until attached */
     struct evbuffer_cb_entry *input_cb;
     struct event *timer; /* the state's deadline; also runs the attach and the pipelined rescan */
+    struct event *gone;  /* while BUSY: reading is evhttp's no more, so this notices a client leaving */
     evutil_socket_t fd;
     enum conn_state state;
     unsigned long requests;
@@ -205,6 +207,8 @@ static void conn_free(struct http_conn *c)
     if (c->input_cb)
         evbuffer_remove_cb_entry(bufferevent_get_input(c->bev), c->input_cb);
     event_free(c->timer);
+    if (c->gone)
+        event_free(c->gone);
     if (c->fd >= 0 && (size_t)c->fd < by_fd_len && by_fd[c->fd] == c)
         by_fd[c->fd] = NULL;
     idle_remove(c);
@@ -738,6 +742,39 @@ static struct bufferevent *new_bufferevent(struct event_base *base, void *arg)
     return bev;
 }
 
+/*
+ * While a request is with the handler evhttp does not read the connection, so a client that goes
+ * away would be noticed only when the reply is written. The handler may wait a long time before that
+ * (an upstream that has not answered yet), so the socket is watched meanwhile: EOF or an error means
+ * the client is gone (nginx does the same), and the connection is closed at once, which tells the
+ * handler (on_close), and through it the transfers tied to the client. Bytes waiting are the next
+ * request, pipelined: the watch stops, as nothing more can be told until evhttp reads them.
+ */
+static void busy_read(evutil_socket_t fd, short what, void *arg)
+{
+    struct http_conn *c = arg;
+    char b;
+    ssize_t n;
+
+    (void)what;
+    n = recv(fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n > 0) {
+        event_del(c->gone);
+        return;
+    }
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+        return;
+    conn_close(c);
+}
+
+static void busy_watch(struct http_conn *c)
+{
+    if (c->gone == NULL)
+        c->gone = event_new(c->g->base, c->fd, EV_READ | EV_PERSIST, busy_read, c);
+    if (c->gone)
+        event_add(c->gone, NULL); /* without it, a client leaving is noticed at the first write */
+}
+
 static void guard_request(struct evhttp_request *req, void *arg)
 {
     struct http_guard *g = arg;
@@ -755,6 +792,7 @@ static void guard_request(struct evhttp_request *req, void *arg)
     idle_remove(c);
     c->state = C_BUSY;
     c->requests++;
+    busy_watch(c);
     g->on_request(req, c, g->arg);
 }
 
@@ -833,6 +871,8 @@ void http_conn_done(struct http_conn *c)
     c->user = NULL;
     if (c->state != C_BUSY)
         return;
+    if (c->gone)
+        event_del(c->gone);
     c->state = C_IDLE;
     idle_push(c);
     arm(c, c->g->limits.idle_timeout);

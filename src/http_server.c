@@ -31,6 +31,8 @@
 #include <lua.h>
 
 #include "aigate.h"
+#include "http.h"
+#include "watch.h"
 #include "http_guard.h"
 
 #define SERVER_MT   "aigate.server"
@@ -52,6 +54,7 @@ struct response {
     int started;
     int finished;
     int closed;
+    struct watch *watchers; /* transfers tied to this client (core.request's tied_to) */
 };
 
 static struct server *open_servers;
@@ -72,6 +75,7 @@ static void on_close(void *user, void *arg)
         r->req = NULL;
         r->finished = 1;
     }
+    watch_release_all(&r->watchers, 1);
 }
 
 /*
@@ -132,6 +136,18 @@ static void response_end(struct response *r, int status_if_unstarted)
 static struct response *check_response(lua_State *L)
 {
     return luaL_checkudata(L, 1, RESPONSE_MT);
+}
+
+int http_response_tie(lua_State *L, int idx, struct watch *w)
+{
+    struct response *r = luaL_testudata(L, idx, RESPONSE_MT);
+
+    if (r == NULL)
+        return -1;
+    if (r->closed)
+        return 1;
+    watch_add(&r->watchers, w);
+    return 0;
 }
 
 static int usable(lua_State *L, struct response *r)
@@ -278,6 +294,7 @@ static int l_response_gc(lua_State *L)
 {
     struct response *r = check_response(L);
 
+    watch_release_all(&r->watchers, 0);
     response_end(r, 500);
     return 0;
 }

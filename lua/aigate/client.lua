@@ -450,6 +450,7 @@ function M.send(req, with)
     ca_file = req.ca_file,
     ca_path = req.ca_path,
     max_size = req.max_size,
+    tied_to = req.tied_to,
   }
   for k, v in pairs(req.timeouts or {}) do
     ropts[k] = v

@@ -132,6 +132,7 @@ M.OPTIONS = {
   system_messages = system_messages_check,
   stream = check.func,
   stream_events = check.func,
+  tied_to = check.any, -- a core.listen response: every request stops when its client goes away
   timeout = check.positive,
   connect_timeout = check.positive,
   first_byte_timeout = check.positive,
@@ -629,6 +630,7 @@ function M.prepare(opts, cfg, ctx)
     token_env = e.token_env,
     stream = stream,
     stream_events = stream and opts.stream_events,
+    tied_to = opts.tied_to,
     verbose = opts.verbose,
     system_messages = mode,
     timeouts = {

@@ -278,7 +278,18 @@ local dir = arg[1]
 local function mark(name) io.open(dir .. "/" .. name, "w"):close() end
 local EVENT = 'data: {"id":"drip-1","object":"chat.completion.chunk","created":1,"model":"drip-1",'
   .. '"choices":[{"index":0,"delta":{"content":"x"},"finish_reason":null}]}\n\n'
-local server = assert(core.listen({ host = "127.0.0.1", port = 0, handler = function(_, res)
+local server = assert(core.listen({ host = "127.0.0.1", port = 0, handler = function(req, res)
+  if req.body:find('"silent-1"', 1, true) then -- says nothing until its client goes away
+    mark("silent-arrived")
+    for _ = 1, 2400 do
+      if res.closed then
+        mark("silent-closed")
+        return
+      end
+      core.sleep(0.02)
+    end
+    return
+  end
   mark("drip-arrived")
   res:start(200, { ["content-type"] = "text/event-stream" })
   for _ = 1, 2400 do
@@ -307,6 +318,7 @@ return {
   models = {
     fast = "workers-ai/@cf/meta/llama-3.1-8b-instruct",
     drip = { model = "drip-1", provider = "drip" },
+    silent = { model = "silent-1", provider = "drip" },
   },
   providers = { drip = { base_url = "$DRIP_URL/v1" } },
   routes = {
@@ -372,6 +384,22 @@ wait "$CURL_PID" 2>/dev/null
 check "client disconnect: the upstream request is stopped" wait_file drip-closed
 expect_eq "client disconnect: the upstream did not send it all" "$([ -e drip-finished ] && echo finished || echo stopped)" "stopped"
 still_serving "after a client went away"
+
+# ... and so does one that goes away while the upstream has not said a word yet (streamed or not):
+# the upstream sees its connection closed, long before any timeout.
+for mode in plain streamed; do
+    rm -f silent-arrived silent-closed
+    extra=""
+    [ "$mode" = streamed ] && extra=',"stream":true'
+    curl -sSN -o /dev/null -X POST -H 'content-type: application/json' --data-binary "$(chat silent go "$extra")" \
+        "$SERVE_URL/v1/chat/completions" 2> /dev/null &
+    CURL_PID=$!
+    check "client disconnect before the first byte ($mode): the request reached the upstream" wait_file silent-arrived
+    kill "$CURL_PID" 2>/dev/null
+    wait "$CURL_PID" 2>/dev/null
+    check "client disconnect before the first byte ($mode): the upstream request is stopped" wait_file silent-closed
+done
+still_serving "after clients went away before the first byte"
 kill "$DRIP_PID" 2>/dev/null
 wait "$DRIP_PID" 2>/dev/null
 stop_serve

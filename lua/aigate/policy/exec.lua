@@ -215,6 +215,11 @@ M.use_breaker = use_breaker
 
 -- Sends req for one attempt (throttle, -v line, client.send). Returns what client.send returns.
 local function send(st, att, req, key)
+  local tied = req.tied_to
+  if tied ~= nil and tied.closed then -- the client that asked went away: nobody waits for this
+    att.error, att.skipped = "the client went away", true
+    return nil, "interrupted: the client went away", { kind = "interrupted", reason = "client_gone" }, true
+  end
   if not throttle.acquire(key) then
     att.error, att.skipped = "interrupted", true
     return nil, "interrupted: no new request is sent", { kind = "interrupted" }, true
@@ -225,6 +230,10 @@ local function send(st, att, req, key)
   local t0 = P.now()
   local r, msg, info = client.send(req, P.core)
   att.latency = P.now() - t0
+  if r == nil and tied ~= nil and tied.closed then -- stopped (or failed) with no one to answer: no retry
+    info = info or {}
+    info.kind, info.reason = "interrupted", "client_gone"
+  end
   if info and info.status == 429 then
     throttle.rate_limited(key, t0, rules.retry_after_seconds(info.retry_after, P.time()))
   end

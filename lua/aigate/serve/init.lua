@@ -172,6 +172,7 @@ local function chat(srv, req, res, headers)
   end
   -- The request id goes upstream too (the only client header that does: never its Authorization).
   opts.headers = { ["x-request-id"] = headers["x-request-id"] }
+  opts.tied_to = res -- a client that goes away stops the upstream request at once
   local streamed, include_usage = openai.stream_of(body)
   local stream
   if streamed then
