@@ -35,6 +35,8 @@ M.config_module = config
 M.route = route
 M.template = template
 M.policy = policy
+--- An answer a before_request hook gives instead of the request (see policy.answer).
+M.answer = policy.answer
 M.breaker = breaker
 
 local current_config -- set by configure, or loaded on first use

@@ -132,6 +132,7 @@ M.OPTIONS = {
   system_messages = system_messages_check,
   stream = check.func,
   stream_events = check.func,
+  client = check.table, -- who asked (aigate serve: {key, address, headers}): hooks see it as ctx.client
   tied_to = check.any, -- a core.listen response: every request stops when its client goes away
   timeout = check.positive,
   connect_timeout = check.positive,

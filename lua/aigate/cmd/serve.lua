@@ -31,13 +31,29 @@ Options:
 
 Config (section `serve`):
   serve = {
-    keys = { { name = "app", key_env = "APP_KEY" } },  -- clients send Authorization: Bearer <key>
-    max_body = 33554432,                               -- bytes of a request body (past it: 413)
+    keys = {                          -- clients send Authorization: Bearer <key>
+      { name = "app", key_env = "APP_KEY",
+        models = { "fast", "dynamic/*" },  -- what it may ask for (default: everything)
+        rpm = 600,                         -- requests per minute (past it: 429 with Retry-After)
+        concurrency = 32 },                -- requests at once (past it: 429)
+    },
+    max_body = 33554432,              -- bytes of a request body (past it: 413)
+    header_timeout = 10, body_timeout = 30, idle_timeout = 60,  -- slow clients (seconds; 408)
+    forward_headers = { "x-tenant" }, -- client headers passed upstream besides x-request-id,
+                                      -- traceparent, tracestate and baggage (never credentials)
+    drain_timeout = 30,               -- seconds in flight may take after SIGTERM
   }
-Without keys serve listens on loopback only.
+Without keys serve listens on loopback only. Hooks see who asked in ctx.client ({key, address,
+headers}, credentials left out); a before_request hook may answer itself with
+`return aigate.answer{text = ...}` (a cache, a guardrail): nothing goes upstream.
+Retries are bounded (one per target within 15 s unless the config's retry says otherwise), so that
+they do not multiply with the client's own; a 429 given up on passes the upstream's Retry-After on.
 
+SIGHUP loads the config again: a config that does not load is refused with its error on stderr and
+the old one keeps serving; requests in flight finish on the config they started with, and breaker
+and limit state carries over (max_body and the timeouts take a restart).
 On SIGTERM or SIGINT serve drains: /readyz answers 503 and new requests 503, the requests in flight
-finish (for at most 30 s), then it exits 0. A second signal stops it at once.]]
+finish (for at most drain_timeout), then it exits 0. A second signal stops it at once.]]
 
 -- Seconds the requests in flight have to finish after SIGTERM or SIGINT.
 M.DRAIN_TIMEOUT = 30
@@ -55,8 +71,9 @@ local function parse_listen(cmd, s)
   return host, port
 end
 
--- The keys of serve.keys with their values from the environment: {{name, key}}, or nil when the
--- config has none. A key whose variable is unset or empty is a configuration error.
+-- The keys of serve.keys with their values from the environment: {{name, key, models, rpm,
+-- concurrency}}, or nil when the config has none; or nil, err when a key's variable is unset or
+-- empty (a configuration error).
 local function client_keys(cfg)
   local list = cfg.serve and cfg.serve.keys
   if list == nil or #list == 0 then return nil end
@@ -64,12 +81,49 @@ local function client_keys(cfg)
   for i, k in ipairs(list) do
     local v = core.getenv(k.key_env)
     if v == nil or v == "" then
-      error({config = true, msg = string.format("serve.keys[%d] (%s): the environment variable %s is not set: "
-        .. "export the key there, or remove the entry", i, k.name, k.key_env)}, 0)
+      return nil, string.format("serve.keys[%d] (%s): the environment variable %s is not set: "
+        .. "export the key there, or remove the entry", i, k.name, k.key_env)
     end
-    keys[#keys + 1] = {name = k.name, key = v}
+    keys[#keys + 1] = {name = k.name, key = v, models = k.models, rpm = k.rpm, concurrency = k.concurrency}
   end
   return keys
+end
+
+local NO_KEYS_ON_NETWORK = "without client keys: anyone who can reach it could spend your upstream credentials. "
+  .. "Listen on 127.0.0.1, or add serve.keys to the config (serve = { keys = { { name = \"app\", key_env = "
+  .. "\"APP_KEY\" } } })"
+
+-- SIGHUP: loads the config again (the same file, or the same search). A config that does not load,
+-- or whose keys cannot be read, is refused with its error and the old one keeps serving. Requests in
+-- flight finish on the config they started with (each holds its own); breakers, limits and key
+-- limits are kept by name, so their state carries over.
+local function reload(path, host, server)
+  local aigate = require "aigate"
+  local cfg, err = aigate.load_config(path)
+  local keys
+  if cfg then
+    keys, err = client_keys(cfg)
+    if keys == nil and err == nil and not require("aigate.serve").is_loopback(host) then
+      cfg, err = nil, "the new config has no serve.keys, and serve listens on " .. host .. " " .. NO_KEYS_ON_NETWORK
+    elseif err then
+      cfg = nil
+    end
+  end
+  if cfg then
+    local ok, cerr = pcall(aigate.configure, cfg)
+    if not ok then cfg, err = nil, cerr end
+  end
+  if not cfg then
+    cli.eprint("aigate serve: SIGHUP: the config was not loaded again; the old one keeps serving: ", tostring(err))
+    return
+  end
+  server.update({keys = keys, forward_headers = cfg.serve and cfg.serve.forward_headers})
+  local changed = ""
+  local function differs(k) return (cfg.serve or {})[k] ~= (server.started_with or {})[k] end
+  if differs("max_body") or differs("header_timeout") or differs("body_timeout") or differs("idle_timeout") then
+    changed = " (serve.max_body and the timeouts take a restart to change)"
+  end
+  cli.eprint("aigate serve: SIGHUP: the config was loaded again from ", cfg.source or "?", changed)
 end
 
 function M.main(argv)
@@ -79,33 +133,43 @@ function M.main(argv)
   if #pos > 0 then cli.usage_error(cmd, "unexpected argument '" .. pos[1] .. "'") end
   local host, port = parse_listen(cmd, opts.listen or "127.0.0.1:8080")
   local cfg = cli.load_config(opts.config)
-  local keys = client_keys(cfg)
+  local keys, kerr = client_keys(cfg)
+  if kerr then error({config = true, msg = kerr}, 0) end
   local serve = require "aigate.serve"
   if keys == nil and not serve.is_loopback(host) then
-    cli.eprint("aigate: serve: refusing to listen on ", host, " without client keys: anyone who can reach it ",
-      "could spend your upstream credentials. Listen on 127.0.0.1, or add serve.keys to the config ",
-      "(serve = { keys = { { name = \"app\", key_env = \"APP_KEY\" } } })")
+    cli.eprint("aigate: serve: refusing to listen on ", host, " ", NO_KEYS_ON_NETWORK)
     return cli.EXIT_USAGE
   end
-  local server, err = serve.start({host = host, port = port, keys = keys,
-    max_body = cfg.serve and cfg.serve.max_body,
+  local sc = cfg.serve or {}
+  local server, err = serve.start({host = host, port = port, keys = keys, max_body = sc.max_body,
+    header_timeout = sc.header_timeout, body_timeout = sc.body_timeout, idle_timeout = sc.idle_timeout,
+    forward_headers = sc.forward_headers,
     log = function(line) cli.eprint("aigate serve: ", line) end})
   if not server then
     cli.eprint("aigate: serve: ", err)
     return cli.EXIT_USAGE
   end
+  server.started_with = sc
+  require("aigate.policy").set_retry_profile("serve")
+  core.spawn(function()
+    while true do
+      core.wait_signal("HUP")
+      reload(opts.config, host, server)
+    end
+  end)
   local shown = host:find(":", 1, true) and ("[" .. host .. "]") or host
   io.stdout:write("aigate serve listening on http://", shown, ":", tostring(server.port), "\n")
   io.stdout:flush()
   local sig = core.wait_signal()
   -- Draining: probes say so, new requests get 503, what is in flight finishes (for at most
-  -- DRAIN_TIMEOUT). Nothing waits for a signal meanwhile, so a second one ends the process at once.
+  -- serve.drain_timeout, default DRAIN_TIMEOUT). Nothing waits for a signal meanwhile, so a second one ends the process at once.
   server.drain()
+  local drain_timeout = ((require("aigate").config() or {}).serve or {}).drain_timeout or M.DRAIN_TIMEOUT
   if server.inflight > 0 then
     cli.eprint("aigate serve: SIG", sig, ": draining ", tostring(server.inflight), " request(s) in flight ",
-      "(at most ", tostring(M.DRAIN_TIMEOUT), " s; a second signal stops at once)")
+      "(at most ", tostring(drain_timeout), " s; a second signal stops at once)")
   end
-  local deadline = core.now() + M.DRAIN_TIMEOUT
+  local deadline = core.now() + drain_timeout
   while server.inflight > 0 and core.now() < deadline do
     core.sleep(0.05)
   end

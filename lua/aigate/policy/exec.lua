@@ -40,7 +40,8 @@ local function first_line(s)
 end
 
 -- The ctx argument of hooks, route functions and conditions, made when first needed (most requests
--- run no hook and no function): {route, model, metadata, vars, attempts, config, dry_run, now}.
+-- run no hook and no function): {route, model, metadata, vars, attempts, config, dry_run, now,
+-- client}. client: who asked, when aigate serve did ({key, address, headers}), else nil.
 local function hook_ctx(st)
   local ctx = st.ctx
   if ctx == nil then
@@ -53,6 +54,7 @@ local function hook_ctx(st)
       config = st.cfg,
       dry_run = st.dry_run,
       now = st.now,
+      client = st.client,
     }
     st.ctx = ctx
   end

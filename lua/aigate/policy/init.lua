@@ -39,7 +39,13 @@ M.RETRY_CAPS = { max_attempts = 10, max_delay = 30, max_retry_after = 60 }
 -- max_retry_after. `chat` and `run` retry like the SDKs (twice, 429s included); `batch` uses the
 -- "batch" profile: more tries, rate limits waited out, bounded by the time a line may take.
 M.RETRY_DEFAULTS = { retries = 2, budget = 60, delay = 0.5, max_backoff = 8, rate_limits = "count" }
-M.RETRY_PROFILES = { batch = { retries = 8, budget = 600, rate_limits = "wait" } }
+-- "serve" profile: few tries within a short time, for a client that has retries of its own (an SDK's
+-- two, say) and waits while serve does: the two do not multiply into minutes, and a Retry-After
+-- longer than the budget goes back to the client (the upstream's, in the reply's header).
+M.RETRY_PROFILES = {
+  batch = { retries = 8, budget = 600, rate_limits = "wait" },
+  serve = { retries = 1, budget = 15, max_backoff = 2 },
+}
 
 M.now = function()
   return core.now()
@@ -79,6 +85,8 @@ M.retryable = rules.retryable
 M.default_retryable = rules.default_retryable
 
 M.set_retry_profile = state.set_retry_profile
+M.answer = state.answer
+M.is_answer = state.is_answer
 M.retry_profile = state.retry_profile
 M.set_retry_overrides = state.set_retry_overrides
 M.retry_settings = state.retry_settings
@@ -101,6 +109,9 @@ function M.chat(opts, cfg, context, handed)
   if st == nil then
     local stub = { attempts = {}, name = opts.model }
     return state.failed(stub, fail)
+  end
+  if st.answer then
+    return state.finish(st, { ok = true, result = st.answer })
   end
   if handed then
     st.handed = handed
@@ -150,6 +161,10 @@ function M.render(opts, cfg, context)
   local st, fail = state.start(opts, cfg, context, true)
   if st == nil then
     return nil, fail.msg, fail.info
+  end
+  if st.answer then
+    return nil, "the before_request hook answers this request itself: nothing would be sent",
+      { kind = "policy", reason = "answered" }
   end
   local out = exec.run(st.entry, st)
   if not out.ok then

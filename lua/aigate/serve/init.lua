@@ -7,8 +7,7 @@
 --
 -- "stream": true is answered with the upstream's events as they come (stream_state).
 --
--- Not built yet (issue #11): embeddings, metrics, the request log, reload, per-key
--- limits.
+-- Keys (aigate.serve.keys) may limit a client's models, requests per minute and requests at once.
 
 local core = require("aigate.core")
 local json = require("aigate.json")
@@ -16,6 +15,7 @@ local aigate = require("aigate")
 local openai = require("aigate.serve.openai")
 local errors = require("aigate.serve.errors")
 local secrets = require("aigate.secrets")
+local keys = require("aigate.serve.keys")
 
 local M = {}
 
@@ -31,30 +31,13 @@ function M.is_loopback(host)
   return host == "localhost" or host == "::1" or host:match("^127%.%d+%.%d+%.%d+$") ~= nil
 end
 
---- Whether a and b are the same bytes, in time that depends on the length of b (the key) only:
--- every byte is compared, with no early exit, so that the time taken tells nothing of how much of
--- a guess was right.
-function M.same_key(a, b)
-  local diff = #a ~ #b
-  local byte = string.byte
-  for i = 1, #b do
-    diff = diff | ((byte(a, i) or 0) ~ byte(b, i))
-  end
-  return diff == 0
-end
+M.same_key = keys.same_key
 
--- The name of the key a request authenticates with, or nil. Every key is compared, whichever
--- matches, so the time taken does not tell which one did.
-local function key_name(keys, headers)
-  local given = (headers.authorization or ""):match("^[Bb][Ee][Aa][Rr][Ee][Rr] +(.+)$") or ""
-  local found
-  for _, k in ipairs(keys) do
-    if M.same_key(given, k.key) and found == nil then
-      found = k.name
-    end
-  end
-  return found
-end
+-- Client headers that go upstream as they came (tracing); the config's serve.forward_headers adds
+-- to them. x-request-id goes too (serve's own, or the client's when usable).
+M.FORWARD_HEADERS = { "traceparent", "tracestate", "baggage" }
+-- Never given to hooks in ctx.client.headers (nor forwarded: config validation refuses them there).
+local CREDENTIAL_HEADERS = require("aigate.check").CREDENTIAL_HEADERS
 
 local id_counter = 0
 local function new_request_id()
@@ -94,9 +77,11 @@ local function readyz(srv, _, res, headers)
   reply(res, 200, headers, '{"status":"ready"}')
 end
 
-local function models(srv, _, res, headers)
+local function models(srv, req, res, headers)
   local cfg = aigate.config() or {}
-  reply(res, 200, headers, openai.models_body(cfg, srv.created))
+  reply(res, 200, headers, openai.models_body(cfg, srv.created, function(name)
+    return keys.allows(req.key, name)
+  end))
 end
 
 -- Copies the upstream's cf-aig-* headers (the gateway's log id, cache status, step, ...).
@@ -160,6 +145,31 @@ local function stream_state(res, headers, include_usage)
   return st
 end
 
+-- The client headers that go upstream: the request id, and those of the allow-list (never the
+-- client's Authorization: upstream credentials come from aigate's config and environment only).
+local function forwarded(srv, given, id)
+  local out = { ["x-request-id"] = id }
+  for _, name in ipairs(srv.forward) do
+    local v = given[name]
+    if v ~= nil then
+      out[name] = v
+    end
+  end
+  return out
+end
+
+-- ctx.client of the hooks: who asked ({key = the key's name or nil, address = "ip:port", headers},
+-- the headers without credentials).
+local function client_of(req)
+  local h = {}
+  for k, v in pairs(req.headers) do
+    if not CREDENTIAL_HEADERS[k] then
+      h[k] = v
+    end
+  end
+  return { key = req.key and req.key.name, address = req.peer, headers = h }
+end
+
 local function chat(srv, req, res, headers)
   local body, derr = json.decode(req.body)
   if body == nil then
@@ -170,8 +180,12 @@ local function chat(srv, req, res, headers)
   if opts == nil then
     return fail(res, headers, status, msg, code, param)
   end
-  -- The request id goes upstream too (the only client header that does: never its Authorization).
-  opts.headers = { ["x-request-id"] = headers["x-request-id"] }
+  if not keys.allows(req.key, opts.model) then
+    return fail(res, headers, 403, string.format("the key '%s' may not use the model '%s' (see its models in the "
+      .. "config's serve.keys)", req.key.name, opts.model), "model_not_allowed", "model")
+  end
+  opts.headers = forwarded(srv, req.headers, headers["x-request-id"])
+  opts.client = client_of(req)
   opts.tied_to = res -- a client that goes away stops the upstream request at once
   local streamed, include_usage = openai.stream_of(body)
   local stream
@@ -204,6 +218,9 @@ local function chat(srv, req, res, headers)
     return reply(res, st, headers, secrets.redact(ebody))
   end
   gateway_headers(headers, r.headers)
+  if r.answered then
+    headers["x-aigate-answered-by"] = r.answered
+  end
   if r.step ~= nil then
     headers["x-aigate-step"] = tostring(r.step)
   end
@@ -258,32 +275,65 @@ local function handle(srv, req, res)
     return fail(res, headers, 503, "the server is shutting down: send the request to another instance, or "
       .. "again once it is back", "shutting_down")
   end
-  if srv.keys and not route.open and key_name(srv.keys, req.headers) == nil then
-    headers["www-authenticate"] = "Bearer"
-    return fail(res, headers, 401, "missing or wrong API key: send 'Authorization: Bearer KEY' with a key of the "
-      .. "config's serve.keys", "invalid_api_key")
+  local key
+  if srv.keys and not route.open then
+    key = keys.find(srv.keys, req.headers)
+    if key == nil then
+      headers["www-authenticate"] = "Bearer"
+      return fail(res, headers, 401, "missing or wrong API key: send 'Authorization: Bearer KEY' with a key of the "
+        .. "config's serve.keys", "invalid_api_key")
+    end
+    local admitted, wait, why = keys.admit(key, core.now())
+    if not admitted then
+      headers["retry-after"] = string.format("%d", wait)
+      return fail(res, headers, 429, why, "rate_limit_exceeded")
+    end
   end
+  req.key = key
   srv.inflight = srv.inflight + 1
   local ok, err = pcall(fn, srv, req, res, headers)
   srv.inflight = srv.inflight - 1
+  if key then
+    keys.done(key)
+  end
   if not ok then
     error(err, 0) -- core.listen prints it and answers 500
   end
 end
 
---- Starts serving: o = {host, port, keys = {{name, key}} or nil, max_body = bytes, log =
--- function(line) (the server's log: stderr)}. Returns the server or nil, err: {port, inflight (the
--- requests being answered), drain() (from now on /readyz and every request but the probes get 503,
--- while what is in flight goes on), close() (closes every connection at once)}.
+-- The forwarded header names: the allow-list and the config's additions, lowercased.
+local function forward_list(extra)
+  local list, seen = {}, {}
+  for _, src in ipairs({ M.FORWARD_HEADERS, extra or {} }) do
+    for _, name in ipairs(src) do
+      name = name:lower()
+      if not seen[name] then
+        seen[name] = true
+        list[#list + 1] = name
+      end
+    end
+  end
+  return list
+end
+
+--- Starts serving: o = {host, port, keys = {{name, key, models, rpm, concurrency}} or nil, max_body
+-- = bytes, header_timeout, body_timeout, idle_timeout (seconds: slow clients), forward_headers =
+-- {names}, log = function(line) (the server's log: stderr)}. Returns the server or nil, err: {port,
+-- inflight (the requests being answered), drain() (from now on /readyz and every request but the
+-- probes get 503, while what is in flight goes on), close() (closes every connection at once),
+-- update(o) (new keys and forward_headers, after the config was loaded again)}.
 function M.start(o)
   local max_body = o.max_body or M.DEFAULT_MAX_BODY
   local srv = { keys = o.keys, log = o.log or function() end, draining = false, inflight = 0,
-    created = math.floor(core.time()) }
+    created = math.floor(core.time()), forward = forward_list(o.forward_headers) }
   local server, err = core.listen({
     host = o.host,
     port = o.port,
     max_body_size = max_body,
     max_body_memory = math.max(MAX_BODY_MEMORY, max_body),
+    header_timeout = o.header_timeout,
+    body_timeout = o.body_timeout,
+    idle_timeout = o.idle_timeout,
     handler = function(req, res)
       handle(srv, req, res)
     end,
@@ -292,6 +342,10 @@ function M.start(o)
     return nil, err
   end
   srv.port = server.port
+  function srv.update(u)
+    srv.keys = u.keys
+    srv.forward = forward_list(u.forward_headers)
+  end
   function srv.drain()
     srv.draining = true
   end

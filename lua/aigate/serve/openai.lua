@@ -138,11 +138,14 @@ function M.chunk_of(res)
   })
 end
 
---- GET /v1/models: the named models and local routes of cfg, in OpenAI's list shape, sorted.
-function M.models_body(cfg, created)
+--- GET /v1/models: the named models and local routes of cfg, in OpenAI's list shape, sorted;
+-- only those allowed(name) says yes to, when given (a client key's models).
+function M.models_body(cfg, created, allowed)
   local data = {}
   local function add(id, owner)
-    data[#data + 1] = { id = id, object = "model", created = created, owned_by = owner }
+    if allowed == nil or allowed(id) then
+      data[#data + 1] = { id = id, object = "model", created = created, owned_by = owner }
+    end
   end
   for _, name in ipairs(util.sorted_keys(cfg.models or {})) do
     add(name, "aigate")
