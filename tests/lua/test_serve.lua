@@ -7,6 +7,7 @@ local t = require("testlib")
 local json = require("aigate.json")
 local openai = require("aigate.serve.openai")
 local serve = require("aigate.serve")
+local keys = require("aigate.serve.keys")
 
 local cases = {}
 
@@ -120,6 +121,48 @@ function cases.loopback()
   for _, h in ipairs({ "0.0.0.0", "::", "10.0.0.1", "example.org", "127.0.0.1.example.org" }) do
     t.eq(serve.is_loopback(h), false, h)
   end
+end
+
+function cases.key_models_exact_or_prefix()
+  local k = { name = "k", models = { "fast", "dynamic/*" } }
+  t.eq(keys.allows(k, "fast"), true)
+  t.eq(keys.allows(k, "dynamic/anything"), true)
+  t.eq(keys.allows(k, "dynamic"), false)
+  t.eq(keys.allows(k, "faster"), false)
+  t.eq(keys.allows({ name = "all" }, "whatever"), true)
+  t.eq(keys.allows(nil, "whatever"), true)
+end
+
+function cases.key_rpm_is_a_token_bucket()
+  keys.reset()
+  local k = { name = "r", rpm = 3 }
+  for i = 1, 3 do
+    t.eq(keys.admit(k, 100), true, "burst " .. i)
+    keys.done(k)
+  end
+  local ok, wait = keys.admit(k, 100)
+  t.eq(ok, false)
+  t.eq(wait, 20) -- one token at 3 per minute
+  t.eq(keys.admit(k, 110), false) -- half a token
+  t.eq(keys.admit(k, 120.5), true) -- a whole one by now
+  keys.done(k)
+  -- a key with the same name after a reload keeps the state
+  t.eq(keys.admit({ name = "r", rpm = 3 }, 120.5), false)
+  keys.reset()
+end
+
+function cases.key_concurrency_counts_requests_in_flight()
+  keys.reset()
+  local k = { name = "c", concurrency = 2 }
+  t.eq(keys.admit(k, 0), true)
+  t.eq(keys.admit(k, 0), true)
+  local ok, wait, why = keys.admit(k, 0)
+  t.eq(ok, false)
+  t.eq(wait, 1)
+  t.contains(why, "2 requests in flight")
+  keys.done(k)
+  t.eq(keys.admit(k, 0), true)
+  keys.reset()
 end
 
 return cases
