@@ -46,9 +46,9 @@ struct transfer {
     size_t received;
     size_t max_size;
     struct http_timers timers;
-    char *abort_msg; /* why we stopped it ourselves */
-    struct watch gone;      /* on the tied_to response's list: its client went away */
-    struct event *gone_ev;  /* fired by that, so that the abort runs from the loop */
+    char *abort_msg;       /* why we stopped it ourselves */
+    struct watch gone;     /* on the tied_to response's list: its client went away */
+    struct event *gone_ev; /* fired by that, so that the abort runs from the loop */
     char errbuf[CURL_ERROR_SIZE];
 };
 

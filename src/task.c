@@ -1070,8 +1070,10 @@ static int wait_soft_signal(lua_State *L, struct task *t, const char *name)
         if (strcmp(soft_signals[i].name, name) == 0)
             s = &soft_signals[i];
     if (s == NULL)
-        return luaL_error(L, "wait_signal: unknown signal '%s' (expected HUP, USR1 or USR2; no name waits "
-                             "for INT or TERM)", name);
+        return luaL_error(L,
+                          "wait_signal: unknown signal '%s' (expected HUP, USR1 or USR2; no name waits "
+                          "for INT or TERM)",
+                          name);
     if (s->ev == NULL) {
         s->ev = evsignal_new(g_base, s->sig, soft_cb, s);
         if (s->ev == NULL || event_add(s->ev, NULL) != 0)
