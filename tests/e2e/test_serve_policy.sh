@@ -147,6 +147,10 @@ expect_eq "not forwarded: the cookie" "$(last_upstream 'tostring(lines[#lines].h
 expect_eq "upstream credentials: the config's token, not the client's key" "$(last_upstream 'lines[#lines].auth.authorization')" "bearer"
 check "the client's key never reached the upstream" bash -c "! grep -q '$KEY_A' '$MOCK_LOG'"
 
+post "$(chat fast hi ',"stop":[],"metadata":{},"tools":[ ]')" -H "authorization: Bearer $KEY_A"
+expect_eq "empty arrays go upstream as arrays, empty objects as objects" \
+    "$(last_upstream 'lines[#lines].raw:match([[,"metadata".*]])')" ',"metadata":{},"model":"workers-ai/@cf/meta/llama-3.1-8b-instruct","stop":[],"tools":[]}'
+
 before=$(mock_requests)
 post "$(chat who)" -H "authorization: Bearer $KEY_A" -H "traceparent: tp-1"
 expect_eq "ctx.client: key name, address, headers without credentials" "$(jb 'v.choices[1].message.content')" \
