@@ -431,7 +431,7 @@ function M.decode(s)
   if marked == nil then
     return cjson.decode(s)
   end
-  local v, err = cjson.decode(marked)
+  local v = cjson.decode(marked)
   if v == nil then
     return cjson.decode(s) -- the error as it is for the text given
   end
