@@ -166,6 +166,12 @@ curl -sSN -o stream.body -X POST -H 'content-type: application/json' -H "authori
     --data-binary "$(chat cached hi ',"stream":true')" "$SERVE_URL/v1/chat/completions"
 expect_match "answered by the hook, streamed: one chunk with the text" "$(head -n 1 stream.body)" '^data: \{.*"content":"from the hook"'
 expect_eq "answered by the hook, streamed: [DONE] last" "$(grep '^data: ' stream.body | tail -n 1)" "data: [DONE]"
+expect_eq "answered by the hook, streamed: no usage chunk unless asked" "$(grep -c '"usage"' stream.body)" "0"
+curl -sSN -o stream.body -X POST -H 'content-type: application/json' -H "authorization: Bearer $KEY_A" \
+    --data-binary "$(chat cached hi ',"stream":true,"stream_options":{"include_usage":true}')" "$SERVE_URL/v1/chat/completions"
+expect_match "answered by the hook, streamed with include_usage: the usage chunk" "$(grep '"usage"' stream.body)" \
+    '^data: \{"choices":\[\],.*"usage":\{"completion_tokens":3,"prompt_tokens":1,"total_tokens":4\}\}$'
+expect_eq "answered by the hook, streamed with include_usage: [DONE] last" "$(grep '^data: ' stream.body | tail -n 1)" "data: [DONE]"
 expect_eq "answered by the hook: nothing went upstream" "$(( $(mock_requests) - before ))" "0"
 stop_serve
 

@@ -229,6 +229,10 @@ local function chat(srv, req, res, headers)
     -- a whole completion where a stream was asked for (the upstream ignored "stream"): one chunk
     stream.begin()
     res:write(openai.sse(openai.chunk_of(r)))
+    local usage = include_usage and openai.usage_chunk_of(r)
+    if usage then
+      res:write(openai.sse(usage))
+    end
     return stream.close(ok, r)
   end
   reply(res, 200, headers, openai.completion_body(r))

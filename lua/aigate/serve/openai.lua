@@ -138,6 +138,22 @@ function M.chunk_of(res)
   })
 end
 
+--- The usage chunk of a streamed reply without events (stream_options.include_usage): no choice,
+-- the result's usage; nil when it has none.
+function M.usage_chunk_of(res)
+  if type(res.usage) ~= "table" or next(res.usage) == nil then
+    return nil
+  end
+  return json.encode({
+    id = "chatcmpl-" .. tostring(res.request_id or "aigate"),
+    object = "chat.completion.chunk",
+    created = math.floor(require("aigate.core").time()),
+    model = res.response_model or res.model,
+    choices = setmetatable({}, json.array_mt),
+    usage = res.usage,
+  })
+end
+
 --- GET /v1/models: the named models and local routes of cfg, in OpenAI's list shape, sorted;
 -- only those allowed(name) says yes to, when given (a client key's models).
 function M.models_body(cfg, created, allowed)
