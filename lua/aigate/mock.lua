@@ -7,8 +7,16 @@
 -- OpenAI-style list: {"object":"list","data":[{"id","object":"model","created","owned_by"}]} with the
 -- client's default model, a few vendor ids and every fault model below (owned_by: the id's prefix;
 -- `mock/slow-1000`, `mock/stall-1000`, `mock/flaky-2`, `mock/busy-2`, `mock/big-64` stand for the
--- models with a parameter). Used by `aigate mock` (cli.lua), by the end-to-end tests (tests/e2e/) and
--- by in-process Lua tests.
+-- models with a parameter). Embeddings: POST /v1/{account}/{gateway}/compat/embeddings (the gateway's
+-- rules below apply), POST /v1/embeddings and POST /embeddings answer OpenAI's list {"object":"list",
+-- "data":[{"object":"embedding","index","embedding"}],"model","usage":{"prompt_tokens","total_tokens"}}:
+-- one vector per input (a text, an array of texts, of tokens or of token arrays), EMBED_DIMENSIONS (8)
+-- numbers in [-1, 1] or `dimensions` (1..4096), each from a hash of the input and its place (the same
+-- input always gets the same vector), as floats or, with encoding_format "base64", float32
+-- little-endian bytes in base64; usage counts the words (tokens) of the inputs. No input, a bad one,
+-- bad dimensions or encoding_format -> 400 OpenAI-style naming it. The fault models below answer
+-- embeddings requests too (never streamed). Used by `aigate mock` (cli.lua), by the end-to-end tests
+-- (tests/e2e/) and by in-process Lua tests.
 -- API: mock.start{host, port, log, quiet} -> server {host, port, url, close()} | nil, err;
 -- mock.handle(req, res) (the core.listen handler); mock.stats() -> counts; mock.reset().
 --
@@ -18,7 +26,7 @@
 -- provider prefix -> 400 code 2008 (known: what the client's provider.known_prefix says, one rule
 -- for both: provider.GATEWAY_PREFIXES in any case, and `mock`); `workers-ai/` + an id not under
 -- @cf/ or @hf/, or a Gemini name -> 400 provider error. Every path: invalid JSON body -> 400
--- envelope code 2002 (the mock's choice); no model or no messages -> 400 OpenAI-style; unknown
+-- envelope code 2002 (the mock's choice); no model or no messages (no input) -> 400 OpenAI-style; unknown
 -- path -> 404 code 2001; another method than POST (chat) or GET (models) -> 405 code 2001 with
 -- `allow`.
 --
