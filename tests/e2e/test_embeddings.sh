@@ -7,7 +7,8 @@
 # missing or bad model, input and parameters, unknown model, the upstream's own error, 429 given up
 # with its Retry-After, unreachable, timeout, a hook that raises), the hooks seeing the request, an
 # authenticated gateway (cf-aig-authorization); `aigate batch` runs lines with "url":
-# "/v1/embeddings" through the policy (never the engine), bad lines, --dry-run and --resume.
+# "/v1/embeddings" through the policy (never the engine, whatever their body holds), bad lines,
+# --dry-run and --resume.
 # Run from the repository root; helpers come from lib.sh.
 
 . "$(dirname "$0")/lib.sh"
@@ -320,14 +321,20 @@ cat > bad.jsonl <<'EOF'
 {"custom_id":"b4","url":"/v1/completions","body":{"model":"emb","prompt":"x"}}
 {"custom_id":"b5","url":"/v1/embeddings","body":{"model":"emb","input":"x","dimensions":-1}}
 {"custom_id":"c1","url":"/v1/chat/completions","body":{"model":"emb","messages":[{"role":"user","content":"hi"}]}}
+{"custom_id":"b6","url":"/v1/completions","body":{"model":"emb","messages":[{"role":"user","content":"hi"}]}}
+{"custom_id":"m1","url":"/v1/embeddings","body":{"model":"emb","messages":[{"role":"user","content":"hi"}],"input":"with messages"}}
 EOF
 batch bad.jsonl -o bad.out --config cfg.lua
 expect_eq "bad lines: exit" "$RC" "1"
 expect_eq "bad lines: codes" "$(lua_on 'table.sort(lines, function(a, b) return a.custom_id < b.custom_id end) local t = {} for _, l in ipairs(lines) do t[#t + 1] = l.custom_id .. "=" .. (type(l.error) == "table" and l.error.code or ("%d"):format(l.response.status_code)) end return table.concat(t, " ")' bad.out)" \
-    "b1=missing_input b2=invalid_request b3=invalid_request b4=invalid_request b5=invalid_request c1=200"
+    "b1=missing_input b2=invalid_request b3=invalid_request b4=invalid_request b5=invalid_request b6=invalid_request c1=200 m1=200"
 expect_match "bad lines: b4 names what is supported" "$(grep '"b4"' bad.out)" "only /v1/chat/completions and /v1/embeddings"
 expect_match "bad lines: b5 names the option" "$(grep '"b5"' bad.out)" "dimensions"
-expect_match "bad lines: the chat line in the engine" "$ERR" "paths: engine 1, aigate.chat 5"
+# A line's url decides, never its body's shape: the engine takes only chat completions.
+expect_match "bad lines: only the chat line in the engine" "$ERR" "paths: engine 1, aigate.chat 7"
+expect_eq "an embeddings line with messages: an embeddings list" "$(lua_on 'for _, l in ipairs(lines) do if l.custom_id == "m1" then return l.response.body.object end end' bad.out)" "list"
+expect_eq "an embeddings line with messages: sent to compat/embeddings" "$(grep -c '"input":"with messages"' "$MOCK_LOG") $(lua_on 'for i = #lines, 1, -1 do if lines[i].body and lines[i].body.input == "with messages" then return lines[i].path end end' "$MOCK_LOG")" \
+    "1 /v1/acct123/gw1/compat/embeddings"
 
 # --dry-run: the request an embeddings line would send.
 batch in.jsonl --config cfg.lua --dry-run
