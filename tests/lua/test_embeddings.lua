@@ -311,4 +311,16 @@ cases.hooks_see_the_request = function()
   t.eq(seen.endpoint, "chat")
 end
 
+-- serve's reply: the upstream's bytes, or (a result an after_response hook made) a list built from it.
+cases.serve_reply_body = function()
+  local body_of = require("aigate.serve.embeddings").body_of
+  t.eq(body_of({ raw_body = LIST }), LIST)
+  local made = json.decode(body_of({ embeddings = { { 1, 2 }, { 3, 4 } }, model = "m", usage = { prompt_tokens = 2 } }))
+  t.eq(made.object, "list")
+  t.eq(made.data[2].index, 1)
+  t.eq(made.data[2].embedding, { 3, 4 })
+  t.eq(made.usage, { prompt_tokens = 2, total_tokens = 2 })
+  t.eq(made.model, "m")
+end
+
 return cases
