@@ -14,6 +14,7 @@ local json = require("aigate.json")
 local aigate = require("aigate")
 local openai = require("aigate.serve.openai")
 local errors = require("aigate.serve.errors")
+local embeddings = require("aigate.serve.embeddings")
 local secrets = require("aigate.secrets")
 local keys = require("aigate.serve.keys")
 
@@ -170,38 +171,41 @@ local function client_of(req)
   return { key = req.key and req.key.name, address = req.peer, headers = h }
 end
 
-local function chat(srv, req, res, headers)
-  local body, derr = json.decode(req.body)
-  if body == nil then
-    return fail(res, headers, 400, "the request body is not valid JSON (" .. tostring(derr) .. ")", "invalid_json")
+-- The reply headers of a result: the gateway's cf-aig-* ones, who answered, the route's step and
+-- the attempts.
+local function result_headers(headers, r)
+  gateway_headers(headers, r.headers)
+  if r.answered then
+    headers["x-aigate-answered-by"] = r.answered
   end
-  local cfg = aigate.config() or {}
-  local opts, status, code, msg, param = openai.options_of(body, cfg)
-  if opts == nil then
-    return fail(res, headers, status, msg, code, param)
+  if r.step ~= nil then
+    headers["x-aigate-step"] = tostring(r.step)
   end
+  headers["x-aigate-attempts"] = string.format("%d", #(r.attempts or {}))
+end
+
+--- Runs one request of an endpoint through the policy, as every endpoint does: the key's models,
+-- the client headers that go upstream, ctx.client, the tie to the client (one that goes away stops
+-- the upstream request at once), then api.call(opts) (api = {call = aigate.chat, name =
+-- "aigate.chat"}). Returns the result with its reply headers set; or nil once it has answered the
+-- failure itself (or closed the stream that had begun: stream, the stream_state when streamed).
+function M.run(srv, req, res, headers, api, opts, stream)
   if not keys.allows(req.key, opts.model) then
     return fail(res, headers, 403, string.format("the key '%s' may not use the model '%s' (see its models in the "
       .. "config's serve.keys)", req.key.name, opts.model), "model_not_allowed", "model")
   end
   opts.headers = forwarded(srv, req.headers, headers["x-request-id"])
   opts.client = client_of(req)
-  opts.tied_to = res -- a client that goes away stops the upstream request at once
-  local streamed, include_usage = openai.stream_of(body)
-  local stream
-  if streamed then
-    stream = stream_state(res, headers, include_usage)
-    opts.stream = function() end -- the text goes to the client within the events
-    opts.stream_events = stream.event
-  end
-  local ok, r, err, info = pcall(aigate.chat, opts)
+  opts.tied_to = res
+  local ok, r, err, info = pcall(api.call, opts)
   if stream and stream.started then
     return stream.close(ok, r, err, info, srv)
   end
   if not ok then
     local text = tostring(r)
-    if text:match("^aigate%.chat: ") then -- a value aigate.chat refuses: the client's to fix
-      return fail(res, headers, 400, (text:gsub("^aigate%.chat: ", "")), "invalid_request")
+    local prefix = "^" .. api.name:gsub("%.", "%%.") .. ": "
+    if text:match(prefix) then -- a value the API refuses: the client's to fix
+      return fail(res, headers, 400, (text:gsub(prefix, "")), "invalid_request")
     end
     srv.log("request " .. headers["x-request-id"] .. ": internal error: " .. text)
     return fail(res, headers, 500, "internal error in aigate serve; the server's log has the details", "internal_error")
@@ -217,23 +221,43 @@ local function chat(srv, req, res, headers)
     headers["x-aigate-attempts"] = string.format("%d", #((info or {}).attempts or {}))
     return reply(res, st, headers, secrets.redact(ebody))
   end
-  gateway_headers(headers, r.headers)
-  if r.answered then
-    headers["x-aigate-answered-by"] = r.answered
+  result_headers(headers, r)
+  return r
+end
+
+local CHAT = { call = aigate.chat, name = "aigate.chat" }
+
+local function chat(srv, req, res, headers)
+  local body, derr = json.decode(req.body)
+  if body == nil then
+    return fail(res, headers, 400, "the request body is not valid JSON (" .. tostring(derr) .. ")", "invalid_json")
   end
-  if r.step ~= nil then
-    headers["x-aigate-step"] = tostring(r.step)
+  local cfg = aigate.config() or {}
+  local opts, status, code, msg, param = openai.options_of(body, cfg)
+  if opts == nil then
+    return fail(res, headers, status, msg, code, param)
   end
-  headers["x-aigate-attempts"] = string.format("%d", #(r.attempts or {}))
+  local streamed, include_usage = openai.stream_of(body)
+  local stream
+  if streamed then
+    stream = stream_state(res, headers, include_usage)
+    opts.stream = function() end -- the text goes to the client within the events
+    opts.stream_events = stream.event
+  end
+  local r = M.run(srv, req, res, headers, CHAT, opts, stream)
+  if r == nil then
+    return
+  end
   if stream then
-    -- a whole completion where a stream was asked for (the upstream ignored "stream"): one chunk
+    -- a whole completion where a stream was asked for (a hook's answer, or an upstream that ignored
+    -- "stream"): one chunk, and the usage chunk when asked
     stream.begin()
     res:write(openai.sse(openai.chunk_of(r)))
     local usage = include_usage and openai.usage_chunk_of(r)
     if usage then
       res:write(openai.sse(usage))
     end
-    return stream.close(ok, r)
+    return stream.close(true, r)
   end
   reply(res, 200, headers, openai.completion_body(r))
 end
@@ -241,6 +265,7 @@ end
 -- path (without /v1) -> method -> handler; open: answered without a key (probes).
 local ROUTES = {
   ["/chat/completions"] = { POST = chat },
+  ["/embeddings"] = { POST = embeddings.handler({ reply = reply, fail = fail, run = M.run }) },
   ["/models"] = { GET = models },
   ["/healthz"] = { GET = healthz, open = true },
   ["/readyz"] = { GET = readyz, open = true },
@@ -266,7 +291,7 @@ local function handle(srv, req, res)
   local route = ROUTES[path]
   if route == nil then
     return fail(res, headers, 404, string.format("no endpoint %s %s: aigate serve answers POST /v1/chat/completions, "
-      .. "GET /v1/models, GET /healthz and GET /readyz", req.method, req.path), "not_found")
+      .. "POST /v1/embeddings, GET /v1/models, GET /healthz and GET /readyz", req.method, req.path), "not_found")
   end
   local fn = route[req.method]
   if type(fn) ~= "function" then
