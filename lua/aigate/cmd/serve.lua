@@ -8,7 +8,7 @@ local M = {}
 M.summary = [[serve the routing policy as a local OpenAI-compatible endpoint]]
 
 M.help = [[
-Usage: aigate serve [--listen HOST:PORT] [--config FILE]
+Usage: aigate serve [--listen HOST:PORT] [--config FILE] [--log FILE]
 
 Serves an OpenAI-compatible API whose requests go through aigate's routing policy (named models,
 local dynamic/ routes, fallbacks, retries, breakers, limits, hooks). Point any OpenAI client at
@@ -21,6 +21,10 @@ Endpoints (each also without the /v1 prefix):
                               event and no [DONE])
   GET  /v1/models             the config's named models and local routes
   GET  /healthz, /readyz      probes (no key needed)
+  GET  /metrics               Prometheus text format 0.0.4: requests, attempts, fallbacks, tokens,
+                              cost, in flight, open streams, breaker state, latency histograms
+                              (no key needed from a loopback address; from elsewhere, a client key
+                              when the config has serve.keys)
 Errors come in OpenAI's envelope {"error": {"message", "type", "param", "code"}}. Replies carry
 x-request-id (the client's when it sent one), x-aigate-step, x-aigate-attempts and the gateway's
 cf-aig-* headers. The client's Authorization is never sent upstream.
@@ -28,6 +32,8 @@ cf-aig-* headers. The client's Authorization is never sent upstream.
 Options:
       --listen HOST:PORT   where to listen (default 127.0.0.1:8080; port 0 picks a free one)
       --config FILE        the config (default: ./aigate.lua, else $XDG_CONFIG_HOME/aigate/config.lua)
+      --log FILE           the request log (default '-': standard output, after the "listening on"
+                           line, which always comes first)
 
 Config (section `serve`):
   serve = {
@@ -36,13 +42,24 @@ Config (section `serve`):
   }
 Without keys serve listens on loopback only.
 
+Request log: one JSON line per request (not the probes nor /metrics), written without ever making a
+request wait (a log that is not read fast enough loses lines, counted on stderr and in /metrics):
+  time (RFC 3339 UTC, ms), request_id, key (the client key's name), endpoint, model (as asked), route
+  (as resolved), status (answered), ok, error (kind) and message when it failed, attempts (each:
+  target, model, status, error, message, retry_after, first_byte, duration), ttft (streamed: time to
+  the first event out), duration, overhead (aigate's own: duration less the upstreams' time and retry
+  waits), tokens {prompt, completion, total}, cost (USD, when priced), stream, disconnected.
+Times are seconds. Bodies, tokens, keys and Authorization values are never written. SIGUSR1 reopens
+the file (logrotate: rename it, then send SIGUSR1). `chat`, `run` and `batch` write the same lines
+with --log FILE.
+
 On SIGTERM or SIGINT serve drains: /readyz answers 503 and new requests 503, the requests in flight
 finish (for at most 30 s), then it exits 0. A second signal stops it at once.]]
 
 -- Seconds the requests in flight have to finish after SIGTERM or SIGINT.
 M.DRAIN_TIMEOUT = 30
 
-local SERVE_OPTS = {{"listen", nil, "value"}, {"config", "c", "value"}, {"help", "h", "flag"}}
+local SERVE_OPTS = {{"listen", nil, "value"}, {"config", "c", "value"}, {"help", "h", "flag"}, {"log", nil, "value"}}
 
 local function parse_listen(cmd, s)
   local host, port = s:match("^%[(.+)%]:(%d+)$")
@@ -67,6 +84,7 @@ local function client_keys(cfg)
       error({config = true, msg = string.format("serve.keys[%d] (%s): the environment variable %s is not set: "
         .. "export the key there, or remove the entry", i, k.name, k.key_env)}, 0)
     end
+    require("aigate.secrets").add(v) -- a client key is redacted wherever text leaves the process
     keys[#keys + 1] = {name = k.name, key = v}
   end
   return keys
@@ -81,10 +99,18 @@ function M.main(argv)
   local cfg = cli.load_config(opts.config)
   local keys = client_keys(cfg)
   local serve = require "aigate.serve"
+  local reqlog = require "aigate.reqlog"
   if keys == nil and not serve.is_loopback(host) then
     cli.eprint("aigate: serve: refusing to listen on ", host, " without client keys: anyone who can reach it ",
       "could spend your upstream credentials. Listen on 127.0.0.1, or add serve.keys to the config ",
       "(serve = { keys = { { name = \"app\", key_env = \"APP_KEY\" } } })")
+    return cli.EXIT_USAGE
+  end
+  -- the request log: opened before listening (a bad path is refused at once), written from the
+  -- first request on, after the "listening on" line
+  local logged, lerr = reqlog.open(opts.log or "-")
+  if not logged then
+    cli.eprint("aigate: serve: cannot open the request log (--log): ", lerr)
     return cli.EXIT_USAGE
   end
   local server, err = serve.start({host = host, port = port, keys = keys,
@@ -111,6 +137,7 @@ function M.main(argv)
   end
   local left = server.inflight
   server.close()
+  reqlog.close() -- what is buffered is written
   cli.eprint("aigate serve: stopped (SIG", sig, ")", left > 0 and (", " .. left .. " request(s) cut short") or "")
   return cli.EXIT_OK
 end

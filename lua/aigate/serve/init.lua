@@ -7,8 +7,10 @@
 --
 -- "stream": true is answered with the upstream's events as they come (stream_state).
 --
--- Not built yet (issue #11): embeddings, metrics, the request log, reload, per-key
--- limits.
+-- Each request but the probes and /metrics makes one record (aigate.reqlog): the request log and the
+-- metrics (aigate.serve.metrics, GET /metrics) are fed from it.
+--
+-- Not built yet (issue #11): embeddings, reload, per-key limits.
 
 local core = require("aigate.core")
 local json = require("aigate.json")
@@ -16,6 +18,8 @@ local aigate = require("aigate")
 local openai = require("aigate.serve.openai")
 local errors = require("aigate.serve.errors")
 local secrets = require("aigate.secrets")
+local reqlog = require("aigate.reqlog")
+local metrics = require("aigate.serve.metrics")
 
 local M = {}
 
@@ -92,6 +96,12 @@ local function readyz(srv, _, res, headers)
     return fail(res, headers, 503, "the server is shutting down", "shutting_down")
   end
   reply(res, 200, headers, '{"status":"ready"}')
+end
+
+-- GET /metrics: Prometheus' text format (aigate.serve.metrics).
+local function metrics_page(_, _, res, headers)
+  headers["content-type"] = metrics.CONTENT_TYPE
+  res:respond(200, headers, metrics.page())
 end
 
 local function models(srv, _, res, headers)
@@ -173,6 +183,10 @@ local function chat(srv, req, res, headers)
   -- The request id goes upstream too (the only client header that does: never its Authorization).
   opts.headers = { ["x-request-id"] = headers["x-request-id"] }
   local streamed, include_usage = openai.stream_of(body)
+  local rec = res.log -- the request's record (aigate.reqlog), when one is kept
+  if rec then
+    rec.model, rec.stream = body.model, streamed and true or false
+  end
   local stream
   if streamed then
     stream = stream_state(res, headers, include_usage)
@@ -180,6 +194,11 @@ local function chat(srv, req, res, headers)
     opts.stream_events = stream.event
   end
   local ok, r, err, info = pcall(aigate.chat, opts)
+  if rec and ok then
+    rec:outcome(r, err, info)
+  elseif rec then
+    rec:outcome(nil, "internal error", { kind = "internal" })
+  end
   if stream and stream.started then
     return stream.close(ok, r, err, info, srv)
   end
@@ -216,18 +235,22 @@ local function chat(srv, req, res, headers)
   reply(res, 200, headers, openai.completion_body(r))
 end
 
--- path (without /v1) -> method -> handler; open: answered without a key (probes).
+-- path (without /v1) -> method -> handler; open: answered without a key (probes; "loopback": without
+-- a key from a loopback address only); quiet: no record in the request log or the metrics.
 local ROUTES = {
   ["/chat/completions"] = { POST = chat },
   ["/models"] = { GET = models },
-  ["/healthz"] = { GET = healthz, open = true },
-  ["/readyz"] = { GET = readyz, open = true },
+  ["/healthz"] = { GET = healthz, open = true, quiet = true },
+  ["/readyz"] = { GET = readyz, open = true, quiet = true },
+  -- Prometheus scrapers rarely carry a bearer: open from loopback (a local agent or sidecar), and with
+  -- a client key from elsewhere (the page names models and targets, not for anyone on the network).
+  ["/metrics"] = { GET = metrics_page, open = "loopback", quiet = true },
 }
 
 local function allowed(route)
   local list = {}
   for k in pairs(route) do
-    if k ~= "open" then
+    if k ~= "open" and k ~= "quiet" then
       list[#list + 1] = k
     end
   end
@@ -235,8 +258,20 @@ local function allowed(route)
   return table.concat(list, ", ")
 end
 
-local function handle(srv, req, res)
+-- Whether a route answers this request without a key.
+local function is_open(route, req)
+  if route.open == "loopback" then
+    local host = req.peer:match("^%[(.*)%]:%d+$") or req.peer:match("^(.*):%d+$") or req.peer
+    return M.is_loopback(host) or host == "::ffff:127.0.0.1"
+  end
+  return route.open == true
+end
+
+local function dispatch(srv, req, res)
   local headers = { ["x-request-id"] = request_id(req.headers) }
+  if res.log then
+    res.log.request_id = headers["x-request-id"]
+  end
   local path = req.path
   if path:sub(1, 4) == "/v1/" then
     path = path:sub(4)
@@ -252,12 +287,17 @@ local function handle(srv, req, res)
     return fail(res, headers, 405, string.format("method %s is not allowed on %s (allowed: %s)", req.method,
       req.path, headers.allow), "method_not_allowed")
   end
-  if srv.draining and not route.open then
+  local open = is_open(route, req)
+  if srv.draining and not open then
     headers.connection = "close"
     return fail(res, headers, 503, "the server is shutting down: send the request to another instance, or "
       .. "again once it is back", "shutting_down")
   end
-  if srv.keys and not route.open and key_name(srv.keys, req.headers) == nil then
+  local name = srv.keys and not open and key_name(srv.keys, req.headers) or nil
+  if res.log then
+    res.log.key = name -- (the key's name only: never the key)
+  end
+  if srv.keys and not open and name == nil then
     headers["www-authenticate"] = "Bearer"
     return fail(res, headers, 401, "missing or wrong API key: send 'Authorization: Bearer KEY' with a key of the "
       .. "config's serve.keys", "invalid_api_key")
@@ -270,6 +310,26 @@ local function handle(srv, req, res)
   end
 end
 
+-- A request, with its record (aigate.reqlog) for the request log and the metrics, but for the quiet
+-- routes (probes, /metrics).
+local function handle(srv, req, res)
+  local path = req.path
+  local route = ROUTES[path:sub(1, 4) == "/v1/" and path:sub(4) or path]
+  local rec = not (route and route.quiet) and reqlog.begin({ endpoint = route and path:gsub("^/v1/", "/") or "(none)" })
+    or nil
+  if rec == nil then
+    return dispatch(srv, req, res)
+  end
+  local ok, err = pcall(dispatch, srv, req, rec:watch(res))
+  if not ok then
+    rec:outcome(nil, "internal error", { kind = "internal" })
+  end
+  rec:finish()
+  if not ok then
+    error(err, 0)
+  end
+end
+
 --- Starts serving: o = {host, port, keys = {{name, key}} or nil, max_body = bytes, log =
 -- function(line) (the server's log: stderr)}. Returns the server or nil, err: {port, inflight (the
 -- requests being answered), drain() (from now on /readyz and every request but the probes get 503,
@@ -278,6 +338,7 @@ function M.start(o)
   local max_body = o.max_body or M.DEFAULT_MAX_BODY
   local srv = { keys = o.keys, log = o.log or function() end, draining = false, inflight = 0,
     created = math.floor(core.time()) }
+  local stop_metrics = reqlog.add_sink(metrics.record)
   local server, err = core.listen({
     host = o.host,
     port = o.port,
@@ -296,6 +357,7 @@ function M.start(o)
   end
   function srv.close()
     srv.draining = true
+    stop_metrics()
     server:close()
   end
   return srv
