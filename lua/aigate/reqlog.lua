@@ -315,10 +315,15 @@ end
 
 local log_file, remove_log_sink
 
---- Opens the request log: path ("-": standard output), max_buffer (bytes). Records go to it as JSON
--- lines from now on. Returns true, or nil, err.
+--- Opens the request log: path ("-": standard output), max_buffer (bytes of lines not written yet;
+-- default $AIGATE_LOG_BUFFER, else core.log_open's 4 MiB). Records go to it as JSON lines from now
+-- on. Returns true, or nil, err.
 function M.open(path, max_buffer)
   M.close()
+  max_buffer = max_buffer or math.tointeger(tonumber(core.getenv("AIGATE_LOG_BUFFER") or ""))
+  if max_buffer ~= nil and max_buffer <= 0 then
+    return nil, "AIGATE_LOG_BUFFER must be a number of bytes > 0"
+  end
   local f, err = core.log_open(path, max_buffer)
   if f == nil then
     return nil, err

@@ -175,6 +175,10 @@ local function chat(srv, req, res, headers)
   if body == nil then
     return fail(res, headers, 400, "the request body is not valid JSON (" .. tostring(derr) .. ")", "invalid_json")
   end
+  local rec = res.log -- the request's record (aigate.reqlog), when one is kept
+  if rec and type(body) == "table" then
+    rec.model = body.model
+  end
   local cfg = aigate.config() or {}
   local opts, status, code, msg, param = openai.options_of(body, cfg)
   if opts == nil then
@@ -183,9 +187,8 @@ local function chat(srv, req, res, headers)
   -- The request id goes upstream too (the only client header that does: never its Authorization).
   opts.headers = { ["x-request-id"] = headers["x-request-id"] }
   local streamed, include_usage = openai.stream_of(body)
-  local rec = res.log -- the request's record (aigate.reqlog), when one is kept
   if rec then
-    rec.model, rec.stream = body.model, streamed and true or false
+    rec.stream = streamed and true or false
   end
   local stream
   if streamed then
