@@ -34,6 +34,25 @@ local auto = false -- aigate.chat records its calls (chat, run and batch with --
 M.in_flight = 0 -- requests begun and not finished
 M.open_streams = 0 -- streamed replies started and not finished (serve)
 
+-- What the log adds to the policy's attempt records (attempt -> {first_byte, kind, breaker}), kept
+-- aside: the records themselves are written as they are into batch result lines. Only while a sink
+-- takes records.
+local extra = setmetatable({}, { __mode = "k" })
+
+--- Notes a field of an attempt record for the log (aigate.policy.exec: first_byte, the error's kind,
+-- the breaker's key).
+function M.note(att, key, value)
+  if #sinks == 0 or value == nil then
+    return
+  end
+  local e = extra[att]
+  if e == nil then
+    e = {}
+    extra[att] = e
+  end
+  e[key] = value
+end
+
 --- Adds a sink: fn(record) for each finished request. Returns a function that removes it.
 function M.add_sink(fn)
   sinks[#sinks + 1] = fn
@@ -124,7 +143,8 @@ end
 local function attempts_of(list)
   local out, spent = {}, 0
   for _, a in ipairs(list or {}) do
-    local kind = a.kind
+    local e = extra[a] or a -- (a test hands in records with the fields in place)
+    local kind = e.kind
     if kind == nil and a.error ~= nil then
       kind = a.skipped and "skipped" or "error"
     end
@@ -135,9 +155,9 @@ local function attempts_of(list)
       error = kind,
       message = a.error and str(first_line(a.error)) or nil,
       retry_after = secs(a.retry_after),
-      first_byte = secs(a.first_byte),
+      first_byte = secs(e.first_byte),
       duration = secs(a.latency),
-      breaker = a.breaker, -- the breaker's key (for the metrics; not written to the log)
+      breaker = e.breaker, -- the breaker's key (for the metrics; not written to the log)
     }
     spent = spent + (a.latency or 0) + (a.retry_delay or 0)
   end
