@@ -83,8 +83,13 @@ static int write_some(struct logfile *lf)
         }
         if (w < 0 && errno == EINTR)
             continue;
-        if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+        if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            /* what was written goes, so that the buffer holds at most max_buffer bytes */
+            if (lf->off > 0)
+                buf_consume(&lf->pending, lf->off);
+            lf->off = 0;
             return 1;
+        }
         fprintf(stderr,
                 "aigate: log %s: write failed (%s): lines are dropped until it is reopened (SIGUSR1)\n",
                 lf->path ? lf->path : "(stdout)", w < 0 ? strerror(errno) : "nothing written");
@@ -111,10 +116,6 @@ static void log_cb(evutil_socket_t fd, short what, void *arg)
         if (event_add(lf->ev, NULL) == 0)
             lf->armed = 1;
         return;
-    }
-    if (lf->off > 0 && lf->off * 2 > lf->pending.len) {
-        buf_consume(&lf->pending, lf->off);
-        lf->off = 0;
     }
     warn_dropped(lf); /* drained: say how many lines did not make it */
 }
@@ -265,9 +266,8 @@ static int log_write(lua_State *L)
     if (lf->failed || pending_len(lf) + len + 1 > lf->max_buffer) {
         if (!lf->failed && lf->streak == 0)
             fprintf(stderr,
-                    "aigate: log %s: a line of %zu bytes does not fit (%zu bytes wait to be written, at most "
-                    "%zu): "
-                    "dropping lines until it drains\n",
+                    "aigate: log %s: a line of %zu bytes does not fit (%zu bytes wait to be written, at "
+                    "most %zu): dropping lines until it drains\n",
                     lf->path ? lf->path : "(stdout)", len + 1, pending_len(lf), lf->max_buffer);
         lf->dropped++;
         lf->streak++;

@@ -300,18 +300,42 @@ end
 
 -- ---- the log file -----------------------------------------------------------------------------
 
--- t as a JSON object of the fields names, in that order (json.encode of each value, or the
--- encoder of the field in nested).
+-- The JSON of a value of a record: strings (core.json_quote: C, as the batch output writes them),
+-- numbers (as cjson writes them, 14 digits), booleans; json.encode for anything else. A line per
+-- request is written on serve's hot path: this is a few times faster than json.encode.
+local quote = core.json_quote or json.encode -- (the stub core of the Lua tests has no json_quote)
+local format, mtype = string.format, math.type
+local function scalar(v)
+  local tv = type(v)
+  if tv == "string" then
+    return quote(v)
+  elseif tv == "number" then
+    if mtype(v) == "integer" then
+      return tostring(v)
+    elseif v ~= v or v == math.huge or v == -math.huge then
+      return "null"
+    end
+    return format("%.14g", v)
+  elseif tv == "boolean" then
+    return v and "true" or "false"
+  end
+  return json.encode(v)
+end
+
+-- t as a JSON object of the fields names, in that order (scalar of each value, or the encoder of
+-- the field in nested). Names are plain words: written as they are.
 local function encode_fields(t, names, nested)
-  local parts = {}
-  for _, k in ipairs(names) do
+  local parts, n = {}, 0
+  for i = 1, #names do
+    local k = names[i]
     local v = t[k]
     if v ~= nil then
       local enc = nested and nested[k]
-      parts[#parts + 1] = '"' .. k .. '":' .. (enc and enc(v) or json.encode(v)) -- (names are plain words)
+      n = n + 1
+      parts[n] = '"' .. k .. '":' .. (enc and enc(v) or scalar(v))
     end
   end
-  return "{" .. table.concat(parts, ",") .. "}"
+  return "{" .. table.concat(parts, ",", 1, n) .. "}"
 end
 
 M.TOKEN_FIELDS = { "prompt", "completion", "total" }

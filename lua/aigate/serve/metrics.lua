@@ -75,14 +75,19 @@ function M.reset()
 end
 M.reset()
 
--- {name = value, ...} in the given order, as the text between braces.
-local function labels(...)
-  local parts = {}
-  local args = { ... }
-  for i = 1, #args, 2 do
-    parts[#parts + 1] = args[i] .. '="' .. escape(args[i + 1]) .. '"'
+-- Escaped label values, each worked out once (the values are bounded: see label_of).
+local escaped = setmetatable({}, { __index = function(t, v)
+  local e = escape(v)
+  t[v] = e
+  return e
+end })
+
+-- name1="value1"[,name2="value2"]: the text between braces.
+local function labels(n1, v1, n2, v2)
+  if n2 == nil then
+    return n1 .. '="' .. escaped[v1] .. '"'
   end
-  return table.concat(parts, ",")
+  return n1 .. '="' .. escaped[v1] .. '",' .. n2 .. '="' .. escaped[v2] .. '"'
 end
 
 local function add(name, l, n)
@@ -106,20 +111,20 @@ local function observe(name, l, x)
     h.series[l] = s
     h.order[#h.order + 1] = l
   end
-  for i, le in ipairs(h.buckets) do
-    if x <= le then
+  local b = h.buckets
+  for i = 1, #b do -- counted in the first bucket that holds x; the page adds them up
+    if x <= b[i] then
       s.counts[i] = s.counts[i] + 1
+      break
     end
   end
   s.sum = s.sum + x
   s.count = s.count + 1
 end
 
+local CLASSES = { "1xx", "2xx", "3xx", "4xx", "5xx" }
 local function status_class(status)
-  if type(status) ~= "number" then
-    return "error"
-  end
-  return string.format("%dxx", status // 100)
+  return type(status) == "number" and CLASSES[status // 100] or "error"
 end
 
 -- An attempt's outcome: ok, rate_limited (429), http_4xx, http_5xx, or its error kind (transport,
@@ -141,7 +146,8 @@ end
 function M.record(out)
   local endpoint = label_of.endpoint(out.endpoint or "")
   local model = label_of.model(out.route or "(none)")
-  add("aigate_requests_total", labels("endpoint", endpoint, "model", model, "status", status_class(out.status)))
+  add("aigate_requests_total", labels("endpoint", endpoint, "model", model) .. ',status="' .. status_class(out.status)
+    .. '"')
   local first
   for _, a in ipairs(out.attempts or {}) do
     add("aigate_attempts_total", labels("target", label_of.target(a.target), "outcome", outcome(a)))
@@ -237,8 +243,10 @@ function M.page()
     for _, l in ipairs(hs.order) do
       local s = hs.series[l]
       local sep = l == "" and "" or ","
+      local cum = 0
       for i, le in ipairs(hs.buckets) do
-        out[#out + 1] = name .. "_bucket{" .. l .. sep .. 'le="' .. num(le) .. '"} ' .. s.counts[i]
+        cum = cum + s.counts[i]
+        out[#out + 1] = name .. "_bucket{" .. l .. sep .. 'le="' .. num(le) .. '"} ' .. cum
       end
       out[#out + 1] = name .. "_bucket{" .. l .. sep .. 'le="+Inf"} ' .. s.count
       out[#out + 1] = series(name .. "_sum", l, s.sum)
