@@ -351,7 +351,7 @@ static int l_log_open(lua_State *L)
     buf_init(&lf->pending);
     luaL_setmetatable(L, LOG_MT);
     lf->max_buffer = (size_t)max;
-    if (strcmp(path, "-") != 0) {
+    if (strcmp(path, "-") != 0 && strcmp(path, "/dev/stdout") != 0) { /* (its offset is stdio's too) */
         lf->path = strdup(path);
         if (lf->path == NULL)
             return luaL_error(L, "out of memory");
