@@ -5,7 +5,8 @@
 # Authorization value in any line; SIGUSR1 reopening the file after a rename; a log to a FIFO nobody
 # reads not stalling serve (requests still answered, the lines past the bound dropped and counted);
 # /metrics parsed as Prometheus' text format, its counters moving, a breaker shown open after its
-# target trips, its access (open from loopback, keys configured).
+# target trips, its access with keys configured (open from loopback, a key needed from another
+# address when the machine has one).
 # Run from the repository root; helpers come from lib.sh.
 
 . "$(dirname "$0")/lib.sh"
@@ -325,5 +326,22 @@ exec 3>&-
 wait "$CAT_PID" 2>/dev/null
 expect_eq "stuck log: what was written is whole JSON lines" \
     "$(lua_on 'for i, v in ipairs(lines) do if not v then return "line " .. i end end; return #lines > 0 and "ok" or "empty"' drained.txt)" "ok"
+
+# ---- /metrics from another address needs a client key (keys configured) -----------------------------
+
+HOST_IP=$(hostname -I 2>/dev/null | tr ' ' '\n' | grep -E '^[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+$' | grep -v '^127\.' | head -n 1)
+if [ -n "$HOST_IP" ]; then
+    "$AIGATE" serve --listen "$HOST_IP:0" --config serve.lua --log /dev/null > "$TMP/serve.out" 2> "$TMP/serve.err" 3>&- &
+    SERVE_PID=$!
+    for i in $(seq 1 200); do grep -q "listening on" serve.out && break; sleep 0.05; done
+    PUB_URL=$(sed -n 's/^aigate serve listening on \(http:[^ ]*\)$/\1/p' serve.out | head -n 1)
+    expect_eq "metrics from $HOST_IP without a key: 401" \
+        "$(curl -sS -o /dev/null -w '%{http_code}' "$PUB_URL/metrics")" "401"
+    expect_eq "metrics from $HOST_IP with a client key: 200" \
+        "$(curl -sS -o /dev/null -w '%{http_code}' -H "authorization: Bearer $CLIENT_KEY" "$PUB_URL/metrics")" "200"
+    stop_serve
+else
+    ok "metrics from another address: skipped (no address but loopback here)"
+fi
 
 finish
