@@ -352,6 +352,7 @@ function M.start(o)
     end,
   })
   if server == nil then
+    stop_metrics()
     return nil, err
   end
   srv.port = server.port
