@@ -292,10 +292,17 @@ static void transfer_cancel(struct pending *p)
     transfer_free((struct transfer *)p);
 }
 
-/* Pushes the response table {status, headers, body} on L. */
+/* Pushes the response table {status, headers, body, first_byte} on L. */
 static void push_response(lua_State *L, struct transfer *tr)
 {
-    lua_createtable(L, 0, 3);
+    double first_byte;
+
+    lua_createtable(L, 0, 4);
+    /* curl's time from the start to the first byte of the reply (the request log's attempts) */
+    if (tr->easy && curl_easy_getinfo(tr->easy, CURLINFO_STARTTRANSFER_TIME, &first_byte) == CURLE_OK) {
+        lua_pushnumber(L, first_byte);
+        lua_setfield(L, -2, "first_byte");
+    }
     lua_pushinteger(L, tr->status);
     lua_setfield(L, -2, "status");
     http_push_headers(L, &tr->resp_headers);

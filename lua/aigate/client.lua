@@ -89,6 +89,7 @@ local function new_result(req, res, t0, now)
     status = res.status,
     headers = h,
     latency = now() - t0,
+    first_byte = res.first_byte, -- seconds to the reply's first byte (core.request's)
     url = req.url,
     cache_status = h[RH.cache_status],
     log_id = h[RH.log_id],
@@ -282,6 +283,7 @@ local function streamed(req, with, ropts, t0)
   local state = { events = 0, done = false }
   local calls = { by_index = {}, order = {} }
   local usage, finish, rmodel, cb_err, stream_err, last, refusal, head_shown, stopped
+  local first_token_at -- core.now() of the first event that is not an error
   local function handle(ev)
     local data = ev.data
     if data == nil or data == "" then
@@ -304,6 +306,7 @@ local function streamed(req, with, ropts, t0)
       stream_err = chunk
       return false
     end
+    first_token_at = first_token_at or with.now() -- (the request log's time to first token)
     if req.stream_events then
       -- the event as it came (aigate serve passes it on unchanged); false stops the stream
       local ok, go = pcall(req.stream_events, data, chunk)
@@ -441,6 +444,7 @@ local function streamed(req, with, ropts, t0)
   r.response_model = rmodel
   r.last_chunk = last
   r.done = state.done
+  r.first_token_at = first_token_at
   return { result = r }
 end
 
@@ -455,6 +459,7 @@ local function returned(req, out)
     info.partial = out.partial
   elseif out.res then
     msg, info = errors.explain(out.res.status, out.res.headers, out.res.body, req)
+    info.first_byte = out.res.first_byte
   else
     msg, info = out.message, out.info
   end

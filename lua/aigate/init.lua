@@ -25,6 +25,7 @@ local route = require("aigate.route")
 local template = require("aigate.template")
 local breaker = require("aigate.breaker")
 local secrets = require("aigate.secrets")
+local reqlog = require("aigate.reqlog")
 
 local M = {}
 
@@ -200,10 +201,18 @@ function M.chat(opts)
   request.check_options(opts, 1)
   caller_credentials(opts)
   local cfg, err = config_of(opts, 3)
+  local rec = reqlog.auto(opts) -- nil unless a command's --log records every call
+  local r, e, i
   if cfg == nil then
-    return nil, redact(err), { kind = "config", attempts = {} }
+    r, e, i = nil, redact(err), { kind = "config", attempts = {} }
+  else
+    r, e, i = redacted_failure(policy.chat(opts, cfg, policy_context()))
   end
-  return redacted_failure(policy.chat(opts, cfg, policy_context()))
+  if rec then
+    rec:outcome(r, e, i)
+    rec:finish()
+  end
+  return r, e, i
 end
 
 --- Sends one embeddings request through the routing policy: the model resolves as for chat (a
@@ -276,7 +285,15 @@ function M.chat_with_reply(opts, handed)
   if cfg == nil then
     return nil, redact(err), { kind = "config", attempts = {} }
   end
-  return redacted_failure(policy.chat(opts, cfg, policy_context(), handed))
+  local rec = reqlog.auto(opts)
+  if rec == nil then
+    return redacted_failure(policy.chat(opts, cfg, policy_context(), handed))
+  end
+  rec.t0 = handed.started or rec.t0 -- the request began when its first attempt was sent
+  local r, e, i = redacted_failure(policy.chat(opts, cfg, policy_context(), handed))
+  rec:outcome(r, e, i)
+  rec:finish()
+  return r, e, i
 end
 
 -- Tasks, time and environment: the C primitives, with the argument checks done here so that a

@@ -8,7 +8,7 @@ local M = {}
 M.summary = [[serve the routing policy as a local OpenAI-compatible endpoint]]
 
 M.help = [[
-Usage: aigate serve [--listen HOST:PORT] [--config FILE]
+Usage: aigate serve [--listen HOST:PORT] [--config FILE] [--log FILE]
 
 Serves an OpenAI-compatible API whose requests go through aigate's routing policy (named models,
 local dynamic/ routes, fallbacks, retries, breakers, limits, hooks). Point any OpenAI client at
@@ -25,6 +25,10 @@ Endpoints (each also without the /v1 prefix):
                               the gateway the request goes to .../compat/embeddings
   GET  /v1/models             the config's named models and local routes
   GET  /healthz, /readyz      probes (no key needed)
+  GET  /metrics               Prometheus text format 0.0.4: requests, attempts, fallbacks, tokens,
+                              cost, in flight, open streams, breaker state, latency histograms
+                              (no key needed from a loopback address; from elsewhere, a client key
+                              when the config has serve.keys)
 Errors come in OpenAI's envelope {"error": {"message", "type", "param", "code"}}. Replies carry
 x-request-id (the client's when it sent one), x-aigate-step, x-aigate-attempts and the gateway's
 cf-aig-* headers. The client's Authorization is never sent upstream.
@@ -32,6 +36,8 @@ cf-aig-* headers. The client's Authorization is never sent upstream.
 Options:
       --listen HOST:PORT   where to listen (default 127.0.0.1:8080; port 0 picks a free one)
       --config FILE        the config (default: ./aigate.lua, else $XDG_CONFIG_HOME/aigate/config.lua)
+      --log FILE           the request log (default '-': standard output, after the "listening on"
+                           line, which always comes first)
 
 Config (section `serve`):
   serve = {
@@ -53,6 +59,17 @@ headers}, credentials left out); a before_request hook may answer itself with
 Retries are bounded (one per target within 15 s unless the config's retry says otherwise), so that
 they do not multiply with the client's own; a 429 given up on passes the upstream's Retry-After on.
 
+Request log: one JSON line per request (not the probes nor /metrics), written without ever making a
+request wait (a log that is not read fast enough loses lines, counted on stderr and in /metrics):
+  time (RFC 3339 UTC, ms), request_id, key (the client key's name), endpoint, model (as asked), route
+  (as resolved), status (answered), ok, error (kind) and message when it failed, attempts (each:
+  target, model, status, error, message, retry_after, first_byte, duration), ttft (streamed: time to
+  the first event out), duration, overhead (aigate's own: duration less the upstreams' time and retry
+  waits), tokens {prompt, completion, total}, cost (USD, when priced), stream, disconnected.
+Times are seconds. Bodies, tokens, keys and Authorization values are never written. SIGUSR1 reopens
+the file (logrotate: rename it, then send SIGUSR1). `chat`, `run` and `batch` write the same lines
+with --log FILE.
+
 SIGHUP loads the config again: a config that does not load is refused with its error on stderr and
 the old one keeps serving; requests in flight finish on the config they started with, and breaker
 and limit state carries over (max_body and the timeouts take a restart).
@@ -62,7 +79,7 @@ finish (for at most drain_timeout), then it exits 0. A second signal stops it at
 -- Seconds the requests in flight have to finish after SIGTERM or SIGINT.
 M.DRAIN_TIMEOUT = 30
 
-local SERVE_OPTS = {{"listen", nil, "value"}, {"config", "c", "value"}, {"help", "h", "flag"}}
+local SERVE_OPTS = {{"listen", nil, "value"}, {"config", "c", "value"}, {"help", "h", "flag"}, {"log", nil, "value"}}
 
 local function parse_listen(cmd, s)
   local host, port = s:match("^%[(.+)%]:(%d+)$")
@@ -88,6 +105,7 @@ local function client_keys(cfg)
       return nil, string.format("serve.keys[%d] (%s): the environment variable %s is not set: "
         .. "export the key there, or remove the entry", i, k.name, k.key_env)
     end
+    require("aigate.secrets").add(v) -- a client key is redacted wherever text leaves the process
     keys[#keys + 1] = {name = k.name, key = v, models = k.models, rpm = k.rpm, concurrency = k.concurrency}
   end
   return keys
@@ -140,8 +158,16 @@ function M.main(argv)
   local keys, kerr = client_keys(cfg)
   if kerr then error({config = true, msg = kerr}, 0) end
   local serve = require "aigate.serve"
+  local reqlog = require "aigate.reqlog"
   if keys == nil and not serve.is_loopback(host) then
     cli.eprint("aigate: serve: refusing to listen on ", host, " ", NO_KEYS_ON_NETWORK)
+    return cli.EXIT_USAGE
+  end
+  -- the request log: opened before listening (a bad path is refused at once), written from the
+  -- first request on, after the "listening on" line
+  local logged, lerr = reqlog.open(opts.log or "-")
+  if not logged then
+    cli.eprint("aigate: serve: cannot open the request log (--log): ", lerr)
     return cli.EXIT_USAGE
   end
   local sc = cfg.serve or {}
@@ -166,7 +192,8 @@ function M.main(argv)
   io.stdout:flush()
   local sig = core.wait_signal()
   -- Draining: probes say so, new requests get 503, what is in flight finishes (for at most
-  -- serve.drain_timeout, default DRAIN_TIMEOUT). Nothing waits for a signal meanwhile, so a second one ends the process at once.
+  -- serve.drain_timeout, default DRAIN_TIMEOUT). Nothing waits for a signal meanwhile, so a second one
+  -- ends the process at once.
   server.drain()
   local drain_timeout = ((require("aigate").config() or {}).serve or {}).drain_timeout or M.DRAIN_TIMEOUT
   if server.inflight > 0 then
@@ -179,6 +206,7 @@ function M.main(argv)
   end
   local left = server.inflight
   server.close()
+  reqlog.close() -- what is buffered is written
   cli.eprint("aigate serve: stopped (SIG", sig, ")", left > 0 and (", " .. left .. " request(s) cut short") or "")
   return cli.EXIT_OK
 end

@@ -20,6 +20,7 @@ local breaker = require("aigate.breaker")
 local limit = require("aigate.limit")
 local throttle = require("aigate.throttle")
 local rules = require("aigate.policy.rules")
+local note = require("aigate.reqlog").note -- what the request log adds to an attempt (kept aside)
 
 local util = require("aigate.util")
 local M = {}
@@ -277,10 +278,14 @@ function M.send_target(st, node, att, req, handed)
   end
   local key = breaker_key(req)
   local guarded = use_breaker(st, node)
+  if guarded then
+    note(att, "breaker", key) -- (serve's metrics show the state of each breaker they saw)
+  end
   if guarded and not handed then
     local allowed, wait, down_for = breaker.allow(key, st.cfg.breaker, P.now())
     if not allowed then
       att.error, att.skipped = "circuit breaker open", true
+      note(att, "kind", "breaker_open")
       return failure(string.format("circuit breaker open for %s after repeated failures (down for %.0fs); next try "
         .. "in %.1fs", req.model, down_for, wait), { kind = "policy", reason = "breaker_open", moveon = true,
         retry_after = wait, down_for = down_for })
@@ -297,6 +302,7 @@ function M.send_target(st, node, att, req, handed)
   end
   if r then
     att.status = r.status
+    note(att, "first_byte", r.first_byte)
     if guarded then
       breaker.record(key, true, st.cfg.breaker, P.now())
     end
@@ -311,6 +317,8 @@ function M.send_target(st, node, att, req, handed)
   end
   att.status = info.status
   att.error = first_line(msg)
+  note(att, "kind", info.kind) -- "http", "transport", "response", "truncated", ...
+  note(att, "first_byte", info.first_byte)
   if info.retry_after ~= nil then -- the upstream's Retry-After, kept on every attempt that had one
     att.retry_after = rules.retry_after_seconds(info.retry_after, P.time())
   end

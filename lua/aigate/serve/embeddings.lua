@@ -45,6 +45,10 @@ function M.handler(s)
     if body == nil then
       return fail(res, headers, 400, "the request body is not valid JSON (" .. tostring(derr) .. ")", "invalid_json")
     end
+    local rec = res.log -- the request's record (aigate.reqlog), when one is kept
+    if rec and type(body) == "table" then
+      rec.model, rec.stream = body.model, false
+    end
     local opts, msg, param = request.embed_options_of(body)
     if opts == nil then
       return fail(res, headers, 400, msg, nil, param)

@@ -8,6 +8,9 @@
 -- "stream": true is answered with the upstream's events as they come (stream_state).
 --
 -- Keys (aigate.serve.keys) may limit a client's models, requests per minute and requests at once.
+--
+-- Each request but the probes and /metrics makes one record (aigate.reqlog): the request log and the
+-- metrics (aigate.serve.metrics, GET /metrics) are fed from it.
 
 local core = require("aigate.core")
 local json = require("aigate.json")
@@ -17,6 +20,8 @@ local errors = require("aigate.serve.errors")
 local embeddings = require("aigate.serve.embeddings")
 local secrets = require("aigate.secrets")
 local keys = require("aigate.serve.keys")
+local reqlog = require("aigate.reqlog")
+local metrics = require("aigate.serve.metrics")
 
 local M = {}
 
@@ -76,6 +81,12 @@ local function readyz(srv, _, res, headers)
     return fail(res, headers, 503, "the server is shutting down", "shutting_down")
   end
   reply(res, 200, headers, '{"status":"ready"}')
+end
+
+-- GET /metrics: Prometheus' text format (aigate.serve.metrics).
+local function metrics_page(_, _, res, headers)
+  headers["content-type"] = metrics.CONTENT_TYPE
+  res:respond(200, headers, metrics.page())
 end
 
 local function models(srv, req, res, headers)
@@ -196,8 +207,15 @@ function M.run(srv, req, res, headers, api, opts, stream)
   end
   opts.headers = forwarded(srv, req.headers, headers["x-request-id"])
   opts.client = client_of(req)
-  opts.tied_to = res
+  -- (the response itself, not the request log's view of it: core.request ties to the connection)
+  opts.tied_to = type(res) == "table" and rawget(res, "_res") or res
+  local rec = res.log -- the request's record (aigate.reqlog), when one is kept
   local ok, r, err, info = pcall(api.call, opts)
+  if rec and ok then
+    rec:outcome(r, err, info)
+  elseif rec then
+    rec:outcome(nil, "internal error", { kind = "internal" })
+  end
   if stream and stream.started then
     return stream.close(ok, r, err, info, srv)
   end
@@ -232,12 +250,19 @@ local function chat(srv, req, res, headers)
   if body == nil then
     return fail(res, headers, 400, "the request body is not valid JSON (" .. tostring(derr) .. ")", "invalid_json")
   end
+  local rec = res.log -- the request's record (aigate.reqlog), when one is kept
+  if rec and type(body) == "table" then
+    rec.model = body.model
+  end
   local cfg = aigate.config() or {}
   local opts, status, code, msg, param = openai.options_of(body, cfg)
   if opts == nil then
     return fail(res, headers, status, msg, code, param)
   end
   local streamed, include_usage = openai.stream_of(body)
+  if rec then
+    rec.stream = streamed and true or false
+  end
   local stream
   if streamed then
     stream = stream_state(res, headers, include_usage)
@@ -262,19 +287,23 @@ local function chat(srv, req, res, headers)
   reply(res, 200, headers, openai.completion_body(r))
 end
 
--- path (without /v1) -> method -> handler; open: answered without a key (probes).
+-- path (without /v1) -> method -> handler; open: answered without a key (probes; "loopback": without
+-- a key from a loopback address only); quiet: no record in the request log or the metrics.
 local ROUTES = {
   ["/chat/completions"] = { POST = chat },
   ["/embeddings"] = { POST = embeddings.handler({ reply = reply, fail = fail, run = M.run }) },
   ["/models"] = { GET = models },
-  ["/healthz"] = { GET = healthz, open = true },
-  ["/readyz"] = { GET = readyz, open = true },
+  ["/healthz"] = { GET = healthz, open = true, quiet = true },
+  ["/readyz"] = { GET = readyz, open = true, quiet = true },
+  -- Prometheus scrapers rarely carry a bearer: open from loopback (a local agent or sidecar), and with
+  -- a client key from elsewhere (the page names models and targets, not for anyone on the network).
+  ["/metrics"] = { GET = metrics_page, open = "loopback", quiet = true },
 }
 
 local function allowed(route)
   local list = {}
   for k in pairs(route) do
-    if k ~= "open" then
+    if k ~= "open" and k ~= "quiet" then
       list[#list + 1] = k
     end
   end
@@ -282,8 +311,20 @@ local function allowed(route)
   return table.concat(list, ", ")
 end
 
-local function handle(srv, req, res)
+-- Whether a route answers this request without a key.
+local function is_open(route, req)
+  if route.open == "loopback" then
+    local host = req.peer:match("^%[(.*)%]:%d+$") or req.peer:match("^(.*):%d+$") or req.peer
+    return M.is_loopback(host) or host == "::ffff:127.0.0.1"
+  end
+  return route.open == true
+end
+
+local function dispatch(srv, req, res)
   local headers = { ["x-request-id"] = request_id(req.headers) }
+  if res.log then
+    res.log.request_id = headers["x-request-id"]
+  end
   local path = req.path
   if path:sub(1, 4) == "/v1/" then
     path = path:sub(4)
@@ -291,7 +332,7 @@ local function handle(srv, req, res)
   local route = ROUTES[path]
   if route == nil then
     return fail(res, headers, 404, string.format("no endpoint %s %s: aigate serve answers POST /v1/chat/completions, "
-      .. "POST /v1/embeddings, GET /v1/models, GET /healthz and GET /readyz", req.method, req.path), "not_found")
+      .. "POST /v1/embeddings, GET /v1/models, GET /metrics, GET /healthz and GET /readyz", req.method, req.path), "not_found")
   end
   local fn = route[req.method]
   if type(fn) ~= "function" then
@@ -299,14 +340,18 @@ local function handle(srv, req, res)
     return fail(res, headers, 405, string.format("method %s is not allowed on %s (allowed: %s)", req.method,
       req.path, headers.allow), "method_not_allowed")
   end
-  if srv.draining and not route.open then
+  local open = is_open(route, req)
+  if srv.draining and not open then
     headers.connection = "close"
     return fail(res, headers, 503, "the server is shutting down: send the request to another instance, or "
       .. "again once it is back", "shutting_down")
   end
   local key
-  if srv.keys and not route.open then
+  if srv.keys and not open then
     key = keys.find(srv.keys, req.headers)
+    if res.log then
+      res.log.key = key and key.name -- (the key's name only: never the key)
+    end
     if key == nil then
       headers["www-authenticate"] = "Bearer"
       return fail(res, headers, 401, "missing or wrong API key: send 'Authorization: Bearer KEY' with a key of the "
@@ -345,6 +390,26 @@ local function forward_list(extra)
   return list
 end
 
+-- A request, with its record (aigate.reqlog) for the request log and the metrics, but for the quiet
+-- routes (probes, /metrics).
+local function handle(srv, req, res)
+  local path = req.path
+  local route = ROUTES[path:sub(1, 4) == "/v1/" and path:sub(4) or path]
+  local rec = not (route and route.quiet) and reqlog.begin({ endpoint = route and path:gsub("^/v1/", "/") or "(none)" })
+    or nil
+  if rec == nil then
+    return dispatch(srv, req, res)
+  end
+  local ok, err = pcall(dispatch, srv, req, rec:watch(res))
+  if not ok then
+    rec:outcome(nil, "internal error", { kind = "internal" })
+  end
+  rec:finish()
+  if not ok then
+    error(err, 0)
+  end
+end
+
 --- Starts serving: o = {host, port, keys = {{name, key, models, rpm, concurrency}} or nil, max_body
 -- = bytes, header_timeout, body_timeout, idle_timeout (seconds: slow clients), forward_headers =
 -- {names}, log = function(line) (the server's log: stderr)}. Returns the server or nil, err: {port,
@@ -355,6 +420,7 @@ function M.start(o)
   local max_body = o.max_body or M.DEFAULT_MAX_BODY
   local srv = { keys = o.keys, log = o.log or function() end, draining = false, inflight = 0,
     created = math.floor(core.time()), forward = forward_list(o.forward_headers) }
+  local stop_metrics = reqlog.add_sink(metrics.record)
   local server, err = core.listen({
     host = o.host,
     port = o.port,
@@ -368,6 +434,7 @@ function M.start(o)
     end,
   })
   if server == nil then
+    stop_metrics()
     return nil, err
   end
   srv.port = server.port
@@ -380,6 +447,7 @@ function M.start(o)
   end
   function srv.close()
     srv.draining = true
+    stop_metrics()
     server:close()
   end
   return srv
