@@ -112,8 +112,7 @@ done
 start_serve() {
     "${PROXY[@]}" "$AIGATE" serve --listen 127.0.0.1:0 --config "$TMP/serve.lua" > "$TMP/serve.out" 2> "$TMP/serve.err" &
     SERVE_PID=$!
-    local i
-    for i in $(seq 1 200); do
+    for _ in $(seq 1 200); do
         SERVE_PORT=$(sed -n 's|^aigate serve listening on http://127\.0\.0\.1:\([0-9]*\)$|\1|p' "$TMP/serve.out")
         [ -n "$SERVE_PORT" ] && return 0
         kill -0 "$SERVE_PID" 2> /dev/null || break
@@ -132,8 +131,8 @@ start_portkey() {
         echo "serve.sh: Portkey's gateway is not installed (tests/bench/node): 'make bench-serve' installs it; left out" >&2
         return 1
     fi
-    local port i
-    for i in $(seq 1 20); do
+    local port
+    for _ in $(seq 1 20); do
         port=$((20000 + RANDOM % 20000))
         ss -ltnH "sport = :$port" 2> /dev/null | grep -q . || break
     done
