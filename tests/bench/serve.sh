@@ -18,7 +18,8 @@
 # it): from 1.14 on, that server's Response keeps an upstream fetch's immutable headers, and every
 # streamed reply through Portkey 1.15.2 fails with "TypeError: immutable" (a 500).
 # Knobs: BENCH_SECONDS (5: each wrk run), BENCH_TTFT_SECONDS (3), BENCH_STREAMS (1000),
-# BENCH_CANCEL_TRIALS (3), BENCH_PORTKEY (1; 0 leaves Portkey out), AIGATE_BIN (./aigate).
+# BENCH_CANCEL_TRIALS (3), BENCH_PORTKEY (1; 0 leaves Portkey out), BENCH_PERF (0; 1: perf's profile
+# of serve at 64 connections, printed before the cancel measures), AIGATE_BIN (./aigate).
 # Run by `make bench` and `make bench-serve` (which build everything and install wrk and Portkey first).
 # Exit status: 0 once the table is printed, 1 when some request through serve failed (its figures
 # are then void), 2 when the setup fails.
@@ -60,11 +61,11 @@ trap 'stop_all; rm -rf "$TMP"' EXIT
 
 # canned NAME [OPTIONS] PORT [DELAY_MS]: starts a canned upstream (on the load core); sets PORT_<NAME>.
 canned() {
-    local name=$1 i port=""
+    local name=$1 port=""
     shift
     "${LOAD[@]}" "$BENCH/canned_upstream" "$@" > "$TMP/up_$name.out" &
     PIDS+=($!)
-    for i in $(seq 1 100); do
+    for _ in $(seq 1 100); do
         port=$(awk '/^listening/ {print $2}' "$TMP/up_$name.out")
         [ -n "$port" ] && break
         sleep 0.05
@@ -208,12 +209,15 @@ run_wrk() {
         return
     fi
     read -r _ _ n _ s _ errs _ P50 _ P99 <<< "$line"
+    REQS=$n
     RPS=$(awk -v n="$n" -v s="$s" 'BEGIN { printf "%.0f", n / s }')
     [ "$errs" -eq 0 ] || failed "$1" "$errs of $n requests failed at $2 connections"
 }
 
-# rss TARGET: the proxy's VmRSS in KiB.
+# rss_of PID: its VmRSS in KiB. cpu_of PID: its user and system CPU so far, in clock ticks.
 rss_of() { awk '/^VmRSS/ {print $2}' "/proc/$1/status" 2> /dev/null || echo 0; }
+cpu_of() { sed 's/.*) //' "/proc/$1/stat" 2> /dev/null | awk '{print $12 + $13}' || echo 0; }
+TICK=$(getconf CLK_TCK)
 
 declare -A R # R[measure.target] = figure
 TARGETS=(direct serve)
@@ -256,15 +260,44 @@ done
 
 # 3. Throughput at 64 connections (after a one-second warm-up), then latency at one connection.
 for t in "${TARGETS[@]}"; do
+    pid=""
+    case "$t" in serve) pid=$SERVE_PID ;; portkey) pid=$PK_PID ;; esac
     run_wrk "$t" 64 1
+    [ -n "$pid" ] && cpu0=$(cpu_of "$pid")
     run_wrk "$t" 64 "$SECS"
     R[rps.$t]=$RPS
-    echo "64 connections, $t: $RPS requests/s"
+    if [ -n "$pid" ] && [ "${REQS:-0}" -gt 0 ]; then
+        R[cpu.$t]=$(awk -v c="$(($(cpu_of "$pid") - cpu0))" -v t="$TICK" -v n="$REQS" 'BEGIN { printf "%.0f", c / t / n * 1e6 }')
+    fi
+    echo "64 connections, $t: $RPS requests/s${R[cpu.$t]:+, ${R[cpu.$t]} µs of proxy CPU per request}"
     run_wrk "$t" 1 "$SECS"
     R[p50.$t]=$P50
     R[p99.$t]=$P99
     echo "1 connection, $t: p50 $P50 µs, p99 $P99 µs ($RPS requests/s)"
 done
+
+# With BENCH_PERF=1, where serve's time goes at 64 connections: perf's call graphs over a wrk run.
+if [ "${BENCH_PERF:-0}" = 1 ] && command -v perf > /dev/null; then
+    target_args serve fast
+    BENCH_BODY=$T_BODY "${LOAD[@]}" wrk -t1 -c64 -d"$((SECS + 1))"s -s "$TMP/post.lua" \
+        "http://127.0.0.1:$T_PORT$T_PATH" > /dev/null 2>&1 &
+    wrk_pid=$!
+    sleep 1
+    # DWARF call graphs: Debian's Lua library has no frame pointers (and no symbols: its own
+    # functions show as addresses, grouped under the library).
+    perf record -q --call-graph dwarf,16384 -F 499 -p "$SERVE_PID" -o "$TMP/perf.data" -- sleep "$((SECS - 1))" \
+        > /dev/null 2>&1
+    wait "$wrk_pid"
+    echo "serve's profile at 64 connections (perf), self time by library:"
+    perf report -i "$TMP/perf.data" --stdio --no-children --sort dso -g none 2> /dev/null | grep '^ .*%' | head -n 8
+    echo "self time by function (named ones):"
+    perf report -i "$TMP/perf.data" --stdio --no-children --sort dso,sym -g none 2> /dev/null | grep '%' |
+        grep -v '\] 0x0' | head -n 20
+    echo "time in a function and what it calls (user-space functions):"
+    perf report -i "$TMP/perf.data" --stdio --children --sort sym -g none 2> /dev/null | grep '%' |
+        grep -v ' \[k\] \|\] 0x0\|_start\|libc_start\|\] main$' | head -n 30
+    echo
+fi
 
 # 4. Cancelling: the client goes away; when does the upstream see its connection closed?
 for t in "${TARGETS[@]}"; do
@@ -290,7 +323,7 @@ cancel_fig() {
     esac
 }
 cancel_ms() { case "$1" in *median_ms*) awk '{print $7}' <<< "$1" ;; *) echo "" ;; esac; }
-fig() { local v=${R[$1]:-}; [ -n "$v" ] && echo "$v" || echo "n/a"; }
+fig() { local v=${R[$1]:-}; [ -n "$v" ] && echo "$v${2:+ $2}" || echo "n/a"; } # KEY [UNIT]
 ms() { [ -n "${R[$1]:-}" ] && awk -v v="${R[$1]}" 'BEGIN { printf "%.3f ms", v / 1000 }' || echo "n/a"; }
 added() { # MEASURE TARGET: "+X ms" over direct
     [ -n "${R[$1.$2]:-}" ] && [ -n "${R[$1.direct]:-}" ] &&
@@ -313,12 +346,13 @@ addtt=$(awk -v a="${R[ttft.serve]:-0}" -v d="${R[ttft.direct]:-0}" 'BEGIN { prin
     echo "| measure | direct | serve | Portkey | target | met? |"
     echo "|---|---|---|---|---|---|"
     echo "| requests/s at 64 connections | $(fig rps.direct) | $(fig rps.serve) | $(fig rps.portkey) | serve at least 15x Portkey's | $rps_met |"
+    echo "| proxy CPU per request at 64 connections | - | $(fig cpu.serve µs) | $(fig cpu.portkey µs) | | |"
     echo "| p50 at one connection (added) | $(ms p50.direct) | $(added p50 serve) | $(added p50 portkey) | added at most 0.15 ms | $(verdict "$(le "$add50" 150)") |"
     echo "| p99 at one connection (added) | $(ms p99.direct) | $(added p99 serve) | $(added p99 portkey) | added at most 1 ms | $(verdict "$(le "$add99" 1000)") |"
     echo "| time to first token, streamed, p50 (added) | $(ms ttft.direct) | $(added ttft serve) | $(added ttft portkey) | added at most 1 ms | $(verdict "$(le "$addtt" 1000)") |"
     echo "| time to first token, streamed, p99 | $(ms ttft99.direct) | $(ms ttft99.serve) | $(ms ttft99.portkey) | | |"
     echo "| $STREAMS streams at once, each dripped over 2 s | $(fig streams.direct) | $(fig streams.serve) | $(fig streams.portkey) | $STREAMS complete | $(verdict "$([ "${R[complete.serve]:-0}" = "$STREAMS" ] && echo 1)") |"
-    echo "| memory per open stream (peak RSS - idle) / $STREAMS | - | $(fig mem.serve) KiB | $(fig mem.portkey) KiB | under 64 KB (62.5 KiB) | $(verdict "$(awk -v m="${R[mem.serve]:-}" 'BEGIN { print (m != "" && m * 1.024 < 64) }')") |"
+    echo "| memory per open stream (peak RSS - idle) / $STREAMS | - | $(fig mem.serve KiB) | $(fig mem.portkey KiB) | under 64 KB (62.5 KiB) | $(verdict "$(awk -v m="${R[mem.serve]:-}" 'BEGIN { print (m != "" && m * 1.024 < 64) }')") |"
     echo "| upstream closed after the client disconnects, upstream silent | $(cancel_fig "${R[cancel.direct]:-}") | $(cancel_fig "${R[cancel.serve]:-}") | $(cancel_fig "${R[cancel.portkey]:-}") | within 50 ms | $(verdict "$(le "$(cancel_ms "${R[cancel.serve]:-}")" 50)") |"
     echo "| upstream closed after the client disconnects, midway (events 3 s apart) | $(cancel_fig "${R[cancels.direct]:-}") | $(cancel_fig "${R[cancels.serve]:-}") | $(cancel_fig "${R[cancels.portkey]:-}") | within 50 ms | $(verdict "$(le "$(cancel_ms "${R[cancels.serve]:-}")" 50)") |"
 }
