@@ -34,6 +34,7 @@ DEB_PACKAGES := gcc make pkg-config liblua5.4-dev libcurl4-openssl-dev lua-cjson
                 lua-check
 
 .PHONY: all test asan asan-build fuzz fuzz-build fuzz-replays valgrind demo bench bench-startup bench-instructions deps \
+        bench-serve bench-serve-deps \
         install uninstall clean clean-units units lint format
 
 # ---- fuzz harnesses (tests/fuzz/) ------------------------------------------------------------------
@@ -176,12 +177,37 @@ demo: deps
 	$(MAKE) aigate
 	tests/demo.sh
 
-bench: deps
+bench: deps bench-serve-deps
 	$(MAKE) aigate
 	$(MAKE) -C tests/bench
 	tests/bench/run.sh
 	tests/bench/limits.sh
 	tests/bench/startup.sh
+	tests/bench/serve.sh
+
+# `aigate serve` side by side with the upstream reached directly and with Portkey's gateway, alone.
+bench-serve: deps bench-serve-deps
+	$(MAKE) aigate
+	$(MAKE) -C tests/bench
+	tests/bench/serve.sh
+
+# What serve.sh needs besides the build: wrk, node and npm (Debian's, when there is no node yet), and
+# Portkey's gateway at the version pinned by tests/bench/node/package-lock.json. Without the gateway
+# (no network, say) serve.sh leaves it out and says so.
+BENCH_NODE := tests/bench/node
+bench-serve-deps:
+	$(MAKE) deps DEB_PACKAGES=wrk
+	@command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || $(MAKE) deps DEB_PACKAGES="nodejs npm"
+	@$(MAKE) --no-print-directory $(BENCH_NODE)/node_modules/.package-lock.json || \
+	  echo "Portkey's gateway could not be installed in $(BENCH_NODE): serve.sh leaves it out"
+
+# npm ci installs exactly the lockfile, which names no registry (.npmrc: omit-lockfile-registry-resolved);
+# no install script runs (the gateway's only one applies patches it does not ship).
+$(BENCH_NODE)/node_modules/.package-lock.json: $(BENCH_NODE)/package.json $(BENCH_NODE)/package-lock.json $(BENCH_NODE)/.npmrc
+	@if grep -q '"resolved"' $(BENCH_NODE)/package-lock.json; then \
+	  echo "$(BENCH_NODE)/package-lock.json names where packages come from: make it again with its .npmrc"; exit 1; fi
+	cd $(BENCH_NODE) && npm ci --ignore-scripts --no-audit --no-fund
+	touch $@
 
 # Start-up alone: aigate's short commands against a program that only initialises libcurl.
 bench-startup: deps
