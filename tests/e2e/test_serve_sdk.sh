@@ -116,5 +116,10 @@ export SDK_SERVE_URL SDK_KEYS_URL SDK_RPM_URL SDK_RPM_ERROR
 run_node openai.mjs
 run_node vercel.mjs
 
+# The servers stop on SIGTERM as usual, with nothing from the sanitizers (the asan build).
+for p in "${SERVE_PIDS[@]}"; do kill "$p" 2>/dev/null; done
+for p in "${SERVE_PIDS[@]}"; do wait "$p" 2>/dev/null; done
+SERVE_PIDS=()
 expect_no_match "no client key on serve's stderr" "$(cat main.err keys.err rpm.err)" "sk-serve-key|sk-rpm-|sk-client|sk-vercel"
+expect_no_match "no sanitizer report from serve" "$(cat main.err keys.err rpm.err)" "Sanitizer|runtime error"
 finish
