@@ -198,6 +198,11 @@ await check("openai: 413 body over serve.max_body -> APIError 413", async () => 
   envelope(e, OpenAI.APIError, 413, "request_too_large", /too large/);
 });
 
+await check("openai: 413 for a body far over serve.max_body (4 MiB: serve answers before it has it all)", async () => {
+  const e = await caught(client.chat.completions.create({ model: "fast", messages: user("b".repeat(4 << 20)) }));
+  envelope(e, OpenAI.APIError, 413, "request_too_large", /too large/);
+});
+
 await check("openai: 401 wrong key -> AuthenticationError", async () => {
   const wrong = new OpenAI({ baseURL: `${env.keys}/v1`, apiKey: `${env.key}-wrong`, maxRetries: 0 });
   const e = await caught(wrong.chat.completions.create({ model: "fast", messages: user("x") }));
