@@ -133,6 +133,25 @@ await check("openai: embeddings.create (encoding_format float, one input)", asyn
     && r.data[0].embedding.every((x) => typeof x === "number"), r.data[0].embedding);
 });
 
+await check("openai: embeddings, base64 and float give the same vector; the request upstream as the SDK sent it", async () => {
+  let sent;
+  const spy = new OpenAI({
+    baseURL: `${env.serve}/v1`, apiKey: CLIENT_KEY, maxRetries: 0,
+    fetch: (url, init) => {
+      sent = JSON.parse(init.body);
+      return fetch(url, init);
+    },
+  });
+  const b64 = await spy.embeddings.create({ model: "emb", input: ["same text"] });
+  const up = mockRequests().at(-1);
+  eq("upstream path", up.path.replace(/^.*\/compat\//, "compat/"), "compat/embeddings");
+  eq("the fields as the SDK sent them", JSON.parse(up.raw), { ...sent, model: "workers-ai/@cf/baai/bge-small-en-v1.5" });
+  eq("encoding_format passed on", sent.encoding_format, "base64");
+  ok("the raw body has not the client key", !up.raw.includes(CLIENT_KEY));
+  const floats = await client.embeddings.create({ model: "emb", input: ["same text"], encoding_format: "float" });
+  eq("the same vector", Array.from(b64.data[0].embedding), floats.data[0].embedding.map(Math.fround));
+});
+
 // ---- what goes upstream -----------------------------------------------------------------------
 await check("openai: the exact request upstream (client key and SDK headers kept back, fields unchanged)", async () => {
   let sent;
@@ -191,6 +210,14 @@ await check("openai: 400 invalid body (temperature not a number) -> BadRequestEr
 await check("openai: 404 model_not_found -> NotFoundError", async () => {
   const e = await caught(client.chat.completions.create({ model: "no-such-model", messages: user("x") }));
   envelope(e, OpenAI.NotFoundError, 404, "model_not_found", /^The model 'no-such-model' does not exist/);
+});
+
+await check("openai: embeddings errors: 404 model_not_found, 400 without input", async () => {
+  const e = await caught(client.embeddings.create({ model: "no-such-model", input: "x" }));
+  envelope(e, OpenAI.NotFoundError, 404, "model_not_found", /^The model 'no-such-model' does not exist/);
+  const e2 = await caught(client.embeddings.create({ model: "emb" }));
+  envelope(e2, OpenAI.BadRequestError, 400, e2.code);
+  eq("param", e2.param, "input");
 });
 
 await check("openai: 413 body over serve.max_body -> APIError 413", async () => {

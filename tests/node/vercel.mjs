@@ -84,6 +84,9 @@ await check("vercel: embedMany", async () => {
   const r = await embedMany({ model: serve.embeddingModel("emb"), values: ["one text", "two", "three"], ...NO_RETRY });
   eq("count", r.embeddings.length, 3);
   ok("vectors of one length", r.embeddings.every((v) => v.length === r.embeddings[0].length && v.length > 0));
+  const one = await embed({ model: serve.embeddingModel("emb"), value: "one text", ...NO_RETRY });
+  eq("the same text, the same vector", r.embeddings[0], one.embedding);
+  ok("usage", typeof r.usage?.tokens === "number" && r.usage.tokens > 0, r.usage);
 });
 
 // ---- errors: APICallError with the status and the envelope's message ----------------------------
