@@ -25,6 +25,7 @@ await check("openai: plain completion", async () => {
   eq("finish_reason", data.choices[0].finish_reason, "stop");
   eq("usage", data.usage, { prompt_tokens: 2, completion_tokens: 3, total_tokens: 5 });
   ok("x-request-id", /^aigate-[0-9a-f]+$/.test(response.headers.get("x-request-id")), response.headers.get("x-request-id"));
+  eq("the SDK's _request_id", data._request_id, response.headers.get("x-request-id"));
 });
 
 await check("openai: streamed completion with usage (stream_options.include_usage)", async () => {
