@@ -80,6 +80,7 @@ return {
     ["dynamic/fallback"] = route.fallback({ "mock/fail-500", "fast" }),
     ["dynamic/all-fail"] = route.fallback({ "mock/fail-503", "mock/fail-500" }),
     ["dynamic/stalled"] = { "mock/stall-30000", first_byte_timeout = 1 },
+    ["dynamic/cut"] = route.fallback({ "mock/cut", "fast" }),
   },
   retry = { retries = 0 },
   hooks = {

@@ -115,7 +115,7 @@ await check("openai: models.list()", async () => {
     ok("a model object", m.object === "model" && typeof m.created === "number", m);
     ids.push(m.id);
   }
-  eq("ids", ids, ["boom", "dead", "emb", "fast", "plain", "dynamic/all-fail", "dynamic/fallback", "dynamic/stalled"]);
+  eq("ids", ids, ["boom", "dead", "emb", "fast", "plain", "dynamic/all-fail", "dynamic/cut", "dynamic/fallback", "dynamic/stalled"]);
 });
 
 await check("openai: embeddings.create (the SDK's default, base64)", async () => {
@@ -254,6 +254,20 @@ await check("openai: every attempt failed -> the last upstream status and messag
 await check("openai: every attempt failed, streamed -> the same error before any event", async () => {
   const e = await caught(client.chat.completions.create({ model: "dynamic/all-fail", messages: user("x"), stream: true }));
   envelope(e, OpenAI.InternalServerError, 500, "internal_error", "mock: simulated provider failure");
+});
+
+await check("openai: a stream broken midway -> the text so far, then APIError (bad_upstream_reply), no fallback", async () => {
+  const before = mockRequests().length;
+  const stream = await client.chat.completions.create({ model: "dynamic/cut", messages: user("one two three four five six"), stream: true });
+  let text = "";
+  const e = await caught(async () => {
+    for await (const chunk of stream) text += chunk.choices[0]?.delta?.content ?? "";
+  });
+  ok("an APIError", e instanceof OpenAI.APIError, `${e?.constructor?.name}: ${e?.message}`);
+  eq("code", e.error?.code, "bad_upstream_reply");
+  ok("the message says the reply broke off", /the reply broke off/.test(e.message), e.message);
+  ok("text before the break", text.length > 0 && "echo: one two three four five six".startsWith(text), text);
+  eq("not continued from the second target", mockRequests().length - before, 1);
 });
 
 await check("openai: 502 upstream unreachable -> InternalServerError 502", async () => {

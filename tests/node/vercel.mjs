@@ -139,6 +139,19 @@ await check("vercel: every attempt failed, streamed -> the error before any even
   envelope(seen, 500, "internal_error", "mock: simulated provider failure");
 });
 
+await check("vercel: a stream broken midway -> the text so far, then an error part (bad_upstream_reply)", async () => {
+  const errors = [];
+  const r = streamText({
+    model: serve("dynamic/cut"), prompt: "one two three four five six", ...NO_RETRY, onError: ({ error }) => errors.push(error),
+  });
+  let text = "";
+  for await (const piece of r.textStream) text += piece;
+  ok("text before the break", text.length > 0 && "echo: one two three four five six".startsWith(text), text);
+  // (the SDK hands on the error event's `error` object, serve's envelope, as it came)
+  eq("one error", errors.map((e) => [e?.code, e?.type]), [["bad_upstream_reply", "upstream_error"]]);
+  ok("its message", /^the reply broke off/.test(errors[0].message), errors[0].message);
+});
+
 await check("vercel: 502 upstream unreachable", async () => {
   envelope(await apiError(text(serve("dead"), "x")), 502, "upstream_unreachable");
 });
