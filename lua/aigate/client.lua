@@ -2,7 +2,8 @@
 --
 -- `send(req, core)` performs a request that aigate.request prepared, plain or streamed (SSE via
 -- core.sse_parser), and returns the result table or `nil, message, info` (explained by
--- aigate.errors). `read_reply(req, res, err, t0)` is the reading half on its own: a reply that is
+-- aigate.errors); an embeddings request (req.embeddings, aigate.request.prepare_embeddings) is read
+-- as an embeddings list. `read_reply(req, res, err, t0)` is the reading half on its own: a reply that is
 -- already there (or the transport error that replaced it) in, the same outcome out, no I/O; the
 -- policy uses it for a reply the batch engine sent. Every message and info text is redacted
 -- (aigate.secrets); -v lines show the request and the reply's head with credentials hidden.
@@ -139,12 +140,53 @@ local function read_completion(r, body)
   return true
 end
 
+-- A decoded embeddings body ({data = {{embedding, index}...}, model, usage}) -> fills r (data: the
+-- list as it came, embeddings: the vectors by index, usage), or returns nil, err. A vector is an
+-- array of numbers, or a base64 text (encoding_format "base64").
+local function read_embeddings(r, body)
+  if type(body) ~= "table" then
+    return nil, "the reply is JSON but not an object"
+  end
+  local data = body.data
+  if type(data) ~= "table" or type(data[1]) ~= "table" then
+    return nil, "the reply has no data (a list of embeddings)"
+  end
+  local vectors = {}
+  for i, d in ipairs(data) do
+    local index, v = type(d) == "table" and math.tointeger(d.index), type(d) == "table" and d.embedding
+    if index == nil or index < 0 or index >= #data or vectors[index + 1] ~= nil then
+      return nil, string.format("embedding %d of data has no index from 0 to %d of its own", i, #data - 1)
+    end
+    if type(v) == "table" then
+      for _, x in ipairs(v) do
+        if type(x) ~= "number" then
+          return nil, string.format("embedding %d of data is not an array of numbers", i)
+        end
+      end
+      if #v == 0 then
+        return nil, string.format("embedding %d of data is empty", i)
+      end
+    elseif type(v) ~= "string" or v == "" then
+      return nil, string.format("embedding %d of data is neither an array of numbers nor a base64 text", i)
+    end
+    vectors[index + 1] = v
+  end
+  r.data = data
+  r.embeddings = vectors
+  r.usage = usage_of(body.usage)
+  if type(body.model) == "string" then
+    r.response_model = body.model
+  end
+  r.body = body
+  return true
+end
+
 -- An error object inside a 2xx reply (gateway envelope or OpenAI style), or nil.
 local function embedded_error(body)
   if type(body) ~= "table" then
     return nil
   end
-  if body.error ~= nil and body.error ~= json.null and body.choices == nil then
+  if body.error ~= nil and body.error ~= json.null and body.choices == nil and body.data == nil then
     return true
   end
   if body.success == false then
@@ -175,7 +217,7 @@ local function reply_outcome(req, res, t0, now)
     info.kind = "response"
     return { message = msg, info = info }
   end
-  local ok, rerr = read_completion(r, body)
+  local ok, rerr = (req.embeddings and read_embeddings or read_completion)(r, body)
   if not ok then
     return response_error(req, string.format(
       "HTTP %d with an unexpected body (%s): %s", res.status, rerr, snippet(res.body)

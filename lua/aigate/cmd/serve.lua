@@ -19,6 +19,10 @@ Endpoints (each also without the /v1 prefix):
                               ("stream": true: the upstream's events as they come, from its
                               first good one on; a stream broken midway ends with one error
                               event and no [DONE])
+  POST /v1/embeddings         embeddings (input: a text or an array of texts; dimensions,
+                              encoding_format and user as the client sent them); the model
+                              resolves as for chat, with routes, fallbacks and retries; through
+                              the gateway the request goes to .../compat/embeddings
   GET  /v1/models             the config's named models and local routes
   GET  /healthz, /readyz      probes (no key needed)
 Errors come in OpenAI's envelope {"error": {"message", "type", "param", "code"}}. Replies carry

@@ -40,7 +40,8 @@ local function first_line(s)
 end
 
 -- The ctx argument of hooks, route functions and conditions, made when first needed (most requests
--- run no hook and no function): {route, model, metadata, vars, attempts, config, dry_run, now}.
+-- run no hook and no function): {route, model, metadata, vars, attempts, config, dry_run, now,
+-- endpoint ("chat" or "embeddings")}.
 local function hook_ctx(st)
   local ctx = st.ctx
   if ctx == nil then
@@ -53,6 +54,7 @@ local function hook_ctx(st)
       config = st.cfg,
       dry_run = st.dry_run,
       now = st.now,
+      endpoint = st.endpoint,
     }
     st.ctx = ctx
   end
@@ -160,13 +162,17 @@ local function decorate(o, st, node)
   return true
 end
 
--- The aigate.chat options of one attempt at a target node.
+-- The aigate.chat (or aigate.embed) options of one attempt at a target node. An embeddings request
+-- takes only the target's parameters that are embeddings parameters, and no messages.
 local function attempt_opts(st, node)
   local o = copy(st.req)
   o.vars, o.template = nil, nil
   o.model = node.id
+  local embeddings = st.embeddings
   for k, v in pairs(node.params) do
-    o[k] = v
+    if not embeddings or request.EMBED_PARAMS[k] then
+      o[k] = v
+    end
   end
   local nopts = node.opts
   if next(nopts) ~= nil then
@@ -175,6 +181,9 @@ local function attempt_opts(st, node)
         o[k] = nopts[k]
       end
     end
+  end
+  if embeddings then
+    return o
   end
   local ok, err = decorate(o, st, node)
   if not ok then
@@ -370,7 +379,8 @@ function EXEC.target(node, st)
     att.error = terr
     return failure(terr, { kind = "config" })
   end
-  local okp, req, perr, pinfo = pcall(request.prepare, o, st.cfg, st.context)
+  local okp, req, perr, pinfo = pcall(st.embeddings and request.prepare_embeddings or request.prepare, o, st.cfg,
+    st.context)
   if not okp then
     if st.dry then
       error(req, 0) -- a dry run raises on what the caller got wrong, as aigate.prepare always has

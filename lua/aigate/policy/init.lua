@@ -9,7 +9,9 @@
 -- the first attempt would send, unredacted, and whether the batch engine may send such requests
 -- itself; `prepare` is render as people see it (credentials hidden). Time, sleep and randomness go
 -- through M.now/M.time/M.sleep/M.random so tests can replace them. Used by aigate.chat,
--- aigate.chat_with_reply and aigate.prepare (init.lua).
+-- aigate.chat_with_reply and aigate.prepare (init.lua). `embed` runs an embeddings request through
+-- the same interpreter (routes, fallbacks, retries, breakers, limits, hooks; no template), each
+-- attempt an embeddings request (aigate.request.prepare_embeddings) read as an embeddings list.
 --
 -- Its parts: aigate.policy.rules (what a failure means: Retry-After, backoff, retryable),
 -- aigate.policy.exec (the interpreter), aigate.policy.state (a request before and after its route,
@@ -109,6 +111,17 @@ function M.chat(opts, cfg, context, handed)
   return state.finish(st, exec.run(st.entry, st))
 end
 
+--- Runs an embeddings request (aigate.embed's options) through the policy, as chat runs a chat
+-- request. Returns the result (data, embeddings, usage, attempts, step, route, cost) or nil,
+-- message, info.
+function M.embed(opts, cfg, context)
+  local st, fail = state.start(opts, cfg, context, false, "embeddings")
+  if st == nil then
+    return state.failed({ attempts = {}, name = opts.model }, fail)
+  end
+  return state.finish(st, exec.run(st.entry, st))
+end
+
 -- Render -------------------------------------------------------------------------------------------
 
 -- Whether the dry run of opts reached exactly one plain target: no route (nor fallback, when,
@@ -145,9 +158,10 @@ end
 -- text), body_table, timeouts, ca_file, ca_path, max_size, model, provider, route, targets, target
 -- (the attempt record's target), system_messages (the rule in force), plain, breaker_key (nil when
 -- no breaker guards it), upstream (the throttle's key), priced (whether cost accounting has prices
--- for it)}. plain: exactly one plain target, see is_plain.
-function M.render(opts, cfg, context)
-  local st, fail = state.start(opts, cfg, context, true)
+-- for it)}. plain: exactly one plain target, see is_plain. endpoint: "chat" (nil) or "embeddings"
+-- (aigate.embed's options; never plain: the batch engine sends chat requests only).
+function M.render(opts, cfg, context, endpoint)
+  local st, fail = state.start(opts, cfg, context, true, endpoint)
   if st == nil then
     return nil, fail.msg, fail.info
   end
@@ -173,7 +187,7 @@ function M.render(opts, cfg, context)
     targets = M.targets(st.entry, st.routes),
     target = node.id or req.model,
     system_messages = req.system_messages,
-    plain = is_plain(opts, cfg, st, node, req),
+    plain = not st.embeddings and is_plain(opts, cfg, st, node, req),
     breaker_key = exec.use_breaker(st, node) and key or nil,
     upstream = key,
     priced = M.cost(cfg, node.id, req.model, { prompt_tokens = 1, completion_tokens = 1 }) ~= nil,
@@ -182,9 +196,9 @@ end
 
 --- The request the policy would send first, as people see it (render with credentials hidden):
 -- {method, url, headers (redacted), body (table), body_table, body_text, model, provider, route,
--- targets, timeouts} or nil, message, info.
-function M.prepare(opts, cfg, context)
-  local r, err, info = M.render(opts, cfg, context)
+-- targets, timeouts} or nil, message, info. endpoint: as for render.
+function M.prepare(opts, cfg, context, endpoint)
+  local r, err, info = M.render(opts, cfg, context, endpoint)
   if r == nil then
     return nil, err, info
   end

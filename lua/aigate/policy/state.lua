@@ -114,9 +114,15 @@ local function same(s)
 end
 
 --- Sets up the state of one request: template, hook, route. dry_run: for a dry run (nothing is
--- sent; hooks see ctx.dry_run). Returns st, or nil, failure, st.
-function M.start(opts, cfg, context, dry_run)
-  local o, terr = template.apply(opts, cfg)
+-- sent; hooks see ctx.dry_run). endpoint: "chat" (nil) or "embeddings" (aigate.embed's options:
+-- no template; every target is sent an embeddings request). Returns st, or nil, failure, st.
+function M.start(opts, cfg, context, dry_run, endpoint)
+  endpoint = endpoint or "chat"
+  local embeddings = endpoint == "embeddings"
+  local o, terr = opts, nil
+  if not embeddings then
+    o, terr = template.apply(opts, cfg)
+  end
   local cps, rs = caps(cfg)
   local st = {
     cfg = cfg,
@@ -136,6 +142,8 @@ function M.start(opts, cfg, context, dry_run)
     dry_run = dry_run or false,
     dry = dry_run or false,
     now = P.now,
+    endpoint = endpoint,
+    embeddings = embeddings,
   }
   st.name = opts.model or cfg.default_model or "(default model)"
   st.first_name = st.name
@@ -155,7 +163,7 @@ function M.start(opts, cfg, context, dry_run)
     return nil, fail, st
   end
   if req ~= st.req then
-    local ok, err = pcall(request.check_options, req, 1)
+    local ok, err = pcall(request.check_options, req, 1, endpoint)
     if not ok then
       return nil, failure("before_request hook returned bad options: " .. tostring(err), { kind = "policy", reason = "hook" }), st
     end

@@ -15,6 +15,7 @@ local json = require("aigate.json")
 local aigate = require("aigate")
 local openai = require("aigate.serve.openai")
 local errors = require("aigate.serve.errors")
+local embeddings = require("aigate.serve.embeddings")
 local secrets = require("aigate.secrets")
 
 local M = {}
@@ -219,6 +220,7 @@ end
 -- path (without /v1) -> method -> handler; open: answered without a key (probes).
 local ROUTES = {
   ["/chat/completions"] = { POST = chat },
+  ["/embeddings"] = { POST = embeddings.handler({ reply = reply, fail = fail, gateway_headers = gateway_headers }) },
   ["/models"] = { GET = models },
   ["/healthz"] = { GET = healthz, open = true },
   ["/readyz"] = { GET = readyz, open = true },
