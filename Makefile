@@ -31,7 +31,8 @@ UNIT_LIB := src/sse.c src/buf.c src/headers.c src/linereader.c src/idset.c src/j
 
 DEB_PACKAGES := gcc make pkg-config liblua5.4-dev libcurl4-openssl-dev lua-cjson-dev libevent-dev curl ca-certificates \
                 openssl \
-                lua-check
+                lua-check \
+                nodejs npm
 
 .PHONY: all test asan asan-build fuzz fuzz-build fuzz-replays valgrind demo bench bench-startup bench-instructions deps \
         bench-serve bench-serve-deps \
@@ -136,10 +137,15 @@ fuzz:
 	$(MAKE) fuzz-build
 	FUZZ_SECONDS=$(FUZZ_SECONDS) FUZZ_OUT=$(FUZZ_OUT) tests/fuzz/fuzz.sh $(FUZZ_TARGETS)
 
-# Installs the Debian packages the build and the tests need, when some are missing.
+# Installs the Debian packages the build and the tests need, when some are missing. A package
+# counts as there when an installed one provides it too (a nodejs build that carries its own npm
+# provides npm, and conflicts with Debian's).
 deps:
-	@missing=""; for p in $(DEB_PACKAGES); do \
-	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	@provided=" $$(dpkg-query -W -f='$${Status}|$${Provides}\n' 2>/dev/null | sed -n 's/^install ok installed|//p' \
+	  | tr ',' '\n' | sed 's/^ *//; s/ .*//' | tr '\n' ' ')"; \
+	missing=""; for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || \
+	    case "$$provided" in *" $$p "*) ;; *) missing="$$missing $$p" ;; esac; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
