@@ -273,11 +273,13 @@ await check("openai: a stream broken midway -> the text so far, then APIError (b
 await check("openai: 502 upstream unreachable -> InternalServerError 502", async () => {
   const e = await caught(client.chat.completions.create({ model: "dead", messages: user("x") }));
   envelope(e, OpenAI.InternalServerError, 502, "upstream_unreachable");
+  ok("the message does not show the upstream URL", !/http:\/\//.test(e.message), e.message);
 });
 
 await check("openai: 504 upstream timeout -> InternalServerError 504", async () => {
   const e = await caught(client.chat.completions.create({ model: "dynamic/stalled", messages: user("x") }));
   envelope(e, OpenAI.InternalServerError, 504, "upstream_timeout");
+  ok("the message does not show the upstream URL (account and gateway ids)", !/http:\/\/|acct123/.test(e.message), e.message);
 });
 
 await check("openai: 500 policy_error (a hook that raises) -> InternalServerError, no traceback", async () => {
@@ -296,12 +298,13 @@ await check("openai: 429 over a key's limit (rpm 1) -> RateLimitError with Retry
   ok("Retry-After in whole seconds", /^[1-9][0-9]*$/.test(e.headers.get("retry-after") ?? ""), e.headers.get("retry-after"));
 });
 
-await check("openai: the SDK's default retries on a 500 end in the error (serve's retries bounded)", async () => {
+await check("openai: the SDK's default retries on a 500 do not multiply with serve's (x-should-retry: false)", async () => {
   const before = mockRequests().length;
   const retrying = new OpenAI({ baseURL: `${env.keys}/v1`, apiKey: env.key }); // maxRetries: the SDK's default
   const e = await caught(retrying.chat.completions.create({ model: "failing", messages: user("retry me") }));
   envelope(e, OpenAI.InternalServerError, 500, "internal_error", "mock: simulated provider failure");
-  console.log(`# openai default retries: ${mockRequests().length - before} upstream requests for one SDK call`);
+  eq("upstream requests for one SDK call: serve's two tries, no retry by the SDK", mockRequests().length - before, 2);
+  eq("x-should-retry", e.headers.get("x-should-retry"), "false");
 });
 
 finish();

@@ -174,8 +174,21 @@ function M.models_body(cfg, created, allowed)
   return json.encode({ object = "list", data = setmetatable(data, json.array_mt) })
 end
 
+-- The first line of a message, without the " (POST https://...)" that names the upstream URL: the
+-- client is told what failed, not the account and gateway ids in the URL.
 local function first_line(s)
-  return (tostring(s or ""):match("^[^\n]*"))
+  return (tostring(s or ""):match("^[^\n]*"):gsub(" %(%u+ %a[%w+.-]*://[^%s)]*%)", ""))
+end
+
+--- Whether a failure came after more than one request sent upstream.
+function M.retried(info)
+  local sent = 0
+  for _, a in ipairs(info.attempts or {}) do
+    if not a.skipped then
+      sent = sent + 1
+    end
+  end
+  return sent > 1
 end
 
 --- A failure of aigate.chat -> status, body, extra headers, and whether the message is for the
@@ -186,6 +199,10 @@ function M.failure_reply(msg, info)
   local headers = {}
   if info.retry_after then
     headers["retry-after"] = string.format("%d", math.ceil(info.retry_after))
+  elseif M.retried(info) then
+    -- serve has retried already: a client that retries too (the openai SDKs do, twice, unless told
+    -- so by this header) would multiply the tries. A 429 with its Retry-After is left to the client.
+    headers["x-should-retry"] = "false"
   end
   if kind == "http" and math.type(info.status) == "integer" then
     -- every attempt failed: the last upstream status, with its error as it came when it is OpenAI's
