@@ -54,6 +54,12 @@
  * in effect how long a client may leave a reply unread before it is dropped.
  */
 #define IO_TIMEOUT 600.0
+/*
+ * How long a request is with the handler before the socket is watched for the client leaving (see
+ * busy_read). Most requests are answered sooner, and then cost no system call for it; a client that
+ * leaves is noticed at most this much later.
+ */
+#define BUSY_WATCH_AFTER 0.005
 /* The start of each head line kept for reading Content-Length. */
 #define PREFIX_MAX 48
 
@@ -659,6 +665,8 @@ static int conn_attach(struct http_conn *c)
     return 1;
 }
 
+static void busy_watch(struct http_conn *c);
+
 static void conn_timer(evutil_socket_t fd, short what, void *arg)
 {
     struct http_conn *c = arg;
@@ -701,6 +709,7 @@ static void conn_timer(evutil_socket_t fd, short what, void *arg)
         conn_close(c);
         return;
     case C_BUSY:
+        busy_watch(c);
         return;
     }
 }
@@ -792,7 +801,7 @@ static void guard_request(struct evhttp_request *req, void *arg)
     idle_remove(c);
     c->state = C_BUSY;
     c->requests++;
-    busy_watch(c);
+    arm(c, BUSY_WATCH_AFTER); /* then busy_watch */
     g->on_request(req, c, g->arg);
 }
 

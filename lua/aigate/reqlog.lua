@@ -74,10 +74,14 @@ end
 -- ---- time and numbers -------------------------------------------------------------------------
 
 --- RFC 3339 UTC with milliseconds: "2026-11-29T13:45:01.123Z".
+local date_sec, date_text -- the last second written (os.date is the dearest part)
 function M.rfc3339(t)
   local sec = math.floor(t)
   local ms = math.floor((t - sec) * 1000)
-  return os.date("!%Y-%m-%dT%H:%M:%S", sec) .. string.format(".%03dZ", ms)
+  if sec ~= date_sec then
+    date_sec, date_text = sec, os.date("!%Y-%m-%dT%H:%M:%S", sec)
+  end
+  return date_text .. string.format(".%03dZ", ms)
 end
 
 -- Seconds rounded to the microsecond (a log line need not carry 17 digits).

@@ -15,14 +15,15 @@ NODE_DIR=$(cd "$E2E_DIR/../node" && pwd)
 SERVE_PIDS=()
 trap 'for p in "${SERVE_PIDS[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done; stop_mock; rm -rf "$TMP"' EXIT
 
-# start_serve NAME CONFIG: starts `aigate serve` on a free port with CONFIG; prints its URL, or the
-# first lines of its stderr and fails.
+# start_serve NAME CONFIG: starts `aigate serve` on a free port with CONFIG; sets STARTED_URL to its
+# URL, or STARTED_ERR to the first lines of its stderr and fails. (Not in a command substitution: its
+# subshell would keep the pid from SERVE_PIDS, and the servers would outlive the test.)
 start_serve() {
     "$AIGATE" serve --listen 127.0.0.1:0 --config "$2" > "$TMP/$1.out" 2> "$TMP/$1.err" &
     local pid=$!
     SERVE_PIDS+=("$pid")
-    listening_url "aigate serve" "$pid" "$TMP/$1.out" "$TMP/$1.err" 2> /dev/null && return 0
-    head -c 400 "$TMP/$1.err" | tr '\n' ' '
+    STARTED_URL=$(listening_url "aigate serve" "$pid" "$TMP/$1.out" "$TMP/$1.err" 2> /dev/null) && return 0
+    STARTED_ERR=$(head -c 400 "$TMP/$1.err" | tr '\n' ' ')
     return 1
 }
 
@@ -108,10 +109,13 @@ return {
 CFG
 export SDK_SERVE_KEY="sk-serve-key-7731" SDK_RPM_KEY_A="sk-rpm-a-5120" SDK_RPM_KEY_B="sk-rpm-b-8846"
 export SDK_MOCK_LOG="$MOCK_LOG"
-SDK_SERVE_URL=$(start_serve main serve.lua) || { fail "serve starts" "$SDK_SERVE_URL"; finish; }
-SDK_KEYS_URL=$(start_serve keys keys.lua) || { fail "serve with keys starts" "$SDK_KEYS_URL"; finish; }
+start_serve main serve.lua || { fail "serve starts" "$STARTED_ERR"; finish; }
+SDK_SERVE_URL=$STARTED_URL
+start_serve keys keys.lua || { fail "serve with keys starts" "$STARTED_ERR"; finish; }
+SDK_KEYS_URL=$STARTED_URL
 SDK_RPM_ERROR=""
-SDK_RPM_URL=$(start_serve rpm rpm.lua) || { SDK_RPM_ERROR=$SDK_RPM_URL; SDK_RPM_URL=""; }
+SDK_RPM_URL=""
+if start_serve rpm rpm.lua; then SDK_RPM_URL=$STARTED_URL; else SDK_RPM_ERROR=$STARTED_ERR; fi
 export SDK_SERVE_URL SDK_KEYS_URL SDK_RPM_URL SDK_RPM_ERROR
 
 run_node openai.mjs
@@ -119,8 +123,10 @@ run_node vercel.mjs
 
 # The servers stop on SIGTERM as usual, with nothing from the sanitizers (the asan build).
 for p in "${SERVE_PIDS[@]}"; do kill "$p" 2>/dev/null; done
-for p in "${SERVE_PIDS[@]}"; do wait "$p" 2>/dev/null; done
+stopped=0
+for p in "${SERVE_PIDS[@]}"; do wait "$p" && stopped=$((stopped + 1)); done
 SERVE_PIDS=()
+expect_eq "the three servers exit 0 on SIGTERM" "$stopped" "3"
 expect_no_match "no client key on serve's stderr" "$(cat main.err keys.err rpm.err)" "sk-serve-key|sk-rpm-|sk-client|sk-vercel"
 expect_no_match "no sanitizer report from serve" "$(cat main.err keys.err rpm.err)" "Sanitizer|runtime error"
 finish
