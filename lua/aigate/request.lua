@@ -746,8 +746,12 @@ end
 --       system_messages (the rule applied), stream (function or nil), timeouts (each one set: the
 --       request's, else the config's, else DEFAULT_TIMEOUTS), ca_file, ca_path, max_size, verbose,
 --       redact, secrets, auth}
-function M.prepare(opts, cfg, ctx)
-  M.check_options(opts, 1)
+-- checked: the options were checked already (the policy's attempts: aigate.chat checked what it was
+-- given, and what a route or a named model adds was checked when the config was loaded).
+function M.prepare(opts, cfg, ctx, checked)
+  if not checked then
+    M.check_options(opts, 1)
+  end
   ctx = ctx or {}
   cfg = cfg or opts.config or {} -- the caller passes opts.config validated
 
@@ -811,8 +815,10 @@ end
 -- opts.extra_body fill it (a named model's chat parameters are not sent). The same resolution,
 -- headers, limits and CA certificates as prepare; never streamed. Raises on caller mistakes
 -- ("aigate.embed: ..."). Returns req (as prepare's, with embeddings = true) or nil, message, info.
-function M.prepare_embeddings(opts, cfg, ctx)
-  M.check_options(opts, 1, "embeddings")
+function M.prepare_embeddings(opts, cfg, ctx, checked)
+  if not checked then
+    M.check_options(opts, 1, "embeddings")
+  end
   ctx = ctx or {}
   cfg = cfg or opts.config or {}
 

@@ -399,7 +399,7 @@ function EXEC.target(node, st)
     return failure(terr, { kind = "config" })
   end
   local okp, req, perr, pinfo = pcall(st.embeddings and request.prepare_embeddings or request.prepare, o, st.cfg,
-    st.context)
+    st.context, true)
   if not okp then
     if st.dry then
       error(req, 0) -- a dry run raises on what the caller got wrong, as aigate.prepare always has
