@@ -38,6 +38,9 @@
 #include <string.h>
 #include <sys/socket.h>
 
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
 #include <event2/event.h>
@@ -646,6 +649,11 @@ static int conn_attach(struct http_conn *c)
     c->evcon = cbarg;
     bufferevent_decref(c->bev);
     c->fd = bufferevent_getfd(c->bev);
+    /* Nagle's algorithm off, once per connection: without it a small write (the next SSE event of a
+     * stream, a reply on a reused keep-alive connection) waits for the ACK of the previous one, which
+     * the client delays by up to 40 ms. */
+    if (c->fd >= 0)
+        setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &(int){ 1 }, sizeof(int));
     evhttp_connection_set_closecb(c->evcon, conn_closed, c);
     c->state = C_IDLE;
     c->accepted = monotonic_seconds();

@@ -364,25 +364,6 @@ static void handler_done(struct task *t, int ok, void *ud)
     response_end(r, 500);
 }
 
-/*
- * Turns Nagle's algorithm off on a request's connection. Without it a small write (the next SSE event
- * of a stream, a reply on a reused keep-alive connection) waits for the ACK of the previous one, which
- * the client delays by up to 40 ms. libevent 2.1 has no hook for a connection just accepted (the
- * bufferevent callback runs before the socket is attached), so this runs once per request, before the
- * handler can write anything; on a kept-alive connection it repeats a cheap, idempotent system call.
- */
-static void set_nodelay(struct evhttp_connection *evcon)
-{
-    evutil_socket_t fd;
-    int one = 1;
-
-    if (evcon == NULL)
-        return;
-    fd = bufferevent_getfd(evhttp_connection_get_bufferevent(evcon));
-    if (fd >= 0)
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-}
-
 static void request_cb(struct evhttp_request *req, struct http_conn *conn, void *arg)
 {
     struct server *s = arg;
@@ -391,7 +372,6 @@ static void request_cb(struct evhttp_request *req, struct http_conn *conn, void 
     struct evhttp_connection *evcon = evhttp_request_get_connection(req);
     STACK_CHECK_BEGIN(L);
 
-    set_nodelay(evcon);
     lua_rawgeti(L, LUA_REGISTRYINDEX, s->handler_ref);
     push_request(L, req);
     r = lua_newuserdatauv(L, sizeof(*r), 0);
