@@ -110,6 +110,7 @@ int core_request(lua_State *L);
 int core_listen(lua_State *L);
 int core_engine(lua_State *L);
 int core_json_quote(lua_State *L);
+int core_json_fields(lua_State *L); /* chosen fields of a table as JSON (jsonfields.c) */
 void core_register_engine(lua_State *L);
 void core_register_scan(lua_State *L);  /* scan_ids, line_id, utf8_bad (src/scan.h) */
 void core_register_tasks(lua_State *L); /* spawn, wait, sleep, now, time, ... into the table on top */

@@ -11,8 +11,13 @@
 int luaopen_aigate_core(lua_State *L)
 {
     static const luaL_Reg funcs[] = {
-        { "request", core_request }, { "listen", core_listen },         { "sse_parser", core_sse_parser },
-        { "engine", core_engine },   { "json_quote", core_json_quote }, { NULL, NULL },
+        { "request", core_request },
+        { "listen", core_listen },
+        { "sse_parser", core_sse_parser },
+        { "engine", core_engine },
+        { "json_quote", core_json_quote },
+        { "json_fields", core_json_fields },
+        { NULL, NULL },
     };
 
     core_register_engine(L);

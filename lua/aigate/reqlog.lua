@@ -328,18 +328,30 @@ end
 
 -- t as a JSON object of the fields names, in that order (scalar of each value, or the encoder of
 -- the field in nested). Names are plain words: written as they are.
+local keys_of = setmetatable({}, { __mode = "k" }) -- names -> {'"name":', ...}, {',"name":', ...}
 local function encode_fields(t, names, nested)
-  local parts, n = {}, 0
+  local keys = keys_of[names]
+  if keys == nil then
+    keys = { {}, {} }
+    for i, k in ipairs(names) do
+      keys[1][i], keys[2][i] = '"' .. k .. '":', ',"' .. k .. '":'
+    end
+    keys_of[names] = keys
+  end
+  local first, rest = keys[1], keys[2]
+  local parts, n = { "{" }, 1
   for i = 1, #names do
     local k = names[i]
     local v = t[k]
     if v ~= nil then
       local enc = nested and nested[k]
-      n = n + 1
-      parts[n] = '"' .. k .. '":' .. (enc and enc(v) or scalar(v))
+      parts[n + 1] = n == 1 and first[i] or rest[i]
+      parts[n + 2] = enc and enc(v) or scalar(v)
+      n = n + 2
     end
   end
-  return "{" .. table.concat(parts, ",", 1, n) .. "}"
+  parts[n + 1] = "}"
+  return table.concat(parts, "", 1, n + 1)
 end
 
 M.TOKEN_FIELDS = { "prompt", "completion", "total" }
@@ -356,9 +368,32 @@ local NESTED = {
   end,
 }
 
---- A record as its log line (one JSON object, fields in M.FIELDS order).
-function M.line(out)
+-- The same line written in C (core.json_fields: about 1 us where the Lua encoder takes 14), with
+-- the same rules; the Lua encoder stays for a core without it, and the tests compare the two.
+local C_SPEC = {}
+for i, k in ipairs(M.FIELDS) do
+  if k == "attempts" then
+    C_SPEC[i] = { k, M.ATTEMPT_FIELDS, array = true }
+  elseif k == "tokens" then
+    C_SPEC[i] = { k, M.TOKEN_FIELDS }
+  else
+    C_SPEC[i] = k
+  end
+end
+
+--- The line of a record in Lua (the encoder core.json_fields replaces; kept for comparing).
+function M.line_lua(out)
   return encode_fields(out, M.FIELDS, NESTED)
+end
+
+--- A record as its log line (one JSON object, fields in M.FIELDS order).
+if core.json_fields then
+  local json_fields = core.json_fields
+  function M.line(out)
+    return json_fields(out, C_SPEC)
+  end
+else
+  M.line = M.line_lua
 end
 
 local log_file, remove_log_sink

@@ -103,6 +103,45 @@ function cases.the_log_line_keeps_the_field_order_and_decodes()
   t.truthy(not line:find("\n", 1, true), "one line")
 end
 
+-- The log line written in C (core.json_fields) is the Lua encoder's, byte for byte, for records of
+-- every kind of value: escapes, control bytes and UTF-8, integers, fractions, huge and non-finite
+-- numbers, booleans, fields left out, no attempt or several.
+function cases.the_c_log_line_is_the_lua_one()
+  t.truthy(reqlog.line ~= reqlog.line_lua, "the C encoder is in use")
+  local rnd = math.random
+  math.randomseed(7)
+  local strings = { "plain", 'q"uote', "back\\slash", "tab\tnew\nline", "\1\31\127", "héllo ✓", "", "/path/" }
+  local numbers = { 0, 1, -7, 200, 0.5, 1e-7, 123.456789012345678, 1e300, 2 ^ 53, math.huge, -math.huge, 0 / 0 }
+  local function value()
+    local k = rnd(4)
+    if k == 1 then
+      return strings[rnd(#strings)]
+    elseif k == 2 then
+      return numbers[rnd(#numbers)]
+    elseif k == 3 then
+      return rnd(2) == 1
+    end
+    return nil
+  end
+  for _ = 1, 300 do
+    local out = {}
+    for _, name in ipairs(reqlog.FIELDS) do
+      out[name] = value()
+    end
+    local attempts = {}
+    for i = 1, rnd(0, 3) do
+      local a = {}
+      for _, name in ipairs(reqlog.ATTEMPT_FIELDS) do
+        a[name] = value()
+      end
+      attempts[i] = a
+    end
+    out.attempts = rnd(4) > 1 and attempts or nil
+    out.tokens = rnd(2) == 1 and { prompt = rnd(100), completion = value(), total = rnd(200) } or nil
+    t.eq(reqlog.line(out), reqlog.line_lua(out))
+  end
+end
+
 function cases.every_string_is_redacted()
   local secret = "sk-reqlog-SECRET-0123456789"
   secrets.add(secret)

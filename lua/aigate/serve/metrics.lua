@@ -82,12 +82,37 @@ local escaped = setmetatable({}, { __index = function(t, v)
   return e
 end })
 
--- name1="value1"[,name2="value2"]: the text between braces.
+-- name1="value1"[,name2="value2"]: the text between braces, made once for each set of values (a
+-- request finds the texts of its series, instead of writing them again).
+local label_texts = {}
 local function labels(n1, v1, n2, v2)
-  if n2 == nil then
-    return n1 .. '="' .. escaped[v1] .. '"'
+  local by_names = label_texts[n1]
+  if by_names == nil then
+    by_names = {}
+    label_texts[n1] = by_names
   end
-  return n1 .. '="' .. escaped[v1] .. '",' .. n2 .. '="' .. escaped[v2] .. '"'
+  local key2 = n2 or ""
+  local by_v1 = by_names[key2]
+  if by_v1 == nil then
+    by_v1 = {}
+    by_names[key2] = by_v1
+  end
+  local by_v2 = by_v1[v1]
+  if by_v2 == nil then
+    by_v2 = {}
+    by_v1[v1] = by_v2
+  end
+  local k = v2 or ""
+  local text = by_v2[k]
+  if text == nil then
+    if n2 == nil then
+      text = n1 .. '="' .. escaped[v1] .. '"'
+    else
+      text = n1 .. '="' .. escaped[v1] .. '",' .. n2 .. '="' .. escaped[v2] .. '"'
+    end
+    by_v2[k] = text
+  end
+  return text
 end
 
 local function add(name, l, n)
@@ -146,8 +171,19 @@ end
 function M.record(out)
   local endpoint = label_of.endpoint(out.endpoint or "")
   local model = label_of.model(out.route or "(none)")
-  add("aigate_requests_total", labels("endpoint", endpoint, "model", model) .. ',status="' .. status_class(out.status)
-    .. '"')
+  local with_status = labels("endpoint", endpoint, "model", model)
+  local class = status_class(out.status)
+  local by_class = label_texts[with_status]
+  if by_class == nil then
+    by_class = {}
+    label_texts[with_status] = by_class
+  end
+  local l = by_class[class]
+  if l == nil then
+    l = with_status .. ',status="' .. class .. '"'
+    by_class[class] = l
+  end
+  add("aigate_requests_total", l)
   local first
   for _, a in ipairs(out.attempts or {}) do
     add("aigate_attempts_total", labels("target", label_of.target(a.target), "outcome", outcome(a)))
