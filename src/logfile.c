@@ -6,8 +6,8 @@
  * writes, and when the file cannot take more (a pipe nobody reads fast enough, a stalled terminal)
  * the rest waits for the descriptor to be writable. The buffer is bounded: a line that does not fit
  * is dropped and counted, with a warning on stderr, so that a stuck reader costs lines, never memory
- * or latency. SIGUSR1 reopens every log opened by path (logrotate renames the file, then signals:
- * the next lines go to a new file of the same name). What is buffered is written when the log is
+ * or latency. log:reopen opens the path again (aigate.reqlog calls it on SIGUSR1, through
+ * core.wait_signal: logrotate renames the file, then signals; the next lines go to a new file). What is buffered is written when the log is
  * closed or collected (at exit, lua_close collects it), waiting for a pipe at most CLOSE_WAIT_MS.
  *
  * Standard output ("-"): a pipe or terminal gets a descriptor of its own (/proc/self/fd/1 opened
@@ -53,7 +53,6 @@ struct logfile {
 };
 
 static struct logfile *open_logs;
-static struct event *usr1_event;
 
 static size_t pending_len(const struct logfile *lf)
 {
@@ -193,10 +192,6 @@ static void unlink_log(struct logfile *lf)
         }
     }
     lf->next = NULL;
-    if (open_logs == NULL && usr1_event) {
-        event_free(usr1_event); /* restores SIGUSR1's default */
-        usr1_event = NULL;
-    }
 }
 
 /* Reopens a log opened by path: what is buffered goes to the old file if it takes it at once, the
@@ -231,20 +226,6 @@ static int reopen(struct logfile *lf)
         lf->armed = 1;
     }
     return 0;
-}
-
-static void usr1_cb(evutil_socket_t sig, short what, void *arg)
-{
-    struct logfile *lf;
-
-    (void)sig;
-    (void)what;
-    (void)arg;
-    for (lf = open_logs; lf; lf = lf->next) {
-        if (reopen(lf) != 0)
-            fprintf(stderr, "aigate: log %s: cannot reopen it on SIGUSR1 (%s): still writing the old file\n",
-                    lf->path, strerror(errno));
-    }
 }
 
 static struct logfile *check_log(lua_State *L)
@@ -369,11 +350,6 @@ static int l_log_open(lua_State *L)
         close(lf->fd);
         lf->fd = -1;
         return luaL_error(L, "out of memory");
-    }
-    if (usr1_event == NULL) {
-        usr1_event = evsignal_new(g_base, SIGUSR1, usr1_cb, NULL);
-        if (usr1_event == NULL || event_add(usr1_event, NULL) != 0)
-            fputs("aigate: cannot watch SIGUSR1: logs are not reopened on it\n", stderr);
     }
     lf->next = open_logs;
     open_logs = lf;

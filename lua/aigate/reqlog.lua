@@ -415,6 +415,19 @@ function M.open(path, max_buffer)
   remove_log_sink = M.add_sink(function(out)
     f:write(M.line(out))
   end)
+  -- SIGUSR1 reopens the file (logrotate renames it, then signals), for as long as it is the log.
+  core.spawn(function()
+    while log_file == f do
+      core.wait_signal("USR1")
+      if log_file == f then
+        local ok, rerr = f:reopen()
+        if not ok then
+          io.stderr:write("aigate: log ", secrets.redact(tostring(rerr)), ": cannot reopen it on SIGUSR1; still ",
+            "writing the old file\n")
+        end
+      end
+    end
+  end)
   return true
 end
 
