@@ -7,8 +7,9 @@
  * the rest waits for the descriptor to be writable. The buffer is bounded: a line that does not fit
  * is dropped and counted, with a warning on stderr, so that a stuck reader costs lines, never memory
  * or latency. log:reopen opens the path again (aigate.reqlog calls it on SIGUSR1, through
- * core.wait_signal: logrotate renames the file, then signals; the next lines go to a new file). What is buffered is written when the log is
- * closed or collected (at exit, lua_close collects it), waiting for a pipe at most CLOSE_WAIT_MS.
+ * core.wait_signal: logrotate renames the file, then signals; the next lines go to a new file).
+ * What is buffered is written when the log is closed or collected (at exit, lua_close collects it),
+ * waiting for a pipe at most CLOSE_WAIT_MS.
  *
  * Standard output ("-"): a pipe or terminal gets a descriptor of its own (/proc/self/fd/1 opened
  * again: a new open file description, so that O_NONBLOCK does not reach the terminal or pipe the
