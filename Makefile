@@ -23,7 +23,7 @@ LUA_LIBS  = $(shell pkg-config --libs lua5.4 2>/dev/null || echo -llua5.4)
 SRCS := src/main.c src/core.c src/task.c src/http_client.c src/http_server.c src/http_guard.c src/jsonscan.c \
         src/sse.c src/buf.c src/headers.c src/linereader.c src/idset.c \
         src/scan.c src/sys.c src/engine.c src/reply.c src/tmpl.c src/jsontext.c src/lineshape.c \
-        src/library.c
+        src/library.c src/logfile.c src/jsonfields.c
 HDRS := $(wildcard src/*.h)
 UNIT_TESTS := $(patsubst tests/unit/%.c,tests/unit/%,$(wildcard tests/unit/test_*.c))
 UNIT_LIB := src/sse.c src/buf.c src/headers.c src/linereader.c src/idset.c src/jsonscan.c src/scan.c src/jsontext.c \
@@ -31,9 +31,11 @@ UNIT_LIB := src/sse.c src/buf.c src/headers.c src/linereader.c src/idset.c src/j
 
 DEB_PACKAGES := gcc make pkg-config liblua5.4-dev libcurl4-openssl-dev lua-cjson-dev libevent-dev curl ca-certificates \
                 openssl \
-                lua-check
+                lua-check \
+                nodejs npm
 
 .PHONY: all test asan asan-build fuzz fuzz-build fuzz-replays valgrind demo bench bench-startup bench-instructions deps \
+        bench-serve bench-serve-deps \
         install uninstall clean clean-units units lint format
 
 # ---- fuzz harnesses (tests/fuzz/) ------------------------------------------------------------------
@@ -135,10 +137,15 @@ fuzz:
 	$(MAKE) fuzz-build
 	FUZZ_SECONDS=$(FUZZ_SECONDS) FUZZ_OUT=$(FUZZ_OUT) tests/fuzz/fuzz.sh $(FUZZ_TARGETS)
 
-# Installs the Debian packages the build and the tests need, when some are missing.
+# Installs the Debian packages the build and the tests need, when some are missing. A package
+# counts as there when an installed one provides it too (a nodejs build that carries its own npm
+# provides npm, and conflicts with Debian's).
 deps:
-	@missing=""; for p in $(DEB_PACKAGES); do \
-	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	@provided=" $$(dpkg-query -W -f='$${Status}|$${Provides}\n' 2>/dev/null | sed -n 's/^install ok installed|//p' \
+	  | tr ',' '\n' | sed 's/^ *//; s/ .*//' | tr '\n' ' ')"; \
+	missing=""; for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || \
+	    case "$$provided" in *" $$p "*) ;; *) missing="$$missing $$p" ;; esac; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
@@ -176,12 +183,37 @@ demo: deps
 	$(MAKE) aigate
 	tests/demo.sh
 
-bench: deps
+bench: deps bench-serve-deps
 	$(MAKE) aigate
 	$(MAKE) -C tests/bench
 	tests/bench/run.sh
 	tests/bench/limits.sh
 	tests/bench/startup.sh
+	tests/bench/serve.sh
+
+# `aigate serve` side by side with the upstream reached directly and with Portkey's gateway, alone.
+bench-serve: deps bench-serve-deps
+	$(MAKE) aigate
+	$(MAKE) -C tests/bench
+	tests/bench/serve.sh
+
+# What serve.sh needs besides the build: wrk, node and npm (Debian's, when there is no node yet), and
+# Portkey's gateway at the version pinned by tests/bench/node/package-lock.json. Without the gateway
+# (no network, say) serve.sh leaves it out and says so.
+BENCH_NODE := tests/bench/node
+bench-serve-deps:
+	$(MAKE) deps DEB_PACKAGES=wrk
+	@command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || $(MAKE) deps DEB_PACKAGES="nodejs npm"
+	@$(MAKE) --no-print-directory $(BENCH_NODE)/node_modules/.package-lock.json || \
+	  echo "Portkey's gateway could not be installed in $(BENCH_NODE): serve.sh leaves it out"
+
+# npm ci installs exactly the lockfile, which names no registry (.npmrc: omit-lockfile-registry-resolved);
+# no install script runs (the gateway's only one applies patches it does not ship).
+$(BENCH_NODE)/node_modules/.package-lock.json: $(BENCH_NODE)/package.json $(BENCH_NODE)/package-lock.json $(BENCH_NODE)/.npmrc
+	@if grep -q '"resolved"' $(BENCH_NODE)/package-lock.json; then \
+	  echo "$(BENCH_NODE)/package-lock.json names where packages come from: make it again with its .npmrc"; exit 1; fi
+	cd $(BENCH_NODE) && npm ci --ignore-scripts --no-audit --no-fund
+	touch $@
 
 # Start-up alone: aigate's short commands against a program that only initialises libcurl.
 bench-startup: deps

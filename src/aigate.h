@@ -110,10 +110,12 @@ int core_request(lua_State *L);
 int core_listen(lua_State *L);
 int core_engine(lua_State *L);
 int core_json_quote(lua_State *L);
+int core_json_fields(lua_State *L); /* chosen fields of a table as JSON (jsonfields.c) */
 void core_register_engine(lua_State *L);
 void core_register_scan(lua_State *L);  /* scan_ids, line_id, utf8_bad (src/scan.h) */
 void core_register_tasks(lua_State *L); /* spawn, wait, sleep, now, time, ... into the table on top */
 void core_register_sys(lua_State *L);   /* getenv, isatty, fsync, read, truncate, open_output, ... (sys.c) */
+void core_register_log(lua_State *L);   /* log_open: the request log (logfile.c) */
 void sys_shutdown(void);                /* waits for the fsyncs still running (called by tasks_shutdown) */
 int tasks_init(void);
 void tasks_shutdown(void);

@@ -1,6 +1,7 @@
 /*
  * core.c: assembles the `aigate.core` Lua module from the primitives of task.c, http_client.c,
- * sys.c, http_server.c, engine.c, scan.c and sse.c. The module's contract is documented in src/CORE_API.md.
+ * sys.c, http_server.c, engine.c, scan.c, sse.c and logfile.c. The module's contract is documented in
+ * src/CORE_API.md.
  */
 #include <lauxlib.h>
 #include <lua.h>
@@ -10,8 +11,13 @@
 int luaopen_aigate_core(lua_State *L)
 {
     static const luaL_Reg funcs[] = {
-        { "request", core_request }, { "listen", core_listen },         { "sse_parser", core_sse_parser },
-        { "engine", core_engine },   { "json_quote", core_json_quote }, { NULL, NULL },
+        { "request", core_request },
+        { "listen", core_listen },
+        { "sse_parser", core_sse_parser },
+        { "engine", core_engine },
+        { "json_quote", core_json_quote },
+        { "json_fields", core_json_fields },
+        { NULL, NULL },
     };
 
     core_register_engine(L);
@@ -19,6 +25,7 @@ int luaopen_aigate_core(lua_State *L)
     core_register_tasks(L);
     core_register_sys(L);
     core_register_scan(L);
+    core_register_log(L);
     lua_pushstring(L, AIGATE_VERSION);
     lua_setfield(L, -2, "version");
     return 1;

@@ -17,6 +17,16 @@
 #include "buf.h"
 #include "headers.h" /* the reply's header set: http_header_line, header_value, http_push_headers */
 
+struct watch;
+
+/* Ties w to the server response (core.listen's res) at idx: w->fire is called once when its client
+ * goes away. -1 when the value is not a response, 1 when its client is already gone (w not added),
+ * 0 when added; the owner takes w off (watch_remove) when it no longer cares. */
+int http_response_tie(lua_State *L, int idx, struct watch *w);
+
+/* Connections kept open for reuse once their transfer is done (every upstream together). */
+#define HTTP_MAX_IDLE_CONNECTIONS 1024
+
 #define HTTP_DEFAULT_MAX_SIZE (64 * 1024 * 1024)
 
 struct xfer {

@@ -25,6 +25,7 @@
 #include "buf.h"
 #include "clock.h"
 #include "http.h"
+#include "watch.h"
 
 #define DEFAULT_MAX_SIZE HTTP_DEFAULT_MAX_SIZE
 #define EASY_POOL_MAX    256
@@ -45,7 +46,9 @@ struct transfer {
     size_t received;
     size_t max_size;
     struct http_timers timers;
-    char *abort_msg; /* why we stopped it ourselves */
+    char *abort_msg;       /* why we stopped it ourselves */
+    struct watch gone;     /* on the tied_to response's list: its client went away */
+    struct event *gone_ev; /* fired by that, so that the abort runs from the loop */
     char errbuf[CURL_ERROR_SIZE];
 };
 
@@ -277,6 +280,9 @@ static void transfer_free(struct transfer *tr)
     buf_free(&tr->body);
     buf_free(&tr->resp_headers);
     http_timers_free(&tr->timers);
+    watch_remove(&tr->gone);
+    if (tr->gone_ev)
+        event_free(tr->gone_ev);
     free(tr->abort_msg);
     free(tr);
 }
@@ -286,10 +292,17 @@ static void transfer_cancel(struct pending *p)
     transfer_free((struct transfer *)p);
 }
 
-/* Pushes the response table {status, headers, body} on L. */
+/* Pushes the response table {status, headers, body, first_byte} on L. */
 static void push_response(lua_State *L, struct transfer *tr)
 {
-    lua_createtable(L, 0, 3);
+    double first_byte;
+
+    lua_createtable(L, 0, 4);
+    /* curl's time from the start to the first byte of the reply (the request log's attempts) */
+    if (tr->easy && curl_easy_getinfo(tr->easy, CURLINFO_STARTTRANSFER_TIME, &first_byte) == CURLE_OK) {
+        lua_pushnumber(L, first_byte);
+        lua_setfield(L, -2, "first_byte");
+    }
     lua_pushinteger(L, tr->status);
     lua_setfield(L, -2, "status");
     http_push_headers(L, &tr->resp_headers);
@@ -414,6 +427,51 @@ static void transfer_abort(struct transfer *tr, const char *msg)
 static void transfer_expired(struct http_timers *tm, const char *msg)
 {
     transfer_abort((struct transfer *)(void *)((char *)tm - offsetof(struct transfer, timers)), msg);
+}
+
+#define CLIENT_GONE "aborted: the client went away"
+
+static void client_gone_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    transfer_abort(arg, CLIENT_GONE);
+}
+
+/* The server connection the transfer is tied to closed (called from its close, so the abort is
+ * deferred to the loop: the task must not be resumed inside the server's own teardown). */
+static void client_gone(struct watch *w)
+{
+    struct transfer *tr = (struct transfer *)(void *)((char *)w - offsetof(struct transfer, gone));
+
+    event_active(tr->gone_ev, EV_TIMEOUT, 1);
+}
+
+/* opts.tied_to (a core.listen response), when set: ties the transfer to its client. 0 (tied, or no
+ * option), 1 when the client is already gone, -1 when the value is not a response or out of memory
+ * (a message pushed). */
+static int tie_to_client(lua_State *L, struct transfer *tr)
+{
+    int rc;
+
+    lua_getfield(L, 1, "tied_to");
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        return 0;
+    }
+    tr->gone_ev = event_new(g_base, -1, 0, client_gone_cb, tr);
+    if (tr->gone_ev == NULL) {
+        lua_pushliteral(L, "out of memory");
+        return -1;
+    }
+    tr->gone.fire = client_gone;
+    rc = http_response_tie(L, -1, &tr->gone);
+    if (rc < 0)
+        lua_pushfstring(L, "bad option 'tied_to' to 'request' (a server response expected, got %s)",
+                        luaL_typename(L, -1));
+    else
+        lua_pop(L, 1);
+    return rc;
 }
 
 /* ---- timeouts and CA certificates, for every kind of transfer -------------------------------- */
@@ -733,6 +791,18 @@ int core_request(lua_State *L)
     } else {
         lua_pop(L, 1);
     }
+    switch (tie_to_client(L, tr)) {
+    case 0:
+        break;
+    case 1:
+        transfer_free(tr);
+        lua_pushnil(L);
+        lua_pushliteral(L, CLIENT_GONE);
+        return 2;
+    default:
+        transfer_free(tr);
+        return lua_error(L);
+    }
     if (body) {
         lua_getfield(L, 1, "body");
         tr->body_ref = luaL_ref(L, LUA_REGISTRYINDEX);
@@ -813,6 +883,10 @@ int http_client_init(void)
     multi_timer = evtimer_new(g_base, timer_cb, NULL);
     curl_multi_setopt(multi, CURLMOPT_SOCKETFUNCTION, socket_cb);
     curl_multi_setopt(multi, CURLMOPT_TIMERFUNCTION, multi_timer_cb);
+    /* Idle connections kept for reuse. libcurl's default sizes the pool by the transfers added at the
+     * moment, so it shrinks whenever fewer are in flight and a server proxying 64 connections opened
+     * a new upstream connection for about one request in ten. */
+    curl_multi_setopt(multi, CURLMOPT_MAXCONNECTS, (long)HTTP_MAX_IDLE_CONNECTIONS);
     return 0;
 }
 

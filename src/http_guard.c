@@ -30,12 +30,16 @@
  *           are read and dropped until it closes, so that closing cannot reset the connection before
  *           the client has read the reply; within LINGER_IDLE and LINGER_MAX. Counts as idle.
  */
+#include <errno.h>
 #include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
@@ -53,6 +57,12 @@
  * in effect how long a client may leave a reply unread before it is dropped.
  */
 #define IO_TIMEOUT 600.0
+/*
+ * How long a request is with the handler before the socket is watched for the client leaving (see
+ * busy_read). Most requests are answered sooner, and then cost no system call for it; a client that
+ * leaves is noticed at most this much later.
+ */
+#define BUSY_WATCH_AFTER 0.005
 /* The start of each head line kept for reading Content-Length. */
 #define PREFIX_MAX 48
 
@@ -75,6 +85,7 @@ struct http_conn {
     struct evhttp_connection *evcon; /* NULL until attached */
     struct evbuffer_cb_entry *input_cb;
     struct event *timer; /* the state's deadline; also runs the attach and the pipelined rescan */
+    struct event *gone;  /* while BUSY: reading is evhttp's no more, so this notices a client leaving */
     evutil_socket_t fd;
     enum conn_state state;
     unsigned long requests;
@@ -205,6 +216,8 @@ static void conn_free(struct http_conn *c)
     if (c->input_cb)
         evbuffer_remove_cb_entry(bufferevent_get_input(c->bev), c->input_cb);
     event_free(c->timer);
+    if (c->gone)
+        event_free(c->gone);
     if (c->fd >= 0 && (size_t)c->fd < by_fd_len && by_fd[c->fd] == c)
         by_fd[c->fd] = NULL;
     idle_remove(c);
@@ -294,6 +307,25 @@ static void linger_event(struct bufferevent *bev, short what, void *arg)
  * Answers status with a JSON error and closes the connection gracefully, whatever evhttp was doing
  * with it (no request of it is with the handler). Safe inside the input callback: nothing is freed.
  */
+#define ENVELOPE "{\"error\":{\"message\":\"%s\",\"type\":\"%s\",\"param\":null,\"code\":\"%s\"}}\n"
+
+/* The envelope's code for a rejection's status. */
+static const char *reject_code(int status)
+{
+    switch (status) {
+    case 408:
+        return "request_timeout";
+    case 413:
+        return "request_too_large";
+    case 431:
+        return "headers_too_large";
+    case 503:
+        return "server_busy";
+    default:
+        return "bad_request";
+    }
+}
+
 static void conn_reject(struct http_conn *c, int status, const char *reason, const char *message)
 {
     char head[256];
@@ -310,9 +342,12 @@ static void conn_reject(struct http_conn *c, int status, const char *reason, con
     c->linger_eof = 0;
     bufferevent_setcb(c->bev, linger_read, linger_write, linger_event, c);
     bufferevent_set_timeouts(c->bev, NULL, NULL);
-    blen = snprintf(body, sizeof(body), "{\"error\":{\"message\":\"%s\"}}\n", message);
+    /* OpenAI's error envelope, whole (type, param, code), so that its SDKs read it as the API's. */
+    blen = snprintf(body, sizeof(body), ENVELOPE, message,
+                    status >= 500 ? "server_error" : "invalid_request_error", reject_code(status));
     if (blen < 0 || (size_t)blen >= sizeof(body))
-        blen = snprintf(body, sizeof(body), "{\"error\":{\"message\":\"%s\"}}\n", reason);
+        blen = snprintf(body, sizeof(body), ENVELOPE, reason,
+                        status >= 500 ? "server_error" : "invalid_request_error", reject_code(status));
     hlen = snprintf(head, sizeof(head),
                     "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s"
                     "Connection: close\r\n\r\n",
@@ -614,6 +649,11 @@ static int conn_attach(struct http_conn *c)
     c->evcon = cbarg;
     bufferevent_decref(c->bev);
     c->fd = bufferevent_getfd(c->bev);
+    /* Nagle's algorithm off, once per connection: without it a small write (the next SSE event of a
+     * stream, a reply on a reused keep-alive connection) waits for the ACK of the previous one, which
+     * the client delays by up to 40 ms. */
+    if (c->fd >= 0)
+        setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &(int){ 1 }, sizeof(int));
     evhttp_connection_set_closecb(c->evcon, conn_closed, c);
     c->state = C_IDLE;
     c->accepted = monotonic_seconds();
@@ -632,6 +672,8 @@ static int conn_attach(struct http_conn *c)
     arm(c, g->limits.header_timeout);
     return 1;
 }
+
+static void busy_watch(struct http_conn *c);
 
 static void conn_timer(evutil_socket_t fd, short what, void *arg)
 {
@@ -675,6 +717,7 @@ static void conn_timer(evutil_socket_t fd, short what, void *arg)
         conn_close(c);
         return;
     case C_BUSY:
+        busy_watch(c);
         return;
     }
 }
@@ -716,6 +759,39 @@ static struct bufferevent *new_bufferevent(struct event_base *base, void *arg)
     return bev;
 }
 
+/*
+ * While a request is with the handler evhttp does not read the connection, so a client that goes
+ * away would be noticed only when the reply is written. The handler may wait a long time before that
+ * (an upstream that has not answered yet), so the socket is watched meanwhile: EOF or an error means
+ * the client is gone (nginx does the same), and the connection is closed at once, which tells the
+ * handler (on_close), and through it the transfers tied to the client. Bytes waiting are the next
+ * request, pipelined: the watch stops, as nothing more can be told until evhttp reads them.
+ */
+static void busy_read(evutil_socket_t fd, short what, void *arg)
+{
+    struct http_conn *c = arg;
+    char b;
+    ssize_t n;
+
+    (void)what;
+    n = recv(fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n > 0) {
+        event_del(c->gone);
+        return;
+    }
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+        return;
+    conn_close(c);
+}
+
+static void busy_watch(struct http_conn *c)
+{
+    if (c->gone == NULL)
+        c->gone = event_new(c->g->base, c->fd, EV_READ | EV_PERSIST, busy_read, c);
+    if (c->gone)
+        event_add(c->gone, NULL); /* without it, a client leaving is noticed at the first write */
+}
+
 static void guard_request(struct evhttp_request *req, void *arg)
 {
     struct http_guard *g = arg;
@@ -733,6 +809,7 @@ static void guard_request(struct evhttp_request *req, void *arg)
     idle_remove(c);
     c->state = C_BUSY;
     c->requests++;
+    arm(c, BUSY_WATCH_AFTER); /* then busy_watch */
     g->on_request(req, c, g->arg);
 }
 
@@ -811,6 +888,8 @@ void http_conn_done(struct http_conn *c)
     c->user = NULL;
     if (c->state != C_BUSY)
         return;
+    if (c->gone)
+        event_del(c->gone);
     c->state = C_IDLE;
     idle_push(c);
     arm(c, c->g->limits.idle_timeout);

@@ -31,6 +31,8 @@
 #include <lua.h>
 
 #include "aigate.h"
+#include "http.h"
+#include "watch.h"
 #include "http_guard.h"
 
 #define SERVER_MT   "aigate.server"
@@ -52,6 +54,7 @@ struct response {
     int started;
     int finished;
     int closed;
+    struct watch *watchers; /* transfers tied to this client (core.request's tied_to) */
 };
 
 static struct server *open_servers;
@@ -72,6 +75,7 @@ static void on_close(void *user, void *arg)
         r->req = NULL;
         r->finished = 1;
     }
+    watch_release_all(&r->watchers, 1);
 }
 
 /*
@@ -132,6 +136,18 @@ static void response_end(struct response *r, int status_if_unstarted)
 static struct response *check_response(lua_State *L)
 {
     return luaL_checkudata(L, 1, RESPONSE_MT);
+}
+
+int http_response_tie(lua_State *L, int idx, struct watch *w)
+{
+    struct response *r = luaL_testudata(L, idx, RESPONSE_MT);
+
+    if (r == NULL)
+        return -1;
+    if (r->closed)
+        return 1;
+    watch_add(&r->watchers, w);
+    return 0;
 }
 
 static int usable(lua_State *L, struct response *r)
@@ -278,6 +294,7 @@ static int l_response_gc(lua_State *L)
 {
     struct response *r = check_response(L);
 
+    watch_release_all(&r->watchers, 0);
     response_end(r, 500);
     return 0;
 }
@@ -347,25 +364,6 @@ static void handler_done(struct task *t, int ok, void *ud)
     response_end(r, 500);
 }
 
-/*
- * Turns Nagle's algorithm off on a request's connection. Without it a small write (the next SSE event
- * of a stream, a reply on a reused keep-alive connection) waits for the ACK of the previous one, which
- * the client delays by up to 40 ms. libevent 2.1 has no hook for a connection just accepted (the
- * bufferevent callback runs before the socket is attached), so this runs once per request, before the
- * handler can write anything; on a kept-alive connection it repeats a cheap, idempotent system call.
- */
-static void set_nodelay(struct evhttp_connection *evcon)
-{
-    evutil_socket_t fd;
-    int one = 1;
-
-    if (evcon == NULL)
-        return;
-    fd = bufferevent_getfd(evhttp_connection_get_bufferevent(evcon));
-    if (fd >= 0)
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-}
-
 static void request_cb(struct evhttp_request *req, struct http_conn *conn, void *arg)
 {
     struct server *s = arg;
@@ -374,7 +372,6 @@ static void request_cb(struct evhttp_request *req, struct http_conn *conn, void 
     struct evhttp_connection *evcon = evhttp_request_get_connection(req);
     STACK_CHECK_BEGIN(L);
 
-    set_nodelay(evcon);
     lua_rawgeti(L, LUA_REGISTRYINDEX, s->handler_ref);
     push_request(L, req);
     r = lua_newuserdatauv(L, sizeof(*r), 0);

@@ -131,6 +131,24 @@ static int top_member(void *ctx, struct js_scan *s, const struct js_token *key)
     return 0; /* id, custom_id: the id rule (js_line_read) reads them */
 }
 
+/* Whether an OpenAI Batch line asks for a chat completion: no method or "POST", no url or one ending
+ * in /chat/completions, as the general path reads them (aigate.batch.input). A line for another
+ * endpoint (url /v1/embeddings) or method is the general path's to send or refuse, whatever its body
+ * holds. */
+static int chat_request(const struct line_shape *s)
+{
+    static const char post[] = "\"POST\"", suffix[] = "/chat/completions\"";
+    const size_t npost = sizeof(post) - 1, nsuffix = sizeof(suffix) - 1;
+
+    if (s->has_method &&
+        (s->method.escaped || s->method.len != npost || memcmp(s->method.start, post, npost) != 0))
+        return 0;
+    if (s->has_url && (s->url.escaped || s->url.len < nsuffix + 1 ||
+                       memcmp(s->url.start + s->url.len - nsuffix, suffix, nsuffix) != 0))
+        return 0;
+    return 1;
+}
+
 int line_shape_read(const char *line, size_t len, struct line_shape *s)
 {
     memset(s, 0, sizeof(*s));
@@ -138,6 +156,6 @@ int line_shape_read(const char *line, size_t len, struct line_shape *s)
     if (js_scan_whole_object(line, len, top_member, s) != 0 || s->openai == -1)
         return -1;
     if (s->openai)
-        return s->has_messages && !s->has_prompt ? 0 : -1; /* the body and its messages */
+        return s->has_messages && !s->has_prompt && chat_request(s) ? 0 : -1; /* the body and its messages */
     return s->has_prompt != s->has_messages ? 0 : -1;
 }

@@ -5,6 +5,7 @@
  * request for. This reader only says what the line holds; it decides nothing about the policy:
  *   short form   {"id", "prompt" | "messages", "model"?}
  *   OpenAI Batch {"custom_id", "method"?, "url"?, "body": {"model"?, "messages", <params>...}}
+ *                with method "POST" and a url ending in /chat/completions when they are there
  * where messages are objects of exactly "role" and "content" (strings), and params are numbers or
  * strings. Anything else (other fields, null or nested values, keys with escapes) is not a shape:
  * such a line goes to the general path, which reads every form there is. The line must already have

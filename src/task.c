@@ -998,11 +998,123 @@ static void signal_pipe_cb(evutil_socket_t fd, short what, void *arg)
     }
 }
 
+/*
+ * The signals that ask a running program for something (reload, reopen) rather than to stop:
+ * libevent's signal events, installed when first waited for. A signal that comes while no task
+ * waits is kept (once), and the next wait returns it at once, so none is lost between two waits.
+ */
+struct soft_signal {
+    int sig;
+    const char *name;
+    struct event *ev;
+    int pending;
+    struct task *waiters;
+};
+
+static struct soft_signal soft_signals[] = {
+    { SIGHUP, "HUP", NULL, 0, NULL },
+    { SIGUSR1, "USR1", NULL, 0, NULL },
+    { SIGUSR2, "USR2", NULL, 0, NULL },
+};
+#define NSOFT (sizeof(soft_signals) / sizeof(soft_signals[0]))
+
+struct soft_op {
+    struct pending pending;
+    struct task *task;
+    struct soft_signal *s;
+};
+
+static void soft_cancel(struct pending *p)
+{
+    struct soft_op *op = (struct soft_op *)p;
+    struct task **pp = &op->s->waiters;
+
+    while (*pp && *pp != op->task)
+        pp = &(*pp)->next_waiter;
+    if (*pp)
+        *pp = op->task->next_waiter;
+    free(op);
+}
+
+static void soft_cb(evutil_socket_t sig, short what, void *arg)
+{
+    struct soft_signal *s = arg;
+    struct task *list = s->waiters;
+    struct task *w;
+
+    (void)sig;
+    (void)what;
+    if (list == NULL || g_exit_code >= 0) {
+        s->pending = 1;
+        return;
+    }
+    s->waiters = NULL; /* a waiter may wait again while the others are resumed */
+    while ((w = list) != NULL) {
+        list = w->next_waiter;
+        w->next_waiter = NULL;
+        free(w->pending);
+        w->pending = NULL;
+        lua_pushstring(w->co, s->name);
+        task_resume(w, 1);
+    }
+}
+
+/* core.wait_signal(name) for a soft signal. */
+static int wait_soft_signal(lua_State *L, struct task *t, const char *name)
+{
+    struct soft_signal *s = NULL;
+    struct soft_op *op;
+    size_t i;
+
+    for (i = 0; i < NSOFT; i++)
+        if (strcmp(soft_signals[i].name, name) == 0)
+            s = &soft_signals[i];
+    if (s == NULL)
+        return luaL_error(L,
+                          "wait_signal: unknown signal '%s' (expected HUP, USR1 or USR2; no name waits "
+                          "for INT or TERM)",
+                          name);
+    if (s->ev == NULL) {
+        s->ev = evsignal_new(g_base, s->sig, soft_cb, s);
+        if (s->ev == NULL || event_add(s->ev, NULL) != 0)
+            return luaL_error(L, "wait_signal: cannot watch SIG%s", name);
+    }
+    if (s->pending) {
+        s->pending = 0;
+        lua_pushstring(L, s->name);
+        return 1;
+    }
+    op = malloc(sizeof(*op));
+    if (op == NULL)
+        return luaL_error(L, "out of memory");
+    op->pending.cancel = soft_cancel;
+    op->task = t;
+    op->s = s;
+    t->next_waiter = s->waiters;
+    s->waiters = t;
+    lua_settop(L, 0);
+    return task_yield(L, t, &op->pending);
+}
+
+static void soft_signals_free(void)
+{
+    size_t i;
+
+    for (i = 0; i < NSOFT; i++) {
+        if (soft_signals[i].ev)
+            event_free(soft_signals[i].ev);
+        soft_signals[i].ev = NULL;
+    }
+}
+
 static int l_wait_signal(lua_State *L)
 {
     struct task *t = task_check(L);
-    struct signal_op *op = malloc(sizeof(*op));
+    struct signal_op *op;
 
+    if (!lua_isnoneornil(L, 1))
+        return wait_soft_signal(L, t, luaL_checkstring(L, 1));
+    op = malloc(sizeof(*op));
     if (op == NULL)
         return luaL_error(L, "out of memory");
     op->pending.cancel = signal_cancel;
@@ -1145,6 +1257,7 @@ static void vm_shutdown(void)
     if (vm.signal_event)
         event_free(vm.signal_event);
     vm.signal_event = NULL;
+    soft_signals_free();
     if (vm.pipe[0] >= 0) {
         close(vm.pipe[0]);
         close(vm.pipe[1]);

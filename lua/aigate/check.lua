@@ -89,6 +89,46 @@ function M.integer(v)
   end
 end
 
+--- A list of non-empty strings.
+function M.names(v)
+  if type(v) ~= "table" then
+    return "must be a list of strings", typename(v)
+  end
+  local n = 0
+  for _ in pairs(v) do
+    n = n + 1
+  end
+  for i = 1, n do
+    if type(v[i]) ~= "string" or v[i] == "" then
+      return "must be a list of non-empty strings", typename(v[i]), format("item %d", i)
+    end
+  end
+end
+
+--- Request headers that carry credentials (lowercase): a server never passes them on from its
+-- clients, nor shows them to hooks.
+M.CREDENTIAL_HEADERS = { authorization = true, ["proxy-authorization"] = true, cookie = true,
+  ["cf-aig-authorization"] = true, ["x-api-key"] = true, ["api-key"] = true }
+-- ... nor these, which belong to the message it sends itself.
+local MESSAGE_HEADERS = { host = true, ["content-length"] = true, ["content-type"] = true,
+  ["transfer-encoding"] = true, connection = true }
+
+function M.forward_headers(v)
+  local msg, got, part = M.names(v)
+  if msg then
+    return msg, got, part
+  end
+  for i, name in ipairs(v) do
+    if not name:match("^[%w!#$%%&'*+%-.^_`|~]+$") then
+      return format("has a bad header name '%s'", name), nil, format("item %d", i)
+    end
+    if M.CREDENTIAL_HEADERS[name:lower()] or MESSAGE_HEADERS[name:lower()] then
+      return format("may not pass on '%s': credentials and the message's own headers never go upstream from a "
+        .. "client (upstream credentials come from the config and the environment)", name), nil, format("item %d", i)
+    end
+  end
+end
+
 function M.string_or_table(v)
   if type(v) ~= "string" and type(v) ~= "table" then
     return "must be a string or a table", typename(v)
@@ -279,6 +319,8 @@ function M.metadata(v)
   end
 end
 
+local JSON_NULL = require("aigate.json").null
+
 function M.messages(v)
   if type(v) ~= "table" then
     return "must be an array of {role =, content =} tables", typename(v)
@@ -291,7 +333,8 @@ function M.messages(v)
       return "needs a string 'role'", typename(m.role), format("message %d", i)
     end
     local c = m.content
-    if c ~= nil and type(c) ~= "string" and type(c) ~= "table" then
+    -- JSON null too: an assistant message that calls tools has "content": null in OpenAI's format
+    if c ~= nil and c ~= JSON_NULL and type(c) ~= "string" and type(c) ~= "table" then
       return "'content' must be a string or a table", typename(c), format("message %d", i)
     end
   end

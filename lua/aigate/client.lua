@@ -2,7 +2,8 @@
 --
 -- `send(req, core)` performs a request that aigate.request prepared, plain or streamed (SSE via
 -- core.sse_parser), and returns the result table or `nil, message, info` (explained by
--- aigate.errors). `read_reply(req, res, err, t0)` is the reading half on its own: a reply that is
+-- aigate.errors); an embeddings request (req.embeddings, aigate.request.prepare_embeddings) is read
+-- as an embeddings list. `read_reply(req, res, err, t0)` is the reading half on its own: a reply that is
 -- already there (or the transport error that replaced it) in, the same outcome out, no I/O; the
 -- policy uses it for a reply the batch engine sent. Every message and info text is redacted
 -- (aigate.secrets); -v lines show the request and the reply's head with credentials hidden.
@@ -88,6 +89,7 @@ local function new_result(req, res, t0, now)
     status = res.status,
     headers = h,
     latency = now() - t0,
+    first_byte = res.first_byte, -- seconds to the reply's first byte (core.request's)
     url = req.url,
     cache_status = h[RH.cache_status],
     log_id = h[RH.log_id],
@@ -139,12 +141,53 @@ local function read_completion(r, body)
   return true
 end
 
+-- A decoded embeddings body ({data = {{embedding, index}...}, model, usage}) -> fills r (data: the
+-- list as it came, embeddings: the vectors by index, usage), or returns nil, err. A vector is an
+-- array of numbers, or a base64 text (encoding_format "base64").
+local function read_embeddings(r, body)
+  if type(body) ~= "table" then
+    return nil, "the reply is JSON but not an object"
+  end
+  local data = body.data
+  if type(data) ~= "table" or type(data[1]) ~= "table" then
+    return nil, "the reply has no data (a list of embeddings)"
+  end
+  local vectors = {}
+  for i, d in ipairs(data) do
+    local index, v = type(d) == "table" and math.tointeger(d.index), type(d) == "table" and d.embedding
+    if index == nil or index < 0 or index >= #data or vectors[index + 1] ~= nil then
+      return nil, string.format("embedding %d of data has no index from 0 to %d of its own", i, #data - 1)
+    end
+    if type(v) == "table" then
+      for _, x in ipairs(v) do
+        if type(x) ~= "number" then
+          return nil, string.format("embedding %d of data is not an array of numbers", i)
+        end
+      end
+      if #v == 0 then
+        return nil, string.format("embedding %d of data is empty", i)
+      end
+    elseif type(v) ~= "string" or v == "" then
+      return nil, string.format("embedding %d of data is neither an array of numbers nor a base64 text", i)
+    end
+    vectors[index + 1] = v
+  end
+  r.data = data
+  r.embeddings = vectors
+  r.usage = usage_of(body.usage)
+  if type(body.model) == "string" then
+    r.response_model = body.model
+  end
+  r.body = body
+  return true
+end
+
 -- An error object inside a 2xx reply (gateway envelope or OpenAI style), or nil.
 local function embedded_error(body)
   if type(body) ~= "table" then
     return nil
   end
-  if body.error ~= nil and body.error ~= json.null and body.choices == nil then
+  if body.error ~= nil and body.error ~= json.null and body.choices == nil and body.data == nil then
     return true
   end
   if body.success == false then
@@ -175,7 +218,7 @@ local function reply_outcome(req, res, t0, now)
     info.kind = "response"
     return { message = msg, info = info }
   end
-  local ok, rerr = read_completion(r, body)
+  local ok, rerr = (req.embeddings and read_embeddings or read_completion)(r, body)
   if not ok then
     return response_error(req, string.format(
       "HTTP %d with an unexpected body (%s): %s", res.status, rerr, snippet(res.body)
@@ -231,14 +274,16 @@ local function tool_calls_of(calls)
   return list
 end
 
--- Streamed request: parses SSE in on_chunk, passes text deltas to req.stream.
+-- Streamed request: parses SSE in on_chunk, passes text deltas to req.stream and each event that is
+-- not an error, as it came, to req.stream_events (when set).
 local function streamed(req, with, ropts, t0)
   local parser = with.sse_parser()
   local parts = {}
   local raw, raw_len = {}, 0
   local state = { events = 0, done = false }
   local calls = { by_index = {}, order = {} }
-  local usage, finish, rmodel, cb_err, stream_err, last, refusal, head_shown
+  local usage, finish, rmodel, cb_err, stream_err, last, refusal, head_shown, stopped
+  local first_token_at -- core.now() of the first event that is not an error
   local function handle(ev)
     local data = ev.data
     if data == nil or data == "" then
@@ -260,6 +305,18 @@ local function streamed(req, with, ropts, t0)
     if embedded_error(chunk) then
       stream_err = chunk
       return false
+    end
+    first_token_at = first_token_at or with.now() -- (the request log's time to first token)
+    if req.stream_events then
+      -- the event as it came (aigate serve passes it on unchanged); false stops the stream
+      local ok, go = pcall(req.stream_events, data, chunk)
+      if not ok then
+        cb_err = go
+        return false
+      elseif go == false then
+        stopped = true
+        return false
+      end
     end
     last = chunk
     if type(chunk.usage) == "table" then
@@ -314,6 +371,10 @@ local function streamed(req, with, ropts, t0)
   local res, err = with.request(ropts)
   if cb_err ~= nil then
     error(cb_err, 0)
+  end
+  if stopped then
+    return { transport = "aborted: the stream's receiver stopped it (stream_events returned false)",
+      partial = table.concat(parts) }
   end
   if res == nil and stream_err == nil then
     return { transport = err, partial = table.concat(parts) }
@@ -383,6 +444,7 @@ local function streamed(req, with, ropts, t0)
   r.response_model = rmodel
   r.last_chunk = last
   r.done = state.done
+  r.first_token_at = first_token_at
   return { result = r }
 end
 
@@ -397,6 +459,7 @@ local function returned(req, out)
     info.partial = out.partial
   elseif out.res then
     msg, info = errors.explain(out.res.status, out.res.headers, out.res.body, req)
+    info.first_byte = out.res.first_byte
   else
     msg, info = out.message, out.info
   end
@@ -434,6 +497,7 @@ function M.send(req, with)
     ca_file = req.ca_file,
     ca_path = req.ca_path,
     max_size = req.max_size,
+    tied_to = req.tied_to,
   }
   for k, v in pairs(req.timeouts or {}) do
     ropts[k] = v

@@ -3,7 +3,8 @@
 -- `aigate.chat(opts)` sends one chat completion through Cloudflare AI Gateway
 -- (or another OpenAI-compatible provider) and returns a result table, or
 -- `nil, message, info`; `aigate.chat_with_reply(opts, handed)` does the same for a
--- request whose first attempt someone else already sent (the batch engine). The rest are thin wrappers over the C primitives in
+-- request whose first attempt someone else already sent (the batch engine); `aigate.embed(opts)`
+-- sends an embeddings request through the same policy. The rest are thin wrappers over the C primitives in
 -- aigate.core (tasks, time, environment), the config (`configure`, `config`),
 -- JSON helpers and the warning hook. Caller mistakes raise with the option's
 -- name; operational failures return `nil, message, info`. The routing policy
@@ -24,6 +25,7 @@ local route = require("aigate.route")
 local template = require("aigate.template")
 local breaker = require("aigate.breaker")
 local secrets = require("aigate.secrets")
+local reqlog = require("aigate.reqlog")
 
 local M = {}
 
@@ -35,6 +37,8 @@ M.config_module = config
 M.route = route
 M.template = template
 M.policy = policy
+--- An answer a before_request hook gives instead of the request (see policy.answer).
+M.answer = policy.answer
 M.breaker = breaker
 
 local current_config -- set by configure, or loaded on first use
@@ -153,15 +157,16 @@ local function context()
 end
 
 -- The config of a call: opts.config (validated once) or the one in use. level: the error level of
--- the API function's caller, counted from here. Returns cfg or nil, err.
-local function config_of(opts, level)
+-- the API function's caller, counted from here; api: its name in messages (aigate.chat when nil).
+-- Returns cfg or nil, err.
+local function config_of(opts, level, api)
   local cfg, err = opts.config, nil
   if cfg == nil then
     cfg, err = M.config()
   elseif validated[cfg] == nil then
     local checked, verr = config.validate(cfg, cfg.source or "option 'config'")
     if checked == nil then
-      error("aigate.chat: " .. verr, level)
+      error((api or "aigate.chat") .. ": " .. verr, level)
     end
     validated[cfg] = checked
     cfg = checked
@@ -196,10 +201,48 @@ function M.chat(opts)
   request.check_options(opts, 1)
   caller_credentials(opts)
   local cfg, err = config_of(opts, 3)
+  local rec = reqlog.auto(opts) -- nil unless a command's --log records every call
+  local r, e, i
+  if cfg == nil then
+    r, e, i = nil, redact(err), { kind = "config", attempts = {} }
+  else
+    r, e, i = redacted_failure(policy.chat(opts, cfg, policy_context()))
+  end
+  if rec then
+    rec:outcome(r, e, i)
+    rec:finish()
+  end
+  return r, e, i
+end
+
+--- Sends one embeddings request through the routing policy: the model resolves as for chat (a
+-- named model, a local route with its fallbacks, retries, breakers and limits, or an id sent to the
+-- gateway's .../compat/embeddings), hooks run (before_request sees these options, ctx.endpoint is
+-- "embeddings"; after_response the result). opts: model and input (required: a text or an array of
+-- texts), dimensions, encoding_format, user, extra_body, headers, the gateway options (cache_ttl,
+-- metadata, ...), timeouts, verbose, config, provider. Returns result {data (the reply's list as it
+-- came), embeddings (the vectors in index order), usage, model, provider, status, headers, latency,
+-- raw_body, body, attempts, step, route, cost, ...} or nil, message, info (as aigate.chat).
+function M.embed(opts)
+  request.check_options(opts, 1, "embeddings")
+  caller_credentials(opts)
+  local cfg, err = config_of(opts, 3, "aigate.embed")
   if cfg == nil then
     return nil, redact(err), { kind = "config", attempts = {} }
   end
-  return redacted_failure(policy.chat(opts, cfg, policy_context()))
+  return redacted_failure(policy.embed(opts, cfg, policy_context()))
+end
+
+--- aigate.prepare for aigate.embed's options: the embeddings request the policy would send first,
+-- not sent, credentials hidden. Returns the same table as aigate.prepare or nil, message, info.
+function M.prepare_embed(opts)
+  request.check_options(opts, 1, "embeddings")
+  caller_credentials(opts)
+  local cfg, err = config_of(opts, 3, "aigate.embed")
+  if cfg == nil then
+    return nil, redact(err), { kind = "config", attempts = {} }
+  end
+  return redacted_failure(policy.prepare(opts, cfg, policy_context(), "embeddings"))
 end
 
 -- Raises when `handed` is not a reply as chat_with_reply takes it.
@@ -242,7 +285,15 @@ function M.chat_with_reply(opts, handed)
   if cfg == nil then
     return nil, redact(err), { kind = "config", attempts = {} }
   end
-  return redacted_failure(policy.chat(opts, cfg, policy_context(), handed))
+  local rec = reqlog.auto(opts)
+  if rec == nil then
+    return redacted_failure(policy.chat(opts, cfg, policy_context(), handed))
+  end
+  rec.t0 = handed.started or rec.t0 -- the request began when its first attempt was sent
+  local r, e, i = redacted_failure(policy.chat(opts, cfg, policy_context(), handed))
+  rec:outcome(r, e, i)
+  rec:finish()
+  return r, e, i
 end
 
 -- Tasks, time and environment: the C primitives, with the argument checks done here so that a

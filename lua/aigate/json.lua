@@ -350,7 +350,73 @@ local function encode_body(body)
 end
 M.encode_body = encode_body
 
---- Decodes JSON text. Returns the value or nil, err.
+-- Empty arrays. cjson reads `[]` and `{}` alike as an empty table, so a value read and written
+-- again would turn `"stop": []` into `"stop": {}`, which an upstream refuses. Before decoding, each
+-- `[]` outside a string becomes an array of one marker string; after it, each such array becomes an
+-- empty table marked array_mt. Texts without `[` and `]` next to each other pay one find.
+local EMPTY_MARK = "\0aigate:empty-array"
+local EMPTY_JSON = '["\\u0000aigate:empty-array"]'
+
+-- s with each empty array outside strings replaced by EMPTY_JSON, or nil when it has none.
+local function mark_empty_arrays(s)
+  local parts, n, from, pos = nil, 0, 1, 1
+  while true do
+    local i = find(s, '["%[]', pos)
+    if i == nil then
+      break
+    end
+    if s:byte(i) == 34 then -- a string: skip to its closing quote (escapes skipped in pairs)
+      local j = i + 1
+      while true do
+        local k = find(s, '["\\]', j)
+        if k == nil then
+          return nil -- unterminated: cjson says so
+        end
+        if s:byte(k) == 92 then
+          j = k + 2
+        else
+          pos = k + 1
+          break
+        end
+      end
+    else
+      local _, e = find(s, "^%s*%]", i + 1)
+      if e then
+        parts = parts or {}
+        parts[n + 1] = s:sub(from, i - 1)
+        parts[n + 2] = EMPTY_JSON
+        n = n + 2
+        from = e + 1
+        pos = e + 1
+      else
+        pos = i + 1
+      end
+    end
+  end
+  if parts == nil then
+    return nil
+  end
+  parts[n + 1] = s:sub(from)
+  return concat(parts)
+end
+
+local function unmark(v)
+  if type(v) ~= "table" then
+    return v
+  end
+  if v[1] == EMPTY_MARK and v[2] == nil then
+    return setmetatable({}, M.array_mt)
+  end
+  for k, x in pairs(v) do
+    if type(x) == "table" then
+      v[k] = unmark(x)
+    end
+  end
+  return v
+end
+
+--- Decodes JSON text. Returns the value or nil, err. Empty arrays come back marked with array_mt,
+-- so that encode writes them as arrays again.
 function M.decode(s)
   if type(s) ~= "string" then
     return nil, "expected a JSON string, got " .. type(s)
@@ -358,7 +424,18 @@ function M.decode(s)
   if not cjson_ok then
     return nil, "cjson is not available"
   end
-  return cjson.decode(s)
+  if find(s, "[", 1, true) == nil or not find(s, "%[%s*%]") then
+    return cjson.decode(s)
+  end
+  local marked = mark_empty_arrays(s)
+  if marked == nil then
+    return cjson.decode(s)
+  end
+  local v = cjson.decode(marked)
+  if v == nil then
+    return cjson.decode(s) -- the error as it is for the text given
+  end
+  return unmark(v)
 end
 
 return M

@@ -7,8 +7,16 @@
 -- OpenAI-style list: {"object":"list","data":[{"id","object":"model","created","owned_by"}]} with the
 -- client's default model, a few vendor ids and every fault model below (owned_by: the id's prefix;
 -- `mock/slow-1000`, `mock/stall-1000`, `mock/flaky-2`, `mock/busy-2`, `mock/big-64` stand for the
--- models with a parameter). Used by `aigate mock` (cli.lua), by the end-to-end tests (tests/e2e/) and
--- by in-process Lua tests.
+-- models with a parameter). Embeddings: POST /v1/{account}/{gateway}/compat/embeddings (the gateway's
+-- rules below apply), POST /v1/embeddings and POST /embeddings answer OpenAI's list {"object":"list",
+-- "data":[{"object":"embedding","index","embedding"}],"model","usage":{"prompt_tokens","total_tokens"}}:
+-- one vector per input (a text, an array of texts, of tokens or of token arrays), EMBED_DIMENSIONS (8)
+-- numbers in [-1, 1] or `dimensions` (1..4096), each from a hash of the input and its place (the same
+-- input always gets the same vector), as floats or, with encoding_format "base64", float32
+-- little-endian bytes in base64; usage counts the words (tokens) of the inputs. No input, a bad one,
+-- bad dimensions or encoding_format -> 400 OpenAI-style naming it. The fault models below answer
+-- embeddings requests too (never streamed). Used by `aigate mock` (cli.lua), by the end-to-end tests
+-- (tests/e2e/) and by in-process Lua tests.
 -- API: mock.start{host, port, log, quiet} -> server {host, port, url, close()} | nil, err;
 -- mock.handle(req, res) (the core.listen handler); mock.stats() -> counts; mock.reset().
 --
@@ -18,7 +26,7 @@
 -- provider prefix -> 400 code 2008 (known: what the client's provider.known_prefix says, one rule
 -- for both: provider.GATEWAY_PREFIXES in any case, and `mock`); `workers-ai/` + an id not under
 -- @cf/ or @hf/, or a Gemini name -> 400 provider error. Every path: invalid JSON body -> 400
--- envelope code 2002 (the mock's choice); no model or no messages -> 400 OpenAI-style; unknown
+-- envelope code 2002 (the mock's choice); no model or no messages (no input) -> 400 OpenAI-style; unknown
 -- path -> 404 code 2001; another method than POST (chat) or GET (models) -> 405 code 2001 with
 -- `allow`.
 --
@@ -97,6 +105,8 @@ local WORDS_PER_PIECE = 2 -- streamed content pieces, for short replies
 local MAX_PIECES = 64 -- long replies are split into at most this many pieces
 local ARGUMENT_PIECE_BYTES = 8 -- streamed pieces of a tool call's arguments
 local MAX_CHOICES = 128 -- the most `n` may ask for, as OpenAI allows
+local EMBED_DIMENSIONS = 8 -- the length of a vector unless the request sets `dimensions`
+local MAX_DIMENSIONS = 4096
 local DYNAMIC_PROVIDER = "workers-ai"
 local DYNAMIC_MODEL = providers.DEFAULT_MODEL
 
@@ -108,6 +118,10 @@ local ROUTES = {
   { name = "gateway", pattern = "^/v1/([^/]+)/([^/]+)/compat/chat/completions$", gateway = true, method = "POST" },
   { name = "openai", pattern = "^/v1/chat/completions$", method = "POST" },
   { name = "openai", pattern = "^/chat/completions$", method = "POST" },
+  { name = "gateway-embeddings", pattern = "^/v1/([^/]+)/([^/]+)/compat/embeddings$", gateway = true,
+    method = "POST", embeddings = true },
+  { name = "embeddings", pattern = "^/v1/embeddings$", method = "POST", embeddings = true },
+  { name = "embeddings", pattern = "^/embeddings$", method = "POST", embeddings = true },
   { name = "gateway-models", pattern = "^/v1/([^/]+)/([^/]+)/compat/models$", gateway = true, method = "GET",
     models = true },
   { name = "models", pattern = "^/v1/models$", method = "GET", models = true },
@@ -337,6 +351,9 @@ end
 -- Replies ---------------------------------------------------------------------------------------
 
 local function reply_text(ctx)
+  if ctx.embeddings then
+    return "" -- an embeddings reply is made from the input (embeddings_body)
+  end
   local text = "echo: " .. last_user_text(ctx.body.messages)
   local format = ctx.body.response_format
   if type(format) == "table" and JSON_MODES[format.type] then
@@ -433,6 +450,179 @@ local function completion_body(ctx, text)
     choices = choices,
     usage = usage_of(ctx, plan),
   })
+end
+
+-- Embeddings ------------------------------------------------------------------------------------
+
+-- The inputs of an embeddings request as texts: a string, each string of an array, or each array of
+-- tokens written as its numbers joined by spaces. Second result: the tokens they count (words of
+-- texts, tokens of token arrays).
+local function embed_texts(input)
+  if type(input) == "string" then
+    return { input }, count_words(input)
+  end
+  local texts, tokens = {}, 0
+  local tokens_only = type(input[1]) ~= "string" and type(input[1]) ~= "table"
+  if tokens_only then
+    input = { input }
+  end
+  for i, x in ipairs(input) do
+    if type(x) == "string" then
+      texts[i], tokens = x, tokens + count_words(x)
+    else
+      local parts = {}
+      for j, t in ipairs(x) do
+        parts[j] = string.format("%d", math.tointeger(t))
+      end
+      texts[i], tokens = table.concat(parts, " "), tokens + #parts
+    end
+  end
+  return texts, tokens
+end
+
+-- Whether `input` is what OpenAI's embeddings API takes: a non-empty text, or a non-empty array of
+-- non-empty texts, of tokens (integers) or of non-empty token arrays.
+local function good_input(input)
+  if type(input) == "string" then
+    return input ~= ""
+  end
+  if type(input) ~= "table" then
+    return false
+  end
+  local n = 0
+  for _ in pairs(input) do
+    n = n + 1
+  end
+  if n == 0 or n ~= #input then
+    return false
+  end
+  local first = input[1]
+  for _, x in ipairs(input) do
+    if type(first) == "string" then
+      if type(x) ~= "string" or x == "" then
+        return false
+      end
+    elseif type(first) == "table" then
+      if type(x) ~= "table" or x[1] == nil then
+        return false
+      end
+      for _, t in ipairs(x) do
+        if not math.tointeger(t) then
+          return false
+        end
+      end
+    elseif not math.tointeger(x) then
+      return false
+    end
+  end
+  return true
+end
+
+-- 32-bit FNV-1a of a text: the seed of its vector.
+local function fnv1a(text)
+  local h = 2166136261
+  for i = 1, #text do
+    h = ((h ~ text:byte(i)) * 16777619) & 0xffffffff
+  end
+  return h
+end
+
+-- The vector of a text: dims numbers in [-1, 1] with six decimals, each from the hash of the text
+-- and its place.
+local function fake_vector(text, dims)
+  local v = {}
+  for j = 1, dims do
+    v[j] = ((fnv1a(text .. "\0" .. j) % 2000001) - 1000000) / 1000000
+  end
+  return v
+end
+
+local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+local function base64(bytes)
+  local out = {}
+  for i = 1, #bytes, 3 do
+    local a, b, c = bytes:byte(i, i + 2)
+    local n = (a << 16) | ((b or 0) << 8) | (c or 0)
+    local k = #out
+    for j = 1, 4 do
+      local x = (n >> (6 * (4 - j))) & 63
+      out[k + j] = B64:sub(x + 1, x + 1)
+    end
+    if c == nil then
+      out[k + 4] = "="
+    end
+    if b == nil then
+      out[k + 3] = "="
+    end
+  end
+  return table.concat(out)
+end
+
+-- The reply to an embeddings request: one vector per input (EMBED_DIMENSIONS numbers, or
+-- `dimensions`), as float arrays or, with encoding_format "base64", the float32 little-endian bytes
+-- in base64 as OpenAI sends them; usage counts the tokens of the inputs.
+local function embeddings_body(ctx)
+  local texts, tokens = embed_texts(ctx.body.input)
+  local dims = ctx.dimensions or EMBED_DIMENSIONS
+  local data = {}
+  for i, text in ipairs(texts) do
+    local v = fake_vector(text, dims)
+    if ctx.body.encoding_format == "base64" then
+      local packed = {}
+      for j, x in ipairs(v) do
+        packed[j] = string.pack("<f", x)
+      end
+      v = base64(table.concat(packed))
+    end
+    data[i] = { object = "embedding", index = i - 1, embedding = v }
+  end
+  return encode({
+    object = "list",
+    data = data,
+    model = ctx.model,
+    usage = { prompt_tokens = tokens, total_tokens = tokens },
+  })
+end
+
+-- Reads input, dimensions and encoding_format of an embeddings request into ctx; returns true, or
+-- false after a 400 as OpenAI's API answers it.
+local function check_embeddings(ctx)
+  local body = ctx.body
+  if body.input == nil or body.input == cjson.null then
+    provider_error(ctx, 400, "invalid_request_error", cjson.null, "'input' is a required property", nil, "input")
+    return false
+  end
+  if not good_input(body.input) then
+    provider_error(ctx, 400, "invalid_request_error", "invalid_value", "'input' must be a non-empty string or a "
+      .. "non-empty array of strings or of token arrays", nil, "input")
+    return false
+  end
+  local dims = body.dimensions
+  if dims ~= nil and dims ~= cjson.null then
+    local i = type(dims) == "number" and math.tointeger(dims)
+    if not i or i < 1 or i > MAX_DIMENSIONS then
+      provider_error(ctx, 400, "invalid_request_error", "invalid_value",
+        string.format("'dimensions' must be an integer from 1 to %d", MAX_DIMENSIONS), nil, "dimensions")
+      return false
+    end
+    ctx.dimensions = i
+  end
+  local format = body.encoding_format
+  if format ~= nil and format ~= cjson.null and format ~= "float" and format ~= "base64" then
+    provider_error(ctx, 400, "invalid_request_error", "invalid_value",
+      "'encoding_format' must be \"float\" or \"base64\"", nil, "encoding_format")
+    return false
+  end
+  return true
+end
+
+-- The whole body of a normal reply: the embeddings of an embeddings request, else the completion.
+local function reply_body(ctx, text)
+  if ctx.embeddings then
+    return embeddings_body(ctx)
+  end
+  return completion_body(ctx, text)
 end
 
 -- Splits text into pieces of a few words each; concatenated they give back the text exactly.
@@ -573,7 +763,7 @@ local function complete(ctx, text)
     stats.cache_hits = stats.cache_hits + 1
     return json_response(ctx, 200, entry.body, ctx.gateway and { ["cf-aig-cache-status"] = "HIT" })
   end
-  local body = completion_body(ctx, text)
+  local body = reply_body(ctx, text)
   if ttl and not skip then
     if cache_size >= MAX_CACHE then
       cache, cache_size = {}, 0
@@ -624,7 +814,7 @@ local function cut(ctx)
   note(ctx, 200)
   local text = reply_text(ctx)
   if not ctx.stream then
-    local body = completion_body(ctx, text)
+    local body = reply_body(ctx, text)
     local head = raw_head(ctx, { ["content-type"] = "application/json", ["content-length"] = tostring(#body) })
     return ctx.res:cut(head .. body:sub(1, #body // 2))
   end
@@ -724,9 +914,11 @@ local FAULTS = {
   ["empty"] = empty,
 }
 
--- The key of the flaky/busy counters: the x-mock-key header, else the last user message.
+-- The key of the flaky/busy counters: the x-mock-key header, else the last user message (of an
+-- embeddings request: its first input).
 local function flaky_key(ctx)
-  return ctx.model .. "\0" .. (ctx.req.headers["x-mock-key"] or last_user_text(ctx.body.messages))
+  local text = ctx.embeddings and embed_texts(ctx.body.input)[1] or last_user_text(ctx.body.messages)
+  return ctx.model .. "\0" .. (ctx.req.headers["x-mock-key"] or text)
 end
 
 -- Counts a request of this key; true while it is one of the first n.
@@ -1041,6 +1233,17 @@ local function serve(state, req, res)
       return
     end
     model_headers(ctx)
+  end
+  if route.embeddings then
+    ctx.embeddings, ctx.stream = true, false -- embeddings are never streamed
+    if not check_embeddings(ctx) then
+      return
+    end
+    local fault = fault_of(ctx.model)
+    if fault then
+      return fault(ctx)
+    end
+    return answer(ctx)
   end
   if type(ctx.body.messages) ~= "table" or next(ctx.body.messages) == nil then
     return provider_error(ctx, 400, "invalid_request_error", cjson.null,

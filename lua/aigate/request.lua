@@ -10,6 +10,12 @@
 -- only on the config, the environment, the model and the provider (resolution, URL, expanded
 -- headers, secrets) is worked out once and reused, so a request does only its own work (see
 -- entry_of). aigate.client sends what it returns.
+--
+-- Embeddings (aigate.embed) have their own options (EMBED_OPTIONS: the embeddings parameters of
+-- EMBED_PARAMS, and the model, provider, headers, gateway, timeout and config options chat has) and
+-- `prepare_embeddings`, which builds the request to {base URL}/embeddings from the same resolution,
+-- headers and limits as chat's. `embed_options_of(body)` reads an OpenAI embeddings request body
+-- (aigate serve, batch lines) into those options.
 
 local provider = require("aigate.provider")
 local secrets = require("aigate.secrets")
@@ -131,6 +137,9 @@ M.OPTIONS = {
   headers = check.headers,
   system_messages = system_messages_check,
   stream = check.func,
+  stream_events = check.func,
+  client = check.table, -- who asked (aigate serve: {key, address, headers}): hooks see it as ctx.client
+  tied_to = check.any, -- a core.listen response: every request stops when its client goes away
   timeout = check.positive,
   connect_timeout = check.positive,
   first_byte_timeout = check.positive,
@@ -149,42 +158,170 @@ end
 
 local OPTION_NAMES = util.sorted_keys(M.OPTIONS)
 
---- Raises "aigate.chat: option 'name' ..." when v is not a good value of option `name` (which must
--- be one of OPTIONS).
-function M.check_option(name, v)
-  local msg, got, part = M.OPTIONS[name](v)
-  if msg then
-    error("aigate.chat: " .. check.text(string.format("option '%s'", name), msg, got, part), 0)
+-- Embeddings -----------------------------------------------------------------------------------
+
+-- What `input` may be, as OpenAI's embeddings API takes it: a text, an array of texts, an array of
+-- tokens (integers) or an array of such arrays; never empty.
+local function embed_input(v)
+  local msg = "must be a non-empty string or a non-empty array of strings (or of token arrays)"
+  if type(v) == "string" then
+    if v == "" then
+      return msg, '""'
+    end
+    return
+  end
+  if type(v) ~= "table" then
+    return msg, check.typename(v)
+  end
+  local n = #v
+  if n == 0 or next(v, n) ~= nil then
+    return msg, next(v) == nil and "an empty array" or "an object"
+  end
+  local is_int = util.is_integer -- a decoded 7 may be 7.0
+  local kind = type(v[1]) == "table" and "table" or is_int(v[1]) and "integer" or type(v[1])
+  for i = 1, n do
+    local x = v[i]
+    local part = string.format("item %d", i)
+    if kind == "string" then
+      if type(x) ~= "string" then
+        return "must be a string like the first item", check.typename(x), part
+      elseif x == "" then
+        return "must be a non-empty string", '""', part
+      end
+    elseif kind == "integer" then
+      if not is_int(x) then
+        return "must be a token (an integer) like the first item", check.typename(x), part
+      end
+    elseif kind == "table" then
+      if type(x) ~= "table" or #x == 0 then
+        return "must be a non-empty array of tokens (integers)", check.typename(x), part
+      end
+      for _, t in ipairs(x) do
+        if not is_int(t) then
+          return "must be an array of tokens (integers)", "an item that is a " .. check.typename(t), part
+        end
+      end
+    else
+      return msg, "an array of " .. check.typename(x) .. "s"
+    end
   end
 end
 
-local function check_all(opts)
+-- The embeddings parameters: request-body fields, each with its check. aigate.embed takes them as
+-- options; a named model or a route target gives the ones it sets (chat parameters it sets are
+-- not for embeddings: only `user` is both).
+M.EMBED_PARAMS = {
+  input = embed_input,
+  dimensions = check.integer_in(1, nil, "a positive integer"),
+  encoding_format = check.one_of("float", "base64"),
+  user = check.string,
+}
+
+-- Every aigate.embed option and its check: the embeddings parameters, and the options of chat that
+-- are not about messages, templates or streams.
+M.EMBED_OPTIONS = {}
+for _, k in ipairs({ "model", "provider", "extra_body", "headers", "timeout", "connect_timeout",
+  "first_byte_timeout", "stall_timeout", "verbose", "config", "client", "tied_to" }) do
+  M.EMBED_OPTIONS[k] = M.OPTIONS[k]
+end
+for k, spec in pairs(M.GATEWAY_HEADERS) do
+  M.EMBED_OPTIONS[k] = spec[3]
+end
+for k, fn in pairs(M.EMBED_PARAMS) do
+  M.EMBED_OPTIONS[k] = fn
+end
+
+-- The option list of each API: its name in messages, its checks, what it requires.
+local APIS = {
+  chat = { name = "aigate.chat", options = M.OPTIONS, names = OPTION_NAMES },
+  embeddings = { name = "aigate.embed", options = M.EMBED_OPTIONS, names = util.sorted_keys(M.EMBED_OPTIONS) },
+}
+
+local function raise_bad(api, name, v)
+  local msg, got, part = api.options[name](v)
+  if msg then
+    error(api.name .. ": " .. check.text(string.format("option '%s'", name), msg, got, part), 0)
+  end
+end
+
+--- Raises "aigate.chat: option 'name' ..." when v is not a good value of option `name` (which must
+-- be one of OPTIONS).
+function M.check_option(name, v)
+  raise_bad(APIS.chat, name, v)
+end
+
+local function check_all(opts, api)
   if type(opts) ~= "table" then
-    error(string.format("aigate.chat: expected a table of options (got %s)", type(opts)), 0)
+    error(string.format("%s: expected a table of options (got %s)", api.name, type(opts)), 0)
   end
   for k, v in pairs(opts) do
-    if M.OPTIONS[k] == nil then
-      local near = type(k) == "string" and provider.nearest(k, OPTION_NAMES)
-      local msg = string.format("aigate.chat: unknown option '%s'", tostring(k))
+    if api.options[k] == nil then
+      local near = type(k) == "string" and provider.nearest(k, api.names)
+      local msg = string.format("%s: unknown option '%s'", api.name, tostring(k))
       if near then
         msg = msg .. string.format(" (did you mean '%s'?)", near)
       end
       error(msg, 0)
     end
-    M.check_option(k, v)
+    raise_bad(api, k, v)
   end
-  if opts.messages == nil and opts.prompt == nil and opts.template == nil then
+  if api == APIS.embeddings then
+    if opts.model == nil then
+      error("aigate.embed: option 'model' is required (an embeddings model, e.g. "
+        .. "'workers-ai/@cf/baai/bge-base-en-v1.5', a named model or a route)", 0)
+    end
+    if opts.input == nil then
+      error("aigate.embed: option 'input' is required (a text or an array of texts)", 0)
+    end
+  elseif opts.messages == nil and opts.prompt == nil and opts.template == nil then
     error("aigate.chat: option 'messages' or 'prompt' is required (or a 'template' giving them)", 0)
   end
 end
 
 --- Raises on an unknown option or a value of the wrong type. level: as for error(),
 -- counted from the function that calls check_options (default 1: that function's caller).
-function M.check_options(opts, level)
-  local ok, err = pcall(check_all, opts)
+-- endpoint: "chat" (nil) or "embeddings" (aigate.embed's options).
+function M.check_options(opts, level, endpoint)
+  local ok, err = pcall(check_all, opts, APIS[endpoint or "chat"])
   if not ok then
     error(err, (level or 1) + 2)
   end
+end
+
+--- An OpenAI embeddings request body (decoded) -> aigate.embed options: model, the embeddings
+-- parameters (null: not set), every other field unchanged in extra_body. Nil, message, param when
+-- the body is not an object, or model or input is missing or bad (the other values are checked by
+-- aigate.embed, which raises "aigate.embed: option ...").
+function M.embed_options_of(body)
+  if type(body) ~= "table" or body[1] ~= nil then
+    return nil, "the request body must be a JSON object"
+  end
+  local model = body.model
+  if model == nil or model == json.null then
+    return nil, "you must provide a model parameter", "model"
+  elseif type(model) ~= "string" or provider.trim(model) == "" then
+    return nil, "'model' must be a non-empty string", "model"
+  end
+  if body.input == nil or body.input == json.null then
+    return nil, "missing required parameter: 'input'", "input"
+  end
+  local opts, extra = { model = model }, nil
+  for k, v in pairs(body) do
+    if M.EMBED_PARAMS[k] then
+      if v ~= json.null then
+        local msg, got, part = M.EMBED_PARAMS[k](v)
+        if msg then
+          return nil, check.text(string.format("'%s'", k), msg, got, part), k
+        end
+        opts[k] = v
+      end
+    elseif k ~= "model" then
+      extra = extra or {}
+      extra[k] = v
+    end
+  end
+  opts.extra_body = extra
+  return opts
 end
 
 M.JSON_INSTRUCTION = "Respond only with a single valid JSON object, with no text before or after it."
@@ -501,6 +638,106 @@ end
 
 local function no_warn() end
 
+-- The entry of a request's model and provider, its warnings given to ctx.warn. Returns e, or nil,
+-- message, info.
+local function resolve(opts, cfg, ctx)
+  local warn = ctx.warn or no_warn
+  local e, err, info, warnings = entry_of(opts.model, opts.provider, cfg, ctx.getenv or os.getenv)
+  if e == nil then
+    for _, w in ipairs(warnings or {}) do
+      warn(w)
+    end
+    return nil, err, info
+  end
+  for _, w in ipairs(e.m.warnings) do
+    warn(w)
+  end
+  for _, w in ipairs(e.target.warnings or {}) do
+    warn(w)
+  end
+  return e
+end
+
+-- The headers of a request: content type, auth and configured headers, the cf-aig-* headers of
+-- the gateway options (gateway_opts: whether opts sets any), opts.headers. Returns headers, and the
+-- request's secrets (the entry's, with the credentials of opts.headers).
+local function headers_of(e, opts, stream, gateway_opts, ctx)
+  local headers = base_headers(e, stream, ctx.version)
+  if gateway_opts then
+    local def, m = e.def, e.m
+    for _, opt in ipairs(GATEWAY_OPTION_NAMES) do
+      local v = opts[opt]
+      if v ~= nil then
+        if not def.gateway then
+          local warn = ctx.warn or no_warn
+          warn(string.format("option '%s' only applies to the %s provider; ignored for '%s'", opt, provider.GATEWAY, m.provider))
+        else
+          local spec = GATEWAY_HEADERS[opt]
+          local value = spec[2](v)
+          if value ~= nil then
+            headers[spec[1]] = value
+          end
+        end
+      end
+    end
+  end
+  local req_secrets = e.secrets
+  if opts.headers then
+    for k, v in pairs(opts.headers) do
+      local lk = k:lower()
+      v = tostring(v)
+      headers[lk] = v
+      -- Credentials in the final headers are secrets too, wherever they came from.
+      if provider.SENSITIVE[lk] then
+        secrets.add_credential(v)
+        if req_secrets == e.secrets then
+          req_secrets = table.move(e.secrets, 1, #e.secrets, 1, {})
+        end
+        req_secrets[#req_secrets + 1] = v
+      end
+    end
+  end
+  return headers, req_secrets
+end
+
+-- The request table of entry e for opts (see prepare), with url, body and body_table given.
+local function request_of(e, opts, ctx, url, text, body, headers, req_secrets)
+  local base = e.timeouts
+  local ca_file, ca_path = e.ca_file, e.ca_path
+  if ctx.cacert then
+    ca_file, ca_path = ctx.cacert, nil
+  end
+  local target = e.target
+  return {
+    method = "POST",
+    url = url,
+    base_url = target.base_url,
+    base_url_source = target.base_url_source,
+    headers = headers,
+    body = text,
+    body_table = body,
+    model = e.m.id,
+    model_name = e.m.name,
+    provider = e.m.provider,
+    gateway = e.gateway,
+    auth = target.auth,
+    token_env = e.token_env,
+    tied_to = opts.tied_to,
+    verbose = opts.verbose,
+    timeouts = {
+      timeout = opts.timeout or base.timeout,
+      connect_timeout = opts.connect_timeout or base.connect_timeout,
+      first_byte_timeout = opts.first_byte_timeout or base.first_byte_timeout,
+      stall_timeout = opts.stall_timeout or base.stall_timeout,
+    },
+    max_size = e.max_size,
+    ca_file = ca_file,
+    ca_path = ca_path,
+    secrets = req_secrets,
+    redact = secrets.redact,
+  }
+end
+
 --- Builds the request for aigate.chat options without sending it.
 -- cfg: the loaded config; ctx: {getenv = fn, warn = fn(msg), version = "x.y.z"}.
 -- ctx.cacert: a file of CA certificates over the config's and the environment's (--cacert).
@@ -509,32 +746,24 @@ local function no_warn() end
 --       system_messages (the rule applied), stream (function or nil), timeouts (each one set: the
 --       request's, else the config's, else DEFAULT_TIMEOUTS), ca_file, ca_path, max_size, verbose,
 --       redact, secrets, auth}
-function M.prepare(opts, cfg, ctx)
-  M.check_options(opts, 1)
+-- checked: the options were checked already (the policy's attempts: aigate.chat checked what it was
+-- given, and what a route or a named model adds was checked when the config was loaded).
+function M.prepare(opts, cfg, ctx, checked)
+  if not checked then
+    M.check_options(opts, 1)
+  end
   ctx = ctx or {}
   cfg = cfg or opts.config or {} -- the caller passes opts.config validated
-  local getenv = ctx.getenv or os.getenv
-  local warn = ctx.warn or no_warn
 
-  local e, err, info, warnings = entry_of(opts.model, opts.provider, cfg, getenv)
+  local e, err, info = resolve(opts, cfg, ctx)
   if e == nil then
-    for _, w in ipairs(warnings or {}) do
-      warn(w)
-    end
     return nil, err, info
-  end
-  local m, def, target = e.m, e.def, e.target
-  for _, w in ipairs(m.warnings) do
-    warn(w)
-  end
-  for _, w in ipairs(target.warnings or {}) do
-    warn(w)
   end
 
   -- One pass over the options: body fields, and whether gateway options or headers are set.
   local stream = opts.stream
   local mode = opts.system_messages or e.mode or "keep"
-  local body = { model = m.id, messages = shape_messages(build_messages(opts), mode) }
+  local body = { model = e.m.id, messages = shape_messages(build_messages(opts), mode) }
   local params = e.params
   for i = 1, #params, 2 do
     body[params[i]] = params[i + 1]
@@ -572,75 +801,62 @@ function M.prepare(opts, cfg, ctx)
     error("aigate.chat: cannot encode the request body: " .. jerr, 0)
   end
 
-  -- Headers: content type, auth and configured headers, cf-aig-* options, opts.headers.
-  local headers = base_headers(e, stream, ctx.version)
-  if gateway_opts then
-    for _, opt in ipairs(GATEWAY_OPTION_NAMES) do
-      local v = opts[opt]
-      if v ~= nil then
-        if not def.gateway then
-          warn(string.format("option '%s' only applies to the %s provider; ignored for '%s'", opt, provider.GATEWAY, m.provider))
-        else
-          local spec = GATEWAY_HEADERS[opt]
-          local value = spec[2](v)
-          if value ~= nil then
-            headers[spec[1]] = value
-          end
-        end
-      end
-    end
-  end
-  local req_secrets = e.secrets
-  if opts.headers then
-    for k, v in pairs(opts.headers) do
-      local lk = k:lower()
-      v = tostring(v)
-      headers[lk] = v
-      -- Credentials in the final headers are secrets too, wherever they came from.
-      if provider.SENSITIVE[lk] then
-        secrets.add_credential(v)
-        if req_secrets == e.secrets then
-          req_secrets = table.move(e.secrets, 1, #e.secrets, 1, {})
-        end
-        req_secrets[#req_secrets + 1] = v
-      end
-    end
-  end
-  local base = e.timeouts
-  local ca_file, ca_path = e.ca_file, e.ca_path
-  if ctx.cacert then
-    ca_file, ca_path = ctx.cacert, nil
-  end
+  local headers, req_secrets = headers_of(e, opts, stream, gateway_opts, ctx)
+  local req = request_of(e, opts, ctx, e.target.url, text, body, headers, req_secrets)
+  req.stream = stream
+  req.stream_events = stream and opts.stream_events
+  req.system_messages = mode
+  return req
+end
 
-  return {
-    method = "POST",
-    url = target.url,
-    base_url = target.base_url,
-    base_url_source = target.base_url_source,
-    headers = headers,
-    body = text,
-    body_table = body,
-    model = m.id,
-    model_name = m.name,
-    provider = m.provider,
-    gateway = e.gateway,
-    auth = target.auth,
-    token_env = e.token_env,
-    stream = stream,
-    verbose = opts.verbose,
-    system_messages = mode,
-    timeouts = {
-      timeout = opts.timeout or base.timeout,
-      connect_timeout = opts.connect_timeout or base.connect_timeout,
-      first_byte_timeout = opts.first_byte_timeout or base.first_byte_timeout,
-      stall_timeout = opts.stall_timeout or base.stall_timeout,
-    },
-    max_size = e.max_size,
-    ca_file = ca_file,
-    ca_path = ca_path,
-    secrets = req_secrets,
-    redact = secrets.redact,
-  }
+--- Builds the embeddings request for aigate.embed options without sending it: POST {base
+-- URL}/embeddings (on the gateway .../compat/embeddings) with the body {model, input, dimensions,
+-- encoding_format, user as given}; a named model's embeddings parameters, then its extra_body, then
+-- opts.extra_body fill it (a named model's chat parameters are not sent). The same resolution,
+-- headers, limits and CA certificates as prepare; never streamed. Raises on caller mistakes
+-- ("aigate.embed: ..."). Returns req (as prepare's, with embeddings = true) or nil, message, info.
+function M.prepare_embeddings(opts, cfg, ctx, checked)
+  if not checked then
+    M.check_options(opts, 1, "embeddings")
+  end
+  ctx = ctx or {}
+  cfg = cfg or opts.config or {}
+
+  local e, err, info = resolve(opts, cfg, ctx)
+  if e == nil then
+    return nil, err, info
+  end
+  local body = { model = e.m.id }
+  local params = e.params
+  for i = 1, #params, 2 do
+    if M.EMBED_PARAMS[params[i]] then
+      body[params[i]] = params[i + 1]
+    end
+  end
+  local gateway_opts = false
+  for k, v in pairs(opts) do
+    if M.EMBED_PARAMS[k] then
+      body[k] = v
+    elseif GATEWAY_HEADERS[k] then
+      gateway_opts = true
+    end
+  end
+  for _, extra in ipairs({ e.extra_body or {}, opts.extra_body or {} }) do
+    for k, v in pairs(extra) do
+      body[k] = v
+    end
+  end
+  if body.stream ~= nil and body.stream ~= false and body.stream ~= json.null then
+    return fail("extra_body sets \"stream\": embeddings are not streamed")
+  end
+  local text, jerr = json.encode(body)
+  if text == nil then
+    error("aigate.embed: cannot encode the request body: " .. jerr, 0)
+  end
+  local headers, req_secrets = headers_of(e, opts, nil, gateway_opts, ctx)
+  local req = request_of(e, opts, ctx, e.target.base_url .. "/embeddings", text, body, headers, req_secrets)
+  req.embeddings = true
+  return req
 end
 
 return M

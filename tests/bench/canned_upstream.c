@@ -18,7 +18,19 @@
  *   --seed S        the seed of that draw (default 1): the same seed, the same sequence of answers.
  *   --stats FILE    on SIGTERM or SIGINT, write "200 N 429 N 503 N" (the replies sent) to FILE.
  * Errors are answered without the delay; only successes wait DELAY_MS.
+ *
+ * Streaming, for measuring a proxy in front of it (tests/bench/serve.sh): a request whose body has
+ * "stream":true is answered as OpenAI streams, text/event-stream in chunks: EVENTS chat.completion.chunk
+ * events, a usage chunk and "data: [DONE]", after the same DELAY_MS ("hold then answer").
+ *   --events N      the content events of a streamed reply (default 5)
+ *   --drip MS       spread them over MS milliseconds: the first at once, the last MS later, the usage
+ *                   chunk and [DONE] with the last (default 0: all at once)
+ *   --events-log F  append "arrived T" when a request arrives and "closed T" when the client of a
+ *                   request not yet fully answered goes away (T: CLOCK_MONOTONIC seconds, the clock
+ *                   of every process on the machine), a line each, written at once: how long a proxy
+ *                   takes to cancel its upstream request after its own client left.
  */
+#include <errno.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -53,6 +65,18 @@ static const char unavailable_body[] =
     "{\"error\":{\"message\":\"The server is overloaded, please try again later\","
     "\"type\":\"server_error\",\"code\":\"service_unavailable\"}}";
 
+/* One event of a streamed reply; %d is its index. */
+static const char chunk_event[] =
+    "data: {\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,"
+    "\"model\":\"bench-model\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"token %d \"},"
+    "\"finish_reason\":null}]}\n\n";
+
+static const char usage_event[] =
+    "data: {\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,"
+    "\"model\":\"bench-model\",\"choices\":[],"
+    "\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":6,\"total_tokens\":15}}\n\n"
+    "data: [DONE]\n\n";
+
 static struct event_base *base;
 static struct timeval delay;
 static int delayed;
@@ -66,13 +90,22 @@ static double refilled_at; /* monotonic seconds of the last refill */
 static double fail_rate;
 static uint64_t rng_state = 1;
 
+static int stream_events = 5;
+static long drip_ms;
+static FILE *events_log;
+
 static const char *stats_path;
 static unsigned long request_count;
 static unsigned long answered_200, answered_429, answered_503;
 
+/* A request answered later: held for DELAY_MS, streamed, or both. */
 struct pending_reply {
     struct evhttp_request *req;
+    struct evhttp_connection *conn; /* its connection while the client is there, else NULL */
     struct event *timer;
+    struct event *watch; /* while held: the client's socket, to log its close (evhttp does not look) */
+    int streamed;
+    int sent; /* content events sent */
 };
 
 /* Sends STATUS with BODY (static) and an x-request-id header numbering the replies. */
@@ -129,15 +162,152 @@ static int refused(struct evhttp_request *req)
     return 0;
 }
 
-static void delayed_cb(evutil_socket_t fd, short what, void *arg)
+/* Writes "WHAT T" to the events log, at once. */
+static void log_event(const char *what)
+{
+    if (events_log) {
+        fprintf(events_log, "%s %.6f\n", what, bench_now());
+        fflush(events_log);
+    }
+}
+
+/* The client of a pending reply went away (the connection's close callback): logged; the reply is
+ * finished all the same (evhttp then frees the request, whose connection is gone). */
+static void client_closed_cb(struct evhttp_connection *conn, void *arg)
+{
+    struct pending_reply *p = arg;
+
+    (void)conn;
+    p->conn = NULL;
+    log_event("closed");
+}
+
+static void stop_watch(struct pending_reply *p)
+{
+    if (p->watch) {
+        event_free(p->watch);
+        p->watch = NULL;
+    }
+}
+
+/* Done with P: the close callback off its connection (kept alive for the next request), P freed. */
+static void finish_pending(struct pending_reply *p)
+{
+    stop_watch(p);
+    if (p->conn)
+        evhttp_connection_set_closecb(p->conn, NULL, NULL);
+    event_free(p->timer);
+    free(p);
+}
+
+/* The client's socket is readable while its request is held: its end (EOF or an error) is logged
+ * and the connection dropped with the request; anything else it sent (a pipelined request) is left
+ * to evhttp, and the watch ends. */
+static void watch_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct pending_reply *p = arg;
+    char c;
+    ssize_t n = recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+
+    (void)what;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+        return;
+    stop_watch(p);
+    if (n > 0)
+        return;
+    log_event("closed");
+    evhttp_connection_set_closecb(p->conn, NULL, NULL);
+    evhttp_connection_free(p->conn); /* frees the request too */
+    event_free(p->timer);
+    free(p);
+}
+
+/* Sends the next event of a streamed reply; after the last, the usage chunk, [DONE] and the end. */
+static void stream_next(struct pending_reply *p)
+{
+    struct evbuffer *chunk = evbuffer_new();
+    int last = p->sent + 1 >= stream_events;
+
+    if (chunk == NULL || p->conn == NULL) {
+        if (chunk)
+            evbuffer_free(chunk);
+        evhttp_send_reply_end(p->req);
+        finish_pending(p);
+        return;
+    }
+    evbuffer_add_printf(chunk, chunk_event, p->sent++);
+    if (last)
+        evbuffer_add(chunk, usage_event, sizeof(usage_event) - 1);
+    evhttp_send_reply_chunk(p->req, chunk);
+    evbuffer_free(chunk);
+    if (last) {
+        evhttp_send_reply_end(p->req);
+        finish_pending(p);
+        return;
+    }
+    if (drip_ms > 0) {
+        long gap_us = drip_ms * 1000 / (stream_events > 1 ? stream_events - 1 : 1);
+        struct timeval gap = { gap_us / 1000000, gap_us % 1000000 };
+        evtimer_add(p->timer, &gap);
+    } else {
+        stream_next(p);
+    }
+}
+
+/* Starts a streamed reply: the status line and headers, then the first event. */
+static void stream_start(struct pending_reply *p)
+{
+    struct evkeyvalq *headers = evhttp_request_get_output_headers(p->req);
+    char id[32];
+
+    answered_200++;
+    snprintf(id, sizeof(id), "req_bench%lu", ++request_count);
+    evhttp_add_header(headers, "Content-Type", "text/event-stream");
+    evhttp_add_header(headers, "Cache-Control", "no-cache");
+    evhttp_add_header(headers, "x-request-id", id);
+    evhttp_send_reply_start(p->req, 200, "OK");
+    stream_next(p);
+}
+
+/* The timer of a pending reply: the hold is over (answer or start the stream), or the next event. */
+static void pending_cb(evutil_socket_t fd, short what, void *arg)
 {
     struct pending_reply *p = arg;
 
     (void)fd;
     (void)what;
-    send_reply(p->req);
-    event_free(p->timer);
-    free(p);
+    stop_watch(p);
+    if (!p->streamed) {
+        if (p->conn)
+            send_reply(p->req);
+        else
+            evhttp_send_reply_end(p->req); /* the client left: only frees the request */
+        finish_pending(p);
+    } else if (p->sent == 0) {
+        if (p->conn)
+            stream_start(p);
+        else {
+            evhttp_send_reply_end(p->req);
+            finish_pending(p);
+        }
+    } else {
+        stream_next(p);
+    }
+}
+
+/* 1 when the request's body asks for a stream ("stream":true, as clients and proxies write it). */
+static int wants_stream(struct evhttp_request *req)
+{
+    struct evbuffer *body = evhttp_request_get_input_buffer(req);
+    size_t n = evbuffer_get_length(body);
+    const char *data = n ? (const char *)evbuffer_pullup(body, (ev_ssize_t)n) : NULL;
+    size_t i;
+
+    for (i = 0; data && i + 13 <= n; i++)
+        if (memcmp(data + i, "\"stream\":true", 13) == 0 ||
+            (i + 14 <= n && memcmp(data + i, "\"stream\": true", 14) == 0))
+            return 1;
+    return 0;
 }
 
 /* TCP_NODELAY on the request's connection, as servers in front of real APIs set it: a reply goes
@@ -182,24 +352,41 @@ static void log_request(struct evhttp_request *req)
 static void request_cb(struct evhttp_request *req, void *arg)
 {
     struct pending_reply *p;
+    int streamed;
 
     (void)arg;
     no_delay(req);
     if (log_path)
         log_request(req);
+    log_event("arrived");
     if (refused(req))
         return;
-    if (!delayed) {
+    streamed = wants_stream(req);
+    if (!delayed && !streamed) {
         send_reply(req);
         return;
     }
-    p = malloc(sizeof(*p));
+    p = calloc(1, sizeof(*p));
     if (p == NULL) {
         evhttp_send_error(req, 503, "out of memory");
         return;
     }
     p->req = req;
-    p->timer = evtimer_new(base, delayed_cb, p);
+    p->streamed = streamed;
+    p->conn = evhttp_request_get_connection(req);
+    p->timer = evtimer_new(base, pending_cb, p);
+    if (p->conn)
+        evhttp_connection_set_closecb(p->conn, client_closed_cb, p);
+    if (!delayed) {
+        stream_start(p);
+        return;
+    }
+    if (events_log && p->conn) {
+        p->watch = event_new(base, bufferevent_getfd(evhttp_connection_get_bufferevent(p->conn)),
+                             EV_READ | EV_PERSIST, watch_cb, p);
+        if (p->watch)
+            event_add(p->watch, NULL);
+    }
     evtimer_add(p->timer, &delay);
 }
 
@@ -227,10 +414,31 @@ static void write_stats(void)
     fclose(f);
 }
 
+/* Binds 127.0.0.1:PORT with a deep accept queue (evhttp's own binding asks for 128: a thousand
+ * connections at once would overflow it, and each SYN dropped costs the client a second). */
+static evutil_socket_t listen_loopback(int port)
+{
+    struct sockaddr_in sa;
+    evutil_socket_t fd = socket(AF_INET, SOCK_STREAM, 0);
+
+    if (fd < 0)
+        return -1;
+    memset(&sa, 0, sizeof(sa));
+    sa.sin_family = AF_INET;
+    sa.sin_port = htons((unsigned short)port);
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (evutil_make_listen_socket_reuseable(fd) < 0 || evutil_make_socket_nonblocking(fd) < 0 ||
+        bind(fd, (struct sockaddr *)&sa, sizeof(sa)) != 0 || listen(fd, 4096) != 0) {
+        evutil_closesocket(fd);
+        return -1;
+    }
+    return fd;
+}
+
 static int usage(void)
 {
-    fprintf(stderr, "usage: canned_upstream [--rps N] [--fail-rate P] [--seed S] [--stats FILE] "
-                    "PORT [DELAY_MS [LOG]]\n");
+    fprintf(stderr, "usage: canned_upstream [--rps N] [--fail-rate P] [--seed S] [--stats FILE] [--events N] "
+                    "[--drip MS] [--events-log FILE] PORT [DELAY_MS [LOG]]\n");
     return 2;
 }
 
@@ -252,10 +460,20 @@ static int parse_options(int argc, char **argv)
             rng_state = strtoull(val, NULL, 10);
         else if (strcmp(opt, "--stats") == 0)
             stats_path = val;
-        else
+        else if (strcmp(opt, "--events") == 0)
+            stream_events = atoi(val);
+        else if (strcmp(opt, "--drip") == 0)
+            drip_ms = atol(val);
+        else if (strcmp(opt, "--events-log") == 0) {
+            events_log = fopen(val, "a");
+            if (events_log == NULL) {
+                fprintf(stderr, "canned_upstream: cannot write %s: %s\n", val, strerror(errno));
+                return -1;
+            }
+        } else
             return -1;
     }
-    if (rps < 0 || fail_rate < 0 || fail_rate > 1)
+    if (rps < 0 || fail_rate < 0 || fail_rate > 1 || stream_events < 1 || drip_ms < 0)
         return -1;
     return i;
 }
@@ -300,7 +518,10 @@ int main(int argc, char **argv)
     if (base == NULL || http == NULL)
         return 1;
     evhttp_set_gencb(http, request_cb, NULL);
-    sock = evhttp_bind_socket_with_handle(http, "127.0.0.1", (ev_uint16_t)port);
+    {
+        evutil_socket_t fd = listen_loopback(port);
+        sock = fd < 0 ? NULL : evhttp_accept_socket_with_handle(http, fd);
+    }
     if (sock == NULL) {
         fprintf(stderr, "canned_upstream: cannot listen on 127.0.0.1:%d\n", port);
         return 1;

@@ -55,7 +55,7 @@ expect_match "mock saw the system message of the short form" "$(grep 'hello shor
     echo '{"id": "badmodel", "prompt": "x", "model": "nonexistent-model"}'
     echo '{"id": "badtype", "prompt": "x", "temperature": "hot"}'
     echo '{"id": "unknownfield", "prompt": "x", "temprature": 1}'
-    echo '{"custom_id": "badurl", "method": "POST", "url": "/v1/embeddings", "body": {"model": "openai/gpt-4o", "input": "x"}}'
+    echo '{"custom_id": "badurl", "method": "POST", "url": "/v1/completions", "body": {"model": "openai/gpt-4o", "input": "x"}}'
     echo '{"custom_id": "badmethod", "method": "GET", "url": "/v1/chat/completions", "body": {"messages": []}}'
     echo '{"custom_id": "nobody", "method": "POST", "url": "/v1/chat/completions"}'
     echo '{"id": true, "prompt": "bad id"}'
@@ -85,7 +85,7 @@ bad_case "no prompt" noprompt missing_prompt "line 5: no 'prompt' or 'messages'"
 bad_case "unknown model" badmodel config "model id 'nonexistent-model'"
 bad_case "wrong type" badtype invalid_request "line 7: option 'temperature' must be a number"
 bad_case "unknown field" unknownfield invalid_request "line 8: unknown option 'temprature'"
-bad_case "unsupported url" badurl invalid_request "line 9: url '/v1/embeddings' is not supported"
+bad_case "unsupported url" badurl invalid_request "line 9: url '/v1/completions' is not supported"
 bad_case "wrong method" badmethod invalid_request "line 10: method must be \"POST\""
 bad_case "no body" nobody invalid_request "line 11: 'body' must be an object"
 bad_case "bad id" line-12 invalid_line "line 12: 'id' must be a non-empty string or a number"

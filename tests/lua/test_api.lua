@@ -32,6 +32,24 @@ cases.json_helpers = function()
   t.truthy(err)
 end
 
+-- A value read and written again keeps its empty arrays ("stop": [] stays an array, which an
+-- upstream requires), and brackets inside strings are left alone.
+cases.json_empty_arrays_round_trip = function()
+  local json = aigate.json
+  for _, s in ipairs({
+    '{"a":[],"b":{},"c":[[]],"d":[1],"e":"x[]y","f":"q\\"[]","g":[ \n ]}',
+    "[]",
+    '{"messages":[{"content":[],"role":"user"}],"tools":[]}',
+    '"[]"',
+  }) do
+    local v = json.decode(s)
+    t.eq(json.encode(v), (s:gsub("%[ \n %]", "[]")), s)
+  end
+  local v, err = json.decode('{"a":[}')
+  t.eq(v, nil)
+  t.contains(err, "character 7")
+end
+
 cases.configure_and_prepare = function()
   restore_warn()
   aigate.configure({ gateway = { base_url = "http://127.0.0.1:1/v1/a/b/compat" },

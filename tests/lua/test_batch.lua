@@ -49,7 +49,7 @@ local BAD = {
   { '{"id":"x"}', "missing_prompt", "line 3: no 'prompt' or 'messages'" },
   { '{"id":false,"prompt":"p"}', "invalid_line", "'id' must be a non-empty string or a number" },
   { '{"id":"","prompt":"p"}', "invalid_line", "'id' must be a non-empty string" },
-  { '{"custom_id":"c","url":"/v1/embeddings","body":{"messages":[]}}', "invalid_request", "only /v1/chat/completions" },
+  { '{"custom_id":"c","url":"/v1/completions","body":{"messages":[]}}', "invalid_request", "only /v1/chat/completions" },
   { '{"custom_id":"c","method":"PUT","body":{"messages":[]}}', "invalid_request", 'method must be "POST"' },
   { '{"custom_id":"c","body":"x"}', "invalid_request", "'body' must be an object (got string)" },
   { '{"custom_id":"c","body":{"model":"m"}}', "missing_prompt", "no 'messages'" },

@@ -609,6 +609,44 @@ cases.stream_success_any_split = function()
   end
 end
 
+cases.stream_events_get_each_event_as_it_came = function()
+  for _, chunks in ipairs(splits(STREAM)) do
+    local events, texts = {}, {}
+    local req = must({ prompt = "p", stream = function(s)
+      texts[#texts + 1] = s
+    end, stream_events = function(data, chunk)
+      t.eq(type(chunk), "table", "the decoded event comes along")
+      events[#events + 1] = data
+    end })
+    local r, err = client.send(req, t.fake_core({ status = 200, chunks = chunks }))
+    t.truthy(r, err)
+    t.eq(events, { delta("Hel"), delta("lo"), delta(" world", ',"finish_reason":"stop"'),
+      '{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":3,"total_tokens":6}}' },
+      "every event but [DONE], byte for byte")
+    t.eq(table.concat(texts), "Hello world", "the text still goes to stream")
+  end
+  -- an error event is not passed on; false stops the stream
+  local seen = 0
+  local req = must({ prompt = "p", stream = function() end, stream_events = function()
+    seen = seen + 1
+  end })
+  local _, _, info = client.send(req, t.fake_core({ status = 200,
+    chunks = { sse('{"error":{"message":"no","type":"server_error"}}') } }))
+  t.eq(seen, 0)
+  t.eq(info.kind, "response")
+  req = must({ prompt = "p", stream = function() end, stream_events = function()
+    seen = seen + 1
+    return false
+  end })
+  local r, err
+  r, err, info = client.send(req, t.fake_core({ status = 200, chunks = { STREAM } }))
+  t.eq(r, nil)
+  t.eq(seen, 1, "nothing after the event whose callback returned false")
+  t.eq(info.kind, "transport")
+  t.contains(err, "stream_events returned false")
+  t.eq(must({ prompt = "p", stream_events = function() end }).stream_events, nil, "without stream: no events")
+end
+
 cases.stream_crlf_and_no_done = function()
   local body = ("data: " .. delta("a") .. "\r\n\r\n: comment\r\n\r\ndata: " .. delta("b"))
   local got = {}

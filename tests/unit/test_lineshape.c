@@ -76,6 +76,18 @@ int main(void)
           "the two forms mixed");
     CHECK(shape("{\"custom_id\":\"c\",\"method\":1,\"body\":{\"messages\":[]}}", &s) != 0,
           "OpenAI Batch line: a method that is not a string");
+    CHECK(shape("{\"custom_id\":\"c\",\"url\":\"/v1/embeddings\",\"body\":{\"messages\":[],\"input\":\"x\"}}",
+                &s) != 0,
+          "OpenAI Batch line: url /v1/embeddings, whatever the body holds");
+    CHECK(shape("{\"custom_id\":\"c\",\"url\":\"/v1/completions\",\"body\":{\"messages\":[]}}", &s) != 0,
+          "OpenAI Batch line: another url");
+    CHECK(shape("{\"custom_id\":\"c\",\"url\":\"\\/v1\\/chat\\/completions\",\"body\":{\"messages\":[]}}",
+                &s) != 0,
+          "OpenAI Batch line: a url with escapes (the general path reads it)");
+    CHECK(shape("{\"custom_id\":\"c\",\"url\":\"/chat/completions\",\"body\":{\"messages\":[]}}", &s) == 0,
+          "OpenAI Batch line: a url that is /chat/completions alone");
+    CHECK(shape("{\"custom_id\":\"c\",\"method\":\"PUT\",\"body\":{\"messages\":[]}}", &s) != 0,
+          "OpenAI Batch line: a method other than POST");
     CHECK(shape("[1]", &s) != 0 && shape("", &s) != 0 && shape("{}", &s) != 0,
           "not an object, empty, no fields");
     {

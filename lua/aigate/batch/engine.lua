@@ -49,8 +49,8 @@ end
 -- The request the policy would send for a decoded line, when it may be sent by the engine: plan, or
 -- nil, whether to ask again for another line (a parameter value the policy refused).
 local function plan_of(obj, defaults, cfg, context)
-  local opts = input.options_of(obj, 0, defaults)
-  if opts == nil then return nil, false end
+  local opts, _, _, endpoint = input.options_of(obj, 0, defaults)
+  if opts == nil or endpoint then return nil, false end -- the engine sends chat requests only
   local ok, plan = pcall(policy.render, opts, cfg, context)
   if not ok or plan == nil then return nil, true end
   if not plan.plain or plan.priced or plan.method ~= "POST" or plan.stream then return nil, false end

@@ -231,10 +231,13 @@ local function with_earlier(item, list)
 end
 
 -- Runs one item (a line that parsed): the request (and every retry), the result line. handed: the
--- reply the engine got for the line's first request (aigate.chat_with_reply goes on from it).
+-- reply the engine got for the line's first request (aigate.chat_with_reply goes on from it). An
+-- embeddings line (item.endpoint) goes through aigate.embed, and its result line carries the
+-- embeddings reply as a chat line's carries the completion.
 function State:run_item(item, handed)
   local opts = item.opts
   local chat, chat_with_reply = self.chat, self.chat_with_reply
+  if item.endpoint == "embeddings" then chat = self.embed end
   if self.tpm then item.token_estimate = token_estimate(item, item.len or 0) end
   item.t_start = handed and handed.started or core.now()
   self.active = self.active + 1
@@ -250,7 +253,7 @@ function State:run_item(item, handed)
     if not ok then
       -- aigate.chat raised: a caller mistake, i.e. a bad field in this line (or a bug: still one line)
       self.active = self.active - 1
-      local msg = tostring(res):gsub("^aigate%.chat[%w_]*: ", "")
+      local msg = tostring(res):gsub("^aigate%.[%w_]+: ", "")
       item.code, item.message = "invalid_request", format("line %d: %s", item.lineno, msg)
       self:count_outcome("invalid input")
       self:emit(item, error_line(self:next_req_id(), item), false)
@@ -293,9 +296,10 @@ end
 
 -- Dry run of one item: the rendered request instead of sending it.
 function State:dry_item(item)
-  local ok, req, err, info = pcall(self.prepare, item.opts)
+  local ok, req, err, info = pcall(item.endpoint == "embeddings" and self.prepare_embed or self.prepare, item.opts)
   if not ok then
-    item.code, item.message = "invalid_request", format("line %d: %s", item.lineno, (tostring(req):gsub("^aigate%.chat: ", "")))
+    item.code, item.message = "invalid_request", format("line %d: %s", item.lineno,
+      (tostring(req):gsub("^aigate%.[%w_]+: ", "")))
     self:emit(item, error_line(self:next_req_id(), item), false)
     return
   end
@@ -517,6 +521,7 @@ local function run(opts)
   st.out = out
 
   st.chat, st.chat_with_reply, st.prepare = aigate.chat, aigate.chat_with_reply, aigate.prepare
+  st.embed, st.prepare_embed = aigate.embed, aigate.prepare_embed
   local cfg = aigate.config() or {}
   st.breaker_cfg = cfg.breaker
   st.retry_settings = policy.retry_settings(cfg)

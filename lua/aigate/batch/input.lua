@@ -18,6 +18,7 @@ M.line_decode = line_decode
 local null = cj.null
 local format, find, match = string.format, string.find, string.match
 local huge = math.huge
+local embed_options_of = require("aigate.request").embed_options_of
 
 M.MAX_LINE = 8 * 1024 * 1024
 
@@ -96,21 +97,36 @@ local function is_blank(line)
 end
 M.is_blank = is_blank
 
--- OpenAI Batch API request line -> aigate.chat options.
+-- An embeddings line's body -> aigate.embed options (aigate.request reads an embeddings body, for
+-- aigate serve too), or nil, code, message.
+local function embeddings_options(body, lineno)
+  local opts, msg, param = embed_options_of(body)
+  if opts == nil then
+    -- no input is what no messages is to a chat line
+    local missing = param == "input" and (body.input == nil or body.input == null)
+    return nil, missing and "missing_input" or "invalid_request", format("line %d: %s", lineno, msg)
+  end
+  return opts, nil, nil, "embeddings"
+end
+
+-- OpenAI Batch API request line -> aigate.chat options (url /v1/chat/completions or none), or
+-- aigate.embed options and "embeddings" as the fourth result (url /v1/embeddings).
 local function from_openai(obj, lineno)
   if obj.method ~= nil and obj.method ~= "POST" then
     return nil, "invalid_request", format("line %d: method must be \"POST\" (got %s)", lineno, tostring(obj.method))
   end
   local url = obj.url
-  if url ~= nil and (type(url) ~= "string" or not find(url, "/chat/completions$")) then
-    return nil, "invalid_request", format("line %d: url %s is not supported: only /v1/chat/completions",
-      lineno, type(url) == "string" and ("'" .. url .. "'") or tostring(url))
+  local embeddings = type(url) == "string" and find(url, "/embeddings$") ~= nil
+  if url ~= nil and not embeddings and (type(url) ~= "string" or not find(url, "/chat/completions$")) then
+    return nil, "invalid_request", format("line %d: url %s is not supported: only /v1/chat/completions and "
+      .. "/v1/embeddings", lineno, type(url) == "string" and ("'" .. url .. "'") or tostring(url))
   end
   local body = obj.body
   if type(body) ~= "table" then
     return nil, "invalid_request", format("line %d: 'body' must be an object (got %s)", lineno,
       body == null and "null" or type(body))
   end
+  if embeddings then return embeddings_options(body, lineno) end
   if type(body.messages) ~= "table" then
     return nil, "missing_prompt", format("line %d: the body has no 'messages' array", lineno)
   end
@@ -146,15 +162,18 @@ local function from_short(obj, lineno)
 end
 
 --- The aigate.chat options of a decoded line (either form), the defaults applied: opts, or nil, code,
--- message. The engine renders the request of a line shape through this too (aigate.batch.engine).
+-- message. An embeddings line (url /v1/embeddings) gives aigate.embed options (the body's model, which
+-- it must have), and "embeddings" as the fourth result. The engine renders the request of a line shape
+-- through this too (aigate.batch.engine).
 function M.options_of(obj, lineno, defaults)
-  local opts, code, msg
+  local opts, code, msg, endpoint
   if obj.custom_id ~= nil or obj.body ~= nil then
-    opts, code, msg = from_openai(obj, lineno)
+    opts, code, msg, endpoint = from_openai(obj, lineno)
   else
     opts, code, msg = from_short(obj, lineno)
   end
   if opts == nil then return nil, code, msg end
+  if endpoint then return opts, nil, nil, endpoint end
   if opts.model == nil then opts.model = defaults.model end
   if opts.template == nil then opts.template = defaults.template end
   if opts.prompt == nil and opts.messages == nil and opts.template == nil then
@@ -163,7 +182,8 @@ function M.options_of(obj, lineno, defaults)
   return opts
 end
 
---- One raw input line -> item {id, lineno, opts} or {id, lineno, code, message} (a bad line).
+--- One raw input line -> item {id, lineno, opts, endpoint ("embeddings" for aigate.embed's options,
+-- else nil)} or {id, lineno, code, message} (a bad line).
 -- defaults: {model, template} applied when the line names none.
 function M.parse_line(line, lineno, defaults, oversize)
   if oversize then
@@ -185,13 +205,13 @@ function M.parse_line(line, lineno, defaults, oversize)
     end
     obj = v
   end
-  local opts
-  opts, code, msg = M.options_of(obj, lineno, defaults)
+  local opts, endpoint
+  opts, code, msg, endpoint = M.options_of(obj, lineno, defaults)
   if opts == nil then
     item.code, item.message = code, msg
     return item
   end
-  item.opts = opts
+  item.opts, item.endpoint = opts, endpoint
   return item
 end
 -- ---- resume --------------------------------------------------------------------------------------

@@ -47,6 +47,10 @@ Options:
       --cacert FILE        CA certificates to verify the server with (over the config's tls,
                            CURL_CA_BUNDLE, SSL_CERT_FILE and SSL_CERT_DIR)
       --config FILE        config file
+      --log FILE           the request log: a JSON line for each request ('-': standard output;
+                           see `aigate serve --help` for its fields). Every line then goes
+                           through the policy in Lua, not the faster engine that sends lines of
+                           the same shape itself
 
 SIGINT stops taking lines and waits for the requests in flight (a second SIGINT drops them); the
 output stays resumable either way. Exit status: 0 every line succeeded (with --resume: every result
@@ -59,6 +63,7 @@ local BATCH_OPTS = {
   {"ordered", nil, "flag"}, {"dry-run", nil, "flag"}, {"max-line", nil, "value"},
   {"rate-retries", nil, "value"}, {"progress", nil, "value"}, {"quiet", "q", "flag"},
   {"config", nil, "value"}, {"help", "h", "flag"}, {"cacert", nil, "value"}, {"retries", nil, "value"},
+  {"log", nil, "value"},
 }
 
 -- The ranges of the numeric options (see cli.number_opt).
@@ -116,6 +121,14 @@ function M.main(argv)
   cli.use_cacert(cmd, opts.cacert)
   cli.load_config(opts.config)
   cli.apply_retries(retries)
+  if opts.log then
+    local ok, lerr = require("aigate.reqlog").for_command(opts.log)
+    if not ok then
+      cli.eprint("aigate: batch: ", lerr)
+      return cli.EXIT_USAGE
+    end
+    run.engine = false -- the engine writes the lines it sends itself: each line must go through aigate.chat
+  end
   return require("aigate.batch").run(run)
 end
 

@@ -43,7 +43,9 @@ Options:
                            (tokens redacted)
       --cacert FILE        CA certificates to verify the server with (over the config's tls,
                            CURL_CA_BUNDLE, SSL_CERT_FILE and SSL_CERT_DIR)
-      --config FILE        config file]]
+      --config FILE        config file
+      --log FILE           the request log: a JSON line for the request ('-': standard output);
+                           see `aigate serve --help` for its fields]]
 
 local CHAT_OPTS = {
   {"model", "m", "value"}, {"provider", nil, "value"}, {"system", "s", "value"},
@@ -53,7 +55,7 @@ local CHAT_OPTS = {
   {"cache-key", nil, "value"}, {"metadata", nil, "list"}, {"event-id", nil, "value"},
   {"request-timeout", nil, "value"}, {"timeout", nil, "value"}, {"verbose", "v", "flag"},
   {"config", nil, "value"}, {"help", "h", "flag"}, {"template", nil, "value"}, {"cacert", nil, "value"},
-  {"retries", nil, "value"},
+  {"retries", nil, "value"}, {"log", nil, "value"},
 }
 
 -- The ranges of the numeric options (see cli.number_opt). Temperature has no upper bound here:
@@ -199,6 +201,13 @@ function M.main(argv)
   check_request(cmd, req)
   cli.load_config(opts.config)
   cli.apply_retries(retries)
+  if opts.log then
+    local ok, lerr = require("aigate.reqlog").for_command(opts.log)
+    if not ok then
+      cli.eprint("aigate: chat: ", lerr)
+      return cli.EXIT_USAGE
+    end
+  end
   if not (opts.template and #pos == 0) then
     req.prompt = read_prompt(cmd, pos)
   end

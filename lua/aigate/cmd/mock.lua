@@ -14,7 +14,9 @@ Serves a local stand-in for the gateway's /v1/ACCOUNT/GATEWAY/compat/chat/comple
 usage counted; streaming, the gateway's error envelopes and fault models chosen by the model id
 (mock/fail-500, mock/rate-limit, mock/slow-MS, mock/stall, mock/cut, mock/garbage, ...) are supported.
 max_tokens, n and tool calls (when tool_choice asks for one, or the prompt names a tool) are honoured;
-GET /v1/models lists models; every reply carries an x-request-id.
+POST .../compat/embeddings (and /v1/embeddings) answers deterministic vectors (8 numbers per input,
+or `dimensions`; the fault models apply); GET /v1/models lists models; every reply carries an
+x-request-id.
 Point aigate at it with AIGATE_BASE_URL=http://HOST:PORT/v1/ACCOUNT/GATEWAY/compat.
 
 Options:

@@ -6,7 +6,7 @@ local M = {}
 M.summary = [[run a Lua script with the aigate API (require "aigate")]]
 
 M.help = [[
-Usage: aigate run [--config FILE] [--cacert FILE] [--retries N] SCRIPT.lua [ARGS...]
+Usage: aigate run [--config FILE] [--cacert FILE] [--retries N] [--log FILE] SCRIPT.lua [ARGS...]
 
 Runs a Lua script inside an aigate task with the whole API (local aigate = require "aigate") and the
 global table `arg` (arg[0] the script, arg[1]... its arguments). The script's return value is the exit
@@ -17,9 +17,12 @@ Options:
       --config FILE        config file
       --cacert FILE        CA certificates to verify servers with (over the config's tls and the
                            environment)
-      --retries N          tries a failed request again up to N times (0: never)]]
+      --retries N          tries a failed request again up to N times (0: never)
+      --log FILE           the request log: one JSON line per aigate.chat call ('-': standard
+                           output); see `aigate serve --help` for its fields]]
 
-local RUN_OPTS = {{"config", nil, "value"}, {"retries", nil, "value"}, {"cacert", nil, "value"}, {"help", "h", "flag"}}
+local RUN_OPTS = {{"config", nil, "value"}, {"retries", nil, "value"}, {"cacert", nil, "value"}, {"help", "h", "flag"},
+  {"log", nil, "value"}}
 
 -- Sets the library up for the script: the config, --cacert and --retries. When there is nothing to
 -- apply (no option, no config file), the library is not loaded now but by the script's first
@@ -60,6 +63,13 @@ function M.main(argv)
     f:close()
     cli.eprint("aigate: ", lerr)
     return cli.EXIT_USAGE
+  end
+  if opts.log then
+    local ok, lerr2 = require("aigate.reqlog").for_command(opts.log)
+    if not ok then
+      cli.eprint("aigate: run: ", lerr2)
+      return cli.EXIT_USAGE
+    end
   end
   set_up(cmd, opts, retries)
   local script_arg = {[0] = script}

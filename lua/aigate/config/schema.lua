@@ -25,6 +25,7 @@ M.sections = {
     timeouts = "timeouts",
     max_response_size = check.count,
     tls = "tls",
+    serve = "serve",
   },
   timeouts = {
     timeout = check.positive,
@@ -70,6 +71,26 @@ M.sections = {
     provider_key_env = check.env_name,
     headers = check.headers,
     system_messages = request.MODEL_META.system_messages,
+  },
+  -- `aigate serve`: the keys its clients authenticate with (each a name, the environment variable
+  -- holding the key, and optionally the models it may use and its limits), the largest request body
+  -- it reads in bytes, the slow-client timeouts in seconds, the client headers it passes on, and how
+  -- long requests in flight may take to finish on SIGTERM
+  serve = {
+    keys = "serve_keys",
+    max_body = check.count,
+    header_timeout = check.positive,
+    body_timeout = check.positive,
+    idle_timeout = check.positive,
+    forward_headers = check.forward_headers,
+    drain_timeout = check.positive,
+  },
+  serve_key = {
+    name = check.nonempty,
+    key_env = check.env_name,
+    models = check.names,
+    rpm = check.count,
+    concurrency = check.count,
   },
   -- a named model: what it is (request.MODEL_META), then the chat parameters (request.BODY_PARAMS)
   model = {},

@@ -224,6 +224,40 @@ function Validator:tls(v, path)
   self:section(v, SCHEMA.tls, path)
 end
 
+function Validator:serve(v, path)
+  if type(v) ~= "table" then
+    return self:fail(path, "must be a table { keys = { { name = \"...\", key_env = \"VAR\" }, ... }, max_body = bytes }")
+  end
+  self:section(v, SCHEMA.serve, path)
+end
+
+-- serve.keys: a list of { name, key_env }, names unique (the name is what logs and limits know a
+-- client by; the key itself is only ever read from the environment).
+function Validator:serve_keys(v, path)
+  if type(v) ~= "table" then
+    return self:fail(path, "must be a list { { name = \"app\", key_env = \"APP_KEY\" }, ... }")
+  end
+  local seen = {}
+  for _, i in ipairs(sorted_keys(v)) do
+    local kpath = { table.unpack(path) }
+    kpath[#kpath + 1] = i
+    local entry = v[i]
+    if math.type(i) ~= "integer" then
+      self:fail(kpath, "serve.keys must be a list (no named fields)")
+    elseif type(entry) ~= "table" then
+      self:fail(kpath, "must be a table { name = \"app\", key_env = \"APP_KEY\" }")
+    else
+      self:section(entry, SCHEMA.serve_key, kpath)
+      if entry.name == nil or entry.key_env == nil then
+        self:fail(kpath, "needs both 'name' and 'key_env' (the environment variable holding the key)")
+      elseif seen[entry.name] then
+        self:fail(kpath, string.format("name '%s' is used twice", tostring(entry.name)))
+      end
+      seen[entry.name or false] = true
+    end
+  end
+end
+
 function Validator:prices(v, path)
   if type(v) ~= "table" then
     return self:fail(path, "must be a table of model = { input = USD per 1M tokens, output = USD per 1M tokens }")
@@ -466,6 +500,11 @@ local function register_secrets(tbl)
   each(tbl.models, function(m)
     headers(m.headers)
   end)
+  if type(tbl.serve) == "table" then
+    each(tbl.serve.keys, function(k)
+      env(k.key_env)
+    end)
+  end
 end
 
 --- Like validate, but always returns the normalized copy and the array of problems (maybe empty).

@@ -20,6 +20,7 @@ local breaker = require("aigate.breaker")
 local limit = require("aigate.limit")
 local throttle = require("aigate.throttle")
 local rules = require("aigate.policy.rules")
+local note = require("aigate.reqlog").note -- what the request log adds to an attempt (kept aside)
 
 local util = require("aigate.util")
 local M = {}
@@ -40,7 +41,9 @@ local function first_line(s)
 end
 
 -- The ctx argument of hooks, route functions and conditions, made when first needed (most requests
--- run no hook and no function): {route, model, metadata, vars, attempts, config, dry_run, now}.
+-- run no hook and no function): {route, model, metadata, vars, attempts, config, dry_run, now,
+-- endpoint ("chat" or "embeddings"), client}. client: who asked, when aigate serve did ({key,
+-- address, headers}), else nil.
 local function hook_ctx(st)
   local ctx = st.ctx
   if ctx == nil then
@@ -53,6 +56,8 @@ local function hook_ctx(st)
       config = st.cfg,
       dry_run = st.dry_run,
       now = st.now,
+      endpoint = st.endpoint,
+      client = st.client,
     }
     st.ctx = ctx
   end
@@ -160,13 +165,17 @@ local function decorate(o, st, node)
   return true
 end
 
--- The aigate.chat options of one attempt at a target node.
+-- The aigate.chat (or aigate.embed) options of one attempt at a target node. An embeddings request
+-- takes only the target's parameters that are embeddings parameters, and no messages.
 local function attempt_opts(st, node)
   local o = copy(st.req)
   o.vars, o.template = nil, nil
   o.model = node.id
+  local embeddings = st.embeddings
   for k, v in pairs(node.params) do
-    o[k] = v
+    if not embeddings or request.EMBED_PARAMS[k] then
+      o[k] = v
+    end
   end
   local nopts = node.opts
   if next(nopts) ~= nil then
@@ -175,6 +184,9 @@ local function attempt_opts(st, node)
         o[k] = nopts[k]
       end
     end
+  end
+  if embeddings then
+    return o
   end
   local ok, err = decorate(o, st, node)
   if not ok then
@@ -186,6 +198,13 @@ local function attempt_opts(st, node)
         st.delivered = true
       end
       return st.stream(text)
+    end
+  end
+  if st.stream_events then
+    -- an event passed on is delivered even without text (a role chunk): no other target may follow
+    o.stream_events = function(data, chunk)
+      st.delivered = true
+      return st.stream_events(data, chunk)
     end
   end
   return o
@@ -208,6 +227,11 @@ M.use_breaker = use_breaker
 
 -- Sends req for one attempt (throttle, -v line, client.send). Returns what client.send returns.
 local function send(st, att, req, key)
+  local tied = req.tied_to
+  if tied ~= nil and tied.closed then -- the client that asked went away: nobody waits for this
+    att.error, att.skipped = "the client went away", true
+    return nil, "interrupted: the client went away", { kind = "interrupted", reason = "client_gone" }, true
+  end
   if not throttle.acquire(key) then
     att.error, att.skipped = "interrupted", true
     return nil, "interrupted: no new request is sent", { kind = "interrupted" }, true
@@ -218,6 +242,10 @@ local function send(st, att, req, key)
   local t0 = P.now()
   local r, msg, info = client.send(req, P.core)
   att.latency = P.now() - t0
+  if r == nil and tied ~= nil and tied.closed then -- stopped (or failed) with no one to answer: no retry
+    info = info or {}
+    info.kind, info.reason = "interrupted", "client_gone"
+  end
   if info and info.status == 429 then
     throttle.rate_limited(key, t0, rules.retry_after_seconds(info.retry_after, P.time()))
   end
@@ -250,10 +278,14 @@ function M.send_target(st, node, att, req, handed)
   end
   local key = breaker_key(req)
   local guarded = use_breaker(st, node)
+  if guarded then
+    note(att, "breaker", key) -- (serve's metrics show the state of each breaker they saw)
+  end
   if guarded and not handed then
     local allowed, wait, down_for = breaker.allow(key, st.cfg.breaker, P.now())
     if not allowed then
       att.error, att.skipped = "circuit breaker open", true
+      note(att, "kind", "breaker_open")
       return failure(string.format("circuit breaker open for %s after repeated failures (down for %.0fs); next try "
         .. "in %.1fs", req.model, down_for, wait), { kind = "policy", reason = "breaker_open", moveon = true,
         retry_after = wait, down_for = down_for })
@@ -270,6 +302,7 @@ function M.send_target(st, node, att, req, handed)
   end
   if r then
     att.status = r.status
+    note(att, "first_byte", r.first_byte)
     if guarded then
       breaker.record(key, true, st.cfg.breaker, P.now())
     end
@@ -284,6 +317,8 @@ function M.send_target(st, node, att, req, handed)
   end
   att.status = info.status
   att.error = first_line(msg)
+  note(att, "kind", info.kind) -- "http", "transport", "response", "truncated", ...
+  note(att, "first_byte", info.first_byte)
   if info.retry_after ~= nil then -- the upstream's Retry-After, kept on every attempt that had one
     att.retry_after = rules.retry_after_seconds(info.retry_after, P.time())
   end
@@ -363,7 +398,8 @@ function EXEC.target(node, st)
     att.error = terr
     return failure(terr, { kind = "config" })
   end
-  local okp, req, perr, pinfo = pcall(request.prepare, o, st.cfg, st.context)
+  local okp, req, perr, pinfo = pcall(st.embeddings and request.prepare_embeddings or request.prepare, o, st.cfg,
+    st.context, true)
   if not okp then
     if st.dry then
       error(req, 0) -- a dry run raises on what the caller got wrong, as aigate.prepare always has

@@ -9,7 +9,9 @@
 -- the first attempt would send, unredacted, and whether the batch engine may send such requests
 -- itself; `prepare` is render as people see it (credentials hidden). Time, sleep and randomness go
 -- through M.now/M.time/M.sleep/M.random so tests can replace them. Used by aigate.chat,
--- aigate.chat_with_reply and aigate.prepare (init.lua).
+-- aigate.chat_with_reply and aigate.prepare (init.lua). `embed` runs an embeddings request through
+-- the same interpreter (routes, fallbacks, retries, breakers, limits, hooks; no template), each
+-- attempt an embeddings request (aigate.request.prepare_embeddings) read as an embeddings list.
 --
 -- Its parts: aigate.policy.rules (what a failure means: Retry-After, backoff, retryable),
 -- aigate.policy.exec (the interpreter), aigate.policy.state (a request before and after its route,
@@ -39,7 +41,13 @@ M.RETRY_CAPS = { max_attempts = 10, max_delay = 30, max_retry_after = 60 }
 -- max_retry_after. `chat` and `run` retry like the SDKs (twice, 429s included); `batch` uses the
 -- "batch" profile: more tries, rate limits waited out, bounded by the time a line may take.
 M.RETRY_DEFAULTS = { retries = 2, budget = 60, delay = 0.5, max_backoff = 8, rate_limits = "count" }
-M.RETRY_PROFILES = { batch = { retries = 8, budget = 600, rate_limits = "wait" } }
+-- "serve" profile: few tries within a short time, for a client that has retries of its own (an SDK's
+-- two, say) and waits while serve does: the two do not multiply into minutes, and a Retry-After
+-- longer than the budget goes back to the client (the upstream's, in the reply's header).
+M.RETRY_PROFILES = {
+  batch = { retries = 8, budget = 600, rate_limits = "wait" },
+  serve = { retries = 1, budget = 15, max_backoff = 2 },
+}
 
 M.now = function()
   return core.now()
@@ -79,6 +87,8 @@ M.retryable = rules.retryable
 M.default_retryable = rules.default_retryable
 
 M.set_retry_profile = state.set_retry_profile
+M.answer = state.answer
+M.is_answer = state.is_answer
 M.retry_profile = state.retry_profile
 M.set_retry_overrides = state.set_retry_overrides
 M.retry_settings = state.retry_settings
@@ -102,9 +112,23 @@ function M.chat(opts, cfg, context, handed)
     local stub = { attempts = {}, name = opts.model }
     return state.failed(stub, fail)
   end
+  if st.answer then
+    return state.finish(st, { ok = true, result = st.answer })
+  end
   if handed then
     st.handed = handed
     st.t_start = handed.started or st.t_start
+  end
+  return state.finish(st, exec.run(st.entry, st))
+end
+
+--- Runs an embeddings request (aigate.embed's options) through the policy, as chat runs a chat
+-- request. Returns the result (data, embeddings, usage, attempts, step, route, cost) or nil,
+-- message, info.
+function M.embed(opts, cfg, context)
+  local st, fail = state.start(opts, cfg, context, false, "embeddings")
+  if st == nil then
+    return state.failed({ attempts = {}, name = opts.model }, fail)
   end
   return state.finish(st, exec.run(st.entry, st))
 end
@@ -145,11 +169,16 @@ end
 -- text), body_table, timeouts, ca_file, ca_path, max_size, model, provider, route, targets, target
 -- (the attempt record's target), system_messages (the rule in force), plain, breaker_key (nil when
 -- no breaker guards it), upstream (the throttle's key), priced (whether cost accounting has prices
--- for it)}. plain: exactly one plain target, see is_plain.
-function M.render(opts, cfg, context)
-  local st, fail = state.start(opts, cfg, context, true)
+-- for it)}. plain: exactly one plain target, see is_plain. endpoint: "chat" (nil) or "embeddings"
+-- (aigate.embed's options; never plain: the batch engine sends chat requests only).
+function M.render(opts, cfg, context, endpoint)
+  local st, fail = state.start(opts, cfg, context, true, endpoint)
   if st == nil then
     return nil, fail.msg, fail.info
+  end
+  if st.answer then
+    return nil, "the before_request hook answers this request itself: nothing would be sent",
+      { kind = "policy", reason = "answered" }
   end
   local out = exec.run(st.entry, st)
   if not out.ok then
@@ -173,7 +202,7 @@ function M.render(opts, cfg, context)
     targets = M.targets(st.entry, st.routes),
     target = node.id or req.model,
     system_messages = req.system_messages,
-    plain = is_plain(opts, cfg, st, node, req),
+    plain = not st.embeddings and is_plain(opts, cfg, st, node, req),
     breaker_key = exec.use_breaker(st, node) and key or nil,
     upstream = key,
     priced = M.cost(cfg, node.id, req.model, { prompt_tokens = 1, completion_tokens = 1 }) ~= nil,
@@ -182,9 +211,9 @@ end
 
 --- The request the policy would send first, as people see it (render with credentials hidden):
 -- {method, url, headers (redacted), body (table), body_table, body_text, model, provider, route,
--- targets, timeouts} or nil, message, info.
-function M.prepare(opts, cfg, context)
-  local r, err, info = M.render(opts, cfg, context)
+-- targets, timeouts} or nil, message, info. endpoint: as for render.
+function M.prepare(opts, cfg, context, endpoint)
+  local r, err, info = M.render(opts, cfg, context, endpoint)
   if r == nil then
     return nil, err, info
   end

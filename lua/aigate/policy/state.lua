@@ -113,10 +113,63 @@ local function same(s)
   return s
 end
 
+-- Answers a hook gives instead of a request (aigate.answer): the result aigate.chat returns for it.
+local ANSWER = {}
+
+--- An answer to a request that a before_request hook gives itself, so that no upstream is asked (a
+-- cache, a guardrail, a canned reply): t = {text = string | message = {role, content, tool_calls},
+-- usage = {prompt_tokens, completion_tokens, total_tokens}, finish_reason, model}. aigate.chat returns
+-- it as its result, with no attempt, after the after_response hook; result.answered says who answered.
+function M.answer(t)
+  if type(t) ~= "table" then
+    error("aigate.answer: expected a table {text = ...}, got " .. type(t), 2)
+  end
+  local text, message = t.text, t.message
+  if message ~= nil and type(message) ~= "table" then
+    error("aigate.answer: 'message' must be a table {role, content, ...}", 2)
+  end
+  if text ~= nil and type(text) ~= "string" then
+    error("aigate.answer: 'text' must be a string", 2)
+  end
+  if message == nil then
+    text = text or ""
+    message = { role = "assistant", content = text }
+  elseif text == nil then
+    text = type(message.content) == "string" and message.content or ""
+  end
+  if t.usage ~= nil and type(t.usage) ~= "table" then
+    error("aigate.answer: 'usage' must be a table", 2)
+  end
+  return setmetatable({
+    text = text,
+    message = message,
+    tool_calls = message.tool_calls,
+    usage = t.usage or {},
+    finish_reason = t.finish_reason or (message.tool_calls and "tool_calls" or "stop"),
+    model = t.model,
+    response_model = t.model,
+    status = 200,
+    headers = {},
+    latency = 0,
+    answered = "before_request",
+  }, ANSWER)
+end
+
+--- Whether v is an answer made by M.answer.
+function M.is_answer(v)
+  return getmetatable(v) == ANSWER
+end
+
 --- Sets up the state of one request: template, hook, route. dry_run: for a dry run (nothing is
--- sent; hooks see ctx.dry_run). Returns st, or nil, failure, st.
-function M.start(opts, cfg, context, dry_run)
-  local o, terr = template.apply(opts, cfg)
+-- sent; hooks see ctx.dry_run). endpoint: "chat" (nil) or "embeddings" (aigate.embed's options:
+-- no template; every target is sent an embeddings request). Returns st, or nil, failure, st.
+function M.start(opts, cfg, context, dry_run, endpoint)
+  endpoint = endpoint or "chat"
+  local embeddings = endpoint == "embeddings"
+  local o, terr = opts, nil
+  if not embeddings then
+    o, terr = template.apply(opts, cfg)
+  end
   local cps, rs = caps(cfg)
   local st = {
     cfg = cfg,
@@ -136,6 +189,8 @@ function M.start(opts, cfg, context, dry_run)
     dry_run = dry_run or false,
     dry = dry_run or false,
     now = P.now,
+    endpoint = endpoint,
+    embeddings = embeddings,
   }
   st.name = opts.model or cfg.default_model or "(default model)"
   st.first_name = st.name
@@ -149,19 +204,32 @@ function M.start(opts, cfg, context, dry_run)
     end
   end
   st.req = copy(o)
+  st.client = o.client -- who asked (aigate serve): for hooks, in ctx.client
+  st.req.client = nil
   st.metadata = o.metadata
   local req, fail = call_hook(st, "before_request", st.req)
   if req == nil then
     return nil, fail, st
   end
+  if M.is_answer(req) and embeddings then
+    return nil, failure("before_request hook answered an embeddings request with aigate.answer, which makes a chat "
+      .. "reply: answer embeddings requests by returning nothing (or refuse them)", { kind = "policy", reason = "hook" }),
+      st
+  elseif M.is_answer(req) then -- answered by the hook: nothing goes upstream
+    req.model = req.model or st.req.model or cfg.default_model
+    st.answer = req
+    st.entry = st.name
+    return st
+  end
   if req ~= st.req then
-    local ok, err = pcall(request.check_options, req, 1)
+    local ok, err = pcall(request.check_options, req, 1, endpoint)
     if not ok then
       return nil, failure("before_request hook returned bad options: " .. tostring(err), { kind = "policy", reason = "hook" }), st
     end
   end
   st.req = req
   st.stream = req.stream
+  st.stream_events = req.stream_events
   st.verbose = req.verbose
   local name = req.model or cfg.default_model
   st.name = name or "(default model)"
