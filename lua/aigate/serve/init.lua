@@ -1,6 +1,7 @@
 -- aigate.serve: the server of `aigate serve`. The routing policy behind an OpenAI-compatible
 -- endpoint on core.listen: POST /v1/chat/completions runs aigate.chat on the body (aigate.serve.openai
--- maps it), GET /v1/models lists the config's named models and local routes, GET /healthz and
+-- maps it), POST /v1/embeddings runs aigate.embed (aigate.serve.embeddings), GET /v1/models lists the
+-- config's named models and local routes, GET /metrics serves Prometheus text, GET /healthz and
 -- GET /readyz answer probes; each path also without /v1. Every error goes out in OpenAI's envelope
 -- (aigate.serve.errors) and the server keeps serving. Clients authenticate with the keys of
 -- serve.keys when the config has some; the client's own Authorization never goes upstream.
@@ -45,18 +46,12 @@ M.FORWARD_HEADERS = { "traceparent", "tracestate", "baggage" }
 -- Never given to hooks in ctx.client.headers (nor forwarded: config validation refuses them there).
 local CREDENTIAL_HEADERS = require("aigate.check").CREDENTIAL_HEADERS
 
-local id_counter = 0
-local function new_request_id()
-  id_counter = id_counter + 1
-  return string.format("aigate-%08x%06x", math.random(0, 0xffffffff), id_counter & 0xffffff)
-end
-
 local function request_id(headers)
   local id = headers["x-request-id"]
   if id and #id > 0 and #id <= MAX_REQUEST_ID and not id:find("[^%w%-%._:/+=@]") then
     return id
   end
-  return new_request_id()
+  return reqlog.new_id()
 end
 
 local function reply(res, status, headers, body)
