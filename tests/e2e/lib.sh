@@ -160,6 +160,61 @@ ids_once() {
       return n == '"$2"' and "ok" or ("count " .. n)' "$1"
 }
 
+# mock_requests: how many requests the mock has logged.
+mock_requests() { wc -l < "$MOCK_LOG" | tr -d ' '; }
+
+# ---- aigate serve ------------------------------------------------------------------------------
+
+SERVE_PID=""
+SERVE_URL=""
+# stop_serve: stops the server start_serve started (SIGTERM) and waits for it.
+stop_serve() {
+    if [ -n "$SERVE_PID" ]; then
+        kill "$SERVE_PID" 2>/dev/null
+        wait "$SERVE_PID" 2>/dev/null
+        SERVE_PID=""
+    fi
+}
+
+# start_serve CONFIG [ARGS...]: starts `aigate serve` on a free port (stdout in $TMP/serve.out, stderr
+# in $TMP/serve.err; descriptor 3 not inherited); sets SERVE_URL and SERVE_PID.
+start_serve() {
+    stop_serve
+    "$AIGATE" serve --listen 127.0.0.1:0 --config "$@" > "$TMP/serve.out" 2> "$TMP/serve.err" 3>&- &
+    SERVE_PID=$!
+    SERVE_URL=$(listening_url "aigate serve" "$SERVE_PID" "$TMP/serve.out" "$TMP/serve.err") || return 1
+}
+
+# req METHOD PATH [BODY] [curl args...]: a request to serve; sets STATUS; body in $TMP/body, headers in
+# $TMP/headers.
+req() {
+    local method=$1 path=$2 body=${3:-}
+    shift 3 2>/dev/null || shift $#
+    : > "$TMP/body"
+    : > "$TMP/headers"
+    if [ -n "$body" ]; then
+        STATUS=$(curl -sS -o "$TMP/body" -D "$TMP/headers" -w '%{http_code}' -X "$method" \
+            -H 'content-type: application/json' --data-binary "$body" "$SERVE_URL$path" "$@" 2> "$TMP/curl.err")
+    else
+        STATUS=$(curl -sS -o "$TMP/body" -D "$TMP/headers" -w '%{http_code}' -X "$method" \
+            "$SERVE_URL$path" "$@" 2> "$TMP/curl.err")
+    fi
+}
+# jb EXPR: a Lua expression on the decoded response body `v`.
+jb() { "$AIGATE" run "$E2E_DIR/json_get.lua" "$1" < "$TMP/body" 2>/dev/null; }
+# header NAME: the value of a response header (lowercase name), without the line end.
+header() { grep -i "^$1:" "$TMP/headers" | head -n 1 | sed 's/^[^:]*: *//' | tr -d '\r'; }
+# chat MODEL [TEXT] [MORE]: a chat.completions body with one user message (MORE: further fields, ",...").
+chat() { printf '{"model":"%s","messages":[{"role":"user","content":"%s"}]%s}' "$1" "${2:-hello serve}" "${3:-}"; }
+# envelope NAME STATUS CODE [PARAM]: the reply has STATUS and OpenAI's error envelope with that code
+# (message non-empty, type a string, param and code present), and that param when given.
+envelope() {
+    expect_eq "$1: status" "$STATUS" "$2"
+    expect_eq "$1: envelope" "$(jb 'type(v.error.message) == "string" and #v.error.message > 0 and type(v.error.type) == "string" and v.error.param ~= nil and v.error.code ~= nil')" "true"
+    expect_eq "$1: code" "$(jb 'type(v.error.code) == "userdata" and "null" or tostring(v.error.code)')" "$3"
+    if [ -n "${4:-}" ]; then expect_eq "$1: param" "$(jb 'tostring(v.error.param)')" "$4"; fi
+}
+
 finish() {
     echo "$PASSED passed, $FAILED failed"
     [ "$FAILED" -eq 0 ]

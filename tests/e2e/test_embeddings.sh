@@ -13,24 +13,7 @@
 
 . "$(dirname "$0")/lib.sh"
 
-SERVE_PID=""
-SERVE_URL=""
-stop_serve() {
-    if [ -n "$SERVE_PID" ]; then
-        kill "$SERVE_PID" 2>/dev/null
-        wait "$SERVE_PID" 2>/dev/null
-        SERVE_PID=""
-    fi
-}
 trap 'stop_serve; stop_mock; stop_upstream; rm -rf "$TMP"' EXIT
-
-# start_serve CONFIG: starts `aigate serve` on a free port; sets SERVE_URL and SERVE_PID.
-start_serve() {
-    stop_serve
-    "$AIGATE" serve --listen 127.0.0.1:0 --config "$1" > "$TMP/serve.out" 2> "$TMP/serve.err" &
-    SERVE_PID=$!
-    SERVE_URL=$(listening_url "aigate serve" "$SERVE_PID" "$TMP/serve.out" "$TMP/serve.err") || return 1
-}
 
 # at URL PATH BODY [curl args...]: POSTs BODY; sets STATUS; body in $TMP/body, headers in $TMP/headers.
 at() {
@@ -40,18 +23,8 @@ at() {
         -H 'content-type: application/json' --data-binary "$body" "$url$path" "$@" 2> "$TMP/curl.err")
 }
 emb() { at "$SERVE_URL" /v1/embeddings "$@"; }
-jb() { "$AIGATE" run "$E2E_DIR/json_get.lua" "$1" < "$TMP/body" 2>/dev/null; }
-header() { grep -i "^$1:" "$TMP/headers" | head -n 1 | sed 's/^[^:]*: *//' | tr -d '\r'; }
-# envelope NAME STATUS CODE [PARAM]: the reply has STATUS and OpenAI's error envelope with that code.
-envelope() {
-    expect_eq "$1: status" "$STATUS" "$2"
-    expect_eq "$1: envelope" "$(jb 'type(v.error.message) == "string" and #v.error.message > 0 and type(v.error.type) == "string" and v.error.param ~= nil')" "true"
-    expect_eq "$1: code" "$(jb 'type(v.error.code) == "userdata" and "null" or tostring(v.error.code)')" "$3"
-    if [ -n "${4:-}" ]; then expect_eq "$1: param" "$(jb 'tostring(v.error.param)')" "$4"; fi
-}
 # The last request the mock received: a Lua expression on its log entry `r`.
 upstream() { lua_on "local r = lines[#lines]; return $1" "$MOCK_LOG"; }
-requests() { wc -l < "$MOCK_LOG" | tr -d ' '; }
 body() { printf '{"model":"%s","input":%s%s}' "$1" "${2:-\"hello embeddings\"}" "${3:-}"; }
 still_serving() {
     emb "$(body emb '"still here"')"
@@ -181,7 +154,7 @@ expect_eq "hooks: status" "$STATUS" "200"
 expect_eq "hooks: before_request sees the embeddings request" "$(cat "$TMP/hook.txt")" "embeddings b 2 nil"
 
 # A fallback route: the first target answers 503, the second answers.
-before=$(requests)
+before=$(mock_requests)
 emb "$(body dynamic/emb)"
 expect_eq "fallback: status" "$STATUS $(jb '#v.data')" "200 1"
 expect_eq "fallback: attempts" "$(header x-aigate-attempts)" "2"
@@ -191,11 +164,11 @@ expect_eq "fallback: both sent to compat/embeddings" \
     "mock/fail-503@/v1/acct123/gw1/compat/embeddings workers-ai/@cf/baai/bge-base-en-v1.5@/v1/acct123/gw1/compat/embeddings"
 
 # A 429 with Retry-After (retry-after-ms: 100) is retried, and the retry answers.
-before=$(requests)
+before=$(mock_requests)
 emb "$(body mock/busy-1 '"busy once"')"
 expect_eq "429 retried: status" "$STATUS $(jb '#v.data')" "200 1"
 expect_eq "429 retried: attempts" "$(header x-aigate-attempts)" "2"
-expect_eq "429 retried: two requests upstream" "$(( $(requests) - before ))" "2"
+expect_eq "429 retried: two requests upstream" "$(( $(mock_requests) - before ))" "2"
 
 # ---- errors, each in OpenAI's envelope, and the server keeps serving -----------------------------------
 emb '{"model":"emb","input":'
@@ -227,11 +200,11 @@ envelope "unknown model" 404 model_not_found model
 emb "$(body nowhere/text-embedding-3-small)"
 envelope "unknown provider prefix" 404 model_not_found model
 still_serving "after 400s and 404s"
-before=$(requests)
+before=$(mock_requests)
 emb "$(body mock/bad-request)"
 expect_eq "the upstream's 400: status" "$STATUS" "400"
 expect_eq "the upstream's 400: its error as it came" "$(jb 'v.error.message')" "mock: the provider rejected this request"
-expect_eq "the upstream's 400: not retried" "$(header x-aigate-attempts) $(( $(requests) - before ))" "1 1"
+expect_eq "the upstream's 400: not retried" "$(header x-aigate-attempts) $(( $(mock_requests) - before ))" "1 1"
 emb "$(body mock/fail-503)"
 expect_eq "every attempt failed: the last upstream status" "$STATUS $(header x-aigate-attempts)" "503 2"
 emb "$(body mock/rate-limit)"
@@ -286,7 +259,7 @@ cat > in.jsonl <<'EOF'
 {"custom_id":"e2","method":"POST","url":"/v1/embeddings","body":{"model":"dynamic/emb","input":["second","line"],"dimensions":3}}
 {"custom_id":"e3","url":"/v1/embeddings","body":{"model":"emb","input":"third"}}
 EOF
-before=$(requests)
+before=$(mock_requests)
 batch in.jsonl -o out.jsonl --config cfg.lua
 expect_eq "batch: exit" "$RC" "0"
 expect_match "batch: embeddings lines take the general path" "$ERR" "paths: engine 0, aigate.chat 3"
@@ -306,7 +279,7 @@ expect_eq "batch: the reply's bytes as they came" \
 # --resume: only what is missing is sent.
 head -n 1 out.jsonl > part.jsonl
 done_id=$(lua_on 'return lines[1].custom_id' part.jsonl)
-before=$(requests)
+before=$(mock_requests)
 batch in.jsonl -o part.jsonl --config cfg.lua --resume
 expect_eq "batch resume: exit" "$RC" "0"
 expect_eq "batch resume: each id once" "$(lua_on 'local s = {} for _, l in ipairs(lines) do if s[l.custom_id] then return "twice " .. l.custom_id end s[l.custom_id] = true end return #lines' part.jsonl)" "3"

@@ -11,24 +11,7 @@
 
 . "$(dirname "$0")/lib.sh"
 
-SERVE_PID=""
-SERVE_URL=""
-stop_serve() {
-    if [ -n "$SERVE_PID" ]; then
-        kill "$SERVE_PID" 2>/dev/null
-        wait "$SERVE_PID" 2>/dev/null
-        SERVE_PID=""
-    fi
-}
 trap 'stop_serve; exec 3>&- 2>/dev/null; stop_mock; rm -rf "$TMP"' EXIT
-
-# start_serve ARGS...: starts `aigate serve` on a free port (stdout in serve.out); sets SERVE_URL.
-start_serve() {
-    stop_serve
-    "$AIGATE" serve --listen 127.0.0.1:0 --config serve.lua "$@" > "$TMP/serve.out" 2> "$TMP/serve.err" 3>&- &
-    SERVE_PID=$!
-    SERVE_URL=$(listening_url "aigate serve" "$SERVE_PID" "$TMP/serve.out" "$TMP/serve.err") || return 1
-}
 
 CLIENT_KEY=ck-CLIENT-KEY-0123456789
 export APP_KEY=$CLIENT_KEY
@@ -37,13 +20,8 @@ export APP_KEY=$CLIENT_KEY
 post() {
     local body=$1
     shift
-    STATUS=$(curl -sS -o "$TMP/body" -w '%{http_code}' -H 'content-type: application/json' \
-        -H "authorization: Bearer $CLIENT_KEY" --data-binary "$body" "$@" "$SERVE_URL/v1/chat/completions" \
-        2> "$TMP/curl.err")
+    req POST /v1/chat/completions "$body" -H "authorization: Bearer $CLIENT_KEY" "$@"
 }
-# jb EXPR: a Lua expression on the decoded response body `v`.
-jb() { "$AIGATE" run "$E2E_DIR/json_get.lua" "$1" < "$TMP/body" 2>/dev/null; }
-chat_body() { printf '{"model":"%s","messages":[{"role":"user","content":"%s"}]%s}' "$1" "$2" "${3:-}"; }
 
 # wait_lines FILE N: waits (generously) until FILE has at least N lines.
 wait_lines() {
@@ -164,17 +142,17 @@ expect_eq "batch --log: every line has every field" \
 
 # ---- serve: the log on stdout ---------------------------------------------------------------------
 
-start_serve || { fail "serve starts" "see above"; finish; }
+start_serve serve.lua || { fail "serve starts" "see above"; finish; }
 expect_match "serve: the listening line comes first" "$(head -n 1 serve.out)" "^aigate serve listening on http://127.0.0.1:[0-9]+$"
 # metrics before any request (loopback: no key needed although keys are configured)
 STATUS=$(curl -sS -o metrics0.txt -w '%{http_code}' "$SERVE_URL/metrics")
 expect_eq "serve: /metrics open from loopback" "$STATUS" "200"
-post "$(chat_body dynamic/fb "serve fallback")" -H 'x-request-id: req-fallback-1'
+post "$(chat dynamic/fb "serve fallback")" -H 'x-request-id: req-fallback-1'
 expect_eq "serve: the fallback answered" "$STATUS" "200"
-post "$(chat_body mock/echo "serve stream" ',"stream":true')" -N
+post "$(chat mock/echo "serve stream" ',"stream":true')" -N
 expect_eq "serve: a stream answered" "$STATUS" "200"
 STATUS=$(curl -sS -o /dev/null -w '%{http_code}' -H 'authorization: Bearer wrong-key-0123456789' \
-    --data-binary "$(chat_body mock/echo x)" "$SERVE_URL/v1/chat/completions")
+    --data-binary "$(chat mock/echo x)" "$SERVE_URL/v1/chat/completions")
 expect_eq "serve: a wrong key gets 401" "$STATUS" "401"
 curl -sS -o /dev/null "$SERVE_URL/healthz"
 wait_lines serve.out 4 || fail "serve: three log lines" "$(cat serve.out)"
@@ -257,11 +235,11 @@ expect_eq "metrics: the page parses, the counts of the requests so far" "$(echo 
 expect_eq "metrics: the page before any request parses" "$("$AIGATE" run prom.lua < metrics0.txt)" "ok"
 expect_match "metrics: the content type of the text format" \
     "$(curl -sS -o /dev/null -w '%{content_type}' "$SERVE_URL/v1/metrics")" "^text/plain; version=0.0.4"
-post "$(chat_body dynamic/fb "serve fallback again")"
+post "$(chat dynamic/fb "serve fallback again")"
 expect_eq "metrics: the counter moved after a request" "$(metric "$REQS" | tail -n 1)" "2"
 # the breaker of mock/fail-503 opens after 6 failures (2 requests of 3 tries)
 for i in 1 2 3 4 5 6; do
-    post "$(chat_body mock/fail-503 "trip $i")"
+    post "$(chat mock/fail-503 "trip $i")"
     [ "$(metric 'aigate_breaker_state{target="mock/fail-503",state="open"}' | tail -n 1)" = 1 ] && break
 done
 expect_eq "metrics: a tripped breaker shows open" \
@@ -281,15 +259,15 @@ done
 
 # ---- SIGUSR1 reopens the file ----------------------------------------------------------------------
 
-start_serve --log req.log || { fail "serve --log starts" "see above"; finish; }
+start_serve serve.lua --log req.log || { fail "serve --log starts" "see above"; finish; }
 expect_eq "serve --log: stdout has the listening line only" "$(wc -l < serve.out)" "1"
-post "$(chat_body mock/echo "before rotation")"
+post "$(chat mock/echo "before rotation")"
 wait_lines req.log 1 || fail "serve --log: the first line" "none"
 mv req.log req.log.1
 kill -USR1 "$SERVE_PID"
 for i in $(seq 1 400); do [ -e req.log ] && break; sleep 0.05; done
 expect_eq "SIGUSR1: a new file is opened" "$([ -e req.log ] && echo yes)" "yes"
-post "$(chat_body mock/echo "after rotation")"
+post "$(chat mock/echo "after rotation")"
 expect_eq "SIGUSR1: serve still answers" "$STATUS" "200"
 wait_lines req.log 1 || fail "SIGUSR1: the next line in the new file" "none"
 expect_eq "SIGUSR1: the old file keeps the line before" "$(wc -l < req.log.1)" "1"
@@ -303,14 +281,14 @@ expect_eq "serve --log: nothing else on stdout" "$(wc -l < serve.out)" "1"
 mkfifo stuck.fifo
 exec 3<> stuck.fifo # a reader that never reads (this shell); serve gets no copy of it
 export AIGATE_LOG_BUFFER=4096
-start_serve --log stuck.fifo || { fail "serve --log FIFO starts" "see above"; finish; }
+start_serve serve.lua --log stuck.fifo || { fail "serve --log FIFO starts" "see above"; finish; }
 unset AIGATE_LOG_BUFFER
 # an unknown model of 30000 bytes is in its line (as asked): 5 such lines are more than the pipe
 # (64 KiB) and the buffer hold
 BIG=$(head -c 30000 /dev/zero | tr '\0' 'x')
-for i in 1 2 3 4 5; do post "$(chat_body "$BIG" "big $i")"; done
+for i in 1 2 3 4 5; do post "$(chat "$BIG" "big $i")"; done
 expect_eq "stuck log: an unknown model still gets its 404" "$STATUS" "404"
-post "$(chat_body mock/echo "still answered")"
+post "$(chat mock/echo "still answered")"
 expect_eq "stuck log: a request is still answered" "$STATUS $(jb 'v.choices[1].message.content')" \
     "200 echo: still answered"
 dropped=$(metric 'aigate_log_dropped_lines_total' | tail -n 1)

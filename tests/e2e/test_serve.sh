@@ -14,54 +14,11 @@
 
 . "$(dirname "$0")/lib.sh"
 
-SERVE_PID=""
-SERVE_URL=""
 GATE_PID=""
-stop_serve() {
-    if [ -n "$SERVE_PID" ]; then
-        kill "$SERVE_PID" 2>/dev/null
-        wait "$SERVE_PID" 2>/dev/null
-        SERVE_PID=""
-    fi
-}
 DRIP_PID=""
 trap 'stop_serve; [ -n "$DRIP_PID" ] && kill "$DRIP_PID" 2>/dev/null; [ -n "$GATE_PID" ] && kill "$GATE_PID" 2>/dev/null; stop_mock; stop_upstream; rm -rf "$TMP"' EXIT
 
-# start_serve CONFIG [ARGS...]: starts `aigate serve` on a free port; sets SERVE_URL and SERVE_PID.
-start_serve() {
-    stop_serve
-    "$AIGATE" serve --listen 127.0.0.1:0 --config "$@" > "$TMP/serve.out" 2> "$TMP/serve.err" &
-    SERVE_PID=$!
-    SERVE_URL=$(listening_url "aigate serve" "$SERVE_PID" "$TMP/serve.out" "$TMP/serve.err") || return 1
-}
-
-# req METHOD PATH [BODY] [curl args...]: sets STATUS; body in $TMP/body, headers in $TMP/headers.
-req() {
-    local method=$1 path=$2 body=${3:-}
-    shift 3 2>/dev/null || shift $#
-    : > "$TMP/body"
-    : > "$TMP/headers"
-    if [ -n "$body" ]; then
-        STATUS=$(curl -sS -o "$TMP/body" -D "$TMP/headers" -w '%{http_code}' -X "$method" \
-            -H 'content-type: application/json' --data-binary "$body" "$SERVE_URL$path" "$@" 2> "$TMP/curl.err")
-    else
-        STATUS=$(curl -sS -o "$TMP/body" -D "$TMP/headers" -w '%{http_code}' -X "$method" \
-            "$SERVE_URL$path" "$@" 2> "$TMP/curl.err")
-    fi
-}
 post() { req POST /v1/chat/completions "$@"; }
-# jb EXPR: a Lua expression on the decoded response body `v`.
-jb() { "$AIGATE" run "$E2E_DIR/json_get.lua" "$1" < "$TMP/body" 2>/dev/null; }
-# header NAME: the value of a response header (lowercase name), without the line end.
-header() { grep -i "^$1:" "$TMP/headers" | head -n 1 | sed 's/^[^:]*: *//' | tr -d '\r'; }
-# envelope NAME STATUS CODE: the reply has STATUS and OpenAI's envelope with that code (type a string,
-# message non-empty, param present).
-envelope() {
-    expect_eq "$1: status" "$STATUS" "$2"
-    expect_eq "$1: envelope" "$(jb 'type(v.error.message) == "string" and #v.error.message > 0 and type(v.error.type) == "string" and v.error.param ~= nil and v.error.code ~= nil')" "true"
-    expect_eq "$1: code" "$(jb 'type(v.error.code) == "userdata" and "null" or tostring(v.error.code)')" "$3"
-}
-chat() { printf '{"model":"%s","messages":[{"role":"user","content":"%s"}]%s}' "$1" "${2:-hello serve}" "${3:-}"; }
 # still_serving NAME: a plain request still gets its reply.
 still_serving() {
     post "$(chat fast "still here")"
@@ -268,7 +225,6 @@ spost() {
 }
 summary() { "$AIGATE" run sse.lua < "$TMP/body" 2> "$TMP/last"; }
 last_event() { cat "$TMP/last"; }
-mock_requests() { wc -l < "$MOCK_LOG" | tr -d ' '; }
 
 # An upstream that drips a text event every 50 ms for up to 2 minutes, and notes when its client
 # (serve) went away: the file "drip-closed", or "drip-finished" when it sent everything.

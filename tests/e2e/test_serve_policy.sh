@@ -11,42 +11,9 @@
 
 . "$(dirname "$0")/lib.sh"
 
-SERVE_PID=""
-SERVE_URL=""
-stop_serve() {
-    if [ -n "$SERVE_PID" ]; then
-        kill "$SERVE_PID" 2>/dev/null
-        wait "$SERVE_PID" 2>/dev/null
-        SERVE_PID=""
-    fi
-}
 trap 'stop_serve; stop_mock; rm -rf "$TMP"' EXIT
 
-start_serve() {
-    stop_serve
-    "$AIGATE" serve --listen 127.0.0.1:0 --config "$@" > "$TMP/serve.out" 2> "$TMP/serve.err" &
-    SERVE_PID=$!
-    SERVE_URL=$(listening_url "aigate serve" "$SERVE_PID" "$TMP/serve.out" "$TMP/serve.err") || return 1
-}
-# req METHOD PATH [BODY] [curl args...]: sets STATUS; body in $TMP/body, headers in $TMP/headers.
-req() {
-    local method=$1 path=$2 body=${3:-}
-    shift 3 2>/dev/null || shift $#
-    : > "$TMP/body"
-    : > "$TMP/headers"
-    if [ -n "$body" ]; then
-        STATUS=$(curl -sS -o "$TMP/body" -D "$TMP/headers" -w '%{http_code}' -X "$method" \
-            -H 'content-type: application/json' --data-binary "$body" "$SERVE_URL$path" "$@" 2> "$TMP/curl.err")
-    else
-        STATUS=$(curl -sS -o "$TMP/body" -D "$TMP/headers" -w '%{http_code}' -X "$method" \
-            "$SERVE_URL$path" "$@" 2> "$TMP/curl.err")
-    fi
-}
 post() { req POST /v1/chat/completions "$@"; }
-jb() { "$AIGATE" run "$E2E_DIR/json_get.lua" "$1" < "$TMP/body" 2>/dev/null; }
-header() { grep -i "^$1:" "$TMP/headers" | head -n 1 | sed 's/^[^:]*: *//' | tr -d '\r'; }
-chat() { printf '{"model":"%s","messages":[{"role":"user","content":"%s"}]%s}' "$1" "${2:-hello serve}" "${3:-}"; }
-mock_requests() { wc -l < "$MOCK_LOG" | tr -d ' '; }
 last_upstream() { lua_on "return $1" "$MOCK_LOG"; }
 
 start_mock --quiet || { fail "mock starts" "see above"; finish; }
