@@ -24,6 +24,20 @@ function M.usage_error(cmd, msg)
   error({usage = true, cmd = cmd, msg = msg}, 0)
 end
 
+--- --listen's value s (nil: the command's default, also the example a bad value is shown): HOST:PORT,
+-- [IPv6]:PORT or a bare PORT (on 127.0.0.1) -> host, port; a bad value is a usage error of cmd.
+function M.parse_listen(cmd, s, default)
+  s = s or default
+  local host, port = s:match("^%[(.+)%]:(%d+)$")
+  if not host then host, port = s:match("^([^:]+):(%d+)$") end
+  if not host and s:match("^%d+$") then host, port = "127.0.0.1", s end
+  port = tonumber(port)
+  if not host or not port or port > 65535 then
+    M.usage_error(cmd, "bad --listen '" .. s .. "': expected HOST:PORT, e.g. " .. default)
+  end
+  return host, port
+end
+
 local function nearest(word, candidates)
   return require("aigate.provider").nearest(word, candidates)
 end

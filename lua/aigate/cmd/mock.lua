@@ -64,24 +64,13 @@ local function mock_opts(mock)
   return specs
 end
 
-local function parse_listen(cmd, s)
-  local host, port = s:match("^%[(.+)%]:(%d+)$")
-  if not host then host, port = s:match("^([^:]+):(%d+)$") end
-  if not host and s:match("^%d+$") then host, port = "127.0.0.1", s end
-  port = tonumber(port)
-  if not host or not port or port > 65535 then
-    cli.usage_error(cmd, "bad --listen '" .. s .. "': expected HOST:PORT, e.g. 127.0.0.1:8787")
-  end
-  return host, port
-end
-
 function M.main(argv)
   local cmd = "mock"
   local mock = require "aigate.mock"
   local opts, pos = cli.parse(cmd, mock_opts(mock), argv, 2)
   if opts.help then print(M.help) return cli.EXIT_OK end
   if #pos > 0 then cli.usage_error(cmd, "unexpected argument '" .. pos[1] .. "'") end
-  local host, port = parse_listen(cmd, opts.listen or "127.0.0.1:8787")
+  local host, port = cli.parse_listen(cmd, opts.listen, "127.0.0.1:8787")
   local start = {host = host, port = port, log = opts.log, quiet = opts.quiet}
   for _, name in ipairs(mock.LIMITS) do
     start[name] = cli.number_opt(cmd, opts, name, LIMIT_RULES[name])

@@ -81,17 +81,6 @@ M.DRAIN_TIMEOUT = 30
 
 local SERVE_OPTS = {{"listen", nil, "value"}, {"config", "c", "value"}, {"help", "h", "flag"}, {"log", nil, "value"}}
 
-local function parse_listen(cmd, s)
-  local host, port = s:match("^%[(.+)%]:(%d+)$")
-  if not host then host, port = s:match("^([^:]+):(%d+)$") end
-  if not host and s:match("^%d+$") then host, port = "127.0.0.1", s end
-  port = tonumber(port)
-  if not host or not port or port > 65535 then
-    cli.usage_error(cmd, "bad --listen '" .. s .. "': expected HOST:PORT, e.g. 127.0.0.1:8080")
-  end
-  return host, port
-end
-
 -- The keys of serve.keys with their values from the environment: {{name, key, models, rpm,
 -- concurrency}}, or nil when the config has none; or nil, err when a key's variable is unset or
 -- empty (a configuration error).
@@ -153,7 +142,7 @@ function M.main(argv)
   local opts, pos = cli.parse(cmd, SERVE_OPTS, argv, 2)
   if opts.help then print(M.help) return cli.EXIT_OK end
   if #pos > 0 then cli.usage_error(cmd, "unexpected argument '" .. pos[1] .. "'") end
-  local host, port = parse_listen(cmd, opts.listen or "127.0.0.1:8080")
+  local host, port = cli.parse_listen(cmd, opts.listen, "127.0.0.1:8080")
   local cfg = cli.load_config(opts.config)
   local keys, kerr = client_keys(cfg)
   if kerr then error({config = true, msg = kerr}, 0) end
