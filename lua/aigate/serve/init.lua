@@ -166,15 +166,28 @@ local function forwarded(srv, given, id)
 end
 
 -- ctx.client of the hooks: who asked ({key = the key's name or nil, address = "ip:port", headers},
--- the headers without credentials).
-local function client_of(req)
-  local h = {}
-  for k, v in pairs(req.headers) do
-    if not CREDENTIAL_HEADERS[k] then
-      h[k] = v
+-- the headers without credentials). The headers are copied when a hook first reads them: most
+-- requests run no hook. (The request's own headers are kept aside, out of the hooks' reach.)
+local client_headers = setmetatable({}, { __mode = "k" })
+local CLIENT_MT = {
+  __index = function(c, k)
+    if k ~= "headers" then
+      return nil
     end
-  end
-  return { key = req.key and req.key.name, address = req.peer, headers = h }
+    local h = {}
+    for name, v in pairs(client_headers[c] or {}) do
+      if not CREDENTIAL_HEADERS[name] then
+        h[name] = v
+      end
+    end
+    rawset(c, "headers", h)
+    return h
+  end,
+}
+local function client_of(req)
+  local c = setmetatable({ key = req.key and req.key.name, address = req.peer }, CLIENT_MT)
+  client_headers[c] = req.headers
+  return c
 end
 
 -- The reply headers of a result: the gateway's cf-aig-* ones, who answered, the route's step and
