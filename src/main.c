@@ -108,6 +108,22 @@ static void set_package_path(lua_State *L)
     lua_pop(L, 1);
 }
 
+/* The event loop. Interest changes made in one turn of the loop reach the kernel as one epoll_ctl
+ * (libevent's changelist): a served request re-arms its client's socket for reading and writing in
+ * the same callback, and each epoll_ctl is a system call. */
+static struct event_base *new_base(void)
+{
+    struct event_config *cfg = event_config_new();
+    struct event_base *base;
+
+    if (cfg == NULL)
+        return NULL;
+    event_config_set_flag(cfg, EVENT_BASE_FLAG_EPOLL_USE_CHANGELIST);
+    base = event_base_new_with_config(cfg);
+    event_config_free(cfg);
+    return base;
+}
+
 static void preload(lua_State *L, const char *name, lua_CFunction fn)
 {
     luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
@@ -178,7 +194,7 @@ int main(int argc, char **argv)
                 getenv("AIGATE_MAX_INSTRUCTIONS"));
         return 2;
     }
-    g_base = event_base_new();
+    g_base = new_base();
     if (g_base == NULL || tasks_init() != 0 || http_client_init() != 0) {
         fputs("aigate: cannot initialise the event loop\n", stderr);
         return 1;
