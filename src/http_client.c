@@ -148,6 +148,13 @@ static int multi_timer_cb(CURLM *m, long timeout_ms, void *userp)
         evtimer_del(multi_timer);
         return 0;
     }
+    if (timeout_ms == 0) {
+        /* "At once" (a transfer just added): run in this turn of the loop, after the callback that
+         * added it, instead of in the next one, which would first wait for events (a system call). */
+        evtimer_del(multi_timer);
+        event_active(multi_timer, EV_TIMEOUT, 1);
+        return 0;
+    }
     tv.tv_sec = timeout_ms / 1000;
     tv.tv_usec = (timeout_ms % 1000) * 1000;
     evtimer_add(multi_timer, &tv);
