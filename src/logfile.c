@@ -2,7 +2,8 @@
  * logfile.c: core.log_open, a line log (aigate's request log) written without blocking the loop.
  *
  * A request is never held up by its log line: log:write appends the line to a buffer in memory and
- * returns; the buffer is written once per loop turn (an event made active), with non-blocking
+ * returns; the buffer is written FLUSH_AFTER_US later (a timer: the lines of that time go in one
+ * write, after the replies that made them; at once once FLUSH_NOW bytes wait), with non-blocking
  * writes, and when the file cannot take more (a pipe nobody reads fast enough, a stalled terminal)
  * the rest waits for the descriptor to be writable. The buffer is bounded: a line that does not fit
  * is dropped and counted, with a warning on stderr, so that a stuck reader costs lines, never memory
@@ -38,6 +39,10 @@
 #define LOG_MT             "aigate.log"
 #define DEFAULT_MAX_BUFFER (4 * 1024 * 1024)
 #define CLOSE_WAIT_MS      2000
+#define FLUSH_AFTER_US     2000
+#define FLUSH_NOW          (64 * 1024)
+
+static const struct timeval flush_after = { 0, FLUSH_AFTER_US };
 
 struct logfile {
     char *path;         /* NULL: standard output */
@@ -48,8 +53,9 @@ struct logfile {
     size_t max_buffer;
     long long lines, dropped, streak; /* accepted, dropped in all, dropped since the last warning */
     int failed;                       /* a write failed (not EAGAIN): lines are dropped until a reopen */
-    int armed;                        /* ev is active or waits for the descriptor */
+    int armed;                        /* ev is active or waits for the descriptor, or flush waits */
     struct event *ev;
+    struct event *flush; /* a timer: lines are written a little after they come, several at once */
     struct logfile *next;
 };
 
@@ -123,7 +129,9 @@ static void log_cb(evutil_socket_t fd, short what, void *arg)
 static int make_event(struct logfile *lf)
 {
     lf->ev = event_new(g_base, lf->fd, EV_WRITE, log_cb, lf);
-    return lf->ev ? 0 : -1;
+    if (lf->flush == NULL)
+        lf->flush = evtimer_new(g_base, log_cb, lf);
+    return lf->ev && lf->flush ? 0 : -1;
 }
 
 /* Opens path (NULL: standard output) for lf. Returns 0, or -1 with errno set. */
@@ -161,6 +169,10 @@ static void flush_close(struct logfile *lf)
     if (lf->ev) {
         event_free(lf->ev);
         lf->ev = NULL;
+    }
+    if (lf->flush) {
+        event_free(lf->flush);
+        lf->flush = NULL;
     }
     lf->armed = 0;
     clock_gettime(CLOCK_MONOTONIC, &t0);
@@ -260,7 +272,12 @@ static int log_write(lua_State *L)
     buf_append_char(&lf->pending, '\n');
     lf->lines++;
     if (!lf->armed) {
-        event_active(lf->ev, EV_WRITE, 0);
+        /* A line per request is a write per request: written FLUSH_AFTER_US later, with the lines
+         * that came meanwhile, and after the reply that made it went out; at once when many wait. */
+        if (pending_len(lf) >= FLUSH_NOW)
+            event_active(lf->ev, EV_WRITE, 0);
+        else
+            evtimer_add(lf->flush, &flush_after);
         lf->armed = 1;
     }
     lua_pushboolean(L, 1);
