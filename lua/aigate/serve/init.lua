@@ -97,7 +97,7 @@ local function gateway_headers(out, upstream)
     return
   end
   for k, v in pairs(upstream) do
-    if type(k) == "string" and k:lower():sub(1, 7) == "cf-aig-" then
+    if type(k) == "string" and k:find("^[Cc][Ff]%-[Aa][Ii][Gg]%-") then
       out[k:lower()] = tostring(v)
     end
   end
