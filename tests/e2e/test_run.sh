@@ -201,4 +201,51 @@ wait "$SERVE_PID"
 expect_eq "serve stops on SIGTERM with its timer running: exit 0" "$?" 0
 SERVE_PID=""
 
+
+# aigate.http.request verifies https servers with the CA certificates the gateway's requests use:
+# without the test CA the call fails with a tls error; with --cacert, SSL_CERT_FILE or the config's
+# tls it gets through (openssl s_server, one connection each, with a canned reply).
+if command -v openssl > /dev/null 2>&1 && (
+    cd "$TMP" &&
+        openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj "/CN=aigate run CA" &&
+        openssl req -newkey rsa:2048 -nodes -keyout srv.key -out srv.csr -subj "/CN=127.0.0.1" &&
+        printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > ext.cnf &&
+        openssl x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out srv.pem -days 2 -extfile ext.cnf
+) > /dev/null 2>&1; then
+    cat > "$TMP/https.lua" <<'EOF2'
+local aigate = require "aigate"
+local r, err, kind = aigate.http.request{ url = arg[1], timeout = 20 }
+print(r and ("status " .. r.status .. " " .. r.body) or (kind .. " " .. err))
+EOF2
+    printf 'return { tls = { ca_file = "%s" } }\n' "$TMP/ca.pem" > "$TMP/tls_cfg.lua"
+    https_call() { # https_call [ENV=VALUE...] -- [aigate run options...]: sets OUT
+        local envs=() i port pid
+        while [ "$1" != "--" ]; do envs+=("$1"); shift; done
+        shift
+        printf 'HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\nover tls' |
+            openssl s_server -naccept 1 -accept 127.0.0.1:0 -cert "$TMP/srv.pem" -key "$TMP/srv.key" \
+                > "$TMP/s_server.out" 2>&1 &
+        pid=$!
+        for i in $(seq 1 200); do
+            port=$(sed -n 's/^ACCEPT 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$TMP/s_server.out" | head -n 1)
+            [ -n "$port" ] && break
+            sleep 0.05
+        done
+        OUT=$(env -u CURL_CA_BUNDLE -u SSL_CERT_FILE -u SSL_CERT_DIR "${envs[@]}" \
+            "$AIGATE" run "$@" "$TMP/https.lua" "https://127.0.0.1:$port/check" 2>&1 < /dev/null)
+        kill "$pid" 2> /dev/null
+        wait "$pid" 2> /dev/null
+    }
+    https_call --
+    expect_match "http.request over https: an unknown CA is a tls error" "$OUT" "^tls aigate.http.request: tls: "
+    https_call -- --cacert "$TMP/ca.pem"
+    expect_eq "http.request over https: --cacert" "$OUT" "status 200 over tls"
+    https_call SSL_CERT_FILE="$TMP/ca.pem" --
+    expect_eq "http.request over https: SSL_CERT_FILE" "$OUT" "status 200 over tls"
+    https_call -- --config "$TMP/tls_cfg.lua"
+    expect_eq "http.request over https: the config's tls" "$OUT" "status 200 over tls"
+else
+    fail "http.request over https" "openssl is missing or could not make a certificate (make test installs it)"
+fi
+
 finish
