@@ -7,7 +7,9 @@
 -- option. Nothing is added to the request but what the caller gives (no gateway credential, ever);
 -- the credential headers it gives become secrets of the process (aigate.secrets), so that no message
 -- shows them. Error messages show the method and the URL without its user information and query (where
--- tokens go), and pass through aigate.secrets' redaction.
+-- tokens go), and pass through aigate.secrets' redaction. https servers are verified with the CA
+-- certificates the gateway's requests use (--cacert, the config's tls, the environment); redirects
+-- are not followed (a 3xx is a reply).
 
 local core = require("aigate.core")
 local json = require("aigate.json")

@@ -107,6 +107,16 @@ cases.non_2xx_status_is_a_reply_not_an_error = function()
   t.contains(jerr, "not JSON")
 end
 
+cases.a_redirect_is_a_reply_not_followed = function()
+  local url, got = server(function(_, res)
+    res:respond(302, { Location = "/elsewhere" }, "")
+  end)
+  local r = assert(aigate.http.request({ url = url .. "/here" }))
+  t.eq(r.status, 302)
+  t.eq(r.headers["location"], "/elsewhere")
+  t.eq(#got, 1, "only the first URL was asked")
+end
+
 cases.connection_refused_is_an_error_naming_kind_method_and_url = function()
   local port = closed_port()
   local r, err, kind = aigate.http.request({ method = "DELETE", url = "http://127.0.0.1:" .. port .. "/x" })
