@@ -40,6 +40,8 @@ M.policy = policy
 --- An answer a before_request hook gives instead of the request (see policy.answer).
 M.answer = policy.answer
 M.breaker = breaker
+M.http = require("aigate.http") -- aigate.http.request: any HTTP call from a policy or script
+M.every = require("aigate.every").every -- a timer running a function in its own task
 
 local current_config -- set by configure, or loaded on first use
 local cacert -- set by use_cacert (the --cacert option)

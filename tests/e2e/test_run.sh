@@ -123,4 +123,129 @@ port=${MOCK_URL##*:}
 expect_eq "mock on a port in use: exit 2" "$?" 2
 expect_match "mock on a port in use: says so" "$(cat "$TMP/err")" "in use"
 
+
+# ---- aigate.http.request and aigate.every from a script, a config's hook and aigate serve ----------
+
+# A timer ticks three times (the script waits for the ticks, not for a time), a run that raises is
+# reported with the token redacted, the mock answers a GET as JSON and a 404 is a reply; a failed call
+# keeps the token in its query out of its message. The script returns with its timer still running:
+# the process ends (timeout turns a hang into a failure).
+cat > "$TMP/prims.lua" <<'EOF2'
+local aigate = require "aigate"
+local base = arg[1]
+local ticks = 0
+local timer = aigate.every(0.01, function()
+  ticks = ticks + 1
+  if ticks == 2 then error("tick with " .. aigate.getenv("CLOUDFLARE_API_TOKEN")) end
+end)
+while ticks < 3 do aigate.sleep(0.01) end
+timer:stop()
+local r = assert(aigate.http.request{ url = base .. "/v1/models" })
+print("models", r.status, r.headers["content-type"], type(r.json().data))
+r = assert(aigate.http.request{ method = "POST", url = base .. "/nowhere", body = { a = 1 } })
+print("nowhere", r.status)
+local _, err, kind = aigate.http.request{ url = "http://127.0.0.1:1/x?key=" .. aigate.getenv("CLOUDFLARE_API_TOKEN") }
+print("refused", kind, err)
+aigate.every(0.01, function() end) -- still running when the script returns
+print("done")
+EOF2
+timeout 60 "$AIGATE" run "$TMP/prims.lua" "$MOCK_URL" > "$TMP/out" 2> "$TMP/err" < /dev/null
+RC=$?
+OUT=$(cat "$TMP/out")
+ERR=$(cat "$TMP/err")
+expect_eq "every + http.request script: exit 0 with a timer still running" "$RC" 0
+expect_match "http.request GET: the mock's JSON" "$OUT" "^models	200	application/json	table"
+expect_match "http.request: a 404 is a reply" "$OUT" "nowhere	404"
+expect_match "http.request refused: kind and message" "$OUT" "refused	connect	aigate.http.request: connect: .*\(GET http://127.0.0.1:1/x\?\*\*\*\)"
+expect_match "script ends after its last line" "$OUT" "done$"
+expect_match "every: a failing run is reported" "$ERR" "aigate.every: run 2 failed \(the timer goes on\): .*prims.lua:6: tick with \*\*\*"
+expect_no_match "every and http.request: the token never shows" "$OUT$ERR" "tok-SECRET-123"
+
+# The example script: prompts through the mock, progress from a timer, a summary to its own webhook.
+run scripts/webhook.lua 5 mock/slow-300
+expect_eq "example script webhook.lua runs green" "$RC" 0
+expect_match "webhook.lua: the summary arrived as JSON" "$OUT" 'webhook received: \{.*"prompts":5.*"text":"5 prompts, 0 failed'
+expect_match "webhook.lua: posted" "$OUT" "summary posted: HTTP 204"
+
+# In a config: a hook calls the mock with aigate.http.request, in aigate chat and aigate serve; under
+# serve a timer started by the config ticks until the server stops.
+cat > "$TMP/prims_cfg.lua" <<EOF2
+local aigate = require "aigate"
+aigate.every(0.02, function()
+  local f = assert(io.open("$TMP/ticks", "a"))
+  f:write("tick\n")
+  f:close()
+end)
+return { hooks = { before_request = function(req)
+  local r = assert(aigate.http.request{ url = "$MOCK_URL/v1/models" })
+  local said = " (models: " .. r.status .. ")"
+  if req.messages then -- serve's requests have messages, chat's a prompt
+    local last = req.messages[#req.messages]
+    last.content = last.content .. said
+  else
+    req.prompt = req.prompt .. said
+  end
+end } }
+EOF2
+out=$(timeout 60 "$AIGATE" chat --config "$TMP/prims_cfg.lua" "checked" 2>&1 < /dev/null)
+expect_eq "http.request from a hook in aigate chat" "$out" "echo: checked (models: 200)"
+rm -f "$TMP/ticks"
+start_serve "$TMP/prims_cfg.lua" || fail "serve starts with a timer in its config" "see above"
+req POST /v1/chat/completions "$(chat openai/gpt-4o "served")"
+expect_eq "http.request from a hook in aigate serve" "$STATUS $(jb 'v.choices[1].message.content')" \
+    "200 echo: served (models: 200)"
+for _ in $(seq 1 400); do [ "$(wc -l < "$TMP/ticks" 2> /dev/null || echo 0)" -ge 3 ] && break; sleep 0.05; done
+check "a config's timer ticks under aigate serve" test "$(wc -l < "$TMP/ticks")" -ge 3
+kill "$SERVE_PID" 2>/dev/null
+wait "$SERVE_PID"
+expect_eq "serve stops on SIGTERM with its timer running: exit 0" "$?" 0
+SERVE_PID=""
+
+
+# aigate.http.request verifies https servers with the CA certificates the gateway's requests use:
+# without the test CA the call fails with a tls error; with --cacert, SSL_CERT_FILE or the config's
+# tls it gets through (openssl s_server, one connection each, with a canned reply).
+if command -v openssl > /dev/null 2>&1 && (
+    cd "$TMP" &&
+        openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj "/CN=aigate run CA" &&
+        openssl req -newkey rsa:2048 -nodes -keyout srv.key -out srv.csr -subj "/CN=127.0.0.1" &&
+        printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > ext.cnf &&
+        openssl x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out srv.pem -days 2 -extfile ext.cnf
+) > /dev/null 2>&1; then
+    cat > "$TMP/https.lua" <<'EOF2'
+local aigate = require "aigate"
+local r, err, kind = aigate.http.request{ url = arg[1], timeout = 20 }
+print(r and ("status " .. r.status .. " " .. r.body) or (kind .. " " .. err))
+EOF2
+    printf 'return { tls = { ca_file = "%s" } }\n' "$TMP/ca.pem" > "$TMP/tls_cfg.lua"
+    https_call() { # https_call [ENV=VALUE...] -- [aigate run options...]: sets OUT
+        local envs=() i port pid
+        while [ "$1" != "--" ]; do envs+=("$1"); shift; done
+        shift
+        printf 'HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\nover tls' |
+            openssl s_server -naccept 1 -accept 127.0.0.1:0 -cert "$TMP/srv.pem" -key "$TMP/srv.key" \
+                > "$TMP/s_server.out" 2>&1 &
+        pid=$!
+        for i in $(seq 1 200); do
+            port=$(sed -n 's/^ACCEPT 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$TMP/s_server.out" | head -n 1)
+            [ -n "$port" ] && break
+            sleep 0.05
+        done
+        OUT=$(env -u CURL_CA_BUNDLE -u SSL_CERT_FILE -u SSL_CERT_DIR "${envs[@]}" \
+            "$AIGATE" run "$@" "$TMP/https.lua" "https://127.0.0.1:$port/check" 2>&1 < /dev/null)
+        kill "$pid" 2> /dev/null
+        wait "$pid" 2> /dev/null
+    }
+    https_call --
+    expect_match "http.request over https: an unknown CA is a tls error" "$OUT" "^tls aigate.http.request: tls: "
+    https_call -- --cacert "$TMP/ca.pem"
+    expect_eq "http.request over https: --cacert" "$OUT" "status 200 over tls"
+    https_call SSL_CERT_FILE="$TMP/ca.pem" --
+    expect_eq "http.request over https: SSL_CERT_FILE" "$OUT" "status 200 over tls"
+    https_call -- --config "$TMP/tls_cfg.lua"
+    expect_eq "http.request over https: the config's tls" "$OUT" "status 200 over tls"
+else
+    fail "http.request over https" "openssl is missing or could not make a certificate (make test installs it)"
+fi
+
 finish
