@@ -13,7 +13,8 @@
 -- its table is seen.
 --
 -- Its parts: aigate.config.schema (what each key may hold), aigate.config.validate (the checks, with
--- lines), aigate.config.lint (what `aigate check` adds).
+-- lines), aigate.config.lint (what `aigate check` adds), aigate.config.modules (where `require` looks
+-- while the file runs and once it has loaded: its directory, $AIGATE_LUA_PATH, its lua_path).
 
 local route = require("aigate.route")
 local validate = require("aigate.config.validate")

@@ -19,21 +19,30 @@ local written = parts and { path = parts.user, cpath = parts.cuser }
 -- What `use` was last given, for `current`.
 local in_use = {}
 
+-- An absolute path without "." and ".." parts ("/a/b/../c" is "/a/c"), for readable messages.
+local function tidy(path)
+  local out = {}
+  for part in path:gmatch("[^/]+") do
+    if part == ".." then
+      out[#out] = nil
+    elseif part ~= "." then
+      out[#out + 1] = part
+    end
+  end
+  return "/" .. table.concat(out, "/")
+end
+
 -- The directory of the config file `path`, made absolute (the current directory is the one aigate
 -- started in: it never changes it).
 local function dir_of(path)
-  local dir = path:match("^(.*)/[^/]*$")
-  if dir == "" then
-    return "/"
+  local dir = path:match("^(.*)/[^/]*$") or "."
+  if dir:sub(1, 1) ~= "/" then
+    if not parts.cwd then
+      return dir
+    end
+    dir = parts.cwd .. "/" .. dir
   end
-  dir = dir or "."
-  if dir:sub(1, 1) == "/" or not parts.cwd then
-    return dir
-  end
-  if dir == "." then
-    return parts.cwd
-  end
-  return parts.cwd .. "/" .. (dir:gsub("^%./", ""))
+  return tidy(dir)
 end
 
 -- Each entry of a ';'-separated list once, in order; as a string with ';' after each entry.
