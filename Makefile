@@ -31,7 +31,7 @@ UNIT_LIB := src/sse.c src/buf.c src/headers.c src/linereader.c src/idset.c src/j
 
 DEB_PACKAGES := gcc make pkg-config liblua5.4-dev libcurl4-openssl-dev lua-cjson-dev libevent-dev curl ca-certificates \
                 openssl \
-                lua-check strace \
+                lua-check strace lua-penlight lua-filesystem \
                 nodejs npm
 
 .PHONY: all test asan asan-build fuzz fuzz-build fuzz-replays valgrind demo bench bench-startup bench-instructions deps \

@@ -5,7 +5,7 @@
  * module with its bytecode (debug information kept), its chunk name "=aigate/<file>" and the size and
  * modification time of the file it came from. A searcher in package.searchers, right after
  * package.preload's, loads modules from there, so that starting aigate compiles no Lua; the host
- * (main.c) reads the files instead when told to (AIGATE_LUA_PATH) or when it runs from a source tree
+ * (main.c) reads the files instead when told to (AIGATE_LIBRARY_PATH) or when it runs from a source tree
  * whose files changed since the build (library_matches).
  */
 #ifndef AIGATE_LIBRARY_H

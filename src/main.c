@@ -65,17 +65,131 @@ static int find_source_tree(char *out, size_t size)
     return 0;
 }
 
-/* Where the aigate library comes from. Built into the binary (library.h), so that no Lua is compiled
- * at start, unless the files are to be read instead: those of $AIGATE_LUA_PATH (a directory, or a
- * path template with '?'), or those of the source tree the binary sits in when one of them changed
- * since the build (an edit takes effect without `make`, as it did when the files were always read).
- * package.path: the files' directory when there is one (in an unchanged tree, for a module added since
- * the build), then the script's own directory. */
+/* The directory name of Debian's multiarch C library directory for this build's target
+ * (/usr/lib/<triplet>/lua/5.4, where Debian's Lua C modules are), from the compiler's own macros;
+ * -DAIGATE_MULTIARCH='"..."' names another. Without one, that directory is left out of package.cpath. */
+#if defined(AIGATE_MULTIARCH)
+#define MULTIARCH AIGATE_MULTIARCH
+#elif defined(__linux__) && defined(__GLIBC__)
+#if defined(__x86_64__) && defined(__ILP32__)
+#define MULTIARCH "x86_64-linux-gnux32"
+#elif defined(__x86_64__)
+#define MULTIARCH "x86_64-linux-gnu"
+#elif defined(__aarch64__)
+#define MULTIARCH "aarch64-linux-gnu"
+#elif defined(__i386__)
+#define MULTIARCH "i386-linux-gnu"
+#elif defined(__arm__) && defined(__ARM_PCS_VFP)
+#define MULTIARCH "arm-linux-gnueabihf"
+#elif defined(__arm__)
+#define MULTIARCH "arm-linux-gnueabi"
+#elif defined(__powerpc64__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define MULTIARCH "powerpc64le-linux-gnu"
+#elif defined(__s390x__)
+#define MULTIARCH "s390x-linux-gnu"
+#elif defined(__riscv) && __riscv_xlen == 64
+#define MULTIARCH "riscv64-linux-gnu"
+#elif defined(__loongarch64)
+#define MULTIARCH "loongarch64-linux-gnu"
+#endif
+#endif
+
+#ifdef MULTIARCH
+#define MULTIARCH_CPATH "/usr/lib/" MULTIARCH "/lua/5.4/?.so;"
+#else
+#define MULTIARCH_CPATH ""
+#endif
+
+/* The end of package.path and package.cpath: the system's Lua 5.4 directories, where Debian's Lua
+ * packages put their modules, then (Lua files only) the current directory, in the stock lua5.4
+ * interpreter's order. A C module is not loaded from wherever the process happens to run. */
+#define SYSTEM_PATH                                                                                          \
+    "/usr/local/share/lua/5.4/?.lua;/usr/local/share/lua/5.4/?/init.lua;/usr/share/lua/5.4/?.lua;"           \
+    "/usr/share/lua/5.4/?/init.lua;./?.lua;./?/init.lua"
+#define SYSTEM_CPATH "/usr/local/lib/lua/5.4/?.so;" MULTIARCH_CPATH "/usr/lib/lua/5.4/?.so"
+
+/* Pushes the entries of a search path spec for package.path (for package.cpath when c), each with a
+ * ';' after it. spec holds parts separated by ';': a template (with a '?') is taken as it is, into
+ * cpath when it ends in ".so"; a directory DIR gives DIR/?.lua and DIR/?/init.lua, and DIR/?.so. */
+static void push_entries(lua_State *L, const char *spec, int c)
+{
+    luaL_Buffer b;
+
+    luaL_buffinit(L, &b);
+    while (spec && *spec) {
+        const char *end = strchr(spec, ';');
+        size_t len = end ? (size_t)(end - spec) : strlen(spec);
+
+        if (len > 0 && memchr(spec, '?', len)) {
+            int so = len >= 3 && memcmp(spec + len - 3, ".so", 3) == 0;
+            if (so == c) {
+                luaL_addlstring(&b, spec, len);
+                luaL_addchar(&b, ';');
+            }
+        } else if (len > 0) {
+            while (len > 1 && spec[len - 1] == '/') /* "dir/" is "dir" */
+                len--;
+            luaL_addlstring(&b, spec, len);
+            luaL_addstring(&b, c ? "/?.so;" : "/?.lua;");
+            if (!c) {
+                luaL_addlstring(&b, spec, len);
+                luaL_addstring(&b, "/?/init.lua;");
+            }
+        }
+        spec = end ? end + 1 : NULL;
+    }
+    luaL_pushresult(&b);
+}
+
+/* searchpath.expand(spec) -> the package.path and package.cpath entries of spec (see push_entries). */
+static int searchpath_expand(lua_State *L)
+{
+    const char *spec = luaL_checkstring(L, 1);
+
+    push_entries(L, spec, 0);
+    push_entries(L, spec, 1);
+    return 2;
+}
+
+/* The last searcher: its message ends the "module 'x' not found" error with where else a module may
+ * be put (for any module but aigate's own, whose searcher says it has none of that name). */
+static int search_hint(lua_State *L)
+{
+    const char *name = luaL_checkstring(L, 1);
+
+    if (strcmp(name, "aigate") == 0 || strncmp(name, "aigate.", 7) == 0)
+        return 0;
+    lua_pushliteral(
+        L, "hint: aigate looks for modules beside the config file, then in $AIGATE_LUA_PATH and the config's "
+           "lua_path (directories, or templates with '?', separated by ';'; lua_path applies once the config "
+           "has loaded), then in the system's Lua 5.4 directories");
+    return 1;
+}
+
+static void add_hint_searcher(lua_State *L)
+{
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "searchers");
+    lua_pushcfunction(L, search_hint);
+    lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
+    lua_pop(L, 2);
+}
+
+/* Where modules come from. aigate's own library: built into the binary (library.h), so that no Lua is
+ * compiled at start, unless the files are to be read instead: those of $AIGATE_LIBRARY_PATH (a
+ * directory, or a path template with '?'), or those of the source tree the binary sits in when one of
+ * them changed since the build (an edit takes effect without `make`, as it did when the files were
+ * always read). package.path: the library files' directory when there is one (in an unchanged tree,
+ * for a module added since the build), so that no other directory has a say on aigate's modules;
+ * then the user's ($AIGATE_LUA_PATH, and the config's directory and lua_path once a config is loaded:
+ * aigate.config.modules); then SYSTEM_PATH. package.cpath: the user's, then SYSTEM_CPATH. The parts
+ * are kept in package.loaded["aigate.searchpath"] for aigate.config.modules. */
 static void set_package_path(lua_State *L)
 {
-    const char *env = getenv("AIGATE_LUA_PATH");
+    const char *env = getenv("AIGATE_LIBRARY_PATH");
     char dir[PATH_MAX];
     char library[PATH_MAX + 16];
+    char cwd[PATH_MAX];
     int files;
 
     dir[0] = '\0';
@@ -97,14 +211,46 @@ static void set_package_path(lua_State *L)
         library_add_searcher(L);
         vm_set_library(LIBRARY_CHUNK_PREFIX);
     }
-    lua_getglobal(L, "package");
+    add_hint_searcher(L);
+
+    lua_createtable(L, 0, 7);
     if (dir[0] == '\0')
-        lua_pushliteral(L, "./?.lua;./?/init.lua");
+        lua_pushliteral(L, "");
     else if (strchr(dir, '?'))
-        lua_pushfstring(L, "%s;./?.lua;./?/init.lua", dir);
+        lua_pushfstring(L, "%s;", dir);
     else
-        lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;./?.lua;./?/init.lua", dir, dir);
+        lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;", dir, dir);
+    lua_setfield(L, -2, "library");
+    env = getenv("AIGATE_LUA_PATH");
+    push_entries(L, env, 0);
+    lua_setfield(L, -2, "user");
+    push_entries(L, env, 1);
+    lua_setfield(L, -2, "cuser");
+    lua_pushliteral(L, SYSTEM_PATH);
+    lua_setfield(L, -2, "system");
+    lua_pushliteral(L, SYSTEM_CPATH);
+    lua_setfield(L, -2, "csystem");
+    if (getcwd(cwd, sizeof(cwd))) {
+        lua_pushstring(L, cwd);
+        lua_setfield(L, -2, "cwd");
+    }
+    lua_pushcfunction(L, searchpath_expand);
+    lua_setfield(L, -2, "expand");
+
+    lua_getglobal(L, "package");
+    lua_getfield(L, -2, "library");
+    lua_getfield(L, -3, "user");
+    lua_pushliteral(L, SYSTEM_PATH);
+    lua_concat(L, 3);
     lua_setfield(L, -2, "path");
+    lua_getfield(L, -2, "cuser");
+    lua_pushliteral(L, SYSTEM_CPATH);
+    lua_concat(L, 2);
+    lua_setfield(L, -2, "cpath");
+    lua_pop(L, 1);
+    luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+    lua_insert(L, -2);
+    lua_setfield(L, -2, "aigate.searchpath");
     lua_pop(L, 1);
 }
 

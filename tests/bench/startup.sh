@@ -7,7 +7,7 @@
 # the medians all grow by the same waits, which flattens their ratios). No config file, no network.
 # Knobs: STARTUP_ROUNDS (default 200), AIGATE_BIN (./aigate), AIGATE_BEFORE (another aigate binary,
 # e.g. one built from an older commit, timed in the same rounds as "before"; one that is not
-# installed needs its lua/ next to it or AIGATE_LUA_PATH). Run by `make bench-startup` and `make bench`.
+# installed needs its lua/ next to it or AIGATE_LIBRARY_PATH). Run by `make bench-startup` and `make bench`.
 cd "$(dirname "$0")/../.." || exit 2
 NAME=startup.sh
 . tests/bench/lib.sh
@@ -15,8 +15,8 @@ ROUNDS=${STARTUP_ROUNDS:-200}
 require_bins curl_floor startup_timer
 
 # Nothing of the caller's: no config file (the working directory and XDG_CONFIG_HOME are empty), the
-# library built into the binary (unless AIGATE_BEFORE needs AIGATE_LUA_PATH: then it is kept).
-[ -n "$AIGATE_BEFORE" ] || unset AIGATE_LUA_PATH
+# library built into the binary (unless AIGATE_BEFORE needs AIGATE_LIBRARY_PATH: then it is kept).
+[ -n "$AIGATE_BEFORE" ] || unset AIGATE_LIBRARY_PATH
 export XDG_CONFIG_HOME="$TMP/xdg" HOME="$TMP"
 mkdir -p "$TMP/xdg"
 : > "$TMP/empty.lua"
@@ -27,7 +27,7 @@ cd "$TMP" || exit 2
 cat > "$TMP/source.lua" <<'EOF'
 io.write(debug.getinfo(require("aigate.cli").main, "S").source:sub(1, 1) == "=" and "built-in" or "files")
 EOF
-if [ -z "$AIGATE_LUA_PATH" ] && [ "$("$AIGATE" run "$TMP/source.lua")" != "built-in" ]; then
+if [ -z "$AIGATE_LIBRARY_PATH" ] && [ "$("$AIGATE" run "$TMP/source.lua")" != "built-in" ]; then
     echo "$NAME: $AIGATE reads its Lua library from files (edited since the build?): run 'make aigate' first" >&2
     exit 2
 fi

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # test_install.sh: `make install PREFIX=DIR` after a plain `make` installs the binary alone, and it
-# runs from any working directory with its built-in Lua library (no AIGATE_LUA_PATH, no source tree
+# runs from any working directory with its built-in Lua library (no AIGATE_LIBRARY_PATH, no source tree
 # near it); the same for a DESTDIR staging install. `make uninstall` removes it, and the Lua files an
 # older install put in DIR/share/aigate.
 . "$(dirname "$0")/lib.sh"
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-unset AIGATE_LUA_PATH
+unset AIGATE_LIBRARY_PATH AIGATE_LUA_PATH
 cat > "$TMP/where.lua" <<'EOF2'
 print(debug.getinfo(require("aigate.cli").main, "S").source)
 EOF2

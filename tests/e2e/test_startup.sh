@@ -2,14 +2,15 @@
 # test_startup.sh: where aigate's Lua library comes from, and what a command loads. The library built
 # into the binary runs when no source tree is next to it (a copy of the binary alone chats with the
 # mock), and in a source tree whose files are those it was built from; an edited file there, or
-# AIGATE_LUA_PATH, makes it read the files. Line numbers survive in tracebacks, and the instruction
-# budget leaves library code alone either way. Every .lua under lua/ is part of the build. --version,
-# --help and `chat --help` load no library module that they do not use, and `run` of a script that
-# does not ask for the API loads neither it nor the policy, yet configures it as before when asked.
+# AIGATE_LIBRARY_PATH, makes it read the files (AIGATE_LUA_PATH, the user's modules, does not). Line
+# numbers survive in tracebacks, and the instruction budget leaves library code alone either way.
+# Every .lua under lua/ is part of the build. --version, --help and `chat --help` load no library
+# module that they do not use, and `run` of a script that does not ask for the API loads neither it
+# nor the policy, yet configures it as before when asked.
 . "$(dirname "$0")/lib.sh"
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-unset AIGATE_LUA_PATH AIGATE_MAX_INSTRUCTIONS
+unset AIGATE_LIBRARY_PATH AIGATE_LUA_PATH AIGATE_MAX_INSTRUCTIONS
 export XDG_CONFIG_HOME="$TMP/xdg"
 mkdir -p "$TMP/xdg"
 cd "$TMP" || exit 2
@@ -106,20 +107,28 @@ out=$("$TMP/touched_bin/aigate" run where.lua 2>&1)
 expect_eq "tree, a file touched since the build: the files are read" "$out" \
     "@$TMP/touched_bin/lua/aigate/cli.lua $TMP/touched_bin/lua/aigate/util.lua nil"
 
-# AIGATE_LUA_PATH, a directory or a path template, wins over the built-in library wherever the binary is.
+# AIGATE_LIBRARY_PATH, a directory or a path template, wins over the built-in library wherever the binary is.
 cp -Rp "$ROOT/lua" override
 edit override/aigate/cli.lua
+out=$(AIGATE_LIBRARY_PATH="$TMP/override" "$TMP/alone/aigate" run where.lua 2>&1)
+expect_eq "AIGATE_LIBRARY_PATH (a directory): its files are read" "$out" \
+    "@$TMP/override/aigate/cli.lua $TMP/override/aigate/util.lua true"
+out=$(AIGATE_LIBRARY_PATH="$TMP/override/?.lua;$TMP/override/?/init.lua" "$TMP/alone/aigate" run where.lua 2>&1)
+expect_eq "AIGATE_LIBRARY_PATH (a template): its files are read" "$out" \
+    "@$TMP/override/aigate/cli.lua $TMP/override/aigate/util.lua true"
+out=$(AIGATE_LIBRARY_PATH="$TMP/override" "$TMP/tree/aigate" run where.lua 2>&1)
+expect_eq "AIGATE_LIBRARY_PATH: over a source tree too" "$out" \
+    "@$TMP/override/aigate/cli.lua $TMP/override/aigate/util.lua true"
+# AIGATE_LUA_PATH is where the user's modules are: a copy of the library there replaces none of it,
+# built in or read from a source tree (tests/e2e/test_modules.sh has the rest of the module search).
 out=$(AIGATE_LUA_PATH="$TMP/override" "$TMP/alone/aigate" run where.lua 2>&1)
-expect_eq "AIGATE_LUA_PATH (a directory): its files are read" "$out" \
-    "@$TMP/override/aigate/cli.lua $TMP/override/aigate/util.lua true"
-out=$(AIGATE_LUA_PATH="$TMP/override/?.lua;$TMP/override/?/init.lua" "$TMP/alone/aigate" run where.lua 2>&1)
-expect_eq "AIGATE_LUA_PATH (a template): its files are read" "$out" \
-    "@$TMP/override/aigate/cli.lua $TMP/override/aigate/util.lua true"
+expect_eq "AIGATE_LUA_PATH (the user's modules): the built-in library stays" "$out" \
+    "=aigate/cli.lua built-in:aigate/util.lua nil"
 out=$(AIGATE_LUA_PATH="$TMP/override" "$TMP/tree/aigate" run where.lua 2>&1)
-expect_eq "AIGATE_LUA_PATH: over a source tree too" "$out" \
-    "@$TMP/override/aigate/cli.lua $TMP/override/aigate/util.lua true"
-out=$(AIGATE_LUA_PATH="$TMP/override" AIGATE_MAX_INSTRUCTIONS=2000000 "$TMP/alone/aigate" run render.lua 2>&1)
-expect_eq "budget, AIGATE_LUA_PATH: the library's long pass is not counted" "$out" "108894"
+expect_eq "AIGATE_LUA_PATH (the user's modules): the source tree's library stays" "$out" \
+    "@$TMP/tree/lua/aigate/cli.lua $TMP/tree/lua/aigate/util.lua true"
+out=$(AIGATE_LIBRARY_PATH="$TMP/override" AIGATE_MAX_INSTRUCTIONS=2000000 "$TMP/alone/aigate" run render.lua 2>&1)
+expect_eq "budget, AIGATE_LIBRARY_PATH: the library's long pass is not counted" "$out" "108894"
 
 # Every .lua under lua/ is built in: make would build the library again after a change to any of them
 # (make -W: as if that file had changed; nothing is built), and to nothing else.
@@ -152,11 +161,11 @@ poisoned() {
 poisoned none
 for args in "--version" "--help" "help chat"; do
     # shellcheck disable=SC2086 # the words of args are the arguments
-    out=$(AIGATE_LUA_PATH="$TMP/none" "$AIGATE" $args 2>&1)
+    out=$(AIGATE_LIBRARY_PATH="$TMP/none" "$AIGATE" $args 2>&1)
     expect_eq "aigate $args: exit 0 loading no library module" "$? $(printf '%s' "$out" | grep -c loaded)" "0 0"
 done
 poisoned chat_help aigate/secrets.lua aigate/provider.lua aigate/util.lua
-out=$(AIGATE_LUA_PATH="$TMP/chat_help" "$AIGATE" chat --help 2>&1)
+out=$(AIGATE_LIBRARY_PATH="$TMP/chat_help" "$AIGATE" chat --help 2>&1)
 expect_eq "aigate chat --help: exit 0 without the client" "$? $(printf '%s' "$out" | grep -c loaded)" "0 0"
 
 # run: with no config file and no option to apply, the API and the policy wait for the script's
@@ -168,9 +177,9 @@ done
 echo 'error("loaded aigate.policy, which an empty run does not use")' > lazy/aigate/policy.lua
 echo 'error("loaded aigate, which an empty run does not use")' > lazy/aigate/init.lua
 : > empty.lua
-out=$(AIGATE_LUA_PATH="$TMP/lazy" "$AIGATE" run empty.lua 2>&1)
+out=$(AIGATE_LIBRARY_PATH="$TMP/lazy" "$AIGATE" run empty.lua 2>&1)
 expect_eq "run empty.lua: exit 0 without the API or the policy" "$? $out" "0 "
-out=$(AIGATE_LUA_PATH="$TMP/lazy" "$AIGATE" run <(echo 'require "aigate"') 2>&1)
+out=$(AIGATE_LIBRARY_PATH="$TMP/lazy" "$AIGATE" run <(echo 'require "aigate"') 2>&1)
 expect_match "run: the script's require \"aigate\" loads it" "$out" "loaded aigate, which"
 cat > config_seen.lua <<'EOF'
 local before = package.loaded["aigate"] ~= nil

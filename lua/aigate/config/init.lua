@@ -13,13 +13,15 @@
 -- its table is seen.
 --
 -- Its parts: aigate.config.schema (what each key may hold), aigate.config.validate (the checks, with
--- lines), aigate.config.lint (what `aigate check` adds).
+-- lines), aigate.config.lint (what `aigate check` adds), aigate.config.modules (where `require` looks
+-- while the file runs and once it has loaded: its directory, $AIGATE_LUA_PATH, its lua_path).
 
 local route = require("aigate.route")
 local validate = require("aigate.config.validate")
 
 local util = require("aigate.util")
 local secrets = require("aigate.secrets")
+local modules = require("aigate.config.modules")
 local M = {}
 
 M.schema = require("aigate.config.schema").sections
@@ -86,6 +88,23 @@ run_config = function(chunk, path, text)
   return cfg, problems
 end
 
+-- Runs a config file's chunk as run_config does, with the file's directory first in the module
+-- search path (aigate.config.modules), so that it finds the modules beside it wherever aigate runs
+-- from; a config that loads then adds its lua_path, which therefore applies to the modules required
+-- after it ran (by hooks, routes, plugins and scripts), not to those the file itself requires while
+-- it runs. A config that does not load leaves the search path as it was.
+local function run_config_file(chunk, path, text)
+  local before_path, before_lua_path = modules.current()
+  modules.use(path, nil)
+  local cfg, problems = run_config(chunk, path, text)
+  if cfg and #problems == 0 then
+    modules.use(path, cfg.lua_path)
+  else
+    modules.use(before_path, before_lua_path)
+  end
+  return cfg, problems
+end
+
 --- Loads and validates a config file. With no path, searches the usual places and
 -- returns the default config when there is none. Returns cfg or nil, err.
 function M.load(path, getenv)
@@ -95,6 +114,7 @@ function M.load(path, getenv)
   if path == nil then
     path = M.find(getenv)
     if path == nil then
+      modules.use(nil, nil)
       return M.default()
     end
   end
@@ -107,7 +127,7 @@ function M.load(path, getenv)
   if chunk == nil then
     return nil, secrets.redact(lerr)
   end
-  local cfg, problems = run_config(chunk, path, text)
+  local cfg, problems = run_config_file(chunk, path, text)
   if #problems > 0 then
     return nil, secrets.redact(table.concat(problems, "\n"))
   end
@@ -125,7 +145,7 @@ function M.check_file(path)
   if chunk == nil then
     return { secrets.redact(lerr) }, {}
   end
-  local cfg, problems = run_config(chunk, path, text)
+  local cfg, problems = run_config_file(chunk, path, text)
   local notes = {}
   if cfg then
     local found

@@ -26,6 +26,14 @@ M.sections = {
     max_response_size = check.count,
     tls = "tls",
     serve = "serve",
+    -- where `require` looks for modules after the config's own directory and $AIGATE_LUA_PATH, once
+    -- the config has loaded (aigate.config.modules): directories or templates with '?', separated by ';'
+    lua_path = function(v)
+      if type(v) ~= "string" then
+        return "must be a string: directories or path templates with '?', separated by ';' "
+          .. "(lua_path = \"/opt/aigate/lua;/opt/lib/?.lua\")", check.typename(v)
+      end
+    end,
   },
   timeouts = {
     timeout = check.positive,
