@@ -40,6 +40,7 @@ M.policy = policy
 --- An answer a before_request hook gives instead of the request (see policy.answer).
 M.answer = policy.answer
 M.breaker = breaker
+M.shared = require("aigate.shared").store --- Named stores shared by every task, with expiry and an LRU bound.
 
 local current_config -- set by configure, or loaded on first use
 local cacert -- set by use_cacert (the --cacert option)
