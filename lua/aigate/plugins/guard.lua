@@ -11,8 +11,8 @@
 --   rules        (required) a list; each rule is a plain substring, or a table { name = "...",
 --                pattern = "<Lua pattern>" } or { name = "...", contains = "<substring>" } (name
 --                optional: "rule N" by its place in the list)
---   ignore_case  default true: letters match whatever their case (a pattern's %a, %u, [A-Z] ... keep
---                their meaning); false: exact
+--   ignore_case  default true: letters match whatever their case (in a pattern too: [A-Z] is any
+--                letter, %u and %l are %a, %U and %L are %A); false: exact
 --   roles        only the messages of these roles, e.g. { "user" } (default: every message, prompt
 --                and system)
 --   message      the refusal's text, with %s for the rule's name (default "the prompt was refused by
@@ -29,13 +29,16 @@
 local format = string.format
 
 -- A pattern for case-insensitive matching on lower-cased text: its literal letters lower-cased,
--- what follows a '%' kept (%A, %S, %U ... are classes, %% and %. escapes).
+-- what follows a '%' kept (%A, %S, %d ... are classes, %% and %. escapes), but for the classes of a
+-- case: %u and %l become %a (a letter of either case), %U and %L become %A.
+local CASE_CLASS = { u = "%a", l = "%a", U = "%A", L = "%A" }
 local function lower_pattern(p)
   local out, i, n = {}, 1, #p
   while i <= n do
     local c = p:sub(i, i)
     if c == "%" then
-      out[#out + 1] = p:sub(i, i + 1)
+      local k = p:sub(i + 1, i + 1)
+      out[#out + 1] = CASE_CLASS[k] or ("%" .. k)
       i = i + 2
     else
       out[#out + 1] = c:lower()
