@@ -87,11 +87,13 @@ local function duration(s)
   return format("%dd %dh", s // 86400, s % 86400 // 3600)
 end
 
+-- USD with cents, or with two significant digits when less than a cent ($0.000022).
 local function money(x)
+  local decimals = 2
   if x ~= 0 and math.abs(x) < 0.01 then
-    return format("$%.4f", x)
+    decimals = math.min(10, math.ceil(-math.log(math.abs(x), 10)) + 1)
   end
-  return format("$%.2f", x)
+  return format("$%." .. decimals .. "f", x)
 end
 
 local OPTIONS = { limit = true, limits = true, period = true, key = true, missing = true, prices = true,
