@@ -42,6 +42,7 @@ M.answer = policy.answer
 M.breaker = breaker
 M.http = require("aigate.http") -- aigate.http.request: any HTTP call from a policy or script
 M.every = require("aigate.every").every -- a timer running a function in its own task
+M.shared = require("aigate.shared").store -- named stores shared by every task, with expiry and an LRU bound
 
 local current_config -- set by configure, or loaded on first use
 local cacert -- set by use_cacert (the --cacert option)
