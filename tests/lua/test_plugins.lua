@@ -271,15 +271,22 @@ end
 
 cases.error_phase_sees_failures = function()
   local fails = {}
-  local aigate, cfg = setup({ plugins = { { name = "watch", error = function(fail, ctx)
+  local function watch(fail, ctx)
     fails[#fails + 1] = string.format("%s|%s|%d", fail.info.kind, fail.message:match("^[^\n]*"), #ctx.attempts)
-  end } } })
+  end
+  local aigate, cfg = setup({ templates = { greet = "hello {{name}}" }, plugins = { { name = "watch",
+    error = watch } } })
   local r = chat(aigate, cfg, "mock/bad-request", "x")
   t.eq(r, nil)
   t.eq(#fails, 1)
   t.contains(fails[1], "http|")
   t.truthy(chat(aigate, cfg, "fast", "ok"))
   t.eq(#fails, 1, "not for a success")
+  -- nor only for failures of the route: a template that cannot be filled fails the request too
+  local r2 = aigate.chat({ config = cfg, model = "fast", template = "greet" })
+  t.eq(r2, nil)
+  t.eq(#fails, 2)
+  t.contains(fails[2], "config|")
 end
 
 cases.ctx_plugin_is_private_per_plugin_and_request = function()

@@ -297,6 +297,8 @@ function M.start(opts, cfg, context, dry_run, endpoint)
     now = P.now,
     endpoint = endpoint,
     embeddings = embeddings,
+    plugins = plugins.of(cfg),
+    trace = context and context.trace, -- (aigate explain: what each plugin did)
   }
   st.name = opts.model or cfg.default_model or "(default model)"
   st.first_name = st.name
@@ -309,9 +311,7 @@ function M.start(opts, cfg, context, dry_run, endpoint)
       error(tostring(err):gsub("^aigate%.chat: ", "aigate.chat: with template '" .. tostring(opts.template) .. "': "), 0)
     end
   end
-  local set = plugins.of(cfg)
-  st.plugins = set
-  st.trace = context and context.trace -- (aigate explain: what each plugin did)
+  local set = st.plugins
   st.req = copy(o)
   st.client = o.client -- who asked (aigate serve): for hooks, in ctx.client
   st.req.client = nil
