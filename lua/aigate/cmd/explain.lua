@@ -251,7 +251,8 @@ local function text_of(report, where)
   for _, e in ipairs(report.phases) do
     local head = string.format("%s phase, %s%s:", e.phase, e.plugin, e.target and (" (target " .. e.target .. ")") or "")
     if e.outcome == "answered" then
-      say("%s answered the request itself: nothing would be sent", head)
+      say("%s answered the request itself%s: nothing would be sent", head,
+        e.why and (" (" .. short(e.why) .. ")") or "")
     elseif e.outcome == "refused" then
       say("%s refused the request: %s", head, e.why or "(no reason given)")
     elseif e.outcome == "skipped" then
