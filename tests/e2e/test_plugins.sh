@@ -2,7 +2,8 @@
 # test_plugins.sh: plugins end to end with the real binary and `aigate mock`: two plugins compose in
 # priority order in `chat` (streamed), `batch` and `serve` (plain and streamed), seen in what reaches
 # the mock (each plugin appends its tag to the user message) and in the request log (the log phase's
-# fields and aigate.log's); a plugin that raises fails only its request (the other batch lines are
+# fields and aigate.log's); serve's streamed events rewritten by an event phase, and a plugin that
+# answers itself (x-aigate-answered-by names it, nothing upstream); a plugin that raises fails only its request (the other batch lines are
 # answered; serve answers 500 policy_error with the traceback in its log only, and keeps serving);
 # `aigate explain` shows the plugins' changes, the route with its fallback and the targets, and
 # nothing reaches the mock; `aigate check` reports bad plugins.
@@ -42,9 +43,25 @@ local function tag(name, priority)
     end,
   }
 end
+-- "canned" answers a prompt with "canned" in it itself; "shout" upper-cases the streamed text of a
+-- prompt with "shout" in it (what it saw in the request phase is kept in ctx.plugin).
+local canned = { name = "canned", priority = 50, request = function(req)
+  if req.prompt:find("canned", 1, true) then
+    return aigate.answer({ text = "from the plugin" })
+  end
+end }
+local shout = { name = "shout", request = function(req, ctx)
+  ctx.plugin.on = req.prompt:find("shout", 1, true) ~= nil
+end, event = function(ev, ctx)
+  local c = ev.chunk.choices and ev.chunk.choices[1]
+  if ctx.plugin.on and c and c.delta and type(c.delta.content) == "string" then
+    c.delta.content = c.delta.content:upper()
+    return require("aigate.json").encode(ev.chunk)
+  end
+end }
 return {
   routes = { ["dynamic/fb"] = route.fallback({ "mock/fail-500", "mock/echo" }) },
-  plugins = { tag("second", 5), tag("first", 20) },
+  plugins = { tag("second", 5), canned, shout, tag("first", 20) },
 }
 CFG
 
@@ -93,6 +110,14 @@ post "$(chat mock/echo "streamed" ',"stream":true')"
 expect_eq "serve, streamed: 200" "$STATUS" "200"
 expect_eq "serve, streamed: the mock got the tags in order" \
     "$(last_upstream 'lines[#lines].body.messages[1].content')" "streamed +first +second"
+post "$(chat mock/echo "shout it" ',"stream":true')"
+expect_eq "serve, streamed: the event phase rewrote the events the client got" \
+    "$(grep -o '"content":"[^"]*"' "$TMP/body" | sed 's/^"content":"//; s/"$//' | tr -d '\n')" "ECHO: SHOUT IT +FIRST +SECOND"
+before=$(mock_requests)
+post "$(chat mock/echo "canned please")"
+expect_eq "serve: a plugin answers itself" "$STATUS $(jb 'v.choices[1].message.content')" "200 from the plugin"
+expect_eq "serve: x-aigate-answered-by names the plugin" "$(header x-aigate-answered-by)" "canned"
+expect_eq "serve: nothing went upstream for it" "$(( $(mock_requests) - before ))" "0"
 post "$(chat mock/echo "explode now")"
 envelope "serve: a plugin that raises" 500 policy_error
 expect_no_match "serve: the traceback is not sent to the client" "$(cat "$TMP/body")" "stack traceback|blew up"
@@ -104,14 +129,16 @@ expect_eq "serve: still serving after the failure" "$STATUS $(jb 'v.choices[1].m
 stop_serve
 expect_eq "serve --log: the log phase ran for each request, in priority order" \
     "$(lua_on 'local n = 0; for _, v in ipairs(lines) do if v.log_order == "first;second;" then n = n + 1 end end; return #lines .. " " .. n' serve.log)" \
-    "4 4"
+    "6 6"
 
 # ---- explain -------------------------------------------------------------------------------------
 echo '{"model":"dynamic/fb","messages":[{"role":"user","content":"why"}]}' > req.json
 before=$(mock_requests)
 EX=$("$AIGATE" explain --config plugins.lua req.json 2> explain.err)
 expect_eq "explain: exit 0" "$?" "0"
-expect_match "explain: the plugins in running order" "$EX" $'first \\(priority 20\\): request, log\n  second \\(priority 5\\): request, log'
+expect_match "explain: the plugins in running order" "$EX" \
+    $'canned \\(priority 50\\): request\n  first \\(priority 20\\): request, log\n  second \\(priority 5\\): request, log\n  shout \\(priority 0\\): request, event'
+expect_match "explain: a plugin that changes nothing" "$EX" 'request phase, canned: no change'
 expect_match "explain: what the first plugin changed" "$EX" 'request phase, first: changed the request'
 expect_match "explain: the message it changed" "$EX" '~ messages\[1\]\.content: "why" -> "why \+first"'
 expect_match "explain: then the second plugin" "$EX" '~ messages\[1\]\.content: "why \+first" -> "why \+first \+second"'
@@ -123,7 +150,7 @@ expect_no_match "explain: no token shown" "$EX" "tok-SECRET-123"
 expect_eq "explain: nothing reached the mock" "$(( $(mock_requests) - before ))" "0"
 EXJ=$("$AIGATE" explain --config plugins.lua --json - < req.json)
 expect_eq "explain --json: route, targets, plugins that ran" \
-    "$(printf '%s' "$EXJ" | "$AIGATE" run "$E2E_DIR/json_get.lua" 'v.route .. " " .. table.concat(v.targets, ",") .. " " .. v.phases[1].plugin .. "," .. v.phases[2].plugin')" \
+    "$(printf '%s' "$EXJ" | "$AIGATE" run "$E2E_DIR/json_get.lua" 'v.route .. " " .. table.concat(v.targets, ",") .. " " .. v.phases[2].plugin .. "," .. v.phases[3].plugin')" \
     "dynamic/fb mock/fail-500,mock/echo first,second"
 echo '{"custom_id":"x","body":{"model":"mock/echo","messages":[{"role":"user","content":"explode"}]}}' > bad.json
 EX=$("$AIGATE" explain --config plugins.lua bad.json 2>&1)
