@@ -196,7 +196,7 @@ end
 
 -- The commands, in the order help lists them; each is a module aigate.cmd.<name> with fields
 -- `summary`, `help` and `main(argv)` (argv[1] is the command name).
-M.COMMANDS = {"chat", "run", "batch", "serve", "mock", "check", "routes"}
+M.COMMANDS = {"chat", "run", "batch", "serve", "mock", "check", "routes", "explain"}
 
 local function command(name)
   for _, c in ipairs(M.COMMANDS) do

@@ -6,7 +6,11 @@
 -- as an embeddings list. `read_reply(req, res, err, t0)` is the reading half on its own: a reply that is
 -- already there (or the transport error that replaced it) in, the same outcome out, no I/O; the
 -- policy uses it for a reply the batch engine sent. Every message and info text is redacted
--- (aigate.secrets); -v lines show the request and the reply's head with credentials hidden.
+-- (aigate.secrets); -v lines show the request and the reply's head with credentials hidden. The
+-- plugins' phases of a reply run here when the policy set them on req: req.on_headers(resp) (the
+-- response_headers phase, on the reply's head) and req.on_event(data, chunk) (the event phase, on
+-- each event of a stream before it is passed on, printed or gathered); a plugin that fails there
+-- fails the request (kind "policy", reason "plugin").
 
 local core = require("aigate.core")
 local errors = require("aigate.errors")
@@ -274,6 +278,18 @@ local function tool_calls_of(calls)
   return list
 end
 
+-- The plugins' response_headers phase on a reply's head (req.on_headers, set by the policy):
+-- returns what they saw ({status, headers}: the headers as they left them), and their failure or nil.
+local function headers_phase(req, res)
+  local resp = { status = res.status, headers = res.headers or {} }
+  return resp, req.on_headers(resp)
+end
+
+-- The outcome of a request a plugin failed (its message); not a truncated reply, even with text.
+local function plugin_failure(msg, parts)
+  return { message = msg, info = { kind = "policy", reason = "plugin", partial = table.concat(parts or {}) } }
+end
+
 -- Streamed request: parses SSE in on_chunk, passes text deltas to req.stream and each event that is
 -- not an error, as it came, to req.stream_events (when set).
 local function streamed(req, with, ropts, t0)
@@ -283,6 +299,7 @@ local function streamed(req, with, ropts, t0)
   local state = { events = 0, done = false }
   local calls = { by_index = {}, order = {} }
   local usage, finish, rmodel, cb_err, stream_err, last, refusal, head_shown, stopped
+  local plugin_fail, seen -- a plugin's failure (event or response_headers phase); the head they saw
   local first_token_at -- core.now() of the first event that is not an error
   local function handle(ev)
     local data = ev.data
@@ -305,6 +322,16 @@ local function streamed(req, with, ropts, t0)
     if embedded_error(chunk) then
       stream_err = chunk
       return false
+    end
+    if req.on_event then -- the plugins' event phase: the event as they leave it, or none
+      local d, c = req.on_event(data, chunk)
+      if d == false then
+        return true
+      elseif d == nil then
+        plugin_fail = c
+        return false
+      end
+      data, chunk = d, c
     end
     first_token_at = first_token_at or with.now() -- (the request log's time to first token)
     if req.stream_events then
@@ -361,6 +388,12 @@ local function streamed(req, with, ropts, t0)
     if head and not head_shown then
       head_shown = true -- -v shows the reply's head before the text it streams
       emit_response(req, head)
+      if req.on_headers then
+        seen, plugin_fail = headers_phase(req, head)
+        if plugin_fail then
+          return false
+        end
+      end
     end
     if state.events == 0 and raw_len < 65536 then
       raw[#raw + 1] = chunk
@@ -371,6 +404,16 @@ local function streamed(req, with, ropts, t0)
   local res, err = with.request(ropts)
   if cb_err ~= nil then
     error(cb_err, 0)
+  end
+  if plugin_fail == nil and res ~= nil and req.on_headers then
+    if seen then
+      res.headers = seen.headers -- as the plugins left them
+    else
+      plugin_fail = select(2, headers_phase(req, res))
+    end
+  end
+  if plugin_fail then
+    return plugin_failure(plugin_fail, parts)
   end
   if stopped then
     return { transport = "aborted: the stream's receiver stopped it (stream_events returned false)",
@@ -391,6 +434,9 @@ local function streamed(req, with, ropts, t0)
     feed(parser:finish())
     if cb_err ~= nil then
       error(cb_err, 0)
+    end
+    if plugin_fail then
+      return plugin_failure(plugin_fail, parts)
     end
   end
   local partial = table.concat(parts)
@@ -481,6 +527,13 @@ function M.read_reply(req, res, err, t0, now)
     return returned(req, { transport = err })
   end
   emit_response(req, res)
+  if req.on_headers then
+    local seen, msg = headers_phase(req, res)
+    if msg then
+      return returned(req, plugin_failure(msg))
+    end
+    res.headers = seen.headers
+  end
   return returned(req, reply_outcome(req, res, t0 or now(), now))
 end
 

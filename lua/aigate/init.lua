@@ -37,8 +37,11 @@ M.config_module = config
 M.route = route
 M.template = template
 M.policy = policy
---- An answer a before_request hook gives instead of the request (see policy.answer).
+--- An answer a plugin's request phase (or a before_request hook) gives instead of the request (see
+-- policy.answer).
 M.answer = policy.answer
+--- Adds fields to the record of the request running in this task (see aigate.plugins).
+M.log = require("aigate.plugins").log
 M.breaker = breaker
 M.http = require("aigate.http") -- aigate.http.request: any HTTP call from a policy or script
 M.every = require("aigate.every").every -- a timer running a function in its own task

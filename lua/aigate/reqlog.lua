@@ -27,6 +27,10 @@ local M = {}
 M.FIELDS = { "time", "request_id", "key", "endpoint", "model", "route", "status", "ok", "error", "message",
   "attempts", "ttft", "duration", "overhead", "tokens", "cost", "stream", "disconnected" }
 M.ATTEMPT_FIELDS = { "target", "model", "status", "error", "message", "retry_after", "first_byte", "duration" }
+M.FIELD_SET = {}
+for _, k in ipairs(M.FIELDS) do
+  M.FIELD_SET[k] = true
+end
 
 local sinks = {}
 local auto = false -- aigate.chat records its calls (chat, run and batch with --log)
@@ -114,6 +118,7 @@ end
 
 local Rec = {}
 Rec.__index = Rec
+local current = setmetatable({}, { __mode = "k" }) -- task -> its record (M.current)
 
 --- Begins the record of a request: fields = {endpoint, request_id, key, model, stream}. Returns the
 -- record, or nil when no sink takes records (then nothing is recorded: callers write `if rec`).
@@ -125,7 +130,15 @@ function M.begin(fields)
   rec.t0 = core.now()
   rec.wall = core.time()
   M.in_flight = M.in_flight + 1
+  local co = coroutine.running() -- the task's current record (aigate.log), until it finishes
+  rec.co, rec.outer = co, current[co]
+  current[co] = rec
   return rec
+end
+
+--- The record of the request running in this task (begun and not finished), or nil.
+function M.current()
+  return current[coroutine.running()]
 end
 
 --- The first token went out (or came in): the time to first token, once.
@@ -222,7 +235,13 @@ function Rec:finish()
     self.streaming = false
     M.open_streams = M.open_streams - 1
   end
+  if current[self.co] == self then
+    current[self.co] = self.outer
+  end
   local out = build(self)
+  if self.fields or self.on_log then
+    M.enrich(self, out)
+  end
   for _, fn in ipairs(sinks) do
     local ok, err = pcall(fn, out)
     if not ok then
@@ -230,6 +249,49 @@ function Rec:finish()
     end
   end
   return out
+end
+
+-- Fields of a record beyond its own (aigate.log, the plugins' log phase): out -> their JSON text
+-- (',"name":value' each), which M.line appends.
+local extra_text = setmetatable({}, { __mode = "k" })
+
+--- Adds to the record out of rec what aigate.log gave (rec.fields), then runs rec.on_log(out) (the
+-- plugins' log phase, which may add more); fields beyond the record's own are written after them,
+-- strings redacted.
+function M.enrich(rec, out)
+  for k, v in pairs(rec.fields or {}) do
+    out[k] = v
+  end
+  if rec.on_log then
+    current[rec.co] = rec -- (aigate.log in the log phase still reaches this record)
+    rec.on_log(out)
+    current[rec.co] = rec.outer
+    for k, v in pairs(rec.fields or {}) do
+      out[k] = v
+    end
+  end
+  local names = {}
+  for k in pairs(out) do
+    if not M.FIELD_SET[k] and type(k) == "string" then
+      names[#names + 1] = k
+    end
+  end
+  if #names == 0 then
+    return
+  end
+  table.sort(names)
+  local parts = {}
+  for i, k in ipairs(names) do
+    local v = out[k]
+    if type(v) == "string" then
+      v = secrets.redact(v)
+    elseif type(v) == "table" then
+      v = secrets.redact_table(json.decode(json.encode(v) or "null") or {})
+    end
+    out[k] = v
+    parts[i] = "," .. json.encode(k) .. ":" .. (json.encode(v) or "null")
+  end
+  extra_text[out] = table.concat(parts)
 end
 
 -- ---- serve's response, watched ------------------------------------------------------------------
@@ -387,13 +449,23 @@ function M.line_lua(out)
 end
 
 --- A record as its log line (one JSON object, fields in M.FIELDS order).
+local line
 if core.json_fields then
   local json_fields = core.json_fields
-  function M.line(out)
+  function line(out)
     return json_fields(out, C_SPEC)
   end
 else
-  M.line = M.line_lua
+  line = M.line_lua
+end
+function M.line(out)
+  local more = extra_text[out]
+  if more then -- the fields aigate.log and the plugins added, after the record's own
+    local text = line(out)
+    local nl = text:sub(-1) == "\n" and "\n" or ""
+    return text:sub(1, -2 - #nl) .. more .. "}" .. nl
+  end
+  return line(out)
 end
 
 local log_file, remove_log_sink

@@ -447,6 +447,100 @@ local function build_messages(opts)
   return msgs
 end
 
+-- The request object ------------------------------------------------------------------
+
+-- The text of a content for req.prompt: a string, or the text parts of a list joined with "\n"
+-- (images and other parts left out).
+local function prompt_text(content)
+  if type(content) == "string" then
+    return content
+  end
+  if type(content) ~= "table" then
+    return ""
+  end
+  local parts = {}
+  for _, p in ipairs(content) do
+    if type(p) == "table" and p.type == "text" and type(p.text) == "string" then
+      parts[#parts + 1] = p.text
+    end
+  end
+  return concat(parts, "\n")
+end
+
+--- req.prompt of a messages list: the text of the last user message, "" when there is none.
+function M.prompt_of(messages)
+  for i = #messages, 1, -1 do
+    local m = messages[i]
+    if type(m) == "table" and m.role == "user" then
+      return prompt_text(m.content)
+    end
+  end
+  return ""
+end
+local prompt_of = M.prompt_of
+
+--- Makes chat options the request object plugins, route functions and conditions see (the
+-- reference is in aigate.plugins): `messages` always there (the system text, the messages and the
+-- prompt given, in that order; system is folded in), `prompt` the last user message's text. own:
+-- the messages are the request's own (a new list of copied message tables, for plugins that change
+-- them in place); else the caller's list is kept when there is nothing to fold in. Changes req in
+-- place and returns it.
+function M.normalize(req, own)
+  local system, list, prompt = req.system, req.messages, req.prompt
+  if system ~= nil or prompt ~= nil or list == nil or own then
+    local msgs, n = {}, 0
+    if system ~= nil then
+      n = 1
+      msgs[1] = { role = "system", content = system }
+    end
+    for _, m in ipairs(list or {}) do
+      n = n + 1
+      msgs[n] = own and copy_message(m) or m
+    end
+    if prompt ~= nil then
+      n = n + 1
+      msgs[n] = { role = "user", content = prompt }
+    end
+    req.messages, req.system = msgs, nil
+  end
+  req.prompt = prompt_of(req.messages)
+  return req
+end
+
+--- After a plugin changed a normalized request in place: a prompt set anew (other than `seen`, the
+-- one it was given) becomes the text of the last user message (a user message is added when there
+-- is none), a system text set anew goes first; then prompt is derived again. Returns req.
+function M.sync(req, seen)
+  local msgs = req.messages
+  if type(msgs) ~= "table" then
+    msgs = {}
+    req.messages = msgs
+  end
+  local prompt = req.prompt
+  if prompt ~= seen and type(prompt) == "string" then
+    local at
+    for i = #msgs, 1, -1 do
+      if type(msgs[i]) == "table" and msgs[i].role == "user" then
+        at = i
+        break
+      end
+    end
+    if at then
+      local c = copy_message(msgs[at])
+      c.content = prompt
+      msgs[at] = c
+    else
+      msgs[#msgs + 1] = { role = "user", content = prompt }
+    end
+  end
+  if type(req.system) == "string" then
+    table.insert(msgs, 1, { role = "system", content = req.system })
+    req.system = nil
+  end
+  req.prompt = prompt_of(msgs)
+  return req
+end
+
 -- Request -------------------------------------------------------------------------
 
 local sorted_keys = util.sorted_keys

@@ -19,6 +19,7 @@ M.sections = {
     routes = "routes",
     templates = "templates",
     hooks = "hooks",
+    plugins = "plugins",
     prices = "prices",
     breaker = "breaker",
     retry = "retry",

@@ -191,6 +191,32 @@ function Validator:hooks(v, path)
   self:section(v, SCHEMA.hooks, path)
 end
 
+-- plugins: a list of plugin tables (aigate.plugins checks each: a name, a number priority, phases
+-- that are functions, no misspelt phase).
+function Validator:plugins(v, path)
+  if type(v) ~= "table" then
+    return self:fail(path, "must be a list of plugins { require(\"aigate.plugins.cache\"){ ... }, "
+      .. "require(\"mypolicy\"), ... } (got " .. type(v) .. ")")
+  end
+  local plugins = require("aigate.plugins")
+  for _, i in ipairs(sorted_keys(v)) do
+    local ppath = { table.unpack(path) }
+    ppath[#ppath + 1] = i
+    if math.type(i) ~= "integer" then
+      self:fail(ppath, "plugins must be a list (no named fields): write plugins = { p1, p2 }")
+    else
+      local p = v[i]
+      local name = type(p) == "table" and type(p.name) == "string" and p.name ~= ""
+        and (" (plugin '" .. p.name .. "')") or ""
+      for _, pr in ipairs(plugins.problems(p)) do
+        local kpath = { table.unpack(ppath) }
+        kpath[#kpath + 1] = pr[1]
+        self:fail(kpath, pr[2] .. name)
+      end
+    end
+  end
+end
+
 function Validator:breaker(v, path)
   if v == false then
     return
@@ -511,6 +537,12 @@ end
 function M.validate_all(tbl, source, text)
   register_secrets(tbl)
   local cfg = copy(tbl)
+  if type(tbl.plugins) == "table" then -- a plugin is used as given: its tables are its own state
+    cfg.plugins = {}
+    for k, p in pairs(tbl.plugins) do
+      cfg.plugins[k] = p
+    end
+  end
   local v = setmetatable({ source = source, text = text, errors = {} }, Validator)
   v:section(cfg, SCHEMA.top, {})
   if type(cfg.models) == "table" and (cfg.providers == nil or type(cfg.providers) == "table") then

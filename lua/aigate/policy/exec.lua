@@ -20,6 +20,8 @@ local breaker = require("aigate.breaker")
 local limit = require("aigate.limit")
 local throttle = require("aigate.throttle")
 local rules = require("aigate.policy.rules")
+local plugins = require("aigate.plugins")
+local json = require("aigate.json")
 local note = require("aigate.reqlog").note -- what the request log adds to an attempt (kept aside)
 
 local util = require("aigate.util")
@@ -170,6 +172,7 @@ end
 local function attempt_opts(st, node)
   local o = copy(st.req)
   o.vars, o.template = nil, nil
+  o.prompt = nil -- (derived from the messages, which hold it: see request.normalize)
   o.model = node.id
   local embeddings = st.embeddings
   for k, v in pairs(node.params) do
@@ -311,7 +314,7 @@ function M.send_target(st, node, att, req, handed)
     return { ok = true, result = r, step = att.step }
   end
   info = info or {}
-  if (info.partial ~= nil and info.partial ~= "") or st.delivered then
+  if info.kind ~= "policy" and ((info.partial ~= nil and info.partial ~= "") or st.delivered) then
     info.cause, info.kind = info.kind, "truncated"
     msg = "the reply broke off after text was delivered (truncated): " .. tostring(msg)
   end
@@ -388,6 +391,76 @@ function M.with_retries(st, try)
 end
 local with_retries = M.with_retries
 
+-- A copy of a request body, every table in it copied (their metatables kept: json.array_mt).
+local function deep_copy(v, depth)
+  if type(v) ~= "table" or depth > 64 then
+    return v
+  end
+  local t = {}
+  for k, x in pairs(v) do
+    t[k] = deep_copy(x, depth + 1)
+  end
+  return setmetatable(t, getmetatable(v))
+end
+
+-- The phases the client runs (response_headers, event) for the request state st, on req.
+local function wire_client_phases(st, set, req)
+  if set.response_headers then
+    req.on_headers = function(resp)
+      return (plugins.observe(set, "response_headers", st, hook_ctx(st), resp))
+    end
+  end
+  if set.event and req.stream then
+    req.on_event = function(data, chunk)
+      return plugins.event(set, st, hook_ctx(st), data, chunk, json.decode)
+    end
+  end
+end
+
+--- The attempt phase before a try: att (the attempt's record), req (the built request; base: its
+-- body and headers as built, which each try starts from). Sets req.body, body_table and headers to
+-- what the plugins made of them. Returns nil, or the failure (a plugin skipped the target or raised).
+function M.attempt_phase(st, set, att, req, base)
+  local a = { target = att.target, model = req.model, provider = req.provider, number = #st.attempts,
+    body = deep_copy(base.body, 0), headers = copy(base.headers) }
+  local ctx = hook_ctx(st)
+  for _, p in ipairs(set.attempt) do
+    local before = st.trace and deep_copy(a.body, 0)
+    local ok, r, why = plugins.call(st, ctx, p, "attempt", a)
+    if not ok then
+      local msg, reason = plugins.failure_text(p, "attempt", r)
+      att.error = first_line(msg)
+      return failure(msg, { kind = "policy", reason = reason, plugin = p.name })
+    end
+    if r == false then
+      local msg = string.format("skipped by plugin '%s'%s", p.name, why ~= nil and (": " .. tostring(why)) or "")
+      att.error, att.skipped = msg, true
+      note(att, "kind", "skipped")
+      if st.trace then
+        st.trace({ plugin = p.name, phase = "attempt", target = att.target, outcome = "skipped", why = why })
+      end
+      return failure(string.format("route %s: target %s %s", st.name, tostring(att.target), msg),
+        { kind = "policy", reason = "skipped", moveon = true, plugin = p.name })
+    end
+    if st.trace then
+      st.trace({ plugin = p.name, phase = "attempt", target = att.target, before = before,
+        after = deep_copy(a.body, 0), outcome = "ran" })
+    end
+  end
+  if type(a.body) ~= "table" or type(a.headers) ~= "table" then
+    return failure("the attempt phase left att.body or att.headers that is not a table",
+      { kind = "policy", reason = "plugin" })
+  end
+  local text, err = json.encode_body(a.body)
+  if text == nil then
+    return failure("the attempt phase left a body that cannot be encoded as JSON: " .. tostring(err),
+      { kind = "policy", reason = "plugin" })
+  end
+  req.body, req.body_table, req.headers = text, a.body, a.headers
+  return nil
+end
+local attempt_phase = M.attempt_phase
+
 function EXEC.target(node, st)
   -- a reply handed in is the outcome of the request's first attempt, if this is it
   local handed = #st.attempts == 0 and st.handed or nil
@@ -411,14 +484,34 @@ function EXEC.target(node, st)
     att.error = first_line(perr)
     return failure(st.redact(perr), pinfo)
   end
+  local set = st.plugins
+  local base = set.attempt and { body = req.body_table, headers = req.headers }
+  if base then
+    att.target = node.id or req.model
+  end
   if st.dry then
+    local skip = base and attempt_phase(st, set, att, req, base)
+    if skip then
+      return skip
+    end
     return { ok = true, dry = true, req = req, node = node, step = att.step }
+  end
+  if set.any then
+    wire_client_phases(st, set, req)
   end
   return with_retries(st, function(i)
     if i > 1 then
       att = record(st, { target = node.id or "(default)", model = node.id, latency = 0 })
     end
-    return send_target(st, node, att, req, i == 1 and handed or nil)
+    local given = i == 1 and handed or nil
+    if base and not given then -- (a reply handed in was sent already: nothing to change)
+      att.target = node.id or req.model
+      local skip = attempt_phase(st, set, att, req, base)
+      if skip then
+        return skip
+      end
+    end
+    return send_target(st, node, att, req, given)
   end)
 end
 

@@ -1,11 +1,13 @@
 -- aigate.policy: runs a request through the routing policy.
 --
--- `chat(opts, cfg, ctx, handed)` applies the template and variables (aigate.template), the config's
--- before_request hook, resolves opts.model (or default_model) to a local `dynamic/<name>` route of
--- cfg.routes or to a single target (a named model or an id, including a `dynamic/<name>` the gateway
--- serves), runs the route's nodes (aigate.route) with circuit breakers (aigate.breaker) and limits
--- (aigate.limit), sends each attempt with aigate.client, then runs after_response. Every result and
--- failure carries the list of attempts. `render` is a dry run of the same interpreter: the request
+-- `chat(opts, cfg, ctx, handed)` applies the template and variables (aigate.template) and the
+-- request phase of the config's plugins (aigate.plugins; the hooks are one), resolves opts.model
+-- (or default_model) to a local `dynamic/<name>` route of cfg.routes or to a single target (a named
+-- model or an id, including a `dynamic/<name>` the gateway serves), runs the route's nodes
+-- (aigate.route) with circuit breakers (aigate.breaker) and limits (aigate.limit), sends each
+-- attempt with aigate.client (the attempt, response_headers and event phases), then runs the
+-- response phase (the error phase on a failure). Every result and failure carries the list of
+-- attempts. `render` is a dry run of the same interpreter: the request
 -- the first attempt would send, unredacted, and whether the batch engine may send such requests
 -- itself; `prepare` is render as people see it (credentials hidden). Time, sleep and randomness go
 -- through M.now/M.time/M.sleep/M.random so tests can replace them. Used by aigate.chat,
@@ -107,10 +109,9 @@ end
 -- (nothing is sent for it; breaker, throttle, attempts, cost and retries as if it had been), then
 -- the policy goes on as usual. A reply is read as a whole one: not with opts.stream.
 function M.chat(opts, cfg, context, handed)
-  local st, fail = state.start(opts, cfg, context, false)
+  local st, fail, partial = state.start(opts, cfg, context, false)
   if st == nil then
-    local stub = { attempts = {}, name = opts.model }
-    return state.failed(stub, fail)
+    return state.failed(partial or { attempts = {}, name = opts.model }, fail)
   end
   if st.answer then
     return state.finish(st, { ok = true, result = st.answer })
@@ -126,9 +127,9 @@ end
 -- request. Returns the result (data, embeddings, usage, attempts, step, route, cost) or nil,
 -- message, info.
 function M.embed(opts, cfg, context)
-  local st, fail = state.start(opts, cfg, context, false, "embeddings")
+  local st, fail, partial = state.start(opts, cfg, context, false, "embeddings")
   if st == nil then
-    return state.failed({ attempts = {}, name = opts.model }, fail)
+    return state.failed(partial or { attempts = {}, name = opts.model }, fail)
   end
   return state.finish(st, exec.run(st.entry, st))
 end
@@ -136,14 +137,13 @@ end
 -- Render -------------------------------------------------------------------------------------------
 
 -- Whether the dry run of opts reached exactly one plain target: no route (nor fallback, when,
--- split, decorator or function), no hook in cfg, no template, no parameters or options a route
+-- split, decorator or function), no plugin or hook in cfg, no template, no parameters or options a route
 -- gives the target, a POST that is not streamed. A named model is a plain target whatever it adds
 -- (parameters, extra_body, a system-message rule): that is the same in every request of it, so its
 -- request is the same body with other messages (the batch engine finds the messages in it, and
 -- leaves the line to the policy when a rule rewrote them).
-local function is_plain(opts, cfg, st, node, req)
-  local hooks = cfg.hooks
-  if hooks and (hooks.before_request or hooks.after_response) then
+local function is_plain(opts, st, node, req)
+  if st.plugins.any then -- plugins (the hooks are one) run for every line
     return false
   end
   if opts.template ~= nil or opts.vars ~= nil or opts.stream or opts.verbose then
@@ -177,8 +177,10 @@ function M.render(opts, cfg, context, endpoint)
     return nil, fail.msg, fail.info
   end
   if st.answer then
-    return nil, "the before_request hook answers this request itself: nothing would be sent",
-      { kind = "policy", reason = "answered" }
+    local who = st.answer.answered
+    return nil, string.format("%s answers this request itself: nothing would be sent", who == "before_request"
+      and "the before_request hook" or ("plugin '" .. tostring(who) .. "'")), { kind = "policy", reason = "answered",
+      plugin = who }
   end
   local out = exec.run(st.entry, st)
   if not out.ok then
@@ -202,7 +204,7 @@ function M.render(opts, cfg, context, endpoint)
     targets = M.targets(st.entry, st.routes),
     target = node.id or req.model,
     system_messages = req.system_messages,
-    plain = not st.embeddings and is_plain(opts, cfg, st, node, req),
+    plain = not st.embeddings and is_plain(opts, st, node, req),
     breaker_key = exec.use_breaker(st, node) and key or nil,
     upstream = key,
     priced = M.cost(cfg, node.id, req.model, { prompt_tokens = 1, completion_tokens = 1 }) ~= nil,

@@ -7,6 +7,9 @@
 
 local request = require("aigate.request")
 local template = require("aigate.template")
+local plugins = require("aigate.plugins")
+local reqlog = require("aigate.reqlog")
+local secrets = require("aigate.secrets")
 local exec = require("aigate.policy.exec")
 local rules = require("aigate.policy.rules")
 
@@ -88,25 +91,128 @@ end
 
 -- Requests -------------------------------------------------------------------------------------
 
--- Calls a hook; returns the (possibly replaced) value, or nil, failure.
-local function call_hook(st, name, value)
-  local hooks = st.cfg.hooks
-  local fn = hooks and hooks[name]
-  if fn == nil then
-    return value
+-- Plugins (aigate.plugins; the config's hooks are one) ----------------------------------------------
+
+-- What a failure names a plugin by: "plugin 'NAME'", or "the before_request hook" for the hooks'.
+local function named(p, phase)
+  if p.legacy then
+    return "the " .. plugins.who(p, phase) .. " hook"
   end
-  local ok, a, b = xpcall(fn, debug.traceback, value, hook_ctx(st))
-  if not ok then
-    return nil, failure(string.format("%s hook failed: %s", name, tostring(a)), { kind = "policy", reason = "hook" })
+  return "plugin '" .. p.name .. "'"
+end
+
+-- The failure of a plugin that raised in phase.
+local function raised(p, phase, err)
+  local msg, reason = plugins.failure_text(p, phase, err)
+  return failure(msg, { kind = "policy", reason = reason, plugin = p.name })
+end
+
+-- A plugin's refusal (`return false, "why"`).
+local function refused(p, phase, why)
+  return failure(why ~= nil and tostring(why) or ("rejected by " .. named(p, phase)),
+    { kind = "policy", reason = "rejected", plugin = p.name })
+end
+
+-- A copy of a request for aigate explain's trace: the fields that are data (no functions), the
+-- messages copied one level down.
+local function snapshot(req)
+  local out = {}
+  for k, v in pairs(req) do
+    if type(v) ~= "function" and k ~= "config" and k ~= "tied_to" then
+      out[k] = v
+    end
   end
-  if a == false or (a == nil and b ~= nil) then
-    return nil, failure(b ~= nil and tostring(b) or ("rejected by the " .. name .. " hook"),
-      { kind = "policy", reason = "rejected" })
+  if type(req.messages) == "table" then
+    local msgs = {}
+    for i, m in ipairs(req.messages) do
+      msgs[i] = type(m) == "table" and copy(m) or m
+    end
+    out.messages = msgs
   end
-  if type(a) == "table" then
-    return a
+  return out
+end
+M.snapshot = snapshot
+
+-- Tells the trace (aigate explain: st.trace) what a plugin's phase did.
+local function trace(st, p, phase, before, after, outcome, why)
+  st.trace({ plugin = p.name, phase = phase, before = before, after = after, outcome = outcome, why = why })
+end
+
+--- The request phase: each plugin's request(req, ctx) in priority order. Returns the request (in
+-- place, or the one a plugin returned, normalized), or an answer (aigate.answer; the plugins after
+-- it do not run), or nil, failure.
+function M.request_phase(st, set, req)
+  local ctx = hook_ctx(st)
+  local normalized = not st.embeddings
+  for _, p in ipairs(set.request) do
+    local seen = req.prompt
+    local before = st.trace and snapshot(req)
+    local ok, a, b = plugins.call(st, ctx, p, "request", req)
+    if not ok then
+      if st.trace then
+        trace(st, p, "request", before, nil, "failed", tostring(a))
+      end
+      return nil, raised(p, "request", a)
+    end
+    if a == false or (a == nil and b ~= nil) then
+      if st.trace then
+        trace(st, p, "request", before, nil, "refused", b ~= nil and tostring(b) or nil)
+      end
+      return nil, refused(p, "request", b)
+    end
+    if M.is_answer(a) then
+      a.answered = plugins.who(p, "request")
+      if st.trace then
+        trace(st, p, "request", before, nil, "answered", a.text)
+      end
+      return a
+    end
+    if type(a) == "table" and a ~= req then
+      local okc, err = pcall(request.check_options, a, 1, st.endpoint)
+      if not okc then
+        return nil, failure(string.format("%s returned bad options: %s", p.legacy and "before_request hook"
+          or named(p, "request"), tostring(err)), { kind = "policy", reason = p.legacy and "hook" or "plugin",
+          plugin = p.name })
+      end
+      req = normalized and request.normalize(a, true) or a
+    elseif normalized then
+      request.sync(req, seen)
+    end
+    if st.trace then
+      trace(st, p, "request", before, snapshot(req), "ran")
+    end
   end
-  return value
+  return req
+end
+
+--- The response phase: each plugin's response(result, ctx) in priority order. Returns the result
+-- (changed in place, or the one a plugin returned), or nil, failure.
+function M.response_phase(st, set, r)
+  local ctx = hook_ctx(st)
+  for _, p in ipairs(set.response) do
+    local ok, a, b = plugins.call(st, ctx, p, "response", r)
+    if not ok then
+      return nil, raised(p, "response", a)
+    end
+    if a == false or (a == nil and b ~= nil) then
+      return nil, refused(p, "response", b)
+    end
+    if type(a) == "table" then
+      r = a
+    end
+  end
+  return r
+end
+
+-- The log phase of a request, run by aigate.reqlog's finish on the record (when one is kept): a
+-- plugin that raises is reported on stderr and the record is still written.
+local function log_phase(st, set)
+  return function(record)
+    local msg = plugins.observe(set, "log", st, hook_ctx(st), record)
+    if msg then
+      io.stderr:write("aigate: request log: ", secrets.redact(msg), "\n")
+    end
+  end
 end
 
 local function same(s)
@@ -151,7 +257,7 @@ function M.answer(t)
     status = 200,
     headers = {},
     latency = 0,
-    answered = "before_request",
+    answered = "before_request", -- (the policy puts the name of the plugin that answered)
   }, ANSWER)
 end
 
@@ -191,6 +297,8 @@ function M.start(opts, cfg, context, dry_run, endpoint)
     now = P.now,
     endpoint = endpoint,
     embeddings = embeddings,
+    plugins = plugins.of(cfg),
+    trace = context and context.trace, -- (aigate explain: what each plugin did)
   }
   st.name = opts.model or cfg.default_model or "(default model)"
   st.first_name = st.name
@@ -203,29 +311,37 @@ function M.start(opts, cfg, context, dry_run, endpoint)
       error(tostring(err):gsub("^aigate%.chat: ", "aigate.chat: with template '" .. tostring(opts.template) .. "': "), 0)
     end
   end
+  local set = st.plugins
   st.req = copy(o)
   st.client = o.client -- who asked (aigate serve): for hooks, in ctx.client
   st.req.client = nil
   st.metadata = o.metadata
-  local req, fail = call_hook(st, "before_request", st.req)
+  if not embeddings then -- the request object (see aigate.plugins): messages always, prompt derived
+    request.normalize(st.req, set.request and true)
+  end
+  if set.log and not st.dry then
+    local rec = reqlog.current() -- the record of the request running in this task, if one is kept
+    if rec and rec.on_log == nil then
+      rec.on_log = log_phase(st, set)
+    end
+  end
+  local req, fail = st.req, nil
+  if set.request then
+    req, fail = M.request_phase(st, set, st.req)
+  end
   if req == nil then
     return nil, fail, st
   end
   if M.is_answer(req) and embeddings then
-    return nil, failure("before_request hook answered an embeddings request with aigate.answer, which makes a chat "
-      .. "reply: answer embeddings requests by returning nothing (or refuse them)", { kind = "policy", reason = "hook" }),
-      st
-  elseif M.is_answer(req) then -- answered by the hook: nothing goes upstream
+    return nil, failure(string.format("%s answered an embeddings request with aigate.answer, which makes a chat "
+      .. "reply: answer embeddings requests by returning nothing (or refuse them)", req.answered == "before_request"
+      and "before_request hook" or ("plugin '" .. tostring(req.answered) .. "'")),
+      { kind = "policy", reason = req.answered == "before_request" and "hook" or "plugin" }), st
+  elseif M.is_answer(req) then -- answered by a plugin: nothing goes upstream
     req.model = req.model or st.req.model or cfg.default_model
     st.answer = req
     st.entry = st.name
     return st
-  end
-  if req ~= st.req then
-    local ok, err = pcall(request.check_options, req, 1, endpoint)
-    if not ok then
-      return nil, failure("before_request hook returned bad options: " .. tostring(err), { kind = "policy", reason = "hook" }), st
-    end
   end
   st.req = req
   st.stream = req.stream
@@ -240,8 +356,16 @@ function M.start(opts, cfg, context, dry_run, endpoint)
   return st
 end
 
---- The failure as aigate.chat returns it: nil, message, info (with attempts).
+--- The failure as aigate.chat returns it: nil, message, info (with attempts), after the plugins'
+-- error phase (a plugin that raises there makes its own failure the request's).
 function M.failed(st, out)
+  local set = st.plugins
+  if set and set.error and not st.dry then
+    local emsg, reason = plugins.observe(set, "error", st, hook_ctx(st), { message = out.msg, info = out.info or {} })
+    if emsg then
+      out = failure(emsg, { kind = "policy", reason = reason })
+    end
+  end
   local info = out.info or {}
   info.attempts = st.attempts
   info.kind = info.kind or "policy"
@@ -277,11 +401,15 @@ function M.finish(st, out)
   if #st.attempts > 1 then
     r.latency = P.now() - st.t_start -- the whole route, every try; each attempt keeps its own
   end
-  local res, hfail = call_hook(st, "after_response", r)
-  if res == nil then
-    return failed(st, hfail)
+  local set = st.plugins
+  if set and set.response then
+    local res, rfail = M.response_phase(st, set, r)
+    if res == nil then
+      return failed(st, rfail)
+    end
+    return res
   end
-  return res
+  return r
 end
 
 return M

@@ -192,7 +192,8 @@ function M.retried(info)
 end
 
 --- A failure of aigate.chat -> status, body, extra headers, and whether the message is for the
--- server's log only (a hook or route function that raised: its traceback never goes to the client).
+-- server's log only (a plugin, hook or route function that raised: its traceback never goes to the
+-- client).
 function M.failure_reply(msg, info)
   info = info or {}
   local kind, reason = info.kind, info.reason
@@ -219,15 +220,15 @@ function M.failure_reply(msg, info)
     return 502, errors.body(502, first_line(msg), "upstream_unreachable"), headers
   elseif kind == "response" or kind == "truncated" then
     return 502, errors.body(502, first_line(msg), "bad_upstream_reply"), headers
-  elseif kind == "policy" and reason == "rejected" then
+  elseif kind == "policy" and (reason == "rejected" or reason == "skipped") then -- (skipped: by plugins, every target)
     return 403, errors.body(403, first_line(msg), "rejected_by_policy"), headers
   elseif kind == "policy" and reason == "limit" then
     return 429, errors.body(429, first_line(msg), "rate_limit_exceeded"), headers
   elseif kind == "policy" and reason == "breaker_open" then
     return 503, errors.body(503, first_line(msg), "upstream_unavailable"), headers
   elseif kind == "policy" then
-    return 500, errors.body(500, "the request failed in the routing policy (a hook or route function raised "
-      .. "an error); the server's log has the details", "policy_error"), headers, true
+    return 500, errors.body(500, "the request failed in the routing policy (a plugin, hook or route "
+      .. "function raised an error); the server's log has the details", "policy_error"), headers, true
   elseif kind == "interrupted" then
     return 503, errors.body(503, "the server is stopping", "shutting_down"), headers
   end
