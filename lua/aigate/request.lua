@@ -842,7 +842,9 @@ end
 --       redact, secrets, auth}
 -- checked: the options were checked already (the policy's attempts: aigate.chat checked what it was
 -- given, and what a route or a named model adds was checked when the config was loaded).
-function M.prepare(opts, cfg, ctx, checked)
+-- unencoded: req.body is left nil, for a caller that encodes body_table itself once it is final
+-- (the plugins' attempt phase changes it first).
+function M.prepare(opts, cfg, ctx, checked, unencoded)
   if not checked then
     M.check_options(opts, 1)
   end
@@ -890,9 +892,12 @@ function M.prepare(opts, cfg, ctx, checked)
   if body.stream == true and stream == nil then
     return fail("extra_body sets \"stream\": use the 'stream' option (a function receiving the text) instead")
   end
-  local text, jerr = json.encode_body(body)
-  if text == nil then
-    error("aigate.chat: cannot encode the request body: " .. jerr, 0)
+  local text, jerr
+  if not unencoded then
+    text, jerr = json.encode_body(body)
+    if text == nil then
+      error("aigate.chat: cannot encode the request body: " .. jerr, 0)
+    end
   end
 
   local headers, req_secrets = headers_of(e, opts, stream, gateway_opts, ctx)
@@ -909,7 +914,7 @@ end
 -- opts.extra_body fill it (a named model's chat parameters are not sent). The same resolution,
 -- headers, limits and CA certificates as prepare; never streamed. Raises on caller mistakes
 -- ("aigate.embed: ..."). Returns req (as prepare's, with embeddings = true) or nil, message, info.
-function M.prepare_embeddings(opts, cfg, ctx, checked)
+function M.prepare_embeddings(opts, cfg, ctx, checked, unencoded)
   if not checked then
     M.check_options(opts, 1, "embeddings")
   end
@@ -943,9 +948,12 @@ function M.prepare_embeddings(opts, cfg, ctx, checked)
   if body.stream ~= nil and body.stream ~= false and body.stream ~= json.null then
     return fail("extra_body sets \"stream\": embeddings are not streamed")
   end
-  local text, jerr = json.encode(body)
-  if text == nil then
-    error("aigate.embed: cannot encode the request body: " .. jerr, 0)
+  local text, jerr
+  if not unencoded then
+    text, jerr = json.encode(body)
+    if text == nil then
+      error("aigate.embed: cannot encode the request body: " .. jerr, 0)
+    end
   end
   local headers, req_secrets = headers_of(e, opts, nil, gateway_opts, ctx)
   local req = request_of(e, opts, ctx, e.target.base_url .. "/embeddings", text, body, headers, req_secrets)

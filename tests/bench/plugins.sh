@@ -36,7 +36,7 @@ config() {
         echo "local noop = function() end"
         echo "local function quiet(name) return { name = name, request = noop, attempt = noop, response = noop, log = noop } end"
         echo "return {"
-        echo "  routes = { bench = \"$MODEL\" },"
+        echo "  routes = { [\"dynamic/bench\"] = \"$MODEL\" },"
         echo "  plugins = { $2 },"
         echo "}"
     } > "$TMP/$1.lua"

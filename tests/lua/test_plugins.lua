@@ -157,6 +157,23 @@ cases.attempt_changes_reach_the_upstream = function()
   t.contains(text, '"temperature":0.125')
 end
 
+-- A retry starts from the request as built, not from what the last try's plugins made of it.
+cases.each_try_starts_from_the_body_as_built = function()
+  local aigate, cfg = setup()
+  local seen = {}
+  cfg.plugins = { { name = "append", attempt = function(att)
+    local last = att.body.messages[#att.body.messages]
+    seen[#seen + 1] = last.content
+    last.content = last.content .. " +"
+  end } }
+  local r, err = chat(aigate, cfg, "mock/flaky-1", "try-from-scratch", { retry_delay = 0 })
+  t.truthy(r, err)
+  t.eq(seen, { "try-from-scratch", "try-from-scratch" })
+  t.eq(#r.attempts, 2)
+  t.contains(r.text, "try-from-scratch +")
+  t.not_contains(r.text, "+ +")
+end
+
 cases.answer_refuse_and_skip = function()
   local ran = {}
   local aigate, cfg = setup()

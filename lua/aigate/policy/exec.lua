@@ -392,15 +392,23 @@ end
 local with_retries = M.with_retries
 
 -- A copy of a request body, every table in it copied (their metatables kept: json.array_mt).
+-- (Values that are not tables are copied in the loop: a call for each would double the cost.)
 local function deep_copy(v, depth)
   if type(v) ~= "table" or depth > 64 then
     return v
   end
   local t = {}
   for k, x in pairs(v) do
-    t[k] = deep_copy(x, depth + 1)
+    if type(x) == "table" then
+      x = deep_copy(x, depth + 1)
+    end
+    t[k] = x
   end
-  return setmetatable(t, getmetatable(v))
+  local mt = getmetatable(v)
+  if mt then
+    setmetatable(t, mt)
+  end
+  return t
 end
 
 -- The phases the client runs (response_headers, event) for the request state st, on req.
@@ -418,8 +426,10 @@ local function wire_client_phases(st, set, req)
 end
 
 --- The attempt phase before a try: att (the attempt's record), req (the built request; base: its
--- body and headers as built, which each try starts from). Sets req.body, body_table and headers to
--- what the plugins made of them. Returns nil, or the failure (a plugin skipped the target or raised).
+-- body and headers as built, which each try starts from: the plugins get copies, whose tables the
+-- request's options share no more). Sets req.body (encoded here, once the body is final),
+-- body_table and headers to what the plugins made of them. Returns nil, or the failure (a plugin
+-- skipped the target or raised).
 function M.attempt_phase(st, set, att, req, base)
   local a = { target = att.target, model = req.model, provider = req.provider, number = #st.attempts,
     body = deep_copy(base.body, 0), headers = copy(base.headers) }
@@ -471,8 +481,11 @@ function EXEC.target(node, st)
     att.error = terr
     return failure(terr, { kind = "config" })
   end
-  local okp, req, perr, pinfo = pcall(st.embeddings and request.prepare_embeddings or request.prepare, o, st.cfg,
-    st.context, true)
+  local prepare = st.embeddings and request.prepare_embeddings or request.prepare
+  local set = st.plugins
+  -- with an attempt phase, the body is encoded once the phase made it final (one encoding per try)
+  local unencoded = set.attempt and true or nil
+  local okp, req, perr, pinfo = pcall(prepare, o, st.cfg, st.context, true, unencoded)
   if not okp then
     if st.dry then
       error(req, 0) -- a dry run raises on what the caller got wrong, as aigate.prepare always has
@@ -484,7 +497,6 @@ function EXEC.target(node, st)
     att.error = first_line(perr)
     return failure(st.redact(perr), pinfo)
   end
-  local set = st.plugins
   local base = set.attempt and { body = req.body_table, headers = req.headers }
   if base then
     att.target = node.id or req.model
@@ -510,6 +522,12 @@ function EXEC.target(node, st)
       if skip then
         return skip
       end
+    elseif base and req.body == nil then -- a reply handed in: its request as it was built
+      local text, err = json.encode_body(req.body_table)
+      if text == nil then
+        return failure("cannot encode the request body: " .. tostring(err), { kind = "config" })
+      end
+      req.body = text
     end
     return send_target(st, node, att, req, given)
   end)
