@@ -190,6 +190,7 @@ bench: deps bench-serve-deps
 	tests/bench/limits.sh
 	tests/bench/startup.sh
 	tests/bench/serve.sh
+	tests/bench/plugins.sh
 
 # `aigate serve` side by side with the upstream reached directly and with Portkey's gateway, alone.
 bench-serve: deps bench-serve-deps
