@@ -59,9 +59,14 @@ end, event = function(ev, ctx)
     return require("aigate.json").encode(ev.chunk)
   end
 end }
+-- "stamp" adds headers to every try (one of them a credential, which explain must not show).
+local stamp = { name = "stamp", priority = -1, attempt = function(att)
+  att.headers["x-stamp"] = "stamped"
+  att.headers["x-api-key"] = "tok-SECRET-123"
+end }
 return {
   routes = { ["dynamic/fb"] = route.fallback({ "mock/fail-500", "mock/echo" }) },
-  plugins = { tag("second", 5), canned, shout, tag("first", 20) },
+  plugins = { tag("second", 5), canned, shout, tag("first", 20), stamp },
 }
 CFG
 
@@ -142,6 +147,8 @@ expect_match "explain: a plugin that changes nothing" "$EX" 'request phase, cann
 expect_match "explain: what the first plugin changed" "$EX" 'request phase, first: changed the request'
 expect_match "explain: the message it changed" "$EX" '~ messages\[1\]\.content: "why" -> "why \+first"'
 expect_match "explain: then the second plugin" "$EX" '~ messages\[1\]\.content: "why \+first" -> "why \+first \+second"'
+expect_match "explain: a header an attempt phase added" "$EX" '\+ header x-stamp = "stamped"'
+expect_match "explain: a credential header it added, hidden" "$EX" '\+ header x-api-key = "\*\*\*"'
 expect_match "explain: the route with its fallback" "$EX" 'route: dynamic/fb = fallback\(mock/fail-500 -> mock/echo\)'
 expect_match "explain: the targets in order" "$EX" 'targets, in order: mock/fail-500, mock/echo'
 expect_match "explain: the first attempt's URL" "$EX" "POST $MOCK_URL/v1/acct123/gw1/compat/chat/completions"

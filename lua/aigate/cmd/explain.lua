@@ -260,7 +260,7 @@ local function text_of(report, where)
     elseif e.outcome == "failed" then
       say("%s raised an error (see below)", head)
     elseif e.changes and #e.changes > 0 then
-      say("%s changed the %s", head, e.phase == "attempt" and "body" or "request")
+      say("%s changed the %s", head, e.phase == "attempt" and "attempt" or "request")
       for _, l in ipairs(change_lines(e.changes, "    ")) do out[#out + 1] = l end
     else
       say("%s no change", head)
