@@ -255,26 +255,45 @@ function M.who(p, phase)
   return p.legacy and HOOK_OF[phase] or p.name
 end
 
--- ctx.plugin: the running plugin's own table for this request (st.privates: plugin -> table).
-local function enter(st, ctx, p)
-  local privates = st.privates
-  if privates == nil then
-    privates = {}
-    st.privates = privates
-  end
-  local t = privates[p]
-  if t == nil then
-    t = {}
-    privates[p] = t
-  end
-  ctx.plugin = t
+-- ctx.plugin: the running plugin's own table for this request (st.privates: plugin -> table), made
+-- when the plugin first reads it (most plugins keep nothing): ctx's metatable finds it through
+-- ctx_state (ctx -> the request's state, whose `running` is the plugin in a phase, nil between).
+local ctx_state = setmetatable({}, { __mode = "k" })
+local CTX_MT = {
+  __index = function(ctx, k)
+    local st = ctx_state[ctx]
+    local p = st and st.running
+    if k ~= "plugin" or p == nil then
+      return nil
+    end
+    local privates = st.privates
+    if privates == nil then
+      privates = {}
+      st.privates = privates
+    end
+    local t = privates[p]
+    if t == nil then
+      t = {}
+      privates[p] = t
+    end
+    return t
+  end,
+}
+
+local function leave(st, ...)
+  st.running = nil
+  return ...
 end
 
 --- Calls plugin p's phase with (value, ctx) in protected mode for the request state st. Returns
 -- true, what it returned (two values) or false, the error with its traceback.
 function M.call(st, ctx, p, phase, value)
-  enter(st, ctx, p)
-  return xpcall(p[phase], traceback, value, ctx)
+  if ctx_state[ctx] ~= st then
+    ctx_state[ctx] = st
+    setmetatable(ctx, CTX_MT)
+  end
+  st.running = p
+  return leave(st, xpcall(p[phase], traceback, value, ctx))
 end
 
 --- Runs an observing phase (response_headers, error, log): every plugin of it in order. Returns

@@ -22,6 +22,7 @@ local throttle = require("aigate.throttle")
 local rules = require("aigate.policy.rules")
 local plugins = require("aigate.plugins")
 local json = require("aigate.json")
+local secrets = require("aigate.secrets")
 local note = require("aigate.reqlog").note -- what the request log adds to an attempt (kept aside)
 
 local util = require("aigate.util")
@@ -425,17 +426,48 @@ local function wire_client_phases(st, set, req)
   end
 end
 
+-- att.body and att.headers of the attempt phase: the try's own copies of the body and headers as
+-- built, made when a plugin first reads them (a plugin that does not look at them, as most do
+-- nothing to most requests, costs no copy). att_base: att -> {body, headers} as built.
+local att_base = setmetatable({}, { __mode = "k" })
+local ATT_MT = {
+  __index = function(a, k)
+    local base = att_base[a]
+    local v
+    if k == "body" then
+      v = deep_copy(base.body, 0)
+    elseif k == "headers" then
+      v = copy(base.headers)
+    else
+      return nil
+    end
+    rawset(a, k, v)
+    return v
+  end,
+}
+
+-- What aigate explain compares before and after an attempt phase: the body's fields, and the
+-- headers as people see them (credentials hidden) as "header NAME".
+local function traced(a)
+  local t = type(a.body) == "table" and deep_copy(a.body, 0) or { body = a.body }
+  for k, v in pairs(type(a.headers) == "table" and a.headers or {}) do
+    t["header " .. tostring(k)] = secrets.shown_header(tostring(k), v)
+  end
+  return t
+end
+
 --- The attempt phase before a try: att (the attempt's record), req (the built request; base: its
 -- body and headers as built, which each try starts from: the plugins get copies, whose tables the
 -- request's options share no more). Sets req.body (encoded here, once the body is final),
 -- body_table and headers to what the plugins made of them. Returns nil, or the failure (a plugin
 -- skipped the target or raised).
 function M.attempt_phase(st, set, att, req, base)
-  local a = { target = att.target, model = req.model, provider = req.provider, number = #st.attempts,
-    body = deep_copy(base.body, 0), headers = copy(base.headers) }
+  local a = setmetatable({ target = att.target, model = req.model, provider = req.provider,
+    number = #st.attempts }, ATT_MT)
+  att_base[a] = base
   local ctx = hook_ctx(st)
   for _, p in ipairs(set.attempt) do
-    local before = st.trace and deep_copy(a.body, 0)
+    local before = st.trace and traced(a)
     local ok, r, why = plugins.call(st, ctx, p, "attempt", a)
     if not ok then
       local msg, reason = plugins.failure_text(p, "attempt", r)
@@ -454,19 +486,22 @@ function M.attempt_phase(st, set, att, req, base)
     end
     if st.trace then
       st.trace({ plugin = p.name, phase = "attempt", target = att.target, before = before,
-        after = deep_copy(a.body, 0), outcome = "ran" })
+        after = traced(a), outcome = "ran" })
     end
   end
-  if type(a.body) ~= "table" or type(a.headers) ~= "table" then
+  -- (a body or headers no plugin read are the ones as built)
+  local body, headers = rawget(a, "body"), rawget(a, "headers")
+  body, headers = body == nil and base.body or body, headers == nil and base.headers or headers
+  if type(body) ~= "table" or type(headers) ~= "table" then
     return failure("the attempt phase left att.body or att.headers that is not a table",
       { kind = "policy", reason = "plugin" })
   end
-  local text, err = json.encode_body(a.body)
+  local text, err = json.encode_body(body)
   if text == nil then
     return failure("the attempt phase left a body that cannot be encoded as JSON: " .. tostring(err),
       { kind = "policy", reason = "plugin" })
   end
-  req.body, req.body_table, req.headers = text, a.body, a.headers
+  req.body, req.body_table, req.headers = text, body, headers
   return nil
 end
 local attempt_phase = M.attempt_phase
