@@ -11,7 +11,9 @@
 # policy, the path plugins run on: the difference between runs is the plugins' phases, nothing else.
 # Prints CPU µs per request of each run and the cost per request of each plugin: (noop2 - none) / 2
 # against the target of at most 10 µs per plugin that does nothing, and (cache - none) / 2 for the
-# shipped pair. Knobs: BENCH_N (20000), BENCH_C (64), BENCH_REPEAT (3), AIGATE_BIN (./aigate).
+# shipped pair; then, with valgrind, the same runs in instructions per line (callgrind), which do not
+# move between runs. Knobs: BENCH_N (20000), BENCH_C (64), BENCH_REPEAT (3), BENCH_I_N1 (1000),
+# BENCH_I_N2 (3000), AIGATE_BIN (./aigate).
 # Run by `make bench`. Exit status: 0 once the table is printed, 1 when some line failed (the figures
 # are then void), 2 when the setup fails.
 cd "$(dirname "$0")/../.." || exit 2
@@ -110,6 +112,39 @@ awk -v n="$N" -v b="$base" -v c2="$(median ${CPUS[noop2]})" 'BEGIN {
     printf "Cost per request of a plugin that does nothing: %.1f µs of CPU (target: at most 10 µs): %s\n", per,
         per <= 10 ? "met" : "MISSED"
 }'
+# The same runs counted by callgrind (user-space instructions per line: they do not move between
+# runs as CPU time does on a shared machine), when valgrind is there: lines N1 and N2, the
+# difference divided by N2 - N1 so that start-up cancels out.
+if command -v valgrind > /dev/null; then
+    N1=${BENCH_I_N1:-1000}
+    N2=${BENCH_I_N2:-3000}
+    head -n "$N1" "$TMP/input.jsonl" > "$TMP/in1.jsonl"
+    head -n "$N2" "$TMP/input.jsonl" > "$TMP/in2.jsonl"
+    count() {
+        valgrind --tool=callgrind --callgrind-out-file=/dev/null "$AIGATE" batch "$1" -o "$TMP/out_i.jsonl" -j "$C" \
+            --config "$2" -q --overwrite 2>&1 > /dev/null | awk '/Collected :/ {print $4}'
+    }
+    echo
+    echo "Instructions per line (callgrind, user space, $N2 - $N1 lines):"
+    echo
+    echo "| run                                     | instr/line | per plugin vs none |"
+    echo "|-----------------------------------------|------------|--------------------|"
+    ibase=""
+    for run in "${RUNS[@]}"; do
+        a=$(count "$TMP/in1.jsonl" "$TMP/$run.lua")
+        b=$(count "$TMP/in2.jsonl" "$TMP/$run.lua")
+        per=$(awk -v a="$a" -v b="$b" -v n=$((N2 - N1)) 'BEGIN { printf "%.0f", (b - a) / n }')
+        [ -z "$ibase" ] && ibase=$per
+        case $run in
+            none) label="no plugin" plugins=0 ;;
+            noop1) label="1 plugin doing nothing" plugins=1 ;;
+            noop2) label="2 plugins doing nothing" plugins=2 ;;
+            cache) label="cache (all misses) + redact" plugins=2 ;;
+        esac
+        awk -v l="$label" -v p="$per" -v b="$ibase" -v k="$plugins" 'BEGIN {
+            printf "| %-39s | %10d | %18s |\n", l, p, (k > 0 ? sprintf("%+.0f", (p - b) / k) : "-") }'
+    done
+fi
 if [ "$INVALID" = 1 ]; then
     echo "INVALID: some lines failed (see above); the figures do not measure real replies."
     exit 1
