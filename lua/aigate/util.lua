@@ -87,4 +87,30 @@ function M.read_file(path)
   return text
 end
 
+--- The option check a plugin's factory starts with (the shipped plugins' one rule): opts must be a
+-- table (example: how it looks, shown when it is not) whose keys are in the set known. Raises
+-- "NAME: ..." at the line that called the factory (factory -> its check -> this). Returns bad(fmt,
+-- ...), raising the same way, for the factory's own checks of each option's value.
+function M.option_checker(name, opts, known, example)
+  local function raise(fmt, ...)
+    error(string.format(name .. ": " .. fmt, ...), 5) -- raise, this or bad, the check, the factory, its caller
+  end
+  if type(opts) ~= "table" then
+    raise("options must be a table%s (got %s)", example and (" " .. example) or "", type(opts))
+  end
+  for k in pairs(opts) do
+    if not known[k] then
+      local names = {}
+      for n in pairs(known) do
+        names[#names + 1] = n
+      end
+      table.sort(names)
+      raise("unknown option '%s' (known: %s)", tostring(k), table.concat(names, ", "))
+    end
+  end
+  return function(fmt, ...)
+    raise(fmt, ...)
+  end
+end
+
 return M

@@ -132,4 +132,15 @@ for _ in $(seq 1 200); do [ -s shadow.jsonl ] && break; sleep 0.05; done
 expect_eq "serve: the shadow file compares both answers" "$(lua_on 'local v = lines[1]; return v.shadow_model .. " " .. tostring(v.primary ~= nil and v.shadow ~= nil)' shadow.jsonl)" "mock/echo true"
 stop_serve
 
+# ---- a mistake in a plugin's options: named, at the config's line ---------------------------------
+bad_options() { # NAME ARGS REGEX
+    printf 'return {\n  plugins = {\n    require("aigate.plugins.%s")%s,\n  },\n}\n' "$1" "$2" > bad_options.lua
+    OUT=$("$AIGATE" check --config bad_options.lua 2>&1)
+    expect_match "check: a bad option of aigate.plugins.$1 is named at the config's line" "$OUT" \
+        "bad_options.lua:3: aigate.plugins.$1: $3"
+}
+bad_options cache '{ tll = 5 }' "unknown option 'tll' \(known: max_items, name, priority, streamed, ttl\)"
+bad_options budget '{ limit = "x" }' "'limit' must be a number of USD"
+bad_options guard '("x")' "options must be a table \{ rules"
+
 finish

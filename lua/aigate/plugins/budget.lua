@@ -100,18 +100,7 @@ local OPTIONS = { limit = true, limits = true, period = true, key = true, missin
   max_items = true, name = true, priority = true }
 
 local function check_options(opts)
-  local function bad(fmt, ...)
-    error(format("aigate.plugins.budget: " .. fmt, ...), 4)
-  end
-  if type(opts) ~= "table" then
-    bad("options must be a table { limit = USD, period = 'day', ... } (got %s)", type(opts))
-  end
-  for k in pairs(opts) do
-    if not OPTIONS[k] then
-      bad("unknown option '%s' (known: key, limit, limits, max_items, missing, name, period, prices, priority)",
-        tostring(k))
-    end
-  end
+  local bad = util.option_checker("aigate.plugins.budget", opts, OPTIONS, "{ limit = USD, period = 'day', ... }")
   if opts.limit == nil and opts.limits == nil then
     bad("needs 'limit' (USD per key and period) or 'limits' ({ key = USD, ... })")
   end

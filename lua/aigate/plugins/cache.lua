@@ -196,17 +196,7 @@ end
 local OPTIONS = { ttl = true, max_items = true, name = true, priority = true, streamed = true }
 
 local function check_options(opts)
-  local function bad(fmt, ...)
-    error(format("aigate.plugins.cache: " .. fmt, ...), 4)
-  end
-  if type(opts) ~= "table" then
-    bad("options must be a table {ttl = seconds, max_items = N, ...} (got %s)", type(opts))
-  end
-  for k in pairs(opts) do
-    if not OPTIONS[k] then
-      bad("unknown option '%s' (known: max_items, name, priority, streamed, ttl)", tostring(k))
-    end
-  end
+  local bad = util.option_checker("aigate.plugins.cache", opts, OPTIONS, "{ttl = seconds, max_items = N, ...}")
   if opts.ttl ~= nil and (type(opts.ttl) ~= "number" or opts.ttl <= 0) then
     bad("'ttl' must be a number of seconds > 0 (got %s)", tostring(opts.ttl))
   end

@@ -26,6 +26,8 @@
 --            aigate serve answers 403 rejected_by_policy).
 --   log      record.guard = the name of the rule that refused the request (when one did).
 
+local util = require("aigate.util")
+
 local format = string.format
 
 -- A pattern for case-insensitive matching on lower-cased text: its literal letters lower-cased,
@@ -51,17 +53,7 @@ end
 local OPTIONS = { rules = true, ignore_case = true, roles = true, message = true, name = true, priority = true }
 
 local function check_options(opts)
-  local function bad(fmt, ...)
-    error(format("aigate.plugins.guard: " .. fmt, ...), 4)
-  end
-  if type(opts) ~= "table" then
-    bad("options must be a table { rules = { ... } } (got %s)", type(opts))
-  end
-  for k in pairs(opts) do
-    if not OPTIONS[k] then
-      bad("unknown option '%s' (known: ignore_case, message, name, priority, roles, rules)", tostring(k))
-    end
-  end
+  local bad = util.option_checker("aigate.plugins.guard", opts, OPTIONS, "{ rules = { ... } }")
   if type(opts.rules) ~= "table" or opts.rules[1] == nil then
     bad("'rules' must be a non-empty list of substrings or { name =, pattern = | contains = } tables")
   end

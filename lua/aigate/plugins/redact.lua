@@ -39,6 +39,7 @@
 --   log       record.redacted = the number of values replaced (when any).
 
 local json = require("aigate.json")
+local util = require("aigate.util")
 
 local format, concat = string.format, table.concat
 
@@ -200,17 +201,7 @@ local OPTIONS = { emails = true, cards = true, keys = true, patterns = true, res
   name = true, priority = true }
 
 local function check_options(opts)
-  local function bad(fmt, ...)
-    error(format("aigate.plugins.redact: " .. fmt, ...), 4)
-  end
-  if type(opts) ~= "table" then
-    bad("options must be a table (got %s)", type(opts))
-  end
-  for k in pairs(opts) do
-    if not OPTIONS[k] then
-      bad("unknown option '%s' (known: cards, emails, keys, name, patterns, priority, restore, roles)", tostring(k))
-    end
-  end
+  local bad = util.option_checker("aigate.plugins.redact", opts, OPTIONS, nil)
   for _, k in ipairs({ "emails", "cards", "keys", "restore" }) do
     if opts[k] ~= nil and type(opts[k]) ~= "boolean" then
       bad("'%s' must be true or false (got %s)", k, type(opts[k]))

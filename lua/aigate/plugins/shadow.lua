@@ -43,6 +43,7 @@
 -- factory returned) before the end to wait for them.
 
 local json = require("aigate.json")
+local util = require("aigate.util")
 local secrets = require("aigate.secrets")
 local core = require("aigate.core")
 
@@ -57,18 +58,7 @@ local OPTIONS = { model = true, share = true, sample = true, seed = true, params
   max_in_flight = true, timeout = true, name = true, priority = true }
 
 local function check_options(opts)
-  local function bad(fmt, ...)
-    error(format("aigate.plugins.shadow: " .. fmt, ...), 4)
-  end
-  if type(opts) ~= "table" then
-    bad("options must be a table { model = ..., share = 0..1, ... } (got %s)", type(opts))
-  end
-  for k in pairs(opts) do
-    if not OPTIONS[k] then
-      bad("unknown option '%s' (known: file, max_in_flight, model, name, params, priority, sample, seed, share, "
-        .. "texts, timeout)", tostring(k))
-    end
-  end
+  local bad = util.option_checker("aigate.plugins.shadow", opts, OPTIONS, "{ model = ..., share = 0..1, ... }")
   if type(opts.model) ~= "string" or opts.model == "" then
     bad("'model' (the model the copies go to) must be a non-empty string")
   end
