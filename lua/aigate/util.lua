@@ -88,7 +88,8 @@ function M.read_file(path)
 end
 
 --- The option check a plugin's factory starts with (the shipped plugins' one rule): opts must be a
--- table (example: how it looks, shown when it is not) whose keys are in the set known. Raises
+-- table (example: how it looks, shown when it is not) whose keys are in the set known, its name a
+-- non-empty string and its priority a number when given. Raises
 -- "NAME: ..." at the line that called the factory (factory -> its check -> this). Returns bad(fmt,
 -- ...), raising the same way, for the factory's own checks of each option's value.
 function M.option_checker(name, opts, known, example)
@@ -107,6 +108,13 @@ function M.option_checker(name, opts, known, example)
       table.sort(names)
       raise("unknown option '%s' (known: %s)", tostring(k), table.concat(names, ", "))
     end
+  end
+  -- the options every plugin has: its name (in errors, logs and explain) and its priority
+  if opts.name ~= nil and (type(opts.name) ~= "string" or opts.name == "") then
+    raise("'name' must be a non-empty string")
+  end
+  if opts.priority ~= nil and type(opts.priority) ~= "number" then
+    raise("'priority' must be a number")
   end
   return function(fmt, ...)
     raise(fmt, ...)

@@ -139,12 +139,6 @@ local function check_options(opts)
   if opts.max_items ~= nil and (math.type(opts.max_items) ~= "integer" or opts.max_items < 1) then
     bad("'max_items' must be an integer >= 1")
   end
-  if opts.name ~= nil and (type(opts.name) ~= "string" or opts.name == "") then
-    bad("'name' must be a non-empty string")
-  end
-  if opts.priority ~= nil and type(opts.priority) ~= "number" then
-    bad("'priority' must be a number")
-  end
 end
 
 -- Whether req is a shadow copy (its headers carry the mark).

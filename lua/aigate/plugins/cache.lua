@@ -203,12 +203,6 @@ local function check_options(opts)
   if opts.max_items ~= nil and (mtype(opts.max_items) ~= "integer" or opts.max_items < 1) then
     bad("'max_items' must be an integer >= 1 (got %s)", tostring(opts.max_items))
   end
-  if opts.name ~= nil and (type(opts.name) ~= "string" or opts.name == "") then
-    bad("'name' must be a non-empty string")
-  end
-  if opts.priority ~= nil and type(opts.priority) ~= "number" then
-    bad("'priority' must be a number")
-  end
   if opts.streamed ~= nil and type(opts.streamed) ~= "boolean" then
     bad("'streamed' must be true or false")
   end

@@ -89,12 +89,6 @@ local function check_options(opts)
       or not pcall(format, opts.message, "x")) then
     bad("'message' must be a string with %%s where the rule's name goes (and %%%% for a percent sign)")
   end
-  if opts.name ~= nil and (type(opts.name) ~= "string" or opts.name == "") then
-    bad("'name' must be a non-empty string")
-  end
-  if opts.priority ~= nil and type(opts.priority) ~= "number" then
-    bad("'priority' must be a number")
-  end
 end
 
 -- The rules as {name, find = the pattern or substring, plain = boolean}, for the case chosen.

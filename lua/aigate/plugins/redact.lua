@@ -229,12 +229,6 @@ local function check_options(opts)
   if opts.roles ~= nil and type(opts.roles) ~= "table" then
     bad("'roles' must be a list of roles, e.g. { 'user' }")
   end
-  if opts.name ~= nil and (type(opts.name) ~= "string" or opts.name == "") then
-    bad("'name' must be a non-empty string")
-  end
-  if opts.priority ~= nil and type(opts.priority) ~= "number" then
-    bad("'priority' must be a number")
-  end
 end
 
 -- The rules in the order they run: {kind, fn(text, replace)}.

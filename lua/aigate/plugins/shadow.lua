@@ -87,12 +87,6 @@ local function check_options(opts)
   if opts.timeout ~= nil and (type(opts.timeout) ~= "number" or opts.timeout <= 0) then
     bad("'timeout' must be a number of seconds > 0")
   end
-  if opts.name ~= nil and (type(opts.name) ~= "string" or opts.name == "") then
-    bad("'name' must be a non-empty string")
-  end
-  if opts.priority ~= nil and type(opts.priority) ~= "number" then
-    bad("'priority' must be a number")
-  end
 end
 
 -- A generator of numbers in [0, 1) (xorshift64*) seeded with seed: the same sequence every run.
