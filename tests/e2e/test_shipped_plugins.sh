@@ -142,5 +142,7 @@ bad_options() { # NAME ARGS REGEX
 bad_options cache '{ tll = 5 }' "unknown option 'tll' \(known: max_items, name, priority, streamed, ttl\)"
 bad_options budget '{ limit = "x" }' "'limit' must be a number of USD"
 bad_options guard '("x")' "options must be a table \{ rules"
+bad_options shadow '{ model = "m", priority = "high" }' "'priority' must be a number"
+bad_options redact '{ name = "" }' "'name' must be a non-empty string"
 
 finish
