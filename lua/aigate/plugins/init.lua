@@ -37,7 +37,8 @@
 --                        number (1-based: the request's tries so far, this one included), body (the
 --                        request body table about to be sent: change it in place; each try starts
 --                        from the body as built), headers (the request headers: change them in
---                        place)}. `return false, "why"` skips the target: the attempt is recorded
+--                        place)}. body and headers are the try's own copies, made when the plugin
+--                        first reads them (a plugin that does not look costs no copy). `return false, "why"` skips the target: the attempt is recorded
 --                        as skipped, a fallback goes on to its next target; with none left the
 --                        request fails (kind "policy", reason "skipped"). Not run for a reply the
 --                        batch engine already sent (never the case with plugins: such lines go
