@@ -136,6 +136,36 @@ expect_eq "serve --log: the log phase ran for each request, in priority order" \
     "$(lua_on 'local n = 0; for _, v in ipairs(lines) do if v.log_order == "first;second;" then n = n + 1 end end; return #lines .. " " .. n' serve.log)" \
     "6 6"
 
+# ---- embeddings through plugins (serve) -----------------------------------------------------------
+# The request phase sees an embeddings request (model, input; ctx.endpoint "embeddings") and may change
+# it, the attempt phase sets a header, the log phase adds a field; a refusal is a 403.
+cat > emb_plugins.lua <<'CFG'
+return {
+  models = { emb = "workers-ai/@cf/baai/bge-base-en-v1.5" },
+  plugins = { { name = "emb-tag", request = function(req, ctx)
+    if ctx.endpoint ~= "embeddings" then return end
+    if req.input == "forbidden" then return false, "not this input" end
+    req.input = req.input .. " +tagged"
+  end, attempt = function(att)
+    att.headers["x-emb-plugin"] = "yes"
+  end, log = function(record, ctx)
+    record.emb_endpoint = ctx.endpoint
+  end } },
+}
+CFG
+start_serve emb_plugins.lua --log emb.log || { fail "serve starts (embeddings)" "see above"; finish; }
+req POST /v1/embeddings '{"model":"emb","input":"vectors please"}'
+expect_eq "serve, embeddings: 200 with a vector" "$STATUS $(jb 'type(v.data[1].embedding)')" "200 table"
+expect_eq "serve, embeddings: the request phase changed the input that went upstream" \
+    "$(last_upstream 'lines[#lines].body.input')" "vectors please +tagged"
+expect_eq "serve, embeddings: the attempt phase's header went upstream" \
+    "$(last_upstream 'lines[#lines].headers["x-emb-plugin"]')" "yes"
+req POST /v1/embeddings '{"model":"emb","input":"forbidden"}'
+envelope "serve, embeddings: a plugin that refuses" 403 rejected_by_policy
+stop_serve
+expect_eq "serve --log, embeddings: the log phase ran for both" \
+    "$(lua_on 'local n = 0; for _, v in ipairs(lines) do if v.emb_endpoint == "embeddings" then n = n + 1 end end; return n' emb.log)" "2"
+
 # ---- explain -------------------------------------------------------------------------------------
 echo '{"model":"dynamic/fb","messages":[{"role":"user","content":"why"}]}' > req.json
 before=$(mock_requests)
