@@ -313,10 +313,7 @@ return function(opts)
         local t = redact_text(map, part.text)
         if t ~= part.text then
           out = out or table.move(content, 1, #content, 1, {})
-          local p = {}
-          for k, v in pairs(part) do
-            p[k] = v
-          end
+          local p = util.copy(part)
           p.text = t
           out[i] = p
         end
@@ -344,10 +341,7 @@ return function(opts)
           local c = redact_content(map, m.content)
           if c ~= m.content then
             out = out or table.move(msgs, 1, #msgs, 1, {})
-            local copy = {}
-            for k, v in pairs(m) do
-              copy[k] = v
-            end
+            local copy = util.copy(m)
             copy.content = c
             out[i] = copy
           end

@@ -153,10 +153,7 @@ local function copy_options(req, opts)
       o.system = nil
     end
   end
-  local headers = {}
-  for k, v in pairs(type(req.headers) == "table" and req.headers or {}) do
-    headers[k] = v
-  end
+  local headers = util.copy(type(req.headers) == "table" and req.headers or nil)
   headers[MARK] = "1"
   o.headers = headers
   o.model = opts.model
