@@ -55,6 +55,23 @@ start_upstream() {
     exit 2
 }
 
+# measure NAME CMD...: runs it under ./measure; sets WALL CPU RSS (seconds, seconds, KiB).
+measure() {
+    local name=$1
+    shift
+    (cd "$TMP" && "$BENCH/measure" "$TMP/$name.rusage" "$@" > "$TMP/$name.out" 2> "$TMP/$name.err")
+    local rc=$?
+    read -r _ WALL _ USER _ SYS _ RSS _ _ < "$TMP/$name.rusage"
+    CPU=$(awk -v u="$USER" -v s="$SYS" 'BEGIN { printf "%.6f", u + s }')
+    if [ "$rc" -ne 0 ]; then
+        echo "$NAME: $name exited $rc:" >&2
+        tail -n 5 "$TMP/$name.err" >&2
+    fi
+}
+
+# median V1 V2 ...: the middle value (the lower middle for an even count).
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+
 # aigate_env: aigate's gateway pointed at the upstream, no user config; sets URL (the driver's).
 aigate_env() {
     export CLOUDFLARE_ACCOUNT_ID=bench CLOUDFLARE_API_TOKEN=bench-token

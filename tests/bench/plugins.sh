@@ -49,22 +49,6 @@ config noop2 'quiet("a"), quiet("b")'
 config cache 'require("aigate.plugins.cache"){ ttl = 3600, max_items = 100000 }, require("aigate.plugins.redact"){}'
 RUNS=(none noop1 noop2 cache)
 
-median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
-
-# measure NAME CMD...: runs it under ./measure; sets WALL and CPU (seconds).
-measure() {
-    local name=$1
-    shift
-    (cd "$TMP" && "$BENCH/measure" "$TMP/$name.rusage" "$@" > "$TMP/$name.out" 2> "$TMP/$name.err")
-    local rc=$?
-    read -r _ WALL _ USER _ SYS _ _ _ _ < "$TMP/$name.rusage"
-    CPU=$(awk -v u="$USER" -v s="$SYS" 'BEGIN { printf "%.6f", u + s }')
-    if [ "$rc" -ne 0 ]; then
-        echo "$NAME: $name exited $rc:" >&2
-        tail -n 5 "$TMP/$name.err" >&2
-    fi
-}
-
 INVALID=0
 declare -A CPUS WALLS
 for _ in $(seq 1 "$REPEAT"); do

@@ -41,20 +41,6 @@ check_results() {
 }
 INVALID=0
 
-# measure NAME CMD...: runs it under ./measure; sets WALL CPU RSS (seconds, seconds, KiB).
-measure() {
-    local name=$1
-    shift
-    (cd "$TMP" && "$BENCH/measure" "$TMP/$name.rusage" "$@" > "$TMP/$name.out" 2> "$TMP/$name.err")
-    local rc=$?
-    read -r _ WALL _ USER _ SYS _ RSS _ _ < "$TMP/$name.rusage"
-    CPU=$(awk -v u="$USER" -v s="$SYS" 'BEGIN { printf "%.6f", u + s }')
-    if [ "$rc" -ne 0 ]; then
-        echo "run.sh: $name exited $rc:" >&2
-        tail -n 5 "$TMP/$name.err" >&2
-    fi
-}
-
 row() { # label n wall cpu rss
     awk -v l="$1" -v n="$2" -v w="$3" -v c="$4" -v r="$5" \
         'BEGIN { printf "| %-34s | %8d | %9.0f | %10.1f | %12.1f |\n", l, n, n / w, c / n * 1e6, r / 1024 }'
@@ -109,9 +95,6 @@ for shape in "${SHAPES[@]}"; do
     fi
 done
 echo
-
-# median V1 V2 ...: the middle value (the lower middle for an even count).
-median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
 # 1. Throughput against the instant upstream, shape by shape: the driver (posting that shape's body)
 # and aigate in turn, REPEAT times each, the median of each figure kept (CPU time on a shared 2-core
