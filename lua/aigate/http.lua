@@ -15,7 +15,7 @@ local core = require("aigate.core")
 local json = require("aigate.json")
 local secrets = require("aigate.secrets")
 local provider = require("aigate.provider")
-local CA_ENV = require("aigate.request").CA_ENV
+local request = require("aigate.request")
 
 local M = {}
 
@@ -145,32 +145,20 @@ local function number_in(opts, name, max, default, integer)
   return integer and math.tointeger(v) or v
 end
 
-local function nonempty(s)
-  if s ~= "" then
-    return s
-  end
-end
-
 -- The CA certificates to verify an https server with, as for the gateway's requests: --cacert, else
--- the config's tls section, else the environment as curl reads it, else the system's.
+-- request.ca_of (the config's tls section, else the environment as curl reads it, else the system's).
 local function ca_of()
   local aigate = package.loaded.aigate
+  local cfg = {}
   if type(aigate) == "table" and aigate.policy_context then
     local ctx = aigate.policy_context()
     if ctx.cacert then
       return ctx.cacert, nil
     end
-    local cfg = aigate.config()
-    local tls = type(cfg) == "table" and cfg.tls or {}
-    if tls.ca_file ~= nil or tls.ca_path ~= nil then
-      return tls.ca_file, tls.ca_path
-    end
+    local c = aigate.config()
+    cfg = type(c) == "table" and c or {}
   end
-  local bundle = nonempty(core.getenv(CA_ENV.bundle))
-  if bundle then
-    return bundle, nil
-  end
-  return nonempty(core.getenv(CA_ENV.file)), nonempty(core.getenv(CA_ENV.dir))
+  return request.ca_of(cfg, core.getenv)
 end
 
 -- The reply as returned: json() decodes the body once (a function, so res.json() and res:json()

@@ -583,9 +583,9 @@ local function nonempty(s)
   return s
 end
 
--- The CA certificates of a request under cfg before --cacert: the config's tls section when it names
--- any, else the environment as curl reads it (CA_ENV), else nil, nil (the system's, curl's default).
--- Returns ca_file, ca_path.
+--- The CA certificates of a request under cfg before --cacert: the config's tls section when it
+-- names any, else the environment as curl reads it (CA_ENV), else nil, nil (the system's, curl's
+-- default). Returns ca_file, ca_path. (aigate.http verifies its servers by the same rule.)
 local function ca_of(cfg, getenv)
   local tls = cfg.tls or {}
   if tls.ca_file ~= nil or tls.ca_path ~= nil then
@@ -599,6 +599,8 @@ local function ca_of(cfg, getenv)
 end
 
 -- Builds the entry of one (cfg, getenv, model, provider). Returns entry or nil, message, info.
+M.ca_of = ca_of
+
 local function build_entry(model, pname, cfg, getenv)
   local names, values, read = {}, {}, {}
   local function recording_getenv(name)
