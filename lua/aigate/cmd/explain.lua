@@ -2,7 +2,6 @@
 -- sent): which plugins ran in which phase and what each changed, whether one answered or refused
 -- it, the route and the targets it would take, and the first attempt's request (credentials hidden).
 local cli = require "aigate.cli"
-local util = require "aigate.util"
 
 local M = {}
 
@@ -191,7 +190,7 @@ function M.explain(opts, cfg, endpoint)
   for _, p in ipairs(plugins.of(cfg).list) do
     report.plugins[#report.plugins + 1] = {name = p.name, priority = p.priority or 0, phases = phases_of(p)}
   end
-  local context = util.copy(aigate.policy_context())
+  local context = require("aigate.util").copy(aigate.policy_context()) -- (required here: --help loads this file)
   context.trace = function(e)
     local entry = {plugin = e.plugin, phase = e.phase, outcome = e.outcome, target = e.target,
       why = e.why ~= nil and require("aigate.secrets").redact(tostring(e.why)) or nil}
