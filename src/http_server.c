@@ -110,6 +110,29 @@ static void add_headers(lua_State *L, int idx, struct evhttp_request *req)
     }
 }
 
+/*
+ * Writes what evhttp queued for the client now, in this turn of the loop, instead of in the next one:
+ * the client has its reply before the handler goes on with what it does after replying (the request
+ * log, the metrics) and before the loop collects garbage or runs other tasks. The write event evhttp
+ * armed still fires: it finds the buffer empty (or writes what the socket did not take) and tells
+ * evhttp the reply is out, as before. A failed write is left to that event too, which reports it.
+ */
+static void flush_now(struct evhttp_connection *evcon)
+{
+    struct bufferevent *bev;
+    struct evbuffer *out;
+
+    if (evcon == NULL)
+        return;
+    bev = evhttp_connection_get_bufferevent(evcon);
+    out = bufferevent_get_output(bev);
+    if (evbuffer_get_length(out) == 0)
+        return;
+    evbuffer_unfreeze(out, 1); /* a socket bufferevent's output is frozen at its start between writes */
+    (void)evbuffer_write(out, bufferevent_getfd(bev));
+    evbuffer_freeze(out, 1);
+}
+
 /* Ends the response however far it got. Safe to call more than once. */
 static void response_end(struct response *r, int status_if_unstarted)
 {
@@ -124,6 +147,7 @@ static void response_end(struct response *r, int status_if_unstarted)
     r->req = NULL;
     if (r->started) {
         evhttp_send_reply_end(req);
+        flush_now(r->evcon);
     } else {
         struct evbuffer *body = evbuffer_new();
         evbuffer_add_printf(body, "{\"error\":{\"message\":\"the handler sent no response\"}}\n");
@@ -182,6 +206,7 @@ static int l_respond(lua_State *L)
     evbuffer_add(buf, body, len);
     evhttp_send_reply(req, status, NULL, buf);
     evbuffer_free(buf);
+    flush_now(r->evcon);
     lua_pushboolean(L, 1);
     return 1;
 }
