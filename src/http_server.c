@@ -342,6 +342,7 @@ static void push_request(lua_State *L, struct evhttp_request *req)
     char *peer_addr = NULL;
     ev_uint16_t peer_port = 0;
     size_t i;
+    int n;
 
     for (i = 0; i < sizeof(methods) / sizeof(methods[0]); i++) {
         if (cmd == (enum evhttp_cmd_type)(1 << i))
@@ -358,7 +359,10 @@ static void push_request(lua_State *L, struct evhttp_request *req)
         lua_pushstring(L, evhttp_uri_get_query(uri));
         lua_setfield(L, -2, "query");
     }
-    lua_newtable(L);
+    n = 0;
+    for (kv = in->tqh_first; kv; kv = kv->next.tqe_next)
+        n++;
+    lua_createtable(L, 0, n);
     for (kv = in->tqh_first; kv; kv = kv->next.tqe_next) {
         luaL_Buffer b;
         const char *k;
