@@ -146,8 +146,9 @@ static void response_end(struct response *r, int status_if_unstarted)
     r->finished = 1;
     r->req = NULL;
     if (r->started) {
+        /* (Not flushed at once: a reply that is not chunked, to an HTTP/1.0 client, may be done
+         * within this call, and its connection freed.) */
         evhttp_send_reply_end(req);
-        flush_now(r->evcon);
     } else {
         struct evbuffer *body = evbuffer_new();
         evbuffer_add_printf(body, "{\"error\":{\"message\":\"the handler sent no response\"}}\n");
