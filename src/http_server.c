@@ -129,7 +129,8 @@ static void flush_now(struct evhttp_connection *evcon)
     if (evbuffer_get_length(out) == 0)
         return;
     evbuffer_unfreeze(out, 1); /* a socket bufferevent's output is frozen at its start between writes */
-    (void)evbuffer_write(out, bufferevent_getfd(bev));
+    while (evbuffer_get_length(out) > 0 && evbuffer_write(out, bufferevent_getfd(bev)) > 0)
+        ;
     evbuffer_freeze(out, 1);
 }
 
@@ -276,11 +277,7 @@ static int l_cut(lua_State *L)
         return 2;
     bev = evhttp_connection_get_bufferevent(evcon);
     fd = bufferevent_getfd(bev);
-    /* Whatever evhttp still holds (a started reply) goes out first, then our bytes. */
-    while (evbuffer_get_length(bufferevent_get_output(bev)) > 0) {
-        if (evbuffer_write(bufferevent_get_output(bev), fd) <= 0)
-            break;
-    }
+    flush_now(evcon); /* whatever evhttp still holds (a started reply) goes out first, then our bytes */
     while (len > 0) {
         ssize_t n = send(fd, raw, len, MSG_NOSIGNAL);
         if (n <= 0)

@@ -423,7 +423,7 @@ end
 
 -- After a burst (many requests or streams at once, then few), Lua's collector would wait for the heap
 -- to grow to twice its size at the burst's end before it collects again, and until then every
--- allocation takes memory that was not used lately: measured at 20-25 % more CPU per request at 64
+-- allocation takes memory that was not used lately: measured at 20-57 % more CPU per request at 64
 -- connections after 1,000 streams had ended. Once a second, when the requests in flight have fallen
 -- to a quarter of their peak since the last such collection, and that peak was at least BURST, one
 -- full collection (of what is live now, which is little) puts the collector back on the heap as it
