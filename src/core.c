@@ -8,6 +8,38 @@
 
 #include "aigate.h"
 
+/*
+ * core.copy(t) -> a shallow copy of t made with raw reads and writes, sized once: a table filled by
+ * a pairs loop is rehashed each time its count passes a power of two, and the policy copies the
+ * options of every request this way (aigate.util.copy, which keeps the loop for a table with a
+ * metatable).
+ */
+static int core_copy(lua_State *L)
+{
+    int narr = 0, nrec = 0;
+    lua_Integer n;
+
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_settop(L, 1);
+    n = (lua_Integer)lua_rawlen(L, 1);
+    lua_pushnil(L);
+    while (lua_next(L, 1)) {
+        if (lua_isinteger(L, -2) && lua_tointeger(L, -2) >= 1 && lua_tointeger(L, -2) <= n)
+            narr++;
+        else
+            nrec++;
+        lua_pop(L, 1);
+    }
+    lua_createtable(L, narr, nrec);
+    lua_pushnil(L);
+    while (lua_next(L, 1)) {
+        lua_pushvalue(L, -2);
+        lua_insert(L, -2);
+        lua_rawset(L, 2);
+    }
+    return 1;
+}
+
 int luaopen_aigate_core(lua_State *L)
 {
     static const luaL_Reg funcs[] = {
@@ -17,6 +49,7 @@ int luaopen_aigate_core(lua_State *L)
         { "engine", core_engine },
         { "json_quote", core_json_quote },
         { "json_fields", core_json_fields },
+        { "copy", core_copy },
         { NULL, NULL },
     };
 

@@ -126,6 +126,7 @@ struct engine {
     struct event *readable;
     struct slot *waiting; /* slots waiting for input */
     FILE *out;            /* the output, a Lua file handle kept alive by out_ref */
+    int write_errno;      /* the first failed write of a result line (0: none), for drain */
     int out_ref;
     int done_ref;        /* the ids already in the output (a table), or LUA_NOREF */
     struct input *input; /* what the first pass read, kept alive by input_ref; NULL: not checked */
@@ -1062,7 +1063,11 @@ static void write_success(struct engine *en, struct slot *sl, const struct reply
     tmpl_fill(g->result, &en->outline, result_value, &c);
     buf_append_char(&en->outline, '\n');
     buf_free(&hv);
-    fwrite(en->outline.data, 1, en->outline.len, en->out);
+    /* A write that fills the stream's buffer writes it out and may fail there; the stream then
+     * empties its buffer, so only this call's result tells (drain reports it). */
+    errno = 0;
+    if (fwrite(en->outline.data, 1, en->outline.len, en->out) != en->outline.len && en->write_errno == 0)
+        en->write_errno = errno ? errno : EIO;
     g->ok++;
     for (i = 0; i < 2; i++)
         g->tokens[i] += r->has_usage[i] ? (lua_Integer)r->usage[i] : 0;
@@ -1288,7 +1293,11 @@ static int engine_drain(lua_State *L)
         lua_rawseti(L, -2, (lua_Integer)i + 1);
     }
     en->nlat = 0;
-    return 2;
+    if (en->write_errno == 0)
+        return 2;
+    lua_pushstring(L, strerror(en->write_errno)); /* once: the run stops on it */
+    en->write_errno = 0;
+    return 3;
 }
 
 static void stop_reading(lua_State *L, struct engine *en)

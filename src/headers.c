@@ -118,7 +118,12 @@ void http_push_headers(lua_State *L, const struct buf *hdrs)
     const char *name;
     const char *value;
 
-    lua_newtable(L);
+    int n = 0;
+
+    while (header_next(hdrs, &pos, &name, &value))
+        n++;
+    lua_createtable(L, 0, n); /* sized once: a table grown field by field is rehashed at each power of two */
+    pos = 0;
     while (header_next(hdrs, &pos, &name, &value)) {
         lua_getfield(L, -1, name);
         if (lua_isstring(L, -1)) {

@@ -110,6 +110,30 @@ static void add_headers(lua_State *L, int idx, struct evhttp_request *req)
     }
 }
 
+/*
+ * Writes what evhttp queued for the client now, in this turn of the loop, instead of in the next one:
+ * the client has its reply before the handler goes on with what it does after replying (the request
+ * log, the metrics) and before the loop collects garbage or runs other tasks. The write event evhttp
+ * armed still fires: it finds the buffer empty (or writes what the socket did not take) and tells
+ * evhttp the reply is out, as before. A failed write is left to that event too, which reports it.
+ */
+static void flush_now(struct evhttp_connection *evcon)
+{
+    struct bufferevent *bev;
+    struct evbuffer *out;
+
+    if (evcon == NULL)
+        return;
+    bev = evhttp_connection_get_bufferevent(evcon);
+    out = bufferevent_get_output(bev);
+    if (evbuffer_get_length(out) == 0)
+        return;
+    evbuffer_unfreeze(out, 1); /* a socket bufferevent's output is frozen at its start between writes */
+    while (evbuffer_get_length(out) > 0 && evbuffer_write(out, bufferevent_getfd(bev)) > 0)
+        ;
+    evbuffer_freeze(out, 1);
+}
+
 /* Ends the response however far it got. Safe to call more than once. */
 static void response_end(struct response *r, int status_if_unstarted)
 {
@@ -123,6 +147,8 @@ static void response_end(struct response *r, int status_if_unstarted)
     r->finished = 1;
     r->req = NULL;
     if (r->started) {
+        /* (Not flushed at once: a reply that is not chunked, to an HTTP/1.0 client, may be done
+         * within this call, and its connection freed.) */
         evhttp_send_reply_end(req);
     } else {
         struct evbuffer *body = evbuffer_new();
@@ -182,6 +208,7 @@ static int l_respond(lua_State *L)
     evbuffer_add(buf, body, len);
     evhttp_send_reply(req, status, NULL, buf);
     evbuffer_free(buf);
+    flush_now(r->evcon);
     lua_pushboolean(L, 1);
     return 1;
 }
@@ -250,11 +277,7 @@ static int l_cut(lua_State *L)
         return 2;
     bev = evhttp_connection_get_bufferevent(evcon);
     fd = bufferevent_getfd(bev);
-    /* Whatever evhttp still holds (a started reply) goes out first, then our bytes. */
-    while (evbuffer_get_length(bufferevent_get_output(bev)) > 0) {
-        if (evbuffer_write(bufferevent_get_output(bev), fd) <= 0)
-            break;
-    }
+    flush_now(evcon); /* whatever evhttp still holds (a started reply) goes out first, then our bytes */
     while (len > 0) {
         ssize_t n = send(fd, raw, len, MSG_NOSIGNAL);
         if (n <= 0)
@@ -317,6 +340,7 @@ static void push_request(lua_State *L, struct evhttp_request *req)
     char *peer_addr = NULL;
     ev_uint16_t peer_port = 0;
     size_t i;
+    int n;
 
     for (i = 0; i < sizeof(methods) / sizeof(methods[0]); i++) {
         if (cmd == (enum evhttp_cmd_type)(1 << i))
@@ -333,7 +357,10 @@ static void push_request(lua_State *L, struct evhttp_request *req)
         lua_pushstring(L, evhttp_uri_get_query(uri));
         lua_setfield(L, -2, "query");
     }
-    lua_newtable(L);
+    n = 0;
+    for (kv = in->tqh_first; kv; kv = kv->next.tqe_next)
+        n++;
+    lua_createtable(L, 0, n);
     for (kv = in->tqh_first; kv; kv = kv->next.tqe_next) {
         luaL_Buffer b;
         const char *k;

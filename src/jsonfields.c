@@ -82,10 +82,11 @@ static int write_field(lua_State *L, struct buf *b, int t, int spec, lua_Integer
     } else {
         lua_pushvalue(L, entry);
     }
-    name = lua_tostring(L, entry + 1);
-    if (name == NULL)
+    if (lua_type(L, entry + 1) != LUA_TSTRING)
         luaL_error(L, "json_fields: spec entry %d has no field name", (int)i);
-    lua_getfield(L, t, name);
+    name = lua_tostring(L, entry + 1);
+    lua_pushvalue(L, entry + 1);
+    lua_rawget(L, t); /* the spec's own string: no metamethod runs, no name is interned again */
     if (!lua_isnil(L, -1)) {
         put(b, first ? "\"" : ",\"", first ? 1 : 2);
         put(b, name, strlen(name));
@@ -134,30 +135,26 @@ static void write_object(lua_State *L, struct buf *b, int t, int spec, int depth
     put(b, "}", 1);
 }
 
-/* A buffer freed even when an error unwinds past it: a userdata whose __gc frees it. */
-static int buf_gc(lua_State *L)
-{
-    buf_free(lua_touserdata(L, 1));
-    return 0;
-}
+/*
+ * The line is written into one buffer kept between calls: no Lua code runs while a line is written
+ * (fields are read with rawget), so calls never nest, and a call that raises leaves the buffer to the
+ * next one, which starts it again. A buffer grown past KEEP_BYTES by a long line is let go after it.
+ */
+#define KEEP_BYTES (64 * 1024)
+
+static struct buf line;
 
 int core_json_fields(lua_State *L)
 {
-    struct buf *b;
-
     luaL_checktype(L, 1, LUA_TTABLE);
     luaL_checktype(L, 2, LUA_TTABLE);
     lua_settop(L, 2);
-    b = lua_newuserdatauv(L, sizeof(*b), 0);
-    buf_init(b);
-    if (luaL_newmetatable(L, "aigate.json_fields_buf")) {
-        lua_pushcfunction(L, buf_gc);
-        lua_setfield(L, -2, "__gc");
+    buf_reset(&line);
+    write_object(L, &line, 1, 2, 0);
+    lua_pushlstring(L, line.data, line.len);
+    if (line.cap > KEEP_BYTES) {
+        buf_free(&line);
+        buf_init(&line);
     }
-    lua_setmetatable(L, -2);
-    write_object(L, b, 1, 2, 0);
-    lua_pushlstring(L, b->data, b->len);
-    buf_free(b);
-    buf_init(b);
     return 1;
 }

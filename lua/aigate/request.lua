@@ -725,11 +725,7 @@ local function base_headers(e, stream, version)
     end
     e[key], e[key .. "_version"] = h, version
   end
-  local copy = {}
-  for k, v in pairs(h) do
-    copy[k] = v
-  end
-  return copy
+  return util.copy(h)
 end
 
 local function no_warn() end

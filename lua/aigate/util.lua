@@ -44,10 +44,22 @@ function M.is_integer(v)
   return type(v) == "number" and math.tointeger(v) ~= nil
 end
 
+local raw_copy -- core.copy, looked up at the first copy; false without it (the Lua tests' stub core)
+
 --- A shallow copy of t (nil: an empty table).
 function M.copy(t)
+  if t == nil then
+    return {}
+  end
+  if raw_copy == nil then
+    local ok, core = pcall(require, "aigate.core")
+    raw_copy = ok and type(core) == "table" and core.copy or false
+  end
+  if raw_copy and getmetatable(t) == nil then
+    return raw_copy(t) -- sized once (a table grown by the loop below is rehashed as it grows)
+  end
   local c = {}
-  for k, v in pairs(t or {}) do
+  for k, v in pairs(t) do
     c[k] = v
   end
   return c

@@ -14,12 +14,17 @@
 #     closes), while the upstream is silent before its first byte and midway through a stream whose
 #     events are 3 s apart. "not within 5 s" is a figure too.
 # Then one table: measure, direct, serve, Portkey, target, met. A miss does not fail the script.
+# Last, with valgrind, serve's user-space instructions per request at one connection (callgrind: a
+# figure that does not move with the machine's speed, as the timings above do on a shared machine):
+# two runs of BENCH_I_N1 and BENCH_I_N2 requests (300 and 1300), the difference divided by the
+# difference of the counts, so that start-up and shut-down cancel out.
 # Portkey's package.json pins @hono/node-server to 1.13.8 (and @hono/node-ws to 1.2.0, which accepts
 # it): from 1.14 on, that server's Response keeps an upstream fetch's immutable headers, and every
 # streamed reply through Portkey 1.15.2 fails with "TypeError: immutable" (a 500).
 # Knobs: BENCH_SECONDS (5: each wrk run), BENCH_TTFT_SECONDS (3), BENCH_STREAMS (1000),
 # BENCH_CANCEL_TRIALS (3), BENCH_PORTKEY (1; 0 leaves Portkey out), BENCH_PERF (0; 1: perf's profile
-# of serve at 64 connections, printed before the cancel measures), AIGATE_BIN (./aigate).
+# of serve at 64 connections, printed before the cancel measures), BENCH_CALLGRIND (1; 0 leaves the
+# instruction count out), AIGATE_BIN (./aigate).
 # Run by `make bench` and `make bench-serve` (which build everything and install wrk and Portkey first).
 # Exit status: 0 once the table is printed, 1 when some request through serve failed (its figures
 # are then void), 2 when the setup fails.
@@ -356,6 +361,59 @@ addtt=$(awk -v a="${R[ttft.serve]:-0}" -v d="${R[ttft.direct]:-0}" 'BEGIN { prin
     echo "| upstream closed after the client disconnects, upstream silent | $(cancel_fig "${R[cancel.direct]:-}") | $(cancel_fig "${R[cancel.serve]:-}") | $(cancel_fig "${R[cancel.portkey]:-}") | within 50 ms | $(verdict "$(le "$(cancel_ms "${R[cancel.serve]:-}")" 50)") |"
     echo "| upstream closed after the client disconnects, midway (events 3 s apart) | $(cancel_fig "${R[cancels.direct]:-}") | $(cancel_fig "${R[cancels.serve]:-}") | $(cancel_fig "${R[cancels.portkey]:-}") | within 50 ms | $(verdict "$(le "$(cancel_ms "${R[cancels.serve]:-}")" 50)") |"
 }
+
+# 5. Instructions per request (see the top): serve under callgrind, a fresh one for each count, sent
+# exactly N requests one after another by wrk (its script ends it after N replies).
+if [ "${BENCH_CALLGRIND:-1}" = 1 ] && command -v valgrind > /dev/null; then
+    stop_all # the upstreams and proxies of the timed measures: this one starts its own
+    canned fast --events "$EVENTS" 0
+    sed "s|http://127\.0\.0\.1:[0-9]*/v1/bench/gw/compat|$(upstream_base "$PORT_fast")|" "$TMP/serve.lua" > "$TMP/serve_i.lua"
+    cat > "$TMP/count.lua" << 'LUA'
+local f = assert(io.open(os.getenv("BENCH_BODY"), "rb"))
+wrk.method = "POST"
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["Content-Type"] = "application/json"
+local left = tonumber(os.getenv("BENCH_N"))
+function response(status)
+  if status ~= 200 then
+    io.stderr:write("status ", status, "\n")
+  end
+  left = left - 1
+  if left <= 0 then
+    os.exit(0) -- (a stopped thread would leave wrk waiting out its -d)
+  end
+end
+LUA
+    # instructions N: serve's whole run (start, N requests, SIGTERM) in instructions.
+    instructions() {
+        "${PROXY[@]}" valgrind --tool=callgrind --callgrind-out-file=/dev/null "$AIGATE" serve --listen 127.0.0.1:0 \
+            --config "$TMP/serve_i.lua" > "$TMP/serve_i.out" 2> "$TMP/serve_i.err" &
+        local pid=$! port=""
+        for _ in $(seq 1 600); do
+            port=$(sed -n 's|^aigate serve listening on http://127\.0\.0\.1:\([0-9]*\)$|\1|p' "$TMP/serve_i.out")
+            [ -n "$port" ] && break
+            sleep 0.05
+        done
+        BENCH_BODY=$TMP/body_serve_fast.json BENCH_N=$1 "${LOAD[@]}" wrk -t1 -c1 -d600s --timeout 10s \
+            -s "$TMP/count.lua" "http://127.0.0.1:${port:-0}/v1/chat/completions" > /dev/null 2> "$TMP/count.err"
+        kill -TERM "$pid" 2> /dev/null
+        wait "$pid" 2> /dev/null
+        [ -s "$TMP/count.err" ] && failed serve "instructions: $(head -n 1 "$TMP/count.err")"
+        awk '/Collected :/ { gsub(",", "", $4); print $4 }' "$TMP/serve_i.err"
+    }
+    N1=${BENCH_I_N1:-300}
+    N2=${BENCH_I_N2:-1300}
+    i1=$(instructions "$N1")
+    i2=$(instructions "$N2")
+    echo
+    if [ -n "$i1" ] && [ -n "$i2" ]; then
+        awk -v a="$i1" -v b="$i2" -v n=$((N2 - N1)) 'BEGIN {
+            printf "Instructions per request through serve at one connection (callgrind, user space): %.0f\n", (b - a) / n }'
+    else
+        echo "Instructions per request through serve: valgrind gave no count"
+    fi
+fi
 if [ "$INVALID" -ne 0 ]; then
     echo
     echo "INVALID: some requests through serve failed (see above); its figures do not measure real replies."

@@ -368,6 +368,39 @@ for how in engine lanes; do
     expect_match "output not writable ($how): says so" "$(cat "$TMP/err")" "cannot write the output: No space left on device.*--resume"
 done
 
+# A result line larger than the output's buffer (64 KiB) is written out at once, and the write fails
+# there: the stream then empties its buffer and a later flush succeeds, so each write's own result
+# must count (these ran to exit 0 with nothing written). The engine, --ordered and the lanes.
+printf '{"id":"b1","prompt":"p"}\n{"id":"b2","prompt":"p"}\n' > big.jsonl
+printf '{"id":"b1","prompt":"p","model":"mock/big-100"}\n{"id":"b2","prompt":"p","model":"mock/big-100"}\n' > big_lanes.jsonl
+for how in engine ordered lanes; do
+    case $how in
+        engine) "$AIGATE" batch big.jsonl -m mock/big-100 -j 2 -q > /dev/full 2> "$TMP/err" ;;
+        ordered) "$AIGATE" batch big.jsonl -m mock/big-100 -j 2 -q --ordered > /dev/full 2> "$TMP/err" ;;
+        lanes) "$AIGATE" batch big_lanes.jsonl -j 2 -q > /dev/full 2> "$TMP/err" ;;
+    esac
+    expect_eq "a result line past the output's buffer, not writable ($how): exit 2" "$?" 2
+    expect_match "a result line past the output's buffer, not writable ($how): says so" "$(cat "$TMP/err")" \
+        "cannot write the output: No space left on device.*--resume"
+done
+# The same into a file on a full file system: a file size limit (ulimit -f, in KiB, with SIGXFSZ
+# ignored so that the write fails with EFBIG instead of killing the process) stands for it.
+rm -f big_out.jsonl
+(trap '' XFSZ; ulimit -f 64; exec "$AIGATE" batch big.jsonl -m mock/big-100 -o big_out.jsonl -j 2 -q) 2> "$TMP/err"
+expect_eq "-o a file that cannot grow: exit 2" "$?" 2
+expect_match "-o a file that cannot grow: says so" "$(cat "$TMP/err")" "cannot write the output: File too large.*--resume"
+# --retry-failed rewrites the output into a new file: one that cannot be written in full is refused
+# and the output is left as it was (it held these results only, not the ones the rewrite dropped).
+awk 'BEGIN { for (i = 1; i <= 4; i++) printf "{\"id\":\"r%d\",\"prompt\":\"p\",\"model\":\"%s\"}\n", i, (i == 4) ? "mock/fail-500" : "mock/big-100" }' > rfb.jsonl
+batch rfb.jsonl -o rfb_out.jsonl -j 4 -q --config quick_retry.lua
+expect_eq "big results, one failed: exit 1" "$RC" 1
+sum_before=$(cksum < rfb_out.jsonl)
+(trap '' XFSZ; ulimit -f 64; exec "$AIGATE" batch rfb.jsonl -o rfb_out.jsonl --retry-failed -q --config quick_retry.lua) 2> "$TMP/err"
+expect_eq "--retry-failed, the rewrite cannot be written: exit 2" "$?" 2
+expect_match "--retry-failed, the rewrite cannot be written: says so" "$(cat "$TMP/err")" "cannot rewrite 'rfb_out.jsonl': File too large"
+expect_eq "--retry-failed, the rewrite cannot be written: the output as it was, no temporary file left" \
+    "$(cksum < rfb_out.jsonl):$(ls rfb_out.jsonl.aigate-tmp 2> /dev/null)" "$sum_before:"
+
 # ---- -o a character device or a pipe: written, not fsynced (nothing to sync there) ----------------------
 batch in50.jsonl -o /dev/null -j 8 -q
 expect_eq "-o /dev/null: exit 0" "$RC:$ERR" "0:"

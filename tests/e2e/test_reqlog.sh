@@ -233,6 +233,7 @@ got=$(metric "$REQS" 'aigate_attempts_total{target="mock/busy-1",outcome="rate_l
     'aigate_breaker_state{target="mock/fail-500",state="closed"}')
 expect_eq "metrics: the page parses, the counts of the requests so far" "$(echo $got)" "ok 1 1 1 1 3 0 0 3 1 3 1"
 expect_eq "metrics: the page before any request parses" "$("$AIGATE" run prom.lua < metrics0.txt)" "ok"
+expect_eq "metrics: the Lua state's memory, in bytes" "$(metric aigate_lua_memory_bytes | awk 'NR == 2 { print ($1 > 100000 && $1 == int($1)) }')" 1
 expect_match "metrics: the content type of the text format" \
     "$(curl -sS -o /dev/null -w '%{content_type}' "$SERVE_URL/v1/metrics")" "^text/plain; version=0.0.4"
 post "$(chat dynamic/fb "serve fallback again")"

@@ -165,4 +165,33 @@ function cases.key_concurrency_counts_requests_in_flight()
   keys.reset()
 end
 
+-- After a burst, a full collection once the requests in flight fell to a quarter of their peak (a
+-- peak of at least serve.BURST), and the peak starts again from there; never during the burst.
+function cases.a_full_collection_after_a_burst()
+  local function garbage()
+    local keep = {}
+    for i = 1, 20000 do
+      keep[i] = { i, tostring(i) }
+    end
+    return #keep
+  end
+  collectgarbage("stop") -- the garbage stays until a collection: only settle's shows
+  local ok, err = pcall(function()
+    local srv = { peak = serve.BURST * 4, inflight = serve.BURST * 2 }
+    garbage()
+    local before = collectgarbage("count")
+    t.eq(serve.settle(srv), false, "half of the peak still in flight: not yet")
+    t.eq(collectgarbage("count") >= before, true, "nothing collected")
+    srv.inflight = serve.BURST
+    t.eq(serve.settle(srv), true, "a quarter of the peak: collected")
+    t.eq(collectgarbage("count") < before, true, "the garbage went")
+    t.eq(srv.peak, serve.BURST, "the peak starts again from what is in flight")
+    t.eq(serve.settle(srv), false, "not again until the next burst")
+    srv.peak, srv.inflight = serve.BURST - 1, 0
+    t.eq(serve.settle(srv), false, "a peak under BURST is no burst")
+  end)
+  collectgarbage("restart")
+  assert(ok, err)
+end
+
 return cases

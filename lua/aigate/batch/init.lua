@@ -81,21 +81,30 @@ function State:emit(item, line, ok)
   local bad = utf8_bad(line)
   if bad then line = valid_utf8(line, bad) end
   if ok then self.ok = self.ok + 1 else self.failed = self.failed + 1 end
+  local wrote, err = true, nil
   if self.ordered then
     local pend = self.pending
     pend[item.seq] = line
     local nxt = self.write_next
     local out = self.out
-    while pend[nxt] do
-      out:write(pend[nxt], "\n")
+    while pend[nxt] and wrote do
+      wrote, err = out:write(pend[nxt], "\n")
       pend[nxt] = nil
       nxt = nxt + 1
     end
     self.write_next = nxt
   else
-    self.out:write(line, "\n")
+    wrote, err = self.out:write(line, "\n")
   end
+  if not wrote then self:output_failed(err) end
   self.dirty = true
+end
+
+-- The output could not be written (a full disk, a closed pipe): the batch stops with exit 2, as
+-- results can no longer be kept. A write that fills the output's buffer writes it out and may fail
+-- there; the buffer is then emptied, so a later flush succeeds: each write's own result counts.
+function State:output_failed(err)
+  if not self.output_error then self.output_error, self.abort = tostring(err), 2 end
 end
 
 function State:next_req_id()
@@ -117,8 +126,9 @@ end
 
 -- Counts the results the engine wrote since the last call (as run_item and record_ok would).
 function State:sync_engine()
-  local per_group, lats = self.engine:drain()
+  local per_group, lats, write_err = self.engine:drain()
   if per_group == nil then return end
+  if write_err then self:output_failed(write_err) end
   local now = core.now()
   for _, g in ipairs(self.groups) do
     local c = g.index and per_group[g.index]
@@ -587,7 +597,7 @@ local function run(opts)
     if st.dirty then
       local ok, err = out:flush()
       if not ok then -- a full disk, a closed pipe: stop, as results could not be kept
-        st.output_error, st.abort = tostring(err), 2
+        st:output_failed(err)
         break
       end
       st.dirty = false

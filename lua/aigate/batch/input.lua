@@ -276,14 +276,17 @@ function M.drop_failed(path)
   local dst, derr = io.open(tmp, "wb")
   if not dst then src:close() return nil, derr end
   local r = jsonl.reader(src, huge)
-  while true do
+  local wrote, werr = true, nil
+  while wrote do
     local line, _, complete = r:next()
     if line == nil or not complete then break end
     local id, failed = result_of(line)
-    if id and not failed then dst:write(line, "\n") end
+    if id and not failed then wrote, werr = dst:write(line, "\n") end
   end
   src:close()
-  local ok, ferr = core.fsync(dst)
+  -- (a write that fails empties the buffer: a later flush or fsync would not say so)
+  local ok, ferr = wrote, werr
+  if ok then ok, ferr = core.fsync(dst) end
   dst:close()
   if not ok then os.remove(tmp) return nil, ferr end
   local rok, rerr = os.rename(tmp, path)

@@ -257,6 +257,8 @@ function M.page()
   out[#out + 1] = series("aigate_requests_in_flight", "", reqlog.in_flight)
   head(out, "aigate_open_streams", "gauge", "Streamed replies being sent.")
   out[#out + 1] = series("aigate_open_streams", "", reqlog.open_streams)
+  head(out, "aigate_lua_memory_bytes", "gauge", "Memory of the Lua state (live and not yet collected).")
+  out[#out + 1] = series("aigate_lua_memory_bytes", "", math.floor(collectgarbage("count") * 1024))
   head(out, "aigate_breaker_state", "gauge",
     "Circuit breaker of each target seen (1 for its state: closed, open or half_open).")
   local keys = {}
