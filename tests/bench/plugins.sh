@@ -48,6 +48,15 @@ config noop1 'quiet("a")'
 config noop2 'quiet("a"), quiet("b")'
 config cache 'require("aigate.plugins.cache"){ ttl = 3600, max_items = 100000 }, require("aigate.plugins.redact"){}'
 RUNS=(none noop1 noop2 cache)
+# label_of RUN: sets label (the run's name in the tables) and plugins (how many its config has).
+label_of() {
+    case $1 in
+        none) label="no plugin" plugins=0 ;;
+        noop1) label="1 plugin doing nothing" plugins=1 ;;
+        noop2) label="2 plugins doing nothing" plugins=2 ;;
+        cache) label="cache (all misses) + redact" plugins=2 ;;
+    esac
+}
 
 INVALID=0
 declare -A CPUS WALLS
@@ -78,12 +87,7 @@ for run in "${RUNS[@]}"; do
     cpu=$(median ${CPUS[$run]})
     # shellcheck disable=SC2086
     wall=$(median ${WALLS[$run]})
-    case $run in
-        none) label="no plugin" plugins=0 ;;
-        noop1) label="1 plugin doing nothing" plugins=1 ;;
-        noop2) label="2 plugins doing nothing" plugins=2 ;;
-        cache) label="cache (all misses) + redact" plugins=2 ;;
-    esac
+    label_of "$run"
     awk -v l="$label" -v n="$N" -v w="$wall" -v c="$cpu" -v b="$base" -v p="$plugins" 'BEGIN {
         per = p > 0 ? sprintf("%+.1f µs", (c - b) / n * 1e6 / p) : "-"
         printf "| %-39s | %8.0f | %10.1f | %18s |\n", l, n / w, c / n * 1e6, per
@@ -119,12 +123,7 @@ if command -v valgrind > /dev/null; then
         b=$(count "$TMP/in2.jsonl" "$TMP/$run.lua")
         per=$(awk -v a="$a" -v b="$b" -v n=$((N2 - N1)) 'BEGIN { printf "%.0f", (b - a) / n }')
         [ -z "$ibase" ] && ibase=$per
-        case $run in
-            none) label="no plugin" plugins=0 ;;
-            noop1) label="1 plugin doing nothing" plugins=1 ;;
-            noop2) label="2 plugins doing nothing" plugins=2 ;;
-            cache) label="cache (all misses) + redact" plugins=2 ;;
-        esac
+        label_of "$run"
         awk -v l="$label" -v p="$per" -v b="$ibase" -v k="$plugins" 'BEGIN {
             printf "| %-39s | %10d | %18s |\n", l, p, (k > 0 ? sprintf("%+.0f", (p - b) / k) : "-") }'
     done
