@@ -115,15 +115,23 @@ for u in fast drip hold gap; do
     body_for "$TMP/stream.json" "bench-$u" > "$TMP/stream_serve_$u.json"
 done
 
+# serve_port OUT PID TRIES: the port a starting `aigate serve` (PID) printed to OUT, waited for up to
+# TRIES times 50 ms while it runs; fails when it did not start.
+serve_port() {
+    local port
+    for _ in $(seq 1 "$3"); do
+        port=$(sed -n 's|^aigate serve listening on http://127\.0\.0\.1:\([0-9]*\)$|\1|p' "$1")
+        [ -n "$port" ] && echo "$port" && return 0
+        kill -0 "$2" 2> /dev/null || return 1
+        sleep 0.05
+    done
+    return 1
+}
+
 start_serve() {
     "${PROXY[@]}" "$AIGATE" serve --listen 127.0.0.1:0 --config "$TMP/serve.lua" > "$TMP/serve.out" 2> "$TMP/serve.err" &
     SERVE_PID=$!
-    for _ in $(seq 1 200); do
-        SERVE_PORT=$(sed -n 's|^aigate serve listening on http://127\.0\.0\.1:\([0-9]*\)$|\1|p' "$TMP/serve.out")
-        [ -n "$SERVE_PORT" ] && return 0
-        kill -0 "$SERVE_PID" 2> /dev/null || break
-        sleep 0.05
-    done
+    SERVE_PORT=$(serve_port "$TMP/serve.out" "$SERVE_PID" 200) && return 0
     echo "serve.sh: aigate serve did not start:" >&2
     cat "$TMP/serve.err" >&2
     exit 2
@@ -389,12 +397,8 @@ LUA
     instructions() {
         "${PROXY[@]}" valgrind --tool=callgrind --callgrind-out-file=/dev/null "$AIGATE" serve --listen 127.0.0.1:0 \
             --config "$TMP/serve_i.lua" > "$TMP/serve_i.out" 2> "$TMP/serve_i.err" &
-        local pid=$! port=""
-        for _ in $(seq 1 600); do
-            port=$(sed -n 's|^aigate serve listening on http://127\.0\.0\.1:\([0-9]*\)$|\1|p' "$TMP/serve_i.out")
-            [ -n "$port" ] && break
-            sleep 0.05
-        done
+        local pid=$! port
+        port=$(serve_port "$TMP/serve_i.out" "$pid" 600) || failed serve "instructions: aigate serve did not start under valgrind"
         BENCH_BODY=$TMP/body_serve_fast.json BENCH_N=$1 "${LOAD[@]}" wrk -t1 -c1 -d600s --timeout 10s \
             -s "$TMP/count.lua" "http://127.0.0.1:${port:-0}/v1/chat/completions" > /dev/null 2> "$TMP/count.err"
         kill -TERM "$pid" 2> /dev/null
