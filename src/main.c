@@ -7,7 +7,9 @@
  * status) or a signal stops the process; then every pending operation is cancelled and everything is
  * freed, so sanitizer builds see no leaks.
  */
+#include <errno.h>
 #include <limits.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -315,6 +317,40 @@ static void refuse_core_dumps(void)
     prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
 }
 
+/* Output that a failed write lost (a full disk, a file over its size limit, a reader gone) must not
+ * end in success. stdio hides such a failure from whatever comes after it (a failed flush empties the
+ * buffer, and the next flush succeeds), but keeps the stream's error flag: this looks at it last.
+ * A reader that went away (`aigate ... | head`) ends the process quietly with 141, as SIGPIPE would
+ * have; any other failure is told on stderr and fails a run that would have succeeded. A command
+ * that failed already keeps its status and its own message. */
+static int stdout_status(int code)
+{
+    struct pollfd p;
+    int err;
+
+    errno = 0;
+    if (fflush(stdout) == 0 && !ferror(stdout))
+        return code;
+    err = errno;
+    p.fd = STDOUT_FILENO;
+    p.events = POLLOUT;
+    p.revents = 0;
+    if (err == EPIPE || (poll(&p, 1, 0) == 1 && (p.revents & POLLERR)))
+        return code != 0 ? code : 128 + SIGPIPE;
+    if (code != 0)
+        return code;
+    if (err != 0)
+        fprintf(stderr,
+                "aigate: writing standard output failed: %s; what was not written is lost: "
+                "make room or choose another destination, then run again\n",
+                strerror(err));
+    else
+        fputs("aigate: writing standard output failed (a full disk, or a file over its size limit?); "
+              "what was not written is lost: make room or choose another destination, then run again\n",
+              stderr);
+    return 1;
+}
+
 static void raise_fd_limit(void)
 {
     struct rlimit rl;
@@ -375,7 +411,7 @@ int main(int argc, char **argv)
     event_base_dispatch(g_base);
     code = g_exit_code >= 0 ? g_exit_code : 1;
 
-    fflush(stdout);
+    code = stdout_status(code);
     tasks_shutdown();
     http_server_shutdown();
     lua_close(L);

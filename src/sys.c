@@ -476,4 +476,6 @@ void core_register_sys(lua_State *L)
     };
 
     luaL_setfuncs(L, funcs, 0);
+    lua_pushinteger(L, EPIPE); /* the errno of a write whose reader went away (io.write's third result) */
+    lua_setfield(L, -2, "EPIPE");
 }

@@ -10,6 +10,7 @@ local core = require "aigate.core"
 local M = {}
 
 M.EXIT_OK, M.EXIT_FAIL, M.EXIT_USAGE = 0, 1, 2
+M.EXIT_PIPE = 128 + 13 -- standard output's reader went away: the status SIGPIPE would have given
 local EXIT_OK, EXIT_USAGE = M.EXIT_OK, M.EXIT_USAGE
 
 --- Writes a line on stderr, every secret of the process redacted (errors quote what failing code

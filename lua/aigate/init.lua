@@ -208,6 +208,7 @@ function M.chat(opts)
   caller_credentials(opts)
   local cfg, err = config_of(opts, 3)
   local rec = reqlog.auto(opts) -- nil unless a command's --log records every call
+  local _ <close> = reqlog.guard(rec)
   local r, e, i
   if cfg == nil then
     r, e, i = nil, redact(err), { kind = "config", attempts = {} }
@@ -296,6 +297,7 @@ function M.chat_with_reply(opts, handed)
     return redacted_failure(policy.chat(opts, cfg, policy_context(), handed))
   end
   rec.t0 = handed.started or rec.t0 -- the request began when its first attempt was sent
+  local _ <close> = reqlog.guard(rec)
   local r, e, i = redacted_failure(policy.chat(opts, cfg, policy_context(), handed))
   rec:outcome(r, e, i)
   rec:finish()

@@ -537,6 +537,24 @@ function M.set_auto(on)
   auto = on and true or false
 end
 
+-- A raised error (a stream callback's, a hook's) that leaves a call before its record finished: the
+-- record ends with it, as an error (kind "error", the message's first line), so that nothing is lost
+-- from the log and the requests in flight are counted right. The error goes on as raised, with its
+-- traceback (to-be-closed: nothing is caught).
+local Guard = { __close = function(g, err)
+  local rec = g.rec
+  if err ~= nil and not rec.done then
+    rec:outcome(nil, type(err) == "string" and err or tostring(err), nil)
+    rec:finish()
+  end
+end }
+
+--- A to-be-closed value that finishes rec if the scope it is declared in is left by an error:
+-- `local guard <close> = reqlog.guard(rec)`; rec may be nil (then so is the value).
+function M.guard(rec)
+  return rec and setmetatable({ rec = rec }, Guard) or nil
+end
+
 --- The record of an aigate.chat call, or nil when calls are not recorded.
 function M.auto(opts)
   if not auto or #sinks == 0 then

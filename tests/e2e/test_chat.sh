@@ -323,6 +323,49 @@ expect_match "unknown command: suggestion" "$(cat "$TMP/err")" "chat"
 "$AIGATE" chat --modle x hi > /dev/null 2> "$TMP/err"
 expect_match "unknown option: suggestion" "$(cat "$TMP/err")" "--model"
 
+# ---- standard output that cannot be written -------------------------------------------------------
+
+# A full disk: exit 1 and the reason, streamed or not (stdio empties its buffer after a failed flush,
+# so only the write's own result tells).
+for how in stream no-stream; do
+    flag=()
+    [ "$how" = no-stream ] && flag=(--no-stream)
+    timeout 20 "$AIGATE" chat "${flag[@]}" hi > /dev/full 2> "$TMP/err" < /dev/null
+    expect_eq "stdout on a full disk ($how): exit 1" "$?" 1
+    expect_match "stdout on a full disk ($how): says so" "$(cat "$TMP/err")" \
+        "writing the reply to standard output failed \\(No space left on device\\).*make room"
+done
+# Streamed, the request stops at the first text that cannot be written: mock/stall keeps its stream
+# open 60 s after that text, well past the 20 s allowed here. The request log keeps its record.
+rm -f "$TMP/out.log"
+timeout 20 "$AIGATE" chat -m mock/stall --log "$TMP/out.log" hi > /dev/full 2> "$TMP/err" < /dev/null
+expect_eq "a stalled stream whose output fails: stopped at its first text (exit 1, not 124)" "$?" 1
+expect_match "a stalled stream whose output fails: says the request was stopped" "$(cat "$TMP/err")" \
+    "so the request was stopped"
+expect_eq "a stalled stream whose output fails: its record in the request log, as an error" \
+    "$(json 'v.ok == false and v.error .. ": " .. v.message' < "$TMP/out.log")" \
+    "error: chat: writing the reply to standard output failed"
+# A file that cannot grow (ulimit -f in KiB, with SIGXFSZ ignored so that the write fails with EFBIG
+# instead of killing the process) stands for a full file system.
+(trap '' XFSZ; ulimit -f 8; exec "$AIGATE" chat -m mock/big-64 hi) > "$TMP/big.txt" 2> "$TMP/err" < /dev/null
+expect_eq "stdout into a file that cannot grow: exit 1" "$?" 1
+expect_match "stdout into a file that cannot grow: says so" "$(cat "$TMP/err")" "File too large"
+# A reader that went away (`| head`): exit 141, as SIGPIPE would give, without a word; streamed, at
+# the first text (the reader here is gone before the request starts, so the write fails for sure).
+exec {gone}> >(true)
+wait $!
+timeout 20 "$AIGATE" chat -m mock/stall hi >&"$gone" 2> "$TMP/err" < /dev/null
+expect_eq "a reader gone, streamed: exit 141 at the first text, quietly" "$?:$(cat "$TMP/err")" "141:"
+"$AIGATE" chat --no-stream hi >&"$gone" 2> "$TMP/err" < /dev/null
+expect_eq "a reader gone, not streamed: exit 141, quietly" "$?:$(cat "$TMP/err")" "141:"
+"$AIGATE" check --help >&"$gone" 2> "$TMP/err" < /dev/null
+expect_eq "a reader gone, any command (check --help): exit 141, quietly" "$?:$(cat "$TMP/err")" "141:"
+exec {gone}>&-
+"$AIGATE" chat --help > /dev/full 2> "$TMP/err"
+expect_eq "any command's output on a full disk (chat --help): exit 1" "$?" 1
+expect_match "any command's output on a full disk (chat --help): says so" "$(cat "$TMP/err")" \
+    "writing standard output failed.*what was not written is lost"
+
 # ---- the token never appears ---------------------------------------------------------------------
 
 if grep -q "$SECRET" "$ALL_OUT" "$MOCK_LOG" "$TMP/mock.err" "$TMP/mock.out"; then

@@ -248,4 +248,34 @@ else
     fail "http.request over https" "openssl is missing or could not make a certificate (make test installs it)"
 fi
 
+# A stream callback that raises: the error reaches the script as raised (its own line in the
+# traceback), and with --log the call still leaves its record, as an error.
+cat > "$TMP/cb_raises.lua" <<'EOF2'
+local aigate = require "aigate"
+aigate.chat{model = "openai/gpt-4o", prompt = "hi", stream = function()
+  error("the callback gave up")
+end}
+EOF2
+rm -f "$TMP/cb.log"
+"$AIGATE" run --log "$TMP/cb.log" "$TMP/cb_raises.lua" > "$TMP/out" 2> "$TMP/err" < /dev/null
+expect_eq "a stream callback that raises: exit 1" "$?" 1
+expect_match "a stream callback that raises: the script's own line" "$(cat "$TMP/err")" "cb_raises.lua:3: the callback gave up"
+expect_match "a stream callback that raises: its record in the request log, as an error" \
+    "$(json 'v.ok == false and v.error .. ": " .. v.message' < "$TMP/cb.log")" "^error: .*cb_raises.lua:3: the callback gave up$"
+
+# What a script prints that cannot be written: exit 1 and a word on a full disk; 141, quietly, when
+# the reader went away (gone before the script starts here).
+printf 'print("a line")\n' > "$TMP/prints.lua"
+"$AIGATE" run "$TMP/prints.lua" > /dev/full 2> "$TMP/err" < /dev/null
+expect_eq "a script's output on a full disk: exit 1" "$?" 1
+expect_match "a script's output on a full disk: says so" "$(cat "$TMP/err")" "writing standard output failed"
+exec {gone}> >(true)
+wait $!
+"$AIGATE" run "$TMP/prints.lua" >&"$gone" 2> "$TMP/err" < /dev/null
+expect_eq "a script's output to a reader gone: exit 141, quietly" "$?:$(cat "$TMP/err")" "141:"
+exec {gone}>&-
+printf 'print("a line")\nreturn 3\n' > "$TMP/prints3.lua"
+"$AIGATE" run "$TMP/prints3.lua" > /dev/full 2> "$TMP/err" < /dev/null
+expect_eq "a script that fails on its own keeps its status, output lost or not" "$?:$(cat "$TMP/err")" "3:"
+
 finish

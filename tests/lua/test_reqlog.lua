@@ -169,6 +169,35 @@ function cases.no_sink_no_record()
   rec:finish()
 end
 
+-- An error raised inside a call (a stream callback's) ends its record through reqlog.guard, as an
+-- error, and goes on unchanged; a call that finishes its record itself is left alone.
+function cases.a_raised_error_still_ends_the_record()
+  local got = collect()
+  local function call(fail)
+    local rec = reqlog.begin({ endpoint = "chat", request_id = "r1" })
+    local _ <close> = reqlog.guard(rec)
+    if fail then
+      error("the stream callback failed\nsecond line", 0)
+    end
+    rec:outcome({ status = 200, attempts = {} })
+    rec:finish()
+    return "done"
+  end
+  local ok, err = pcall(call, true)
+  t.eq(ok, false)
+  t.eq(err, "the stream callback failed\nsecond line")
+  t.eq(#got, 1)
+  t.eq(got[1].ok, false)
+  t.eq(got[1].error, "error")
+  t.eq(got[1].message, "the stream callback failed")
+  t.eq(reqlog.in_flight, 0)
+  t.eq(reqlog.current(), nil)
+  t.eq(call(false), "done")
+  t.eq(#got, 2)
+  t.eq(got[2].ok, true)
+  t.eq(reqlog.guard(nil), nil)
+end
+
 -- A stand-in for core.listen's response.
 local function fake_res(gone)
   local res = { closed = false, sent = {} }

@@ -168,6 +168,19 @@ local function read_prompt(cmd, pos)
   return text
 end
 
+-- Raised by the stream callback when standard output fails; the request ends with it.
+local OUTPUT_FAILED = "chat: writing the reply to standard output failed"
+
+-- The end of a chat whose reply could not be written: quietly 141 when the reader went away
+-- (`aigate chat ... | head`, as SIGPIPE would end it), else the reason and 1: the reply was lost
+-- (and, streamed, not paid for further).
+local function output_failed(out_err, streamed)
+  if out_err[2] == core.EPIPE then return cli.EXIT_PIPE end
+  cli.eprint("aigate: chat: writing the reply to standard output failed (", tostring(out_err[1]), ")",
+    streamed and ", so the request was stopped" or "", ": make room or choose another destination, then ask again")
+  return cli.EXIT_FAIL
+end
+
 function M.main(argv)
   local cmd = "chat"
   local vars, words = take_params(cmd, argv)
@@ -215,33 +228,46 @@ function M.main(argv)
     req.verbose = function(line) cli.eprint(line) end
   end
   local streamed, last = false, ""
+  local out_err -- the first failed write to standard output: its message and errno
+  local function put(text)
+    if out_err then return false end
+    local ok, e, code = io.stdout:write(text)
+    if ok then ok, e, code = io.stdout:flush() end
+    if not ok then out_err = { e, code } end
+    return ok ~= nil
+  end
   if not opts.no_stream then
     req.stream = function(text)
       if text ~= "" then
         streamed = true
         last = text
-        io.stdout:write(text)
-        io.stdout:flush()
+        -- a write that fails ends the request at once: the rest of the reply would be paid for and lost
+        if not put(text) then error(OUTPUT_FAILED, 0) end
       end
     end
   end
-  local res, err, info = aigate.chat(req)
+  local ok, res, err, info = pcall(aigate.chat, req)
+  if not ok then
+    if not (out_err and res == OUTPUT_FAILED) then error(res, 0) end
+    res, err, info = nil, OUTPUT_FAILED, nil
+  end
   if opts.verbose then
     for _, line in ipairs(aigate.policy.format_attempts((res or info or {}).attempts)) do
       cli.eprint(line)
     end
   end
+  if out_err then return output_failed(out_err, streamed) end
   if not res then
-    if streamed and not last:match("\n$") then io.stdout:write("\n") io.stdout:flush() end
+    if streamed and not last:match("\n$") then put("\n") end
     cli.eprint("aigate: ", err)
     return (info and info.kind == "config") and cli.EXIT_USAGE or cli.EXIT_FAIL
   end
   if not streamed then
-    io.stdout:write(res.text or "")
+    put(res.text or "")
     last = res.text or ""
   end
-  if not last:match("\n$") then io.stdout:write("\n") end
-  io.stdout:flush()
+  if not last:match("\n$") then put("\n") end
+  if out_err then return output_failed(out_err, streamed) end
   if opts.verbose then
     local u = res.usage or {}
     cli.eprint(string.format("< %s in %.3fs, tokens: %s prompt + %s completion = %s%s",
