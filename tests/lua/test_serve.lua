@@ -194,4 +194,32 @@ function cases.a_full_collection_after_a_burst()
   assert(ok, err)
 end
 
+-- What the burst's objects with finalizers reach goes too: one cycle only runs their finalizers.
+function cases.a_collection_after_a_burst_frees_what_finalizers_held()
+  collectgarbage("collect")
+  collectgarbage("collect")
+  local base = collectgarbage("count")
+  local finalized = 0
+  local gc = { __gc = function()
+    finalized = finalized + 1
+  end }
+  collectgarbage("stop")
+  local ok, err = pcall(function()
+    for i = 1, 200 do -- 200 handles, each holding about 20 KB
+      local held = {}
+      for j = 1, 500 do
+        held[j] = { j }
+      end
+      setmetatable({ held = held, n = i }, gc)
+    end
+    t.eq(collectgarbage("count") > base + 2000, true, "the burst's objects take memory")
+    t.eq(serve.settle({ peak = serve.BURST, inflight = 0 }), true)
+    t.eq(finalized, 200, "every finalizer ran")
+    t.eq(collectgarbage("count") < base + 500, true,
+      string.format("what they held went too: %.0f KB over %.0f KB", collectgarbage("count") - base, base))
+  end)
+  collectgarbage("restart")
+  assert(ok, err)
+end
+
 return cases
