@@ -24,9 +24,6 @@ struct watch;
  * 0 when added; the owner takes w off (watch_remove) when it no longer cares. */
 int http_response_tie(lua_State *L, int idx, struct watch *w);
 
-/* Connections kept open for reuse once their transfer is done (every upstream together). */
-#define HTTP_MAX_IDLE_CONNECTIONS 1024
-
 #define HTTP_DEFAULT_MAX_SIZE (64 * 1024 * 1024)
 
 struct xfer {

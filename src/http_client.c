@@ -25,6 +25,7 @@
 #include "buf.h"
 #include "clock.h"
 #include "http.h"
+#include "pool.h"
 #include "watch.h"
 
 #define DEFAULT_MAX_SIZE HTTP_DEFAULT_MAX_SIZE
@@ -109,6 +110,20 @@ static size_t write_cb(char *data, size_t size, size_t nmemb, void *userdata);
 
 /* ---- curl <-> libevent glue ------------------------------------------------------------------ */
 
+static struct pool_window pool_window;
+static int pool_size; /* CURLMOPT_MAXCONNECTS as set */
+
+/* The idle connection pool follows the transfers in flight (pool.h), told after every action. */
+static void pool_follow(int running)
+{
+    int size = pool_note(&pool_window, running, monotonic_seconds());
+
+    if (size != pool_size) {
+        pool_size = size;
+        curl_multi_setopt(multi, CURLMOPT_MAXCONNECTS, (long)size);
+    }
+}
+
 static void event_cb(evutil_socket_t fd, short kind, void *arg)
 {
     struct sockinfo *si = arg;
@@ -124,6 +139,7 @@ static void event_cb(evutil_socket_t fd, short kind, void *arg)
     if (kind & EV_WRITE)
         action |= CURL_CSELECT_OUT;
     curl_multi_socket_action(multi, fd, action, &running);
+    pool_follow(running);
     check_multi_info();
 }
 
@@ -135,6 +151,7 @@ static void timer_cb(evutil_socket_t fd, short kind, void *arg)
     (void)kind;
     (void)arg;
     curl_multi_socket_action(multi, CURL_SOCKET_TIMEOUT, 0, &running);
+    pool_follow(running);
     check_multi_info();
 }
 
@@ -890,10 +907,13 @@ int http_client_init(void)
     multi_timer = evtimer_new(g_base, timer_cb, NULL);
     curl_multi_setopt(multi, CURLMOPT_SOCKETFUNCTION, socket_cb);
     curl_multi_setopt(multi, CURLMOPT_TIMERFUNCTION, multi_timer_cb);
-    /* Idle connections kept for reuse. libcurl's default sizes the pool by the transfers added at the
-     * moment, so it shrinks whenever fewer are in flight and a server proxying 64 connections opened
-     * a new upstream connection for about one request in ten. */
-    curl_multi_setopt(multi, CURLMOPT_MAXCONNECTS, (long)HTTP_MAX_IDLE_CONNECTIONS);
+    /* Idle connections kept for reuse: sized by the transfers in flight lately (pool_follow).
+     * libcurl's default sizes the pool by the transfers added at the moment, so it shrinks whenever
+     * fewer are in flight and a server proxying 64 connections opened a new upstream connection for
+     * about one request in ten. */
+    pool_window = (struct pool_window){ 0, 0, 0 };
+    pool_size = POOL_MIN;
+    curl_multi_setopt(multi, CURLMOPT_MAXCONNECTS, (long)pool_size);
     return 0;
 }
 

@@ -109,6 +109,40 @@ expect_match "500 requests in flight at once, all ok" "$OUT" "^500 requests, 500
 in_log=$(grep -c '"mock/slow-300"' "$MOCK_LOG")
 expect_eq "the mock received all 500" "$in_log" 500
 
+# After a burst the idle upstream connections it left are closed again as requests go on: the pool
+# follows the load (src/pool.h), it is not the burst's size for good.
+cat > "$TMP/pool.lua" <<'EOF2'
+local aigate = require "aigate"
+local core = require "aigate.core"
+local function fds()
+  local p = assert(io.popen("ls /proc/" .. core.pid() .. "/fd"))
+  local n = 0
+  for _ in p:lines() do n = n + 1 end
+  p:close()
+  return n
+end
+local before = fds()
+local handles = {}
+for i = 1, 300 do
+  handles[i] = aigate.spawn(aigate.chat, { model = "mock/slow-300", prompt = "burst " .. i })
+end
+for _, h in ipairs(handles) do assert(aigate.wait(h)) end
+local after_burst = fds()
+local t0, n = aigate.now(), 0
+while aigate.now() - t0 < 2.5 or n < 200 do -- past two of the pool's windows, one request at a time
+  assert(aigate.chat({ model = "openai/gpt-4o", prompt = "after " .. n }))
+  n = n + 1
+end
+print(string.format("before %d after_burst %d later %d", before, after_burst, fds()))
+EOF2
+run "$TMP/pool.lua"
+expect_eq "pool after a burst: exit 0" "$RC:$ERR" "0:"
+read -r _ fd_before _ fd_burst _ fd_later <<< "$OUT"
+expect_eq "pool after a burst: the burst's connections stayed open for reuse" \
+    "$([ "${fd_burst:-0}" -ge $((fd_before + 290)) ] && echo yes)" "yes"
+expect_eq "pool after a burst: closed again as requests went on, down to the least pool (64)" \
+    "$([ -n "$fd_later" ] && [ "$fd_later" -le $((fd_before + 64 + 2)) ] && echo yes)" "yes"
+
 # The mock stops cleanly on SIGTERM and SIGINT.
 "$AIGATE" mock --listen 127.0.0.1:0 --quiet > "$TMP/m2.out" 2>&1 &
 pid=$!
