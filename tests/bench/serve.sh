@@ -6,6 +6,8 @@
 # other (-c 0). Measures, each for a fixed time:
 #   - requests/s at 64 connections (wrk, keep-alive, instant replies), after a warm-up;
 #   - p50 and p99 at one connection (wrk), the proxy's added time being its figure minus direct's;
+#     these two in BENCH_ROUNDS rounds that take the targets in turn, each figure the rounds' median
+#     (see 3. below);
 #   - time to first token of a streamed reply (stream_client ttft: request sent to first event);
 #   - STREAMS streams at once, each dripped over 2 s (stream_client hold): how many complete, how many
 #     were open at once, and the proxy's resident memory at their peak minus its idle memory, per stream;
@@ -21,7 +23,7 @@
 # Portkey's package.json pins @hono/node-server to 1.13.8 (and @hono/node-ws to 1.2.0, which accepts
 # it): from 1.14 on, that server's Response keeps an upstream fetch's immutable headers, and every
 # streamed reply through Portkey 1.15.2 fails with "TypeError: immutable" (a 500).
-# Knobs: BENCH_SECONDS (5: each wrk run), BENCH_TTFT_SECONDS (3), BENCH_STREAMS (1000),
+# Knobs: BENCH_SECONDS (2: each wrk run), BENCH_ROUNDS (5), BENCH_TTFT_SECONDS (3), BENCH_STREAMS (1000),
 # BENCH_CANCEL_TRIALS (3), BENCH_PORTKEY (1; 0 leaves Portkey out), BENCH_PERF (0; 1: perf's profile
 # of serve at 64 connections, printed before the cancel measures), BENCH_CALLGRIND (1; 0 leaves the
 # instruction count out), AIGATE_BIN (./aigate).
@@ -31,7 +33,8 @@
 cd "$(dirname "$0")/../.." || exit 2
 NAME=serve.sh
 . tests/bench/lib.sh
-SECS=${BENCH_SECONDS:-5}
+SECS=${BENCH_SECONDS:-2}
+ROUNDS=${BENCH_ROUNDS:-5}
 TTFT_SECS=${BENCH_TTFT_SECONDS:-3}
 STREAMS=${BENCH_STREAMS:-1000}
 TRIALS=${BENCH_CANCEL_TRIALS:-3}
@@ -271,23 +274,53 @@ for t in "${TARGETS[@]}"; do
     echo "time to first token, $t: $(cat "$TMP/ttft_$t.out")"
 done
 
-# 3. Throughput at 64 connections (after a one-second warm-up), then latency at one connection.
-for t in "${TARGETS[@]}"; do
-    pid=""
-    case "$t" in serve) pid=$SERVE_PID ;; portkey) pid=$PK_PID ;; esac
-    run_wrk "$t" 64 1
-    [ -n "$pid" ] && cpu0=$(cpu_of "$pid")
-    run_wrk "$t" 64 "$SECS"
-    R[rps.$t]=$RPS
-    if [ -n "$pid" ] && [ "${REQS:-0}" -gt 0 ]; then
-        R[cpu.$t]=$(awk -v c="$(($(cpu_of "$pid") - cpu0))" -v t="$TICK" -v n="$REQS" 'BEGIN { printf "%.0f", c / t / n * 1e6 }')
+# 3. Throughput at 64 connections and latency at one connection, in ROUNDS rounds that take every
+# target in turn (after a one-second warm-up of each): a shared machine's speed drifts by tens of
+# percent from one minute to the next, and one run per target measured that drift as much as the
+# proxies (the same serve gave 0.4 ms and 1.2 ms p99 within a minute). Each figure is the median of
+# its rounds; what a proxy adds, and serve's ratio to Portkey, are the medians of the same round's
+# differences and ratios. CPU per request is the rounds' CPU over their requests.
+median() { tr ' ' '\n' <<< "$1" | grep . | sort -g | awk '{ v[NR] = $1 } END { if (NR) print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+declare -A L # per target and measure: the rounds' figures, space-separated
+last() { local a; read -ra a <<< "$1"; echo "${a[-1]}"; } # the last of a space-separated list
+for t in "${TARGETS[@]}"; do run_wrk "$t" 64 1; done
+for round in $(seq 1 "$ROUNDS"); do
+    for t in "${TARGETS[@]}"; do
+        pid=""
+        case "$t" in serve) pid=$SERVE_PID ;; portkey) pid=$PK_PID ;; esac
+        [ -n "$pid" ] && cpu0=$(cpu_of "$pid")
+        run_wrk "$t" 64 "$SECS"
+        L[rps.$t]+="$RPS "
+        if [ -n "$pid" ]; then
+            L[cpu_ticks.$t]=$((${L[cpu_ticks.$t]:-0} + $(cpu_of "$pid") - cpu0))
+            L[cpu_reqs.$t]=$((${L[cpu_reqs.$t]:-0} + ${REQS:-0}))
+        fi
+        rps64=$RPS
+        run_wrk "$t" 1 "$SECS"
+        L[p50.$t]+="$P50 "
+        L[p99.$t]+="$P99 "
+        echo "round $round, $t: 64 connections $rps64 requests/s; 1 connection p50 $P50 µs, p99 $P99 µs ($RPS requests/s)"
+    done
+    for t in "${TARGETS[@]}"; do
+        [ "$t" = direct ] && continue
+        for m in p50 p99; do
+            L[add_$m.$t]+="$(awk -v a="$(last "${L[$m.$t]}")" -v d="$(last "${L[$m.direct]}")" 'BEGIN { print a - d }') "
+        done
+    done
+    if [ -n "${L[rps.portkey]:-}" ] && [ "$(last "${L[rps.portkey]}")" -gt 0 ]; then
+        L[ratio.serve]+="$(awk -v s="$(last "${L[rps.serve]}")" -v p="$(last "${L[rps.portkey]}")" 'BEGIN { printf "%.2f", s / p }') "
     fi
-    echo "64 connections, $t: $RPS requests/s${R[cpu.$t]:+, ${R[cpu.$t]} µs of proxy CPU per request}"
-    run_wrk "$t" 1 "$SECS"
-    R[p50.$t]=$P50
-    R[p99.$t]=$P99
-    echo "1 connection, $t: p50 $P50 µs, p99 $P99 µs ($RPS requests/s)"
 done
+for t in "${TARGETS[@]}"; do
+    for m in rps p50 p99 add_p50 add_p99; do
+        [ -n "${L[$m.$t]:-}" ] && R[$m.$t]=$(median "${L[$m.$t]}")
+    done
+    if [ "${L[cpu_reqs.$t]:-0}" -gt 0 ]; then
+        R[cpu.$t]=$(awk -v c="${L[cpu_ticks.$t]}" -v t="$TICK" -v n="${L[cpu_reqs.$t]}" 'BEGIN { printf "%.0f", c / t / n * 1e6 }')
+    fi
+    echo "$t, medians of $ROUNDS rounds: 64 connections ${R[rps.$t]} requests/s${R[cpu.$t]:+, ${R[cpu.$t]} µs of proxy CPU per request}; 1 connection p50 ${R[p50.$t]} µs, p99 ${R[p99.$t]} µs"
+done
+[ -n "${L[ratio.serve]:-}" ] && R[ratio.serve]=$(median "${L[ratio.serve]}")
 
 # With BENCH_PERF=1, where serve's time goes at 64 connections: perf's call graphs over a wrk run.
 if [ "${BENCH_PERF:-0}" = 1 ] && command -v perf > /dev/null; then
@@ -338,21 +371,22 @@ cancel_fig() {
 cancel_ms() { case "$1" in *median_ms*) awk '{print $7}' <<< "$1" ;; *) echo "" ;; esac; }
 fig() { local v=${R[$1]:-}; [ -n "$v" ] && echo "$v${2:+ $2}" || echo "n/a"; } # KEY [UNIT]
 ms() { [ -n "${R[$1]:-}" ] && awk -v v="${R[$1]}" 'BEGIN { printf "%.3f ms", v / 1000 }' || echo "n/a"; }
-added() { # MEASURE TARGET: "+X ms" over direct
+added() { # MEASURE TARGET: "X ms (+Y)", Y over direct: the rounds' median difference where there are rounds
     [ -n "${R[$1.$2]:-}" ] && [ -n "${R[$1.direct]:-}" ] &&
-        awk -v a="${R[$1.$2]}" -v d="${R[$1.direct]}" 'BEGIN { printf "%.3f ms (+%.3f)", a / 1000, (a - d) / 1000 }' || echo "n/a"
+        awk -v a="${R[$1.$2]}" -v d="${R[$1.direct]}" -v r="${R[add_$1.$2]:-}" \
+            'BEGIN { printf "%.3f ms (+%.3f)", a / 1000, (r != "" ? r : a - d) / 1000 }' || echo "n/a"
 }
 verdict() { [ "$1" = 1 ] && echo "yes" || echo "NO"; }
 le() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a != "" && a + 0 <= b + 0) }' && echo 1 || echo 0; }
 
-if [ -n "${R[rps.portkey]:-}" ] && [ "${R[rps.portkey]}" -gt 0 ]; then
-    ratio=$(awk -v s="${R[rps.serve]}" -v p="${R[rps.portkey]}" 'BEGIN { printf "%.1f", s / p }')
-    rps_met="$(verdict "$(awk -v r="$ratio" 'BEGIN { print (r >= 15) }')") (${ratio}x)"
+if [ -n "${R[ratio.serve]:-}" ]; then
+    ratio=$(awk -v r="${R[ratio.serve]}" 'BEGIN { printf "%.1f", r }')
+    rps_met="$(verdict "$(awk -v r="${R[ratio.serve]}" 'BEGIN { print (r >= 15) }')") (${ratio}x, the median of the rounds' ratios)"
 else
     rps_met="n/a (no Portkey figure)"
 fi
-add50=$(awk -v a="${R[p50.serve]}" -v d="${R[p50.direct]}" 'BEGIN { print a - d }')
-add99=$(awk -v a="${R[p99.serve]}" -v d="${R[p99.direct]}" 'BEGIN { print a - d }')
+add50=${R[add_p50.serve]:-}
+add99=${R[add_p99.serve]:-}
 addtt=$(awk -v a="${R[ttft.serve]:-0}" -v d="${R[ttft.direct]:-0}" 'BEGIN { print a - d }')
 
 {
