@@ -14,12 +14,12 @@
 #ifndef AIGATE_POOL_H
 #define AIGATE_POOL_H
 
-#define POOL_MIN 64
-#define POOL_MAX 1024
+#define POOL_MIN    64
+#define POOL_MAX    1024
 #define POOL_WINDOW 1.0
 
 struct pool_window {
-    double start; /* when the current window began (seconds, monotonic); 0: none yet */
+    double start;  /* when the current window began (seconds, monotonic); 0: none yet */
     int peak;      /* the most transfers in flight at once in it */
     int prev_peak; /* the same in the window before, when it ended less than a window ago */
 };
