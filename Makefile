@@ -198,12 +198,12 @@ bench-serve: deps bench-serve-deps
 	$(MAKE) -C tests/bench
 	tests/bench/serve.sh
 
-# What serve.sh needs besides the build: wrk, node and npm (Debian's, when there is no node yet), and
+# What serve.sh needs besides the build: wrk, socat (the relay floor), node and npm (Debian's, when there is no node yet), and
 # Portkey's gateway at the version pinned by tests/bench/node/package-lock.json. Without the gateway
 # (no network, say) serve.sh leaves it out and says so.
 BENCH_NODE := tests/bench/node
 bench-serve-deps:
-	$(MAKE) deps DEB_PACKAGES=wrk
+	$(MAKE) deps DEB_PACKAGES="wrk socat"
 	@command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || $(MAKE) deps DEB_PACKAGES="nodejs npm"
 	@$(MAKE) --no-print-directory $(BENCH_NODE)/node_modules/.package-lock.json || \
 	  echo "Portkey's gateway could not be installed in $(BENCH_NODE): serve.sh leaves it out"

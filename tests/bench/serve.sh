@@ -7,7 +7,8 @@
 #   - requests/s at 64 connections (wrk, keep-alive, instant replies), after a warm-up;
 #   - p50 and p99 at one connection (wrk), the proxy's added time being its figure minus direct's;
 #     these two in BENCH_ROUNDS rounds that take the targets in turn, each figure the rounds' median
-#     (see 3. below);
+#     (see 3. below); in the same rounds, one connection through socat relaying bytes on the
+#     proxies' core: the floor of any proxy there (start_relay);
 #   - time to first token of a streamed reply (stream_client ttft: request sent to first event);
 #   - STREAMS streams at once, each dripped over 2 s (stream_client hold): how many complete, how many
 #     were open at once, and the proxy's resident memory at their peak minus its idle memory, per stream;
@@ -57,13 +58,15 @@ fi
 PIDS=()
 SERVE_PID=""
 PK_PID=""
+RELAY_PID=""
 stop_all() {
     local p
-    for p in "${PIDS[@]}" $SERVE_PID $PK_PID; do kill "$p" 2> /dev/null; done
-    for p in "${PIDS[@]}" $SERVE_PID $PK_PID; do wait "$p" 2> /dev/null; done
+    for p in "${PIDS[@]}" $SERVE_PID $PK_PID $RELAY_PID; do kill "$p" 2> /dev/null; done
+    for p in "${PIDS[@]}" $SERVE_PID $PK_PID $RELAY_PID; do wait "$p" 2> /dev/null; done
     PIDS=()
     SERVE_PID=""
     PK_PID=""
+    RELAY_PID=""
 }
 trap 'stop_all; rm -rf "$TMP"' EXIT
 
@@ -187,7 +190,33 @@ target_args() {
         portkey) pk_headers "$2"
             T_PORT=$PK_PORT T_PATH=/v1/chat/completions T_BODY=$TMP/body.json T_STREAM=$TMP/stream.json
             T_HDR=("${PKH[@]}") ;;
+        relay) T_PORT=$RELAY_PORT T_PATH=$UPSTREAM_PATH T_BODY=$TMP/body.json T_STREAM=$TMP/stream.json
+            T_HDR=(-H "Authorization: Bearer bench-token") ;;
     esac
+}
+
+# The floor of any proxy on the proxies' core: socat relaying bytes to the instant upstream, with
+# nothing read or decided (one process per connection). On this machine, a request that crosses to
+# the other core and back costs what a request that stays on one core does not (direct's does not),
+# and that cost moves with the machine's other load; the relay's figure shows how much of what a proxy
+# adds is that. Sets RELAY_PORT, or leaves it empty without socat.
+RELAY_PORT=""
+start_relay() {
+    command -v socat > /dev/null || { echo "serve.sh: socat is missing ('make bench-serve' installs it): no relay floor" >&2; return 1; }
+    local port
+    for _ in $(seq 1 20); do
+        port=$((20000 + RANDOM % 20000))
+        ss -ltnH "sport = :$port" 2> /dev/null | grep -q . || break
+    done
+    "${PROXY[@]}" socat "TCP-LISTEN:$port,bind=127.0.0.1,reuseaddr,fork,nodelay" "TCP:127.0.0.1:$PORT_fast,nodelay" \
+        2> "$TMP/relay.err" &
+    RELAY_PID=$!
+    for _ in $(seq 1 100); do
+        ss -ltnH "sport = :$port" 2> /dev/null | grep -q . && RELAY_PORT=$port && return 0
+        sleep 0.05
+    done
+    echo "serve.sh: socat did not start: no relay floor" >&2
+    return 1
 }
 
 INVALID=0
@@ -283,6 +312,7 @@ done
 median() { tr ' ' '\n' <<< "$1" | grep . | sort -g | awk '{ v[NR] = $1 } END { if (NR) print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 declare -A L # per target and measure: the rounds' figures, space-separated
 last() { local a; read -ra a <<< "$1"; echo "${a[-1]}"; } # the last of a space-separated list
+start_relay || true
 for t in "${TARGETS[@]}"; do run_wrk "$t" 64 1; done
 for round in $(seq 1 "$ROUNDS"); do
     for t in "${TARGETS[@]}"; do
@@ -301,7 +331,13 @@ for round in $(seq 1 "$ROUNDS"); do
         L[p99.$t]+="$P99 "
         echo "round $round, $t: 64 connections $rps64 requests/s; 1 connection p50 $P50 µs, p99 $P99 µs ($RPS requests/s)"
     done
-    for t in "${TARGETS[@]}"; do
+    if [ -n "$RELAY_PORT" ]; then # the relay floor: one connection only (socat forks per connection)
+        run_wrk relay 1 "$SECS"
+        L[p50.relay]+="$P50 "
+        L[p99.relay]+="$P99 "
+        echo "round $round, relay: 1 connection p50 $P50 µs, p99 $P99 µs ($RPS requests/s)"
+    fi
+    for t in "${TARGETS[@]}" ${RELAY_PORT:+relay}; do
         [ "$t" = direct ] && continue
         for m in p50 p99; do
             L[add_$m.$t]+="$(awk -v a="$(last "${L[$m.$t]}")" -v d="$(last "${L[$m.direct]}")" 'BEGIN { print a - d }') "
@@ -311,14 +347,14 @@ for round in $(seq 1 "$ROUNDS"); do
         L[ratio.serve]+="$(awk -v s="$(last "${L[rps.serve]}")" -v p="$(last "${L[rps.portkey]}")" 'BEGIN { printf "%.2f", s / p }') "
     fi
 done
-for t in "${TARGETS[@]}"; do
+for t in "${TARGETS[@]}" ${RELAY_PORT:+relay}; do
     for m in rps p50 p99 add_p50 add_p99; do
         [ -n "${L[$m.$t]:-}" ] && R[$m.$t]=$(median "${L[$m.$t]}")
     done
     if [ "${L[cpu_reqs.$t]:-0}" -gt 0 ]; then
         R[cpu.$t]=$(awk -v c="${L[cpu_ticks.$t]}" -v t="$TICK" -v n="${L[cpu_reqs.$t]}" 'BEGIN { printf "%.0f", c / t / n * 1e6 }')
     fi
-    echo "$t, medians of $ROUNDS rounds: 64 connections ${R[rps.$t]} requests/s${R[cpu.$t]:+, ${R[cpu.$t]} µs of proxy CPU per request}; 1 connection p50 ${R[p50.$t]} µs, p99 ${R[p99.$t]} µs"
+    echo "$t, medians of $ROUNDS rounds: ${R[rps.$t]:+64 connections ${R[rps.$t]} requests/s${R[cpu.$t]:+, ${R[cpu.$t]} µs of proxy CPU per request}; }1 connection p50 ${R[p50.$t]} µs, p99 ${R[p99.$t]} µs"
 done
 [ -n "${L[ratio.serve]:-}" ] && R[ratio.serve]=$(median "${L[ratio.serve]}")
 
@@ -396,6 +432,9 @@ addtt=$(awk -v a="${R[ttft.serve]:-0}" -v d="${R[ttft.direct]:-0}" 'BEGIN { prin
     echo "| proxy CPU per request at 64 connections | - | $(fig cpu.serve µs) | $(fig cpu.portkey µs) | | |"
     echo "| p50 at one connection (added) | $(ms p50.direct) | $(added p50 serve) | $(added p50 portkey) | added at most 0.15 ms | $(verdict "$(le "$add50" 150)") |"
     echo "| p99 at one connection (added) | $(ms p99.direct) | $(added p99 serve) | $(added p99 portkey) | added at most 1 ms | $(verdict "$(le "$add99" 1000)") |"
+    if [ -n "${R[p50.relay]:-}" ]; then
+        echo "| the floor: a byte relay (socat) on the proxies' core, p50 / p99 at one connection (added) | | $(added p50 relay) / $(added p99 relay) | | | |"
+    fi
     echo "| time to first token, streamed, p50 (added) | $(ms ttft.direct) | $(added ttft serve) | $(added ttft portkey) | added at most 1 ms | $(verdict "$(le "$addtt" 1000)") |"
     echo "| time to first token, streamed, p99 | $(ms ttft99.direct) | $(ms ttft99.serve) | $(ms ttft99.portkey) | | |"
     echo "| $STREAMS streams at once, each dripped over 2 s | $(fig streams.direct) | $(fig streams.serve) | $(fig streams.portkey) | $STREAMS complete | $(verdict "$([ "${R[complete.serve]:-0}" = "$STREAMS" ] && echo 1)") |"
