@@ -143,6 +143,16 @@ start_serve() {
     exit 2
 }
 
+# free_port: a port in 20000-39999 that nothing listens on (the last one tried after 20 tries).
+free_port() {
+    local port
+    for _ in $(seq 1 20); do
+        port=$((20000 + RANDOM % 20000))
+        ss -ltnH "sport = :$port" 2> /dev/null | grep -q . || break
+    done
+    echo "$port"
+}
+
 # Portkey: a free port (none listening on it), then wait until it answers.
 start_portkey() {
     PK_PORT=""
@@ -152,10 +162,7 @@ start_portkey() {
         return 1
     fi
     local port
-    for _ in $(seq 1 20); do
-        port=$((20000 + RANDOM % 20000))
-        ss -ltnH "sport = :$port" 2> /dev/null | grep -q . || break
-    done
+    port=$(free_port)
     (cd "$BENCH/node" && exec "${PROXY[@]}" node "$PORTKEY_JS" --port="$port" --headless) > "$TMP/portkey.out" 2>&1 &
     PK_PID=$!
     for _ in $(seq 1 300); do
@@ -204,10 +211,7 @@ RELAY_PORT=""
 start_relay() {
     command -v socat > /dev/null || { echo "serve.sh: socat is missing ('make bench-serve' installs it): no relay floor" >&2; return 1; }
     local port
-    for _ in $(seq 1 20); do
-        port=$((20000 + RANDOM % 20000))
-        ss -ltnH "sport = :$port" 2> /dev/null | grep -q . || break
-    done
+    port=$(free_port)
     "${PROXY[@]}" socat "TCP-LISTEN:$port,bind=127.0.0.1,reuseaddr,fork,nodelay" "TCP:127.0.0.1:$PORT_fast,nodelay" \
         2> "$TMP/relay.err" &
     RELAY_PID=$!
