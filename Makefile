@@ -23,11 +23,11 @@ LUA_LIBS  = $(shell pkg-config --libs lua5.4 2>/dev/null || echo -llua5.4)
 SRCS := src/main.c src/core.c src/task.c src/http_client.c src/http_server.c src/http_guard.c src/jsonscan.c \
         src/sse.c src/buf.c src/headers.c src/linereader.c src/idset.c \
         src/scan.c src/sys.c src/engine.c src/reply.c src/tmpl.c src/jsontext.c src/lineshape.c \
-        src/library.c src/logfile.c src/jsonfields.c src/pool.c
+        src/library.c src/logfile.c src/jsonfields.c src/pool.c src/luamem.c
 HDRS := $(wildcard src/*.h)
 UNIT_TESTS := $(patsubst tests/unit/%.c,tests/unit/%,$(wildcard tests/unit/test_*.c))
 UNIT_LIB := src/sse.c src/buf.c src/headers.c src/linereader.c src/idset.c src/jsonscan.c src/scan.c src/jsontext.c \
-            src/tmpl.c src/lineshape.c src/reply.c src/pool.c tests/unit/unit.c
+            src/tmpl.c src/lineshape.c src/reply.c src/pool.c src/luamem.c tests/unit/unit.c
 
 DEB_PACKAGES := gcc make pkg-config liblua5.4-dev libcurl4-openssl-dev lua-cjson-dev libevent-dev curl ca-certificates \
                 openssl \

@@ -26,12 +26,51 @@
 
 #include "aigate.h"
 #include "library.h"
+#include "luamem.h"
 
 int luaopen_cjson(lua_State *L);
 int luaopen_cjson_safe(lua_State *L);
 
 struct event_base *g_base;
 lua_State *g_L;
+
+/* The Lua state's memory (luamem.h). */
+static struct luamem lua_memory;
+
+/* An error outside any protected call: Lua then aborts; say what it was first. */
+static int panic_stderr(lua_State *L)
+{
+    const char *msg = lua_tostring(L, -1);
+
+    fprintf(stderr, "aigate: unprotected Lua error: %s\n", msg ? msg : "(not a string)");
+    return 0;
+}
+
+/* Lua's warn(): off until a script sends "@on" ("@off" turns it off again); a warning goes to stderr
+ * as "Lua warning: " and its pieces on one line, as the lua interpreter writes it. */
+static void warn_stderr(void *ud, const char *msg, int tocont)
+{
+    static int on, midway;
+
+    (void)ud;
+    if (!midway && !tocont && msg[0] == '@') {
+        if (strcmp(msg, "@on") == 0)
+            on = 1;
+        else if (strcmp(msg, "@off") == 0)
+            on = 0;
+        return;
+    }
+    if (on) {
+        if (!midway)
+            fputs("Lua warning: ", stderr);
+        fputs(msg, stderr);
+        if (!tocont) {
+            fputc('\n', stderr);
+            fflush(stderr);
+        }
+    }
+    midway = tocont;
+}
 
 static int file_exists(const char *path)
 {
@@ -381,11 +420,13 @@ int main(int argc, char **argv)
         fputs("aigate: cannot initialise the event loop\n", stderr);
         return 1;
     }
-    L = luaL_newstate();
+    L = lua_newstate(luamem_alloc, &lua_memory);
     if (L == NULL) {
         fputs("aigate: cannot create the Lua state\n", stderr);
         return 1;
     }
+    lua_atpanic(L, panic_stderr);
+    lua_setwarnf(L, warn_stderr, NULL);
     g_L = L;
     /* New threads copy the main thread's extra space: NULL there means "not a task". */
     *(void **)lua_getextraspace(L) = NULL;
@@ -415,6 +456,7 @@ int main(int argc, char **argv)
     tasks_shutdown();
     http_server_shutdown();
     lua_close(L);
+    luamem_close(&lua_memory);
     g_L = NULL;
     http_client_shutdown();
     event_base_free(g_base);

@@ -45,6 +45,19 @@ run "$TMP/missing.lua"
 expect_eq "missing script: exit 2" "$RC" 2
 expect_match "missing script named" "$ERR" "missing.lua"
 
+# Lua's warn(), as the lua interpreter has it: off until "@on", one line per warning on stderr.
+cat > "$TMP/warn.lua" <<'EOF2'
+warn("not shown")
+warn("@on")
+warn("one ", "two")
+warn("@off")
+warn("not shown either")
+print("done")
+EOF2
+run "$TMP/warn.lua"
+expect_eq "warn(): the script runs" "$RC $OUT" "0 done"
+expect_eq "warn(): only what is sent while on, on one line" "$ERR" "Lua warning: one two"
+
 cat > "$TMP/tasks.lua" <<'EOF2'
 local aigate = require "aigate"
 local t0 = aigate.now()
