@@ -1196,7 +1196,7 @@ void core_register_tasks(lua_State *L)
         { "wait", l_wait },
         { "sleep", l_sleep },
         { "self", l_self },
-        { "wake", l_wake },
+        { "wake", l_wake }, /* ends a task's core.sleep early: wait queues without polling */
         { "wait_signal", l_wait_signal },
         { "now", l_now },
         { "time", l_time },

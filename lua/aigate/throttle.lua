@@ -10,7 +10,8 @@
 --   * adaptive concurrency: the number of requests in flight to it is limited, halved on a 429
 --     (once per round: only a request started after the last cut can cut again), grown by one per
 --     success up to one below where that cut came from (the halving is for the pause's burst, and
---     a limit a little under the old one is the likely right one), then by one after `limit`
+--     a limit a little under the old one is the likely right one), or up to twice the concurrency
+--     the successes since the last cut needed when that is less, then by one after `limit`
 --     successes in a row, until it is back where it first started, when the limit is lifted.
 -- A request asks `acquire(key)` before it is sent (waiting while paused or at the limit) and tells
 -- `done(key, outcome, probe)` afterwards (probe: what acquire returned second). Waiters sleep in a
@@ -37,7 +38,8 @@ M.now = function()
 end
 
 -- key -> {inflight, limit|nil, below, peak, pause_until, last_cut, streak, start|nil, probe_every,
---         next_probe, probing, lifts (pauses ended by a probe), qhead, qtail (the waiters:
+--         next_probe, probing, lifts (pauses ended by a probe), ok_n and ok_since (successes since
+--         the last cut), lat (their latency, a moving average), qhead, qtail (the waiters:
 --         {h = task handle, retry = waiting out a Retry-After, prev, next})}
 local states = {}
 local stopped = false
@@ -51,6 +53,7 @@ local function get(key)
     s = {
       inflight = 0, peak = 0, pause_until = -math.huge, last_cut = -math.huge, streak = 0,
       probe_every = M.MIN_PROBE, next_probe = -math.huge, probing = false, lifts = 0,
+      ok_n = 0, ok_since = M.now(), lat = nil,
     }
     states[key] = s
   end
@@ -161,7 +164,18 @@ function M.rate_limited(key, started, retry_after, no_cut)
   if started >= s.last_cut and not no_cut then
     local from = s.limit or math.max(s.inflight + 1, M.start_limit or 0, 2)
     s.start = s.start or from
-    s.limit, s.below = math.max(1, from // 2), from - 1
+    s.below = from - 1
+    -- Little's law: the successes since the last cut, per second, times their latency, is the
+    -- concurrency they needed. Twice that (and one) is room enough to keep that pace; a larger
+    -- limit only adds requests that meet the next 429 together (instant replies: every cycle).
+    if s.ok_n > 0 and s.lat then
+      local need = math.ceil(2 * s.ok_n / math.max(now - s.ok_since, 0.01) * s.lat) + 1
+      if need < s.below then
+        s.below = need
+      end
+    end
+    s.ok_n, s.ok_since = 0, now
+    s.limit = math.max(1, math.min(from // 2, s.below))
     s.last_cut, s.streak = now, 0
     M.cuts = M.cuts + 1
     if M.lowest == nil or s.limit < M.lowest then
@@ -175,13 +189,18 @@ end
 
 --- The end of a request to `key` that acquire() let through: ok true for a success (it grows a
 -- cut limit back, and when the request was the pause's probe, ends the pause), "limited" for a 429
--- (rate_limited has been called), false otherwise. probe: what acquire returned second.
-function M.done(key, ok, probe)
+-- (rate_limited has been called), false otherwise. probe: what acquire returned second; latency:
+-- the request's seconds.
+function M.done(key, ok, probe, latency)
   local s = states[key]
   if s == nil then
     return
   end
   s.inflight = s.inflight - 1
+  if ok == true and latency then -- (for the concurrency the successes need: rate_limited)
+    s.ok_n = s.ok_n + 1
+    s.lat = s.lat and s.lat + (latency - s.lat) * 0.1 or latency
+  end
   if ok == true and s.limit then
     s.streak = s.streak + 1
     if s.limit < s.below or s.streak >= s.limit then
@@ -205,24 +224,47 @@ end
 
 --- Waits out the Retry-After of a 429 from `key` (seconds) before the request tries again, with
 -- sleep (core.sleep, or a stand-in that returns nil). Ends early when a probe of the upstream's
--- pause succeeds meanwhile (the upstream has room again, so the request goes back in line at once)
--- or on stop(). Meanwhile the request counts in M.waiting. Returns the seconds waited when it ended
--- early, else nil.
-function M.wait_out(key, seconds, sleep)
+-- pause succeeds meanwhile (the upstream has room again, so the request goes back in line at once),
+-- on stop(), and, with may_probe (its 429s use up no retry: aigate batch), when a probe is due and
+-- none is out: it goes to be that probe, so that the last lines of a batch, all waiting out a
+-- Retry-After, still find out as soon as the upstream has room. Meanwhile the request counts in
+-- M.waiting. Returns the seconds waited when it ended early, else nil.
+function M.wait_out(key, seconds, sleep, may_probe)
   local s = get(key)
   local lifts, t0 = s.lifts, M.now()
   local h = core.self and core.self()
   local node = h ~= nil and { h = h, retry = true } or nil
   if node then join(s, node) end
   M.waiting = M.waiting + 1
-  local deadline, left = t0 + seconds, seconds
-  repeat
-    local woken = sleep(left)
-    left = deadline - M.now()
-  until not woken or s.lifts ~= lifts or stopped or left <= 0
+  local deadline, now, early = t0 + seconds, t0, false
+  while true do
+    if s.lifts ~= lifts or stopped then
+      early = true
+      break
+    end
+    local wake_at, d = deadline, nil
+    if may_probe and s.pause_until > now and not s.probing then
+      if now >= s.next_probe then
+        early = true
+        break
+      end
+      if s.next_probe < deadline then
+        wake_at, d = s.next_probe, s.next_probe - now
+      end
+    end
+    d = d or (now == t0 and seconds or deadline - now) -- (the whole wait at first: exactly what was asked)
+    if d <= 0 then
+      break
+    end
+    local woken = sleep(d)
+    now = M.now()
+    if not woken and now < wake_at then
+      break -- a stand-in that does not wait
+    end
+  end
   if node then leave(s, node) end
   M.waiting = M.waiting - 1
-  if s.lifts ~= lifts or stopped then
+  if early then
     return M.now() - t0
   end
 end

@@ -289,6 +289,38 @@ cases.throttle_wait_out_ends_with_the_probe = function()
   t.eq(throttle.wait_out("w", 0.05, core.sleep), nil)
   -- a stand-in sleep that returns at once ends it too (the stub core's)
   t.eq(throttle.wait_out("w", 5, function() end), nil)
+  -- may_probe (a batch line, whose 429s use up no retry): it goes to be the probe when one is due
+  throttle.rate_limited("m", core.now(), 0.8)
+  local waited = throttle.wait_out("m", 5, core.sleep, true)
+  t.truthy(waited and waited >= 0.09 and waited < 1, "went at the probe's time: " .. tostring(waited))
+  local ok2, probe2 = throttle.acquire("m")
+  t.truthy(ok2 and probe2, "and is the probe")
+  throttle.done("m", false, true)
+end
+
+-- After a cut, the limit grows back fast only up to twice the concurrency the successes since the
+-- last cut needed (their rate times their latency): with instant replies a large limit only sends
+-- more requests into the next 429 together.
+cases.throttle_cut_sized_by_what_successes_needed = function()
+  need_core()
+  for _, case in ipairs({ { lat = 0.0001, most = 3 }, { lat = 0.5, least = 16 } }) do
+    throttle.reset()
+    throttle.start_limit = 64
+    throttle.rate_limited("l", core.now(), 0)
+    t.eq(throttle.state("l").limit, 32)
+    for _ = 1, 100 do
+      t.truthy(throttle.acquire("l"))
+      throttle.done("l", true, false, case.lat)
+    end
+    throttle.rate_limited("l", core.now() + 1, 0)
+    local limit = throttle.state("l").limit
+    if case.most then
+      t.truthy(limit <= case.most, "instant replies: cut to " .. limit)
+    else
+      t.truthy(limit >= case.least, "slow replies: halved, " .. limit)
+    end
+  end
+  throttle.reset()
 end
 
 -- The batch engine's 429s (sent without acquire) pause the upstream and make the first cut, but do

@@ -255,7 +255,7 @@ local function send(st, att, req, key)
     throttle.rate_limited(key, t0, rules.retry_after_seconds(info.retry_after, P.time()), probe)
     info.throttle_key = key
   end
-  throttle.done(key, r ~= nil, probe)
+  throttle.done(key, r ~= nil, probe, att.latency)
   return r, msg, info
 end
 
@@ -347,13 +347,14 @@ end
 -- (wait_out): the request counts as waiting on a rate limit, so aigate batch gives its place in the
 -- -j requests in flight to another line, and it goes back in line as soon as the throttle's probe
 -- finds the upstream taking requests again, instead of sitting out the whole Retry-After.
-local function wait_before_retry(st, delay, info)
+-- may_probe: its 429s use up no retry, so it may be the probe itself (see throttle.wait_out).
+local function wait_before_retry(st, delay, info, may_probe)
   local last = st.attempts[#st.attempts]
   if last then
     last.retry_delay = delay
   end
   if info.status == 429 and info.throttle_key then
-    local early = throttle.wait_out(info.throttle_key, delay, P.sleep)
+    local early = throttle.wait_out(info.throttle_key, delay, P.sleep, may_probe)
     if early and last then
       last.retry_delay = early
     end
@@ -398,7 +399,7 @@ function M.with_retries(st, try)
     if P.now() + delay - st.t_start > rs.budget then
       return out
     end
-    wait_before_retry(st, delay, info)
+    wait_before_retry(st, delay, info, waiting)
     out = try(n + 1)
   end
   return out
