@@ -19,6 +19,14 @@ local function need_core()
   end
 end
 
+-- A throttle with nothing in it, put back that way after the case; start: its start_limit.
+local function fresh_throttle(start)
+  need_core()
+  throttle.reset()
+  t.defer(throttle.reset)
+  throttle.start_limit = start
+end
+
 -- A config pointing at the mock (or at base_url).
 local function setup(base_url)
   need_core()
@@ -193,10 +201,7 @@ end
 
 -- Waiters at a cut limit go one at a time; stop() makes them give up.
 cases.throttle_limits_in_flight_and_stops = function()
-  need_core()
-  throttle.reset()
-  t.defer(throttle.reset)
-  throttle.start_limit = 10
+  fresh_throttle(10)
   for i = 1, 3 do
     throttle.rate_limited("w", core.now() + i, 0) -- 10 -> 5 -> 2 -> 1
   end
@@ -229,10 +234,7 @@ end
 -- A pause lets one probe through every PROBES-th of it, one at a time; the probe's success ends the
 -- pause for everyone (long before the Retry-After has passed), a probe's 429 does not cut the limit.
 cases.throttle_probe_ends_the_pause = function()
-  need_core()
-  throttle.reset()
-  t.defer(throttle.reset)
-  throttle.start_limit = 8
+  fresh_throttle(8)
   local t0 = core.now()
   throttle.rate_limited("p", t0, 1.6) -- a probe every 0.2 s
   t.eq(throttle.state("p").limit, 4)
@@ -270,9 +272,7 @@ end
 -- A request waiting out a 429's Retry-After counts as waiting (aigate batch gives its place to
 -- another line) and goes back in line as soon as a probe finds the upstream taking requests.
 cases.throttle_wait_out_ends_with_the_probe = function()
-  need_core()
-  throttle.reset()
-  t.defer(throttle.reset)
+  fresh_throttle()
   throttle.rate_limited("w", core.now(), 0.8) -- a probe every 0.1 s
   local t0 = core.now()
   local sleeper = core.spawn(function() return throttle.wait_out("w", 5, core.sleep) end)
@@ -327,10 +327,7 @@ end
 -- not cut a limit already there: a burst of them had halved it down to 1. on_throttle hears of the
 -- first 429 of an upstream that was clear, once.
 cases.throttle_engine_429s_do_not_cut_a_cut_limit = function()
-  need_core()
-  throttle.reset()
-  t.defer(throttle.reset)
-  throttle.start_limit = 64
+  fresh_throttle(64)
   local heard = {}
   throttle.on_throttle = function(key) heard[#heard + 1] = key end
   for i = 1, 10 do
