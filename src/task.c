@@ -9,8 +9,9 @@
  * the results on the coroutine and calls task_resume. New tasks and wake-ups of waiters go through a
  * run queue drained from a libevent callback, so no task is ever resumed from inside Lua code.
  *
- * Also here: core.sleep, core.wait, core.wait_signal (SIGINT/SIGTERM), the clocks, and the VM
- * watchdog. The system calls (files, descriptors, the environment) are in src/sys.c.
+ * Also here: core.sleep (and core.wake, which ends one early), core.wait, core.wait_signal
+ * (SIGINT/SIGTERM), the clocks, and the VM watchdog. The system calls (files, descriptors, the
+ * environment) are in src/sys.c.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -930,6 +931,38 @@ static int l_sleep(lua_State *L)
     return task_yield(L, t, &op->pending);
 }
 
+/* core.self() -> the running task's handle, or nil outside a task (a plain coroutine, a callback). */
+static int l_self(lua_State *L)
+{
+    struct task *t = task_current(L);
+
+    if (t == NULL || t->anchor == LUA_NOREF) {
+        lua_pushnil(L);
+        return 1;
+    }
+    lua_rawgeti(L, LUA_REGISTRYINDEX, t->anchor);
+    return 1;
+}
+
+/* core.wake(handle) -> true when the task was in core.sleep: its sleep ends at once and returns true
+ * (on the next loop turn, in the order of the wakes); false when it was doing anything else. */
+static int l_wake(lua_State *L)
+{
+    struct task *t = luaL_checkudata(L, 1, TASK_MT);
+    struct pending *p = t->pending;
+
+    if (t->state != TASK_WAITING || p == NULL || p->cancel != sleep_cancel) {
+        lua_pushboolean(L, 0);
+        return 1;
+    }
+    t->pending = NULL;
+    sleep_cancel(p);
+    lua_pushboolean(t->co, 1);
+    runq_push(t, 1);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
 /* ---- signals --------------------------------------------------------------------------------- */
 
 struct signal_op {
@@ -1162,6 +1195,8 @@ void core_register_tasks(lua_State *L)
         { "spawn", l_spawn },
         { "wait", l_wait },
         { "sleep", l_sleep },
+        { "self", l_self },
+        { "wake", l_wake }, /* ends a task's core.sleep early: wait queues without polling */
         { "wait_signal", l_wait_signal },
         { "now", l_now },
         { "time", l_time },

@@ -4,7 +4,8 @@
 # and (b) `aigate batch` with its defaults, each against a fresh canned upstream that is either
 #   - rate-limited: a token bucket of LIMIT requests per second (burst LIMIT), 429 with Retry-After: 1
 #     beyond it; the ideal time is N / LIMIT (the first burst lets a perfect client finish a second
-#     sooner, so a ratio a little under 1 is possible), or
+#     sooner, so a ratio a little under 1 is possible); once with instant replies, once with slow
+#     ones and more room in flight, or
 #   - flaky: a share of the requests answered 503 at random (fixed seed), the others at once; the
 #     reference time is that of the plain libcurl driver against an upstream that never fails (the
 #     median of three runs). It is a fraction of a second, so the ratio says how much time the retries
@@ -13,7 +14,8 @@
 # answered (200/429/503: every try, retries included). aigate's successes are the lines of its output
 # with "error":null and status_code 200. Each run is killed after BENCH_LIMIT_TIMEOUT seconds, so a bad run cannot hang
 # `make bench`; it then shows as "timed out" with what it had done. Loopback only.
-# Knobs: BENCH_RL_N (3000), BENCH_RL_C (64), BENCH_RL_RPS (300), BENCH_FLAKY_N (2000), BENCH_FLAKY_C (32),
+# Knobs: BENCH_RL_N (3000), BENCH_RL_C (64), BENCH_RL_RPS (300), BENCH_RL_DELAY (200: ms per reply in the
+# second rate-limited run), BENCH_RL_SLOW_C (128: its concurrency), BENCH_FLAKY_N (2000), BENCH_FLAKY_C (32),
 # BENCH_FLAKY_RATE (0.1), BENCH_SEED (1), BENCH_LIMIT_TIMEOUT (120), AIGATE_BIN (./aigate).
 # Run by `make bench` after run.sh. Exit status: 0 once the table is printed, 2 when the setup fails.
 set -u
@@ -23,6 +25,8 @@ NAME=limits.sh
 RL_N=${BENCH_RL_N:-3000}
 RL_C=${BENCH_RL_C:-64}
 RL_RPS=${BENCH_RL_RPS:-300}
+RL_DELAY=${BENCH_RL_DELAY:-200}
+RL_SLOW_C=${BENCH_RL_SLOW_C:-128}
 FL_N=${BENCH_FLAKY_N:-2000}
 FL_C=${BENCH_FLAKY_C:-32}
 FL_RATE=${BENCH_FLAKY_RATE:-0.1}
@@ -59,7 +63,7 @@ row() {
         note = late ? " (timed out)" : ""
         ideal = (i == "") ? "n/a" : sprintf("%.2f", i)
         ratio = (i == "" || i <= 0) ? "n/a" : sprintf("%s%.2f", late ? "> " : "", w / i)
-        printf "| %-40s | %5d of %-5d | %7.2f%-12s | %7s | %10s | %-20s |\n", l, ok, n, w, note, ideal, ratio, c
+        printf "| %-48s | %5d of %-5d | %7.2f%-12s | %7s | %10s | %-20s |\n", l, ok, n, w, note, ideal, ratio, c
     }'
 }
 
@@ -111,6 +115,17 @@ aigate_env
 aigate_batch aigate_rl "$TMP/input_rl.jsonl" "$RL_C"
 aigate_row "aigate batch, $RL_RPS req/s limit, c=$RL_C" aigate_rl "$RL_N" "$RL_IDEAL"
 
+# 1b. The same limit against replies that take RL_DELAY ms, with room for more in flight than the
+# limit allows: here the concurrency the throttle keeps, not its pause, sets the pace.
+start_upstream --rps "$RL_RPS" --stats "$TMP/sdk_rls.stats" "$RL_DELAY"
+aigate_env
+run_timed sdk_rls "$BENCH/sdk_retry_driver" "$URL" "$RL_N" "$RL_SLOW_C"
+driver_row "SDK policy, $RL_RPS req/s, $RL_DELAY ms replies, c=$RL_SLOW_C" sdk_rls "$RL_N" "$RL_IDEAL" >> "$TMP/rows"
+start_upstream --rps "$RL_RPS" --stats "$TMP/aigate_rls.stats" "$RL_DELAY"
+aigate_env
+aigate_batch aigate_rls "$TMP/input_rl.jsonl" "$RL_SLOW_C"
+aigate_row "aigate batch, $RL_RPS req/s, $RL_DELAY ms replies, c=$RL_SLOW_C" aigate_rls "$RL_N" "$RL_IDEAL"
+
 # 2. Flaky: the reference first (no failures; a fraction of a second, so the median of three runs,
 # each against a fresh upstream), then the two.
 REF_WALLS=()
@@ -133,8 +148,8 @@ aigate_env
 aigate_batch aigate_flaky "$TMP/input_flaky.jsonl" "$FL_C"
 aigate_row "aigate batch, $FL_PCT % 503, c=$FL_C" aigate_flaky "$FL_N" "$FL_IDEAL"
 
-echo "| run                                      | successes      | wall s              | ideal s | time/ideal | upstream 200/429/503 |"
-echo "|------------------------------------------|----------------|---------------------|---------|------------|----------------------|"
+echo "| run                                              | successes      | wall s              | ideal s | time/ideal | upstream 200/429/503 |"
+echo "|--------------------------------------------------|----------------|---------------------|---------|------------|----------------------|"
 cat "$TMP/rows"
 echo
 echo "Ideal: rate-limited, N / limit; flaky, the libcurl driver's time against an upstream that never"

@@ -477,6 +477,47 @@ T["sleep: never comes back early, even after Lua ran long in the same loop turn"
   assert(d >= 0.05, "slept " .. d .. " s of 0.05")
 end
 
+-- core.wake ends a sleep early (the sleep returns true); a sleep that ran out returns nothing; a
+-- task doing anything else is not woken (false), and neither is one already woken or finished.
+T["wake: ends a task's sleep early; self names the running task"] = function()
+  eq(core.sleep(0.01), nil, "a sleep that ran out returns")
+  local me = core.self()
+  assert(me, "core.self() in a task")
+  local log = {}
+  local sleeper = core.spawn(function()
+    local t0 = core.now()
+    local woken = core.sleep(10)
+    log[#log + 1] = { woken, core.now() - t0 }
+    local again = core.sleep(0.02) -- a later sleep is a new one: it runs out unless woken again
+    log[#log + 1] = { again }
+    return "done"
+  end)
+  local waiter = core.spawn(function() return core.wait(sleeper) end)
+  core.sleep(0.02)
+  eq(core.wake(waiter), false, "a task in core.wait is not woken")
+  eq(core.wake(sleeper), true, "the sleeping task is woken")
+  eq(core.wake(sleeper), false, "and only once")
+  eq(#log, 0, "it runs on the next loop turn, not inside core.wake")
+  eq(select(2, core.wait(sleeper)), "done")
+  eq(log[1][1], true, "its sleep returned true")
+  assert(log[1][2] < 1, "woken at once, not after 10 s: " .. log[1][2])
+  eq(log[2][1], nil, "the next sleep ran out")
+  eq(core.wake(sleeper), false, "a finished task")
+  eq(select(2, core.wait(core.spawn(function() return core.self() end))) ~= me, true, "each task its own handle")
+  raises(function() core.wake({}) end, "aigate%.task expected")
+  eq(coroutine.wrap(function() return core.self() end)(), nil, "no task in a plain coroutine")
+  -- woken in the order of the wakes
+  local order = {}
+  local tasks = {}
+  for i = 1, 3 do
+    tasks[i] = core.spawn(function() core.sleep(10) order[#order + 1] = i end)
+  end
+  core.sleep(0.01)
+  core.wake(tasks[3]) core.wake(tasks[1]) core.wake(tasks[2])
+  for i = 1, 3 do core.wait(tasks[i]) end
+  eq(table.concat(order, ","), "3,1,2", "wake order")
+end
+
 -- A huge duration overflowed the timer's conversion (undefined behaviour): the sleep ended at once.
 T["sleep: math.huge, 1e300 and 2^63 wait (for ever in practice); NaN raises"] = function()
   local aigate = require "aigate"

@@ -19,6 +19,14 @@ local function need_core()
   end
 end
 
+-- A throttle with nothing in it, put back that way after the case; start: its start_limit.
+local function fresh_throttle(start)
+  need_core()
+  throttle.reset()
+  t.defer(throttle.reset)
+  throttle.start_limit = start
+end
+
 -- A config pointing at the mock (or at base_url).
 local function setup(base_url)
   need_core()
@@ -171,7 +179,8 @@ cases.throttle_pause_cut_and_regrowth = function()
   t.truthy(st and st.paused > 0 and st.paused <= 0.2, "paused for retry-after-ms 200, not 1 s")
   t.truthy(throttle.clear("mock/spare"), "another upstream is not paused")
   t.eq(info.attempts[1].retry_after, 0.2)
-  -- concurrency: cut to half of what was in flight, then +1 per `limit` successes, lifted when back
+  -- concurrency: cut to half of what was in flight, then +1 per success up to one below where the
+  -- cut came from, then +1 per `limit` successes, lifted when back
   throttle.reset()
   throttle.start_limit = 8
   t.truthy(throttle.acquire("k"))
@@ -180,20 +189,19 @@ cases.throttle_pause_cut_and_regrowth = function()
   t.eq(throttle.state("k").limit, 4)
   throttle.rate_limited("k", core.now() - 1, 0)
   t.eq(throttle.state("k").limit, 4, "a request started before the cut does not cut again")
-  for _ = 1, 4 + 5 + 6 + 7 do
+  local limits = {}
+  for _ = 1, 3 + 7 do
     t.truthy(throttle.acquire("k"))
     throttle.done("k", true)
+    limits[#limits + 1] = tostring(throttle.state("k").limit)
   end
-  t.eq(throttle.state("k").limit, nil, "grown back to where it started: no limit")
+  t.eq(table.concat(limits, " "), "5 6 7 7 7 7 7 7 7 nil", "fast to 7, then one per 7, lifted at 8")
   throttle.reset()
 end
 
 -- Waiters at a cut limit go one at a time; stop() makes them give up.
 cases.throttle_limits_in_flight_and_stops = function()
-  need_core()
-  throttle.reset()
-  t.defer(throttle.reset)
-  throttle.start_limit = 10
+  fresh_throttle(10)
   for i = 1, 3 do
     throttle.rate_limited("w", core.now() + i, 0) -- 10 -> 5 -> 2 -> 1
   end
@@ -221,6 +229,114 @@ cases.throttle_limits_in_flight_and_stops = function()
   throttle.stop()
   t.eq(select(2, core.wait(waiter)), false)
   t.eq(throttle.waiting, 0)
+end
+
+-- A pause lets one probe through every PROBES-th of it, one at a time; the probe's success ends the
+-- pause for everyone (long before the Retry-After has passed), a probe's 429 does not cut the limit.
+cases.throttle_probe_ends_the_pause = function()
+  fresh_throttle(8)
+  local t0 = core.now()
+  throttle.rate_limited("p", t0, 1.6) -- a probe every 0.2 s
+  t.eq(throttle.state("p").limit, 4)
+  local went = {}
+  local tasks = {}
+  for i = 1, 4 do
+    tasks[i] = core.spawn(function()
+      local ok, probe = throttle.acquire("p")
+      went[#went + 1] = { i = i, probe = probe, at = core.now() - t0 }
+      if probe and #went == 1 then -- the first probe: in vain
+        throttle.rate_limited("p", core.now(), 1.6, true)
+        went[1].limit = throttle.state("p").limit
+        throttle.done("p", false, true)
+      else
+        throttle.done("p", ok, probe)
+      end
+    end)
+  end
+  core.sleep(0.1)
+  t.eq(#went, 0, "nothing goes before the first probe is due")
+  t.eq(throttle.waiting, 4)
+  for i = 1, 4 do core.wait(tasks[i]) end
+  t.eq(#went, 4)
+  t.eq(went[1].probe, true, "the first to go is a probe")
+  t.truthy(went[1].at >= 0.2 and went[1].at < 1, "after a PROBES-th of the pause: " .. went[1].at)
+  t.eq(went[1].limit, 4, "the probe's 429 did not cut the limit")
+  t.eq(went[2].probe, true, "the next probe, one PROBES-th later")
+  t.truthy(went[2].at - went[1].at >= 0.19, "probes apart: " .. (went[2].at - went[1].at))
+  t.eq(went[3].probe, false, "its success let the others go")
+  t.truthy(went[4].at < 1.2, "before the pause would have ended: " .. went[4].at)
+  t.eq(throttle.state("p").paused, 0)
+  t.eq(throttle.waiting, 0)
+end
+
+-- A request waiting out a 429's Retry-After counts as waiting (aigate batch gives its place to
+-- another line) and goes back in line as soon as a probe finds the upstream taking requests.
+cases.throttle_wait_out_ends_with_the_probe = function()
+  fresh_throttle()
+  throttle.rate_limited("w", core.now(), 0.8) -- a probe every 0.1 s
+  local t0 = core.now()
+  local sleeper = core.spawn(function() return throttle.wait_out("w", 5, core.sleep) end)
+  core.sleep(0.01)
+  t.eq(throttle.waiting, 1, "counted as waiting")
+  local ok, probe = throttle.acquire("w")
+  t.truthy(ok and probe, "a probe")
+  throttle.done("w", true, true)
+  local _, early = core.wait(sleeper)
+  t.truthy(type(early) == "number" and early < 1, "ended early: " .. tostring(early))
+  t.truthy(core.now() - t0 < 1)
+  t.eq(throttle.waiting, 0)
+  -- without a probe it waits what it was asked (and returns nil: not early)
+  t.eq(throttle.wait_out("w", 0.05, core.sleep), nil)
+  -- a stand-in sleep that returns at once ends it too (the stub core's)
+  t.eq(throttle.wait_out("w", 5, function() end), nil)
+  -- may_probe (a batch line, whose 429s use up no retry): it goes to be the probe when one is due
+  throttle.rate_limited("m", core.now(), 0.8)
+  local waited = throttle.wait_out("m", 5, core.sleep, true)
+  t.truthy(waited and waited >= 0.09 and waited < 1, "went at the probe's time: " .. tostring(waited))
+  local ok2, probe2 = throttle.acquire("m")
+  t.truthy(ok2 and probe2, "and is the probe")
+  throttle.done("m", false, true)
+end
+
+-- After a cut, the limit grows back fast only up to twice the concurrency the successes since the
+-- last cut needed (their rate times their latency): with instant replies a large limit only sends
+-- more requests into the next 429 together.
+cases.throttle_cut_sized_by_what_successes_needed = function()
+  need_core()
+  for _, case in ipairs({ { lat = 0.0001, most = 3 }, { lat = 0.5, least = 16 } }) do
+    throttle.reset()
+    throttle.start_limit = 64
+    throttle.rate_limited("l", core.now(), 0)
+    t.eq(throttle.state("l").limit, 32)
+    for _ = 1, 100 do
+      t.truthy(throttle.acquire("l"))
+      throttle.done("l", true, false, case.lat)
+    end
+    throttle.rate_limited("l", core.now() + 1, 0)
+    local limit = throttle.state("l").limit
+    if case.most then
+      t.truthy(limit <= case.most, "instant replies: cut to " .. limit)
+    else
+      t.truthy(limit >= case.least, "slow replies: halved, " .. limit)
+    end
+  end
+  throttle.reset()
+end
+
+-- The batch engine's 429s (sent without acquire) pause the upstream and make the first cut, but do
+-- not cut a limit already there: a burst of them had halved it down to 1. on_throttle hears of the
+-- first 429 of an upstream that was clear, once.
+cases.throttle_engine_429s_do_not_cut_a_cut_limit = function()
+  fresh_throttle(64)
+  local heard = {}
+  throttle.on_throttle = function(key) heard[#heard + 1] = key end
+  for i = 1, 10 do
+    throttle.note("e", core.now() + i, 429, 0.5)
+  end
+  t.eq(throttle.state("e").limit, 32, "one cut")
+  t.eq(table.concat(heard, ","), "e", "told once")
+  throttle.rate_limited("e", core.now() + 1, 0.5)
+  t.eq(throttle.state("e").limit, 16, "a request the limit let through still cuts")
 end
 
 -- A target whose breaker has stayed open (failed probes) for longer than a request may wait fails at

@@ -572,6 +572,7 @@ local function run(opts)
   local every = opts.progress_interval or (tty and M.TTY_PROGRESS or M.PLAIN_PROGRESS)
   local show_progress = not opts.quiet and every > 0
   st.t0 = core.now()
+  throttle.on_throttle = function() st:steer_engine() end -- the engine stops at the first 429
   -- Up to -j lines in flight, plus room for lines waiting on a rate-limited upstream, so that the
   -- lines of other models go on meanwhile (State:admit).
   local n = opts.concurrency * (1 + M.PARKED_PER_WORKER)
@@ -624,6 +625,7 @@ local function run(opts)
   -- From here no worker takes a line (after an abort or an output error they are still running:
   -- the fsync below lets them run, and a worker woken then stops at its next admit).
   st.stopping = true
+  throttle.on_throttle = nil
   st.engine:set_go(false)
   st:sync_engine()
   st.engine:detach()
@@ -676,6 +678,7 @@ function M.run(opts)
   policy.set_retry_profile("batch")
   local ok, rc = pcall(run, opts)
   policy.set_retry_profile(previous)
+  throttle.on_throttle = nil
   if not ok then error(rc, 0) end
   return rc
 end

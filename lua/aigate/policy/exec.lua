@@ -236,7 +236,8 @@ local function send(st, att, req, key)
     att.error, att.skipped = "the client went away", true
     return nil, "interrupted: the client went away", { kind = "interrupted", reason = "client_gone" }, true
   end
-  if not throttle.acquire(key) then
+  local admitted, probe = throttle.acquire(key)
+  if not admitted then
     att.error, att.skipped = "interrupted", true
     return nil, "interrupted: no new request is sent", { kind = "interrupted" }, true
   end
@@ -251,9 +252,10 @@ local function send(st, att, req, key)
     info.kind, info.reason = "interrupted", "client_gone"
   end
   if info and info.status == 429 then
-    throttle.rate_limited(key, t0, rules.retry_after_seconds(info.retry_after, P.time()))
+    throttle.rate_limited(key, t0, rules.retry_after_seconds(info.retry_after, P.time()), probe)
+    info.throttle_key = key
   end
-  throttle.done(key, r ~= nil)
+  throttle.done(key, r ~= nil, probe, att.latency)
   return r, msg, info
 end
 
@@ -267,6 +269,7 @@ local function read_handed(att, req, key, handed)
     r.latency = att.latency
   elseif info and info.status == 429 then -- sent by someone else: a 429 still slows the upstream
     throttle.note(key, started, 429, rules.retry_after_seconds(info.retry_after, P.time()))
+    info.throttle_key = key
   end
   return r, msg, info
 end
@@ -340,13 +343,24 @@ local function upstream_delay(info, cap)
   return ra and math.min(ra, cap)
 end
 
--- Notes the wait on the last attempt and waits.
-local function wait_before_retry(st, delay)
+-- Notes the wait on the last attempt and waits. After a 429 (info) the wait is the throttle's
+-- (wait_out): the request counts as waiting on a rate limit, so aigate batch gives its place in the
+-- -j requests in flight to another line, and it goes back in line as soon as the throttle's probe
+-- finds the upstream taking requests again, instead of sitting out the whole Retry-After.
+-- may_probe: its 429s use up no retry, so it may be the probe itself (see throttle.wait_out).
+local function wait_before_retry(st, delay, info, may_probe)
   local last = st.attempts[#st.attempts]
   if last then
     last.retry_delay = delay
   end
-  P.sleep(delay)
+  if info.status == 429 and info.throttle_key then
+    local early = throttle.wait_out(info.throttle_key, delay, P.sleep, may_probe)
+    if early and last then
+      last.retry_delay = early
+    end
+  else
+    P.sleep(delay)
+  end
 end
 
 --- The default retries around one target's tries (see policy.RETRY_DEFAULTS): try(i) makes try i
@@ -385,7 +399,7 @@ function M.with_retries(st, try)
     if P.now() + delay - st.t_start > rs.budget then
       return out
     end
-    wait_before_retry(st, delay)
+    wait_before_retry(st, delay, info, waiting)
     out = try(n + 1)
   end
   return out
@@ -621,7 +635,7 @@ function EXEC.retry(node, st, depth)
     end
     local delay = upstream_delay(out.info, node.max_retry_after or caps.max_retry_after)
       or math.min(rules.backoff_delay(node, i, random), node.max_delay or caps.max_delay)
-    wait_before_retry(st, delay)
+    wait_before_retry(st, delay, out.info)
   end
   return out
 end
