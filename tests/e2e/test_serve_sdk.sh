@@ -4,7 +4,8 @@
 # of `aigate mock`, each on a free loopback port. Plain and streamed replies (usage included), a
 # fallback route, tools, JSON mode, the model list, embeddings, the exact request sent upstream,
 # and every error class of serve as the SDKs' own errors (400, 404, 413, 401, the last upstream
-# status, 502, 504, 500 policy_error, 429 over a key's rpm). The npm packages are the ones
+# status, 502, 504, 500 policy_error, 429 over a key's rpm), and 600 requests, 64 at once, through
+# serve in front of an upstream limited to 100 a second: every one succeeds. The npm packages are the ones
 # tests/node/package-lock.json pins, installed by tests/node/install.sh when missing: without them
 # (no node, no npm, the registry not reachable) the test fails, saying why.
 # Run from the repository root; helpers come from lib.sh.
@@ -13,7 +14,7 @@
 
 NODE_DIR=$(cd "$E2E_DIR/../node" && pwd)
 SERVE_PIDS=()
-trap 'for p in "${SERVE_PIDS[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done; stop_mock; rm -rf "$TMP"' EXIT
+trap 'for p in "${SERVE_PIDS[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done; stop_upstream; stop_mock; rm -rf "$TMP"' EXIT
 
 # start_serve NAME CONFIG: starts `aigate serve` on a free port with CONFIG; sets STARTED_URL to its
 # URL, or STARTED_ERR to the first lines of its stderr and fails. (Not in a command substitution: its
@@ -107,6 +108,15 @@ return {
   serve = { keys = { { name = "a", key_env = "SDK_RPM_KEY_A", rpm = 1 }, { name = "b", key_env = "SDK_RPM_KEY_B", rpm = 1 } } },
 }
 CFG
+# In front of an upstream limited to 100 requests in any second (429 with Retry-After: 1), with
+# serve's default retries: many requests at once, each SDK with its own defaults.
+start_upstream --rps 100 || { fail "the rate-limited upstream starts" "see above"; finish; }
+cat > rl.lua <<CFG
+return {
+  models = { limited = { model = "gpt-limited", provider = "limited" } },
+  providers = { limited = { base_url = "$UPSTREAM_URL/v1" } },
+}
+CFG
 export SDK_SERVE_KEY="sk-serve-key-7731" SDK_RPM_KEY_A="sk-rpm-a-5120" SDK_RPM_KEY_B="sk-rpm-b-8846"
 export SDK_MOCK_LOG="$MOCK_LOG"
 start_serve main serve.lua || { fail "serve starts" "$STARTED_ERR"; finish; }
@@ -116,7 +126,10 @@ SDK_KEYS_URL=$STARTED_URL
 SDK_RPM_ERROR=""
 SDK_RPM_URL=""
 if start_serve rpm rpm.lua; then SDK_RPM_URL=$STARTED_URL; else SDK_RPM_ERROR=$STARTED_ERR; fi
-export SDK_SERVE_URL SDK_KEYS_URL SDK_RPM_URL SDK_RPM_ERROR
+start_serve rl rl.lua || { fail "serve in front of the rate-limited upstream starts" "$STARTED_ERR"; finish; }
+SDK_RL_URL=$STARTED_URL
+SDK_RL_UPSTREAM=$UPSTREAM_URL
+export SDK_SERVE_URL SDK_KEYS_URL SDK_RPM_URL SDK_RPM_ERROR SDK_RL_URL SDK_RL_UPSTREAM
 
 run_node openai.mjs
 run_node vercel.mjs
@@ -126,7 +139,7 @@ for p in "${SERVE_PIDS[@]}"; do kill "$p" 2>/dev/null; done
 stopped=0
 for p in "${SERVE_PIDS[@]}"; do wait "$p" && stopped=$((stopped + 1)); done
 SERVE_PIDS=()
-expect_eq "the three servers exit 0 on SIGTERM" "$stopped" "3"
-expect_no_match "no client key on serve's stderr" "$(cat main.err keys.err rpm.err)" "sk-serve-key|sk-rpm-|sk-client|sk-vercel"
-expect_no_match "no sanitizer report from serve" "$(cat main.err keys.err rpm.err)" "Sanitizer|runtime error"
+expect_eq "the four servers exit 0 on SIGTERM" "$stopped" "4"
+expect_no_match "no client key on serve's stderr" "$(cat main.err keys.err rpm.err rl.err)" "sk-serve-key|sk-rpm-|sk-client|sk-vercel"
+expect_no_match "no sanitizer report from serve" "$(cat main.err keys.err rpm.err rl.err)" "Sanitizer|runtime error"
 finish

@@ -69,6 +69,8 @@ export const env = {
   rpmError: process.env.SDK_RPM_ERROR || "",
   rpmKey: (name) => process.env[`SDK_RPM_KEY_${name}`],
   mockLog: process.env.SDK_MOCK_LOG,
+  rl: process.env.SDK_RL_URL, // serve in front of an upstream limited to 100 requests a second
+  rlUpstream: process.env.SDK_RL_UPSTREAM, // that upstream (GET /stats: its counts)
 };
 
 // The JSON lines the mock logged (one per request it received).

@@ -1,7 +1,8 @@
 // openai.mjs: the official openai SDK, unmodified, against aigate serve in front of aigate mock
 // (started by tests/e2e/test_serve_sdk.sh): plain and streamed completions (usage included), a
 // fallback route, tools, JSON mode, models.list(), embeddings, the exact request serve sends
-// upstream for an SDK request, and every error class of serve, each as the SDK's own error class.
+// upstream for an SDK request, every error class of serve, each as the SDK's own error class, and
+// many requests at once through serve to a rate-limited upstream.
 import OpenAI from "openai";
 import { check, eq, ok, caught, canonical, env, mockRequests, OVERSIZED, finish } from "./harness.mjs";
 
@@ -305,6 +306,28 @@ await check("openai: the SDK's default retries on a 500 do not multiply with ser
   envelope(e, OpenAI.InternalServerError, 500, "internal_error", "mock: simulated provider failure");
   eq("upstream requests for one SDK call: serve's two tries, no retry by the SDK", mockRequests().length - before, 2);
   eq("x-should-retry", e.headers.get("x-should-retry"), "false");
+});
+
+await check("openai: 600 requests, 64 at once, through serve to an upstream limited to 100/s: every one succeeds", async () => {
+  const sdk = new OpenAI({ baseURL: `${env.rl}/v1`, apiKey: "sk-client-rl" }); // the SDK's defaults
+  let next = 0;
+  const failures = [];
+  const worker = async () => {
+    while (next < 600) {
+      const i = next++;
+      try {
+        const r = await sdk.chat.completions.create({ model: "limited", messages: user(`line ${i}`) });
+        if (r.choices[0].message.content !== `echo: line ${i}`) failures.push(`${i}: ${r.choices[0].message.content}`);
+      } catch (e) {
+        failures.push(`${i}: ${e.status} ${e.message}`);
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: 64 }, worker));
+  eq("failures", failures.slice(0, 5), []);
+  const stats = await (await fetch(`${env.rlUpstream}/stats`)).json();
+  eq("the upstream answered each request once with 200", stats["200"], 600);
+  ok("and did answer 429s (the limit was hit)", stats["429"] > 0, stats);
 });
 
 finish();
