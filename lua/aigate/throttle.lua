@@ -91,6 +91,22 @@ local function leave(s, node)
   if node.next then node.next.prev = node.prev else s.qtail = node.prev end
 end
 
+-- A request starts waiting on s: counted in M.waiting, and in the queue when it can be woken (not
+-- under the stub core, which has no core.self). Returns its place in the queue, or false.
+local function enter(s, retry)
+  local h = core.self and core.self()
+  local node = h ~= nil and { h = h, retry = retry } or false
+  if node then join(s, node) end
+  M.waiting = M.waiting + 1
+  return node
+end
+
+-- It stops waiting (node: what enter returned).
+local function exit(s, node)
+  if node then leave(s, node) end
+  M.waiting = M.waiting - 1
+end
+
 --- Waits until a request to `key` may start; returns true, probe (the caller must call
 -- done(key, outcome, probe); probe is true when the request is the pause's probe), or false when
 -- stop() was called.
@@ -99,10 +115,7 @@ function M.acquire(key)
   local node, probe = nil, false
   while true do
     if stopped then
-      if node ~= nil then
-        if node then leave(s, node) end
-        M.waiting = M.waiting - 1
-      end
+      if node ~= nil then exit(s, node) end
       return false
     end
     local now = M.now()
@@ -122,18 +135,12 @@ function M.acquire(key)
     else
       break
     end
-    if node == nil then -- waits from now on, in the queue when it can be woken (not under the stub core)
-      local h = core.self and core.self()
-      node = h ~= nil and { h = h } or false
-      if node then join(s, node) end
-      M.waiting = M.waiting + 1
+    if node == nil then -- waits from now on
+      node = enter(s, false)
     end
     core.sleep(math.min(wait, M.RECHECK))
   end
-  if node ~= nil then
-    if node then leave(s, node) end
-    M.waiting = M.waiting - 1
-  end
+  if node ~= nil then exit(s, node) end
   s.inflight = s.inflight + 1
   if s.inflight > s.peak then
     s.peak = s.inflight
@@ -232,10 +239,7 @@ end
 function M.wait_out(key, seconds, sleep, may_probe)
   local s = get(key)
   local lifts, t0 = s.lifts, M.now()
-  local h = core.self and core.self()
-  local node = h ~= nil and { h = h, retry = true } or nil
-  if node then join(s, node) end
-  M.waiting = M.waiting + 1
+  local node = enter(s, true)
   local deadline, now, early = t0 + seconds, t0, false
   while true do
     if s.lifts ~= lifts or stopped then
@@ -262,8 +266,7 @@ function M.wait_out(key, seconds, sleep, may_probe)
       break -- a stand-in that does not wait
     end
   end
-  if node then leave(s, node) end
-  M.waiting = M.waiting - 1
+  exit(s, node)
   if early then
     return M.now() - t0
   end

@@ -353,7 +353,7 @@ local function wait_before_retry(st, delay, info, may_probe)
   if last then
     last.retry_delay = delay
   end
-  if info.status == 429 and info.throttle_key then
+  if info.throttle_key then -- (set where the 429 was noted)
     local early = throttle.wait_out(info.throttle_key, delay, P.sleep, may_probe)
     if early and last then
       last.retry_delay = early
